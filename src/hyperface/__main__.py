@@ -1,0 +1,3 @@
+from hyperface.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""``hyperface <stage>``: a thin command line over each stage's Python API.
+
+Each stage owns ``hyperface/<package>/cli.py`` with ``register(subparsers)``, which adds its
+sub-command and sets ``func(args) -> int``. Those modules import only argparse at top level, so
+``hyperface --help`` stays instant; the heavy imports happen inside ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hyperface import __version__
+from hyperface.common.errors import HyperfaceError
+
+# Pipeline order: the order `hyperface --help` lists the stages in.
+STAGE_CLI_MODULES = [
+    "hyperface.recognition.cli",  # embed
+    "hyperface.packing.cli",  # pack
+    "hyperface.generation.cli",  # generate
+    "hyperface.training.cli",  # train
+    "hyperface.evaluation.cli",  # evaluate
+    "hyperface.report.cli",  # report
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperface",
+        description=(
+            "Synthetic face-recognition datasets with HyperFace: embed a gallery, pack identities on "
+            "the hypersphere, generate images with Arc2Face, train and evaluate FR models."
+        ),
+        epilog="Run `hyperface <stage> --help` for each stage's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"hyperface {__version__}")
+    subparsers = parser.add_subparsers(dest="stage", metavar="<stage>")
+    for module_name in STAGE_CLI_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # stage not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HyperfaceError as exc:
+        print(f"hyperface {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hyperface {args.stage}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Files every stage writes: atomically, checksummed, never half-written.
+
+A file appears under its final name only once it is complete (write to a temporary file in the same
+folder, fsync, then ``os.replace``), so a kill at any moment leaves either the old file or the new
+one, never a truncated one that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+
+#: File that marks a folder as written by hyperface, so ``--overwrite`` never deletes user data.
+RUN_MARKER = ".hyperface-run"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as .npy atomically."""
+    with atomic_write(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (NaN/inf are written as null)."""
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False)
+    with atomic_write(path, "w") as handle:
+        handle.write(text + "\n")
+
+
+def save_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_output_dir(
+    out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, stage: str = ""
+) -> Path:
+    """Create ``out`` for a run, refusing to mix a new run into an old one.
+
+    - empty or missing: created;
+    - non-empty: error, unless ``resume`` (keep it) or ``overwrite`` (clear it, only if hyperface
+      wrote it: the run marker must be there);
+    - unwritable: error naming the folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HyperfaceError(f"--out {out} is a file; give a folder path")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not resume:
+        if not overwrite:
+            raise HyperfaceError(
+                f"output folder {out} is not empty: pass --resume to continue the run there, "
+                "--overwrite to replace it, or choose another --out"
+            )
+        if not (out / RUN_MARKER).exists():
+            raise HyperfaceError(
+                f"refusing to --overwrite {out}: it holds files hyperface did not write; "
+                "choose another --out"
+            )
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / RUN_MARKER
+        with open(probe, "a", encoding="utf-8") as handle:
+            if stage and probe.stat().st_size == 0:
+                handle.write(stage + "\n")
+    except OSError as exc:
+        raise HyperfaceError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
+    return out
+
+
+def load_embeddings(
+    path: str | os.PathLike,
+    *,
+    what: str = "embeddings",
+    dim: int | None = None,
+    require_unit: bool = False,
+    unit_tol: float = 1e-3,
+) -> np.ndarray:
+    """Load an (M, d) float array from .npy, validate it, return it L2-normalised as float32.
+
+    Rejects (with the offending row numbers): a missing/corrupt file, wrong rank, a dimension other
+    than ``dim``, non-finite values, zero rows and, with ``require_unit``, rows whose norm is not 1.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HyperfaceError(f"{what} file not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise HyperfaceError(f"{what} file {path} is not a readable .npy array ({exc})") from exc
+    return validate_embeddings(array, what=f"{what} {path}", dim=dim, require_unit=require_unit, unit_tol=unit_tol)
+
+
+def validate_embeddings(
+    array: np.ndarray,
+    *,
+    what: str = "embeddings",
+    dim: int | None = None,
+    require_unit: bool = False,
+    unit_tol: float = 1e-3,
+) -> np.ndarray:
+    """Validate an (M, d) array of embeddings and return it L2-normalised as float32."""
+    if array.ndim != 2:
+        raise HyperfaceError(f"{what} must be a 2-D array (rows x dim), got shape {tuple(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] < 2:
+        raise HyperfaceError(f"{what} must have at least one row and two columns, got shape {tuple(array.shape)}")
+    if dim is not None and array.shape[1] != dim:
+        raise HyperfaceError(f"{what} has dimension {array.shape[1]}, expected {dim}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise HyperfaceError(f"{what} must hold floats, got dtype {array.dtype}")
+    out = np.empty(array.shape, dtype=np.float32)
+    step = 65536  # stream so a memory-mapped 1M x 512 gallery never needs a float64 copy
+    for start in range(0, array.shape[0], step):
+        block = np.asarray(array[start : start + step], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            bad = start + np.flatnonzero(~finite)
+            raise HyperfaceError(f"{what} has NaN/inf in {bad.size} row(s), e.g. rows {bad[:5].tolist()}")
+        norms = np.linalg.norm(block, axis=1)
+        zero = norms < 1e-12
+        if zero.any():
+            bad = start + np.flatnonzero(zero)
+            raise HyperfaceError(f"{what} has {bad.size} all-zero row(s), e.g. rows {bad[:5].tolist()}")
+        if require_unit and np.abs(norms - 1.0).max() > unit_tol:
+            bad = start + np.flatnonzero(np.abs(norms - 1.0) > unit_tol)
+            raise HyperfaceError(
+                f"{what} rows must be unit-norm (L2-normalised); rows {bad[:5].tolist()} have norms "
+                f"{norms[bad[:5] - start].round(4).tolist()}"
+            )
+        out[start : start + step] = block / norms[:, None]
+    return out
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+__all__ = [
+    "RUN_MARKER",
+    "atomic_write",
+    "file_sha256",
+    "load_embeddings",
+    "prepare_output_dir",
+    "read_json",
+    "save_bytes",
+    "save_json",
+    "save_npy",
+    "validate_embeddings",
+]
+

@@ -1,0 +1,79 @@
+"""Seeding, device selection, logging and progress bars: one way to do each, for every stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+
+T = TypeVar("T")
+
+_LOG_CONFIGURED = False
+
+
+def get_logger(name: str = "hyperface") -> logging.Logger:
+    """A logger writing ``hyperface: message`` lines to stderr; level from $HYPERFACE_LOG (INFO)."""
+    global _LOG_CONFIGURED
+    if not _LOG_CONFIGURED:
+        root = logging.getLogger("hyperface")
+        if not root.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+            root.addHandler(handler)
+        root.setLevel(os.environ.get("HYPERFACE_LOG", "INFO").upper())
+        root.propagate = False
+        _LOG_CONFIGURED = True
+    return logging.getLogger(name if name.startswith("hyperface") else f"hyperface.{name}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Stages also pass explicit generators."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto"):
+    """``auto`` picks CUDA when available, else CPU; ``cuda``/``cuda:N`` fail clearly without a GPU."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise HyperfaceError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HyperfaceError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise HyperfaceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif resolved.type not in ("cpu", "mps"):
+        raise HyperfaceError(f"unsupported --device {device!r}: use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def progress(
+    iterable: Iterable[T] | None = None,
+    *,
+    total: int | float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool | None = None,
+    **kwargs,
+) -> Iterator[T]:
+    """A tqdm bar on stderr; hidden when stderr is not a terminal unless $HYPERFACE_PROGRESS=1."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        forced = os.environ.get("HYPERFACE_PROGRESS")
+        disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kwargs)
