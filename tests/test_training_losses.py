@@ -1,0 +1,175 @@
+"""Margins and heads: each margin changes exactly the target logit, by the published formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.training.losses import (
+    AdaFaceMargin,
+    ArcFaceMargin,
+    ClassifierHead,
+    CosFaceMargin,
+    PartialFC,
+    build_margin,
+    class_shard,
+)
+
+
+def _cosines(rows: int = 6, classes: int = 5, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(rows, classes, generator=gen, dtype=torch.float64).float() * 1.9 - 0.95
+
+
+def test_arcface_applies_angular_margin_to_target_only():
+    cosine = _cosines()
+    cosine[0, 2] = -0.99  # theta > pi - m: the linear continuation branch
+    labels = torch.tensor([2, 0, 1, 4, 3, 2])
+    out = ArcFaceMargin(s=64.0, m=0.5)(cosine, labels)
+    for i in range(cosine.shape[0]):
+        for j in range(cosine.shape[1]):
+            c = float(cosine[i, j])
+            if j == int(labels[i]):
+                theta = math.acos(c)
+                expected = math.cos(theta + 0.5) if theta + 0.5 <= math.pi else c - 0.5 * math.sin(math.pi - 0.5)
+            else:
+                expected = c
+            assert float(out[i, j]) == pytest.approx(64.0 * expected, abs=1e-3), (i, j)
+
+
+def test_arcface_target_logit_is_monotone_in_angle():
+    # cos(theta + m) turns back up past pi - m; the continuation must keep the logit decreasing.
+    theta = torch.linspace(0.01, math.pi - 0.01, 400)
+    cosine = torch.cos(theta)[:, None]
+    out = ArcFaceMargin()(cosine, torch.zeros(400, dtype=torch.long))[:, 0]
+    assert bool((out[1:] <= out[:-1] + 1e-4).all())
+
+
+def test_arcface_easy_margin_leaves_negative_cosines_alone():
+    cosine = torch.tensor([[-0.3, 0.1], [0.6, 0.2]])
+    out = ArcFaceMargin(s=1.0, m=0.5, easy_margin=True)(cosine, torch.tensor([0, 0]))
+    assert float(out[0, 0]) == pytest.approx(-0.3, abs=1e-6)
+    assert float(out[1, 0]) == pytest.approx(math.cos(math.acos(0.6) + 0.5), abs=1e-6)
+
+
+def test_cosface_subtracts_margin_from_target_only():
+    cosine = _cosines(seed=1)
+    labels = torch.tensor([1, 1, 0, 4, 2, 3])
+    out = CosFaceMargin(s=64.0, m=0.4)(cosine, labels)
+    expected = cosine.clone()
+    expected[torch.arange(6), labels] -= 0.4
+    torch.testing.assert_close(out, 64.0 * expected)
+
+
+def test_adaface_matches_formula_and_tracks_norm_statistics():
+    margin = AdaFaceMargin(s=64.0, m=0.4, h=0.333, t_alpha=0.01)
+    cosine = _cosines(seed=2)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    norms = torch.tensor([5.0, 10.0, 20.0, 30.0, 40.0, 150.0])  # 150 is clipped to 100
+    out = margin.train()(cosine, labels, norms)
+
+    safe = norms.clamp(0.001, 100.0).double()
+    mean = 0.01 * safe.mean() + 0.99 * 20.0
+    std = 0.01 * safe.std() + 0.99 * 100.0
+    assert float(margin.batch_mean) == pytest.approx(float(mean), rel=1e-5)
+    assert float(margin.batch_std) == pytest.approx(float(std), rel=1e-5)
+    z = ((safe - mean) / (std + 1e-3) * 0.333).clamp(-1, 1)
+    eps = 1e-3
+    for i in range(6):
+        for j in range(5):
+            c = min(max(float(cosine[i, j]), -1 + eps), 1 - eps)
+            if j == int(labels[i]):
+                theta = min(max(math.acos(c) - 0.4 * float(z[i]), eps), math.pi - eps)
+                expected = math.cos(theta) - (0.4 + 0.4 * float(z[i]))
+            else:
+                expected = c
+            assert float(out[i, j]) == pytest.approx(64.0 * expected, abs=2e-3), (i, j)
+
+
+def test_adaface_margin_scaler_grows_with_norm_and_ema_freezes_in_eval():
+    margin = AdaFaceMargin()
+    margin.batch_mean.fill_(20.0)
+    margin.batch_std.fill_(10.0)
+    margin.eval()
+    z = margin.margin_scaler(torch.tensor([1.0, 20.0, 25.0, 500.0]))
+    assert float(z[0]) < 0 < float(z[2])  # low norm (poor quality) -> negative z
+    assert float(z[1]) == pytest.approx(0.0, abs=1e-4)
+    assert float(z[3]) == pytest.approx(1.0)  # clipped
+    assert float(margin.batch_mean) == 20.0 and float(margin.batch_std) == 10.0
+    # The buffers are state: they round-trip through state_dict for exact resume.
+    margin.train()(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor([3.0, 4.0, 5.0, 6.0]))
+    restored = AdaFaceMargin()
+    restored.load_state_dict(margin.state_dict())
+    assert float(restored.batch_mean) == float(margin.batch_mean) != 20.0
+
+
+def test_adaface_high_norm_samples_get_larger_angular_margin():
+    margin = AdaFaceMargin(s=1.0).eval()
+    margin.batch_mean.fill_(20.0)
+    margin.batch_std.fill_(5.0)
+    cosine = torch.full((2, 2), 0.5)
+    out = margin(cosine, torch.tensor([0, 0]), torch.tensor([10.0, 30.0]))
+    # z=-0.666 (low norm): theta grows by less... the *total* target logit is easier for low norms.
+    assert float(out[0, 0]) > float(out[1, 0])
+
+
+def test_partial_fc_with_rate_one_equals_full_head():
+    torch.manual_seed(0)
+    for name in ("arcface", "cosface", "adaface"):
+        full = ClassifierHead(build_margin(name), embedding_size=16, num_classes=11)
+        partial = PartialFC(build_margin(name), embedding_size=16, num_classes=11, sample_rate=1.0)
+        partial.weight.data.copy_(full.weight.data)
+        emb = torch.randn(8, 16) * 5
+        labels = torch.randint(0, 11, (8,))
+        emb_a = emb.clone().requires_grad_(True)
+        emb_b = emb.clone().requires_grad_(True)
+        loss_full = full(emb_a, labels)
+        loss_partial = partial(emb_b, labels)
+        loss_full.backward()
+        loss_partial.backward()
+        assert float(loss_partial.detach()) == pytest.approx(float(loss_full.detach()), rel=1e-5), name
+        torch.testing.assert_close(emb_b.grad, emb_a.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(partial.weight.grad, full.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_partial_fc_sampling_keeps_positives_and_matches_subset_softmax():
+    torch.manual_seed(0)
+    partial = PartialFC(CosFaceMargin(), embedding_size=8, num_classes=40, sample_rate=0.25)
+    emb = torch.randn(6, 8)
+    labels = torch.tensor([3, 3, 17, 39, 0, 22])
+    gen = torch.Generator().manual_seed(5)
+    index, remapped = partial.sample(labels.clone(), gen)
+    assert index is not None and index.numel() == 10
+    assert set(labels.tolist()) <= set(index.tolist())
+    assert torch.equal(index[remapped], labels)
+    # The loss is the full-softmax loss restricted to the sampled centres.
+    loss = partial(emb, labels, torch.Generator().manual_seed(5))
+    sub = F.linear(F.normalize(emb), F.normalize(partial.weight[index]))
+    logits = CosFaceMargin()(sub, remapped)
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits, remapped).detach()), rel=1e-5)
+    # Unsampled centres receive no gradient.
+    loss.backward()
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[index] = False
+    assert float(partial.weight.grad[untouched].abs().sum()) == 0.0
+    # In eval mode every centre is scored.
+    assert partial.eval().sample(labels, gen)[0] is None
+
+
+def test_class_shards_cover_all_classes_once():
+    for classes, world in ((10, 3), (7, 7), (100, 8)):
+        shards = [class_shard(classes, r, world) for r in range(world)]
+        covered = np.concatenate([np.arange(s, s + n) for s, n in shards])
+        assert covered.tolist() == list(range(classes))
+
+
+def test_bad_names_and_rates_are_refused():
+    with pytest.raises(HyperfaceError, match="unknown loss"):
+        build_margin("sphereface")
+    with pytest.raises(HyperfaceError, match="sample rate"):
+        PartialFC(ArcFaceMargin(), 8, 10, sample_rate=0.0)
