@@ -1,1 +1,51 @@
-"""datasets stage."""
+"""Face-recognition training sets on disk: insightface RecordIO and image folders, read and written.
+
+- :class:`RecordIOWriter` / :class:`RecordIODataset`: ``train.rec`` + ``train.idx`` (+ ``property``)
+  exactly as insightface's arcface_torch reads them, without mxnet.
+- :class:`ImageFolderWriter` / :class:`ImageFolderDataset`: one folder per identity.
+- :func:`open_dataset`: picks the reader from what is on disk.
+
+Readers return ``(RGB uint8 HWC image, int label)``, expose ``labels`` (int64) and ``num_classes``,
+raise :class:`~hyperface.common.errors.HyperfaceError` on corrupt or truncated data, and pickle
+cheaply for DataLoader workers (files are opened lazily in each process).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.datasets.codec import decode_image, encode_image
+from hyperface.datasets.image_folder import ImageFolderDataset, ImageFolderWriter
+from hyperface.datasets.recordio import RecordIODataset, RecordIOWriter
+
+Dataset = RecordIODataset | ImageFolderDataset
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+    """Open a RecordIO file/folder (``*.rec`` or a folder with ``train.rec``) or an image folder."""
+    path = Path(path)
+    if not path.exists():
+        raise HyperfaceError(f"dataset not found: {path}")
+    if path.is_file() or path.suffix == ".rec":
+        if path.suffix not in (".rec", ".idx"):
+            raise HyperfaceError(f"{path} is a file but not a .rec: give a .rec file or a dataset folder")
+        return RecordIODataset(path.with_suffix(".rec"))
+    if (path / "train.rec").exists() or any(path.glob("*.rec")):
+        return RecordIODataset(path)
+    if (path / "train.rec.tmp").exists():
+        raise HyperfaceError(f"{path} holds an unfinished RecordIO dataset (train.rec.tmp): resume or rerun the writer")
+    return ImageFolderDataset(path)
+
+
+__all__ = [
+    "Dataset",
+    "ImageFolderDataset",
+    "ImageFolderWriter",
+    "RecordIODataset",
+    "RecordIOWriter",
+    "decode_image",
+    "encode_image",
+    "open_dataset",
+]

@@ -1,0 +1,257 @@
+"""Dataset writers and readers: round trips, an independent hand-made .rec, corruption, resume."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.datasets import (
+    ImageFolderDataset,
+    ImageFolderWriter,
+    RecordIODataset,
+    RecordIOWriter,
+    encode_image,
+    open_dataset,
+)
+from hyperface.datasets.recordio import frame_record, pack_payload, unpack_payload
+
+MAGIC = 0xCED7230A
+
+
+def _images(count: int, size: int = 16, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size + 2, 3), dtype=np.uint8) for _ in range(count)]
+
+
+# --- an independent writer of the format, from the spec (struct.pack by hand) --------------------
+def _hand_record(payload: bytes) -> bytes:
+    """dmlc framing: split at 4-byte-aligned magic words (dropped), cflag 1/2/3, pad to 4 bytes."""
+    out = b""
+    start = 0
+    cuts = [i for i in range(0, len(payload) - len(payload) % 4, 4) if payload[i : i + 4] == struct.pack("<I", MAGIC)]
+    for cut in cuts:
+        cflag = 1 if start == 0 else 2
+        out += struct.pack("<II", MAGIC, (cflag << 29) | (cut - start)) + payload[start:cut]
+        start = cut + 4
+    cflag = 3 if cuts else 0
+    out += struct.pack("<II", MAGIC, (cflag << 29) | (len(payload) - start)) + payload[start:]
+    return out + b"\0" * ((4 - len(payload) % 4) % 4)
+
+
+def _hand_payload(label, data: bytes, id_: int = 0) -> bytes:
+    if isinstance(label, (list, tuple)):
+        return struct.pack("<IfQQ", len(label), 0.0, id_, 0) + struct.pack(f"<{len(label)}f", *label) + data
+    return struct.pack("<IfQQ", 0, float(label), id_, 0) + data
+
+
+def _write_hand_rec(folder, records: list[bytes]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    blob, lines = b"", ""
+    for key, payload in enumerate(records):
+        lines += f"{key}\t{len(blob)}\n"
+        blob += _hand_record(payload)
+    (folder / "train.rec").write_bytes(blob)
+    (folder / "train.idx").write_text(lines)
+
+
+def test_frame_record_matches_independent_framing_including_multipart():
+    # id = MAGIC puts the magic word at aligned offset 8 of the payload: the record must be split.
+    payloads = [
+        _hand_payload(3, b"abcdefg"),
+        _hand_payload(5, b"xy" + struct.pack("<I", MAGIC) * 2 + b"z", id_=MAGIC),
+        _hand_payload([1.0, 2.0], b""),
+    ]
+    for payload in payloads:
+        assert frame_record(payload) == _hand_record(payload)
+    assert (_hand_record(payloads[1])[4:8] != struct.pack("<I", len(payloads[1])))  # really multi-part
+
+
+def test_reads_hand_written_insightface_layout_with_multipart_record(tmp_path):
+    images = _images(5)
+    blobs = [encode_image(im, image_format="png") for im in images]
+    labels = [0, 0, 1, 1, 1]
+    # records: 0 header (6, 8); images 1..5; identity records 6, 7
+    records = [_hand_payload([6.0, 8.0], b"")]
+    for key, (blob, label) in enumerate(zip(blobs, labels), 1):
+        records.append(_hand_payload(label, blob, id_=MAGIC if key == 3 else key))
+    records += [_hand_payload([1.0, 3.0], b""), _hand_payload([3.0, 6.0], b"")]
+    _write_hand_rec(tmp_path / "rec", records)
+    dataset = RecordIODataset(tmp_path / "rec")
+    assert dataset.layout == "insightface"
+    assert len(dataset) == 5 and dataset.num_classes == 2
+    assert dataset.labels.tolist() == labels
+    for i in range(5):
+        image, label = dataset[i]
+        np.testing.assert_array_equal(image, images[i])
+        assert label == labels[i]
+
+
+def test_reads_plain_layout_written_by_other_tools(tmp_path):
+    images = _images(3, seed=1)
+    labels = [2, 0, 1]
+    records = [_hand_payload(label, encode_image(im, image_format="png"), id_=k) for k, (im, label) in enumerate(zip(images, labels))]
+    # an array label (flag 2) on an image record: insightface takes label[0]
+    records[1] = _hand_payload([0.0, 7.0], encode_image(images[1], image_format="png"))
+    _write_hand_rec(tmp_path / "plain", records)
+    dataset = open_dataset(tmp_path / "plain" / "train.rec")
+    assert isinstance(dataset, RecordIODataset) and dataset.layout == "plain"
+    assert dataset.labels.tolist() == labels and dataset.num_classes == 3
+    np.testing.assert_array_equal(dataset[1][0], images[1])
+
+
+@pytest.mark.parametrize("reader", ["recordio", "folder"])
+def test_writers_round_trip_through_readers(tmp_path, reader):
+    images = _images(7, seed=2)
+    labels = [1, 1, 0, 0, 0, 3, 3]  # grouped, not sorted, label 2 has no images
+    if reader == "recordio":
+        with RecordIOWriter(tmp_path / "ds", image_format="png") as writer:
+            for image, label in zip(images, labels):
+                writer.add(image, label)
+        assert not list((tmp_path / "ds").glob("*.tmp"))
+        assert (tmp_path / "ds" / "property").read_text().strip() == "4,16,18"
+    else:
+        writer = ImageFolderWriter(tmp_path / "ds", image_format="png")
+        for image, label in zip(images, labels):
+            writer.add(image, label)
+        (tmp_path / "ds" / "000002").mkdir()  # an identity whose images were all filtered out
+    dataset = open_dataset(tmp_path / "ds")
+    assert type(dataset) is (RecordIODataset if reader == "recordio" else ImageFolderDataset)
+    assert dataset.num_classes == 4
+    pairs = sorted((int(dataset.labels[i]), dataset[i][0].tobytes()) for i in range(len(dataset)))
+    assert pairs == sorted((label, image.tobytes()) for image, label in zip(images, labels))
+    assert all(dataset[i][1] == dataset.labels[i] for i in range(len(dataset)))
+    clone = pickle.loads(pickle.dumps(dataset))  # DataLoader workers
+    np.testing.assert_array_equal(clone[3][0], dataset[3][0])
+
+
+def test_recordio_layout_matches_insightface(tmp_path):
+    """Header record 0 = (K, M); identity records K..M-1 hold (first, end) image keys."""
+    images = _images(4, seed=3)
+    jpeg = encode_image(images[0])
+    with RecordIOWriter(tmp_path) as writer:
+        writer.add(jpeg, 0)  # encoded bytes are stored as given
+        writer.add(images[1], 0)
+        writer.add(images[2], 1)
+        writer.add(images[3], 1)
+    lines = [line.split("\t") for line in (tmp_path / "train.idx").read_text().splitlines()]
+    offsets = {int(k): int(v) for k, v in lines}
+    assert sorted(offsets) == list(range(7))
+    blob = (tmp_path / "train.rec").read_bytes()
+
+    def payload(key):
+        magic, lrec = struct.unpack_from("<II", blob, offsets[key])
+        assert magic == MAGIC and lrec >> 29 == 0
+        return blob[offsets[key] + 8 : offsets[key] + 8 + (lrec & ((1 << 29) - 1))]
+
+    flag, _, _, _ = struct.unpack_from("<IfQQ", payload(0))
+    assert flag == 2 and struct.unpack_from("<2f", payload(0), 24) == (5.0, 7.0)
+    assert struct.unpack_from("<2f", payload(5), 24) == (1.0, 3.0)
+    assert struct.unpack_from("<2f", payload(6), 24) == (3.0, 5.0)
+    assert struct.unpack_from("<IfQQ", payload(3))[:2] == (0, 1.0)
+    assert payload(1)[24:] == jpeg
+    assert RecordIODataset(tmp_path).read_raw(0) == (jpeg, 0)
+
+
+def test_truncated_and_corrupt_recordio_rejected(tmp_path):
+    with RecordIOWriter(tmp_path / "ok") as writer:
+        for i, image in enumerate(_images(4, seed=4)):
+            writer.add(image, i // 2)
+    rec = (tmp_path / "ok" / "train.rec").read_bytes()
+    idx = (tmp_path / "ok" / "train.idx").read_text()
+    bad = tmp_path / "cut"
+    bad.mkdir()
+    (bad / "train.rec").write_bytes(rec[: len(rec) - 30])
+    (bad / "train.idx").write_text(idx)
+    with pytest.raises(HyperfaceError, match="truncated"):
+        RecordIODataset(bad)
+    # an image record whose JPEG bytes are damaged: clean error on access
+    dataset = RecordIODataset(tmp_path / "ok")
+    offset = int(idx.splitlines()[2].split("\t")[1])
+    damaged = bytearray(rec)
+    damaged[offset + 8 + 24 : offset + 8 + 24 + 64] = b"\0" * 64
+    (bad / "train.rec").write_bytes(bytes(damaged))
+    with pytest.raises(HyperfaceError, match="not a decodable"):
+        RecordIODataset(bad)[1]
+    damaged[offset : offset + 4] = b"XXXX"
+    (bad / "train.rec").write_bytes(bytes(damaged))
+    with pytest.raises(HyperfaceError, match="magic"):
+        RecordIODataset(bad)[1]
+    (bad / "train.idx").unlink()
+    with pytest.raises(HyperfaceError, match="index"):
+        RecordIODataset(bad)
+    assert len(dataset) == 4
+
+
+def test_recordio_writer_resumes_after_kill(tmp_path):
+    images = _images(6, seed=5)
+    writer = RecordIOWriter(tmp_path)
+    for i in range(4):
+        writer.add(images[i], i // 2)
+    writer.flush()  # the process dies here, mid-way through a record:
+    with open(tmp_path / "train.rec.tmp", "ab") as handle:
+        handle.write(frame_record(pack_payload(2.0, encode_image(images[4])))[:50])
+    with open(tmp_path / "train.idx.tmp", "a") as handle:
+        handle.write("5\t12")
+    assert not (tmp_path / "train.rec").exists()
+    with pytest.raises(HyperfaceError, match="unfinished"):
+        open_dataset(tmp_path)
+    resumed = RecordIOWriter(tmp_path, resume=True)
+    assert resumed.label_counts == {0: 2, 1: 2} and resumed.num_images == 4
+    resumed.add(images[4], 2)
+    resumed.add(images[5], 2)
+    resumed.close()
+    dataset = RecordIODataset(tmp_path)
+    assert dataset.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert dataset.num_classes == 3
+    with pytest.raises(HyperfaceError, match="already exists"):
+        RecordIOWriter(tmp_path)
+
+
+def test_writer_input_errors(tmp_path):
+    writer = RecordIOWriter(tmp_path / "a")
+    image = _images(1)[0]
+    writer.add(image, 0)
+    writer.add(image, 1)
+    with pytest.raises(HyperfaceError, match="grouped by identity"):
+        writer.add(image, 0)
+    with pytest.raises(HyperfaceError, match="non-negative"):
+        writer.add(image, -1)
+    with pytest.raises(HyperfaceError, match="uint8"):
+        writer.add(image.astype(np.float32), 1)
+    writer.abort()
+    assert not list((tmp_path / "a").iterdir())
+    with pytest.raises(HyperfaceError, match="no images"):
+        RecordIOWriter(tmp_path / "b").close()
+
+
+def test_image_folder_writer_resume_and_reader_errors(tmp_path):
+    writer = ImageFolderWriter(tmp_path / "f")
+    images = _images(3, seed=6)
+    first = writer.add(images[0], 5)
+    assert first.relative_to(tmp_path / "f").as_posix() == "000005/0000.jpg"
+    (first.parent / ".0001.jpg.123.tmp").write_bytes(b"half")  # a kill mid-write leaves only this
+    again = ImageFolderWriter(tmp_path / "f")  # a new process continues after existing files
+    assert again.add(images[1], 5).name == "0001.jpg"
+    assert again.add(encode_image(images[2], image_format="png"), 5, index=7).name == "0007.png"
+    dataset = ImageFolderDataset(tmp_path / "f")
+    assert len(dataset) == 3 and dataset.classes == ["000005"] and dataset.labels.tolist() == [0, 0, 0]
+    np.testing.assert_array_equal(dataset[2][0], images[2])
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(HyperfaceError, match="no images"):
+        ImageFolderDataset(tmp_path / "empty")
+    with pytest.raises(HyperfaceError, match="not found"):
+        open_dataset(tmp_path / "missing")
+    (first.parent / "0003.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(HyperfaceError, match="not a decodable"):
+        ImageFolderDataset(tmp_path / "f")[2]
+
+
+def test_unpack_payload_rejects_short_payload():
+    with pytest.raises(HyperfaceError, match="header"):
+        unpack_payload(b"\0" * 10)
+    header, rest = unpack_payload(pack_payload([1.0, 2.0, 3.0], b"img"))
+    assert header.flag == 3 and header.label.tolist() == [1.0, 2.0, 3.0] and bytes(rest) == b"img"
