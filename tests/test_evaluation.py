@@ -1,0 +1,233 @@
+"""Verification protocol against an independent re-implementation; safe .bin loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.datasets import encode_image
+from hyperface.evaluation.verification import (
+    evaluate_bin,
+    evaluate_embeddings,
+    kfold_splits,
+    load_bin,
+    read_bin,
+)
+
+
+# --- an independent, straightforward version of insightface's calculate_roc ------------------------
+def _reference_accuracy(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10):
+    thresholds = np.arange(0, 4, 0.01)
+    e1, e2 = embeddings[0::2], embeddings[1::2]
+    dist = np.sum(np.square(e1 - e2), 1)
+    folds = np.array_split(np.arange(len(dist)), nfolds)
+    accuracies, best_thresholds = [], []
+
+    def accuracy(threshold, d, same):
+        predict = np.less(d, threshold)
+        tp = np.sum(np.logical_and(predict, same))
+        tn = np.sum(np.logical_and(np.logical_not(predict), np.logical_not(same)))
+        return float(tp + tn) / d.size
+
+    for test in folds:
+        train = np.setdiff1d(np.arange(len(dist)), test)
+        train_acc = [accuracy(t, dist[train], issame[train]) for t in thresholds]
+        best = thresholds[int(np.argmax(train_acc))]
+        best_thresholds.append(best)
+        accuracies.append(accuracy(best, dist[test], issame[test]))
+    return float(np.mean(accuracies)), float(np.std(accuracies)), best_thresholds
+
+
+def _random_pairs(n_pairs: int, dim: int, seed: int, noise: float = 0.9):
+    rng = np.random.default_rng(seed)
+    issame = rng.random(n_pairs) < 0.5
+    a = rng.standard_normal((n_pairs, dim))
+    b = np.where(issame[:, None], a + noise * rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim)))
+    emb = np.empty((2 * n_pairs, dim), dtype=np.float32)
+    emb[0::2], emb[1::2] = a, b
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb, issame
+
+
+@pytest.mark.parametrize("n_pairs,seed", [(600, 0), (347, 1)])
+def test_accuracy_matches_independent_implementation(n_pairs, seed):
+    emb, issame = _random_pairs(n_pairs, 32, seed)
+    result = evaluate_embeddings(emb, issame)
+    accuracy, std, thresholds = _reference_accuracy(emb, issame)
+    assert result.accuracy == pytest.approx(accuracy, abs=1e-12)
+    assert result.std == pytest.approx(std, abs=1e-12)
+    assert result.fold_thresholds == pytest.approx(thresholds, abs=1e-12)
+    assert 0.6 < result.accuracy < 1.0  # informative: neither chance nor trivially perfect
+    assert result.num_pairs == n_pairs
+    assert 0.0 <= result.val <= 1.0 and result.far <= 0.01
+
+
+def test_hand_checked_case():
+    """Two folds of five pairs with known squared distances (off the 0.01 grid).
+
+    Fold A: same 0.105, 0.105, diff 3.005, 3.005, same 3.505.  Fold B: same 0.105, diff 3.005 x3, diff 0.055.
+    Training on B, accuracy 0.8 first at threshold 0.00 (ties later) -> fold A accuracy 2/5.
+    Training on A, accuracy 0.8 first at threshold 0.11 -> fold B accuracy 4/5.
+    """
+    dists = [0.105, 0.105, 3.005, 3.005, 3.505, 0.105, 3.005, 3.005, 3.005, 0.055]
+    issame = np.array([True, True, False, False, True, True, False, False, False, False])
+    emb = np.zeros((20, 2))
+    for i, d in enumerate(dists):
+        cos = 1 - d / 2
+        emb[2 * i] = (1.0, 0.0)
+        emb[2 * i + 1] = (cos, np.sqrt(1 - cos**2))
+    result = evaluate_embeddings(emb, issame, nfolds=2)
+    assert result.fold_thresholds == pytest.approx([0.0, 0.11])
+    assert result.fold_accuracies == pytest.approx([0.4, 0.8])
+    assert result.accuracy == pytest.approx(0.6) and result.std == pytest.approx(0.2)
+    assert result.best_threshold == pytest.approx(0.055)
+
+
+def test_kfold_is_contiguous_like_sklearn():
+    splits = kfold_splits(23, 10)
+    assert [len(test) for _, test in splits] == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    assert np.concatenate([test for _, test in splits]).tolist() == list(range(23))
+    for train, test in splits:
+        assert sorted(np.concatenate([train, test]).tolist()) == list(range(23))
+    with pytest.raises(HyperfaceError):
+        evaluate_embeddings(np.ones((3, 4)), np.array([True]))
+
+
+# --- .bin files ------------------------------------------------------------------------------------
+def _faces(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def _py2_pickle(bins: list[bytes], issame: list[bool]) -> bytes:
+    """What Python 2 writes for (list of str, list of bool) at protocol 2: BINSTRING opcodes."""
+    out = b"\x80\x02(("
+    for blob in bins:
+        out += b"T" + struct.pack("<i", len(blob)) + blob
+    out += b"l("
+    for same in issame:
+        out += b"\x88" if same else b"\x89"
+    return out + b"lt."
+
+
+@pytest.mark.parametrize("flavour", ["py3", "py3-protocol2", "py2", "numpy-bools", "numpy-array"])
+def test_load_bin_reads_every_pickle_flavour(tmp_path, flavour):
+    faces = _faces(4, seed=0)
+    bins = [encode_image(f, image_format="png") for f in faces]
+    issame = [True, False]
+    path = tmp_path / "set.bin"
+    if flavour == "py3":
+        path.write_bytes(pickle.dumps((bins, issame), protocol=4))
+    elif flavour == "py3-protocol2":
+        data = pickle.dumps((bins, issame), protocol=2)
+        assert b"_codecs" in data
+        path.write_bytes(data)
+    elif flavour == "py2":
+        path.write_bytes(_py2_pickle(bins, issame))
+    elif flavour == "numpy-bools":
+        path.write_bytes(pickle.dumps((bins, list(np.array(issame))), protocol=2))
+    else:
+        path.write_bytes(pickle.dumps((bins, np.array(issame)), protocol=4))
+    images, same = load_bin(path)
+    assert images.shape == (4, 112, 112, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, np.stack(faces))
+    assert same.dtype == bool and same.tolist() == issame
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+class _EvalPayload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.target)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("payload", [_Payload, _EvalPayload])
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_malicious_bin_is_refused_without_running(tmp_path, payload, protocol):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps(([b"x", payload(target)], [True]), protocol=protocol))
+    with pytest.raises(HyperfaceError, match="could run code"):
+        read_bin(path)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "obj,match",
+    [
+        ({"bins": []}, "pair"),
+        (([b"a", b"b", b"c"], [True]), "two images per pair"),
+        (([b"a", 3], [True]), "not encoded image bytes"),
+        (([b"a", b"b"], ["yes"]), "booleans"),
+        (([], []), "two images per pair"),
+    ],
+)
+def test_wrong_structure_is_a_clear_error(tmp_path, obj, match):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(pickle.dumps(obj))
+    with pytest.raises(HyperfaceError, match=match):
+        read_bin(path)
+
+
+def test_truncated_or_missing_bin(tmp_path):
+    path = tmp_path / "cut.bin"
+    path.write_bytes(pickle.dumps(([b"abc", b"def"], [True]))[:-5])
+    with pytest.raises(HyperfaceError, match="not a readable"):
+        read_bin(path)
+    with pytest.raises(HyperfaceError, match="not found"):
+        read_bin(tmp_path / "lfw.bin")
+    path.write_bytes(pickle.dumps(([b"abc", b"def"], [True])))
+    with pytest.raises(HyperfaceError, match="not a decodable"):
+        load_bin(path)
+
+
+def write_pairs_bin(path, n_pairs: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """A .bin whose 'same' pairs are one face plus noise and 'different' pairs are unrelated faces."""
+    rng = np.random.default_rng(seed)
+    issame = np.arange(n_pairs) % 2 == 0
+    faces = []
+    for same in issame:
+        base = rng.integers(0, 256, (112, 112, 3)).astype(np.int16)
+        other = base + rng.integers(-20, 21, base.shape) if same else rng.integers(0, 256, base.shape)
+        faces += [np.clip(base, 0, 255).astype(np.uint8), np.clip(other, 0, 255).astype(np.uint8)]
+    bins = [encode_image(f, image_format="png") for f in faces]
+    path.write_bytes(pickle.dumps((bins, issame.tolist()), protocol=2))
+    return faces, issame
+
+
+def _pixel_embed(images: np.ndarray) -> np.ndarray:
+    """A deterministic, not flip-invariant 'model': a fixed random projection of 8x8-pooled pixels."""
+    pooled = images.reshape(len(images), 8, 14, 8, 14, 3).mean(axis=(2, 4)).reshape(len(images), -1) - 127.5
+    weights = np.random.default_rng(42).standard_normal((pooled.shape[1], 24)) * np.linspace(0.2, 2.0, pooled.shape[1])[:, None]
+    return (pooled @ weights).astype(np.float32)
+
+
+def test_evaluate_bin_matches_independent_pipeline(tmp_path):
+    path = tmp_path / "pairs.bin"
+    faces, issame = write_pairs_bin(path, 40, seed=3)
+    result = evaluate_bin(_pixel_embed, path, batch_size=7)
+    stacked = np.stack(faces)
+    fused = _pixel_embed(stacked) + _pixel_embed(stacked[:, :, ::-1, :].copy())
+    fused /= np.linalg.norm(fused, axis=1, keepdims=True)
+    accuracy, std, thresholds = _reference_accuracy(fused, issame)
+    assert result.accuracy == pytest.approx(accuracy, abs=1e-9) and result.std == pytest.approx(std, abs=1e-9)
+    assert result.fold_thresholds == pytest.approx(thresholds)
+    assert result.accuracy > 0.9 and result.name == "pairs"
+    no_flip = evaluate_bin(_pixel_embed, path, batch_size=64, flip=False)
+    plain = _pixel_embed(stacked)
+    plain /= np.linalg.norm(plain, axis=1, keepdims=True)
+    assert no_flip.accuracy == pytest.approx(_reference_accuracy(plain, issame)[0], abs=1e-9)
