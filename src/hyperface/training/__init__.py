@@ -1,1 +1,13 @@
-"""training stage."""
+"""Training stage: iResNet + ArcFace/CosFace/AdaFace (partial FC) on hyperface datasets.
+
+- :func:`train` / :class:`TrainConfig`: the training loop (single device or torchrun DDP),
+  exact resume, periodic verification, insightface-compatible export.
+- :mod:`hyperface.training.losses`: margins and heads.
+- :mod:`hyperface.training.data`: augmentation, dataset wrapper, resumable sampler.
+- :func:`export_backbone`: a checkpoint -> insightface ``backbone.pth`` or ONNX.
+"""
+
+from hyperface.training.checkpoint import export_backbone, load_backbone
+from hyperface.training.trainer import TrainConfig, TrainResult, learning_rate, train
+
+__all__ = ["TrainConfig", "TrainResult", "export_backbone", "learning_rate", "load_backbone", "train"]

@@ -1,0 +1,207 @@
+"""Checkpoints: written atomically, loaded safely, resumed exactly; export to insightface formats.
+
+Layout of a run folder::
+
+    RUN/checkpoints/latest                    name of the newest *complete* checkpoint (text)
+    RUN/checkpoints/step-000012000/
+        backbone.safetensors                  iResNet weights, insightface key names (rank 0)
+        head-rank{r}.safetensors              rank r's class-centre shard + margin state (AdaFace EMA)
+        state-rank{r}.pt                      optimiser, grad scaler, RNG, step/epoch/position
+                                              (plain tensors/containers: loads with weights_only=True)
+        meta.json                             step, epoch, arch, world size, config (written last)
+
+Every file is written to a temporary name and renamed; ``latest`` moves only after every rank has
+written its files, so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import atomic_write, read_json, save_json
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def _atomic_path(path: Path):
+    """A temporary sibling of ``path`` for writers that want a file name (safetensors, torch.save)."""
+
+    @contextlib.contextmanager
+    def manager():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    return manager()
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with _atomic_path(Path(path)) as tmp:
+        save_file(plain, tmp, metadata=metadata)
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise HyperfaceError(f"cannot read {path}: not a valid safetensors file ({exc})") from exc
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    with _atomic_path(Path(path)) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise HyperfaceError(f"checkpoint file missing: {path}") from None
+    except Exception as exc:
+        raise HyperfaceError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {exc})") from exc
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run (None when there is none)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    path = folder / name
+    if not (path / "meta.json").is_file():
+        raise HyperfaceError(f"{pointer} names {name}, which is missing or incomplete; delete {pointer} to start over")
+    return path
+
+
+def publish_checkpoint(run_dir: str | os.PathLike, path: Path, meta: dict[str, Any], keep: int = 2) -> None:
+    """Rank 0, after every rank wrote its files: meta.json, then move ``latest``, then prune."""
+    save_json(path / "meta.json", meta)
+    folder = Path(run_dir) / CHECKPOINTS
+    with atomic_write(folder / LATEST, "w") as handle:
+        handle.write(path.name + "\n")
+    if keep > 0:
+        steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p != path)
+        for old in steps[: max(0, len(steps) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run folder, its checkpoints/ folder, a step-* folder, or a weights file -> that path."""
+    path = Path(path)
+    if not path.exists():
+        raise HyperfaceError(f"checkpoint not found: {path}")
+    if path.is_file():
+        return path
+    if (path / "meta.json").is_file():
+        return path
+    for run in (path, path.parent):
+        found = latest_checkpoint(run) if (run / CHECKPOINTS).is_dir() else None
+        if found is not None:
+            return found
+    if (path / LATEST).is_file():
+        return latest_checkpoint(path.parent) or path
+    raise HyperfaceError(
+        f"{path} holds no checkpoint: give a training run folder (with checkpoints/latest), a "
+        "checkpoints/step-* folder, backbone.safetensors or backbone.pth"
+    )
+
+
+def load_backbone_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(backbone state dict with insightface key names, meta) from any checkpoint form."""
+    path = resolve_checkpoint(path)
+    meta: dict[str, Any] = {}
+    if path.is_dir():
+        meta = read_json(path / "meta.json")
+        path = path / "backbone.safetensors"
+    if path.suffix == ".safetensors":
+        state = load_safetensors(path)
+    elif path.suffix in (".pth", ".pt"):
+        state = load_torch(path)
+        if not isinstance(state, dict):
+            raise HyperfaceError(f"{path} is not a state dict")
+    else:
+        raise HyperfaceError(f"unsupported checkpoint file {path}: expected .safetensors or .pth")
+    return state, meta
+
+
+def load_backbone(path: str | os.PathLike):
+    """Build the iResNet of a checkpoint (arch from meta.json or inferred) and load it strictly."""
+    from hyperface.recognition.iresnet import iresnet_from_state_dict
+
+    state, meta = load_backbone_state(path)
+    return iresnet_from_state_dict(state, arch=meta.get("arch")), meta
+
+
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17) -> Path:
+    """Export a trained backbone as insightface ``backbone.pth`` (state dict) or ONNX.
+
+    - ``.pth``: ``torch.save(model.state_dict())`` with insightface arcface_torch key names, so
+      insightface's ``get_model(name).load_state_dict(torch.load(path))`` loads it.
+    - ``.onnx``: input ``data`` float32 (N, 3, 112, 112) RGB normalised ``(x - 127.5) / 127.5``
+      with a dynamic batch dimension, output ``embedding`` (N, 512) un-normalised, as
+      arcface_torch's ``torch2onnx.py`` exports.
+    """
+    out = Path(out)
+    model, _ = load_backbone(checkpoint)
+    model = model.eval().float().to(memory_format=torch.contiguous_format)
+    if out.suffix == ".pth":
+        save_torch({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out)
+    elif out.suffix == ".onnx":
+        dummy = torch.zeros(1, 3, 112, 112)
+        with _atomic_path(out) as tmp, torch.no_grad():
+            torch.onnx.export(
+                model,
+                (dummy,),
+                tmp,
+                dynamo=False,
+                input_names=["data"],
+                output_names=["embedding"],
+                dynamic_axes={"data": {0: "batch"}, "embedding": {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+    else:
+        raise HyperfaceError(f"--out {out}: export to a .pth (insightface state dict) or .onnx file")
+    return out
+
+
+__all__ = [
+    "export_backbone",
+    "latest_checkpoint",
+    "load_backbone",
+    "load_backbone_state",
+    "load_safetensors",
+    "load_torch",
+    "publish_checkpoint",
+    "resolve_checkpoint",
+    "save_safetensors",
+    "save_torch",
+]

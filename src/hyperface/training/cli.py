@@ -1,0 +1,161 @@
+"""``hyperface train``: train an iResNet face-recognition model, or export a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  # The paper's recipe on a generated HyperFace set (iResNet-50, ArcFace, SGD 0.1, 26 epochs,
+  # x0.1 at epochs 12/20/24, flip), verifying on LFW/CFP-FP/AgeDB every epoch:
+  hyperface train runs/hyperface-10k/dataset --out runs/train-r50 --arch r50 --loss arcface \\
+      --epochs 26 --batch-size 256 --lr 0.1 --schedule step --milestones 12 20 24 \\
+      --val-bin lfw.bin cfp_fp.bin agedb_30.bin
+
+  # AdaFace with its augmentations, bf16, torch.compile, 1 warmup epoch:
+  hyperface train DATA --out runs/ada --loss adaface --augment adaface --amp bf16 --compile --warmup-epochs 1
+
+  # 8 GPUs on one node (batch size is per GPU; class centres are sharded over the GPUs):
+  torchrun --nproc_per_node 8 -m hyperface train DATA --out runs/r100 --arch r100 --batch-size 128
+
+  # 1M identities: partial FC scoring 20% of the class centres per step:
+  torchrun --nproc_per_node 8 -m hyperface train DATA --out runs/big --partial-fc 0.2
+
+  # Continue an interrupted run exactly where its last checkpoint left it:
+  hyperface train DATA --out runs/train-r50 --resume
+
+  # Export for insightface / ONNX runtimes:
+  hyperface train --export runs/train-r50 --out backbone.pth
+  hyperface train --export runs/train-r50 --out r50.onnx
+
+DATA is a RecordIO dataset (folder with train.rec/train.idx, or a .rec file) or an image folder
+(one sub-folder per identity). Outputs in --out: checkpoints/ (every epoch and every
+--checkpoint-every steps; the last --keep-checkpoints kept), metrics.jsonl (and tensorboard/ when
+tensorboard is installed), backbone.pth (insightface state dict), config.json, manifest.json.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train an iResNet face-recognition model (ArcFace/CosFace/AdaFace) or export one",
+        description=(
+            "Train an iResNet on a face dataset with ArcFace, CosFace or AdaFace (partial FC for large "
+            "identity counts), on one device or many through torchrun. Checkpoints are atomic and "
+            "--resume continues exactly. With --export, convert a checkpoint instead."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("data", nargs="?", help="training dataset: RecordIO folder/.rec or image folder")
+    parser.add_argument("--out", required=True, help="run folder (with --export: the .pth or .onnx file to write)")
+    parser.add_argument("--export", metavar="CKPT", help="export CKPT (run folder, checkpoint folder or weights file) to --out and exit")
+
+    model = parser.add_argument_group("model and loss")
+    model.add_argument("--arch", default="r50", help="iResNet depth: r18, r34, r50, r100, r200 (default: r50)")
+    model.add_argument("--embedding-size", type=int, default=512, help="embedding dimension (default: 512)")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout before the fc layer (default: 0)")
+    model.add_argument("--loss", default="arcface", choices=("arcface", "cosface", "adaface"), help="margin (default: arcface; s=64, m=0.5 / 0.4 / 0.4)")
+    model.add_argument("--margin-s", type=float, help="override the scale s (default 64)")
+    model.add_argument("--margin-m", type=float, help="override the margin m")
+    model.add_argument("--partial-fc", type=float, default=1.0, metavar="RATE", help="fraction of class centres scored per step (default: 1.0 = full softmax; 0.1-0.3 for 1M+ identities)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=26, help="epochs (default: 26)")
+    optim.add_argument("--batch-size", type=int, default=128, help="images per step per process (default: 128)")
+    optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="default: sgd (momentum 0.9)")
+    optim.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 SGD, 1e-3 AdamW)")
+    optim.add_argument("--weight-decay", type=float, help="default: 5e-4 SGD, 0.05 AdamW")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--schedule", default="step", choices=("step", "poly"), help="after warmup: x gamma at the milestones, or polynomial (power 2) to 0 (default: step)")
+    optim.add_argument("--milestones", type=int, nargs="+", default=[12, 20, 24], help="epochs where the step schedule decays (default: 12 20 24)")
+    optim.add_argument("--gamma", type=float, default=0.1, help="step decay factor (default: 0.1)")
+    optim.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup length in epochs (default: 0)")
+    optim.add_argument("--clip-grad-norm", type=float, default=5.0, help="clip the backbone gradient norm (default: 5; 0 = off)")
+    optim.add_argument("--augment", default="flip", choices=("none", "flip", "adaface"), help="flip, or AdaFace's crop/low-res/photometric set plus flip (default: flip)")
+    optim.add_argument("--augment-p", type=float, default=0.2, help="probability of each AdaFace augmentation (default: 0.2)")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="autocast dtype (default: auto = bf16 on CUDA when supported, else fp16; none on CPU)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    speed.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (default: 4)")
+    speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process, LOCAL_RANK)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--val-bin", nargs="+", default=[], metavar="BIN", help="verification .bin files (insightface format) evaluated during training")
+    run.add_argument("--val-every", type=int, default=0, help="verify every N steps (default: 0 = every epoch)")
+    run.add_argument("--checkpoint-every", type=int, default=2000, help="checkpoint every N steps, besides every epoch (default: 2000; 0 = epochs only)")
+    run.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default: 2)")
+    run.add_argument("--log-every", type=int, default=50, help="log loss/lr/throughput every N steps (default: 50)")
+    run.add_argument("--max-steps", type=int, help="stop after N steps in total (smoke tests; the schedule still spans --epochs)")
+    run.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation (default: 0)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier hyperface run in --out")
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from hyperface.common.errors import HyperfaceError
+
+    if args.export:
+        from hyperface.training.checkpoint import export_backbone
+
+        path = export_backbone(args.export, args.out)
+        print(f"exported {args.export} -> {path}")
+        return 0
+    if not args.data:
+        raise HyperfaceError("give the training dataset (DATA), or --export CKPT to convert a checkpoint")
+
+    from hyperface.training.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        arch=args.arch,
+        embedding_size=args.embedding_size,
+        dropout=args.dropout,
+        loss=args.loss,
+        margin_s=args.margin_s,
+        margin_m=args.margin_m,
+        partial_fc=args.partial_fc,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        schedule=args.schedule,
+        milestones=tuple(args.milestones),
+        gamma=args.gamma,
+        warmup_epochs=args.warmup_epochs,
+        clip_grad_norm=args.clip_grad_norm,
+        augment=args.augment,
+        augment_p=args.augment_p,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        workers=args.workers,
+        device=args.device,
+        val_bins=tuple(args.val_bin),
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    result = train(config)
+    summary = f"trained {result.steps} steps ({result.epochs_done} epochs) -> {result.out}/backbone.pth"
+    if result.last_loss is not None:
+        summary += f"; last loss {result.last_loss:.4f}"
+    if result.val:
+        summary += "; " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+    print(summary)
+    return 0
+
+
+# The CLI contract names the handler ``run``.
+run = run_command

@@ -1,0 +1,450 @@
+"""Train an iResNet face-recognition model: one readable loop (nanoGPT style).
+
+    from hyperface.training import TrainConfig, train
+    result = train(TrainConfig(data="hyperface-10k/", out="runs/r50", arch="r50", loss="arcface"))
+
+One process trains on one device; under ``torchrun`` (``WORLD_SIZE > 1``) every process trains one
+GPU with DDP on the backbone and a partial-FC head whose class centres are sharded over the ranks
+(as insightface's arcface_torch does). ``batch_size`` is per process. Rank 0 writes logs, exports
+and the manifest; every rank writes its own head shard and optimiser state in each checkpoint.
+
+Resume is exact: the data order, each sample's augmentation and partial-FC's negative sampling are
+functions of (seed, epoch, step), and a checkpoint holds everything else (weights, optimiser,
+grad scaler, AdaFace's EMA, RNG, epoch and position in it). An interrupted run restarted with
+``resume=True`` replays from its last checkpoint and ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import prepare_output_dir
+from hyperface.common.manifest import Manifest
+from hyperface.common.runtime import get_logger, progress, resolve_device
+from hyperface.training import checkpoint as ckpt
+from hyperface.training.data import AugmentConfig, ResumableSampler, TrainDataset, check_labels
+from hyperface.training.losses import PartialFC, build_margin
+
+log = get_logger("hyperface.train")
+
+#: Settings that must not change when a run is resumed (the weights would not fit or mean otherwise).
+_RESUME_FIXED = ("arch", "embedding_size", "loss", "batch_size", "partial_fc", "seed")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (recorded in config.json and manifest.json).
+
+    Defaults are the common synthetic-data recipe: iResNet-50, ArcFace, SGD lr 0.1 momentum 0.9
+    wd 5e-4, 26 epochs with x0.1 steps at epochs 12/20/24, horizontal flip.
+    """
+
+    data: str
+    out: str
+    arch: str = "r50"
+    embedding_size: int = 512
+    loss: str = "arcface"
+    margin_s: float | None = None  # None: the loss's published default (64)
+    margin_m: float | None = None  # None: 0.5 ArcFace, 0.4 CosFace/AdaFace
+    epochs: int = 26
+    batch_size: int = 128  # per process
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float | None = None  # None: 0.1 for SGD, 1e-3 for AdamW
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: 5e-4 for SGD, 0.05 for AdamW
+    schedule: str = "step"  # step | poly
+    milestones: tuple[int, ...] = (12, 20, 24)  # epochs, for the step schedule
+    gamma: float = 0.1
+    poly_power: float = 2.0
+    warmup_epochs: float = 0.0
+    amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; none on CPU) | bf16 | fp16 | none
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False
+    clip_grad_norm: float = 5.0  # on the backbone, as arcface_torch; 0 disables
+    partial_fc: float = 1.0  # sample rate of class centres (1.0 = full softmax)
+    augment: str = "flip"  # none | flip | adaface
+    augment_p: float = 0.2  # probability of each AdaFace augmentation
+    dropout: float = 0.0
+    val_bins: tuple[str, ...] = ()
+    val_every: int = 0  # steps; 0 = at the end of every epoch
+    checkpoint_every: int = 2000  # steps (plus one at the end of every epoch); 0 = epochs only
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+    workers: int = 4
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    max_steps: int | None = None  # stop early (after a checkpoint); the schedule still spans all epochs
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the optimiser-dependent defaults and validate choices."""
+        if self.optimizer not in ("sgd", "adamw"):
+            raise HyperfaceError(f"unknown --optimizer {self.optimizer!r}: use sgd or adamw")
+        if self.schedule not in ("step", "poly"):
+            raise HyperfaceError(f"unknown --schedule {self.schedule!r}: use step or poly")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise HyperfaceError(f"unknown --amp {self.amp!r}: use auto, bf16, fp16 or none")
+        if self.augment not in ("none", "flip", "adaface"):
+            raise HyperfaceError(f"unknown --augment {self.augment!r}: use none, flip or adaface")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise HyperfaceError("--epochs must be >= 1 and --batch-size >= 2 (BatchNorm needs 2 samples)")
+        cfg = TrainConfig(**asdict(self))
+        cfg.lr = self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+        if cfg.weight_decay is None:
+            cfg.weight_decay = 5e-4 if self.optimizer == "sgd" else 0.05
+        cfg.milestones = tuple(int(m) for m in self.milestones)
+        cfg.val_bins = tuple(str(p) for p in self.val_bins)
+        return cfg
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    epochs_done: int
+    last_loss: float | None
+    val: dict[str, float] = field(default_factory=dict)
+
+
+def learning_rate(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """LR at ``step`` (0-based): linear warmup, then step decay at the milestones or polynomial decay."""
+    base = float(cfg.lr)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if cfg.schedule == "step":
+        passed = sum(step >= m * steps_per_epoch for m in cfg.milestones)
+        return base * cfg.gamma**passed
+    progress_ = (step - warmup) / max(1, total_steps - warmup)
+    return base * max(0.0, 1.0 - progress_) ** cfg.poly_power
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise HyperfaceError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on the CPU")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, resolve_device(device_arg)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_arg not in ("cpu",)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (when installed); rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None):
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Drop lines from steps the resumed run will replay, so the log has no duplicates.
+            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
+        except ImportError:
+            pass  # tensorboard is optional; metrics.jsonl has everything
+
+    def write(self, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
+                elif isinstance(value, dict):
+                    for sub, number in value.items():
+                        self.tensorboard.add_scalar(f"{key}/{sub}", number, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 NCHW -> float (x - 127.5) / 127.5 on the device (normalising there is cheaper)."""
+    x = images.to(device, non_blocking=True).float().sub_(127.5).div_(127.5)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_embed_fn(backbone: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, batch_size: int = 256):
+    """``embed(images uint8 NHWC RGB) -> float32 (N, D)`` with the backbone in eval mode."""
+
+    @torch.no_grad()
+    def embed(images: np.ndarray) -> np.ndarray:
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            outputs = []
+            for start in range(0, len(images), batch_size):
+                chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+                x = _to_input(chunk, device, channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    outputs.append(backbone(x).float().cpu().numpy())
+            return np.concatenate(outputs) if outputs else np.zeros((0, backbone.embedding_size), np.float32)
+        finally:
+            backbone.train(was_training)
+
+    return embed
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
+    after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
+    from hyperface.datasets import open_dataset
+    from hyperface.recognition.iresnet import iresnet
+
+    cfg = config.resolved()
+    started = time.time()
+    rank, world, device = _init_distributed(cfg.device)
+    is_main = rank == 0
+    out = Path(cfg.out)
+    if is_main:
+        prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train")
+    _barrier(world)
+
+    # --- data ---------------------------------------------------------------------------------
+    reader = open_dataset(cfg.data)
+    num_classes = int(reader.num_classes)
+    check_labels(reader.labels, num_classes)
+    augment = {"none": AugmentConfig(flip=False), "flip": AugmentConfig(), "adaface": AugmentConfig.adaface(cfg.augment_p)}[cfg.augment]
+    dataset = TrainDataset(reader, augment=augment, seed=cfg.seed)
+    sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world)
+    steps_per_epoch = sampler.per_rank // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise HyperfaceError(
+            f"--batch-size {cfg.batch_size} is larger than the {sampler.per_rank} images each of the "
+            f"{world} process(es) gets per epoch; lower --batch-size"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+
+    # --- model, head, optimiser -----------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # same initial backbone on every rank; head shards differ by design
+    backbone = iresnet(cfg.arch, embedding_size=cfg.embedding_size, dropout=cfg.dropout).to(device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    torch.manual_seed(cfg.seed * 1009 + 17 + rank)
+    margin = build_margin(cfg.loss, s=cfg.margin_s, m=cfg.margin_m)
+    head = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.partial_fc, rank=rank, world_size=world).to(device)
+    params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # --- resume ---------------------------------------------------------------------------------
+    step, epoch, step_in_epoch, last_loss = 0, 0, 0, None
+    resumed_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if resumed_from is not None:
+        meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
+        saved = meta["config"]
+        changed = [k for k in _RESUME_FIXED if saved.get(k) != (list(v) if isinstance(v := getattr(cfg, k), tuple) else v)]
+        if changed or meta["world_size"] != world or meta["num_classes"] != num_classes:
+            what = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            if meta["world_size"] != world:
+                what += f" world size {meta['world_size']} -> {world}"
+            if meta["num_classes"] != num_classes:
+                what += f" classes {meta['num_classes']} -> {num_classes}"
+            raise HyperfaceError(f"cannot --resume {out}: the run was started with different settings ({what.strip(', ')})")
+        backbone.load_state_dict(ckpt.load_safetensors(resumed_from / "backbone.safetensors", device))
+        head.load_state_dict(ckpt.load_safetensors(resumed_from / f"head-rank{rank}.safetensors", device))
+        state = ckpt.load_torch(resumed_from / f"state-rank{rank}.pt", device)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+        step, epoch, step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+        last_loss = state.get("last_loss")
+        log.info("resumed %s at step %d (epoch %d, step %d of %d)", resumed_from, step, epoch, step_in_epoch, steps_per_epoch)
+    elif is_main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+
+    model: nn.Module = backbone
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    metrics = MetricsLog(out, enabled=is_main, resume_step=step if cfg.resume else None)
+    embed = make_embed_fn(backbone, device, amp_dtype, channels_last)
+    val_results: dict[str, float] = {}
+    last_saved = step if resumed_from is not None else -1
+
+    def save(epoch_: int, step_in_epoch_: int) -> None:
+        nonlocal last_saved
+        if step == last_saved:
+            return
+        path = out / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
+        if is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            ckpt.save_safetensors(backbone.state_dict(), path / "backbone.safetensors", metadata={"arch": cfg.arch})
+        _barrier(world)
+        ckpt.save_safetensors(head.state_dict(), path / f"head-rank{rank}.safetensors")
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,
+            "step": step,
+            "epoch": epoch_,
+            "step_in_epoch": step_in_epoch_,
+            "last_loss": last_loss,
+        }
+        ckpt.save_torch(state, path / f"state-rank{rank}.pt")
+        _barrier(world)
+        if is_main:
+            meta = {
+                "step": step, "epoch": epoch_, "step_in_epoch": step_in_epoch_, "steps_per_epoch": steps_per_epoch,
+                "arch": cfg.arch, "embedding_size": cfg.embedding_size, "num_classes": num_classes,
+                "world_size": world, "config": json.loads(json.dumps(asdict(cfg))),
+            }
+            ckpt.publish_checkpoint(out, path, meta, keep=cfg.keep_checkpoints)
+        _barrier(world)
+        last_saved = step
+
+    def validate() -> None:
+        if not cfg.val_bins:
+            return
+        if is_main:
+            from hyperface.evaluation.verification import evaluate_bin
+
+            results = {}
+            for bin_path in cfg.val_bins:
+                result = evaluate_bin(embed, bin_path, flip=True)
+                results[Path(bin_path).stem] = float(result.accuracy)
+            val_results.update(results)
+            metrics.write(step, epoch=epoch, val=results)
+            log.info("step %d verification: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        _barrier(world)
+
+    # --- the loop -------------------------------------------------------------------------------
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    bar = progress(total=stop_at, desc="train", unit="step", initial=step, disable=None if is_main else True)
+    running_loss = torch.zeros((), device=device)
+    running_count, window_start, window_images = 0, time.time(), 0
+    backbone.train()
+    head.train()
+    while epoch < cfg.epochs and step < stop_at:
+        sampler.set_epoch(epoch, start=step_in_epoch * cfg.batch_size)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+        )
+        for images, labels in loader:
+            lr = learning_rate(step, cfg, steps_per_epoch, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = _to_input(images, device, channels_last)
+            labels = labels.to(device, non_blocking=True)
+            generator = None
+            if head.num_sample < head.num_local:  # partial FC: per-step seeded negative sampling
+                generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                embeddings = model(x)
+                loss = head(embeddings.float(), labels, generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            step_in_epoch += 1
+            running_loss += loss.detach()
+            running_count += 1
+            window_images += images.shape[0] * world
+            if on_step is not None:
+                on_step(step, {"epoch": epoch, "lr": lr, "loss": loss.detach()})
+            if step % max(1, cfg.log_every) == 0 or step == stop_at or step_in_epoch == steps_per_epoch:
+                last_loss = float(running_loss) / running_count  # one sync per log interval
+                elapsed = max(1e-9, time.time() - window_start)
+                metrics.write(step, epoch=epoch, loss=last_loss, lr=lr, images_per_s=window_images / elapsed)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                running_loss.zero_()
+                running_count, window_start, window_images = 0, time.time(), 0
+            bar.update(1)
+            epoch_done = step_in_epoch == steps_per_epoch
+            if epoch_done:
+                epoch, step_in_epoch = epoch + 1, 0
+            if epoch_done or step >= stop_at or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                save(epoch, step_in_epoch)
+            if (cfg.val_every and step % cfg.val_every == 0) or (epoch_done and not cfg.val_every):
+                validate()
+            if epoch_done or step >= stop_at:
+                break  # a new DataLoader per epoch (and none past the last step)
+    bar.close()
+
+    # --- finish: export and manifest (rank 0) ----------------------------------------------------
+    if is_main:
+        ckpt.save_torch({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pth")
+        manifest = Manifest(stage="train", params=json.loads(json.dumps(asdict(cfg))), inputs={"data": cfg.data})
+        manifest.started = started
+        manifest.time("train", time.time() - started)
+        manifest.extra.update(
+            {
+                "steps": step, "epochs_done": epoch, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
+                "num_images": len(dataset), "world_size": world, "device": str(device),
+                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
+                "last_loss": last_loss, "verification": val_results,
+                "resumed_from": str(resumed_from) if resumed_from else None,
+                "outputs": {"backbone": "backbone.pth", "checkpoints": ckpt.CHECKPOINTS, "metrics": "metrics.jsonl"},
+            }
+        )
+        manifest.write(out, status="complete" if step >= total_steps else "partial", checksum_inputs=False)
+    metrics.close()
+    _barrier(world)
+    return TrainResult(out=out, steps=step, epochs_done=epoch, last_loss=last_loss, val=val_results)
+
+
+__all__ = ["TrainConfig", "TrainResult", "learning_rate", "make_embed_fn", "train"]
