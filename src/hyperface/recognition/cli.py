@@ -1,0 +1,142 @@
+"""``hyperface embed``: embed a folder / list / RecordIO of face images with a face recognition model."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+modes (pick one; default: detect, which needs --detector):
+  --detector det_10g.onnx   photos: SCRFD finds faces + 5 landmarks, the largest face is aligned
+                            to the ArcFace 112x112 template
+  --aligned                 images already aligned to 112x112 (other square sizes are resized)
+  --crop ffhq               face-centred FFHQ-style generator outputs (StyleGAN, Arc2Face; 512 or
+                            1024 px): a fixed crop, no detector
+
+outputs (beside --out):
+  gallery.npy            float32 (M, D), L2-normalised rows
+  gallery.index.txt      line i = source of row i
+  gallery.rejected.tsv   path<TAB>reason for unreadable images and images without a face
+  manifest.json          parameters, model input convention, counts, timings
+
+models: insightface packs (buffalo_l/w600k_r50.onnx, antelopev2/glintr100.onnx), Arc2Face's
+arcface.onnx (Hugging Face FoivosPar/Arc2Face), or an arcface_torch backbone.pth (iResNet r18..r200,
+arch read from the weights). Models take aligned RGB faces; insightface and Arc2Face models are RGB.
+
+examples:
+  hyperface embed gen_images/ --model arcface.onnx --crop ffhq --out runs/gallery/gallery.npy
+  hyperface embed photos/ --model w600k_r50.onnx --detector det_10g.onnx --out g.npy --device cuda
+  hyperface embed faces.lst --model backbone.pth --aligned --flip --out g.npy
+  hyperface embed data/faces_webface/ --model backbone.pth --aligned --out g.npy   # RecordIO
+  hyperface embed gen_images/ --model arcface.onnx --crop ffhq --out g.npy --resume  # after a kill
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "embed",
+        help="embed face images with a face recognition model (gallery for packing)",
+        description=(
+            "Embed every image under IMAGES with a face recognition model and write L2-normalised "
+            "embeddings, an index, the list of rejected inputs and manifest.json. Streams any number of "
+            "images with parallel decoding and resumes after a kill (--resume)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", metavar="IMAGES", help="folder (recursive), list file (.txt/.lst, one path per line) or RecordIO (train.rec or its folder)")
+    parser.add_argument("--model", required=True, metavar="PATH", help="face recognizer: .onnx, or iResNet .pth/.pt/.safetensors")
+    parser.add_argument("--arch", default=None, help="iResNet arch for .pth models (r18, r34, r50, r100, r200); default: read from the weights")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--detector", metavar="PATH", help="SCRFD .onnx with landmarks (det_10g.onnx, scrfd_10g_bnkps.onnx)")
+    mode.add_argument("--aligned", action="store_true", help="images are already aligned 112x112 faces")
+    mode.add_argument("--crop", choices=["ffhq"], help="fixed crop for face-centred FFHQ-style images")
+    parser.add_argument("--out", required=True, metavar="PATH", help="output .npy path (or folder: writes gallery.npy inside)")
+    parser.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default: 64)")
+    parser.add_argument("--workers", type=int, default=4, help="threads decoding/aligning images (default: 4)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--flip", action="store_true", help="add the mirrored face's features before normalising")
+    parser.add_argument("--fp16", action="store_true", help="PyTorch models on CUDA: autocast the trunk to fp16")
+    parser.add_argument("--bgr", action="store_true", help="the model was trained on BGR input (insightface/Arc2Face models are RGB)")
+    parser.add_argument("--det-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")
+    parser.add_argument("--det-size", type=int, default=640, help="detector input size for dynamic-size models (default: 640)")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="inputs per saved chunk; a kill loses at most one (default: 4096)")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run with the same --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run at --out")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hyperface.common.errors import HyperfaceError
+    from hyperface.common.runtime import get_logger
+    from hyperface.recognition.detection import load_detector
+    from hyperface.recognition.embed import embed_images
+    from hyperface.recognition.images import open_image_source
+    from hyperface.recognition.preprocess import FacePreprocessor
+    from hyperface.recognition.recognizers import load_recognizer
+
+    log = get_logger("hyperface.embed")
+    if args.batch_size < 1 or args.workers < 1:
+        raise HyperfaceError("--batch-size and --workers must be >= 1")
+    mode = "aligned" if args.aligned else "ffhq" if args.crop == "ffhq" else "detect"
+    if mode == "detect" and not args.detector:
+        raise HyperfaceError(
+            "choose how to find faces: --detector det_10g.onnx (SCRFD from insightface's buffalo_l pack) for "
+            "photos, --aligned for 112x112 aligned crops, or --crop ffhq for face-centred generator outputs"
+        )
+    source = open_image_source(args.images)
+    recognizer = load_recognizer(
+        args.model,
+        arch=args.arch,
+        device=args.device,
+        flip=args.flip,
+        batch_size=args.batch_size,
+        channel_order="BGR" if args.bgr else "RGB",
+        fp16=args.fp16,
+    )
+    detector = None
+    if mode == "detect":
+        detector = load_detector(
+            args.detector, device=args.device, input_size=(args.det_size, args.det_size), score_threshold=args.det_threshold
+        )
+    preprocessor = FacePreprocessor(mode, detector=detector, size=recognizer.input_size[0])
+    log.info("embedding %d images from %s with %r", len(source), args.images, recognizer)
+    params = {
+        "images": str(args.images),
+        "model": str(args.model),
+        "arch": args.arch,
+        "mode": mode,
+        "detector": args.detector,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": args.device,
+        "flip": args.flip,
+        "fp16": args.fp16,
+        "bgr": args.bgr,
+        "det_threshold": args.det_threshold,
+        "det_size": args.det_size,
+        "chunk_size": args.chunk_size,
+    }
+    result = embed_images(
+        source,
+        recognizer,
+        preprocessor,
+        args.out,
+        workers=args.workers,
+        chunk_size=args.chunk_size,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        manifest_params=params,
+        manifest_inputs={"model": args.model, "detector": args.detector},
+        show_progress=False if args.no_progress else None,
+    )
+    log.info(
+        "wrote %s: %d embeddings (%d-d), %d rejected (%s) in %.1f s",
+        result.paths.embeddings,
+        result.embedded,
+        result.embedding_size,
+        result.rejected,
+        result.paths.rejected.name,
+        result.seconds,
+    )
+    return 0

@@ -1,0 +1,356 @@
+"""Embed any number of images into a gallery: streaming, parallel decoding, resumable.
+
+Outputs, beside ``gallery.npy`` (the name is the ``out`` argument's):
+
+- ``gallery.npy``: float32 (M, D), L2-normalised rows;
+- ``gallery.index.txt``: line i names the source of row i (path relative to the folder, as written
+  in the list file, or ``train.rec#<record>``);
+- ``gallery.rejected.tsv``: ``path<TAB>reason`` for every input that was not embedded (unreadable,
+  no face, too small), with a header line;
+- ``manifest.json``: parameters, model convention, counts, timings; written last.
+
+Work is done in chunks of ``chunk_size`` consecutive inputs. Each finished chunk is saved atomically
+under ``gallery.parts/``; a rerun with ``resume=True`` skips finished chunks and the final merge
+produces the same files as an uninterrupted run. Decoding and face preprocessing run in a thread
+pool (OpenCV and onnxruntime release the GIL) while the recognizer runs batches in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import atomic_write, save_json
+from hyperface.common.manifest import Manifest
+from hyperface.common.runtime import get_logger, progress
+from hyperface.recognition.images import ImageSource, UnreadableImage
+from hyperface.recognition.preprocess import FacePreprocessor
+from hyperface.recognition.recognizers import Recognizer
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = get_logger("hyperface.embed")
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class GalleryPaths:
+    """The files one gallery run writes, all named after ``embeddings``."""
+
+    embeddings: Path
+
+    @classmethod
+    def from_out(cls, out: str | os.PathLike) -> "GalleryPaths":
+        out = Path(out)
+        if out.suffix != ".npy":  # a folder: write gallery.npy inside it
+            if out.exists() and not out.is_dir():
+                raise HyperfaceError(f"--out {out}: give a .npy file path or a folder")
+            out = out / "gallery.npy"
+        return cls(out)
+
+    @property
+    def stem(self) -> Path:
+        return self.embeddings.with_suffix("")
+
+    @property
+    def index(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".index.txt")
+
+    @property
+    def rejected(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".rejected.tsv")
+
+    @property
+    def parts(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".parts")
+
+    @property
+    def manifest(self) -> Path:
+        return self.embeddings.parent / "manifest.json"
+
+    def outputs(self) -> list[Path]:
+        return [self.embeddings, self.index, self.rejected, self.manifest]
+
+    def chunk(self, k: int) -> Path:
+        return self.parts / f"chunk_{k:06d}.npz"
+
+
+@dataclass
+class EmbedResult:
+    paths: GalleryPaths
+    embedded: int
+    rejected: int
+    embedding_size: int
+    chunks_computed: int
+    seconds: float
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, ``workers`` threads ahead of the consumer by at most ``window``."""
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hyperface-decode")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # on error or interrupt: drop queued work, don't wait for it
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _clean_name(name: str) -> str:
+    """One line per entry: escape the characters that would break the index/tsv format."""
+    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _fingerprint(source: ImageSource, settings: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for i in range(len(source)):
+        digest.update(source.name(i).encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
+def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
+    existing = [p for p in paths.outputs() + [paths.parts] if p.exists()]
+    if not existing:
+        return
+    if overwrite:
+        for p in existing:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
+    if resume:
+        return
+    names = ", ".join(p.name for p in existing[:4])
+    raise HyperfaceError(
+        f"{paths.embeddings.parent} already holds {names}: pass --resume to continue that run, "
+        "--overwrite to replace it, or choose another --out"
+    )
+
+
+def embed_images(
+    source: ImageSource,
+    recognizer: Recognizer,
+    preprocessor: FacePreprocessor,
+    out: str | os.PathLike,
+    *,
+    workers: int = 4,
+    chunk_size: int = 4096,
+    resume: bool = False,
+    overwrite: bool = False,
+    manifest_params: dict[str, Any] | None = None,
+    manifest_inputs: dict[str, Any] | None = None,
+    show_progress: bool | None = None,
+) -> EmbedResult:
+    """Embed every image of ``source`` and write the gallery files (see module docstring).
+
+    Raises :class:`HyperfaceError` when no image at all could be embedded (the rejected list is
+    still written) or when ``resume`` meets a partial run made with other inputs or settings.
+    """
+    started = time.time()
+    paths = GalleryPaths.from_out(out)
+    if chunk_size < 1:
+        raise HyperfaceError(f"chunk_size must be >= 1, got {chunk_size}")
+    _prepare(paths, resume=resume, overwrite=overwrite)
+    if resume and paths.manifest.exists() and paths.embeddings.exists() and not paths.parts.exists():
+        log.info("%s is already complete; nothing to resume", paths.embeddings)
+        manifest = json.loads(paths.manifest.read_text())
+        counts = manifest.get("counts", {})
+        return EmbedResult(paths, counts.get("embedded", 0), counts.get("rejected", 0),
+                           counts.get("embedding_size", 0), 0, 0.0)
+
+    n_items = len(source)
+    n_chunks = (n_items + chunk_size - 1) // chunk_size
+    settings = {
+        "recognizer": {k: v for k, v in recognizer.describe().items() if k not in ("batch_size", "device", "providers")},
+        "preprocess": {k: v for k, v in preprocessor.describe().items() if k != "detector"}
+        | ({"detector": str(preprocessor.detector.path)} if preprocessor.mode == "detect" else {}),
+        "chunk_size": chunk_size,
+        "count": n_items,
+    }
+    fingerprint = _fingerprint(source, settings)
+    paths.parts.mkdir(parents=True, exist_ok=True)
+    plan_path = paths.parts / PLAN_FILE
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        if plan.get("fingerprint") != fingerprint:
+            raise HyperfaceError(
+                f"the partial run in {paths.parts} was made with other images or settings "
+                f"({plan.get('settings')}); rerun with --overwrite to start again"
+            )
+    else:
+        save_json(plan_path, {"fingerprint": fingerprint, "settings": settings})
+
+    todo = [k for k in range(n_chunks) if not paths.chunk(k).exists()]
+    done_items = sum(min(chunk_size, n_items - k * chunk_size) for k in range(n_chunks) if k not in set(todo))
+    if done_items:
+        log.info("resuming: %d of %d chunks already done", n_chunks - len(todo), n_chunks)
+
+    def load_one(index: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            image = source.load(index)
+            face, reason = preprocessor.process(image)
+        except UnreadableImage as exc:
+            return index, None, f"unreadable: {exc}"
+        except HyperfaceError as exc:
+            return index, None, str(exc)
+        except Exception as exc:  # a bad file must never stop a million-image run; it is listed
+            return index, None, f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        return index, face, reason
+
+    def indices() -> Iterator[int]:
+        for k in todo:
+            yield from range(k * chunk_size, min((k + 1) * chunk_size, n_items))
+
+    times = {"decode_wait": 0.0, "embed": 0.0}
+    bar = progress(total=n_items, desc="embed", unit="img", disable=(None if show_progress is None else not show_progress))
+    bar.update(done_items)
+    stream = ordered_parallel_map(load_one, indices(), workers, window=max(2 * recognizer.batch_size, 8 * workers))
+    try:
+        for k in todo:
+            lo, hi = k * chunk_size, min((k + 1) * chunk_size, n_items)
+            faces, rows, embeddings = [], [], []
+            rejected_rows, reasons = [], []
+
+            def flush() -> None:
+                if faces:
+                    t0 = time.perf_counter()
+                    embeddings.append(recognizer.embed(np.stack(faces)))
+                    times["embed"] += time.perf_counter() - t0
+                    faces.clear()
+
+            for _ in range(lo, hi):
+                t0 = time.perf_counter()
+                index, face, reason = next(stream)
+                times["decode_wait"] += time.perf_counter() - t0
+                if face is None:
+                    rejected_rows.append(index)
+                    reasons.append(reason or "rejected")
+                else:
+                    faces.append(face)
+                    rows.append(index)
+                    if len(faces) >= recognizer.batch_size:
+                        flush()
+                bar.update(1)
+            flush()
+            dim = recognizer.embedding_size
+            emb = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
+            with atomic_write(paths.chunk(k), "wb") as handle:
+                np.savez(
+                    handle,
+                    embeddings=emb.astype(np.float32),
+                    rows=np.asarray(rows, dtype=np.int64),
+                    rejected_rows=np.asarray(rejected_rows, dtype=np.int64),
+                    rejected_reasons=np.asarray(reasons, dtype=str) if reasons else np.zeros(0, dtype="<U1"),
+                )
+    finally:
+        stream.close()
+        bar.close()
+
+    result = _merge(paths, source, n_chunks, recognizer.embedding_size)
+    result.chunks_computed = len(todo)
+    result.seconds = time.time() - started
+    if result.embedded == 0:
+        raise HyperfaceError(
+            f"no image could be embedded: all {result.rejected} inputs were rejected "
+            f"({_top_reasons(result.rejected_reasons)}); see {paths.rejected}"
+        )
+    shutil.rmtree(paths.parts)
+
+    manifest = Manifest(
+        stage="embed",
+        params=dict(manifest_params or {}),
+        inputs=dict(manifest_inputs or {}),
+        started=started,
+    )
+    manifest.time("decode_wait", times["decode_wait"])
+    manifest.time("embed", times["embed"])
+    manifest.extra.update(
+        {
+            "counts": {
+                "inputs": n_items,
+                "embedded": result.embedded,
+                "rejected": result.rejected,
+                "embedding_size": result.embedding_size,
+                "rejected_reasons": result.rejected_reasons,
+            },
+            "source": source.describe(),
+            "recognizer": recognizer.describe(),
+            "preprocess": preprocessor.describe(),
+            "outputs": {
+                "embeddings": paths.embeddings.name,
+                "index": paths.index.name,
+                "rejected": paths.rejected.name,
+            },
+            "resumed_chunks": n_chunks - len(todo),
+        }
+    )
+    manifest.write(paths.embeddings.parent)
+    return result
+
+
+def _top_reasons(reasons: dict[str, int], k: int = 3) -> str:
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:k]
+    return "; ".join(f"{n} x {r}" for r, n in top)
+
+
+def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int) -> EmbedResult:
+    """Concatenate the chunk files, in input order, into the final gallery files (atomically)."""
+    total = 0
+    for k in range(n_chunks):
+        with np.load(paths.chunk(k), allow_pickle=False) as chunk:
+            total += chunk["rows"].shape[0]
+            if chunk["embeddings"].shape[0] and chunk["embeddings"].shape[1] != dim:
+                raise HyperfaceError(f"{paths.chunk(k)} holds {chunk['embeddings'].shape[1]}-d rows, expected {dim}")
+
+    reason_counts: dict[str, int] = {}
+    rejected = 0
+    tmp_npy = paths.embeddings.with_name(f".{paths.embeddings.name}.merge.tmp")
+    array = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(total, dim))
+    try:
+        with atomic_write(paths.index, "w") as index_file, atomic_write(paths.rejected, "w") as rejected_file:
+            rejected_file.write("path\treason\n")
+            row = 0
+            for k in range(n_chunks):
+                with np.load(paths.chunk(k), allow_pickle=False) as chunk:
+                    emb, rows = chunk["embeddings"], chunk["rows"]
+                    array[row : row + rows.shape[0]] = emb
+                    row += rows.shape[0]
+                    index_file.writelines(_clean_name(source.name(int(i))) + "\n" for i in rows)
+                    for i, reason in zip(chunk["rejected_rows"], chunk["rejected_reasons"]):
+                        rejected_file.write(f"{_clean_name(source.name(int(i)))}\t{_clean_name(str(reason))}\n")
+                        key = str(reason).split(" (")[0]
+                        reason_counts[key] = reason_counts.get(key, 0) + 1
+                        rejected += 1
+        array.flush()
+        del array
+        if total:
+            os.replace(tmp_npy, paths.embeddings)
+    finally:
+        if tmp_npy.exists():
+            tmp_npy.unlink()
+    return EmbedResult(paths, total, rejected, dim, 0, 0.0, reason_counts)
+
+
+__all__ = ["EmbedResult", "GalleryPaths", "embed_images", "ordered_parallel_map"]

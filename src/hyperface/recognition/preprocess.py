@@ -1,0 +1,74 @@
+"""From a decoded photo to the aligned 112x112 face a recognizer takes, in one of three modes.
+
+- ``detect``: SCRFD finds faces and landmarks; the largest face is aligned to the ArcFace template.
+  For arbitrary photos.
+- ``aligned``: the image already is an ArcFace-aligned crop (112x112, or a square multiple such as
+  224, which is resized).
+- ``ffhq``: the image is a face-centred FFHQ-style generator output (StyleGAN, Arc2Face; any
+  square resolution); a fixed crop, no detector. What galleries usually are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+
+MODES = ("detect", "aligned", "ffhq")
+
+#: Reason strings written to the rejected list.
+NO_FACE = "no face detected"
+
+
+class FacePreprocessor:
+    """Callable: RGB uint8 image -> aligned RGB uint8 (size, size, 3) face, or None (see :meth:`process`)."""
+
+    def __init__(self, mode: str = "detect", detector=None, size: int = 112, min_image_size: int = 16):
+        if mode not in MODES:
+            raise HyperfaceError(f"unknown preprocessing mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "detect" and detector is None:
+            raise HyperfaceError(
+                "face detection needs a detector: pass --detector det_10g.onnx (insightface buffalo_l pack), "
+                "or --aligned for 112x112 aligned crops, or --crop ffhq for face-centred generator outputs"
+            )
+        self.mode = mode
+        self.detector = detector
+        self.size = int(size)
+        self.min_image_size = int(min_image_size)
+
+    def process(self, image_rgb: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """``(face, None)`` on success, ``(None, reason)`` when the image has no usable face."""
+        import cv2
+
+        from hyperface.recognition.alignment import align_face, crop_ffhq
+
+        h, w = image_rgb.shape[:2]
+        if min(h, w) < self.min_image_size:
+            return None, f"image too small ({w}x{h})"
+        if self.mode == "aligned":
+            if (h, w) == (self.size, self.size):
+                return np.ascontiguousarray(image_rgb), None
+            if abs(h - w) > 0.02 * max(h, w):
+                return None, f"not an aligned square crop ({w}x{h}); use the detector instead of --aligned"
+            interp = cv2.INTER_AREA if h > self.size else cv2.INTER_LINEAR
+            return cv2.resize(image_rgb, (self.size, self.size), interpolation=interp), None
+        if self.mode == "ffhq":
+            return crop_ffhq(image_rgb, size=self.size), None
+        face = self.detector.largest(image_rgb)
+        if face is None:
+            return None, NO_FACE
+        return align_face(image_rgb, face.landmarks, size=self.size), None
+
+    def __call__(self, image_rgb: np.ndarray) -> np.ndarray | None:
+        return self.process(image_rgb)[0]
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"mode": self.mode, "size": self.size}
+        if self.detector is not None and self.mode == "detect":
+            info["detector"] = self.detector.describe()
+        return info
+
+
+__all__ = ["FacePreprocessor", "MODES", "NO_FACE"]

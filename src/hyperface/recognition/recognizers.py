@@ -1,0 +1,498 @@
+"""Face recognizers: one interface over ONNX graphs and PyTorch iResNet backbones.
+
+Every recognizer takes **aligned 112x112 RGB uint8** faces, shape (N, 112, 112, 3), and returns
+float32 (N, D) L2-normalised embeddings. What differs between model files (RGB vs BGR, where the
+``(x - 127.5) / 127.5`` normalisation happens, fixed or dynamic batch) is handled here and stated by
+:meth:`Recognizer.describe`.
+
+Supported files (REFERENCE.md section 3):
+
+- ``*.onnx``: insightface packs (buffalo_l ``w600k_r50.onnx``, antelopev2 ``glintr100.onnx``) and
+  Arc2Face's ``arcface.onnx``; run through onnxruntime on CPU or CUDA. Graphs that begin with their
+  own Sub/Mul normalisation (converted MXNet models) are fed raw pixel values, as insightface does.
+- ``*.pth`` / ``*.pt`` / ``*.ckpt`` / ``*.safetensors``: an insightface arcface_torch
+  ``backbone.pth`` state dict (arch inferred from the keys or named), or a training checkpoint that
+  is a dict holding such a state dict under ``"model"``, ``"state_dict"`` or ``"backbone"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+
+#: Where pretrained recognition models come from; quoted by every "model not found" error.
+MODEL_SOURCES = (
+    "use an ONNX face recognizer from an insightface model pack (buffalo_l/w600k_r50.onnx or "
+    "antelopev2/glintr100.onnx, from the insightface model zoo; non-commercial licence), Arc2Face's "
+    "arcface.onnx (Hugging Face repo FoivosPar/Arc2Face), or an insightface arcface_torch backbone.pth"
+)
+
+ONNX_SUFFIXES = (".onnx",)
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+
+# Output sizes a face-embedding head plausibly has; anything else is not a recognizer.
+_MIN_EMBEDDING, _MAX_EMBEDDING = 64, 4096
+
+
+class Recognizer:
+    """Base class: batching, channel order, flip fusion and L2 normalisation.
+
+    Subclasses implement :meth:`_forward` on a float32 NCHW batch already in the model's channel
+    order and value range. Use :func:`load_recognizer` to build one.
+    """
+
+    #: (height, width) of the aligned face the model expects.
+    input_size: tuple[int, int] = (112, 112)
+    #: size of the embedding vector.
+    embedding_size: int = 512
+    #: channel order the *model* was trained on; :meth:`embed` always takes RGB and converts.
+    channel_order: str = "RGB"
+
+    def __init__(self, *, flip: bool = False, batch_size: int = 64, channel_order: str = "RGB"):
+        channel_order = channel_order.upper()
+        if channel_order not in ("RGB", "BGR"):
+            raise HyperfaceError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+        if batch_size < 1:
+            raise HyperfaceError(f"batch_size must be >= 1, got {batch_size}")
+        self.flip = bool(flip)
+        self.batch_size = int(batch_size)
+        self.channel_order = channel_order
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def _forward(self, batch_nchw_uint8: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """Raw (un-normalised) float32 features for a uint8 NCHW batch in the model's channel order."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The model's input convention and identity, for manifests and logs."""
+        return {
+            "input_size": list(self.input_size),
+            "channel_order": self.channel_order,
+            "input": "aligned face, uint8 RGB (N,H,W,3) given to embed(); converted to the model's channel order",
+            "embedding_size": self.embedding_size,
+            "flip": self.flip,
+            "batch_size": self.batch_size,
+        }
+
+    # -- public API ---------------------------------------------------------------------------
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Un-normalised float32 (N, D) features (flip-fused if ``flip``) for RGB uint8 faces."""
+        images = self._check_images(images)
+        out = np.empty((images.shape[0], self.embedding_size), dtype=np.float32)
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            feats = self._run(chunk)
+            if self.flip:  # insightface protocol: sum the features of the image and its mirror
+                feats = feats + self._run(chunk[:, :, ::-1, :])
+            out[start : start + chunk.shape[0]] = feats
+        return out
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 (N, D) embeddings of aligned RGB uint8 faces (N, 112, 112, 3)."""
+        feats = self.features(images)
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        if not np.isfinite(feats).all() or (norms < 1e-12).any():
+            bad = np.flatnonzero(~np.isfinite(feats).all(axis=1) | (norms[:, 0] < 1e-12))
+            raise HyperfaceError(
+                f"the recognizer returned NaN/inf or all-zero features for {bad.size} image(s) (e.g. "
+                f"rows {bad[:5].tolist()}); check the model file and, for fp16, try fp32"
+            )
+        return feats / norms
+
+    __call__ = embed
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        h, w = self.input_size
+        if images.ndim != 4 or images.shape[1:] != (h, w, 3):
+            raise HyperfaceError(
+                f"recognizer expects aligned faces of shape (N, {h}, {w}, 3) RGB uint8, got "
+                f"{tuple(images.shape)}; align them first (hyperface.recognition.alignment)"
+            )
+        if images.dtype != np.uint8:
+            raise HyperfaceError(f"recognizer expects uint8 pixels 0..255, got dtype {images.dtype}")
+        return images
+
+    def _run(self, chunk_nhwc: np.ndarray) -> np.ndarray:
+        if self.channel_order == "BGR":
+            chunk_nhwc = chunk_nhwc[..., ::-1]
+        batch = np.ascontiguousarray(chunk_nhwc.transpose(0, 3, 1, 2))
+        feats = np.asarray(self._forward(batch), dtype=np.float32)
+        if feats.shape != (chunk_nhwc.shape[0], self.embedding_size):
+            raise HyperfaceError(
+                f"recognizer returned shape {feats.shape} for {chunk_nhwc.shape[0]} faces; expected "
+                f"({chunk_nhwc.shape[0]}, {self.embedding_size}): not a face recognizer's output"
+            )
+        return feats
+
+    def __repr__(self) -> str:
+        info = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k not in ("input",))
+        return f"{type(self).__name__}({info})"
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX
+
+
+def onnx_providers(device: str = "cpu") -> tuple[list[Any], str]:
+    """onnxruntime providers for ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    device = (device or "cpu").lower()
+    if device == "auto":
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if device == "cpu":
+        return ["CPUExecutionProvider"], "cpu"
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise HyperfaceError(
+                f"--device {device}: this onnxruntime has no CUDA provider (it has {', '.join(available)}); "
+                "install onnxruntime-gpu matching your CUDA, or use --device cpu"
+            )
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], f"cuda:{index}"
+    raise HyperfaceError(f"unsupported --device {device!r} for an ONNX model: use auto, cpu, cuda or cuda:N")
+
+
+def graph_normalises_input(model) -> bool:
+    """True when an ONNX graph subtracts a mean and scales before its first convolution.
+
+    insightface's rule (model_zoo/arcface_onnx.py) looks for node names starting with Sub/_minus and
+    Mul/_mul among the first 8 nodes (converted MXNet models); exporters that leave names empty are
+    caught by also following the input through element-wise Sub/Add/Mul/Div ops up to the first
+    other op.
+    """
+    nodes = list(model.graph.node)
+    names = [n.name for n in nodes[:8]]
+    if any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names):
+        return True
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    if not inputs:
+        return False
+    tensor, seen = inputs[0], set()
+    passthrough = {"Identity", "Cast", "Transpose"}
+    for _ in range(16):
+        consumers = [n for n in nodes if tensor in n.input]
+        if len(consumers) != 1:
+            break
+        node = consumers[0]
+        if node.op_type in ("Sub", "Add"):
+            seen.add("shift")
+        elif node.op_type in ("Mul", "Div"):
+            seen.add("scale")
+        elif node.op_type not in passthrough:
+            break
+        tensor = node.output[0]
+    return seen == {"shift", "scale"}
+
+
+class OnnxRecognizer(Recognizer):
+    """An ONNX face recognizer run by onnxruntime (insightface packs, Arc2Face's arcface.onnx).
+
+    Input convention: aligned RGB faces; the graph gets float32 NCHW ``(x - 127.5) / 127.5``, or raw
+    0..255 values when the graph normalises inside (see :func:`graph_normalises_input`). A graph with
+    a fixed batch size (e.g. 1) is run in chunks of that size.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        flip: bool = False,
+        batch_size: int = 64,
+        channel_order: str = "RGB",
+        num_threads: int | None = None,
+    ):
+        super().__init__(flip=flip, batch_size=batch_size, channel_order=channel_order)
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        try:
+            model = onnx.load(str(self.path), load_external_data=False)
+        except Exception as exc:  # onnx raises DecodeError/ValueError subclasses for junk files
+            raise HyperfaceError(f"{self.path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        self.normalises_inside = graph_normalises_input(model)
+        del model
+
+        providers, self.device = onnx_providers(device)
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = int(num_threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:
+            raise HyperfaceError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+        self.providers = self.session.get_providers()
+
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise HyperfaceError(
+                f"{self.path.name} has {len(inputs)} inputs and {len(outputs)} outputs; a face recognizer has "
+                f"one image input and one embedding output. Is this a detector? {MODEL_SOURCES}"
+            )
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        shape = list(inputs[0].shape)
+        if len(shape) != 4 or not (shape[1] == 3 or shape[3] == 3):
+            raise HyperfaceError(
+                f"{self.path.name} takes input {inputs[0].name!r} of shape {shape}; a face recognizer takes "
+                "(N, 3, 112, 112) images"
+            )
+        self.channels_last = shape[1] != 3 and shape[3] == 3
+        hw = shape[1:3] if self.channels_last else shape[2:4]
+        if not all(isinstance(d, int) for d in hw):
+            hw = [112, 112]  # dynamic spatial size: the ArcFace convention
+        if hw[0] != hw[1] or not 32 <= hw[0] <= 512:
+            raise HyperfaceError(f"{self.path.name} takes {hw[0]}x{hw[1]} inputs, not a face recognizer's square crop")
+        self.input_size = (int(hw[0]), int(hw[1]))
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+
+        out_shape = list(outputs[0].shape)
+        if len(outputs) != 1 or len(out_shape) != 2:
+            raise HyperfaceError(
+                f"{self.path.name} has outputs {[(o.name, o.shape) for o in outputs]}; a face recognizer has "
+                f"one (N, D) embedding output. Is this a detector or landmark model? {MODEL_SOURCES}"
+            )
+        dim = out_shape[1]
+        if not isinstance(dim, int):  # symbolic: find out by running one blank face
+            probe = np.zeros((1, 3, *self.input_size), dtype=np.uint8)
+            dim = int(self._session_run(self._fixed_pad(probe)).shape[1])
+        if not _MIN_EMBEDDING <= dim <= _MAX_EMBEDDING:
+            raise HyperfaceError(f"{self.path.name} outputs {dim}-d vectors; not a face embedding ({_MIN_EMBEDDING}..{_MAX_EMBEDDING})")
+        self.embedding_size = int(dim)
+
+    def _fixed_pad(self, batch: np.ndarray) -> np.ndarray:
+        if self.fixed_batch and batch.shape[0] < self.fixed_batch:
+            pad = np.zeros((self.fixed_batch - batch.shape[0], *batch.shape[1:]), dtype=batch.dtype)
+            return np.concatenate([batch, pad])
+        return batch
+
+    def _session_run(self, batch_nchw_uint8: np.ndarray) -> np.ndarray:
+        x = batch_nchw_uint8.astype(np.float32)
+        if not self.normalises_inside:
+            x = (x - 127.5) / 127.5
+        if self.channels_last:
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        step = self.fixed_batch or batch.shape[0]
+        parts = []
+        for start in range(0, batch.shape[0], step):
+            part = batch[start : start + step]
+            parts.append(self._session_run(self._fixed_pad(part))[: part.shape[0]])
+        return np.concatenate(parts)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "onnx",
+            "path": str(self.path),
+            "device": self.device,
+            "providers": self.providers,
+            "normalisation": "raw 0..255 (graph normalises inside)" if self.normalises_inside else "(x - 127.5) / 127.5",
+            "fixed_batch": self.fixed_batch,
+            **super().describe(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def select_backbone_state_dict(obj: Any, *, source: str = "checkpoint") -> dict:
+    """Find the iResNet backbone state dict inside ``obj``.
+
+    Accepts an insightface ``backbone.pth`` (the state dict itself) or a training checkpoint that
+    nests one under ``"model"``, ``"state_dict"``, ``"backbone"`` or ``"model_state_dict"``; keys
+    prefixed ``backbone.`` (a backbone + margin-head module) are selected and stripped.
+    """
+    for _ in range(3):
+        if _is_tensor_dict(obj):
+            break
+        if isinstance(obj, Mapping):
+            for key in ("backbone", "model", "state_dict", "model_state_dict"):
+                if key in obj and isinstance(obj[key], Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+        else:
+            break
+    if not isinstance(obj, Mapping):
+        raise HyperfaceError(
+            f"{source} holds a {type(obj).__name__}, not a state dict; save the backbone with "
+            "torch.save(model.state_dict(), 'backbone.pth')"
+        )
+    state = {k: v for k, v in obj.items() if hasattr(v, "shape")}
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    if "conv1.weight" not in state and any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not state:
+        raise HyperfaceError(f"{source} holds no tensors; expected an iResNet backbone state dict")
+    return state
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict:
+    """Read tensors from a .pth/.pt/.ckpt (``weights_only=True``) or .safetensors file."""
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HyperfaceError(
+            f"cannot read {path} as PyTorch weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "expected a state dict saved with torch.save(model.state_dict(), ...) (no pickled classes)"
+        ) from exc
+
+
+class TorchRecognizer(Recognizer):
+    """An iResNet backbone in PyTorch (insightface arcface_torch ``backbone.pth``).
+
+    Input convention: aligned RGB faces as float NCHW ``(x - 127.5) / 127.5`` (arcface_torch's
+    training transform). ``fp16`` runs the trunk under CUDA autocast like insightface's flag.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        device: str = "cpu",
+        flip: bool = False,
+        batch_size: int = 64,
+        channel_order: str = "RGB",
+        path: str | os.PathLike | None = None,
+        arch: str | None = None,
+    ):
+        super().__init__(flip=flip, batch_size=batch_size, channel_order=channel_order)
+        import torch
+
+        from hyperface.common.runtime import resolve_device
+
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.path = Path(path) if path is not None else None
+        self.arch = arch
+        self.embedding_size = int(model.embedding_size)
+        self.input_size = (112, 112)
+        self._torch = torch
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            x = x.float().sub_(127.5).div_(127.5)
+            return self.model(x).float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "torch-iresnet",
+            "path": str(self.path) if self.path else None,
+            "arch": self.arch,
+            "device": str(self.device),
+            "fp16": bool(getattr(self.model, "fp16", False)),
+            "normalisation": "(x - 127.5) / 127.5",
+            **super().describe(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory
+
+
+def load_recognizer(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    device: str = "cpu",
+    flip: bool = False,
+    batch_size: int = 64,
+    channel_order: str = "RGB",
+    fp16: bool = False,
+    num_threads: int | None = None,
+) -> Recognizer:
+    """Build a face recognizer from a model file.
+
+    Args:
+        path: ``*.onnx`` (onnxruntime) or ``*.pth``/``*.pt``/``*.ckpt``/``*.safetensors`` (iResNet).
+        arch: iResNet arch for PyTorch files (``r18`` ... ``r200``); inferred from the keys if None.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        flip: sum the features of each face and its horizontal mirror before normalising.
+        batch_size: faces per forward pass.
+        channel_order: the order the model was trained on. insightface and Arc2Face models are RGB
+            (insightface feeds cv2 images with swapRB=True); :meth:`Recognizer.embed` always takes RGB.
+        fp16: PyTorch only: CUDA autocast for the trunk.
+
+    Returns:
+        A :class:`Recognizer`; ``embed(uint8 (N,112,112,3) RGB) -> float32 (N,D)`` unit rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise HyperfaceError(f"face recognition model not found: {path}; {MODEL_SOURCES}")
+    if path.is_dir():
+        candidates = sorted(path.glob("*.onnx")) + sorted(path.glob("backbone.pth"))
+        hint = f" (it holds {', '.join(c.name for c in candidates)})" if candidates else ""
+        raise HyperfaceError(f"--model {path} is a folder; give the model file itself{hint}")
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        if arch is not None:
+            raise HyperfaceError("--arch applies to PyTorch iResNet files, not to ONNX models")
+        return OnnxRecognizer(
+            path, device=device, flip=flip, batch_size=batch_size, channel_order=channel_order, num_threads=num_threads
+        )
+    if suffix in TORCH_SUFFIXES:
+        from hyperface.recognition.iresnet import iresnet_from_state_dict
+
+        state = select_backbone_state_dict(load_torch_state_dict(path), source=str(path))
+        model = iresnet_from_state_dict(state, arch=arch, fp16=fp16)
+        from hyperface.recognition.iresnet import infer_arch_or_none
+
+        return TorchRecognizer(
+            model,
+            device=device,
+            flip=flip,
+            batch_size=batch_size,
+            channel_order=channel_order,
+            path=path,
+            arch=arch or infer_arch_or_none(state),
+        )
+    raise HyperfaceError(
+        f"unknown model file type {path.suffix!r} for {path.name}: use .onnx or .pth/.pt/.ckpt/.safetensors; "
+        f"{MODEL_SOURCES}"
+    )
+
+
+__all__ = [
+    "MODEL_SOURCES",
+    "OnnxRecognizer",
+    "Recognizer",
+    "TorchRecognizer",
+    "graph_normalises_input",
+    "load_recognizer",
+    "load_torch_state_dict",
+    "select_backbone_state_dict",
+]
