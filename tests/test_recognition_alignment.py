@@ -1,0 +1,153 @@
+"""Alignment against known landmark geometry, and SCRFD decoding on a graph with SCRFD's outputs."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from recognition_fixtures import expected_face, grey_image, make_scrfd_onnx, plant_face, random_faces
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.recognition.alignment import ARCFACE_TEMPLATE, align_face, crop_ffhq, estimate_similarity, ffhq_template
+from hyperface.recognition.detection import anchor_centers, load_detector, nms
+from hyperface.recognition.preprocess import FacePreprocessor
+
+
+def _similarity(scale: float, angle_deg: float, tx: float, ty: float) -> np.ndarray:
+    a = np.deg2rad(angle_deg)
+    return np.array([[scale * np.cos(a), -scale * np.sin(a), tx], [scale * np.sin(a), scale * np.cos(a), ty]])
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+@pytest.mark.parametrize("scale,angle,tx,ty", [(2.5, 17.0, 140.0, 60.0), (0.8, -40.0, 10.0, 90.0), (4.0, 180.0, 500.0, 420.0)])
+def test_similarity_maps_transformed_template_back_exactly(scale, angle, tx, ty):
+    forward = _similarity(scale, angle, tx, ty)
+    landmarks = _apply(forward, ARCFACE_TEMPLATE.astype(np.float64))
+    matrix = estimate_similarity(landmarks)
+    np.testing.assert_allclose(_apply(matrix, landmarks), ARCFACE_TEMPLATE, atol=1e-4)
+    # it is the inverse similarity: scale 1/scale, rotation -angle
+    np.testing.assert_allclose(np.hypot(*matrix[:, 0]), 1.0 / scale, rtol=1e-6)
+    rotation = matrix[:, :2] * scale
+    np.testing.assert_allclose(rotation, _similarity(1.0, -angle, 0, 0)[:, :2], atol=1e-6)
+
+
+def test_align_face_recovers_the_aligned_crop():
+    face = random_faces(1, seed=7)[0]
+    forward = _similarity(2.0, 25.0, 120.0, 40.0)
+    photo = cv2.warpAffine(face, forward, (400, 380), flags=cv2.INTER_CUBIC)
+    landmarks = _apply(forward, ARCFACE_TEMPLATE.astype(np.float64))
+    aligned = align_face(photo, landmarks)
+    assert aligned.shape == (112, 112, 3) and aligned.dtype == np.uint8
+    inner = (slice(6, -6), slice(6, -6))  # borders see the photo's black margin through interpolation
+    err = np.abs(aligned[inner].astype(int) - face[inner].astype(int))
+    assert err.mean() < 2.0 and err.max() < 30, (err.mean(), err.max())
+    # a 224 crop is the same framing at twice the resolution
+    big = align_face(photo, landmarks, size=224)
+    assert np.abs(cv2.resize(big, (112, 112), interpolation=cv2.INTER_AREA)[inner].astype(int) - face[inner]).mean() < 3.0
+    with pytest.raises(HyperfaceError, match="5 finite"):
+        align_face(photo, landmarks[:4])
+
+
+def _ffhq_align(photo: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
+    """FFHQ's alignment rule (NVlabs ffhq-dataset), written out independently for the test."""
+    eye_l, eye_r, _, mouth_l, mouth_r = landmarks
+    eye_avg, mouth_avg = (eye_l + eye_r) / 2, (mouth_l + mouth_r) / 2
+    eye_to_eye, eye_to_mouth = eye_r - eye_l, mouth_avg - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    x /= np.hypot(*x)
+    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    y = np.flipud(x) * [-1, 1]
+    c = eye_avg + eye_to_mouth * 0.1
+    quad = np.stack([c - x - y, c - x + y, c + x + y, c + x - y]).astype(np.float32)
+    square = np.float32([[0, 0], [0, size], [size, size]])
+    return cv2.warpAffine(photo, cv2.getAffineTransform(quad[:3], square), (size, size), flags=cv2.INTER_CUBIC)
+
+
+def test_ffhq_crop_matches_landmark_alignment():
+    face = random_faces(1, seed=11)[0]
+    forward = _similarity(3.0, -12.0, 150.0, 120.0)
+    photo = cv2.warpAffine(face, forward, (640, 640), flags=cv2.INTER_CUBIC)
+    landmarks = _apply(forward, ARCFACE_TEMPLATE.astype(np.float64))
+    for size in (512, 1024):
+        ffhq_image = _ffhq_align(photo, landmarks, size)
+        crop = crop_ffhq(ffhq_image)
+        inner = (slice(8, -8), slice(8, -8))
+        err = np.abs(crop[inner].astype(int) - face[inner].astype(int))
+        assert err.mean() < 3.0, (size, err.mean())
+    tpl = ffhq_template(1024)
+    assert abs(tpl[:2, 0].mean() - 512) < 2 and abs(tpl[0, 1] - tpl[1, 1]) < 1  # eyes level, centred
+    assert tpl[0, 1] < tpl[2, 1] < tpl[3, 1]  # eyes above nose above mouth
+
+
+# ---------------------------------------------------------------------------------------------
+# SCRFD
+
+
+@pytest.fixture(scope="module")
+def scrfd(tmp_path_factory):
+    return make_scrfd_onnx(tmp_path_factory.mktemp("det") / "det_10g.onnx", input_size=160)
+
+
+def test_anchor_centres_and_nms():
+    centres = anchor_centers(2, 3, 8, 2)
+    np.testing.assert_array_equal(centres[:4], [[0, 0], [0, 0], [8, 0], [8, 0]])  # x first, anchors adjacent
+    np.testing.assert_array_equal(centres[6], [0, 8])  # row-major
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=np.float32)
+    assert nms(boxes, np.array([0.9, 0.95, 0.5]), 0.4).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("shape,order", [((160, 160), None), ((200, 320), None), ((320, 320), [6, 0, 4, 8, 1, 5, 2, 7, 3])])
+def test_scrfd_decodes_planted_faces(tmp_path, scrfd, shape, order):
+    model_path = scrfd if order is None else make_scrfd_onnx(tmp_path / "shuffled.onnx", output_order=order)
+    detector = load_detector(model_path)
+    assert detector.input_size == (160, 160)
+    scale = 160 / max(shape)  # letterbox factor
+    image = grey_image(*shape)
+    plant_face(image, 8, row=3, col=5, scale=scale)
+    plant_face(image, 32, row=2, col=1, scale=scale)
+    faces = detector.detect(image)
+    assert len(faces) == 2  # two anchors per location collapse to one face by NMS
+    largest = detector.largest(image)
+    box, landmarks = expected_face(32, 2, 1, scale)
+    np.testing.assert_allclose(largest.box, box, atol=1e-3)
+    np.testing.assert_allclose(largest.landmarks, landmarks, atol=1e-3)
+    assert largest.score > 0.99
+    small = min(faces, key=lambda f: f.area)
+    box, landmarks = expected_face(8, 3, 5, scale)
+    np.testing.assert_allclose(small.box, box, atol=1e-3)
+    np.testing.assert_allclose(small.landmarks, landmarks, atol=1e-3)
+    assert detector.detect(grey_image(*shape)) == []
+
+
+def test_face_preprocessor_modes(scrfd):
+    detector = load_detector(scrfd)
+    image = grey_image(160, 160)
+    plant_face(image, 16, row=4, col=4)
+    pre = FacePreprocessor("detect", detector=detector)
+    face, reason = pre.process(image)
+    assert reason is None and face.shape == (112, 112, 3)
+    _, landmarks = expected_face(16, 4, 4)
+    np.testing.assert_array_equal(face, align_face(image, landmarks))
+    assert pre.process(grey_image(160, 160)) == (None, "no face detected")
+    aligned = FacePreprocessor("aligned")
+    crop = random_faces(1)[0]
+    assert aligned(crop) is crop or np.array_equal(aligned(crop), crop)
+    assert aligned(cv2.resize(crop, (224, 224))).shape == (112, 112, 3)
+    assert aligned.process(np.zeros((112, 200, 3), np.uint8))[1].startswith("not an aligned square crop")
+    assert FacePreprocessor("ffhq")(np.zeros((512, 512, 3), np.uint8)).shape == (112, 112, 3)
+    assert FacePreprocessor("ffhq").process(np.zeros((8, 8, 3), np.uint8))[1].startswith("image too small")
+    with pytest.raises(HyperfaceError, match="--detector"):
+        FacePreprocessor("detect")
+
+
+def test_detector_errors(tmp_path, scrfd):
+    from recognition_fixtures import export_onnx, make_tiny_iresnet
+
+    with pytest.raises(HyperfaceError, match="not found.*det_10g.onnx"):
+        load_detector(tmp_path / "missing" / "det_10g.onnx")
+    recognizer = export_onnx(make_tiny_iresnet(), tmp_path / "rec.onnx")
+    with pytest.raises(HyperfaceError, match="an SCRFD detector with landmarks has 9"):
+        load_detector(recognizer)
