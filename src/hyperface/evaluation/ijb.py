@@ -1,0 +1,291 @@
+"""IJB-B / IJB-C template-based 1:1 verification, as insightface's ``eval_ijbc.py`` computes it.
+
+Input: the standard release folder (``IJB_release/IJBC``)::
+
+    IJBC/meta/ijbc_face_tid_mid.txt         "image_name template_id media_id" per face
+    IJBC/meta/ijbc_template_pair_label.txt  "template1 template2 label" per pair (1 = same)
+    IJBC/meta/ijbc_name_5pts_score.txt      "image_name x1 y1 ... x5 y5 faceness_score" per face
+    IJBC/loose_crop/<image_name>            the face crops
+
+Protocol (insightface's default test mode N1 D1 F1):
+
+1. each face is aligned to 112x112 with its five landmarks; its feature is the model's raw output for
+   the face plus that of its horizontal mirror (F1), left un-normalised (N1) and multiplied by the
+   detector's faceness score (D1);
+2. within a template, faces of the same media (frames of one video) are averaged, and the media
+   features are summed; the template feature is then L2-normalised;
+3. a pair's score is the cosine of its two template features;
+4. ROC as ``sklearn.metrics.roc_curve`` (with ``drop_intermediate``); for each target FAR in
+   1e-6..1e-1, the TAR of the ROC point whose FAR is nearest (ties: the larger TAR).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+
+FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class IJBMeta:
+    image_names: list[str]
+    landmarks: np.ndarray  # (N, 5, 2) float32
+    faceness: np.ndarray  # (N,) float32
+    templates: np.ndarray  # (N,) int64
+    medias: np.ndarray  # (N,) int64
+    pair_t1: np.ndarray  # (P,) int64
+    pair_t2: np.ndarray
+    pair_label: np.ndarray  # (P,) int8
+    image_dir: Path
+
+
+@dataclass
+class IJBResult:
+    target: str
+    tar_at_far: dict[str, float]  # "1e-04" -> TAR (fraction)
+    auc: float
+    num_images: int
+    num_templates: int
+    num_pairs: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _far_key(far: float) -> str:
+    return f"{far:.0e}"
+
+
+def _ijb_folder(root: Path, target: str) -> Path:
+    for candidate in (root, root / target):
+        if (candidate / "meta").is_dir():
+            return candidate
+    raise HyperfaceError(
+        f"{root} is not an {target} release folder: expected {target}/meta/ and {target}/loose_crop/ "
+        "(the insightface IJB_release layout)"
+    )
+
+
+def _read_columns(path: Path, min_columns: int) -> list[list[str]]:
+    if not path.is_file():
+        raise HyperfaceError(f"IJB meta file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < min_columns:
+                raise HyperfaceError(f"{path} line {number}: expected at least {min_columns} columns, got {len(fields)}")
+            rows.append(fields)
+    if not rows:
+        raise HyperfaceError(f"{path} is empty")
+    return rows
+
+
+def read_ijb_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
+    """Parse the three meta files of an IJB-B or IJB-C release."""
+    target = target.upper()
+    if target not in ("IJBB", "IJBC"):
+        raise HyperfaceError(f"--ijb-target must be IJBB or IJBC, got {target}")
+    folder = _ijb_folder(Path(root), target)
+    prefix = target.lower()
+    meta = folder / "meta"
+    tid_mid = _read_columns(meta / f"{prefix}_face_tid_mid.txt", 3)
+    landmark_rows = _read_columns(meta / f"{prefix}_name_5pts_score.txt", 12)
+    pairs = _read_columns(meta / f"{prefix}_template_pair_label.txt", 3)
+    if len(tid_mid) != len(landmark_rows):
+        raise HyperfaceError(
+            f"{meta}: {len(tid_mid)} faces in {prefix}_face_tid_mid.txt but {len(landmark_rows)} in {prefix}_name_5pts_score.txt"
+        )
+    try:
+        names = [row[0] for row in landmark_rows]
+        for number, (row, name) in enumerate(zip(tid_mid, names), 1):
+            if row[0] != name:
+                raise HyperfaceError(
+                    f"{meta}: line {number} names {row[0]} in {prefix}_face_tid_mid.txt but {name} in "
+                    f"{prefix}_name_5pts_score.txt; the two files must list the faces in the same order"
+                )
+        landmarks = np.asarray([[float(v) for v in row[1:11]] for row in landmark_rows], dtype=np.float32).reshape(-1, 5, 2)
+        faceness = np.asarray([float(row[-1]) for row in landmark_rows], dtype=np.float32)
+        templates = np.asarray([int(row[1]) for row in tid_mid], dtype=np.int64)
+        medias = np.asarray([int(row[2]) for row in tid_mid], dtype=np.int64)
+        pair_array = np.asarray([[int(v) for v in row[:3]] for row in pairs], dtype=np.int64)
+    except ValueError as exc:
+        raise HyperfaceError(f"{meta}: a meta file holds a non-numeric value where a number belongs ({exc})") from None
+    image_dir = folder / "loose_crop"
+    if not image_dir.is_dir():
+        raise HyperfaceError(f"IJB image folder not found: {image_dir}")
+    return IJBMeta(
+        image_names=names,
+        landmarks=landmarks,
+        faceness=faceness,
+        templates=templates,
+        medias=medias,
+        pair_t1=pair_array[:, 0],
+        pair_t2=pair_array[:, 1],
+        pair_label=pair_array[:, 2].astype(np.int8),
+        image_dir=image_dir,
+    )
+
+
+def ijb_image_features(
+    embed_fn: EmbedFn, meta: IJBMeta, *, batch_size: int = 64, flip: bool = True, image_size: int = 112
+) -> np.ndarray:
+    """Raw (un-normalised) features of every aligned face, mirror features added when ``flip``."""
+    import cv2
+
+    from hyperface.common.runtime import progress
+    from hyperface.recognition.alignment import align_face
+
+    count = len(meta.image_names)
+    features: np.ndarray | None = None
+    bar = progress(total=count, desc="IJB faces", unit="img")
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        batch = np.empty((stop - start, image_size, image_size, 3), dtype=np.uint8)
+        for i in range(start, stop):
+            path = meta.image_dir / meta.image_names[i]
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise HyperfaceError(f"cannot read IJB image {path} (missing or not an image)")
+            batch[i - start] = align_face(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), meta.landmarks[i], size=image_size)
+        feats = np.asarray(embed_fn(batch), dtype=np.float32)
+        if flip:
+            feats = feats + np.asarray(embed_fn(np.ascontiguousarray(batch[:, :, ::-1, :])), dtype=np.float32)
+        if features is None:
+            features = np.empty((count, feats.shape[1]), dtype=np.float32)
+        features[start:stop] = feats
+        bar.update(stop - start)
+    bar.close()
+    assert features is not None
+    return features
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1)  # sklearn.preprocessing.normalize leaves zero rows
+
+
+def template_features(
+    image_features: np.ndarray, templates: np.ndarray, medias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised template features, sorted unique template ids): media mean, then sum over media."""
+    unique_templates, template_index = np.unique(templates, return_inverse=True)
+    groups, group_index = np.unique(np.stack([template_index, medias]), axis=1, return_inverse=True)
+    group_index = group_index.reshape(-1)
+    dim = image_features.shape[1]
+    media_sum = np.zeros((groups.shape[1], dim), dtype=np.float64)
+    np.add.at(media_sum, group_index, image_features.astype(np.float64))
+    media_mean = media_sum / np.bincount(group_index, minlength=groups.shape[1])[:, None]
+    template_sum = np.zeros((unique_templates.size, dim), dtype=np.float64)
+    np.add.at(template_sum, groups[0], media_mean)
+    return _normalize_rows(template_sum), unique_templates
+
+
+def pair_scores(
+    template_feats: np.ndarray, unique_templates: np.ndarray, t1: np.ndarray, t2: np.ndarray, *, chunk: int = 100_000
+) -> np.ndarray:
+    """Cosine score of each template pair, computed in chunks (IJB-C has 15.7M pairs)."""
+    i1 = np.searchsorted(unique_templates, t1)
+    i2 = np.searchsorted(unique_templates, t2)
+    for ids, idx in ((t1, i1), (t2, i2)):
+        bad = (idx >= unique_templates.size) | (unique_templates[np.minimum(idx, unique_templates.size - 1)] != ids)
+        if bad.any():
+            raise HyperfaceError(f"template pair list names templates without faces, e.g. {np.unique(ids[bad])[:5].tolist()}")
+    scores = np.empty(t1.size, dtype=np.float64)
+    for start in range(0, t1.size, chunk):
+        a = template_feats[i1[start : start + chunk]]
+        b = template_feats[i2[start : start + chunk]]
+        scores[start : start + chunk] = np.sum(a * b, axis=1)
+    return scores
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sklearn.metrics.roc_curve(labels, scores)`` with its default ``drop_intermediate=True``."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    scores, labels = scores[order], labels[order]
+    distinct = np.where(np.diff(scores))[0]
+    threshold_idx = np.r_[distinct, labels.size - 1]
+    tps = np.cumsum(labels, dtype=np.float64)[threshold_idx]
+    fps = 1 + threshold_idx - tps
+    thresholds = scores[threshold_idx]
+    if len(fps) > 2:
+        keep = np.where(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    tps = np.r_[0, tps]
+    fps = np.r_[0, fps]
+    thresholds = np.r_[np.inf, thresholds]
+    if fps[-1] <= 0 or tps[-1] <= 0:
+        raise HyperfaceError("the pair labels need both genuine (1) and impostor (0) pairs to compute a ROC")
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def tar_at_far(labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARGETS) -> tuple[dict[str, float], float]:
+    """TAR at each target FAR as insightface reads it off the ROC, and the area under the ROC."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    fpr, tpr = fpr[::-1], tpr[::-1]  # flipped, so the first of equally near points has the largest TAR
+    result = {}
+    for target in far_targets:
+        result[_far_key(target)] = float(tpr[int(np.argmin(np.abs(fpr - target)))])
+    return result, auc
+
+
+def evaluate_ijb(
+    embed_fn: EmbedFn,
+    root: str | os.PathLike,
+    target: str = "IJBC",
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    use_norm_score: bool = True,
+    use_detector_score: bool = True,
+    image_size: int = 112,
+) -> IJBResult:
+    """IJB-B/C 1:1 verification of ``embed_fn`` (raw features of aligned RGB uint8 faces)."""
+    target = target.upper()
+    meta = read_ijb_meta(root, target)
+    features = ijb_image_features(embed_fn, meta, batch_size=batch_size, flip=flip, image_size=image_size)
+    if not use_norm_score:
+        features = _normalize_rows(features)
+    if use_detector_score:
+        features = features * meta.faceness[:, None]
+    feats, unique_templates = template_features(features, meta.templates, meta.medias)
+    scores = pair_scores(feats, unique_templates, meta.pair_t1, meta.pair_t2)
+    tars, auc = tar_at_far(meta.pair_label, scores)
+    return IJBResult(
+        target=target,
+        tar_at_far=tars,
+        auc=auc,
+        num_images=len(meta.image_names),
+        num_templates=int(unique_templates.size),
+        num_pairs=int(scores.size),
+        settings={"flip": flip, "norm_score": use_norm_score, "detector_score": use_detector_score},
+    )
+
+
+__all__ = [
+    "FAR_TARGETS",
+    "IJBMeta",
+    "IJBResult",
+    "evaluate_ijb",
+    "ijb_image_features",
+    "pair_scores",
+    "read_ijb_meta",
+    "roc_curve",
+    "tar_at_far",
+    "template_features",
+]

@@ -1,0 +1,113 @@
+"""``evaluate_model``: one model on several verification sets (and IJB), as a table and a JSON report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.evaluation.verification import VerificationResult, evaluate_bin
+
+
+def _benchmark_names(paths: Sequence[Path]) -> list[str]:
+    names = [p.stem for p in paths]
+    return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths)]
+
+
+def evaluate_model(
+    model: str | os.PathLike | Callable[[np.ndarray], np.ndarray],
+    bins: Sequence[str | os.PathLike] = (),
+    *,
+    arch: str | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    flip: bool = True,
+    nfolds: int = 10,
+    ijb_root: str | os.PathLike | None = None,
+    ijb_target: str = "IJBC",
+    ijb_detector_score: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a model file (``load_recognizer``: ONNX, backbone.pth or our checkpoint) or an embed function.
+
+    Returns a JSON-ready dict: ``accuracy`` (benchmark -> mean accuracy, a fraction), ``results``
+    (benchmark -> full :class:`VerificationResult`), ``ijb`` (when ``ijb_root``), ``model`` info.
+    """
+    paths = [Path(p) for p in bins]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise HyperfaceError(
+            f"verification set(s) not found: {', '.join(missing)} (insightface's lfw.bin, cfp_fp.bin, agedb_30.bin, "
+            "calfw.bin, cplfw.bin ship inside its training-set archives, e.g. faces_webface_112x112)"
+        )
+    if not paths and ijb_root is None:
+        raise HyperfaceError("nothing to evaluate: give at least one .bin verification set or --ijb DIR")
+    model_info: dict[str, Any]
+    if callable(model):
+        embed_fn = model
+        model_info = {"callable": getattr(model, "__name__", type(model).__name__)}
+    else:
+        from hyperface.common.runtime import resolve_device
+        from hyperface.recognition import load_recognizer
+
+        resolved = str(resolve_device(device))
+        # flip=False: the protocol adds the mirror's raw features itself, before normalising
+        recognizer = load_recognizer(model, arch=arch, device=resolved, flip=False, batch_size=batch_size)
+        embed_fn = recognizer.features
+        model_info = {"path": str(Path(model).resolve()), **recognizer.describe()}
+    results: dict[str, VerificationResult] = {}
+    timings: dict[str, float] = {}
+    for name, path in zip(_benchmark_names(paths), paths):
+        start = time.perf_counter()
+        result = evaluate_bin(embed_fn, path, batch_size=batch_size, flip=flip, nfolds=nfolds)
+        result.name = name
+        results[name] = result
+        timings[name] = round(time.perf_counter() - start, 3)
+    report: dict[str, Any] = {
+        "accuracy": {name: r.accuracy for name, r in results.items()},
+        "results": {name: r.to_dict() for name, r in results.items()},
+        "model": model_info,
+        "protocol": {"flip": flip, "folds": nfolds, "distance": "squared L2", "thresholds": "np.arange(0, 4, 0.01)"},
+        "timings": timings,
+    }
+    if ijb_root is not None:
+        from hyperface.evaluation.ijb import evaluate_ijb
+
+        start = time.perf_counter()
+        ijb = evaluate_ijb(
+            embed_fn, ijb_root, ijb_target, batch_size=batch_size, flip=flip, use_detector_score=ijb_detector_score
+        )
+        report["ijb"] = ijb.to_dict()
+        timings[ijb.target] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as aligned text: one row per benchmark, IJB TARs below."""
+    lines = []
+    results = report.get("results", {})
+    if results:
+        width = max(9, *(len(n) for n in results))
+        lines.append(f"{'benchmark':<{width}}  {'pairs':>6}  {'accuracy (%)':>15}  {'threshold':>9}  {'VAL@FAR=1e-3 (%)':>16}")
+        for name, r in results.items():
+            acc = f"{100 * r['accuracy']:.2f} +- {100 * r['std']:.2f}"
+            val = f"{100 * r['val']:.2f}" if r.get("val") is not None else "-"
+            lines.append(f"{name:<{width}}  {r['num_pairs']:>6}  {acc:>15}  {r['best_threshold']:>9.3f}  {val:>16}")
+        if len(results) > 1:
+            mean = 100 * float(np.mean([r["accuracy"] for r in results.values()]))
+            lines.append(f"{'mean':<{width}}  {'':>6}  {mean:>15.2f}")
+    ijb = report.get("ijb")
+    if ijb:
+        if lines:
+            lines.append("")
+        keys = list(ijb["tar_at_far"])
+        lines.append(f"{ijb['target']} 1:1 TAR (%) at FAR  " + "  ".join(f"{k:>7}" for k in keys))
+        lines.append(f"{'':<{len(ijb['target']) + 20}}" + "  ".join(f"{100 * ijb['tar_at_far'][k]:>7.2f}" for k in keys))
+        lines.append(f"({ijb['num_templates']} templates, {ijb['num_pairs']} pairs, {ijb['num_images']} faces; AUC {100 * ijb['auc']:.2f})")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate_model", "format_table"]

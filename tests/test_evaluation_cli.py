@@ -1,0 +1,93 @@
+"""`hyperface evaluate` end to end: a random-weight iResNet saved as backbone.pth, a .bin the test writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from hyperface.cli import main
+from hyperface.datasets import encode_image
+from hyperface.recognition.iresnet import iresnet
+
+
+def _write_bin(path, n_pairs: int, seed: int):
+    rng = np.random.default_rng(seed)
+    issame = np.arange(n_pairs) % 2 == 0
+    faces = []
+    for same in issame:
+        base = rng.integers(0, 256, (112, 112, 3)).astype(np.int16)
+        other = base + rng.integers(-30, 31, base.shape) if same else rng.integers(0, 256, base.shape)
+        faces += [np.clip(base, 0, 255).astype(np.uint8), np.clip(other, 0, 255).astype(np.uint8)]
+    path.write_bytes(pickle.dumps(([encode_image(f, image_format="png") for f in faces], issame.tolist()), protocol=2))
+    return np.stack(faces), issame
+
+
+def _reference_accuracy(embeddings, issame):
+    """Straightforward insightface protocol: squared L2, 10 contiguous folds, thresholds 0..4 step 0.01."""
+    thresholds = np.arange(0, 4, 0.01)
+    dist = np.sum(np.square(embeddings[0::2] - embeddings[1::2]), 1)
+    accs = []
+    for test in np.array_split(np.arange(dist.size), 10):
+        train = np.setdiff1d(np.arange(dist.size), test)
+        train_acc = [np.mean(np.less(dist[train], t) == issame[train]) for t in thresholds]
+        best = thresholds[int(np.argmax(train_acc))]
+        accs.append(np.mean(np.less(dist[test], best) == issame[test]))
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    torch.manual_seed(0)
+    model = iresnet("r_tiny", embedding_size=64).eval()
+    path = tmp_path_factory.mktemp("model") / "backbone.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_evaluate_cli_matches_independent_computation(tiny_backbone, tmp_path, capsys):
+    model, model_path = tiny_backbone
+    faces, issame = _write_bin(tmp_path / "lfw.bin", 20, seed=1)
+    _write_bin(tmp_path / "cfp_fp.bin", 10, seed=2)
+    out = tmp_path / "report.json"
+    code = main(["evaluate", str(model_path), str(tmp_path / "lfw.bin"), str(tmp_path / "cfp_fp.bin"),
+                 "--json", str(out), "--device", "cpu", "--batch-size", "16"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "lfw" in table and "cfp_fp" in table and "+-" in table
+    report = json.loads(out.read_text())
+    assert set(report["accuracy"]) == {"lfw", "cfp_fp"}
+    assert report["versions"]["torch"] == torch.__version__ and report["results"]["lfw"]["num_pairs"] == 20
+
+    # independent: the model by hand ((x - 127.5) / 127.5, NCHW), raw features of image + mirror, normalise
+    def features(images):
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32))
+        with torch.no_grad():
+            return model((x - 127.5) / 127.5).numpy()
+
+    fused = features(faces) + features(faces[:, :, ::-1].copy())
+    fused /= np.linalg.norm(fused, axis=1, keepdims=True)
+    accuracy, std = _reference_accuracy(fused, issame)
+    assert report["accuracy"]["lfw"] == pytest.approx(accuracy, abs=1e-9)
+    assert report["results"]["lfw"]["std"] == pytest.approx(std, abs=1e-9)
+
+
+def test_evaluate_cli_errors(tiny_backbone, tmp_path, capsys):
+    _, model_path = tiny_backbone
+    assert main(["evaluate", str(model_path), str(tmp_path / "missing.bin")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["evaluate", str(model_path)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps(([b"a", Payload()], [True])))
+    assert main(["evaluate", str(model_path), str(tmp_path / "evil.bin"), "--device", "cpu"]) == 2
+    assert "could run code" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,136 @@
+"""IJB-B/C 1:1: template pooling vs a loop re-implementation, sklearn-style ROC by hand, a tiny release folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.evaluation.ijb import (
+    evaluate_ijb,
+    ijb_image_features,
+    read_ijb_meta,
+    roc_curve,
+    tar_at_far,
+    template_features,
+)
+
+
+def _loop_template_features(feats, templates, medias):
+    """insightface's image2template_feature, written as plain loops."""
+    out = []
+    unique = sorted(set(templates.tolist()))
+    for t in unique:
+        rows = np.flatnonzero(templates == t)
+        media_feats = []
+        for m in sorted(set(medias[rows].tolist())):
+            media_rows = rows[medias[rows] == m]
+            media_feats.append(feats[media_rows].mean(axis=0))
+        summed = np.sum(media_feats, axis=0)
+        out.append(summed / np.linalg.norm(summed))
+    return np.array(out), np.array(unique)
+
+
+def test_template_pooling_matches_loops():
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((40, 8)).astype(np.float32)
+    templates = rng.integers(100, 110, 40)
+    medias = rng.integers(0, 4, 40)
+    got, unique = template_features(feats, templates, medias)
+    expected, expected_unique = _loop_template_features(feats, templates, medias)
+    assert unique.tolist() == expected_unique.tolist()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_roc_and_tar_at_far_by_hand():
+    # sklearn's roc_curve keeps corners only: fpr [0,0,0,.25,.25,1], tpr [0,1/3,2/3,2/3,1,1]
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.4])
+    labels = np.array([1, 1, 0, 1, 0, 0, 0])
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    np.testing.assert_allclose(fpr, [0, 0, 0, 0.25, 0.25, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    assert thresholds[0] == np.inf and thresholds[-1] == 0.4
+    tars, auc = tar_at_far(labels, scores, far_targets=(1e-6, 0.1, 0.25))
+    assert tars == pytest.approx({"1e-06": 2 / 3, "1e-01": 2 / 3, "2e-01": 1.0})  # nearest FAR, larger TAR on ties
+    assert auc == pytest.approx(0.25 * 2 / 3 + 0.75 * 1.0)
+    with pytest.raises(HyperfaceError, match="genuine"):
+        roc_curve(np.zeros(3), np.arange(3.0))
+
+
+def _pixel_embed(images: np.ndarray) -> np.ndarray:
+    pooled = images.reshape(len(images), 8, 14, 8, 14, 3).mean(axis=(2, 4)).reshape(len(images), -1) - 127.5
+    weights = np.random.default_rng(42).standard_normal((pooled.shape[1], 32))
+    return (pooled @ weights).astype(np.float32)
+
+
+def _write_release(root, *, identities=6, templates_per_id=2, faces_per_template=3, seed=0):
+    """A miniature IJB-C folder: faces pasted into larger crops, landmarks = ArcFace template + offset."""
+    import cv2
+
+    from hyperface.recognition.alignment import ARCFACE_TEMPLATE
+
+    rng = np.random.default_rng(seed)
+    folder = root / "IJBC"
+    (folder / "meta").mkdir(parents=True)
+    (folder / "loose_crop").mkdir()
+    tid_lines, lmk_lines, crops = [], [], {}
+    template_identity = {}
+    image = 0
+    for identity in range(identities):
+        base = rng.integers(0, 256, (112, 112, 3)).astype(np.int16)
+        for t in range(templates_per_id):
+            template_id = 1000 + identity * 10 + t
+            template_identity[template_id] = identity
+            for f in range(faces_per_template):
+                image += 1
+                face = np.clip(base + rng.integers(-25, 26, base.shape), 0, 255).astype(np.uint8)
+                dx, dy = (int(v) for v in rng.integers(0, 18, 2))
+                canvas = np.zeros((130, 130, 3), dtype=np.uint8)
+                canvas[dy : dy + 112, dx : dx + 112] = face
+                name = f"{image}.png"  # lossless, so alignment can be checked exactly
+                cv2.imwrite(str(folder / "loose_crop" / name), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+                media = template_id * 10 + (0 if f < 2 else 1)  # two frames of one video + one photo
+                tid_lines.append(f"{name} {template_id} {media}")
+                points = " ".join(f"{v:.4f}" for v in (ARCFACE_TEMPLATE + [dx, dy]).reshape(-1))
+                lmk_lines.append(f"{name} {points} {0.5 + 0.5 * rng.random():.4f}")
+                crops[name] = face
+    ids = sorted(template_identity)
+    pair_lines = [f"{a} {b} {int(template_identity[a] == template_identity[b])}" for i, a in enumerate(ids) for b in ids[i + 1 :]]
+    (folder / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
+    (folder / "meta" / "ijbc_name_5pts_score.txt").write_text("\n".join(lmk_lines) + "\n")
+    (folder / "meta" / "ijbc_template_pair_label.txt").write_text("\n".join(pair_lines) + "\n")
+    return folder, crops
+
+
+def test_evaluate_ijb_on_tiny_release(tmp_path):
+    folder, crops = _write_release(tmp_path)
+    meta = read_ijb_meta(tmp_path, "IJBC")  # the parent folder works too
+    assert len(meta.image_names) == 36 and meta.pair_label.sum() == 6 and meta.pair_label.size == 66
+    feats = ijb_image_features(_pixel_embed, meta, batch_size=5)
+    # alignment undoes the paste offset: features equal those of the original faces (+ mirror), exactly for integer offsets
+    faces = np.stack([crops[n] for n in meta.image_names])
+    direct = _pixel_embed(faces) + _pixel_embed(faces[:, :, ::-1].copy())
+    cos = np.sum(feats * direct, 1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(direct, axis=1)
+    assert cos.min() > 0.9999
+    result = evaluate_ijb(_pixel_embed, folder, "IJBC", batch_size=8)
+    assert result.num_templates == 12 and result.num_pairs == 66 and result.num_images == 36
+    assert set(result.tar_at_far) == {"1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"}
+    assert result.tar_at_far["1e-01"] == 1.0 and result.auc > 0.99
+    # independent pipeline: loops over templates/media, cosine, same ROC reading
+    weighted = feats * meta.faceness[:, None]
+    tfeats, unique = _loop_template_features(weighted, meta.templates, meta.medias)
+    index = {t: i for i, t in enumerate(unique.tolist())}
+    scores = np.array([tfeats[index[a]] @ tfeats[index[b]] for a, b in zip(meta.pair_t1, meta.pair_t2)])
+    assert tar_at_far(meta.pair_label, scores)[0] == pytest.approx(result.tar_at_far)
+
+
+def test_ijb_meta_errors(tmp_path):
+    with pytest.raises(HyperfaceError, match="IJBC release folder"):
+        read_ijb_meta(tmp_path, "IJBC")
+    folder, _ = _write_release(tmp_path, identities=2, templates_per_id=1, faces_per_template=1)
+    lines = (folder / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines()
+    (folder / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(reversed(lines)) + "\n")
+    with pytest.raises(HyperfaceError, match="same order"):
+        read_ijb_meta(folder, "IJBC")
+    with pytest.raises(HyperfaceError, match="IJBB or IJBC"):
+        read_ijb_meta(folder, "IJBX")
