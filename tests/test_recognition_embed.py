@@ -1,0 +1,184 @@
+"""`hyperface embed` end to end through hyperface.cli.main: sources, modes, bad inputs, resume."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from recognition_fixtures import export_onnx, grey_image, make_scrfd_onnx, make_tiny_iresnet, plant_face, random_faces, save_backbone
+
+from hyperface.cli import main
+from hyperface.recognition import load_recognizer
+from hyperface.recognition.alignment import crop_ffhq
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed_models")
+    model = make_tiny_iresnet(seed=5)
+    return {
+        "pth": save_backbone(model, root / "backbone.pth"),
+        "onnx": export_onnx(model, root / "w600k_tiny.onnx"),
+        "det": make_scrfd_onnx(root / "det_10g.onnx", input_size=160),
+    }
+
+
+def _write(path, rgb):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]))
+
+
+def _read_lines(path):
+    return path.read_text().splitlines()
+
+
+def _embed(*args):
+    return main(["embed", *map(str, args), "--no-progress", "--device", "cpu"])
+
+
+def test_embed_aligned_folder_with_bad_files(tmp_path, models, capsys):
+    faces = random_faces(6, seed=21)
+    src = tmp_path / "faces"
+    _write(src / "b" / "002.png", faces[2])
+    _write(src / "a" / "000.jpg", faces[0])
+    _write(src / "a" / "001.png", faces[1])
+    Image.fromarray(faces[3]).convert("L").save(src / "c_grey.png")
+    Image.fromarray(faces[4]).convert("RGBA").save(src / "d_rgba.png")
+    Image.fromarray(cv2.resize(faces[5], (224, 224))).save(src / "e_224.webp", lossless=True)
+    (src / "f_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (src / "g_empty.png").write_bytes(b"")
+    (src / "notes.txt").write_text("not an image")
+    Image.fromarray(faces[0][:, :60]).save(src / "h_not_square.png")
+    out = tmp_path / "run" / "gallery.npy"
+
+    assert _embed(src, "--model", models["pth"], "--aligned", "--out", out, "--batch-size", "2", "--workers", "3") == 0
+    gallery = np.load(out)
+    index = _read_lines(tmp_path / "run" / "gallery.index.txt")
+    rejected = _read_lines(tmp_path / "run" / "gallery.rejected.tsv")
+    assert index == ["a/000.jpg", "a/001.png", "b/002.png", "c_grey.png", "d_rgba.png", "e_224.webp"]
+    assert gallery.shape == (6, 512) and gallery.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(gallery, axis=1), 1.0, atol=1e-5)
+    assert rejected[0] == "path\treason"
+    reasons = dict(line.split("\t") for line in rejected[1:])
+    assert set(reasons) == {"f_corrupt.jpg", "g_empty.png", "h_not_square.png"}
+    assert reasons["g_empty.png"] == "unreadable: empty file"
+    assert reasons["f_corrupt.jpg"].startswith("unreadable")
+    assert reasons["h_not_square.png"].startswith("not an aligned square crop")
+
+    # Rows are the embeddings of exactly those files (lossless ones compared directly).
+    rec = load_recognizer(models["pth"])
+    np.testing.assert_allclose(gallery[1:3], rec.embed(faces[1:3]), atol=1e-5)
+    grey = np.repeat(np.asarray(Image.fromarray(faces[3]).convert("L"))[..., None], 3, axis=2)
+    np.testing.assert_allclose(gallery[3], rec.embed(grey)[0], atol=1e-5)
+    np.testing.assert_allclose(gallery[4], rec.embed(faces[4:5])[0], atol=1e-5)
+
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stage"] == "embed" and manifest["status"] == "complete"
+    assert manifest["counts"] == {
+        "inputs": 9, "embedded": 6, "rejected": 3, "embedding_size": 512,
+        "rejected_reasons": manifest["counts"]["rejected_reasons"],
+    }
+    assert manifest["recognizer"]["normalisation"] == "(x - 127.5) / 127.5"
+    assert manifest["recognizer"]["channel_order"] == "RGB"
+    assert manifest["source"]["ignored_non_images"] == 1
+    assert "sha256" in manifest["inputs"]["model"]
+    assert not (tmp_path / "run" / "gallery.parts").exists()
+
+    # A second run into the same place is refused without --resume/--overwrite.
+    assert _embed(src, "--model", models["pth"], "--aligned", "--out", out) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _embed(src, "--model", models["onnx"], "--aligned", "--out", out, "--overwrite") == 0
+    np.testing.assert_allclose(np.load(out), gallery, atol=2e-4)  # ONNX and PyTorch agree end to end
+
+
+def test_embed_with_detector_and_list_file(tmp_path, models):
+    src = tmp_path / "photos"
+    with_face = grey_image(240, 320)
+    plant_face(with_face, 16, row=3, col=4, scale=0.5)
+    _write(src / "face.png", with_face)
+    _write(src / "empty_scene.png", grey_image(240, 320))
+    listing = tmp_path / "list.txt"
+    listing.write_text("# photos\nphotos/face.png\n\nphotos/missing.jpg\nphotos/empty_scene.png\n")
+    out = tmp_path / "det"
+    assert _embed(listing, "--model", models["onnx"], "--detector", models["det"], "--out", out, "--flip") == 0
+    assert _read_lines(out / "gallery.index.txt") == ["photos/face.png"]
+    rejected = _read_lines(out / "gallery.rejected.tsv")[1:]
+    assert rejected == ["photos/missing.jpg\tunreadable: file not found", "photos/empty_scene.png\tno face detected"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preprocess"]["mode"] == "detect" and manifest["recognizer"]["flip"] is True
+
+
+def test_embed_ffhq_crop(tmp_path, models):
+    images = random_faces(3, seed=4, size=256)
+    for i, image in enumerate(images):
+        _write(tmp_path / "gen" / f"{i:05d}.png", image)
+    out = tmp_path / "g.npy"
+    assert _embed(tmp_path / "gen", "--model", models["onnx"], "--crop", "ffhq", "--out", out) == 0
+    rec = load_recognizer(models["onnx"])
+    expected = rec.embed(np.stack([crop_ffhq(image) for image in images]))
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+
+
+def test_embed_clear_errors(tmp_path, models, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _embed(tmp_path / "empty", "--model", models["pth"], "--aligned", "--out", tmp_path / "o.npy") == 2
+    assert "no images in folder" in capsys.readouterr().err
+    _write(tmp_path / "one" / "x.png", random_faces(1)[0])
+    assert _embed(tmp_path / "one", "--model", tmp_path / "glintr100.onnx", "--aligned", "--out", tmp_path / "o.npy") == 2
+    err = capsys.readouterr().err
+    assert "glintr100.onnx" in err and "antelopev2" in err and "Traceback" not in err
+    assert _embed(tmp_path / "one", "--model", models["pth"], "--out", tmp_path / "o.npy") == 2
+    assert "--detector" in capsys.readouterr().err
+    # every input rejected: the list is still written, and the run fails loudly
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_bytes(b"junk")
+    assert _embed(tmp_path / "bad", "--model", models["pth"], "--aligned", "--out", tmp_path / "b" / "g.npy") == 2
+    assert "no image could be embedded" in capsys.readouterr().err
+    assert len(_read_lines(tmp_path / "b" / "g.rejected.tsv")) == 2
+
+
+def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
+    faces = random_faces(7, seed=8)
+    for i, face in enumerate(faces):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    _write(tmp_path / "src" / "zz_corrupt.png", grey_image(4, 4))  # too small: rejected
+    args = [tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "3", "--batch-size", "2"]
+
+    assert _embed(*args, "--out", tmp_path / "clean" / "g.npy") == 0
+
+    from hyperface.recognition.recognizers import Recognizer
+
+    original = Recognizer.embed
+    calls = {"n": 0}
+
+    def dying_embed(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:  # chunk 0 = 2 batches, chunk 1 dies in its first batch
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    monkeypatch.setattr(Recognizer, "embed", dying_embed)
+    out = tmp_path / "killed" / "g.npy"
+    assert _embed(*args, "--out", out) == 130
+    parts = tmp_path / "killed" / "g.parts"
+    assert sorted(p.name for p in parts.glob("chunk_*.npz")) == ["chunk_000000.npz"]
+    assert not out.exists() and not (tmp_path / "killed" / "manifest.json").exists()
+    assert _embed(*args, "--out", out) == 2  # refuses to mix runs without --resume
+    assert _embed(*args, "--flip", "--out", out, "--resume") == 2  # other settings: refuses to resume
+    assert "other images or settings" in capsys.readouterr().err
+
+    def counting_embed(self, images):
+        calls["rows"] = calls.get("rows", 0) + len(images)
+        return original(self, images)
+
+    monkeypatch.setattr(Recognizer, "embed", counting_embed)
+    assert _embed(*args, "--out", out, "--resume") == 0
+    assert calls["rows"] == 4  # only chunks 1 and 2 (inputs 3..7, one of them rejected) were recomputed
+    clean = tmp_path / "clean"
+    np.testing.assert_array_equal(np.load(out), np.load(clean / "g.npy"))
+    for suffix in ("index.txt", "rejected.tsv"):
+        assert (tmp_path / "killed" / f"g.{suffix}").read_text() == (clean / f"g.{suffix}").read_text()
+    assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["resumed_chunks"] == 1
