@@ -182,3 +182,17 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
     for suffix in ("index.txt", "rejected.tsv"):
         assert (tmp_path / "killed" / f"g.{suffix}").read_text() == (clean / f"g.{suffix}").read_text()
     assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["resumed_chunks"] == 1
+
+
+def test_embed_recordio(tmp_path, models):
+    from hyperface.datasets import RecordIOWriter
+
+    faces = random_faces(5, seed=13)
+    writer = RecordIOWriter(tmp_path / "rec", image_format="png")
+    for i, face in enumerate(faces):
+        writer.add(face, label=i // 2)
+    writer.close()
+    out = tmp_path / "rec_gallery.npy"
+    assert _embed(tmp_path / "rec", "--model", models["onnx"], "--aligned", "--out", out, "--workers", "2") == 0
+    assert _read_lines(tmp_path / "rec_gallery.index.txt") == [f"train.rec#{i}" for i in range(5)]
+    np.testing.assert_allclose(np.load(out), load_recognizer(models["onnx"]).embed(faces), atol=1e-5)

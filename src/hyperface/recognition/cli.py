@@ -36,9 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "embed",
         help="embed face images with a face recognition model (gallery for packing)",
         description=(
-            "Embed every image under IMAGES with a face recognition model and write L2-normalised "
-            "embeddings, an index, the list of rejected inputs and manifest.json. Streams any number of "
-            "images with parallel decoding and resumes after a kill (--resume)."
+            "Embed every image under IMAGES with a face recognition model and write L2-normalised\n"
+            "embeddings, an index, the list of rejected inputs and manifest.json. Streams any number\n"
+            "of images with parallel decoding and resumes after a kill (--resume)."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -124,8 +124,8 @@ class RecordSource(ImageSource):
             ) from exc
         self.root = path
         self.dataset = RecordIODataset(str(path))
-        self._label = path.name if path.is_file() else "train.rec"
-        self._lock = threading.Lock()  # one shared file handle: serialise reads
+        self._label = Path(getattr(self.dataset, "rec_path", path)).name
+        self._lock = threading.Lock()  # one shared file handle: serialise the reads, decode in parallel
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -136,15 +136,10 @@ class RecordSource(ImageSource):
     def load(self, index: int) -> np.ndarray:
         try:
             with self._lock:
-                image, _label = self.dataset[index]
+                data, _label = self.dataset.read_raw(index)
         except HyperfaceError as exc:
-            raise UnreadableImage(str(exc)) from exc
-        image = np.asarray(image)
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise UnreadableImage(f"record decoded to {image.shape} {image.dtype}, not RGB uint8")
-        return image
+            raise UnreadableImage(f"corrupt record ({exc})") from exc
+        return decode_image(data)
 
 
 def _is_recordio(path: Path) -> bool:
