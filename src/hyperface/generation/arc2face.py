@@ -1,0 +1,513 @@
+"""Arc2Face (Papantoniou et al., ECCV 2024) on diffusers: loading, identity conditioning, sampling.
+
+Arc2Face is Stable Diffusion 1.5 with a fine-tuned UNet and CLIP text encoder. An ArcFace embedding
+(512-d, L2-normalised) is zero-padded to the text encoder's hidden size and *replaces the token
+embedding* of the word "id" in the fixed prompt "photo of a id person"; position embeddings are added
+afterwards and the text transformer runs as usual. Its last hidden state conditions the UNet.
+Classifier-free guidance uses the encoder's output for the empty prompt.
+
+Weights on disk (nothing is downloaded):
+
+- ``--arc2face DIR`` (Hugging Face FoivosPar/Arc2Face): ``encoder/`` (config.json +
+  pytorch_model.bin or model.safetensors) and ``arc2face/`` (config.json +
+  diffusion_pytorch_model.safetensors);
+- ``--sd15 DIR`` (Hugging Face stable-diffusion-v1-5/stable-diffusion-v1-5): ``vae/``,
+  ``tokenizer/`` and ``scheduler/scheduler_config.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.runtime import get_logger, resolve_device
+
+log = get_logger("hyperface.generation")
+
+ARC2FACE_SOURCE = "the Hugging Face repo FoivosPar/Arc2Face"
+SD15_SOURCE = "the Hugging Face repo stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+#: Arc2Face's fixed prompt; the token "id" is where the identity embedding goes.
+ARC2FACE_PROMPT = "photo of a id person"
+ID_WORD = "id"
+IDENTITY_DIM = 512
+
+#: Scheduler names accepted by ``--scheduler`` -> diffusers class name.
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",  # Arc2Face's default
+    "dpm-sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
+    "unipc": "UniPCMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "lcm": "LCMScheduler",  # with the LCM-LoRA
+}
+
+_WEIGHT_NAMES = {
+    "transformers": ("model.safetensors", "pytorch_model.bin"),
+    "diffusers": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arc2FacePaths:
+    """The six folders Arc2Face needs, checked to hold their files."""
+
+    encoder: Path
+    unet: Path
+    vae: Path
+    tokenizer: Path
+    scheduler: Path
+    unet_variant: str | None = None
+    vae_variant: str | None = None
+
+
+def _require_folder(folder: Path, kind: str, needed: Sequence[str], any_of: Sequence[str], source: str, flag: str) -> str | None:
+    """Check ``folder`` holds every file in ``needed`` and one of ``any_of``; return the variant."""
+    if not folder.is_dir():
+        raise HyperfaceError(
+            f"{flag}: missing folder {folder} ({kind}); download it from {source} and pass the folder "
+            f"that contains {folder.name}/"
+        )
+    for name in needed:
+        if not (folder / name).is_file():
+            raise HyperfaceError(f"{flag}: missing {folder / name} ({kind}); it comes from {source}")
+    if not any_of:
+        return None
+    for name in any_of:
+        if (folder / name).is_file():
+            return "fp16" if ".fp16." in name else None
+    raise HyperfaceError(
+        f"{flag}: no weights in {folder} ({kind}): expected {' or '.join(any_of[:2])}; "
+        f"download them from {source}"
+    )
+
+
+def find_arc2face_files(arc2face_dir: str | Path, sd15_dir: str | Path) -> Arc2FacePaths:
+    """Check the on-disk layout and return the component folders, or raise a teaching error."""
+    arc2face_dir, sd15_dir = Path(arc2face_dir), Path(sd15_dir)
+    for flag, folder, source in (("--arc2face", arc2face_dir, ARC2FACE_SOURCE), ("--sd15", sd15_dir, SD15_SOURCE)):
+        if not folder.is_dir():
+            raise HyperfaceError(f"{flag} folder not found: {folder}; download it from {source}")
+    _require_folder(arc2face_dir / "encoder", "Arc2Face's CLIP text encoder", ["config.json"], _WEIGHT_NAMES["transformers"], ARC2FACE_SOURCE, "--arc2face")
+    unet_variant = _require_folder(arc2face_dir / "arc2face", "Arc2Face's UNet", ["config.json"], _WEIGHT_NAMES["diffusers"], ARC2FACE_SOURCE, "--arc2face")
+    vae_variant = _require_folder(sd15_dir / "vae", "SD1.5's VAE", ["config.json"], _WEIGHT_NAMES["diffusers"], SD15_SOURCE, "--sd15")
+    _require_folder(sd15_dir / "tokenizer", "SD1.5's CLIP tokenizer", ["vocab.json", "merges.txt"], (), SD15_SOURCE, "--sd15")
+    _require_folder(sd15_dir / "scheduler", "SD1.5's scheduler config", ["scheduler_config.json"], (), SD15_SOURCE, "--sd15")
+    return Arc2FacePaths(
+        encoder=arc2face_dir / "encoder",
+        unet=arc2face_dir / "arc2face",
+        vae=sd15_dir / "vae",
+        tokenizer=sd15_dir / "tokenizer",
+        scheduler=sd15_dir / "scheduler",
+        unet_variant=unet_variant,
+        vae_variant=vae_variant,
+    )
+
+
+def resolve_dtype(dtype: str, device) -> Any:
+    """``auto``: fp16 on CUDA (Arc2Face's setting), fp32 on CPU; or fp16 / bf16 / fp32 explicitly."""
+    import torch
+
+    names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype in (None, "", "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise HyperfaceError(f"unknown --dtype {dtype!r}: use auto, fp16, bf16 or fp32")
+    if device.type == "cpu" and names[dtype] == torch.float16:
+        raise HyperfaceError("--dtype fp16 needs a GPU; on CPU use fp32 or bf16")
+    return names[dtype]
+
+
+@dataclass
+class Arc2FaceComponents:
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict
+
+
+def load_arc2face_components(
+    arc2face_dir: str | Path, sd15_dir: str | Path, *, device: Any = "cpu", dtype: Any = None
+) -> Arc2FaceComponents:
+    """Load tokenizer, text encoder, UNet, VAE and scheduler config from local folders."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    paths = find_arc2face_files(arc2face_dir, sd15_dir)
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    dtype = dtype or torch.float32
+
+    def load(what: str, source: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HyperfaceError(f"cannot load {what} ({first_line[:300]}); re-download it from {source}") from exc
+
+    tokenizer = load(f"the tokenizer in {paths.tokenizer}", SD15_SOURCE, CLIPTokenizer.from_pretrained, str(paths.tokenizer))
+    # transformers >= 5 loads pytorch_model.bin with torch.load(weights_only=True) (needs torch >= 2.6).
+    text_encoder, info = load(
+        f"the text encoder in {paths.encoder}", ARC2FACE_SOURCE, CLIPTextModel.from_pretrained, str(paths.encoder), output_loading_info=True
+    )
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise HyperfaceError(
+            f"{paths.encoder} is not a CLIP text encoder checkpoint ({len(missing)} missing weights, e.g. "
+            f"{sorted(missing)[:2]}); use Arc2Face's encoder/ from {ARC2FACE_SOURCE}"
+        )
+    # torch_dtype at load time (not .to() afterwards) keeps modules diffusers wants in fp32 in fp32.
+    unet = load(
+        f"the UNet in {paths.unet}", ARC2FACE_SOURCE, UNet2DConditionModel.from_pretrained, str(paths.unet),
+        variant=paths.unet_variant, torch_dtype=dtype,
+    )
+    vae = load(
+        f"the VAE in {paths.vae}", SD15_SOURCE, AutoencoderKL.from_pretrained, str(paths.vae),
+        variant=paths.vae_variant, torch_dtype=dtype,
+    )
+    try:
+        scheduler_config = json.loads((paths.scheduler / "scheduler_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HyperfaceError(f"{paths.scheduler / 'scheduler_config.json'} is not valid JSON; re-download it from {SD15_SOURCE}") from exc
+
+    hidden = text_encoder.config.hidden_size
+    if hidden < IDENTITY_DIM:
+        raise HyperfaceError(f"text encoder hidden size {hidden} < {IDENTITY_DIM}: {paths.encoder} is not Arc2Face's encoder")
+    if unet.config.cross_attention_dim != hidden:
+        raise HyperfaceError(
+            f"mismatched weights: UNet {paths.unet} expects {unet.config.cross_attention_dim}-d text features but "
+            f"the encoder {paths.encoder} gives {hidden}-d; both must come from {ARC2FACE_SOURCE}"
+        )
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise HyperfaceError(
+            f"mismatched weights: UNet takes {unet.config.in_channels} latent channels, VAE {paths.vae} makes "
+            f"{vae.config.latent_channels}; use SD1.5's vae/ from {SD15_SOURCE}"
+        )
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise HyperfaceError(
+            f"mismatched weights: tokenizer {paths.tokenizer} has {len(tokenizer)} tokens, the encoder only "
+            f"{text_encoder.config.vocab_size}; use SD1.5's tokenizer/ from {SD15_SOURCE}"
+        )
+    text_encoder.to(dtype=dtype)
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False).eval().to(device=device)
+    return Arc2FaceComponents(tokenizer, text_encoder, unet, vae, scheduler_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _replace_token_embeddings(embedding_module, positions, values) -> Iterator[None]:
+    """While active, the token-embedding layer's output at ``positions`` (B, L) bool is ``values``.
+
+    Replacing the *output of the token embedding* (not a vocabulary row) is exactly Arc2Face's
+    conditioning: positions are added afterwards by the text model itself, and the model's own
+    forward keeps the causal mask and final layer norm right in every transformers version.
+    """
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[positions] = values.to(output.dtype)
+        return output
+
+    handle = embedding_module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Arc2FacePromptEncoder:
+    """Turns a batch of identity embeddings into Arc2Face prompt embeddings (B, 77, hidden)."""
+
+    def __init__(self, tokenizer, text_encoder):
+        import torch
+
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_length = int(min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings))
+        encode = dict(padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+        self.prompt_ids = tokenizer(ARC2FACE_PROMPT, **encode).input_ids  # (1, L)
+        self.empty_ids = tokenizer("", **encode).input_ids
+        id_tokens = tokenizer.encode(ID_WORD, add_special_tokens=False)
+        if not id_tokens:
+            raise HyperfaceError(f"the tokenizer cannot encode {ID_WORD!r}; use SD1.5's tokenizer/ from {SD15_SOURCE}")
+        self.id_token = int(id_tokens[0])
+        self.id_position = (self.prompt_ids[0] == self.id_token).nonzero().flatten()
+        if self.id_position.numel() != 1:
+            raise HyperfaceError(
+                f"the prompt {ARC2FACE_PROMPT!r} holds the token {ID_WORD!r} {self.id_position.numel()} times with "
+                f"this tokenizer (expected once); use SD1.5's tokenizer/ from {SD15_SOURCE}"
+            )
+        self.hidden_size = int(text_encoder.config.hidden_size)
+        self._unconditional = None
+        self._torch = torch
+
+    @property
+    def device(self):
+        return next(self.text_encoder.parameters()).device
+
+    def _run(self, input_ids):
+        out = self.text_encoder(input_ids=input_ids.to(self.device))
+        return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+    def encode(self, embeddings) -> Any:
+        """(B, 512) identity embeddings -> (B, L, hidden) conditional prompt embeddings."""
+        torch = self._torch
+        emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32) if not torch.is_tensor(embeddings) else embeddings)
+        if emb.ndim != 2 or emb.shape[1] != IDENTITY_DIM:
+            raise HyperfaceError(f"Arc2Face needs (B, {IDENTITY_DIM}) identity embeddings, got {tuple(emb.shape)}")
+        emb = torch.nn.functional.normalize(emb.float(), dim=1)
+        padded = torch.nn.functional.pad(emb, (0, self.hidden_size - IDENTITY_DIM)).to(self.device)
+        ids = self.prompt_ids.expand(emb.shape[0], -1).to(self.device)
+        positions = ids == self.id_token
+        with torch.inference_mode(), _replace_token_embeddings(self.text_encoder.get_input_embeddings(), positions, padded):
+            return self._run(ids)
+
+    def unconditional(self) -> Any:
+        """(1, L, hidden): the encoder's output for the empty prompt (cached)."""
+        if self._unconditional is None or self._unconditional.device != self.device:
+            with self._torch.inference_mode():
+                self._unconditional = self._run(self.empty_ids)
+        return self._unconditional
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Arc2FaceSettings:
+    """Sampling settings; the defaults are Arc2Face's own (DPM-Solver++, 25 steps, guidance 3, 512 px).
+
+    With ``lcm_lora`` (a local LCM-LoRA file, e.g. latent-consistency/lcm-lora-sdv1-5's
+    pytorch_lora_weights.safetensors) the scheduler becomes LCM and, unless given, steps 4 and
+    guidance 1.0.
+    """
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    resolution: int = 512
+    scheduler: str | None = None
+    lcm_lora: str | Path | None = None
+    lora_scale: float = 1.0
+    dtype: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    vae_batch_size: int = 16
+
+    def resolved(self) -> "Arc2FaceSettings":
+        lcm = self.lcm_lora is not None
+        scheduler = self.scheduler or ("lcm" if lcm else "dpm")
+        if scheduler not in SCHEDULERS:
+            raise HyperfaceError(f"unknown --scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if scheduler == "lcm" and not lcm:
+            raise HyperfaceError("--scheduler lcm needs --lcm-lora FILE (latent-consistency/lcm-lora-sdv1-5)")
+        steps = self.steps if self.steps is not None else (4 if lcm else 25)
+        guidance = self.guidance_scale if self.guidance_scale is not None else (1.0 if lcm else 3.0)
+        if steps < 1:
+            raise HyperfaceError(f"--steps must be >= 1, got {steps}")
+        if guidance < 1.0:
+            raise HyperfaceError(f"--guidance must be >= 1 (1 disables classifier-free guidance), got {guidance}")
+        return Arc2FaceSettings(
+            steps=steps, guidance_scale=guidance, resolution=self.resolution, scheduler=scheduler,
+            lcm_lora=self.lcm_lora, lora_scale=self.lora_scale, dtype=self.dtype,
+            channels_last=self.channels_last, compile=self.compile, vae_batch_size=self.vae_batch_size,
+        )
+
+
+def make_scheduler(name: str, base_config: dict):
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    overrides: dict[str, Any] = {}
+    if name == "dpm-sde":
+        overrides["algorithm_type"] = "sde-dpmsolver++"
+    return cls.from_config(base_config, **overrides)
+
+
+class Arc2FaceGenerator:
+    """Arc2Face behind :class:`~hyperface.generation.base.IdentityGenerator`.
+
+    One call renders many identities at once: classifier-free guidance runs as ONE UNet forward on
+    the concatenated [unconditional, conditional] batch; each image's initial latents come from its
+    own CPU ``torch.Generator`` seeded with its seed, so results do not depend on batch composition.
+    """
+
+    embedding_dim = IDENTITY_DIM
+
+    def __init__(self, components: Arc2FaceComponents, settings: Arc2FaceSettings | None = None, *, device: Any = "cpu"):
+        import torch
+
+        self.settings = (settings or Arc2FaceSettings()).resolved()
+        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.unet = components.unet
+        self.vae = components.vae
+        self.scheduler_config = dict(components.scheduler_config)
+        self.prompt_encoder = Arc2FacePromptEncoder(self.tokenizer, self.text_encoder)
+        self.dtype = self.unet.dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = int(self.settings.resolution)
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if self.resolution % multiple:
+            raise HyperfaceError(f"--resolution must be a multiple of {multiple}, got {self.resolution}")
+        if self.settings.lcm_lora is not None:
+            from hyperface.generation.lora import fuse_lora_into_unet
+
+            touched = fuse_lora_into_unet(self.unet, self.settings.lcm_lora, scale=self.settings.lora_scale)
+            log.info("fused LCM-LoRA %s into %d UNet layers", self.settings.lcm_lora, touched)
+        self._set_fast_attention()
+        if self.settings.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        self._unet_forward = self.unet
+        if self.settings.compile:
+            self._unet_forward = torch.compile(self.unet, fullgraph=False)
+        # Make the scheduler once up front so a bad name fails before any work.
+        make_scheduler(self.settings.scheduler, self.scheduler_config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        arc2face_dir: str | Path,
+        sd15_dir: str | Path,
+        settings: Arc2FaceSettings | None = None,
+        *,
+        device: Any = "auto",
+    ) -> "Arc2FaceGenerator":
+        device = resolve_device(device) if isinstance(device, str) else device
+        settings = (settings or Arc2FaceSettings()).resolved()
+        dtype = resolve_dtype(settings.dtype, device)
+        components = load_arc2face_components(arc2face_dir, sd15_dir, device=device, dtype=dtype)
+        return cls(components, settings, device=device)
+
+    def _set_fast_attention(self) -> None:
+        """PyTorch SDPA (flash / memory-efficient kernels on GPU) in every UNet and VAE attention."""
+        try:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.unet.set_attn_processor(AttnProcessor2_0())
+            self.vae.set_attn_processor(AttnProcessor2_0())
+        except (ImportError, ValueError, AttributeError) as exc:  # pragma: no cover - old diffusers
+            log.warning("could not select SDPA attention (%s); using diffusers' default", exc)
+
+    @property
+    def params(self) -> dict:
+        s = self.settings
+        return {
+            "generator": "arc2face",
+            "scheduler": s.scheduler,
+            "steps": s.steps,
+            "guidance_scale": s.guidance_scale,
+            "resolution": s.resolution,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "lcm_lora": str(s.lcm_lora) if s.lcm_lora else None,
+            "lora_scale": s.lora_scale if s.lcm_lora else None,
+            "channels_last": s.channels_last,
+            "compile": s.compile,
+        }
+
+    def initial_latents(self, seeds: Sequence[int]):
+        """(B, C, h, w) float32 latents, row i drawn from a CPU generator seeded with seeds[i]."""
+        import torch
+
+        side = self.resolution // self.vae_scale_factor
+        shape = (self.unet.config.in_channels, side, side)
+        generators = [torch.Generator("cpu").manual_seed(int(s) % (2**63)) for s in seeds]
+        latents = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        return latents, generators
+
+    def generate(self, embeddings: np.ndarray, seeds: Sequence[int]) -> list[np.ndarray]:
+        return list(self.generate_array(embeddings, seeds))
+
+    def generate_array(self, embeddings: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+        """(B, 512) embeddings + B seeds -> (B, H, W, 3) uint8 RGB."""
+        import torch
+
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if len(embeddings) != len(seeds):
+            raise ValueError(f"{len(embeddings)} embeddings but {len(seeds)} seeds")
+        if len(seeds) == 0:
+            return np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+        settings = self.settings
+        with torch.inference_mode():
+            cond = self.prompt_encoder.encode(embeddings).to(self.dtype)
+            batch = cond.shape[0]
+            guided = settings.guidance_scale > 1.0
+            if guided:
+                uncond = self.prompt_encoder.unconditional().to(self.dtype).expand(batch, -1, -1)
+                prompt = torch.cat([uncond, cond])
+            else:
+                prompt = cond
+            scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
+            scheduler.set_timesteps(settings.steps, device=self.device)
+            latents, generators = self.initial_latents(seeds)
+            latents = latents.to(self.device) * scheduler.init_noise_sigma
+            step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+            for t in scheduler.timesteps:
+                model_in = torch.cat([latents, latents]) if guided else latents
+                model_in = scheduler.scale_model_input(model_in, t).to(self.dtype)
+                if settings.channels_last:
+                    model_in = model_in.contiguous(memory_format=torch.channels_last)
+                noise = self._unet_forward(model_in, t, encoder_hidden_states=prompt, return_dict=False)[0].float()
+                if guided:
+                    noise_uncond, noise_cond = noise.chunk(2)
+                    noise = noise_uncond + settings.guidance_scale * (noise_cond - noise_uncond)
+                latents = scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0].float()
+            return self.decode(latents)
+
+    def decode(self, latents) -> np.ndarray:
+        import torch
+
+        images = []
+        scale = self.vae.config.scaling_factor
+        vae_dtype = self.vae.dtype
+        for start in range(0, latents.shape[0], max(1, self.settings.vae_batch_size)):
+            chunk = (latents[start : start + self.settings.vae_batch_size] / scale).to(vae_dtype)
+            pixels = self.vae.decode(chunk, return_dict=False)[0].float()
+            pixels = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(images)
+
+
+__all__ = [
+    "ARC2FACE_PROMPT",
+    "ARC2FACE_SOURCE",
+    "Arc2FaceComponents",
+    "Arc2FaceGenerator",
+    "Arc2FacePaths",
+    "Arc2FacePromptEncoder",
+    "Arc2FaceSettings",
+    "SCHEDULERS",
+    "SD15_SOURCE",
+    "find_arc2face_files",
+    "load_arc2face_components",
+    "make_scheduler",
+    "resolve_dtype",
+]

@@ -1,0 +1,179 @@
+"""``hyperface generate``: render K face images per identity embedding with Arc2Face."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  # 10,000 packed identities x 50 images, Arc2Face defaults, image folder + RecordIO
+  hyperface generate identities.npy --arc2face models/Arc2Face --sd15 models/stable-diffusion-v1-5 \\
+      --images-per-identity 50 --out data/hyperface-10k --batch-size 32
+
+  # quality filter with Arc2Face's own FR model: keep images with cosine >= 0.5, up to 100 renders
+  hyperface generate identities.npy --arc2face models/Arc2Face --sd15 models/stable-diffusion-v1-5 \\
+      -k 50 --out data/hf10k --fr-model models/Arc2Face/arcface.onnx --min-similarity 0.5 --max-attempts 100
+
+  # fast mode with the LCM-LoRA (4 steps, guidance 1)
+  hyperface generate identities.npy ... --lcm-lora models/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors
+
+  # 8 GPUs: each rank renders a disjoint set of identities, then merge once
+  torchrun --nproc-per-node 8 -m hyperface generate identities.npy ... --out data/hf10k
+  hyperface generate --merge --out data/hf10k
+
+  # after a kill: rerun the same command with --resume (finished identities are skipped)
+
+weights (no download happens):
+  --arc2face DIR   Hugging Face FoivosPar/Arc2Face: encoder/ (config.json, pytorch_model.bin) and
+                   arc2face/ (config.json, diffusion_pytorch_model.safetensors)
+  --sd15 DIR       Hugging Face stable-diffusion-v1-5/stable-diffusion-v1-5: vae/, tokenizer/, scheduler/
+
+output (--out DIR):
+  images/<label:06d>/<k:04d>.jpg      --format folder|both (label = row of IDENTITIES.npy)
+  rec/train.rec, train.idx, property  --format rec|both (insightface RecordIO)
+  acceptance.json, manifest.json, run.json, parts/ (per-shard journals; --no-keep-parts deletes them)
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate",
+        help="render a face-recognition dataset from identity embeddings with Arc2Face",
+        description=(
+            "Render K images per identity embedding with Arc2Face (SD1.5 conditioned on ArcFace embeddings), "
+            "align them to 112x112, optionally keep only those the FR model still recognises, and write an "
+            "image folder and/or insightface RecordIO. Every image is a function of (--seed, identity, image "
+            "index), so runs are reproducible, resumable and shardable."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("identities", nargs="?", help="(N, 512) .npy of unit-norm identity embeddings (from `hyperface pack`)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--arc2face", help="local Arc2Face folder (holds encoder/ and arc2face/)")
+    parser.add_argument("--sd15", help="local Stable Diffusion 1.5 folder (holds vae/, tokenizer/, scheduler/)")
+    parser.add_argument("-k", "--images-per-identity", type=int, default=50, help="images kept per identity (default: 50)")
+    parser.add_argument("--format", choices=("folder", "rec", "both"), default="both", help="dataset format (default: both)")
+    parser.add_argument("--seed", type=int, default=0, help="global seed; image = f(seed, identity, index) (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per UNet batch, across identities (default: 16)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto; under torchrun cuda:LOCAL_RANK)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"), help="auto: fp16 on CUDA, fp32 on CPU")
+
+    sampling = parser.add_argument_group("sampling (defaults: Arc2Face's)")
+    sampling.add_argument("--scheduler", default=None, help="dpm (default), dpm-sde, unipc, ddim, euler, euler-a, pndm, lcm")
+    sampling.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25; 4 with --lcm-lora)")
+    sampling.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3.0; 1.0 with --lcm-lora)")
+    sampling.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
+    sampling.add_argument("--lcm-lora", default=None, help="LCM-LoRA .safetensors (latent-consistency/lcm-lora-sdv1-5) for a few-step fast mode")
+    sampling.add_argument("--channels-last", action="store_true", help="channels_last memory format for UNet and VAE")
+    sampling.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first batch)")
+
+    variation = parser.add_argument_group("intra-class variation")
+    variation.add_argument("--perturbation", default="angle", choices=("angle", "noise", "none"), help="how each image's embedding is varied (default: angle)")
+    variation.add_argument("--perturbation-scale", type=float, default=10.0, help="degrees for angle, noise norm for noise (default: 10)")
+
+    post = parser.add_argument_group("alignment and quality filter")
+    post.add_argument("--align", default="ffhq", choices=("ffhq", "detect", "none"), help="ffhq: fixed crop of the face-centred render (default); detect: SCRFD landmarks; none: keep the full render")
+    post.add_argument("--detector", default=None, help="SCRFD .onnx (det_10g.onnx from insightface buffalo_l) for --align detect")
+    post.add_argument("--fr-model", default=None, help="FR model for the filter: Arc2Face's arcface.onnx (not glintr100), or an iResNet .pth")
+    post.add_argument("--min-similarity", type=float, default=None, help="keep images whose cosine to the identity is >= this (needs --fr-model)")
+    post.add_argument("--max-attempts", type=int, default=None, help="renders per identity before filling with the best rejects (default: 2*K)")
+    post.add_argument("--image-format", default="jpg", choices=("jpg", "png"), help="stored image encoding (default: jpg, quality 95)")
+
+    run_group = parser.add_argument_group("runs")
+    run_group.add_argument("--shard", default=None, help="i/n: render identities i, i+n, ... (default: torchrun RANK/WORLD_SIZE, else 0/1)")
+    run_group.add_argument("--merge", action="store_true", help="only build the dataset from finished shards in --out")
+    run_group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same settings)")
+    run_group.add_argument("--overwrite", action="store_true", help="delete a previous hyperface run in --out first")
+    run_group.add_argument("--no-keep-parts", dest="keep_parts", action="store_false", help="delete parts/ after a successful merge")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from hyperface.common.errors import HyperfaceError
+    from hyperface.common.runtime import get_logger
+
+    log = get_logger("hyperface.generation")
+    from hyperface.generation.dataset import GenerationConfig, Shard, generate_dataset, merge_parts
+
+    if args.merge:
+        result = merge_parts(args.out, formats=None if args.format == "both" else args.format, keep_parts=args.keep_parts)
+        log.info("merged %d images of %d identities into %s", result["num_images"], result["num_identities"], ", ".join(result["outputs"].values()))
+        return 0
+    missing = [flag for flag, value in (("IDENTITIES.npy", args.identities), ("--arc2face", args.arc2face), ("--sd15", args.sd15)) if not value]
+    if missing:
+        raise HyperfaceError(f"missing {', '.join(missing)}: see `hyperface generate --help`")
+    if args.min_similarity is not None and not args.fr_model:
+        raise HyperfaceError("--min-similarity needs --fr-model (Arc2Face's arcface.onnx)")
+
+    from pathlib import Path
+
+    from hyperface.common.io import load_embeddings
+    from hyperface.common.runtime import resolve_device, seed_everything
+    from hyperface.generation.arc2face import Arc2FaceGenerator, Arc2FaceSettings
+    from hyperface.generation.postprocess import load_embed_fn, make_aligner
+    from hyperface.generation.variation import Perturbation
+
+    embeddings = load_embeddings(args.identities, what="identity embeddings", dim=512, require_unit=True)
+    shard = Shard.parse(args.shard)
+    device_name = args.device
+    if device_name == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            device_name = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    device = resolve_device(device_name)
+    seed_everything(args.seed)
+    config = GenerationConfig(
+        images_per_identity=args.images_per_identity,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        perturbation=Perturbation(args.perturbation, args.perturbation_scale),
+        min_similarity=args.min_similarity,
+        max_attempts=args.max_attempts,
+        image_format=args.image_format,
+    )
+    settings = Arc2FaceSettings(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        resolution=args.resolution,
+        scheduler=args.scheduler,
+        lcm_lora=args.lcm_lora,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
+    aligner = make_aligner(args.align, detector=args.detector)
+    embed_fn, fr_info = (None, None)
+    if args.fr_model:
+        embed_fn, fr_info = load_embed_fn(args.fr_model, device=str(device))
+    generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device)
+    params = generator.params
+    run_info = {
+        "generator": {key: params[key] for key in ("generator", "scheduler", "steps", "guidance_scale", "resolution", "dtype")},
+        "lcm_lora": Path(args.lcm_lora).name if args.lcm_lora else None,
+        "fr_model": Path(args.fr_model).name if args.fr_model else None,
+    }
+    log.info(
+        "generating %d identities x %d images (shard %d/%d) on %s: %s",
+        embeddings.shape[0], config.images_per_identity, shard.index, shard.count, device, params,
+    )
+    summary = generate_dataset(
+        generator, embeddings, args.out, config,
+        formats=args.format, shard=shard, aligner=aligner, align_mode=args.align, embed_fn=embed_fn,
+        resume=args.resume, overwrite=args.overwrite, identities_path=str(Path(args.identities).resolve()),
+        run_info=run_info, keep_parts=args.keep_parts,
+    )
+    if fr_info:
+        log.info("quality filter: %s", fr_info)
+    if "dataset" in summary:
+        log.info("wrote %d images to %s", summary["dataset"]["num_images"], ", ".join(summary["dataset"]["outputs"].values()))
+    else:
+        log.info(
+            "shard %s done (%d identities); once every shard is done run: hyperface generate --merge --out %s",
+            summary["shard"], summary["identities_done"], args.out,
+        )
+    return 0

@@ -1,0 +1,573 @@
+"""Render a face-recognition dataset from identity embeddings: batched, filtered, sharded, resumable.
+
+Work is organised by identity. Each shard (``--shard i/n`` or torchrun's RANK/WORLD_SIZE) takes the
+identities ``i, i+n, i+2n, ...`` and streams its finished identities into its own part folder::
+
+    OUT/run.json                                   what is being generated (checked on resume)
+    OUT/parts/shard-00001-of-00004/images.bin      encoded images, appended identity by identity
+    OUT/parts/shard-00001-of-00004/journal.jsonl   one line per finished identity (offset, sizes, stats)
+
+An identity counts as done once its journal line is on disk, and that line is written only after
+its images are fsynced; on rerun a half-written tail of either file is cut off and finished
+identities are skipped, so a kill at any moment loses at most the identities in flight and never
+duplicates one. :func:`merge_parts` then streams every part, in label order, into the final
+dataset: ``OUT/images/<label:06d>/<k:04d>.jpg`` and/or ``OUT/rec/train.rec`` (+ ``train.idx``,
+``property``), exactly N x K images, plus ``OUT/acceptance.json`` and ``OUT/manifest.json``.
+
+Each image is a function of (seed, identity, image index) only (:mod:`.variation`). With a quality
+filter, an identity renders image indices 0, 1, 2, ... until K of them reach ``min_similarity`` to
+the identity's reference embedding or ``max_attempts`` renders were spent; then the best-scoring
+rejected renders fill the quota (counted as ``filled`` in the statistics), so the dataset always has
+exactly K images per identity.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import read_json, save_json
+from hyperface.common.manifest import Manifest
+from hyperface.common.runtime import get_logger, progress
+from hyperface.generation.base import IdentityGenerator
+from hyperface.generation.postprocess import Aligner, EmbedFn, cosine_to_references, make_aligner
+from hyperface.generation.variation import Perturbation, image_seed
+
+log = get_logger("hyperface.generation")
+
+FORMATS = ("folder", "rec", "both")
+RUN_FILE = "run.json"
+PARTS_DIR = "parts"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: identities ``i`` with ``i % count == index``."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise HyperfaceError(f"bad shard {self.index}/{self.count}: need 0 <= i < n (e.g. --shard 0/4)")
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Shard":
+        """``"i/n"``; or, when None, torchrun's RANK / WORLD_SIZE (else 0/1)."""
+        if text:
+            try:
+                index, count = (int(part) for part in text.split("/"))
+            except ValueError as exc:
+                raise HyperfaceError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from exc
+            return cls(index, count)
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    def identities(self, num_identities: int) -> range:
+        return range(self.index, num_identities, self.count)
+
+
+@dataclass
+class GenerationConfig:
+    """What to render per identity and how to keep it (everything that defines the images)."""
+
+    images_per_identity: int
+    seed: int = 0
+    batch_size: int = 16
+    perturbation: Perturbation = field(default_factory=Perturbation)
+    min_similarity: float | None = None
+    max_attempts: int | None = None  # renders per identity; default 2*K with a filter, else K
+    image_format: str = "jpg"
+    quality: int = 95
+
+    def __post_init__(self):
+        k = self.images_per_identity
+        if k < 1:
+            raise HyperfaceError(f"--images-per-identity must be >= 1, got {k}")
+        if self.batch_size < 1:
+            raise HyperfaceError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.min_similarity is not None and not -1.0 <= self.min_similarity <= 1.0:
+            raise HyperfaceError(f"--min-similarity is a cosine in [-1, 1], got {self.min_similarity}")
+        if self.max_attempts is not None and self.max_attempts < k:
+            raise HyperfaceError(f"--max-attempts ({self.max_attempts}) must be >= --images-per-identity ({k})")
+        if self.image_format not in ("jpg", "png"):
+            raise HyperfaceError(f"--image-format must be jpg or png, got {self.image_format!r}")
+
+    @property
+    def filtered(self) -> bool:
+        return self.min_similarity is not None
+
+    @property
+    def attempts_limit(self) -> int:
+        if not self.filtered:
+            return self.images_per_identity
+        return self.max_attempts if self.max_attempts is not None else 2 * self.images_per_identity
+
+    def describe(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["perturbation"] = {"kind": self.perturbation.kind, "scale": self.perturbation.scale}
+        out["max_attempts"] = self.attempts_limit
+        return out
+
+
+def embeddings_fingerprint(embeddings: np.ndarray) -> str:
+    """SHA-256 of the float32 identity matrix (shape included), streamed."""
+    digest = hashlib.sha256(repr(embeddings.shape).encode())
+    for start in range(0, embeddings.shape[0], 65536):
+        digest.update(np.ascontiguousarray(embeddings[start : start + 65536], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-shard journal
+# ----------------------------------------------------------------------------------------------
+
+
+class ShardPart:
+    """A shard's append-only ``images.bin`` + ``journal.jsonl``, recovered to the last whole identity."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.data_path = self.folder / "images.bin"
+        self.journal_path = self.folder / "journal.jsonl"
+        self.entries: dict[int, dict] = {}
+        self._recover()
+        self._data = open(self.data_path, "ab")
+        self._journal = open(self.journal_path, "ab")
+
+    @staticmethod
+    def read_journal(journal_path: Path, data_size: int | None = None) -> tuple[list[dict], int, int]:
+        """Whole, consistent entries; their journal byte length; the data bytes they cover."""
+        entries: list[dict] = []
+        journal_end = data_end = 0
+        if not journal_path.exists():
+            return entries, 0, 0
+        raw = journal_path.read_bytes()
+        position = 0
+        for line in raw.split(b"\n")[:-1]:  # a last line without "\n" is half-written
+            try:
+                entry = json.loads(line)
+                start, lengths = int(entry["offset"]), [int(n) for n in entry["lengths"]]
+                int(entry["identity"])
+            except (ValueError, KeyError, TypeError):
+                break
+            end = start + sum(lengths)
+            if start != data_end or (data_size is not None and end > data_size):
+                break
+            entries.append(entry)
+            position += len(line) + 1
+            journal_end, data_end = position, end
+        return entries, journal_end, data_end
+
+    def _recover(self) -> None:
+        data_size = self.data_path.stat().st_size if self.data_path.exists() else 0
+        entries, journal_end, data_end = self.read_journal(self.journal_path, data_size)
+        # Cut whatever a kill left after the last whole identity.
+        if self.journal_path.exists() and self.journal_path.stat().st_size != journal_end:
+            with open(self.journal_path, "r+b") as handle:
+                handle.truncate(journal_end)
+        if data_size != data_end:
+            with open(self.data_path, "ab") as handle:
+                handle.truncate(data_end)
+        for entry in entries:
+            self.entries.setdefault(int(entry["identity"]), entry)
+
+    def commit(self, finished: list[tuple[dict, list[bytes]]]) -> None:
+        """Append identities (stats entry, encoded images) durably: data fsync, then journal fsync."""
+        if not finished:
+            return
+        try:
+            lines = []
+            offset = self._data.tell()
+            for entry, images in finished:
+                entry = dict(entry, offset=offset, lengths=[len(b) for b in images])
+                for blob in images:
+                    self._data.write(blob)
+                offset += sum(entry["lengths"])
+                lines.append(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._data.flush()
+            os.fsync(self._data.fileno())
+            self._journal.write("".join(lines).encode())
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise HyperfaceError(
+                    f"disk full while writing {self.folder}: the identities finished so far are kept; free space "
+                    "and rerun with --resume"
+                ) from exc
+            raise
+        for entry, _ in finished:
+            self.entries.setdefault(int(entry["identity"]), entry)
+
+    def close(self) -> None:
+        self._data.close()
+        self._journal.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering one shard
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _IdentityState:
+    identity: int
+    next_index: int = 0
+    accepted: list = field(default_factory=list)  # (image_index, similarity, stored image)
+    rejected: list = field(default_factory=list)
+    no_face: int = 0
+
+
+def _encode(image: np.ndarray, image_format: str, quality: int) -> bytes:
+    from hyperface.datasets.codec import encode_image
+
+    return encode_image(image, image_format=image_format, quality=quality)
+
+
+def render_shard(
+    generator: IdentityGenerator,
+    embeddings: np.ndarray,
+    out_dir: str | Path,
+    config: GenerationConfig,
+    *,
+    shard: Shard = Shard(),
+    aligner: Aligner | None = None,
+    embed_fn: EmbedFn | None = None,
+    on_identity_done: Callable[[int], None] | None = None,
+    show_progress: bool | None = None,
+) -> dict[str, Any]:
+    """Render this shard's unfinished identities into ``out_dir/parts/<shard>``; return its summary."""
+    if config.filtered and embed_fn is None:
+        raise HyperfaceError("--min-similarity needs --fr-model (the FR model the identities live in, e.g. Arc2Face's arcface.onnx)")
+    aligner = aligner or make_aligner("ffhq")
+    part = ShardPart(Path(out_dir) / PARTS_DIR / shard.name)
+    todo = [i for i in shard.identities(embeddings.shape[0]) if i not in part.entries]
+    k, limit, batch_size = config.images_per_identity, config.attempts_limit, config.batch_size
+    total_images = len(shard.identities(embeddings.shape[0])) * k
+    bar = progress(total=total_images, desc=f"generate {shard.index}/{shard.count}", unit="img", disable=None if show_progress is None else not show_progress)
+    bar.update(len(part.entries) * k)
+    pending = iter(todo)
+    active: "OrderedDict[int, _IdentityState]" = OrderedDict()
+    exhausted = False
+    rendered = 0
+    started = time.time()
+    try:
+        while True:
+            # Plan a batch: first the identities in flight, then new ones, each asking only for
+            # what it still needs (and may still try).
+            items: list[tuple[_IdentityState, int]] = []
+
+            def request(state: _IdentityState) -> None:
+                want = min(k - len(state.accepted), limit - state.next_index)
+                take = max(0, min(want, batch_size - len(items)))
+                items.extend((state, state.next_index + j) for j in range(take))
+                state.next_index += take
+
+            for state in active.values():
+                if len(items) >= batch_size:
+                    break
+                request(state)
+            while len(items) < batch_size and not exhausted:
+                identity = next(pending, None)
+                if identity is None:
+                    exhausted = True
+                    break
+                active[identity] = _IdentityState(identity)
+                request(active[identity])
+            if not items:
+                break
+            identities = np.array([state.identity for state, _ in items])
+            seeds = [image_seed(config.seed, state.identity, index) for state, index in items]
+            conditioning = np.stack(
+                [config.perturbation.apply(embeddings[state.identity], seed) for (state, _), seed in zip(items, seeds)]
+            )
+            images = generator.generate(conditioning, seeds)
+            rendered += len(images)
+            aligned = [aligner(np.asarray(image)) for image in images]
+            if config.filtered:
+                crops = np.stack([crop for _, crop, _ in aligned])
+                similarity = cosine_to_references(embed_fn, crops, embeddings[identities])
+            else:
+                similarity = np.full(len(items), np.nan, dtype=np.float32)
+            for (state, index), (stored, _, no_face), sim in zip(items, aligned, similarity):
+                state.no_face += int(no_face)
+                record = (index, float(sim), stored)
+                if not config.filtered or sim >= config.min_similarity:
+                    state.accepted.append(record)
+                else:
+                    state.rejected.append(record)
+            # Retire identities that are full or out of attempts.
+            finished = []
+            for identity in [i for i, s in active.items() if len(s.accepted) >= k or s.next_index >= limit]:
+                state = active.pop(identity)
+                kept = sorted(state.accepted, key=lambda r: r[0])[:k]
+                filled = sorted(state.rejected, key=lambda r: -r[1])[: k - len(kept)]
+                kept = kept + sorted(filled, key=lambda r: r[0])
+                entry = {
+                    "identity": identity,
+                    "indices": [r[0] for r in kept],
+                    "similarities": [None if np.isnan(r[1]) else round(r[1], 5) for r in kept],
+                    "attempts": state.next_index,
+                    "accepted": min(len(state.accepted), k),
+                    "filled": len(filled),
+                    "no_face": state.no_face,
+                }
+                blobs = [_encode(r[2], config.image_format, config.quality) for r in kept]
+                finished.append((entry, blobs))
+            part.commit(finished)
+            bar.update(sum(len(blobs) for _, blobs in finished))
+            bar.set_postfix(renders=rendered, refresh=False)
+            if on_identity_done is not None:
+                for entry, _ in finished:
+                    on_identity_done(entry["identity"])
+    finally:
+        bar.close()
+        part.close()
+    elapsed = time.time() - started
+    return {
+        "shard": f"{shard.index}/{shard.count}",
+        "identities": len(shard.identities(embeddings.shape[0])),
+        "identities_done": len(part.entries),
+        "rendered_this_run": rendered,
+        "seconds_this_run": round(elapsed, 3),
+        "renders_per_second": round(rendered / elapsed, 3) if elapsed > 0 else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Run bookkeeping and merging
+# ----------------------------------------------------------------------------------------------
+
+
+def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
+    """Store what this output folder generates; on resume, refuse different settings."""
+    path = out_dir / RUN_FILE
+    if path.exists():
+        old = read_json(path)
+        ignored = {"identities_path"}  # the same identities may be resumed from another path
+        differing = sorted(
+            key for key in (set(old) | set(run)) - ignored if old.get(key) != json.loads(json.dumps(run.get(key)))
+        )
+        if differing:
+            raise HyperfaceError(
+                f"{out_dir} holds a run with other settings ({', '.join(differing)}); rerun with the same settings "
+                "to resume, or choose another --out"
+            )
+        return
+    save_json(path, run)
+
+
+def _collect_parts(out_dir: Path, num_identities: int) -> dict[int, tuple[Path, int, list[int], dict]]:
+    """identity -> (data file, offset, lengths, entry) over every part folder (first one wins)."""
+    found: dict[int, tuple[Path, int, list[int], dict]] = {}
+    parts_root = out_dir / PARTS_DIR
+    for folder in sorted(parts_root.iterdir()) if parts_root.is_dir() else []:
+        data = folder / "images.bin"
+        size = data.stat().st_size if data.exists() else 0
+        entries, _, _ = ShardPart.read_journal(folder / "journal.jsonl", size)
+        for entry in entries:
+            identity = int(entry["identity"])
+            if 0 <= identity < num_identities and identity not in found:
+                slim = {key: entry[key] for key in ("attempts", "accepted", "filled", "no_face", "similarities", "indices")}
+                found[identity] = (data, int(entry["offset"]), [int(n) for n in entry["lengths"]], slim)
+    return found
+
+
+def _iter_identity_images(found: dict, num_identities: int) -> Iterable[tuple[int, list[bytes]]]:
+    handles: dict[Path, Any] = {}
+    try:
+        for identity in range(num_identities):
+            data, offset, lengths, _ = found[identity]
+            handle = handles.get(data) or handles.setdefault(data, open(data, "rb"))
+            handle.seek(offset)
+            blob = handle.read(sum(lengths))
+            images, position = [], 0
+            for n in lengths:
+                images.append(blob[position : position + n])
+                position += n
+            yield identity, images
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: bool = True, show_progress: bool | None = None) -> dict[str, Any]:
+    """Build the final dataset (image folder and/or RecordIO) from every shard's part; N x K images.
+
+    Safe to rerun after a kill: the image folder is built as ``images.tmp`` with deterministic
+    names (rewritten, never duplicated) and renamed when complete; RecordIO is rewritten from the
+    start and renamed by its writer.
+    """
+    from hyperface.datasets import ImageFolderWriter, RecordIOWriter
+
+    out_dir = Path(out_dir)
+    if not (out_dir / RUN_FILE).exists():
+        raise HyperfaceError(f"{out_dir} holds no generation run ({RUN_FILE} missing); give the --out of `hyperface generate`")
+    run = read_json(out_dir / RUN_FILE)
+    num_identities, k = int(run["num_identities"]), int(run["config"]["images_per_identity"])
+    formats = formats or run.get("format", "both")
+    if formats not in FORMATS:
+        raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
+    found = _collect_parts(out_dir, num_identities)
+    missing = [i for i in range(num_identities) if i not in found]
+    if missing:
+        raise HyperfaceError(
+            f"{len(missing)} of {num_identities} identities are not generated yet (e.g. {missing[:5]}): finish every "
+            "shard (rerun it with --resume) before merging"
+        )
+    bad = [i for i, (_, _, lengths, _) in found.items() if len(lengths) != k]
+    if bad:
+        raise HyperfaceError(f"identities {bad[:5]} have a number of images other than {k}: the parts are inconsistent")
+    started = time.time()
+    wanted = {"folder": ["folder"], "rec": ["rec"], "both": ["folder", "rec"]}[formats]
+    outputs: dict[str, str] = {}
+    for kind in wanted:
+        final = out_dir / ("images" if kind == "folder" else "rec")
+        outputs[kind] = str(final)
+        if (kind == "folder" and final.is_dir()) or (kind == "rec" and (final / "train.rec").exists()):
+            continue  # finished by an earlier merge
+        bar = progress(total=num_identities * k, desc=f"merge {kind}", unit="img", disable=None if show_progress is None else not show_progress)
+        if kind == "folder":
+            staging = out_dir / "images.tmp"
+            writer = ImageFolderWriter(staging, image_format=run["config"]["image_format"])
+            for identity, images in _iter_identity_images(found, num_identities):
+                for index, blob in enumerate(images):
+                    writer.add(blob, identity, index=index)
+                bar.update(len(images))
+            writer.close()
+            os.replace(staging, final)
+        else:
+            writer = RecordIOWriter(final, image_format=run["config"]["image_format"], overwrite=True)
+            try:
+                for identity, images in _iter_identity_images(found, num_identities):
+                    for blob in images:
+                        writer.add(blob, identity)
+                    bar.update(len(images))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        bar.close()
+    stats = acceptance_statistics(found, num_identities, run)
+    save_json(out_dir / "acceptance.json", stats)
+    manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
+    manifest.time("merge", time.time() - started)
+    manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"]})
+    manifest.write(out_dir, checksum_inputs=False)
+    if not keep_parts:
+        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
+    return {"outputs": outputs, "num_identities": num_identities, "num_images": num_identities * k, "acceptance": stats["summary"]}
+
+
+def acceptance_statistics(found: dict, num_identities: int, run: dict) -> dict[str, Any]:
+    attempts = np.array([found[i][3]["attempts"] for i in range(num_identities)])
+    accepted = np.array([found[i][3]["accepted"] for i in range(num_identities)])
+    filled = np.array([found[i][3]["filled"] for i in range(num_identities)])
+    no_face = np.array([found[i][3]["no_face"] for i in range(num_identities)])
+    sims = [[s for s in found[i][3]["similarities"] if s is not None] for i in range(num_identities)]
+    mean_sim = np.array([np.mean(s) if s else np.nan for s in sims])
+    summary = {
+        "identities": num_identities,
+        "images": int(sum(len(found[i][2]) for i in range(num_identities))),
+        "renders": int(attempts.sum()),
+        "acceptance_rate": float(accepted.sum() / max(1, attempts.sum())),
+        "identities_filled_below_threshold": int((filled > 0).sum()),
+        "images_filled_below_threshold": int(filled.sum()),
+        "no_face_renders": int(no_face.sum()),
+        "mean_similarity": None if np.isnan(mean_sim).all() else float(np.nanmean(mean_sim)),
+        "min_similarity": run["config"].get("min_similarity"),
+    }
+    return {
+        "summary": summary,
+        "per_identity": {
+            "attempts": attempts.tolist(),
+            "accepted": accepted.tolist(),
+            "filled": filled.tolist(),
+            "no_face": no_face.tolist(),
+            "mean_similarity": [None if np.isnan(v) else round(float(v), 5) for v in mean_sim],
+        },
+    }
+
+
+def generate_dataset(
+    generator: IdentityGenerator,
+    embeddings: np.ndarray,
+    out_dir: str | Path,
+    config: GenerationConfig,
+    *,
+    formats: str = "both",
+    shard: Shard = Shard(),
+    aligner: Aligner | None = None,
+    align_mode: str = "ffhq",
+    embed_fn: EmbedFn | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    identities_path: str | None = None,
+    run_info: dict[str, Any] | None = None,
+    merge: bool | None = None,
+    keep_parts: bool = True,
+    on_identity_done: Callable[[int], None] | None = None,
+    show_progress: bool | None = None,
+) -> dict[str, Any]:
+    """Render ``embeddings`` (N, 512 unit rows) into ``out_dir``: K images per identity.
+
+    With one shard (the default) the dataset is merged at the end; with several, each call renders
+    its shard and :func:`merge_parts` (``hyperface generate --merge``) builds the dataset once all
+    are done. ``run_info`` adds facts (e.g. generator settings, FR model) that must match on resume.
+    """
+    from hyperface.common.io import prepare_output_dir, validate_embeddings
+
+    if formats not in FORMATS:
+        raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
+    embeddings = validate_embeddings(np.asarray(embeddings), what="identity embeddings", dim=generator.embedding_dim, require_unit=True)
+    out_dir = Path(out_dir)
+    # Several ranks share one --out: only a single-shard run insists on an empty folder.
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate")
+    run = {
+        "num_identities": int(embeddings.shape[0]),
+        "embeddings_sha256": embeddings_fingerprint(embeddings),
+        "identities_path": identities_path,
+        "config": config.describe(),
+        "format": formats,
+        "align": align_mode,
+        **(run_info or {}),
+    }
+    write_or_check_run(out_dir, run)
+    summary = render_shard(
+        generator, embeddings, out_dir, config, shard=shard, aligner=aligner, embed_fn=embed_fn,
+        on_identity_done=on_identity_done, show_progress=show_progress,
+    )
+    part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary})
+    part_manifest.write(out_dir / PARTS_DIR / shard.name, checksum_inputs=False)
+    if merge if merge is not None else shard.count == 1:
+        summary["dataset"] = merge_parts(out_dir, formats=formats, keep_parts=keep_parts, show_progress=show_progress)
+    return summary
+
+
+__all__ = [
+    "FORMATS",
+    "GenerationConfig",
+    "Shard",
+    "ShardPart",
+    "embeddings_fingerprint",
+    "generate_dataset",
+    "merge_parts",
+    "render_shard",
+    "write_or_check_run",
+]

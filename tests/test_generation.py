@@ -1,0 +1,279 @@
+"""Arc2Face on tiny random-weight models saved in the real folder layouts: loading, conditioning,
+sampling determinism, LCM-LoRA, intra-class variation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from generation_fixtures import random_identities, session_tiny_generator, session_tiny_models, write_kohya_lora
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.generation.arc2face import (
+    ARC2FACE_PROMPT,
+    SCHEDULERS,
+    Arc2FaceGenerator,
+    Arc2FaceSettings,
+    find_arc2face_files,
+    load_arc2face_components,
+    make_scheduler,
+)
+from hyperface.generation.base import IdentityGenerator
+from hyperface.generation.lora import fuse_lora_into_unet
+from hyperface.generation.variation import Perturbation, image_seed
+
+
+@pytest.fixture(scope="module")
+def models():
+    return session_tiny_models()
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return session_tiny_generator()
+
+
+def _copy_models(models, tmp_path):
+    arc2face, sd15 = tmp_path / "Arc2Face", tmp_path / "sd15"
+    shutil.copytree(models.arc2face_dir, arc2face)
+    shutil.copytree(models.sd15_dir, sd15)
+    return arc2face, sd15
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_loader_reads_the_real_layout(models, generator):
+    paths = find_arc2face_files(models.arc2face_dir, models.sd15_dir)
+    assert paths.encoder.name == "encoder" and paths.unet.name == "arc2face"
+    # The encoder weights are the ones in encoder/pytorch_model.bin (keys under "text_model.").
+    saved = torch.load(models.arc2face_dir / "encoder" / "pytorch_model.bin", weights_only=True)
+    loaded = generator.text_encoder.get_input_embeddings().weight
+    assert torch.equal(loaded, saved["text_model.embeddings.token_embedding.weight"])
+    assert generator.unet.config.cross_attention_dim == 768
+    # SD1.5's scheduler_config.json is a PNDM config; Arc2Face samples with DPM-Solver++.
+    assert type(make_scheduler(generator.settings.scheduler, generator.scheduler_config)).__name__ == "DPMSolverMultistepScheduler"
+    assert isinstance(generator, IdentityGenerator)
+
+
+@pytest.mark.parametrize(
+    "remove, expected",
+    [
+        ("Arc2Face/encoder/pytorch_model.bin", ["encoder", "pytorch_model.bin", "FoivosPar/Arc2Face"]),
+        ("Arc2Face/arc2face", ["arc2face", "FoivosPar/Arc2Face"]),
+        ("sd15/vae/config.json", ["vae", "config.json", "stable-diffusion-v1-5/stable-diffusion-v1-5"]),
+        ("sd15/tokenizer/merges.txt", ["merges.txt", "stable-diffusion-v1-5"]),
+        ("sd15/scheduler", ["scheduler", "stable-diffusion-v1-5"]),
+    ],
+)
+def test_missing_files_name_the_file_and_its_source(models, tmp_path, remove, expected):
+    arc2face, sd15 = _copy_models(models, tmp_path)
+    target = tmp_path / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(HyperfaceError) as info:
+        find_arc2face_files(arc2face, sd15)
+    for word in expected:
+        assert word in str(info.value)
+
+
+def test_swapped_folders_are_explained(models):
+    with pytest.raises(HyperfaceError, match="FoivosPar/Arc2Face"):
+        find_arc2face_files(models.sd15_dir, models.arc2face_dir)
+
+
+def test_mismatched_encoder_checkpoint_is_refused(models, tmp_path):
+    arc2face, sd15 = _copy_models(models, tmp_path)
+    config_path = arc2face / "encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_hidden_layers"] += 1  # the checkpoint lacks this layer's weights
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(HyperfaceError, match="encoder"):
+        load_arc2face_components(arc2face, sd15)
+
+
+def test_mismatched_unet_is_refused(models, tmp_path):
+    arc2face, sd15 = _copy_models(models, tmp_path)
+    config_path = sd15 / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["latent_channels"] = 8  # weights no longer fit: a clear error, not a traceback
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(HyperfaceError, match="VAE"):
+        load_arc2face_components(arc2face, sd15)
+
+
+# --- conditioning ---------------------------------------------------------------------------------
+
+
+def test_identity_lands_at_the_id_token(generator):
+    """Compare with a manual computation: put the padded embedding into the vocabulary row of "id"
+    and run the untouched model; positions before "id" must not see it (causal mask)."""
+    encoder = generator.prompt_encoder
+    identity = random_identities(1, seed=7)
+    tokens = generator.tokenizer.convert_ids_to_tokens(encoder.prompt_ids[0, :7].tolist())
+    assert tokens[encoder.id_position.item()] == "id</w>"
+    assert encoder.id_position.item() == 4  # <bos> photo of a id person <eos>
+
+    manual_model = copy.deepcopy(generator.text_encoder)
+    padded = torch.zeros(768)
+    padded[:512] = torch.from_numpy(identity[0])
+    with torch.no_grad():
+        manual_model.get_input_embeddings().weight[encoder.id_token] = padded
+        expected = manual_model(input_ids=encoder.prompt_ids).last_hidden_state
+        plain = generator.text_encoder(input_ids=encoder.prompt_ids).last_hidden_state
+    got = encoder.encode(identity)
+    assert got.shape == (1, 77, 768)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    position = encoder.id_position.item()
+    torch.testing.assert_close(got[:, :position], plain[:, :position])  # causal: unaffected
+    assert (got[:, position:] - plain[:, position:]).abs().amax(dim=-1).min() > 1e-3
+
+
+def test_embedding_is_normalised_and_zero_padded(generator):
+    identity = random_identities(1, seed=3)
+    a = generator.prompt_encoder.encode(identity)
+    b = generator.prompt_encoder.encode(identity * 5.0)  # Arc2Face L2-normalises first
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_encoding_equals_one_at_a_time(generator):
+    identities = random_identities(5, seed=11)
+    batched = generator.prompt_encoder.encode(identities)
+    single = torch.cat([generator.prompt_encoder.encode(identities[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+    assert (batched[0] - batched[1]).abs().max() > 1e-3  # identities do differ
+
+
+def test_unconditional_branch_is_the_empty_prompt(generator):
+    empty = generator.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = generator.text_encoder(input_ids=empty).last_hidden_state
+    torch.testing.assert_close(generator.prompt_encoder.unconditional(), expected)
+
+
+def test_wrong_embedding_dimension_is_refused(generator):
+    with pytest.raises(HyperfaceError, match="512"):
+        generator.prompt_encoder.encode(np.ones((2, 128), np.float32))
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def test_classifier_free_guidance_is_one_batched_forward(generator):
+    calls = []
+    handle = generator.unet.register_forward_hook(lambda module, args, kwargs_out: calls.append(args[0].shape[0]))
+    try:
+        images = generator.generate(random_identities(3, seed=1), [5, 6, 7])
+    finally:
+        handle.remove()
+    assert calls == [6] * generator.settings.steps  # [uncond; cond] for 3 identities per step
+    assert len(images) == 3 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
+
+
+def test_image_does_not_depend_on_batch_composition(generator):
+    identities = random_identities(3, seed=2)
+    seeds = [image_seed(0, i, 0) for i in range(3)]
+    batch = generator.generate_array(identities, seeds)
+    alone = generator.generate_array(identities[1:2], seeds[1:2])
+    assert np.abs(batch[1].astype(int) - alone[0].astype(int)).max() <= 1
+    again = generator.generate_array(identities, seeds)
+    assert np.array_equal(batch, again)
+    other_seed = generator.generate_array(identities[1:2], [seeds[1] + 1])
+    assert np.abs(other_seed[0].astype(int) - alone[0].astype(int)).max() > 5
+
+
+def test_settings_defaults_are_arc2face_and_lcm():
+    default = Arc2FaceSettings().resolved()
+    assert (default.scheduler, default.steps, default.guidance_scale, default.resolution) == ("dpm", 25, 3.0, 512)
+    fast = Arc2FaceSettings(lcm_lora="x.safetensors").resolved()
+    assert (fast.scheduler, fast.steps, fast.guidance_scale) == ("lcm", 4, 1.0)
+    with pytest.raises(HyperfaceError, match="lcm-lora"):
+        Arc2FaceSettings(scheduler="lcm").resolved()
+    with pytest.raises(HyperfaceError, match="scheduler"):
+        Arc2FaceSettings(scheduler="nope").resolved()
+
+
+def test_every_scheduler_builds_from_sd15_config(generator):
+    for name in SCHEDULERS:
+        scheduler = make_scheduler(name, generator.scheduler_config)
+        scheduler.set_timesteps(3)
+        assert len(scheduler.timesteps) >= 3
+
+
+def test_lcm_lora_is_fused_and_used(models, tmp_path):
+    components = load_arc2face_components(models.arc2face_dir, models.sd15_dir)
+    lora_path = tmp_path / "pytorch_lora_weights.safetensors"
+    scales = write_kohya_lora(lora_path, components.unet)
+    name = next(iter(scales))
+    layer = dict(components.unet.named_modules())[name]
+    before = layer.weight.detach().clone()
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(lora_path))
+    key = "lora_unet_" + name.replace(".", "_")
+    expected_delta = (tensors[f"{key}.lora_up.weight"] @ tensors[f"{key}.lora_down.weight"]) * scales[name]
+
+    settings = Arc2FaceSettings(lcm_lora=lora_path, steps=2, resolution=models.resolution)
+    lcm = Arc2FaceGenerator(components, settings)
+    torch.testing.assert_close(layer.weight - before, expected_delta, rtol=1e-4, atol=1e-5)
+    assert type(make_scheduler(lcm.settings.scheduler, lcm.scheduler_config)).__name__ == "LCMScheduler"
+    calls = []
+    handle = lcm.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        first = lcm.generate_array(random_identities(2, seed=4), [1, 2])
+        second = lcm.generate_array(random_identities(2, seed=4)[1:], [2])
+    finally:
+        handle.remove()
+    assert calls == [2, 2, 1, 1]  # guidance 1.0: no unconditional branch
+    # LCM re-noises between steps from each image's own generator: still batch-independent.
+    assert np.abs(first[1].astype(int) - second[0].astype(int)).max() <= 1
+
+
+def test_lora_for_another_model_is_refused(models, tmp_path):
+    from safetensors.torch import save_file
+
+    components = load_arc2face_components(models.arc2face_dir, models.sd15_dir)
+    path = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_not_a_layer.lora_down.weight": torch.zeros(2, 4)}, str(path))
+    with pytest.raises(HyperfaceError, match="matches no UNet layer"):
+        fuse_lora_into_unet(components.unet, path)
+    with pytest.raises(HyperfaceError, match="not found"):
+        fuse_lora_into_unet(components.unet, tmp_path / "missing.safetensors")
+
+
+# --- intra-class variation ------------------------------------------------------------------------
+
+
+def test_image_seeds_are_deterministic_and_distinct():
+    seeds = {image_seed(3, identity, index) for identity in range(50) for index in range(20)}
+    assert len(seeds) == 1000
+    assert image_seed(3, 7, 2) == image_seed(3, 7, 2) != image_seed(4, 7, 2)
+
+
+def test_angle_perturbation_rotates_by_exactly_the_angle():
+    reference = random_identities(1, seed=9)[0]
+    perturbation = Perturbation("angle", 12.0)
+    a, b = perturbation.apply(reference, 1), perturbation.apply(reference, 2)
+    for vector in (a, b):
+        assert abs(np.linalg.norm(vector) - 1) < 1e-5
+        assert abs(float(vector @ reference) - np.cos(np.deg2rad(12.0))) < 1e-5
+    assert np.array_equal(a, perturbation.apply(reference, 1))
+    assert float(a @ b) < 0.999  # different directions
+
+
+def test_noise_perturbation_is_renormalised():
+    reference = random_identities(1, seed=9)[0]
+    vector = Perturbation("noise", 0.3).apply(reference, 5)
+    assert abs(np.linalg.norm(vector) - 1) < 1e-5
+    assert 0.8 < float(vector @ reference) < 0.999
+    assert np.allclose(Perturbation("none", 0).apply(reference, 5), reference, atol=1e-6)
+    with pytest.raises(HyperfaceError):
+        Perturbation("angle", 120)
+
+
+def test_prompt_is_arc2face():
+    assert ARC2FACE_PROMPT == "photo of a id person"
