@@ -255,3 +255,42 @@ def test_unpack_payload_rejects_short_payload():
         unpack_payload(b"\0" * 10)
     header, rest = unpack_payload(pack_payload([1.0, 2.0, 3.0], b"img"))
     assert header.flag == 3 and header.label.tolist() == [1.0, 2.0, 3.0] and bytes(rest) == b"img"
+
+
+def test_writer_splits_payloads_holding_the_magic_word(tmp_path):
+    png = encode_image(_images(1, seed=7)[0], image_format="png")
+    data = png + b"\0" * (-len(png) % 4) + struct.pack("<I", MAGIC) * 3  # aligned magic words in the payload
+    with RecordIOWriter(tmp_path) as writer:
+        writer.add(data, 0)
+        writer.add(png, 0)
+    blob = (tmp_path / "train.rec").read_bytes()
+    offset = int((tmp_path / "train.idx").read_text().splitlines()[1].split("\t")[1])
+    assert struct.unpack_from("<I", blob, offset + 4)[0] >> 29 == 1  # written as a multi-part record
+    dataset = RecordIODataset(tmp_path)
+    assert dataset.read_raw(0) == (data, 0) and dataset.read_raw(1) == (png, 0)
+    np.testing.assert_array_equal(dataset[0][0], dataset[1][0])
+
+
+def test_empty_shard_is_rejected(tmp_path):
+    (tmp_path / "train.rec").write_bytes(b"")
+    (tmp_path / "train.idx").write_text("")
+    with pytest.raises(HyperfaceError, match="no records"):
+        open_dataset(tmp_path)
+    (tmp_path / "train.idx").write_text("0\t0\n")
+    with pytest.raises(HyperfaceError, match="truncated"):
+        open_dataset(tmp_path)
+
+
+def test_dataloader_workers_read_lazily(tmp_path):
+    import torch
+    images = _images(6, seed=8)
+    with RecordIOWriter(tmp_path, image_format="png") as writer:
+        for i, image in enumerate(images):
+            writer.add(image, i // 3)
+    dataset = RecordIODataset(tmp_path)
+    dataset[0]  # the parent opened its handle; workers must open their own
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2)
+    batches = list(loader)
+    got = torch.cat([b[0] for b in batches]).numpy()
+    np.testing.assert_array_equal(got, np.stack(images))
+    assert torch.cat([b[1] for b in batches]).tolist() == [0, 0, 0, 1, 1, 1]

@@ -336,6 +336,23 @@ def embed_pairs(
     return _l2_normalize(fused), norm_sum / max(total, 1)
 
 
+def evaluate_images(
+    embed_fn: EmbedFn,
+    images: np.ndarray,
+    issame: np.ndarray,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    nfolds: int = 10,
+) -> VerificationResult:
+    """The protocol on already decoded pairs (``load_bin`` output): for periodic checks during training,
+    decode a .bin once and call this every few thousand steps."""
+    embeddings, xnorm = embed_pairs(embed_fn, images, batch_size=batch_size, flip=flip)
+    result = evaluate_embeddings(embeddings, issame, nfolds=nfolds)
+    result.xnorm = xnorm
+    return result
+
+
 def evaluate_bin(
     embed_fn: EmbedFn,
     path: str | os.PathLike,
@@ -367,6 +384,7 @@ __all__ = [
     "embed_pairs",
     "evaluate_bin",
     "evaluate_embeddings",
+    "evaluate_images",
     "kfold_splits",
     "load_bin",
     "read_bin",
