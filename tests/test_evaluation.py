@@ -227,6 +227,8 @@ def test_evaluate_bin_matches_independent_pipeline(tmp_path):
     assert result.accuracy == pytest.approx(accuracy, abs=1e-9) and result.std == pytest.approx(std, abs=1e-9)
     assert result.fold_thresholds == pytest.approx(thresholds)
     assert result.accuracy > 0.9 and result.name == "pairs"
+    norms = np.linalg.norm(np.concatenate([_pixel_embed(stacked), _pixel_embed(stacked[:, :, ::-1, :].copy())]), axis=1)
+    assert result.xnorm == pytest.approx(norms.mean(), rel=1e-5)  # insightface's XNorm: both passes
     no_flip = evaluate_bin(_pixel_embed, path, batch_size=64, flip=False)
     plain = _pixel_embed(stacked)
     plain /= np.linalg.norm(plain, axis=1, keepdims=True)

@@ -388,6 +388,7 @@ class RecordIOWriter:
         self.image_size: tuple[int, int] | None = None
         self._ranges: dict[int, list[int]] = {}  # label -> [first key, end key)
         self._current: int | None = None
+        self._max_label = -1
         self._next_key = 1
         self._closed = False
         if self.rec_path.exists() and not overwrite:
@@ -440,6 +441,7 @@ class RecordIOWriter:
             self._idx.write("0\t0\n")
             self._ranges.clear()
             self._current = None
+            self._max_label = -1
             return
         self._next_key = len(valid_lines)
         self._rec = open(self._tmp_rec, "r+b")
@@ -458,6 +460,7 @@ class RecordIOWriter:
                 )
             self._ranges[label] = [key, key]
             self._current = label
+            self._max_label = max(self._max_label, label)
         self._ranges[label][1] = key + 1
 
     # -- writing -----------------------------------------------------------------------------------
@@ -489,7 +492,7 @@ class RecordIOWriter:
                 self.image_size = image.shape[:2]
             data = encode_image(image, image_format=self.image_format, quality=self.quality)
         key = self._next_key
-        if key >= (1 << 24) - 1 - (max(self._ranges, default=0) + 1):
+        if key + max(self._max_label, label) + 2 >= 1 << 24:  # + identity records, all keys as float32
             raise HyperfaceError(
                 "a RecordIO file in insightface's layout holds at most 2^24 records (float32 header labels); "
                 "write the dataset as several shards"

@@ -326,14 +326,16 @@ def embed_pairs(
             raise HyperfaceError(f"the embedding function returned shape {raw.shape} for {chunk.shape[0]} images")
         norm_sum += float(np.linalg.norm(raw, axis=1).sum())
         if flip:  # insightface: features of the image plus features of its horizontal mirror
-            raw = raw + np.asarray(embed_fn(np.ascontiguousarray(chunk[:, :, ::-1, :])), dtype=np.float32)
+            mirrored = np.asarray(embed_fn(np.ascontiguousarray(chunk[:, :, ::-1, :])), dtype=np.float32)
+            norm_sum += float(np.linalg.norm(mirrored, axis=1).sum())
+            raw = raw + mirrored
         if fused is None:
             fused = np.empty((total, raw.shape[1]), dtype=np.float32)
         fused[start : start + raw.shape[0]] = raw
         bar.update(chunk.shape[0])
     bar.close()
     assert fused is not None
-    return _l2_normalize(fused), norm_sum / max(total, 1)
+    return _l2_normalize(fused), norm_sum / max(total * (2 if flip else 1), 1)  # XNorm over both passes
 
 
 def evaluate_images(
