@@ -128,6 +128,9 @@ def test_ijb_meta_errors(tmp_path):
     with pytest.raises(HyperfaceError, match="IJBC release folder"):
         read_ijb_meta(tmp_path, "IJBC")
     folder, _ = _write_release(tmp_path, identities=2, templates_per_id=1, faces_per_template=1)
+    (folder / "loose_crop" / "2.png").unlink()
+    with pytest.raises(HyperfaceError, match="cannot read IJB image"):
+        evaluate_ijb(_pixel_embed, folder, "IJBC")
     lines = (folder / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines()
     (folder / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(reversed(lines)) + "\n")
     with pytest.raises(HyperfaceError, match="same order"):
