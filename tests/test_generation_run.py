@@ -1,0 +1,287 @@
+"""The dataset runner and `hyperface generate`: quality filter, sharding + merge, resume after a kill,
+a full disk, both writers read back, bad inputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+from generation_fixtures import random_identities, session_tiny_generator, session_tiny_models
+
+from hyperface.cli import main
+from hyperface.common.errors import HyperfaceError
+from hyperface.datasets import ImageFolderDataset, RecordIODataset, decode_image
+from hyperface.generation import dataset as dataset_module
+from hyperface.generation.dataset import GenerationConfig, Shard, ShardPart, generate_dataset, merge_parts
+from hyperface.generation.variation import Perturbation, image_seed
+from hyperface.recognition.alignment import crop_ffhq
+
+
+class PaintedGenerator:
+    """An IdentityGenerator stand-in for the runner's logic: each image is painted with (a hash of) its
+    seed, so ``embed`` can return what the image was conditioned on, or its opposite for "bad" seeds."""
+
+    embedding_dim = 512
+    resolution = 112
+
+    def __init__(self):
+        self.conditioning: dict[int, np.ndarray] = {}
+        self.rendered = 0
+
+    @staticmethod
+    def key(seed: int) -> int:
+        return seed % (1 << 24)
+
+    @staticmethod
+    def good(seed: int) -> bool:
+        return PaintedGenerator.key(seed) % 2 == 1
+
+    def generate(self, embeddings, seeds):
+        images = []
+        for embedding, seed in zip(embeddings, seeds):
+            key = self.key(seed)
+            self.conditioning[key] = embedding
+            images.append(np.full((112, 112, 3), [key & 255, (key >> 8) & 255, key >> 16], np.uint8))
+        self.rendered += len(images)
+        return images
+
+    def embed(self, crops):
+        keys = crops[:, 0, 0, 0].astype(int) | crops[:, 0, 0, 1].astype(int) << 8 | crops[:, 0, 0, 2].astype(int) << 16
+        return np.stack([self.conditioning[k] * (1 if k % 2 else -1) for k in keys])
+
+
+def keep_as_is(image):
+    return image, image, False
+
+
+def _read_all(path):
+    dataset = ImageFolderDataset(path) if path.name == "images" else RecordIODataset(path)
+    return dataset, [dataset.read_raw(i) for i in range(len(dataset))]
+
+
+def test_quality_filter_retries_then_fills_and_records_statistics(tmp_path):
+    generator = PaintedGenerator()
+    identities = random_identities(6, seed=1)
+    config = GenerationConfig(images_per_identity=4, seed=5, batch_size=5, min_similarity=0.5, max_attempts=6)
+    generate_dataset(
+        generator, identities, tmp_path / "out", config, formats="folder", aligner=keep_as_is, embed_fn=generator.embed,
+        show_progress=False,
+    )
+    stats = json.loads((tmp_path / "out" / "acceptance.json").read_text())
+    per = stats["per_identity"]
+    assert stats["summary"]["images"] == 24 and stats["summary"]["renders"] == generator.rendered
+    journal = [json.loads(line) for line in (tmp_path / "out/parts/shard-00000-of-00001/journal.jsonl").read_text().splitlines()]
+    for entry in journal:
+        i = entry["identity"]
+        good = [j for j in range(entry["attempts"]) if PaintedGenerator.good(image_seed(5, i, j))]
+        assert entry["attempts"] <= 6 and len(entry["indices"]) == 4
+        assert entry["accepted"] == min(4, len(good)) == per["accepted"][i]
+        assert entry["filled"] == 4 - entry["accepted"]
+        kept_good = [j for j in entry["indices"] if j in good]
+        assert kept_good == good[:4]  # the first K accepted renders are kept, in order
+        if entry["filled"]:
+            assert entry["attempts"] == 6  # filled only once out of attempts
+        sims = dict(zip(entry["indices"], entry["similarities"]))
+        assert all(sims[j] >= 0.5 for j in kept_good) and all(sims[j] < 0.5 for j in set(entry["indices"]) - set(good))
+    assert stats["summary"]["images_filled_below_threshold"] == sum(per["filled"])
+    # The seed above exercises both outcomes: identities filled with rejects, and full ones.
+    assert 0 < sum(f > 0 for f in per["filled"]) < 6
+    dataset = ImageFolderDataset(tmp_path / "out" / "images")
+    assert len(dataset) == 24 and np.bincount(dataset.labels).tolist() == [4] * 6
+
+
+def test_filter_without_fr_model_is_refused(tmp_path):
+    config = GenerationConfig(images_per_identity=2, min_similarity=0.3)
+    with pytest.raises(HyperfaceError, match="fr-model"):
+        generate_dataset(PaintedGenerator(), random_identities(2), tmp_path / "o", config, aligner=keep_as_is, show_progress=False)
+
+
+def test_shards_merge_into_exactly_the_single_run(tmp_path):
+    identities = random_identities(7, seed=2)
+    config = GenerationConfig(images_per_identity=3, seed=1, batch_size=4, perturbation=Perturbation("noise", 0.2))
+    for index in range(3):
+        generate_dataset(
+            PaintedGenerator(), identities, tmp_path / "sharded", config, shard=Shard(index, 3), aligner=keep_as_is,
+            show_progress=False,
+        )
+        if index < 2:
+            with pytest.raises(HyperfaceError, match="not generated yet"):
+                merge_parts(tmp_path / "sharded")
+    merge_parts(tmp_path / "sharded")
+    generate_dataset(PaintedGenerator(), identities, tmp_path / "single", config, aligner=keep_as_is, show_progress=False)
+    for kind in ("images", "rec"):
+        sharded, sharded_items = _read_all(tmp_path / "sharded" / kind)
+        single, single_items = _read_all(tmp_path / "single" / kind)
+        assert len(sharded) == 21 and np.bincount(sharded.labels).tolist() == [3] * 7
+        assert sharded_items == single_items  # same bytes, same labels, same order
+
+
+def test_torchrun_environment_picks_the_shard(monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    shard = Shard.parse(None)
+    assert (shard.index, shard.count) == (2, 4) and list(shard.identities(11)) == [2, 6, 10]
+    assert Shard.parse("1/3") == Shard(1, 3)
+    with pytest.raises(HyperfaceError):
+        Shard.parse("3/3")
+
+
+class Killed(Exception):
+    pass
+
+
+class CountingGenerator:
+    def __init__(self, inner):
+        self.inner, self.rendered = inner, 0
+        self.embedding_dim, self.resolution = inner.embedding_dim, inner.resolution
+
+    def generate(self, embeddings, seeds):
+        self.rendered += len(seeds)
+        return self.inner.generate(embeddings, seeds)
+
+
+def test_resume_after_a_kill_gives_exactly_n_by_k_with_tiny_arc2face(tmp_path):
+    generator = CountingGenerator(session_tiny_generator())
+    identities = random_identities(5, seed=3)
+    config = GenerationConfig(images_per_identity=2, seed=9, batch_size=3)
+    out = tmp_path / "out"
+    finished = []
+
+    def kill_after_two(identity):
+        finished.append(identity)
+        if len(finished) >= 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        generate_dataset(generator, identities, out, config, on_identity_done=kill_after_two, show_progress=False)
+    part = out / "parts" / "shard-00000-of-00001"
+    done = len((part / "journal.jsonl").read_text().splitlines())
+    assert 2 <= done < 5 and not (out / "rec").exists() and not (out / "images").exists()
+    # A kill in the middle of the next commit: half an image and half a journal line on disk.
+    with open(part / "images.bin", "ab") as handle:
+        handle.write(b"\xff\xd8\xff\xe0 half a jpeg")
+    with open(part / "journal.jsonl", "ab") as handle:
+        handle.write(b'{"identity": 4, "offset": 1')
+    with pytest.raises(HyperfaceError, match="--resume"):
+        generate_dataset(generator, identities, out, config, show_progress=False)  # no silent mixing
+
+    generator.rendered = 0
+    generate_dataset(generator, identities, out, config, resume=True, show_progress=False)
+    assert generator.rendered == (5 - done) * 2  # finished identities were not rendered again
+    folder, folder_items = _read_all(out / "images")
+    rec, rec_items = _read_all(out / "rec")
+    assert len(folder) == len(rec) == 10
+    assert np.bincount(folder.labels).tolist() == np.bincount(rec.labels).tolist() == [2] * 5
+    assert folder_items == rec_items
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    # Any image can be regenerated alone: identity 4, image 1 (rendered after the resume).
+    seed = image_seed(9, 4, 1)
+    alone = generator.inner.generate_array(config.perturbation.apply(identities[4], seed)[None], [seed])[0]
+    stored = decode_image(rec_items[9][0])
+    assert rec_items[9][1] == 4 and stored.shape == (112, 112, 3)
+    assert np.abs(stored.astype(float) - crop_ffhq(alone).astype(float)).mean() < 4  # JPEG loss only
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    identities = random_identities(3)
+    config = GenerationConfig(images_per_identity=1, seed=1)
+    generate_dataset(PaintedGenerator(), identities, tmp_path / "o", config, aligner=keep_as_is, show_progress=False)
+    other = GenerationConfig(images_per_identity=1, seed=2)
+    with pytest.raises(HyperfaceError, match="config"):
+        generate_dataset(PaintedGenerator(), identities, tmp_path / "o", other, aligner=keep_as_is, resume=True, show_progress=False)
+
+
+def test_full_disk_keeps_finished_identities(tmp_path, monkeypatch):
+    identities = random_identities(6, seed=4)
+    config = GenerationConfig(images_per_identity=2, seed=0, batch_size=2)
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("images.bin"):
+            calls.append(fd)
+            if len(calls) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(dataset_module.os, "fsync", fsync_until_full)
+    with pytest.raises(HyperfaceError, match="disk full"):
+        generate_dataset(PaintedGenerator(), identities, tmp_path / "o", config, aligner=keep_as_is, show_progress=False)
+    monkeypatch.setattr(dataset_module.os, "fsync", real_fsync)
+    part = ShardPart(tmp_path / "o" / "parts" / "shard-00000-of-00001")
+    assert len(part.entries) == 2  # the two batches committed before the disk filled
+    part.close()
+    generator = PaintedGenerator()
+    generate_dataset(generator, identities, tmp_path / "o", config, aligner=keep_as_is, resume=True, show_progress=False)
+    assert generator.rendered == 8
+    assert len(RecordIODataset(tmp_path / "o" / "rec")) == 12
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate_cli")
+    models = session_tiny_models()
+    np.save(root / "ids.npy", random_identities(4, seed=6))
+    from recognition_fixtures import make_tiny_iresnet, save_backbone
+
+    fr_model = save_backbone(make_tiny_iresnet(seed=1), root / "backbone.pth")
+    common = ["--arc2face", str(models.arc2face_dir), "--sd15", str(models.sd15_dir), "--steps", "2", "--resolution", "32", "--device", "cpu"]
+    return root, common, fr_model
+
+
+def test_cli_generates_filters_and_reads_back(cli_inputs, tmp_path):
+    root, common, fr_model = cli_inputs
+    out = tmp_path / "out"
+    argv = ["generate", str(root / "ids.npy"), *common, "-k", "2", "--out", str(out), "--batch-size", "4",
+            "--fr-model", str(fr_model), "--min-similarity", "-1", "--format", "rec"]
+    assert main(argv) == 0
+    rec = RecordIODataset(out / "rec")
+    assert len(rec) == 8 and np.bincount(rec.labels).tolist() == [2] * 4 and rec[0][0].shape == (112, 112, 3)
+    assert not (out / "images").exists()
+    stats = json.loads((out / "acceptance.json").read_text())["summary"]
+    assert stats["renders"] == 8 and stats["mean_similarity"] is not None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["generator"]["steps"] == 2 and manifest["params"]["fr_model"] == "backbone.pth"
+
+
+def test_cli_shards_then_merge(cli_inputs, tmp_path):
+    root, common, _ = cli_inputs
+    out = tmp_path / "out"
+    for index in range(2):
+        argv = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(out), "--shard", f"{index}/2"]
+        assert main(argv) == 0
+    assert not (out / "images").exists()  # shards never merge on their own
+    assert main(["generate", "--merge", "--out", str(out)]) == 0
+    folder = ImageFolderDataset(out / "images")
+    assert len(folder) == 4 and sorted(folder.labels.tolist()) == [0, 1, 2, 3]
+    assert len(RecordIODataset(out / "rec")) == 4
+
+
+@pytest.mark.parametrize(
+    "array, flags, message",
+    [
+        (np.ones((3, 128), np.float32) / np.sqrt(128), [], "dimension 128, expected 512"),
+        (np.ones((3, 512), np.float32), [], "unit-norm"),
+        (None, ["--sd15-missing"], "stable-diffusion-v1-5"),
+        (None, ["--min-similarity", "0.4"], "fr-model"),
+    ],
+)
+def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, array, flags, message):
+    root, common, _ = cli_inputs
+    ids = root / "ids.npy"
+    if array is not None:
+        ids = tmp_path / "bad.npy"
+        np.save(ids, array)
+    common = list(common)
+    if "--sd15-missing" in flags:
+        common[common.index("--sd15") + 1] = str(tmp_path / "nowhere")
+        flags = []
+    assert main(["generate", str(ids), *common, "-k", "1", "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
