@@ -91,3 +91,24 @@ def test_evaluate_cli_errors(tiny_backbone, tmp_path, capsys):
     assert main(["evaluate", str(model_path), str(tmp_path / "evil.bin"), "--device", "cpu"]) == 2
     assert "could run code" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_evaluate_onnx_export_agrees_with_backbone(tiny_backbone, tmp_path):
+    """The same network as an ONNX file (insightface's torch2onnx signature) gives the same report."""
+    import warnings
+
+    from hyperface.evaluation import evaluate_model
+
+    model, model_path = tiny_backbone
+    onnx_path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.zeros(1, 3, 112, 112), str(onnx_path), input_names=["input.1"],
+                          output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}},
+                          opset_version=11, dynamo=False)
+    _write_bin(tmp_path / "agedb_30.bin", 10, seed=4)
+    from_pth = evaluate_model(model_path, [tmp_path / "agedb_30.bin"], device="cpu")
+    from_onnx = evaluate_model(onnx_path, [tmp_path / "agedb_30.bin"], device="cpu")
+    assert from_onnx["accuracy"] == from_pth["accuracy"]
+    a, b = from_onnx["results"]["agedb_30"], from_pth["results"]["agedb_30"]
+    assert a["fold_thresholds"] == b["fold_thresholds"] and a["xnorm"] == pytest.approx(b["xnorm"], rel=1e-4)
