@@ -1,0 +1,226 @@
+"""Images per second of `hyperface generate`'s Arc2Face sampler against the reference recipe.
+
+Both sides use the same SD1.5-sized random-weight models (UNet 320/640/1280/1280 with 768-d cross
+attention, the SD1.5 VAE, a CLIP ViT-L/14 text encoder; built in code, nothing downloaded) and the
+same Arc2Face defaults (DPM-Solver++, 25 steps, guidance 3.0, 512 px):
+
+- reference: Arc2Face's demo recipe, one identity per diffusers ``StableDiffusionPipeline`` call with
+  ``num_images_per_prompt=4`` (fp16 on CUDA), images returned as PIL;
+- hyperface: :class:`~hyperface.generation.Arc2FaceGenerator`, many identities per batch, guidance in
+  one batched UNet forward, SDPA attention; optionally also with ``channels_last`` and
+  ``torch.compile`` to measure what they buy.
+
+Run on a GPU (the issue's goal: >= 3x the reference on an H100)::
+
+    python benchmarks/generate.py --device cuda --batch-size 32 --images 128 --variants base,channels_last,compile
+
+On a CPU full size is very slow; ``--small`` shrinks the models, resolution and steps::
+
+    python benchmarks/generate.py --device cpu --small
+
+The last line printed is the ratio hyperface / reference (images per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny tokenizer writer
+
+
+def sd15_sized_components(small: bool, device: torch.device, dtype: torch.dtype):
+    """Random-weight SD1.5 UNet / VAE and CLIP-L text encoder (or their --small versions)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from generation_fixtures import write_sd15_scheduler, write_tiny_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from hyperface.generation.arc2face import Arc2FaceComponents
+
+    torch.manual_seed(0)
+    if small:
+        unet_channels, vae_channels, layers, text_layers, text_heads, text_ffn = (32, 64, 64, 64), (32, 64, 64, 64), 1, 2, 4, 256
+    else:  # SD1.5 / CLIP ViT-L/14 sizes
+        unet_channels, vae_channels, layers, text_layers, text_heads, text_ffn = (320, 640, 1280, 1280), (128, 256, 512, 512), 2, 12, 12, 3072
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        layers_per_block=layers,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=vae_channels,
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="hyperface-bench-"))
+    vocab_size = write_tiny_tokenizer(folder / "tokenizer")  # token ids differ, the compute does not
+    write_sd15_scheduler(folder / "scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=max(vocab_size, 49408),
+            hidden_size=768,
+            intermediate_size=text_ffn,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
+    import json
+
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    return Arc2FaceComponents(tokenizer, text_encoder, unet, vae, scheduler_config)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_identities(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, 512)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def bench_reference(components, args, device, dtype) -> float:
+    """Arc2Face's demo: one identity per StableDiffusionPipeline call, 4 images per prompt."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from hyperface.generation.arc2face import Arc2FacePromptEncoder
+
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(components.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    encoder = Arc2FacePromptEncoder(components.tokenizer, components.text_encoder)
+    identities = random_identities(max(1, args.images // 4) + 1, seed=1)
+
+    def one_identity(embedding: np.ndarray) -> None:
+        prompt_embeds = encoder.encode(embedding[None]).to(dtype)
+        pipeline(
+            prompt_embeds=prompt_embeds,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            num_images_per_prompt=4,
+            height=args.resolution,
+            width=args.resolution,
+        )
+
+    one_identity(identities[-1])  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    for embedding in identities[:-1]:
+        one_identity(embedding)
+    synchronize(device)
+    return 4 * (len(identities) - 1) / (time.perf_counter() - started)
+
+
+def bench_hyperface(components, args, device, variant: str) -> float:
+    from hyperface.generation.arc2face import Arc2FaceGenerator, Arc2FaceSettings
+
+    settings = Arc2FaceSettings(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        resolution=args.resolution,
+        channels_last=variant == "channels_last",
+        compile=variant == "compile",
+    )
+    generator = Arc2FaceGenerator(components, settings, device=device)
+    batch = args.batch_size
+    identities = random_identities(args.images + batch, seed=2)
+    generator.generate_array(identities[:batch], list(range(batch)))  # warm-up (and compile)
+    if variant == "compile":  # a second warm-up: compile may specialise on the second call
+        generator.generate_array(identities[:batch], list(range(batch)))
+    synchronize(device)
+    started = time.perf_counter()
+    done = 0
+    while done < args.images:
+        chunk = identities[batch + done : batch + done + batch]
+        generator.generate_array(chunk, list(range(done, done + len(chunk))))
+        done += len(chunk)
+    synchronize(device)
+    rate = done / (time.perf_counter() - started)
+    if variant == "channels_last":  # leave the shared modules as they were
+        components.unet.to(memory_format=torch.contiguous_format)
+        components.vae.to(memory_format=torch.contiguous_format)
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="small models, 64 px, 4 steps (CPU smoke run)")
+    parser.add_argument("--batch-size", type=int, default=None, help="hyperface images per batch (default: 32 on CUDA, 8 on CPU)")
+    parser.add_argument("--images", type=int, default=None, help="images timed per side (default: 128 on CUDA, 16 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="default 25 (Arc2Face); 4 with --small")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--resolution", type=int, default=None, help="default 512; 64 with --small")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
+    parser.add_argument("--variants", default="base", help="comma list of base, channels_last, compile")
+    args = parser.parse_args()
+
+    from hyperface.common.runtime import resolve_device
+    from hyperface.generation.arc2face import resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (32 if cuda else 8)
+    args.images = args.images or (128 if cuda else 16)
+    args.steps = args.steps or (4 if args.small else 25)
+    args.resolution = args.resolution or (64 if args.small else 512)
+    if device.type == "cpu" and not args.small:
+        print("note: full SD1.5 size on a CPU takes minutes per image; consider --small", file=sys.stderr)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    components = sd15_sized_components(args.small, device, dtype)
+    print(
+        f"device={device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}) dtype={dtype} "
+        f"models={'small' if args.small else 'SD1.5-sized'} steps={args.steps} guidance={args.guidance} "
+        f"resolution={args.resolution} images={args.images}"
+    )
+    reference = bench_reference(components, args, device, dtype)
+    print(f"reference (1 identity x 4 images per pipeline call): {reference:.3f} img/s")
+    results = {}
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        results[variant] = bench_hyperface(components, args, device, variant)
+        print(f"hyperface {variant} (batch {args.batch_size} across identities): {results[variant]:.3f} img/s")
+    best = max(results, key=results.get)
+    for variant, rate in results.items():
+        print(f"ratio {variant}/reference: {rate / reference:.2f}x")
+    print(f"speedup (best: {best}): {results[best] / reference:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
