@@ -95,14 +95,15 @@ class Recognizer:
     def embed(self, images: np.ndarray) -> np.ndarray:
         """L2-normalised float32 (N, D) embeddings of aligned RGB uint8 faces (N, 112, 112, 3)."""
         feats = self.features(images)
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        if not np.isfinite(feats).all() or (norms < 1e-12).any():
-            bad = np.flatnonzero(~np.isfinite(feats).all(axis=1) | (norms[:, 0] < 1e-12))
+        # float64: squaring large float32 features (e.g. fp16-trained heads) must not overflow to inf
+        norms = np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True)
+        if not np.isfinite(norms).all() or (norms < 1e-12).any():
+            bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] < 1e-12))
             raise HyperfaceError(
                 f"the recognizer returned NaN/inf or all-zero features for {bad.size} image(s) (e.g. "
                 f"rows {bad[:5].tolist()}); check the model file and, for fp16, try fp32"
             )
-        return feats / norms
+        return (feats / norms).astype(np.float32)
 
     __call__ = embed
 
