@@ -48,6 +48,8 @@ def test_embed_aligned_folder_with_bad_files(tmp_path, models, capsys):
     Image.fromarray(faces[3]).convert("L").save(src / "c_grey.png")
     Image.fromarray(faces[4]).convert("RGBA").save(src / "d_rgba.png")
     Image.fromarray(cv2.resize(faces[5], (224, 224))).save(src / "e_224.webp", lossless=True)
+    cv2.imwrite(str(src / "d_16bit.png"), faces[1][..., ::-1].astype(np.uint16) * 257)
+    Image.fromarray(faces[2]).convert("P").save(src / "d_palette.png")
     (src / "f_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     (src / "g_empty.png").write_bytes(b"")
     (src / "notes.txt").write_text("not an image")
@@ -58,8 +60,8 @@ def test_embed_aligned_folder_with_bad_files(tmp_path, models, capsys):
     gallery = np.load(out)
     index = _read_lines(tmp_path / "run" / "gallery.index.txt")
     rejected = _read_lines(tmp_path / "run" / "gallery.rejected.tsv")
-    assert index == ["a/000.jpg", "a/001.png", "b/002.png", "c_grey.png", "d_rgba.png", "e_224.webp"]
-    assert gallery.shape == (6, 512) and gallery.dtype == np.float32
+    assert index == ["a/000.jpg", "a/001.png", "b/002.png", "c_grey.png", "d_16bit.png", "d_palette.png", "d_rgba.png", "e_224.webp"]
+    assert gallery.shape == (8, 512) and gallery.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(gallery, axis=1), 1.0, atol=1e-5)
     assert rejected[0] == "path\treason"
     reasons = dict(line.split("\t") for line in rejected[1:])
@@ -73,12 +75,13 @@ def test_embed_aligned_folder_with_bad_files(tmp_path, models, capsys):
     np.testing.assert_allclose(gallery[1:3], rec.embed(faces[1:3]), atol=1e-5)
     grey = np.repeat(np.asarray(Image.fromarray(faces[3]).convert("L"))[..., None], 3, axis=2)
     np.testing.assert_allclose(gallery[3], rec.embed(grey)[0], atol=1e-5)
-    np.testing.assert_allclose(gallery[4], rec.embed(faces[4:5])[0], atol=1e-5)
+    np.testing.assert_allclose(gallery[4], gallery[1], atol=1e-5)  # 16-bit PNG: same pixels >> 8
+    np.testing.assert_allclose(gallery[6], rec.embed(faces[4:5])[0], atol=1e-5)
 
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stage"] == "embed" and manifest["status"] == "complete"
     assert manifest["counts"] == {
-        "inputs": 9, "embedded": 6, "rejected": 3, "embedding_size": 512,
+        "inputs": 11, "embedded": 8, "rejected": 3, "embedding_size": 512,
         "rejected_reasons": manifest["counts"]["rejected_reasons"],
     }
     assert manifest["recognizer"]["normalisation"] == "(x - 127.5) / 127.5"
