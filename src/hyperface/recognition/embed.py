@@ -182,10 +182,14 @@ def embed_images(
 
     n_items = len(source)
     n_chunks = (n_items + chunk_size - 1) // chunk_size
+    # What must match for a resume to continue a run (batch size, device and workers may change).
+    model_settings = {k: v for k, v in recognizer.describe().items() if k not in ("batch_size", "device", "providers")}
+    if model_settings.get("path"):
+        model_settings["path"] = str(Path(model_settings["path"]).resolve())
     settings = {
-        "recognizer": {k: v for k, v in recognizer.describe().items() if k not in ("batch_size", "device", "providers")},
+        "recognizer": model_settings,
         "preprocess": {k: v for k, v in preprocessor.describe().items() if k != "detector"}
-        | ({"detector": str(preprocessor.detector.path)} if preprocessor.mode == "detect" else {}),
+        | ({"detector": str(Path(preprocessor.detector.path).resolve())} if preprocessor.mode == "detect" else {}),
         "chunk_size": chunk_size,
         "count": n_items,
     }
@@ -203,7 +207,7 @@ def embed_images(
         save_json(plan_path, {"fingerprint": fingerprint, "settings": settings})
 
     todo = [k for k in range(n_chunks) if not paths.chunk(k).exists()]
-    done_items = sum(min(chunk_size, n_items - k * chunk_size) for k in range(n_chunks) if k not in set(todo))
+    done_items = n_items - sum(min(chunk_size, n_items - k * chunk_size) for k in todo)
     if done_items:
         log.info("resuming: %d of %d chunks already done", n_chunks - len(todo), n_chunks)
 
