@@ -60,6 +60,17 @@ def test_loader_reads_the_real_layout(models, generator):
     assert isinstance(generator, IdentityGenerator)
 
 
+def test_bin_fallback_loader_matches_from_pretrained(models, generator):
+    """The weights_only path used when transformers refuses .bin files (torch < 2.6) loads the same model."""
+    from hyperface.generation.arc2face import load_text_encoder_bin
+
+    model, missing = load_text_encoder_bin(models.arc2face_dir / "encoder")
+    assert missing == []
+    ids = generator.prompt_encoder.prompt_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, generator.text_encoder(input_ids=ids).last_hidden_state)
+
+
 @pytest.mark.parametrize(
     "remove, expected",
     [

@@ -146,13 +146,52 @@ class Arc2FaceComponents:
     scheduler_config: dict
 
 
+def load_text_encoder(folder: Path) -> tuple[Any, list[str]]:
+    """Arc2Face's CLIPTextModel from ``folder``; returns (model, names of weights the file lacked).
+
+    transformers >= 5 reads ``pytorch_model.bin`` with ``torch.load(weights_only=True)`` and refuses
+    it on torch < 2.6; then the same safe load is done here (the file's keys are transformers 4.x's
+    ``text_model.*``, which are mapped onto the installed version's module names).
+    """
+    from transformers import CLIPTextModel
+
+    try:
+        model, info = CLIPTextModel.from_pretrained(str(folder), output_loading_info=True)
+        return model, [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    except ValueError as exc:
+        if "torch" not in str(exc) or not (folder / "pytorch_model.bin").is_file():
+            raise
+    return load_text_encoder_bin(folder)
+
+
+def load_text_encoder_bin(folder: Path) -> tuple[Any, list[str]]:
+    """Build a CLIPTextModel from ``config.json`` and load ``pytorch_model.bin`` with weights_only."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder)))
+    state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    expected = model.state_dict()
+    prefixed = any(k.startswith("text_model.") for k in expected)
+    remapped = {}
+    for key, value in state.items():
+        bare = key[len("text_model.") :] if key.startswith("text_model.") else key
+        remapped[f"text_model.{bare}" if prefixed else bare] = value
+    result = model.load_state_dict(remapped, strict=False)
+    missing = [k for k in result.missing_keys if "position_ids" not in k]
+    shapes = [k for k, v in remapped.items() if k in expected and expected[k].shape != v.shape]
+    if shapes:
+        raise ValueError(f"weights with the wrong shape for this config.json, e.g. {shapes[:2]}")
+    return model.eval(), missing
+
+
 def load_arc2face_components(
     arc2face_dir: str | Path, sd15_dir: str | Path, *, device: Any = "cpu", dtype: Any = None
 ) -> Arc2FaceComponents:
     """Load tokenizer, text encoder, UNet, VAE and scheduler config from local folders."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     paths = find_arc2face_files(arc2face_dir, sd15_dir)
     device = torch.device(device) if not isinstance(device, torch.device) else device
@@ -166,11 +205,7 @@ def load_arc2face_components(
             raise HyperfaceError(f"cannot load {what} ({first_line[:300]}); re-download it from {source}") from exc
 
     tokenizer = load(f"the tokenizer in {paths.tokenizer}", SD15_SOURCE, CLIPTokenizer.from_pretrained, str(paths.tokenizer))
-    # transformers >= 5 loads pytorch_model.bin with torch.load(weights_only=True) (needs torch >= 2.6).
-    text_encoder, info = load(
-        f"the text encoder in {paths.encoder}", ARC2FACE_SOURCE, CLIPTextModel.from_pretrained, str(paths.encoder), output_loading_info=True
-    )
-    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    text_encoder, missing = load(f"the text encoder in {paths.encoder}", ARC2FACE_SOURCE, load_text_encoder, paths.encoder)
     if missing:
         raise HyperfaceError(
             f"{paths.encoder} is not a CLIP text encoder checkpoint ({len(missing)} missing weights, e.g. "

@@ -467,8 +467,13 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     stats = acceptance_statistics(found, num_identities, run)
     save_json(out_dir / "acceptance.json", stats)
     manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
+    shards = []
+    for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):
+        summary = read_json(part_manifest).get("summary", {})
+        shards.append(summary)
+        manifest.time("render_last_run", float(summary.get("seconds_this_run") or 0.0))
     manifest.time("merge", time.time() - started)
-    manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"]})
+    manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"], "shards": shards})
     manifest.write(out_dir, checksum_inputs=False)
     if not keep_parts:
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
@@ -537,6 +542,11 @@ def generate_dataset(
         raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
     embeddings = validate_embeddings(np.asarray(embeddings), what="identity embeddings", dim=generator.embedding_dim, require_unit=True)
     out_dir = Path(out_dir)
+    if shard.count > 1 and out_dir.is_dir() and any(out_dir.iterdir()):
+        from hyperface.common.io import RUN_MARKER
+
+        if not (out_dir / RUN_MARKER).exists():
+            raise HyperfaceError(f"output folder {out_dir} is not empty and was not written by hyperface; choose another --out")
     # Several ranks share one --out: only a single-shard run insists on an empty folder.
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate")
     run = {
