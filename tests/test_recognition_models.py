@@ -121,8 +121,12 @@ def test_missing_and_wrong_models(models, tmp_path):
     torch.save({"model": models["module"]}, tmp_path / "pickled.pth")
     with pytest.raises(HyperfaceError, match="cannot read .*pickled.pth"):
         load_recognizer(tmp_path / "pickled.pth")
-    with pytest.raises(HyperfaceError, match="is a folder"):
-        load_recognizer(models["root"])
+    (tmp_path / "onnx_only").mkdir()
+    export_onnx(models["module"], tmp_path / "onnx_only" / "a.onnx")
+    with pytest.raises(HyperfaceError, match=r"is a folder without backbone.pth.*a\.onnx"):
+        load_recognizer(tmp_path / "onnx_only")
+    # a training run / checkpoint folder holding backbone.pth or backbone.safetensors loads it
+    assert load_recognizer(models["root"]).path == models["pth"]
     rec = load_recognizer(models["onnx"])
     with pytest.raises(HyperfaceError, match=r"\(N, 112, 112, 3\)"):
         rec.embed(np.zeros((2, 64, 64, 3), np.uint8))

@@ -454,10 +454,13 @@ def load_recognizer(
     path = Path(path)
     if not path.exists():
         raise HyperfaceError(f"face recognition model not found: {path}; {MODEL_SOURCES}")
-    if path.is_dir():
-        candidates = sorted(path.glob("*.onnx")) + sorted(path.glob("backbone.pth"))
-        hint = f" (it holds {', '.join(c.name for c in candidates)})" if candidates else ""
-        raise HyperfaceError(f"--model {path} is a folder; give the model file itself{hint}")
+    if path.is_dir():  # a training run or checkpoint folder holds exactly one backbone
+        backbones = [path / name for name in ("backbone.pth", "backbone.safetensors") if (path / name).is_file()]
+        if not backbones:
+            candidates = sorted(p.name for p in path.iterdir() if p.suffix.lower() in ONNX_SUFFIXES + TORCH_SUFFIXES)
+            hint = f" (it holds {', '.join(candidates[:5])})" if candidates else ""
+            raise HyperfaceError(f"--model {path} is a folder without backbone.pth; give the model file itself{hint}")
+        path = backbones[0]
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         if arch is not None:
