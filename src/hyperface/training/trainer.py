@@ -230,6 +230,37 @@ def make_embed_fn(backbone: nn.Module, device: torch.device, amp_dtype: torch.dt
     return embed
 
 
+def train_step(
+    model: nn.Module,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    clip_params=None,
+    clip_grad_norm: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One optimiser step on a batch of uint8 NCHW images; returns the (detached) loss on the device."""
+    x = _to_input(images, device, channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        embeddings = model(x)
+        loss = head(embeddings.float(), labels, generator)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm > 0 and clip_params is not None:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(clip_params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
     after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
@@ -384,28 +415,21 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             lr = learning_rate(step, cfg, steps_per_epoch, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = _to_input(images, device, channels_last)
-            labels = labels.to(device, non_blocking=True)
             generator = None
             if head.num_sample < head.num_local:  # partial FC: per-step seeded negative sampling
                 generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                embeddings = model(x)
-                loss = head(embeddings.float(), labels, generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(
+                model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp_dtype,
+                channels_last=channels_last, clip_params=backbone.parameters(), clip_grad_norm=cfg.clip_grad_norm,
+                generator=generator,
+            )
             step += 1
             step_in_epoch += 1
-            running_loss += loss.detach()
+            running_loss += loss
             running_count += 1
             window_images += images.shape[0] * world
             if on_step is not None:
-                on_step(step, {"epoch": epoch, "lr": lr, "loss": loss.detach()})
+                on_step(step, {"epoch": epoch, "lr": lr, "loss": loss})
             if step % max(1, cfg.log_every) == 0 or step == stop_at or step_in_epoch == steps_per_epoch:
                 last_loss = float(running_loss) / running_count  # one sync per log interval
                 elapsed = max(1e-9, time.time() - window_start)
@@ -447,4 +471,4 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     return TrainResult(out=out, steps=step, epochs_done=epoch, last_loss=last_loss, val=val_results)
 
 
-__all__ = ["TrainConfig", "TrainResult", "learning_rate", "make_embed_fn", "train"]
+__all__ = ["TrainConfig", "TrainResult", "learning_rate", "make_embed_fn", "train", "train_step"]
