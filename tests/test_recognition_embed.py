@@ -135,6 +135,11 @@ def test_embed_clear_errors(tmp_path, models, capsys):
     assert "glintr100.onnx" in err and "antelopev2" in err and "Traceback" not in err
     assert _embed(tmp_path / "one", "--model", models["pth"], "--out", tmp_path / "o.npy") == 2
     assert "--detector" in capsys.readouterr().err
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "manifest.json").write_text('{"stage": "pack"}')
+    assert _embed(tmp_path / "one", "--model", models["pth"], "--aligned", "--out", tmp_path / "packed", "--overwrite") == 2
+    assert "belongs to another run (pack)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "packed" / "manifest.json").read_text()) == {"stage": "pack"}
     # every input rejected: the list is still written, and the run fails loudly
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jpg").write_bytes(b"junk")

@@ -133,6 +133,15 @@ def _fingerprint(source: ImageSource, settings: dict[str, Any]) -> str:
 
 
 def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
+    if paths.manifest.exists():
+        try:
+            stage = json.loads(paths.manifest.read_text()).get("stage")
+        except (OSError, ValueError, AttributeError):
+            stage = None
+        if stage != "embed":
+            raise HyperfaceError(
+                f"{paths.manifest} belongs to another run ({stage or 'unknown stage'}); give --out a folder of its own"
+            )
     existing = [p for p in paths.outputs() + [paths.parts] if p.exists()]
     if not existing:
         return
