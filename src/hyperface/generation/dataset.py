@@ -384,7 +384,9 @@ def _collect_parts(out_dir: Path, num_identities: int) -> dict[int, tuple[Path, 
         for entry in entries:
             identity = int(entry["identity"])
             if 0 <= identity < num_identities and identity not in found:
-                slim = {key: entry[key] for key in ("attempts", "accepted", "filled", "no_face", "similarities", "indices")}
+                sims = [s for s in entry["similarities"] if s is not None]
+                slim = {key: entry[key] for key in ("attempts", "accepted", "filled", "no_face")}
+                slim["mean_similarity"] = float(np.mean(sims)) if sims else float("nan")  # small: 1e5 identities
                 found[identity] = (data, int(entry["offset"]), [int(n) for n in entry["lengths"]], slim)
     return found
 
@@ -485,8 +487,7 @@ def acceptance_statistics(found: dict, num_identities: int, run: dict) -> dict[s
     accepted = np.array([found[i][3]["accepted"] for i in range(num_identities)])
     filled = np.array([found[i][3]["filled"] for i in range(num_identities)])
     no_face = np.array([found[i][3]["no_face"] for i in range(num_identities)])
-    sims = [[s for s in found[i][3]["similarities"] if s is not None] for i in range(num_identities)]
-    mean_sim = np.array([np.mean(s) if s else np.nan for s in sims])
+    mean_sim = np.array([found[i][3]["mean_similarity"] for i in range(num_identities)], dtype=np.float64)
     summary = {
         "identities": num_identities,
         "images": int(sum(len(found[i][2]) for i in range(num_identities))),
