@@ -173,3 +173,71 @@ def test_bad_names_and_rates_are_refused():
         build_margin("sphereface")
     with pytest.raises(HyperfaceError, match="sample rate"):
         PartialFC(ArcFaceMargin(), 8, 10, sample_rate=0.0)
+
+
+_RANK_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from hyperface.training.losses import PartialFC, build_margin, class_shard
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+out = {}
+for name in ("arcface", "adaface"):
+    torch.manual_seed(0)
+    weight = torch.normal(0.0, 0.01, (11, 16))
+    emb = torch.randn(8, 16) * 5
+    labels = torch.randint(0, 11, (8,))
+    head = PartialFC(build_margin(name), 16, 11, sample_rate=1.0)
+    start, count = class_shard(11, rank, world)
+    head.weight.data.copy_(weight[start:start + count])
+    local = emb[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+    loss = head(local, labels[rank * 4:(rank + 1) * 4])
+    loss.backward()
+    out[name] = {"loss": loss.detach(), "emb_grad": local.grad, "weight_grad": head.weight.grad,
+                 "start": start, "count": count, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+torch.save(out, sys.argv[1] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_partial_fc_sharded_over_two_ranks_equals_single_process_head(tmp_path):
+    """Two gloo processes, classes sharded 6+5, global batch split 4+4: same loss and gradients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for proc in procs:
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output.decode()[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in ("arcface", "adaface"):
+        torch.manual_seed(0)
+        weight = torch.normal(0.0, 0.01, (11, 16))
+        emb = (torch.randn(8, 16) * 5).requires_grad_(True)
+        labels = torch.randint(0, 11, (8,))
+        full = ClassifierHead(build_margin(name), 16, 11)
+        full.weight.data.copy_(weight)
+        loss = full(emb, labels)
+        loss.backward()
+        for rank, result in enumerate(ranks):
+            r = result[name]
+            assert float(r["loss"]) == pytest.approx(float(loss.detach()), rel=1e-5), (name, rank)
+            # x world size: DDP averages backbone gradients, so each rank carries W x its share.
+            torch.testing.assert_close(r["emb_grad"], 2 * emb.grad[rank * 4 : (rank + 1) * 4], rtol=1e-4, atol=1e-6)
+            shard = slice(r["start"], r["start"] + r["count"])
+            torch.testing.assert_close(r["weight_grad"], full.weight.grad[shard], rtol=1e-4, atol=1e-7)
+        if name == "adaface":  # the EMA saw the global batch on both ranks
+            for key in ("margin.batch_mean", "margin.batch_std"):
+                torch.testing.assert_close(ranks[0][name]["state"][key], full.state_dict()[key])
+                torch.testing.assert_close(ranks[1][name]["state"][key], full.state_dict()[key])

@@ -185,7 +185,9 @@ class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0; backward sums the gradient over ranks and returns this rank's part.
 
     Every rank scores the *whole* global batch against its own class shard, so the gradient of an
-    embedding is the sum of the contributions of all shards.
+    embedding is the sum of the contributions of all shards. It is then multiplied by the world
+    size because DDP *averages* the backbone gradients over ranks (as insightface's AllGather does):
+    the backbone ends up with the gradient of the global-batch mean loss.
     """
 
     @staticmethod
@@ -200,7 +202,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch] * dist.get_world_size()
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
