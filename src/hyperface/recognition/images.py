@@ -90,7 +90,7 @@ class ImageSource:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "root": str(self.root), "count": len(self), "ignored_non_images": self.ignored}
+        return {"kind": self.kind, "root": str(Path(self.root).resolve()), "count": len(self), "ignored_non_images": self.ignored}
 
 
 class FileListSource(ImageSource):
