@@ -20,6 +20,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -176,7 +177,10 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, *, op
         save_torch({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out)
     elif out.suffix == ".onnx":
         dummy = torch.zeros(1, 3, 112, 112)
-        with _atomic_path(out) as tmp, torch.no_grad():
+        # The TorchScript exporter (dynamo=False) needs no onnxscript and gives the plain graph
+        # insightface tools expect; silence its deprecation notice.
+        with _atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
                 (dummy,),
