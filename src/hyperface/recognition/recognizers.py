@@ -148,7 +148,7 @@ def onnx_providers(device: str = "cpu") -> tuple[list[Any], str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    device = (device or "cpu").lower()
+    device = str(device or "cpu").lower()  # also accepts a torch.device
     if device == "auto":
         device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
     if device == "cpu":
@@ -394,7 +394,7 @@ class TorchRecognizer(Recognizer):
 
         from hyperface.common.runtime import resolve_device
 
-        self.device = resolve_device(device)
+        self.device = resolve_device(str(device))
         self.model = model.to(self.device).eval()
         self.path = Path(path) if path is not None else None
         self.arch = arch
