@@ -394,7 +394,7 @@ class TorchRecognizer(Recognizer):
 
         from hyperface.common.runtime import resolve_device
 
-        self.device = resolve_device(str(device))
+        self.device = resolve_device("auto" if device is None else str(device))
         self.model = model.to(self.device).eval()
         self.path = Path(path) if path is not None else None
         self.arch = arch
