@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.common.errors import HyperfaceError
     from hyperface.common.runtime import get_logger
     from hyperface.recognition.detection import load_detector
-    from hyperface.recognition.embed import embed_images
+    from hyperface.recognition.embed import GalleryPaths, check_output, embed_images
     from hyperface.recognition.images import open_image_source
     from hyperface.recognition.preprocess import FacePreprocessor
     from hyperface.recognition.recognizers import load_recognizer
@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             "choose how to find faces: --detector det_10g.onnx (SCRFD from insightface's buffalo_l pack) for "
             "photos, --aligned for 112x112 aligned crops, or --crop ffhq for face-centred generator outputs"
         )
+    if not args.overwrite:  # fail before loading models if --out holds a previous run
+        check_output(GalleryPaths.from_out(args.out), resume=args.resume)
     source = open_image_source(args.images)
     recognizer = load_recognizer(
         args.model,

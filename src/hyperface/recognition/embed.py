@@ -132,6 +132,11 @@ def _fingerprint(source: ImageSource, settings: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def check_output(paths: GalleryPaths, *, resume: bool) -> None:
+    """Raise unless ``paths`` is free, or holds an embed run and ``resume`` is set."""
+    _prepare(paths, resume=resume, overwrite=False)
+
+
 def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
     if paths.manifest.exists():
         try:
