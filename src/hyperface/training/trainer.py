@@ -18,7 +18,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -275,6 +274,10 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if is_main:
         prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train")
     _barrier(world)
+
+    missing = [p for p in cfg.val_bins if not Path(p).is_file()]
+    if missing:  # fail now, not after the first epoch
+        raise HyperfaceError(f"--val-bin file(s) not found: {', '.join(missing)}")
 
     # --- data ---------------------------------------------------------------------------------
     reader = open_dataset(cfg.data)
