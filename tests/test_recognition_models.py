@@ -130,3 +130,39 @@ def test_missing_and_wrong_models(models, tmp_path):
     rec = load_recognizer(models["onnx"])
     with pytest.raises(HyperfaceError, match=r"\(N, 112, 112, 3\)"):
         rec.embed(np.zeros((2, 64, 64, 3), np.uint8))
+
+
+def test_unnamed_normalisation_nodes_and_nhwc_graphs(models, faces, tmp_path):
+    import onnx
+
+    expected = load_recognizer(models["pth"]).embed(faces)
+    # Exporters that leave node names empty: found by walking from the input through Sub/Mul.
+    graph_model = onnx.load(str(models["onnx_norm"]))
+    for node in graph_model.graph.node:
+        node.name = ""
+    onnx.save(graph_model, str(tmp_path / "unnamed.onnx"))
+    rec = load_recognizer(tmp_path / "unnamed.onnx")
+    assert rec.normalises_inside
+    np.testing.assert_allclose(rec.embed(faces), expected, atol=2e-4)
+
+    # A channels-last graph (N, 112, 112, 3), as some converted models take.
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.permute(0, 3, 1, 2))
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ChannelsLast(models["module"]).eval(), torch.zeros(1, 112, 112, 3), str(tmp_path / "nhwc.onnx"),
+            input_names=["input.1"], output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}},
+            opset_version=11, dynamo=False,
+        )
+    rec = load_recognizer(tmp_path / "nhwc.onnx")
+    assert rec.channels_last and not rec.normalises_inside
+    np.testing.assert_allclose(rec.embed(faces), expected, atol=2e-4)
