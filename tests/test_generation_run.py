@@ -119,6 +119,52 @@ def test_shards_merge_into_exactly_the_single_run(tmp_path):
         assert sharded_items == single_items  # same bytes, same labels, same order
 
 
+def test_restart_with_another_sharding_reuses_finished_identities(tmp_path):
+    identities = random_identities(6, seed=8)
+    config = GenerationConfig(images_per_identity=2, seed=3, batch_size=4)
+    first = PaintedGenerator()
+    generate_dataset(first, identities, tmp_path / "o", config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
+    assert first.rendered == 6  # identities 0, 2, 4
+    rest = PaintedGenerator()
+    generate_dataset(rest, identities, tmp_path / "o", config, aligner=keep_as_is, resume=True, show_progress=False)
+    assert rest.rendered == 6  # only 1, 3, 5 were left
+    dataset = RecordIODataset(tmp_path / "o" / "rec")
+    assert len(dataset) == 12 and np.bincount(dataset.labels).tolist() == [2] * 6
+
+
+class MarkerGenerator(PaintedGenerator):
+    """Grey renders; odd seeds carry the marker the stand-in SCRFD detects as a face."""
+
+    def generate(self, embeddings, seeds):
+        from recognition_fixtures import grey_image, plant_face
+
+        images = []
+        for seed in seeds:
+            image = grey_image(160, 160)
+            if seed % 2:
+                plant_face(image, 16, 5, 5)
+            images.append(image)
+        self.rendered += len(images)
+        return images
+
+
+def test_detect_alignment_falls_back_to_the_fixed_crop(tmp_path):
+    from recognition_fixtures import make_scrfd_onnx
+
+    from hyperface.generation.postprocess import make_aligner
+
+    detector = make_scrfd_onnx(tmp_path / "det_10g.onnx", input_size=160)
+    aligner = make_aligner("detect", detector=detector)
+    config = GenerationConfig(images_per_identity=3, seed=0, batch_size=4)
+    generate_dataset(MarkerGenerator(), random_identities(2), tmp_path / "o", config, formats="rec", aligner=aligner, align_mode="detect", show_progress=False)
+    stats = json.loads((tmp_path / "o" / "acceptance.json").read_text())["summary"]
+    faceless = sum(image_seed(0, i, j) % 2 == 0 for i in range(2) for j in range(3))
+    assert 0 < faceless < 6 and stats["no_face_renders"] == faceless  # those keep the fixed crop
+    assert RecordIODataset(tmp_path / "o" / "rec")[0][0].shape == (112, 112, 3)
+    with pytest.raises(HyperfaceError, match="--detector"):
+        make_aligner("detect")
+
+
 def test_torchrun_environment_picks_the_shard(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")

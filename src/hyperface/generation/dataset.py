@@ -257,11 +257,13 @@ def render_shard(
         raise HyperfaceError("--min-similarity needs --fr-model (the FR model the identities live in, e.g. Arc2Face's arcface.onnx)")
     aligner = aligner or make_aligner("ffhq")
     part = ShardPart(Path(out_dir) / PARTS_DIR / shard.name)
-    todo = [i for i in shard.identities(embeddings.shape[0]) if i not in part.entries]
+    # Identities finished under another sharding (e.g. a restart with fewer GPUs) are not redone.
+    done = set(part.entries) | _identities_done_in_other_parts(Path(out_dir), part.folder)
+    mine = shard.identities(embeddings.shape[0])
+    todo = [i for i in mine if i not in done]
     k, limit, batch_size = config.images_per_identity, config.attempts_limit, config.batch_size
-    total_images = len(shard.identities(embeddings.shape[0])) * k
-    bar = progress(total=total_images, desc=f"generate {shard.index}/{shard.count}", unit="img", disable=None if show_progress is None else not show_progress)
-    bar.update(len(part.entries) * k)
+    bar = progress(total=len(mine) * k, desc=f"generate {shard.index}/{shard.count}", unit="img", disable=None if show_progress is None else not show_progress)
+    bar.update((len(mine) - len(todo)) * k)
     pending = iter(todo)
     active: "OrderedDict[int, _IdentityState]" = OrderedDict()
     exhausted = False
@@ -342,8 +344,8 @@ def render_shard(
     elapsed = time.time() - started
     return {
         "shard": f"{shard.index}/{shard.count}",
-        "identities": len(shard.identities(embeddings.shape[0])),
-        "identities_done": len(part.entries),
+        "identities": len(mine),
+        "identities_done": len(mine) - len(todo) + len([i for i in todo if i in part.entries]),
         "rendered_this_run": rendered,
         "seconds_this_run": round(elapsed, 3),
         "renders_per_second": round(rendered / elapsed, 3) if elapsed > 0 else None,
@@ -371,6 +373,18 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
             )
         return
     save_json(path, run)
+
+
+def _identities_done_in_other_parts(out_dir: Path, own: Path) -> set[int]:
+    done: set[int] = set()
+    parts_root = out_dir / PARTS_DIR
+    for folder in sorted(parts_root.iterdir()) if parts_root.is_dir() else []:
+        if folder.resolve() == own.resolve() or not folder.is_dir():
+            continue
+        data = folder / "images.bin"
+        entries, _, _ = ShardPart.read_journal(folder / "journal.jsonl", data.stat().st_size if data.exists() else 0)
+        done.update(int(entry["identity"]) for entry in entries)
+    return done
 
 
 def _collect_parts(out_dir: Path, num_identities: int) -> dict[int, tuple[Path, int, list[int], dict]]:
@@ -416,8 +430,6 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     names (rewritten, never duplicated) and renamed when complete; RecordIO is rewritten from the
     start and renamed by its writer.
     """
-    from hyperface.datasets import ImageFolderWriter, RecordIOWriter
-
     out_dir = Path(out_dir)
     if not (out_dir / RUN_FILE).exists():
         raise HyperfaceError(f"{out_dir} holds no generation run ({RUN_FILE} missing); give the --out of `hyperface generate`")
@@ -438,6 +450,34 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
         raise HyperfaceError(f"identities {bad[:5]} have a number of images other than {k}: the parts are inconsistent")
     started = time.time()
     wanted = {"folder": ["folder"], "rec": ["rec"], "both": ["folder", "rec"]}[formats]
+    try:
+        outputs = _write_formats(out_dir, run, found, wanted, num_identities, k, show_progress)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise HyperfaceError(
+                f"disk full while merging into {out_dir}: the generated parts are intact; free space and rerun "
+                "`hyperface generate --merge`"
+            ) from exc
+        raise
+    stats = acceptance_statistics(found, num_identities, run)
+    save_json(out_dir / "acceptance.json", stats)
+    manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
+    shards = []
+    for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):
+        summary = read_json(part_manifest).get("summary", {})
+        shards.append(summary)
+        manifest.time("render_last_run", float(summary.get("seconds_this_run") or 0.0))
+    manifest.time("merge", time.time() - started)
+    manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"], "shards": shards})
+    manifest.write(out_dir, checksum_inputs=False)
+    if not keep_parts:
+        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
+    return {"outputs": outputs, "num_identities": num_identities, "num_images": num_identities * k, "acceptance": stats["summary"]}
+
+
+def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num_identities: int, k: int, show_progress) -> dict[str, str]:
+    from hyperface.datasets import ImageFolderWriter, RecordIOWriter
+
     outputs: dict[str, str] = {}
     for kind in wanted:
         final = out_dir / ("images" if kind == "folder" else "rec")
@@ -466,20 +506,7 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
                 writer.abort()
                 raise
         bar.close()
-    stats = acceptance_statistics(found, num_identities, run)
-    save_json(out_dir / "acceptance.json", stats)
-    manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
-    shards = []
-    for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):
-        summary = read_json(part_manifest).get("summary", {})
-        shards.append(summary)
-        manifest.time("render_last_run", float(summary.get("seconds_this_run") or 0.0))
-    manifest.time("merge", time.time() - started)
-    manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"], "shards": shards})
-    manifest.write(out_dir, checksum_inputs=False)
-    if not keep_parts:
-        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
-    return {"outputs": outputs, "num_identities": num_identities, "num_images": num_identities * k, "acceptance": stats["summary"]}
+    return outputs
 
 
 def acceptance_statistics(found: dict, num_identities: int, run: dict) -> dict[str, Any]:
