@@ -217,3 +217,33 @@ def test_learning_rate_schedules():
     assert values[30] == pytest.approx(0.1 * 0.5**2)
     adamw = TrainConfig(data="", out="", optimizer="adamw").resolved()
     assert adamw.lr == 1e-3 and adamw.weight_decay == 0.05
+
+
+def test_torchrun_ddp_on_two_cpu_processes_shards_centres_and_resumes(synthetic, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        "-m", "hyperface", "train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny",
+        "--embedding-size", "64", "--epochs", "2", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+        "--loss", "adaface", "--partial-fc", "0.5", "--checkpoint-every", "4", "--log-every", "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command + ["--max-steps", "5"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("trained 12 steps") == 1  # rank 0 only; 192 images / (2 x 16) x 2 epochs
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["status"] == "complete" and manifest["resumed_from"]
+    latest = latest_checkpoint(run)
+    shards = [load_safetensors(latest / f"head-rank{r}.safetensors")["weight"] for r in range(2)]
+    assert [s.shape[0] for s in shards] == [4, 4]  # 8 classes split over 2 ranks
+    assert not torch.equal(shards[0], shards[1])

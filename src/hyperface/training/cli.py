@@ -96,6 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    import os
+
     from hyperface.common.errors import HyperfaceError
 
     if args.export:
@@ -148,6 +150,8 @@ def run_command(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the job
+        return 0
     summary = f"trained {result.steps} steps ({result.epochs_done} epochs) -> {result.out}/backbone.pth"
     if result.last_loss is not None:
         summary += f"; last loss {result.last_loss:.4f}"
