@@ -196,6 +196,24 @@ def test_image_does_not_depend_on_batch_composition(generator):
     assert np.abs(other_seed[0].astype(int) - alone[0].astype(int)).max() > 5
 
 
+def test_compiled_mode_pads_small_batches_to_one_shape(generator):
+    from hyperface.generation.arc2face import Arc2FaceComponents
+
+    components = Arc2FaceComponents(generator.tokenizer, generator.text_encoder, generator.unet, generator.vae, generator.scheduler_config)
+    compiled = Arc2FaceGenerator(components, Arc2FaceSettings(steps=2, resolution=32, compile=True))
+    compiled._unet_forward = compiled.unet  # keep the test eager; the padding is what is checked
+    calls = []
+    handle = compiled.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        identities = random_identities(3, seed=12)
+        compiled.generate_array(identities, [1, 2, 3])
+        small = compiled.generate_array(identities[2:], [3])
+    finally:
+        handle.remove()
+    assert calls == [6, 6, 6, 6] and small.shape == (1, 32, 32, 3)
+    assert np.abs(small[0].astype(int) - generator.generate_array(identities[2:], [3])[0].astype(int)).max() <= 1
+
+
 def test_settings_defaults_are_arc2face_and_lcm():
     default = Arc2FaceSettings().resolved()
     assert (default.scheduler, default.steps, default.guidance_scale, default.resolution) == ("dpm", 25, 3.0, 512)

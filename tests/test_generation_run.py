@@ -165,6 +165,33 @@ def test_detect_alignment_falls_back_to_the_fixed_crop(tmp_path):
         make_aligner("detect")
 
 
+def test_merge_killed_midway_is_finished_by_a_rerun(tmp_path, monkeypatch):
+    from hyperface.datasets import ImageFolderWriter, RecordIOWriter
+
+    identities = random_identities(4, seed=5)
+    config = GenerationConfig(images_per_identity=3, seed=2, batch_size=6)
+    generate_dataset(PaintedGenerator(), identities, tmp_path / "o", config, aligner=keep_as_is, merge=False, show_progress=False)
+    for writer_class in (ImageFolderWriter, RecordIOWriter):
+        real_add, added = writer_class.add, []
+
+        def add_then_die(self, *args, _real=real_add, **kwargs):
+            added.append(1)
+            if len(added) == 7:
+                raise Killed
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(writer_class, "add", add_then_die)
+        with pytest.raises(Killed):
+            merge_parts(tmp_path / "o")
+        monkeypatch.setattr(writer_class, "add", real_add)
+    merge_parts(tmp_path / "o")
+    for kind in ("images", "rec"):
+        dataset, _ = _read_all(tmp_path / "o" / kind)
+        assert len(dataset) == 12 and np.bincount(dataset.labels).tolist() == [3] * 4
+    assert not (tmp_path / "o" / "images.tmp").exists()
+    assert not [p for p in (tmp_path / "o").rglob("*") if p.name.endswith(".tmp")]
+
+
 def test_torchrun_environment_picks_the_shard(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")

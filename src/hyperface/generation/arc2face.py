@@ -422,6 +422,7 @@ class Arc2FaceGenerator:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self._unet_forward = self.unet
+        self._largest_batch = 0
         if self.settings.compile:
             self._unet_forward = torch.compile(self.unet, fullgraph=False)
         # Make the scheduler once up front so a bad name fails before any work.
@@ -483,13 +484,25 @@ class Arc2FaceGenerator:
 
     def generate_array(self, embeddings: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         """(B, 512) embeddings + B seeds -> (B, H, W, 3) uint8 RGB."""
-        import torch
-
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if len(embeddings) != len(seeds):
             raise ValueError(f"{len(embeddings)} embeddings but {len(seeds)} seeds")
         if len(seeds) == 0:
             return np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+        count = len(seeds)
+        if self.settings.compile:
+            # A compiled UNet recompiles for every new batch shape: pad smaller batches (a shard's
+            # last one, retry rounds) to the largest seen. Rows are independent, so padding is inert.
+            self._largest_batch = max(self._largest_batch, count)
+            if count < self._largest_batch:
+                extra = self._largest_batch - count
+                embeddings = np.concatenate([embeddings, np.repeat(embeddings[:1], extra, axis=0)])
+                seeds = list(seeds) + [seeds[0]] * extra
+        return self._sample(embeddings, seeds)[:count]
+
+    def _sample(self, embeddings: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+        import torch
+
         settings = self.settings
         with torch.inference_mode():
             cond = self.prompt_encoder.encode(embeddings).to(self.dtype)
