@@ -247,3 +247,22 @@ def test_torchrun_ddp_on_two_cpu_processes_shards_centres_and_resumes(synthetic,
     shards = [load_safetensors(latest / f"head-rank{r}.safetensors")["weight"] for r in range(2)]
     assert [s.shape[0] for s in shards] == [4, 4]  # 8 classes split over 2 ranks
     assert not torch.equal(shards[0], shards[1])
+
+
+def test_sigterm_checkpoints_the_current_step_then_stops(synthetic, tmp_path):
+    import os
+    import signal
+
+    def terminate_at_step_3(step: int, info: dict) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", **TINY),
+              on_step=terminate_at_step_3)
+    assert latest_checkpoint(run).name == "step-000000003"  # no step lost (checkpoint_every=0)
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+    resumed = train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", resume=True, **TINY))
+    assert resumed.steps == CLASSES * TRAIN_PER_CLASS // 32

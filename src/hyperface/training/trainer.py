@@ -249,7 +249,9 @@ def train_step(
     labels = labels.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         embeddings = model(x)
-        loss = head(embeddings.float(), labels, generator)
+    # The head stays in fp32: with s=64 a bf16 cosine (8-bit mantissa) would add logit noise of
+    # ~0.25, and its matmul is small next to the backbone's (TF32 on CUDA keeps it fast).
+    loss = head(embeddings.float(), labels, generator)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad_norm > 0 and clip_params is not None:
@@ -258,6 +260,48 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which checkpoints and stops cleanly."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StopRequest:
+    """SIGTERM / first Ctrl-C: finish the current step, checkpoint it, then stop (a second Ctrl-C
+    aborts at once). Under DDP the ranks agree at the logging steps (a collective on every rank)."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
@@ -309,6 +353,10 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp_dtype = _amp_dtype(cfg.amp, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed 112x112 inputs: autotune the convolutions once
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # --- resume ---------------------------------------------------------------------------------
@@ -329,7 +377,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         head.load_state_dict(ckpt.load_safetensors(resumed_from / f"head-rank{rank}.safetensors", device))
         state = ckpt.load_torch(resumed_from / f"state-rank{rank}.pt", device)
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
@@ -404,53 +453,62 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     running_count, window_start, window_images = 0, time.time(), 0
     backbone.train()
     head.train()
-    while epoch < cfg.epochs and step < stop_at:
-        sampler.set_epoch(epoch, start=step_in_epoch * cfg.batch_size)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-        )
-        for images, labels in loader:
-            lr = learning_rate(step, cfg, steps_per_epoch, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            generator = None
-            if head.num_sample < head.num_local:  # partial FC: per-step seeded negative sampling
-                generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            loss = train_step(
-                model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp_dtype,
-                channels_last=channels_last, clip_params=backbone.parameters(), clip_grad_norm=cfg.clip_grad_norm,
-                generator=generator,
+    stop = _StopRequest()
+    try:
+        while epoch < cfg.epochs and step < stop_at:
+            sampler.set_epoch(epoch, start=step_in_epoch * cfg.batch_size)
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=cfg.batch_size,
+                sampler=sampler,
+                num_workers=cfg.workers,
+                pin_memory=device.type == "cuda",
+                drop_last=True,
+                worker_init_fn=_ignore_sigint,
             )
-            step += 1
-            step_in_epoch += 1
-            running_loss += loss
-            running_count += 1
-            window_images += images.shape[0] * world
-            if on_step is not None:
-                on_step(step, {"epoch": epoch, "lr": lr, "loss": loss})
-            if step % max(1, cfg.log_every) == 0 or step == stop_at or step_in_epoch == steps_per_epoch:
-                last_loss = float(running_loss) / running_count  # one sync per log interval
-                elapsed = max(1e-9, time.time() - window_start)
-                metrics.write(step, epoch=epoch, loss=last_loss, lr=lr, images_per_s=window_images / elapsed)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-                running_loss.zero_()
-                running_count, window_start, window_images = 0, time.time(), 0
-            bar.update(1)
-            epoch_done = step_in_epoch == steps_per_epoch
-            if epoch_done:
-                epoch, step_in_epoch = epoch + 1, 0
-            if epoch_done or step >= stop_at or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save(epoch, step_in_epoch)
-            if (cfg.val_every and step % cfg.val_every == 0) or (epoch_done and not cfg.val_every):
-                validate()
-            if epoch_done or step >= stop_at:
-                break  # a new DataLoader per epoch (and none past the last step)
-    bar.close()
+            for images, labels in loader:
+                lr = learning_rate(step, cfg, steps_per_epoch, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                generator = None
+                if head.num_sample < head.num_local:  # partial FC: per-step seeded negative sampling
+                    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+                loss = train_step(
+                    model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp_dtype,
+                    channels_last=channels_last, clip_params=backbone.parameters(), clip_grad_norm=cfg.clip_grad_norm,
+                    generator=generator,
+                )
+                step += 1
+                step_in_epoch += 1
+                running_loss += loss
+                running_count += 1
+                window_images += images.shape[0] * world
+                if on_step is not None:
+                    on_step(step, {"epoch": epoch, "lr": lr, "loss": loss})
+                if step % max(1, cfg.log_every) == 0 or step == stop_at or step_in_epoch == steps_per_epoch:
+                    last_loss = float(running_loss) / running_count  # one sync per log interval
+                    elapsed = max(1e-9, time.time() - window_start)
+                    metrics.write(step, epoch=epoch, loss=last_loss, lr=lr, images_per_s=window_images / elapsed)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                    running_loss.zero_()
+                    running_count, window_start, window_images = 0, time.time(), 0
+                bar.update(1)
+                epoch_done = step_in_epoch == steps_per_epoch
+                if epoch_done:
+                    epoch, step_in_epoch = epoch + 1, 0
+                if epoch_done or step >= stop_at or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    save(epoch, step_in_epoch)
+                if (cfg.val_every and step % cfg.val_every == 0) or (epoch_done and not cfg.val_every):
+                    validate()
+                if stop.requested if world == 1 else (step % max(1, cfg.log_every) == 0 and stop.agreed(world, device)):
+                    save(epoch, step_in_epoch)
+                    log.info("stopped by a signal at step %d after writing its checkpoint; rerun with --resume", step)
+                    raise KeyboardInterrupt
+                if epoch_done or step >= stop_at:
+                    break  # a new DataLoader per epoch (and none past the last step)
+    finally:
+        stop.restore()
+        bar.close()
 
     # --- finish: export and manifest (rank 0) ----------------------------------------------------
     if is_main:
