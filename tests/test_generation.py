@@ -262,6 +262,49 @@ def test_lcm_lora_is_fused_and_used(models, tmp_path):
     assert np.abs(first[1].astype(int) - second[0].astype(int)).max() <= 1
 
 
+def _lora_pair(module, rank, gen):
+    weight = module.weight
+    down_shape = (rank, *weight.shape[1:]) if weight.ndim == 4 else (rank, weight.shape[1])
+    up_shape = (weight.shape[0], rank, 1, 1) if weight.ndim == 4 else (weight.shape[0], rank)
+    return torch.randn(down_shape, generator=gen) * 0.1, torch.randn(up_shape, generator=gen) * 0.1
+
+
+@pytest.mark.parametrize("layout", ["kohya-sgm", "peft"])
+def test_lora_layouts_map_to_the_right_layers(models, tmp_path, layout):
+    """kohya files with the original SD UNet's names and peft-style files land on the diffusers layers."""
+    from safetensors.torch import save_file
+
+    components = load_arc2face_components(models.arc2face_dir, models.sd15_dir)
+    unet = components.unet
+    targets = {  # original SD name (tiny UNet: 2 blocks, 1 layer each) -> diffusers module
+        "input_blocks_1_1_transformer_blocks_0_attn1_to_q": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+        "middle_block_1_proj_in": "mid_block.attentions.0.proj_in",
+        "output_blocks_3_1_proj_out": "up_blocks.1.attentions.1.proj_out",
+        "time_embed_0": "time_embedding.linear_1",
+        "input_blocks_0_0": "conv_in",
+    }
+    modules = dict(unet.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    tensors, expected, before = {}, {}, {}
+    for sgm_name, name in targets.items():
+        down, up = _lora_pair(modules[name], 2, gen)
+        if layout == "kohya-sgm":
+            tensors.update({f"lora_unet_{sgm_name}.lora_down.weight": down, f"lora_unet_{sgm_name}.lora_up.weight": up,
+                            f"lora_unet_{sgm_name}.alpha": torch.tensor(1.0)})
+            scale = 0.5
+        else:
+            tensors.update({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up})
+            scale = 1.0
+        expected[name] = (up.flatten(1) @ down.flatten(1)).reshape(modules[name].weight.shape) * scale
+        before[name] = modules[name].weight.detach().clone()
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path))
+    assert fuse_lora_into_unet(unet, path) == len(targets)
+    for name in targets.values():
+        torch.testing.assert_close(modules[name].weight - before[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
 def test_lora_for_another_model_is_refused(models, tmp_path):
     from safetensors.torch import save_file
 
