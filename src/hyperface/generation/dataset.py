@@ -240,6 +240,24 @@ def _encode(image: np.ndarray, image_format: str, quality: int) -> bytes:
     return encode_image(image, image_format=image_format, quality=quality)
 
 
+def _retire(state: _IdentityState, config: GenerationConfig) -> tuple[dict, list[bytes]]:
+    """The identity's K kept images (first accepted by index, then the best rejects) and its stats."""
+    k = config.images_per_identity
+    kept = sorted(state.accepted, key=lambda r: r[0])[:k]
+    filled = sorted(state.rejected, key=lambda r: -r[1])[: k - len(kept)]
+    kept = kept + sorted(filled, key=lambda r: r[0])
+    entry = {
+        "identity": state.identity,
+        "indices": [r[0] for r in kept],
+        "similarities": [None if np.isnan(r[1]) else round(r[1], 5) for r in kept],
+        "attempts": state.next_index,
+        "accepted": min(len(state.accepted), k),
+        "filled": len(filled),
+        "no_face": state.no_face,
+    }
+    return entry, [_encode(r[2], config.image_format, config.quality) for r in kept]
+
+
 def render_shard(
     generator: IdentityGenerator,
     embeddings: np.ndarray,
@@ -312,26 +330,13 @@ def render_shard(
                 record = (index, float(sim), stored)
                 if not config.filtered or sim >= config.min_similarity:
                     state.accepted.append(record)
-                else:
-                    state.rejected.append(record)
+                else:  # only the best K rejects can ever fill the quota: keep no more
+                    state.rejected = sorted([*state.rejected, record], key=lambda r: -r[1])[:k]
             # Retire identities that are full or out of attempts.
-            finished = []
-            for identity in [i for i, s in active.items() if len(s.accepted) >= k or s.next_index >= limit]:
-                state = active.pop(identity)
-                kept = sorted(state.accepted, key=lambda r: r[0])[:k]
-                filled = sorted(state.rejected, key=lambda r: -r[1])[: k - len(kept)]
-                kept = kept + sorted(filled, key=lambda r: r[0])
-                entry = {
-                    "identity": identity,
-                    "indices": [r[0] for r in kept],
-                    "similarities": [None if np.isnan(r[1]) else round(r[1], 5) for r in kept],
-                    "attempts": state.next_index,
-                    "accepted": min(len(state.accepted), k),
-                    "filled": len(filled),
-                    "no_face": state.no_face,
-                }
-                blobs = [_encode(r[2], config.image_format, config.quality) for r in kept]
-                finished.append((entry, blobs))
+            finished = [
+                _retire(active.pop(identity), config)
+                for identity in [i for i, s in active.items() if len(s.accepted) >= k or s.next_index >= limit]
+            ]
             part.commit(finished)
             bar.update(sum(len(blobs) for _, blobs in finished))
             bar.set_postfix(renders=rendered, refresh=False)
