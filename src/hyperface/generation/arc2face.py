@@ -353,7 +353,7 @@ class Arc2FaceSettings:
     dtype: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    vae_batch_size: int = 16
+    vae_batch_size: int = 8  # VAE decode at 512 px is memory-hungry: decode in chunks
 
     def resolved(self) -> "Arc2FaceSettings":
         lcm = self.lcm_lora is not None
@@ -536,8 +536,9 @@ class Arc2FaceGenerator:
         images = []
         scale = self.vae.config.scaling_factor
         vae_dtype = self.vae.dtype
-        for start in range(0, latents.shape[0], max(1, self.settings.vae_batch_size)):
-            chunk = (latents[start : start + self.settings.vae_batch_size] / scale).to(vae_dtype)
+        step = max(1, self.settings.vae_batch_size)
+        for start in range(0, latents.shape[0], step):
+            chunk = (latents[start : start + step] / scale).to(vae_dtype)
             pixels = self.vae.decode(chunk, return_dict=False)[0].float()
             pixels = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
