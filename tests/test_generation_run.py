@@ -266,6 +266,10 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     other = GenerationConfig(images_per_identity=1, seed=2)
     with pytest.raises(HyperfaceError, match="config"):
         generate_dataset(PaintedGenerator(), identities, tmp_path / "o", other, aligner=keep_as_is, resume=True, show_progress=False)
+    with pytest.raises(HyperfaceError, match="embeddings_sha256"):
+        generate_dataset(PaintedGenerator(), identities[::-1].copy(), tmp_path / "o", config, aligner=keep_as_is, resume=True, show_progress=False)
+    bigger_batches = GenerationConfig(images_per_identity=1, seed=1, batch_size=64)  # changes no image: allowed
+    generate_dataset(PaintedGenerator(), identities, tmp_path / "o", bigger_batches, aligner=keep_as_is, resume=True, show_progress=False)
 
 
 def test_full_disk_keeps_finished_identities(tmp_path, monkeypatch):

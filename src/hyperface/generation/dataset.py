@@ -366,11 +366,16 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
     """Store what this output folder generates; on resume, refuse different settings."""
     path = out_dir / RUN_FILE
     if path.exists():
-        old = read_json(path)
-        ignored = {"identities_path"}  # the same identities may be resumed from another path
-        differing = sorted(
-            key for key in (set(old) | set(run)) - ignored if old.get(key) != json.loads(json.dumps(run.get(key)))
-        )
+
+        def comparable(facts: dict) -> dict:
+            # The same identities may come from another path, and the batch size does not change
+            # any image (each depends only on its own seed), so neither blocks a resume.
+            facts = json.loads(json.dumps({k: v for k, v in facts.items() if k != "identities_path"}))
+            facts.get("config", {}).pop("batch_size", None)
+            return facts
+
+        old, new = comparable(read_json(path)), comparable(run)
+        differing = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
         if differing:
             raise HyperfaceError(
                 f"{out_dir} holds a run with other settings ({', '.join(differing)}); rerun with the same settings "
