@@ -37,13 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ti
 
 def sd15_sized_components(small: bool, device: torch.device, dtype: torch.dtype):
     """Random-weight SD1.5 UNet / VAE and CLIP-L text encoder (or their --small versions)."""
+    torch.manual_seed(0)
+    with torch.device(device):  # random init straight on the GPU: ~1B parameters are slow to init on a CPU
+        return _build(small, device, dtype)
+
+
+def _build(small: bool, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from generation_fixtures import write_sd15_scheduler, write_tiny_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from hyperface.generation.arc2face import Arc2FaceComponents
 
-    torch.manual_seed(0)
     if small:
         unet_channels, vae_channels, layers, text_layers, text_heads, text_ffn = (32, 64, 64, 64), (32, 64, 64, 64), 1, 2, 4, 256
     else:  # SD1.5 / CLIP ViT-L/14 sizes
