@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speed.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="autocast dtype (default: auto = bf16 on CUDA when supported, else fp16; none on CPU)")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    speed.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (default: 4)")
+    speed.add_argument("--workers", type=int, help="DataLoader worker processes per GPU (default: min(8, cores per process - 1))")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process, LOCAL_RANK)")
 
     run = parser.add_argument_group("run")

@@ -83,7 +83,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     seed: int = 0
-    workers: int = 4
+    workers: int | None = None  # None: min(8, CPU cores per process on this node)
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
@@ -337,6 +337,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             f"{world} process(es) gets per epoch; lower --batch-size"
         )
     total_steps = cfg.epochs * steps_per_epoch
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = cfg.workers if cfg.workers is not None else min(8, max(1, (os.cpu_count() or 2) // local_world - 1))
 
     # --- model, head, optimiser -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # same initial backbone on every rank; head shards differ by design
@@ -461,7 +463,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 dataset,
                 batch_size=cfg.batch_size,
                 sampler=sampler,
-                num_workers=cfg.workers,
+                num_workers=workers,
                 pin_memory=device.type == "cuda",
                 drop_last=True,
                 worker_init_fn=_ignore_sigint,
@@ -519,7 +521,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         manifest.extra.update(
             {
                 "steps": step, "epochs_done": epoch, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
-                "num_images": len(dataset), "world_size": world, "device": str(device),
+                "num_images": len(dataset), "world_size": world, "device": str(device), "workers": workers,
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
                 "last_loss": last_loss, "verification": val_results,
                 "resumed_from": str(resumed_from) if resumed_from else None,
