@@ -1,0 +1,105 @@
+"""``hyperface pack`` as a function: optimise, measure, and write the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import load_embeddings, prepare_output_dir, read_json, save_json, save_npy
+from hyperface.common.manifest import Manifest
+from hyperface.common.runtime import get_logger, seed_everything
+from hyperface.packing.metrics import gallery_similarity, nn_angles_deg, packing_metrics
+from hyperface.packing.solver import CHECKPOINT_NAME, PackConfig, pack
+
+log = get_logger("hyperface.packing")
+
+IDENTITIES_FILE = "identities.npy"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.json"
+PLOT_FILE = "pack.png"
+
+
+def run_pack(
+    config: PackConfig,
+    out_dir: str | Path,
+    *,
+    gallery_path: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_every: float = 60.0,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Pack identities and write ``out_dir``:
+
+    - ``identities.npy``  float32 (N, d), unit rows
+    - ``metrics.json``    exact all-pairs metrics, the Levenshtein bound, the random baseline
+    - ``history.json``    the min angle during optimisation
+    - ``pack.png``        convergence and nearest-neighbour angle histogram
+    - ``manifest.json``   parameters, versions, input checksums, timings (written last)
+
+    A killed run leaves ``checkpoint.pt``; ``resume=True`` continues it. Returns the metrics.
+    """
+    out = Path(out_dir)
+    manifest_path = out / "manifest.json"
+    if resume and manifest_path.exists() and read_json(manifest_path).get("status") == "complete":
+        log.info("%s is already complete; nothing to resume", out)
+        return read_json(out / METRICS_FILE)
+    gallery = load_embeddings(gallery_path, what="gallery") if gallery_path is not None else None
+    cfg = config.resolved(gallery)  # validate before touching the output folder
+    out = prepare_output_dir(out, overwrite=overwrite, resume=resume, stage="pack")
+    seed_everything(cfg.seed)
+    manifest = Manifest(stage="pack", params=dataclasses.asdict(cfg), inputs={"gallery": gallery_path})
+
+    started = time.perf_counter()
+    result = pack(cfg, gallery, checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
+    manifest.time("optimise", time.perf_counter() - started)
+
+    started = time.perf_counter()
+    metrics = packing_metrics(result.points, gallery)
+    metrics.update(
+        {
+            "steps": result.steps_done,
+            "optimise_seconds": round(result.seconds, 3),
+            "best_step": result.best_step,
+            "best_restart": result.restart,
+            "init": cfg.init,
+            "mode": cfg.mode,
+            "reg_weight": cfg.reg_weight,
+            "seed": cfg.seed,
+        }
+    )
+    manifest.time("metrics", time.perf_counter() - started)
+
+    save_npy(out / IDENTITIES_FILE, result.points.astype(np.float32))
+    save_json(out / METRICS_FILE, metrics)
+    save_json(out / HISTORY_FILE, result.history)
+    if plot:
+        sims = gallery_similarity_np(result.points, gallery) if gallery is not None else None
+        from hyperface.packing.plots import plot_packing
+
+        plot_packing(out / PLOT_FILE, result.history, nn_angles_deg(result.points), metrics, sims)
+    manifest.extra["outputs"] = [IDENTITIES_FILE, METRICS_FILE, HISTORY_FILE] + ([PLOT_FILE] if plot else [])
+    manifest.write(out)
+    # The checkpoint holds optimiser state (several times the result's size): done with it.
+    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+    return metrics
+
+
+def gallery_similarity_np(points: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    import torch
+
+    return gallery_similarity(torch.from_numpy(points), torch.from_numpy(gallery)).numpy()
+
+
+def load_identities(path: str | Path, dim: int | None = None) -> np.ndarray:
+    """Read an ``identities.npy`` written by :func:`run_pack` (checked: unit rows, finite)."""
+    if Path(path).is_dir():
+        path = Path(path) / IDENTITIES_FILE
+    if not Path(path).exists():
+        raise HyperfaceError(f"no identities at {path}: run `hyperface pack` first")
+    return load_embeddings(path, what="identities", dim=dim, require_unit=True)

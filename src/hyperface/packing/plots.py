@@ -1,0 +1,66 @@
+"""Pictures of a packing run: convergence, nearest-neighbour angles, gallery proximity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def plot_packing(
+    path: str | Path,
+    history: list[dict[str, float]],
+    nn_angles_deg: np.ndarray,
+    metrics: dict[str, Any],
+    gallery_similarity: np.ndarray | None = None,
+) -> Path:
+    """Write a PNG with the min-angle convergence curve and the NN-angle histogram (+ gallery)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if gallery_similarity is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), constrained_layout=True)
+    bound = metrics["levenshtein_bound_deg"]
+    random_value = metrics["random_expected_min_angle_deg"]
+
+    ax = axes[0]
+    if history:
+        seconds = [h["seconds"] for h in history]
+        angles = [h["min_angle_deg"] for h in history]
+        ax.plot(seconds, angles, color="C0", lw=1.5, label="min angle (during run)")
+    ax.axhline(bound, color="C3", ls="--", lw=1, label=f"Levenshtein bound {bound:.2f}")
+    ax.axhline(random_value, color="grey", ls=":", lw=1, label=f"random points {random_value:.2f}")
+    ax.axhline(metrics["min_angle_deg"], color="C2", lw=1, label=f"final {metrics['min_angle_deg']:.3f}")
+    ax.set_xlabel("optimisation time (s)")
+    ax.set_ylabel("minimum pairwise angle (deg)")
+    ax.set_title(f"N={metrics['num_identities']}, d={metrics['dim']}")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    ax.hist(nn_angles_deg, bins=60, color="C0", alpha=0.8)
+    ax.axvline(bound, color="C3", ls="--", lw=1, label="Levenshtein bound")
+    ax.axvline(metrics["min_angle_deg"], color="C2", lw=1, label="min angle")
+    ax.set_xlabel("angle to nearest other identity (deg)")
+    ax.set_ylabel("identities")
+    ax.set_title(f"nearest-neighbour angles (mean {metrics['mean_nn_angle_deg']:.2f})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    if gallery_similarity is not None:
+        ax = axes[2]
+        ax.hist(gallery_similarity, bins=60, color="C1", alpha=0.8)
+        ax.set_xlabel("cosine to nearest gallery embedding")
+        ax.set_ylabel("identities")
+        ax.set_title("proximity to the face gallery")
+        ax.grid(alpha=0.3)
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

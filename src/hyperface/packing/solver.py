@@ -1,0 +1,546 @@
+"""The packing optimiser: N unit vectors with the largest minimum pairwise angle, near a gallery.
+
+Objective:
+
+    T * log sum_{i<j} exp(cos(x_i, x_j) / T)   +   reg_weight * mean_i ||x_i - g(i)||^2
+
+the first term a soft maximum of all pair cosines (-> the max cosine, i.e. the min angle, as the
+temperature T is annealed geometrically towards zero), the second the squared distance of each
+identity to its nearest gallery embedding g(i) (the "face manifold" term of the paper).
+Projected Adam: the gradient is projected onto each point's tangent plane, Adam steps, and points
+are renormalised onto the sphere. The step size is an angle: ``step_angle / sqrt(d)`` per
+coordinate, so the default works for every dimension.
+
+Three ways to visit pairs (``mode``), none of which materialises N x N:
+
+- ``exact``: every step visits all pairs once, in symmetric block tiles (exact gradient; the GEMMs
+  and the elementwise passes run in bfloat16 where that is faster, float32 once T gets small).
+  Best quality per step; cost N^2 d per step. Runs of N <= 4096 end with an exact polish.
+- ``neighbors``: each identity keeps its top-k nearest identities, refreshed every
+  ``refresh_every`` steps from a tiled Gram pass; a step costs N k d. For N in the 10^5-10^6 range.
+- ``stochastic``: the paper's mini-batch variant: each step updates a random batch of identities
+  against all others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import atomic_write
+from hyperface.common.runtime import get_logger, progress, resolve_device
+from hyperface.packing.geometry import TILE_ELEMENTS, tiled_topk
+from hyperface.packing.init import initial_points
+
+log = get_logger("hyperface.packing")
+
+MODES = ("auto", "exact", "neighbors", "stochastic")
+CHECKPOINT_NAME = "checkpoint.pt"
+#: Above this many identities ``mode="auto"`` switches from exact to neighbour lists.
+AUTO_EXACT_MAX = 50_000
+#: Up to this many identities the run ends with an exact polish (see :func:`_polish`).
+POLISH_AUTO_MAX = 4096
+#: Below this temperature (in units of 1/sqrt(d)) GEMMs run in float32 whatever compute_dtype says.
+BF16_MIN_TEMPERATURE = 0.01
+
+
+@dataclass
+class PackConfig:
+    """Parameters of one packing run. ``dim`` is taken from the gallery when one is given."""
+
+    num_identities: int
+    dim: int | None = None
+    steps: int | None = None
+    time_budget: float | None = None
+    init: str = "auto"
+    reg_weight: float = 0.0
+    seed: int = 0
+    mode: str = "auto"
+    step_angle: float = 0.2
+    step_floor: float = 1e-3
+    temperature_start: float = 0.5
+    temperature_end: float = 0.02
+    neighbors: int = 256
+    refresh_every: int = 20
+    batch_size: int = 4096
+    gallery_candidates: int = 8
+    restarts: int = 1
+    polish_steps: int | None = None
+    compute_dtype: str = "auto"
+    device: str = "auto"
+
+    def resolved(self, gallery: np.ndarray | None) -> "PackConfig":
+        """Fill the ``auto`` fields and check the values; raises HyperfaceError on bad input."""
+        cfg = dataclasses.replace(self)
+        if cfg.num_identities < 2:
+            raise HyperfaceError(f"--identities must be at least 2, got {cfg.num_identities}")
+        if gallery is not None:
+            if cfg.dim is not None and cfg.dim != gallery.shape[1]:
+                raise HyperfaceError(f"--dim {cfg.dim} does not match the gallery's dimension {gallery.shape[1]}")
+            cfg.dim = int(gallery.shape[1])
+        if cfg.dim is None or cfg.dim < 2:
+            raise HyperfaceError("give --dim D (at least 2) or --gallery G.npy")
+        if cfg.init == "auto":
+            cfg.init = "gallery" if gallery is not None else "random"
+        if cfg.reg_weight < 0 or not math.isfinite(cfg.reg_weight):
+            raise HyperfaceError(f"--reg-weight must be a finite number >= 0, got {cfg.reg_weight}")
+        if cfg.reg_weight > 0 and gallery is None:
+            raise HyperfaceError("--reg-weight needs --gallery G.npy (the embeddings to stay near)")
+        if cfg.steps is None and cfg.time_budget is None:
+            cfg.steps = 1000
+        if cfg.steps is not None and cfg.steps < 1:
+            raise HyperfaceError(f"--steps must be positive, got {cfg.steps}")
+        if cfg.time_budget is not None and cfg.time_budget <= 0:
+            raise HyperfaceError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
+        if cfg.mode not in MODES:
+            raise HyperfaceError(f"unknown --mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
+        if cfg.mode == "auto":
+            cfg.mode = "exact" if cfg.num_identities <= AUTO_EXACT_MAX else "neighbors"
+        if cfg.restarts < 1:
+            raise HyperfaceError("--restarts must be at least 1")
+        if not 0 < cfg.temperature_end <= cfg.temperature_start:
+            raise HyperfaceError("temperatures must satisfy 0 < end <= start")
+        return cfg
+
+
+@dataclass
+class PackResult:
+    points: np.ndarray  # (N, d) float32 unit rows
+    config: PackConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps_done: int = 0
+    seconds: float = 0.0
+    best_step: int = 0
+    restart: int = 0
+
+
+def choose_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bfloat16 GEMMs on CUDA and on CPUs with fast bf16 (AVX512-BF16/AMX), else float32."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name != "auto":
+        raise HyperfaceError(f"unknown compute dtype {name!r}: auto, float32 or bfloat16")
+    if device.type == "cuda":
+        return torch.bfloat16
+    a = torch.randn(512, 512)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        b = a.to(dtype)
+        b @ b  # warm up
+        start = time.perf_counter()
+        for _ in range(4):
+            b @ b
+        timings[dtype] = time.perf_counter() - start
+    return torch.bfloat16 if timings[torch.bfloat16] < 0.6 * timings[torch.float32] else torch.float32
+
+
+class _Objective:
+    """Computes the loss gradient for one step; holds the neighbour and gallery caches."""
+
+    def __init__(self, cfg: PackConfig, gallery: torch.Tensor | None, dtype: torch.dtype, generator: torch.Generator):
+        self.cfg = cfg
+        self.gallery = gallery
+        self.dtype = dtype
+        self.generator = generator
+        self.neighbor_index: torch.Tensor | None = None
+        self.gallery_index: torch.Tensor | None = None
+        self.reference_cos = 0.0
+
+    def refresh(self, x: torch.Tensor) -> None:
+        cfg = self.cfg
+        if cfg.mode == "neighbors":
+            k = min(cfg.neighbors, x.shape[0] - 1)
+            _, self.neighbor_index = tiled_topk(x, x, k, exclude_self=True, compute_dtype=self.dtype)
+        if self.gallery is not None and cfg.reg_weight > 0:
+            k = min(cfg.gallery_candidates, self.gallery.shape[0])
+            _, self.gallery_index = tiled_topk(x, self.gallery, k, compute_dtype=self.dtype)
+
+    def gradient(self, x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """(gradient (N, d), approximate max cosine, rows updated this step)."""
+        cfg = self.cfg
+        if cfg.mode == "neighbors":
+            grad, max_cos, total_weight = self._neighbor_gradient(x, temperature)
+            rows = torch.arange(x.shape[0], device=x.device)
+        else:
+            if cfg.mode == "stochastic" and cfg.batch_size < x.shape[0]:
+                rows = torch.randperm(x.shape[0], generator=self.generator)[: cfg.batch_size].to(x.device)
+                rows = rows.sort().values
+            else:
+                rows = torch.arange(x.shape[0], device=x.device)
+            grad, max_cos, total_weight = self._dense_gradient(x, rows, temperature)
+        # Normalise: sum of pair weights is 1, so the packing term is T*logsumexp ~ max cosine
+        # and reg_weight trades max cosine against mean squared gallery distance.
+        grad /= max(total_weight, 1e-30)
+        self.reference_cos = max_cos
+        if self.gallery_index is not None:
+            grad[rows] += self._gallery_gradient(x, rows)
+        return grad, max_cos, rows
+
+    def _dense_gradient(self, x: torch.Tensor, rows: torch.Tensor, temperature: float):
+        num, dim = x.shape
+        # bfloat16 rounds cosines by ~2^-9/sqrt(d): fine while T is well above that, not after.
+        dtype = self.dtype if temperature * math.sqrt(dim) >= BF16_MIN_TEMPERATURE else torch.float32
+        xc = x.to(dtype)
+        grad = torch.zeros_like(x)
+        stats = [-1.0, 0.0]  # max cosine, total weight
+
+        def weights_of(sims: torch.Tensor) -> torch.Tensor:
+            # Pair weights exp((cos - ref)/T), the gradient of T*logsumexp over pairs up to 1/Z;
+            # ref is last step's max, which keeps exp() in range without a second pass. Kept in
+            # the GEMM dtype: in bfloat16 these elementwise passes cost 5x less.
+            stats[0] = max(stats[0], float(sims.max()))
+            w = sims.sub_(self.reference_cos).mul_(1.0 / temperature).clamp_(max=60.0).exp_()
+            return w
+
+        if rows.shape[0] == num:
+            # All pairs: visit each block pair once (I <= J); W is symmetric, so the block serves
+            # both I's rows (W X_J) and J's rows (W^T X_I). Half the work of full row tiles.
+            block = int(max(64, min(2048, math.isqrt(TILE_ELEMENTS // 4))))
+            starts = list(range(0, num, block))
+            for bi, i0 in enumerate(starts):
+                xi = xc[i0 : i0 + block]
+                for j0 in starts[bi:]:
+                    xj = xc[j0 : j0 + block]
+                    sims = xi @ xj.T
+                    if i0 == j0:
+                        sims.fill_diagonal_(-float("inf"))
+                    w = weights_of(sims)
+                    stats[1] += float(w.sum(dtype=torch.float32)) * (1 if i0 == j0 else 2)
+                    grad[i0 : i0 + block] += (w @ xj).float()
+                    if i0 != j0:
+                        grad[j0 : j0 + block] += (w.T @ xi).float()
+        else:  # a mini-batch of rows against everyone
+            tile = int(max(1, min(4096, TILE_ELEMENTS // 4 // num)))
+            for start in range(0, rows.shape[0], tile):
+                idx = rows[start : start + tile]
+                sims = xc[idx] @ xc.T
+                sims[torch.arange(idx.shape[0], device=x.device), idx] = -float("inf")
+                w = weights_of(sims)
+                stats[1] += float(w.sum(dtype=torch.float32))
+                grad[idx] += (w @ xc).float()
+        return grad, stats[0], stats[1]
+
+    def smooth_value(self, x: torch.Tensor, temperature: float, with_grad: bool = True):
+        """Exact T*logsumexp over all pairs (+ gallery term) and its gradient, in x's dtype."""
+        num = x.shape[0]
+        tile = int(max(1, min(4096, TILE_ELEMENTS // 4 // num)))
+        parts, grad = [], torch.zeros_like(x) if with_grad else None
+        for start in range(0, num, tile):
+            sims = x[start : start + tile] @ x.T
+            r = torch.arange(sims.shape[0], device=x.device)
+            sims[r, r + start] = -float("inf")
+            parts.append(torch.logsumexp(sims / temperature, dim=1))
+            if with_grad:
+                grad[start : start + tile] = torch.softmax(sims / temperature, dim=1) @ x
+        row_lse = torch.cat(parts)
+        total = torch.logsumexp(row_lse, dim=0)  # every pair twice: log 2 shifts the value only
+        value = float(temperature * (total - math.log(2.0)))
+        if with_grad:
+            grad *= torch.exp(row_lse - total)[:, None] * 2.0  # d/dx_i of T*log sum_{i<j} exp(c/T)
+        if self.gallery_index is not None:
+            cand = self.gallery.to(x.dtype)[self.gallery_index]
+            sims = torch.einsum("nd,nkd->nk", x, cand)
+            best, arg = sims.max(dim=1)
+            value += self.cfg.reg_weight * float((2.0 - 2.0 * best).mean())
+            if with_grad:
+                nearest = cand[torch.arange(num, device=x.device), arg]
+                grad += (-2.0 * self.cfg.reg_weight / num) * nearest
+        return value, grad
+
+    def _neighbor_gradient(self, x: torch.Tensor, temperature: float):
+        assert self.neighbor_index is not None
+        num, dim = x.shape
+        k = self.neighbor_index.shape[1]
+        grad = torch.zeros_like(x)
+        max_cos, total_weight = -1.0, 0.0
+        ref = self.reference_cos
+        chunk = int(max(1, min(num, TILE_ELEMENTS // (k * dim))))
+        xc = x.to(self.dtype)
+        for start in range(0, num, chunk):
+            xn = xc[self.neighbor_index[start : start + chunk]]  # (c, k, d)
+            sims = torch.einsum("cd,ckd->ck", xc[start : start + chunk], xn).float()
+            max_cos = max(max_cos, float(sims.max()))
+            # Neighbour lists are nearly symmetric, so each row's own pairs give its gradient.
+            weights = sims.sub_(ref).div_(temperature).clamp_(max=60.0).exp_()
+            total_weight += float(weights.sum())
+            grad[start : start + chunk] += torch.einsum("ck,ckd->cd", weights.to(self.dtype), xn).float()
+        return grad, max_cos, total_weight
+
+    def _gallery_gradient(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # d/dx ||x - g||^2 = 2 (x - g); the radial part vanishes in the tangent projection.
+        assert self.gallery is not None and self.gallery_index is not None
+        out = torch.empty(rows.shape[0], x.shape[1], device=x.device)
+        chunk = int(max(1, TILE_ELEMENTS // (self.gallery_index.shape[1] * x.shape[1])))
+        for start in range(0, rows.shape[0], chunk):
+            r = rows[start : start + chunk]
+            cand = self.gallery[self.gallery_index[r]]  # (c, kc, d)
+            sims = torch.einsum("cd,ckd->ck", x[r], cand)
+            nearest = cand[torch.arange(r.shape[0], device=x.device), sims.argmax(dim=1)]
+            out[start : start + chunk] = (-2.0 * self.cfg.reg_weight / x.shape[0]) * nearest
+        return out
+
+    def gallery_penalty(self, x: torch.Tensor) -> float:
+        """Mean squared distance to the nearest gallery candidate (0 without a gallery term)."""
+        if self.gallery_index is None:
+            return 0.0
+        sims = torch.einsum("nd,nkd->nk", x, self.gallery[self.gallery_index]).max(dim=1).values
+        return float((2.0 - 2.0 * sims).mean())
+
+
+def _schedule(cfg: PackConfig, progress_frac: float, dim: int) -> tuple[float, float]:
+    """(temperature, learning rate) at a fraction of the budget; both scale with 1/sqrt(d)."""
+    p = min(max(progress_frac, 0.0), 1.0)
+    scale = 1.0 / math.sqrt(dim)
+    temperature = scale * cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** p
+    lr = scale * cfg.step_angle * (cfg.step_floor + (1.0 - cfg.step_floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
+    return temperature, lr
+
+
+def _polish(objective: _Objective, x: torch.Tensor, temperature: float, steps: int) -> torch.Tensor:
+    """Finish with exact gradient descent on the smooth objective, Armijo steps, T halving.
+
+    Adam's normalised steps stall a few hundredths of a degree short of a minimax optimum; this
+    converges to it (the known optima are reproduced to 0.01 degree). Dense and float64, so it is
+    meant for N up to a few thousand.
+    """
+    x = x.double() if x.shape[0] <= 256 else x.float()
+    eta = 1.0
+    value, grad = objective.smooth_value(x, temperature)
+    for _ in range(steps):
+        grad -= (grad * x).sum(dim=1, keepdim=True) * x
+        slope = float((grad * grad).sum())
+        if slope < 1e-30:
+            break
+        while eta > 1e-14:
+            candidate = x - eta * grad
+            candidate /= candidate.norm(dim=1, keepdim=True)
+            new_value, _ = objective.smooth_value(candidate, temperature, with_grad=False)
+            if new_value <= value - 1e-4 * eta * slope:
+                break
+            eta *= 0.5
+        else:
+            break
+        improvement = value - new_value
+        x = candidate
+        eta *= 2.0
+        if improvement < 1e-6 * temperature:  # converged at this temperature: sharpen
+            temperature *= 0.5
+        value, grad = objective.smooth_value(x, temperature)
+    return x.float()
+
+
+def _config_key(cfg: PackConfig) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed."""
+    keys = ("num_identities", "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def pack(
+    config: PackConfig,
+    gallery: np.ndarray | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: float = 60.0,
+    resume: bool = False,
+    log_every: int = 25,
+    callback: Callable[[dict[str, float]], None] | None = None,
+) -> PackResult:
+    """Optimise a packing and return the best iterate found.
+
+    ``gallery`` must hold unit rows (see :func:`hyperface.common.io.load_embeddings`). "Best" is
+    the lowest max cosine + reg_weight x mean squared gallery distance. With ``restarts`` > 1 each
+    restart gets an equal share of the budget and a different seed; the best restart wins. With
+    ``checkpoint_dir``, state is saved atomically every ``checkpoint_every`` seconds, on Ctrl-C
+    and at the end; ``resume=True`` continues from it (the same parameters are required).
+    """
+    cfg = config.resolved(gallery)
+    device = resolve_device(cfg.device)
+    dtype = choose_compute_dtype(cfg.compute_dtype, device)
+    gallery_t = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(device) if gallery is not None else None
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as exc:  # a checkpoint is written atomically, so this is real damage
+            raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exc}); remove it or use --overwrite") from exc
+        if state["config_key"] != _config_key(cfg):
+            raise HyperfaceError(
+                f"cannot --resume {ckpt_path.parent}: it was started with {state['config_key']}, "
+                f"now asked for {_config_key(cfg)}; use the same parameters or another --out"
+            )
+        log.info("resuming restart %d at step %d", state["restart"], state["run"]["step"])
+
+    best: PackResult | None = None
+    best_score = math.inf
+    first = 0
+    if state is not None:
+        first = int(state["restart"])
+        if state["best_points"] is not None:
+            best = PackResult(points=state["best_points"].numpy(), config=cfg, history=state["best_history"],
+                              restart=int(state["best_restart"]), steps_done=int(state["best_steps"]))
+            best_score = float(state["best_score"])
+
+    for restart in range(first, cfg.restarts):
+        def save(run_state: dict[str, Any], restart: int = restart) -> None:
+            if ckpt_path is None:
+                return
+            payload = {
+                "config_key": _config_key(cfg),
+                "restart": restart,
+                "run": run_state,
+                "best_points": None if best is None else torch.from_numpy(best.points),
+                "best_score": best_score,
+                "best_restart": 0 if best is None else best.restart,
+                "best_steps": 0 if best is None else best.steps_done,
+                "best_history": [] if best is None else best.history,
+            }
+            with atomic_write(ckpt_path, "wb") as handle:
+                torch.save(payload, handle)
+
+        run_state = state["run"] if state is not None and restart == first else None
+        result, score = _pack_once(cfg, gallery, gallery_t, device, dtype, restart, run_state, save,
+                                   checkpoint_every, log_every, callback)
+        if score < best_score:
+            best, best_score = result, score
+        if cfg.restarts > 1:
+            log.info("restart %d/%d: score %.6f (best %.6f; score = max cosine + reg_weight x gallery term)",
+                     restart + 1, cfg.restarts, score, best_score)
+    assert best is not None
+    return best
+
+
+def _pack_once(
+    cfg: PackConfig,
+    gallery: np.ndarray | None,
+    gallery_t: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    restart: int,
+    state: dict[str, Any] | None,
+    save: Callable[[dict[str, Any]], None],
+    checkpoint_every: float,
+    log_every: int,
+    callback: Callable[[dict[str, float]], None] | None,
+) -> tuple[PackResult, float]:
+    """One optimisation from one start; returns (best iterate, its exact score)."""
+    num, dim = cfg.num_identities, int(cfg.dim)  # type: ignore[arg-type]
+    seed = cfg.seed + 1_000_003 * restart
+    generator = torch.Generator().manual_seed(seed)
+    if state is None:
+        x0 = torch.from_numpy(initial_points(cfg.init, num, dim, np.random.default_rng(seed), gallery))
+    else:
+        x0 = state["points"]
+    points = torch.nn.Parameter(x0.to(device=device, dtype=torch.float32).contiguous())
+    optimizer = torch.optim.Adam([points], lr=1e-3, betas=(0.9, 0.99), eps=1e-12)
+    objective = _Objective(cfg, gallery_t, dtype, generator)
+    step, elapsed, history = 0, 0.0, []
+    best_points, best_score, best_step = points.detach().clone(), math.inf, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
+        best_points, best_score, best_step = state["best_points"].to(device), float(state["best_score"]), int(state["best_step"])
+        generator.set_state(state["generator"])
+        objective.reference_cos = float(state["reference_cos"])
+
+    def run_state() -> dict[str, Any]:
+        return {
+            "points": points.detach().cpu(), "optimizer": optimizer.state_dict(), "step": step,
+            "elapsed": elapsed, "history": history, "best_points": best_points.cpu(),
+            "best_score": best_score, "best_step": best_step, "generator": generator.get_state(),
+            "reference_cos": objective.reference_cos,
+        }
+
+    budget = cfg.time_budget / cfg.restarts if cfg.time_budget is not None else None
+
+    def fraction() -> float:
+        return step / cfg.steps if cfg.steps is not None else elapsed / budget  # type: ignore[operator]
+
+    bar = progress(total=cfg.steps or round(budget or 0), initial=step if cfg.steps else int(elapsed),
+                   desc="pack" + (f" {restart + 1}/{cfg.restarts}" if cfg.restarts > 1 else ""),
+                   unit="step" if cfg.steps else "s")
+    last_save = time.perf_counter()
+    try:
+        while fraction() < 1.0:
+            t0 = time.perf_counter()
+            temperature, lr = _schedule(cfg, fraction(), dim)
+            x = points.detach()
+            needs_lists = cfg.mode == "neighbors" or cfg.reg_weight > 0
+            if needs_lists and (step % cfg.refresh_every == 0 or (objective.neighbor_index is None and objective.gallery_index is None)):
+                objective.refresh(x)
+            grad, max_cos, _ = objective.gradient(x, temperature)
+            penalty = objective.gallery_penalty(x)
+            score = max_cos + cfg.reg_weight * penalty  # of the iterate before this update
+            if score < best_score and cfg.mode != "stochastic":
+                best_points, best_score, best_step = x.clone(), score, step
+            # Riemannian gradient: drop the radial part, step, return to the sphere.
+            grad -= (grad * x).sum(dim=1, keepdim=True) * x
+            points.grad = grad
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.step()
+            with torch.no_grad():
+                points.div_(points.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            if step % max(1, log_every) == 0 or step == 1 or fraction() >= 1.0:
+                entry = {
+                    "step": step - 1, "seconds": round(elapsed, 3),
+                    "min_angle_deg": math.degrees(math.acos(min(1.0, max(-1.0, max_cos)))),
+                    "gallery_penalty": penalty, "temperature": temperature, "lr": lr,
+                }
+                history.append(entry)
+                bar.set_postfix(angle=f"{entry['min_angle_deg']:.3f}")
+                if callback is not None:
+                    callback(entry)
+            bar.update(1 if cfg.steps else dt)
+            if time.perf_counter() - last_save >= checkpoint_every:
+                save(run_state())
+                last_save = time.perf_counter()
+    except KeyboardInterrupt:
+        save(run_state())
+        raise
+    finally:
+        bar.close()
+
+    final = points.detach()
+    polish_steps = cfg.polish_steps if cfg.polish_steps is not None else (300 if num <= POLISH_AUTO_MAX else 0)
+    if cfg.mode == "stochastic":  # batch maxima are not global: keep the last iterate
+        best_points, best_step = final, step
+    if polish_steps > 0 and cfg.mode != "stochastic":
+        temperature, _ = _schedule(cfg, 1.0, dim)
+        start = best_points if best_score < math.inf else final
+        if cfg.reg_weight > 0:
+            objective.refresh(start.float())
+        final = _polish(objective, start.float(), temperature, polish_steps)
+    # Score the candidates exactly (float32, all pairs) and keep the better.
+    best_exact = _exact_score(objective, best_points)
+    final_exact = _exact_score(objective, final)
+    if final_exact <= best_exact:
+        best_points, best_exact, best_step = final, final_exact, step
+    save(run_state())
+    result = PackResult(points=best_points.float().cpu().numpy(), config=cfg, history=history,
+                        steps_done=step, seconds=elapsed, best_step=best_step, restart=restart)
+    return result, best_exact
+
+
+def _exact_score(objective: _Objective, x: torch.Tensor) -> float:
+    from hyperface.packing.geometry import pair_stats
+
+    x = x.float()
+    score = float(pair_stats(x, ()).nn_cos.max())
+    if objective.cfg.reg_weight > 0:
+        objective.refresh(x)
+        score += objective.cfg.reg_weight * objective.gallery_penalty(x)
+    return score
