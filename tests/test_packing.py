@@ -1,0 +1,369 @@
+"""Packing: known optima, bounds, tiled kernels, determinism, resume, the gallery trade-off, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hyperface.cli import main
+from hyperface.common.errors import HyperfaceError
+from hyperface.packing import (
+    PackConfig,
+    binary_code_init,
+    levenshtein_bound_deg,
+    pack,
+    packing_metrics,
+    random_min_angle_deg,
+    run_pack,
+)
+from hyperface.packing import geometry
+from hyperface.packing.geometry import pair_stats, tiled_topk
+
+
+def min_angle(points: np.ndarray) -> float:
+    """Brute force, float64: the reference every tiled computation is checked against."""
+    x = points.astype(np.float64)
+    gram = x @ x.T
+    np.fill_diagonal(gram, -2.0)
+    return math.degrees(math.acos(min(1.0, gram.max())))
+
+
+# --- known answers (REFERENCE.md section 7) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "num, dim, expected",
+    [
+        (4, 3, math.degrees(math.acos(-1 / 3))),  # tetrahedron (simplex)
+        (6, 5, math.degrees(math.acos(-1 / 5))),  # simplex in 5-d
+        (6, 3, 90.0),  # octahedron (cross-polytope)
+        (8, 4, 90.0),  # cross-polytope in 4-d
+        (12, 3, 63.4349488),  # icosahedron
+    ],
+)
+def test_known_optima_are_reached(num, dim, expected):
+    result = pack(PackConfig(num, dim, steps=1500, seed=0))
+    assert result.points.shape == (num, dim)
+    assert abs(min_angle(result.points) - expected) < 0.01
+
+
+def test_24_cell_with_restarts():
+    result = pack(PackConfig(24, 4, steps=3000, restarts=8, seed=0))
+    assert abs(min_angle(result.points) - 60.0) < 0.01
+
+
+def test_1000_points_in_512d_reach_90_degrees():
+    result = pack(PackConfig(1000, 512, steps=1000, seed=0))
+    assert min_angle(result.points) >= 89.9
+
+
+# --- limits ----------------------------------------------------------------------------------------
+
+
+def test_levenshtein_bound_matches_reference_values():
+    assert levenshtein_bound_deg(10_000, 512) == pytest.approx(88.64, abs=0.01)
+    assert levenshtein_bound_deg(100_000, 512) == pytest.approx(87.62, abs=0.01)
+    assert levenshtein_bound_deg(1_000_000, 512) == pytest.approx(86.96, abs=0.01)
+    # attained cases: the icosahedron, and the simplex in closed form
+    assert levenshtein_bound_deg(12, 3) == pytest.approx(63.4349, abs=0.01)
+    assert levenshtein_bound_deg(4, 3) == pytest.approx(109.4712, abs=1e-4)
+
+
+def test_random_expectation_matches_reference_and_simulation():
+    assert random_min_angle_deg(10_000, 512) == pytest.approx(75.9, abs=0.05)
+    assert random_min_angle_deg(100_000, 512) == pytest.approx(74.0, abs=0.05)
+    assert random_min_angle_deg(1_000_000, 512) == pytest.approx(72.4, abs=0.05)
+    rng = np.random.default_rng(0)
+    simulated = []
+    for _ in range(5):
+        x = rng.standard_normal((2000, 64))
+        simulated.append(min_angle(x / np.linalg.norm(x, axis=1, keepdims=True)))
+    assert np.mean(simulated) == pytest.approx(random_min_angle_deg(2000, 64), abs=1.0)
+
+
+# --- initialisations -----------------------------------------------------------------------------
+
+
+def test_binary_code_has_the_promised_correlations():
+    x = binary_code_init(3000, 512, np.random.default_rng(1))
+    assert x.shape == (3000, 512) and x.dtype == np.float32
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-6)
+    gram = x.astype(np.float64) @ x.T.astype(np.float64)
+    off = gram[~np.eye(len(x), dtype=bool)]
+    antipodal = np.isclose(off, -1.0)
+    assert antipodal.sum() == 3000  # each codeword's complement, counted from both sides
+    assert np.abs(off[~antipodal]).max() <= 1 / 16 + 1e-6
+    assert min_angle(x) == pytest.approx(math.degrees(math.acos(1 / 16)), abs=1e-4)
+
+
+def test_binary_code_rejects_what_it_cannot_build():
+    with pytest.raises(HyperfaceError, match="power-of-two"):
+        binary_code_init(10, 500, np.random.default_rng(0))
+    with pytest.raises(HyperfaceError, match="at most"):
+        binary_code_init(2 * 8 * 8 + 1, 8, np.random.default_rng(0))
+
+
+def test_gallery_init_uses_distinct_gallery_rows():
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((50, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    result = pack(PackConfig(20, init="gallery", steps=1, step_angle=1e-9, polish_steps=0), gallery=gallery)
+    # one tiny step: every identity is still (almost exactly) a distinct gallery row
+    sims = result.points @ gallery.T
+    nearest = sims.argmax(axis=1)
+    assert len(set(nearest.tolist())) == 20
+    assert sims.max(axis=1).min() > 0.9999
+
+
+# --- tiled kernels -------------------------------------------------------------------------------
+
+
+def test_tiled_kernels_equal_brute_force(monkeypatch):
+    monkeypatch.setattr(geometry, "TILE_ELEMENTS", 97 * 31)  # force many ragged tiles
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((203, 12)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    g = rng.standard_normal((157, 12)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    xt, gt = torch.from_numpy(x), torch.from_numpy(g)
+
+    sims, idx = tiled_topk(xt, gt, 5, col_block=40)
+    ref = x @ g.T
+    ref_idx = np.argsort(-ref, axis=1)[:, :5]
+    assert np.array_equal(idx.numpy(), ref_idx)
+    assert np.allclose(sims.numpy(), np.take_along_axis(ref, ref_idx, axis=1), atol=1e-6)
+
+    sims, idx = tiled_topk(xt, xt, 3, exclude_self=True, col_block=50)
+    self_gram = x @ x.T
+    np.fill_diagonal(self_gram, -np.inf)
+    assert np.array_equal(idx.numpy(), np.argsort(-self_gram, axis=1)[:, :3])
+
+    stats = pair_stats(xt, (0.3, 0.4))
+    upper = self_gram[np.triu_indices(len(x), 1)]
+    assert stats.pairs_above[0.3] == int((upper > 0.3).sum())
+    assert stats.pairs_above[0.4] == int((upper > 0.4).sum())
+    assert np.allclose(stats.nn_cos.numpy(), self_gram.max(axis=1), atol=1e-6)
+
+
+def test_metrics_are_exact_over_all_pairs():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = packing_metrics(x)
+    assert m["min_angle_deg"] == pytest.approx(min_angle(x), abs=1e-3)
+    gram = x.astype(np.float64) @ x.T
+    np.fill_diagonal(gram, -2)
+    nn = np.degrees(np.arccos(np.clip(gram.max(axis=1), -1, 1)))
+    assert m["mean_nn_angle_deg"] == pytest.approx(nn.mean(), abs=1e-3)
+    assert m["pairs_above_cos_0.3"] == int((gram[np.triu_indices(300, 1)] > 0.3).sum())
+
+
+# --- the optimiser ---------------------------------------------------------------------------------
+
+
+def test_steps_runs_are_deterministic():
+    a = pack(PackConfig(200, 16, steps=40, seed=7))
+    b = pack(PackConfig(200, 16, steps=40, seed=7))
+    c = pack(PackConfig(200, 16, steps=40, seed=8))
+    assert np.array_equal(a.points, b.points)
+    assert not np.array_equal(a.points, c.points)
+
+
+@pytest.mark.parametrize("mode", ["exact", "neighbors", "stochastic"])
+def test_every_mode_improves_far_beyond_random(mode):
+    num, dim = 600, 32
+    result = pack(PackConfig(num, dim, steps=150, mode=mode, neighbors=64, batch_size=128, polish_steps=0))
+    assert min_angle(result.points) > random_min_angle_deg(num, dim) + 12.0
+    assert np.allclose(np.linalg.norm(result.points, axis=1), 1.0, atol=1e-5)
+
+
+def anisotropic_gallery(num: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Embeddings crowded in a cone, like real faces in an FR space (far from uniform)."""
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(2.0, 0.2, dim)
+    g = rng.standard_normal((num, dim)) * scales + 1.5 * np.eye(dim)[0]
+    return (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_reg_weight_trades_angle_for_gallery_proximity():
+    gallery = anisotropic_gallery(3000, 32)
+    results = {}
+    for weight in (0.0, 0.5, 5.0):
+        r = pack(PackConfig(300, steps=200, reg_weight=weight, init="gallery", seed=0), gallery=gallery)
+        results[weight] = packing_metrics(r.points, gallery)
+    angles = [results[w]["min_angle_deg"] for w in (0.0, 0.5, 5.0)]
+    proximity = [results[w]["gallery_similarity"]["mean"] for w in (0.0, 0.5, 5.0)]
+    assert angles[0] > angles[1] > angles[2]
+    assert proximity[0] < proximity[1] < proximity[2]
+    start_angle = min_angle(gallery[:300])  # gallery rows alone are badly spread
+    assert angles[2] > start_angle
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    config = PackConfig(150, 24, steps=80, seed=3)
+    reference = pack(config)
+
+    def stop_at_step_30(entry):
+        if entry["step"] >= 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, checkpoint_dir=tmp_path, checkpoint_every=1e9, log_every=1, callback=stop_at_step_30)
+    assert (tmp_path / "checkpoint.pt").exists()
+    resumed = pack(config, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.steps_done == 80
+    assert np.array_equal(resumed.points, reference.points)
+
+    with pytest.raises(HyperfaceError, match="same parameters"):
+        pack(PackConfig(150, 24, steps=81, seed=3), checkpoint_dir=tmp_path, resume=True)
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> int:
+    return main(["pack", *args])
+
+
+def test_cli_writes_a_complete_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("--identities", "64", "--dim", "16", "--steps", "200", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "Levenshtein bound" in printed and "random points" in printed
+    ids = np.load(out / "identities.npy")
+    assert ids.shape == (64, 16) and ids.dtype == np.float32
+    assert np.allclose(np.linalg.norm(ids, axis=1), 1.0, atol=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("min_angle_deg", "max_cosine", "mean_nn_angle_deg", "levenshtein_bound_deg",
+                "random_expected_min_angle_deg", "pairs_above_cos_0.3", "pairs_above_cos_0.4"):
+        assert key in metrics
+    assert metrics["min_angle_deg"] == pytest.approx(min_angle(ids), abs=1e-3)
+    assert metrics["min_angle_deg"] <= metrics["levenshtein_bound_deg"] + 1e-6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["params"]["num_identities"] == 64
+    assert "torch" in manifest["versions"]
+    assert (out / "pack.png").stat().st_size > 10_000
+    assert not (out / "checkpoint.pt").exists()
+    # an occupied folder is refused, --resume of a finished run is a no-op, --overwrite redoes it
+    assert run_cli("--identities", "64", "--dim", "16", "--steps", "200", "--out", str(out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert run_cli("--identities", "64", "--dim", "16", "--steps", "200", "--out", str(out), "--resume") == 0
+    assert run_cli("--identities", "64", "--dim", "16", "--steps", "10", "--out", str(out), "--overwrite") == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 10
+
+
+def test_cli_with_gallery_reports_gallery_proximity(tmp_path):
+    gallery = tmp_path / "gallery.npy"
+    np.save(gallery, anisotropic_gallery(500, 24) * 3.0)  # not unit: rows are normalised on load
+    out = tmp_path / "run"
+    assert run_cli("--identities", "100", "--gallery", str(gallery), "--reg-weight", "1",
+                   "--steps", "50", "--out", str(out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 < metrics["gallery_similarity"]["mean"] <= 1.0
+    assert metrics["init"] == "gallery"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["inputs"]["gallery"]["sha256"]) == 64
+
+
+def bad_gallery(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.npy"
+    g = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    if kind == "nan":
+        g[3, 2] = np.nan
+    elif kind == "inf":
+        g[5, 0] = np.inf
+    elif kind == "zero":
+        g[7] = 0.0
+    elif kind == "1d":
+        g = g[0]
+    elif kind == "ints":
+        g = np.arange(20 * 8).reshape(20, 8)
+    if kind == "corrupt":
+        path.write_bytes(b"\x93NUMPY not really")
+    else:
+        np.save(path, g)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [("nan", "NaN"), ("inf", "NaN/inf"), ("zero", "all-zero"), ("1d", "2-D"), ("ints", "floats"),
+     ("corrupt", "not a readable")],
+)
+def test_cli_rejects_bad_galleries_cleanly(tmp_path, capsys, kind, message):
+    out = tmp_path / "run"
+    code = run_cli("--identities", "5", "--gallery", str(bad_gallery(tmp_path, kind)), "--out", str(out))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written for a refused input
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--identities", "1", "--dim", "8"], "at least 2"),
+        (["--identities", "30", "--gallery", "{gallery}"], "at least as many gallery embeddings"),
+        (["--identities", "5", "--dim", "8", "--reg-weight", "1"], "needs --gallery"),
+        (["--identities", "5", "--dim", "500", "--init", "binary"], "power-of-two"),
+        (["--identities", "5", "--dim", "8", "--steps", "0"], "positive"),
+        (["--identities", "5", "--dim", "8", "--reg-weight", "-1"], ">= 0"),
+        (["--identities", "5", "--dim", "8", "--device", "cuda:7"], ""),
+    ],
+)
+def test_cli_rejects_bad_parameters(tmp_path, capsys, args, message):
+    gallery = tmp_path / "g.npy"
+    np.save(gallery, np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
+    args = [a.replace("{gallery}", str(gallery)) for a in args]
+    code = run_cli(*args, "--out", str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_cli_refuses_unwritable_and_file_outputs(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert run_cli("--identities", "5", "--dim", "8", "--out", str(blocker)) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert run_cli("--identities", "5", "--dim", "8", "--out", str(blocker / "sub")) == 2
+    assert "cannot write" in capsys.readouterr().err
+    stranger = tmp_path / "user_data"
+    stranger.mkdir()
+    (stranger / "precious.txt").write_text("keep me")
+    assert run_cli("--identities", "5", "--dim", "8", "--out", str(stranger), "--overwrite") == 2
+    assert (stranger / "precious.txt").read_text() == "keep me"
+
+
+def test_killed_process_resumes_without_losing_work(tmp_path):
+    """SIGKILL mid-run, then --resume: the result equals an uninterrupted run's, bit for bit."""
+    args = ["--identities", "400", "--dim", "32", "--steps", "1500", "--seed", "1", "--no-plot",
+            "--polish-steps", "0"]
+    reference = tmp_path / "reference"
+    assert run_cli(*args, "--out", str(reference)) == 0
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "hyperface", "pack", *args, "--out", str(out), "--checkpoint-every", "0.05"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    assert (out / "checkpoint.pt").exists()
+
+    assert run_cli(*args, "--out", str(out), "--resume") == 0
+    assert np.array_equal(np.load(out / "identities.npy"), np.load(reference / "identities.npy"))
