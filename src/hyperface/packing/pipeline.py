@@ -69,6 +69,7 @@ def run_pack(
             "best_restart": result.restart,
             "init": cfg.init,
             "mode": cfg.mode,
+            "compute_dtype": result.compute_dtype,
             "reg_weight": cfg.reg_weight,
             "seed": cfg.seed,
         }

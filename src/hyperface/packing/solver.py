@@ -120,10 +120,27 @@ class PackResult:
     seconds: float = 0.0
     best_step: int = 0
     restart: int = 0
+    compute_dtype: str = "float32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), read from its flags.
+
+    A flag, not a timing, so the choice (and so the result) is the same on every run of a machine.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def choose_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bfloat16 GEMMs on CUDA and on CPUs with fast bf16 (AVX512-BF16/AMX), else float32."""
+    """bfloat16 GEMMs on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32."""
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
@@ -132,16 +149,7 @@ def choose_compute_dtype(name: str, device: torch.device) -> torch.dtype:
         raise HyperfaceError(f"unknown compute dtype {name!r}: auto, float32 or bfloat16")
     if device.type == "cuda":
         return torch.bfloat16
-    a = torch.randn(512, 512)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        b = a.to(dtype)
-        b @ b  # warm up
-        start = time.perf_counter()
-        for _ in range(4):
-            b @ b
-        timings[dtype] = time.perf_counter() - start
-    return torch.bfloat16 if timings[torch.bfloat16] < 0.6 * timings[torch.float32] else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
 class _Objective:
@@ -418,6 +426,7 @@ def pack(
             log.info("restart %d/%d: score %.6f (best %.6f; score = max cosine + reg_weight x gallery term)",
                      restart + 1, cfg.restarts, score, best_score)
     assert best is not None
+    best.compute_dtype = str(dtype).replace("torch.", "")
     return best
 
 
