@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -25,7 +24,6 @@ from hyperface.packing import (
     pack,
     packing_metrics,
     random_min_angle_deg,
-    run_pack,
 )
 from hyperface.packing import geometry
 from hyperface.packing.geometry import pair_stats, tiled_topk

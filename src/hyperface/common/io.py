@@ -35,22 +35,30 @@ _FILE_MODE = 0o666 & ~_current_umask()
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary sibling of ``path`` for writers that want a file name (safetensors, torch.onnx):
+    fsynced and renamed onto ``path`` when the block succeeds, removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
         os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+        yield handle
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -201,6 +209,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 __all__ = [
     "RUN_MARKER",
+    "atomic_path",
     "atomic_write",
     "file_sha256",
     "load_embeddings",

@@ -116,21 +116,13 @@ class Detector:
         nms_threshold: float = 0.4,
         num_threads: int | None = None,
     ):
-        import onnxruntime as ort
 
-        from hyperface.recognition.recognizers import onnx_providers
+        from hyperface.recognition.recognizers import open_onnx_session
 
         self.path = Path(path)
         if not self.path.is_file():
             raise HyperfaceError(f"face detector not found: {self.path}; {DETECTOR_SOURCES}")
-        providers, self.device = onnx_providers(device)
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = int(num_threads)
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
-        except Exception as exc:
-            raise HyperfaceError(f"onnxruntime cannot load detector {self.path}: {exc}") from exc
+        self.session, self.device = open_onnx_session(self.path, device, num_threads, what="detector ")
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
 

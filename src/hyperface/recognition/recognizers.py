@@ -164,6 +164,20 @@ def onnx_providers(device: str = "cpu") -> tuple[list[Any], str]:
     raise HyperfaceError(f"unsupported --device {device!r} for an ONNX model: use auto, cpu, cuda or cuda:N")
 
 
+def open_onnx_session(path: Path, device: str = "cpu", num_threads: int | None = None, what: str = ""):
+    """(onnxruntime session, resolved device) for a model file; load failures are HyperfaceErrors."""
+    import onnxruntime as ort
+
+    providers, resolved = onnx_providers(device)
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = int(num_threads)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers), resolved
+    except Exception as exc:
+        raise HyperfaceError(f"onnxruntime cannot load {what}{path}: {exc}") from exc
+
+
 def graph_normalises_input(model) -> bool:
     """True when an ONNX graph subtracts a mean and scales before its first convolution.
 
@@ -217,7 +231,6 @@ class OnnxRecognizer(Recognizer):
     ):
         super().__init__(flip=flip, batch_size=batch_size, channel_order=channel_order)
         import onnx
-        import onnxruntime as ort
 
         self.path = Path(path)
         try:
@@ -227,14 +240,7 @@ class OnnxRecognizer(Recognizer):
         self.normalises_inside = graph_normalises_input(model)
         del model
 
-        providers, self.device = onnx_providers(device)
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = int(num_threads)
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
-        except Exception as exc:
-            raise HyperfaceError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+        self.session, self.device = open_onnx_session(self.path, device, num_threads)
         self.providers = self.session.get_providers()
 
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -16,10 +16,8 @@ written its files, so a kill at any moment leaves the previous checkpoint intact
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,38 +25,17 @@ from typing import Any, Mapping
 import torch
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import atomic_write, read_json, save_json
+from hyperface.common.io import atomic_path, atomic_write, read_json, save_json
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-
-
-def _atomic_path(path: Path):
-    """A temporary sibling of ``path`` for writers that want a file name (safetensors, torch.save)."""
-
-    @contextlib.contextmanager
-    def manager():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            yield tmp
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    return manager()
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         save_file(plain, tmp, metadata=metadata)
 
 
@@ -72,7 +49,7 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
@@ -179,7 +156,7 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, *, op
         dummy = torch.zeros(1, 3, 112, 112)
         # The TorchScript exporter (dynamo=False) needs no onnxscript and gives the plain graph
         # insightface tools expect; silence its deprecation notice.
-        with _atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+        with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model,
