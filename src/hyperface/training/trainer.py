@@ -433,15 +433,19 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         _barrier(world)
         last_saved = step
 
+    val_sets: dict[str, tuple] = {}  # decoded once, on first use: validation runs many times
+
     def validate() -> None:
         if not cfg.val_bins:
             return
         if is_main:
-            from hyperface.evaluation.verification import evaluate_bin
+            from hyperface.evaluation.verification import evaluate_images, load_bin
 
             results = {}
             for bin_path in cfg.val_bins:
-                result = evaluate_bin(embed, bin_path, flip=True)
+                if bin_path not in val_sets:
+                    val_sets[bin_path] = load_bin(bin_path)
+                result = evaluate_images(embed, *val_sets[bin_path], flip=True)
                 results[Path(bin_path).stem] = float(result.accuracy)
             val_results.update(results)
             metrics.write(step, epoch=epoch, val=results)
