@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adv.add_argument("--temperature-start", type=float, default=0.5, help="soft-max temperature x sqrt(d) at the start")
     adv.add_argument("--temperature-end", type=float, default=0.02, help="... and at the end")
     adv.add_argument("--polish-steps", type=int, default=None,
-                     help="exact line-search steps at the end (default 300 for N <= 4096, else 0)")
+                     help="exact line-search steps at the end (default 300 for N <= 2048, else 0)")
     adv.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                      help="matrix products' precision (auto: bfloat16 on CUDA and on CPUs where it is faster)")
     adv.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SEC", help="seconds between checkpoints")

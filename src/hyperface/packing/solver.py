@@ -15,7 +15,7 @@ Three ways to visit pairs (``mode``), none of which materialises N x N:
 
 - ``exact``: every step visits all pairs once, in symmetric block tiles (exact gradient; the GEMMs
   and the elementwise passes run in bfloat16 where that is faster, float32 once T gets small).
-  Best quality per step; cost N^2 d per step. Runs of N <= 4096 end with an exact polish.
+  Best quality per step; cost N^2 d per step. Runs of N <= 2048 end with an exact polish.
 - ``neighbors``: each identity keeps its top-k nearest identities, refreshed every
   ``refresh_every`` steps from a tiled Gram pass; a step costs N k d. For N in the 10^5-10^6 range.
 - ``stochastic``: the paper's mini-batch variant: each step updates a random batch of identities
@@ -47,7 +47,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: Above this many identities ``mode="auto"`` switches from exact to neighbour lists.
 AUTO_EXACT_MAX = 50_000
 #: Up to this many identities the run ends with an exact polish (see :func:`_polish`).
-POLISH_AUTO_MAX = 4096
+POLISH_AUTO_MAX = 2048
 #: Below this temperature (in units of 1/sqrt(d)) GEMMs run in float32 whatever compute_dtype says.
 BF16_MIN_TEMPERATURE = 0.01
 
