@@ -29,7 +29,7 @@ def test_pack_generate_train_embed_evaluate(tmp_path):
     assert metrics["min_angle_deg"] > 101.0  # 6 points in 512-d: the simplex, 101.54 deg
 
     data = tmp_path / "data"
-    assert main(["generate", str(ids / "identities.npy"), "--arc2face", str(models.arc2face_dir),
+    assert main(["generate", str(ids), "--arc2face", str(models.arc2face_dir),
                  "--sd15", str(models.sd15_dir), "--steps", "2", "--resolution", "32", "--device", "cpu",
                  "-k", "4", "--batch-size", "8", "--format", "both", "--out", str(data)]) == 0
     rec = RecordIODataset(data / "rec")

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("identities", nargs="?", help="(N, 512) .npy of unit-norm identity embeddings (from `hyperface pack`)")
+    parser.add_argument("identities", nargs="?", help="(N, 512) .npy of unit-norm identity embeddings, or the `hyperface pack` output folder holding identities.npy")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--arc2face", help="local Arc2Face folder (holds encoder/ and arc2face/)")
     parser.add_argument("--sd15", help="local Stable Diffusion 1.5 folder (holds vae/, tokenizer/, scheduler/)")
@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.generation.postprocess import load_embed_fn, make_aligner
     from hyperface.generation.variation import Perturbation
 
+    if Path(args.identities).is_dir():  # a `hyperface pack` output folder
+        args.identities = str(Path(args.identities) / "identities.npy")
     embeddings = load_embeddings(args.identities, what="identity embeddings", dim=512, require_unit=True)
     shard = Shard.parse(args.shard)
     device_name = args.device
