@@ -11,6 +11,7 @@ import pytest
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.datasets import encode_image
+from verification_fixtures import write_noisy_pairs_bin
 from hyperface.evaluation.verification import (
     evaluate_bin,
     evaluate_embeddings,
@@ -195,20 +196,6 @@ def test_truncated_or_missing_bin(tmp_path):
         load_bin(path)
 
 
-def write_pairs_bin(path, n_pairs: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """A .bin whose 'same' pairs are one face plus noise and 'different' pairs are unrelated faces."""
-    rng = np.random.default_rng(seed)
-    issame = np.arange(n_pairs) % 2 == 0
-    faces = []
-    for same in issame:
-        base = rng.integers(0, 256, (112, 112, 3)).astype(np.int16)
-        other = base + rng.integers(-20, 21, base.shape) if same else rng.integers(0, 256, base.shape)
-        faces += [np.clip(base, 0, 255).astype(np.uint8), np.clip(other, 0, 255).astype(np.uint8)]
-    bins = [encode_image(f, image_format="png") for f in faces]
-    path.write_bytes(pickle.dumps((bins, issame.tolist()), protocol=2))
-    return faces, issame
-
-
 def _pixel_embed(images: np.ndarray) -> np.ndarray:
     """A deterministic, not flip-invariant 'model': a fixed random projection of 8x8-pooled pixels."""
     pooled = images.reshape(len(images), 8, 14, 8, 14, 3).mean(axis=(2, 4)).reshape(len(images), -1) - 127.5
@@ -218,7 +205,7 @@ def _pixel_embed(images: np.ndarray) -> np.ndarray:
 
 def test_evaluate_bin_matches_independent_pipeline(tmp_path):
     path = tmp_path / "pairs.bin"
-    faces, issame = write_pairs_bin(path, 40, seed=3)
+    faces, issame = write_noisy_pairs_bin(path, 40, seed=3)
     result = evaluate_bin(_pixel_embed, path, batch_size=7)
     stacked = np.stack(faces)
     fused = _pixel_embed(stacked) + _pixel_embed(stacked[:, :, ::-1, :].copy())

@@ -11,20 +11,8 @@ import pytest
 import torch
 
 from hyperface.cli import main
-from hyperface.datasets import encode_image
 from hyperface.recognition.iresnet import iresnet
-
-
-def _write_bin(path, n_pairs: int, seed: int):
-    rng = np.random.default_rng(seed)
-    issame = np.arange(n_pairs) % 2 == 0
-    faces = []
-    for same in issame:
-        base = rng.integers(0, 256, (112, 112, 3)).astype(np.int16)
-        other = base + rng.integers(-30, 31, base.shape) if same else rng.integers(0, 256, base.shape)
-        faces += [np.clip(base, 0, 255).astype(np.uint8), np.clip(other, 0, 255).astype(np.uint8)]
-    path.write_bytes(pickle.dumps(([encode_image(f, image_format="png") for f in faces], issame.tolist()), protocol=2))
-    return np.stack(faces), issame
+from verification_fixtures import write_noisy_pairs_bin
 
 
 def _reference_accuracy(embeddings, issame):
@@ -51,8 +39,8 @@ def tiny_backbone(tmp_path_factory):
 
 def test_evaluate_cli_matches_independent_computation(tiny_backbone, tmp_path, capsys):
     model, model_path = tiny_backbone
-    faces, issame = _write_bin(tmp_path / "lfw.bin", 20, seed=1)
-    _write_bin(tmp_path / "cfp_fp.bin", 10, seed=2)
+    faces, issame = write_noisy_pairs_bin(tmp_path / "lfw.bin", 20, seed=1, noise=30)
+    write_noisy_pairs_bin(tmp_path / "cfp_fp.bin", 10, seed=2, noise=30)
     out = tmp_path / "report.json"
     code = main(["evaluate", str(model_path), str(tmp_path / "lfw.bin"), str(tmp_path / "cfp_fp.bin"),
                  "--json", str(out), "--device", "cpu", "--batch-size", "16"])
@@ -106,7 +94,7 @@ def test_evaluate_onnx_export_agrees_with_backbone(tiny_backbone, tmp_path):
         torch.onnx.export(model, torch.zeros(1, 3, 112, 112), str(onnx_path), input_names=["input.1"],
                           output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}},
                           opset_version=11, dynamo=False)
-    _write_bin(tmp_path / "agedb_30.bin", 10, seed=4)
+    write_noisy_pairs_bin(tmp_path / "agedb_30.bin", 10, seed=4, noise=30)
     from_pth = evaluate_model(model_path, [tmp_path / "agedb_30.bin"], device="cpu")
     from_onnx = evaluate_model(onnx_path, [tmp_path / "agedb_30.bin"], device="cpu")
     assert from_onnx["accuracy"] == from_pth["accuracy"]

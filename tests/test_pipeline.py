@@ -4,21 +4,12 @@ pack -> generate (tiny Arc2Face) -> train -> embed the generated set -> evaluate
 from __future__ import annotations
 
 import json
-import pickle
-
-import cv2
 import numpy as np
 
 from generation_fixtures import session_tiny_models
 from hyperface.cli import main
 from hyperface.datasets import RecordIODataset
-
-
-def write_bin(path, images: np.ndarray, issame: list[bool]) -> None:
-    """A verification .bin as insightface stores it: (encoded images, issame list)."""
-    bins = [cv2.imencode(".png", img[:, :, ::-1])[1].tobytes() for img in images]
-    with open(path, "wb") as handle:
-        pickle.dump((bins, issame), handle, protocol=4)
+from verification_fixtures import write_verification_bin
 
 
 def test_pack_generate_train_embed_evaluate(tmp_path):
@@ -57,7 +48,7 @@ def test_pack_generate_train_embed_evaluate(tmp_path):
         pairs += [images[same[0]], images[same[1]], images[same[2]], images[other[0]]]
         issame += [True, False]
     bin_path = tmp_path / "synthetic.bin"
-    write_bin(bin_path, np.stack(pairs), issame)
+    write_verification_bin(bin_path, np.stack(pairs), issame)
     report = tmp_path / "eval.json"
     assert main(["evaluate", str(run / "backbone.pth"), str(bin_path), "--json", str(report), "--device", "cpu",
                  "--folds", "2"]) == 0
