@@ -360,7 +360,7 @@ def pack(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: float = 60.0,
     resume: bool = False,
-    log_every: int = 25,
+    log_every: int | None = None,
     callback: Callable[[dict[str, float]], None] | None = None,
 ) -> PackResult:
     """Optimise a packing and return the best iterate found.
@@ -370,6 +370,8 @@ def pack(
     restart gets an equal share of the budget and a different seed; the best restart wins. With
     ``checkpoint_dir``, state is saved atomically every ``checkpoint_every`` seconds, on Ctrl-C
     and at the end; ``resume=True`` continues from it (the same parameters are required).
+    ``history`` (and ``callback``) get an entry every ``log_every`` steps (default: about 300
+    entries per run).
     """
     cfg = config.resolved(gallery)
     device = resolve_device(cfg.device)
@@ -440,7 +442,7 @@ def _pack_once(
     state: dict[str, Any] | None,
     save: Callable[[dict[str, Any]], None],
     checkpoint_every: float,
-    log_every: int,
+    log_every: int | None,
     callback: Callable[[dict[str, float]], None] | None,
 ) -> tuple[PackResult, float]:
     """One optimisation from one start; returns (best iterate, its exact score)."""
@@ -479,7 +481,7 @@ def _pack_once(
     bar = progress(total=cfg.steps or round(budget or 0), initial=step if cfg.steps else int(elapsed),
                    desc="pack" + (f" {restart + 1}/{cfg.restarts}" if cfg.restarts > 1 else ""),
                    unit="step" if cfg.steps else "s")
-    last_save = time.perf_counter()
+    last_save, last_log = time.perf_counter(), elapsed
     try:
         while fraction() < 1.0:
             t0 = time.perf_counter()
@@ -503,7 +505,12 @@ def _pack_once(
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt
-            if step % max(1, log_every) == 0 or step == 1 or fraction() >= 1.0:
+            # About 300 history points per run (for the convergence plot) unless told otherwise.
+            due = (step % log_every == 0) if log_every else (
+                step % max(1, cfg.steps // 300) == 0 if cfg.steps else elapsed - last_log >= budget / 300  # type: ignore[operator]
+            )
+            if due or step == 1 or fraction() >= 1.0:
+                last_log = elapsed
                 entry = {
                     "step": step - 1, "seconds": round(elapsed, 3),
                     "min_angle_deg": math.degrees(math.acos(min(1.0, max(-1.0, max_cos)))),
