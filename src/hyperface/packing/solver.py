@@ -213,7 +213,8 @@ class _Objective:
         if rows.shape[0] == num:
             # All pairs: visit each block pair once (I <= J); W is symmetric, so the block serves
             # both I's rows (W X_J) and J's rows (W^T X_I). Half the work of full row tiles.
-            block = int(max(64, min(2048, math.isqrt(TILE_ELEMENTS // 4))))
+            # Big blocks on a GPU (kernel launches, not FLOPs, limit small ones); cache-sized on a CPU.
+            block = 8192 if x.is_cuda else int(max(64, min(2048, math.isqrt(TILE_ELEMENTS // 4))))
             starts = list(range(0, num, block))
             for bi, i0 in enumerate(starts):
                 xi = xc[i0 : i0 + block]
