@@ -1,5 +1,5 @@
 # The two commands a newcomer needs (see README.md):
-#   make demo   install, then pack 1,000 identities in 512-d on the CPU (no downloads)
+#   make demo   install, then pack 10,000 identities in 512-d for 60 s on the CPU (no downloads)
 #   make test   install, then run the whole test suite
 PYTHON ?= python3
 
@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 demo: install
-	hyperface pack --identities 1000 --dim 512 --time-budget 30 --seed 0 --out runs/pack-demo --overwrite
+	hyperface pack --identities 10000 --dim 512 --time-budget 60 --seed 0 --out runs/pack-demo --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q
