@@ -42,7 +42,11 @@ def plot_packing(
 
     ax = axes[1]
     ax.hist(nn_angles_deg, bins=60, color="C0", alpha=0.8)
-    ax.axvline(bound, color="C3", ls="--", lw=1, label="Levenshtein bound")
+    spread = float(np.ptp(nn_angles_deg)) or 1e-3
+    if bound <= float(np.max(nn_angles_deg)) + spread:
+        ax.axvline(bound, color="C3", ls="--", lw=1, label="Levenshtein bound")
+    else:  # a far-away line would squash a tight (jammed) distribution into one bin
+        ax.plot([], [], color="C3", ls="--", lw=1, label=f"Levenshtein bound {bound:.2f} (off scale)")
     ax.axvline(metrics["min_angle_deg"], color="C2", lw=1, label="min angle")
     ax.set_xlabel("angle to nearest other identity (deg)")
     ax.set_ylabel("identities")
