@@ -365,3 +365,20 @@ def test_killed_process_resumes_without_losing_work(tmp_path):
 
     assert run_cli(*args, "--out", str(out), "--resume") == 0
     assert np.array_equal(np.load(out / "identities.npy"), np.load(reference / "identities.npy"))
+
+
+def test_interrupted_restart_sequence_resumes_to_the_same_result(tmp_path):
+    config = PackConfig(60, 8, steps=50, restarts=3, seed=2)
+    reference = pack(config)
+    seen = []
+
+    def stop_in_third_restart(entry):
+        seen.append(entry)
+        if len(seen) == 50 + 50 + 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, checkpoint_dir=tmp_path, checkpoint_every=1e9, log_every=1, callback=stop_in_third_restart)
+    resumed = pack(config, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.restart == reference.restart
+    assert np.array_equal(resumed.points, reference.points)
