@@ -344,6 +344,17 @@ class RecordIODataset:
             self._handle.close()
             self._handle = None
 
+    def __enter__(self) -> "RecordIODataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Only close a handle this process opened (a forked worker's copy belongs to its parent).
+        if getattr(self, "_handle", None) is not None and self._handle_pid == os.getpid():
+            self.close()
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_handle"] = None
