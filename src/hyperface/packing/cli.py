@@ -55,10 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     continuation = p.add_mutually_exclusive_group()
     continuation.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     continuation.add_argument("--overwrite", action="store_true", help="replace a previous hyperface run in --out")
-    adv = p.add_argument_group("solver (defaults suit d=64..1024 and N up to 10^6)")
+    adv = p.add_argument_group("solver (the defaults suit d=64..1024; 10^6 identities want a GPU)")
     adv.add_argument("--mode", choices=["auto", "exact", "neighbors", "stochastic"], default="auto",
-                     help="exact: all pairs every step (default up to 50,000 identities); neighbors: per-identity "
-                          "top-k lists refreshed from a tiled Gram pass (default above); stochastic: a random "
+                     help="exact (the default, any N): all pairs every step, tiled; neighbors: per-identity top-k "
+                          "lists refreshed from a tiled Gram pass (cheap, weak once dense); stochastic: a random "
                           "mini-batch of identities per step (the paper's variant)")
     adv.add_argument("--neighbors", type=int, default=256, help="k for --mode neighbors (default 256)")
     adv.add_argument("--refresh-every", type=int, default=20, help="steps between neighbour-list refreshes")
