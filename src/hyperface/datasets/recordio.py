@@ -95,24 +95,34 @@ def frame_record(payload: bytes) -> bytes:
     return b"".join(parts)
 
 
+def _read_frame(handle: BinaryIO, *, offset: int, first: bool, what: str) -> tuple[int, int]:
+    """(continuation flag, payload length) of the frame at the handle's position, validated.
+
+    ``offset`` is where the record starts (for messages); ``first`` says whether this is its first
+    part, which decides the legal continuation flags (0/1 first, 2/3 after).
+    """
+    frame = handle.read(_FRAME.size)
+    if len(frame) < _FRAME.size:
+        raise HyperfaceError(f"{what} at byte {offset} is cut off: the .rec file is truncated (re-copy or regenerate it)")
+    magic, lrec = _FRAME.unpack(frame)
+    if magic != RECORDIO_MAGIC:
+        raise HyperfaceError(
+            f"{what} at byte {offset} does not start with the RecordIO magic number: the .rec file is corrupt "
+            "or the .idx does not belong to it"
+        )
+    cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+    if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
+        raise HyperfaceError(f"{what} at byte {offset} has an invalid continuation flag {cflag}: the .rec file is corrupt")
+    return cflag, length
+
+
 def read_record(handle: BinaryIO, offset: int, *, what: str = "record") -> bytes:
     """Read the (possibly multi-part) record at ``offset`` and return its payload."""
     handle.seek(offset)
     chunks: list[bytes] = []
     first = True
     while True:
-        frame = handle.read(_FRAME.size)
-        if len(frame) < _FRAME.size:
-            raise HyperfaceError(f"{what} at byte {offset} is cut off: the .rec file is truncated (re-copy or regenerate it)")
-        magic, lrec = _FRAME.unpack(frame)
-        if magic != RECORDIO_MAGIC:
-            raise HyperfaceError(
-                f"{what} at byte {offset} does not start with the RecordIO magic number: the .rec file is corrupt "
-                "or the .idx does not belong to it"
-            )
-        cflag, length = lrec >> 29, lrec & _LENGTH_MASK
-        if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
-            raise HyperfaceError(f"{what} at byte {offset} has an invalid continuation flag {cflag}: the .rec file is corrupt")
+        cflag, length = _read_frame(handle, offset=offset, first=first, what=what)
         data = handle.read(length)
         if len(data) < length:
             raise HyperfaceError(f"{what} at byte {offset} is cut off: the .rec file is truncated (re-copy or regenerate it)")
@@ -131,13 +141,7 @@ def _record_end(handle: BinaryIO, offset: int, file_size: int, *, what: str) -> 
     first = True
     while True:
         handle.seek(position)
-        frame = handle.read(_FRAME.size)
-        if len(frame) < _FRAME.size:
-            raise HyperfaceError(f"{what} at byte {offset} is cut off: the .rec file is truncated (re-copy or regenerate it)")
-        magic, lrec = _FRAME.unpack(frame)
-        cflag, length = lrec >> 29, lrec & _LENGTH_MASK
-        if magic != RECORDIO_MAGIC or (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
-            raise HyperfaceError(f"{what} at byte {offset} has a corrupt RecordIO frame")
+        cflag, length = _read_frame(handle, offset=offset, first=first, what=what)
         position += _FRAME.size + length + (-length % 4)
         if position > file_size + (-length % 4):  # the last record's padding may be missing at EOF
             raise HyperfaceError(f"{what} at byte {offset} is cut off: the .rec file is truncated (re-copy or regenerate it)")
@@ -149,13 +153,7 @@ def _record_end(handle: BinaryIO, offset: int, file_size: int, *, what: str) -> 
 def _read_header(handle: BinaryIO, offset: int, *, what: str) -> tuple[IRHeader, bool]:
     """Header of the record at ``offset`` and whether it carries image bytes, reading a few bytes only."""
     handle.seek(offset)
-    frame = handle.read(_FRAME.size)
-    if len(frame) < _FRAME.size:
-        raise HyperfaceError(f"{what} at byte {offset} is cut off: the .rec file is truncated (re-copy or regenerate it)")
-    magic, lrec = _FRAME.unpack(frame)
-    cflag, length = lrec >> 29, lrec & _LENGTH_MASK
-    if magic != RECORDIO_MAGIC or cflag not in (0, 1):
-        raise HyperfaceError(f"{what} at byte {offset} has a corrupt RecordIO frame (or the .idx does not match the .rec)")
+    cflag, length = _read_frame(handle, offset=offset, first=True, what=what)
     if cflag == 1:  # rare multi-part record: read it whole
         header, rest = unpack_payload(read_record(handle, offset, what=what), what=what)
         return header, len(rest) > 0
