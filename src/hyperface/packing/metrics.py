@@ -30,6 +30,14 @@ def packing_metrics(points: torch.Tensor | np.ndarray, gallery: torch.Tensor | n
     ``points`` and ``gallery`` must already be unit rows. The Levenshtein bound and the expected
     value for random points are reported for the same (N, d).
     """
+    return packing_report(points, gallery)[0]
+
+
+def packing_report(
+    points: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray | None = None
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """(metrics, per-identity NN angles in degrees, per-identity nearest-gallery cosine or None):
+    the arrays behind the metrics, from the same all-pairs pass, for plots."""
     x = torch.as_tensor(points).float()
     num, dim = x.shape
     stats = pair_stats(x)
@@ -48,6 +56,7 @@ def packing_metrics(points: torch.Tensor | np.ndarray, gallery: torch.Tensor | n
         "levenshtein_bound_deg": levenshtein_bound_deg(num, dim),
         "random_expected_min_angle_deg": random_min_angle_deg(num, dim),
     }
+    sims = None
     if gallery is not None:
         g = torch.as_tensor(gallery).float().to(x.device)
         sims = gallery_similarity(x, g).double().cpu().numpy()
@@ -57,12 +66,7 @@ def packing_metrics(points: torch.Tensor | np.ndarray, gallery: torch.Tensor | n
             **{f"p{p}": float(np.percentile(sims, p)) for p in PERCENTILES},
         }
         metrics["mean_gallery_distance"] = float(np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims)).mean())
-    return metrics
-
-
-def nn_angles_deg(points: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Angle (degrees) from each point to its nearest other point."""
-    return _degrees(pair_stats(torch.as_tensor(points).float()).nn_cos)
+    return metrics, nn_angles, sims
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import load_embeddings, prepare_output_dir, read_json, save_json, save_npy
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, seed_everything
-from hyperface.packing.metrics import gallery_similarity, nn_angles_deg, packing_metrics
+from hyperface.packing.metrics import packing_report
 from hyperface.packing.solver import CHECKPOINT_NAME, PackConfig, pack
 
 log = get_logger("hyperface.packing")
@@ -60,7 +60,7 @@ def run_pack(
     manifest.time("optimise", time.perf_counter() - started)
 
     started = time.perf_counter()
-    metrics = packing_metrics(result.points, gallery)
+    metrics, nn_angles, gallery_sims = packing_report(result.points, gallery)
     metrics.update(
         {
             "steps": result.steps_done,
@@ -80,21 +80,14 @@ def run_pack(
     save_json(out / METRICS_FILE, metrics)
     save_json(out / HISTORY_FILE, result.history)
     if plot:
-        sims = gallery_similarity_np(result.points, gallery) if gallery is not None else None
         from hyperface.packing.plots import plot_packing
 
-        plot_packing(out / PLOT_FILE, result.history, nn_angles_deg(result.points), metrics, sims)
+        plot_packing(out / PLOT_FILE, result.history, nn_angles, metrics, gallery_sims)
     manifest.extra["outputs"] = [IDENTITIES_FILE, METRICS_FILE, HISTORY_FILE] + ([PLOT_FILE] if plot else [])
     manifest.write(out)
     # The checkpoint holds optimiser state (several times the result's size): done with it.
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     return metrics
-
-
-def gallery_similarity_np(points: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    import torch
-
-    return gallery_similarity(torch.from_numpy(points), torch.from_numpy(gallery)).numpy()
 
 
 def load_identities(path: str | Path, dim: int | None = None) -> np.ndarray:
