@@ -178,8 +178,8 @@ class _Objective:
             k = min(cfg.gallery_candidates, self.gallery.shape[0])
             _, self.gallery_index = tiled_topk(x, self.gallery, k, compute_dtype=self.dtype)
 
-    def gradient(self, x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """(gradient (N, d), approximate max cosine, rows updated this step)."""
+    def gradient(self, x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:
+        """(gradient (N, d), approximate max cosine)."""
         cfg = self.cfg
         if cfg.mode == "neighbors":
             grad, max_cos, total_weight = self._neighbor_gradient(x, temperature)
@@ -197,7 +197,7 @@ class _Objective:
         self.reference_cos = max_cos
         if self.gallery_index is not None:
             grad[rows] += self._gallery_gradient(x, rows)
-        return grad, max_cos, rows
+        return grad, max_cos
 
     def _dense_gradient(self, x: torch.Tensor, rows: torch.Tensor, temperature: float):
         num, dim = x.shape
@@ -496,7 +496,7 @@ def _pack_once(
             needs_lists = cfg.mode == "neighbors" or cfg.reg_weight > 0
             if needs_lists and (step % cfg.refresh_every == 0 or (objective.neighbor_index is None and objective.gallery_index is None)):
                 objective.refresh(x)
-            grad, max_cos, _ = objective.gradient(x, temperature)
+            grad, max_cos = objective.gradient(x, temperature)
             penalty = objective.gallery_penalty(x)
             score = max_cos + cfg.reg_weight * penalty  # of the iterate before this update
             if score < best_score and cfg.mode != "stochastic":
