@@ -12,7 +12,7 @@ same Arc2Face defaults (DPM-Solver++, 25 steps, guidance 3.0, 512 px):
 
 Run on a GPU (the issue's goal: >= 3x the reference on an H100)::
 
-    python benchmarks/generate.py --device cuda --batch-size 32 --images 128 --variants base,channels_last,compile
+    python benchmarks/generate.py --device cuda --images 128 --variants base@32,base@64,channels_last@64,channels_last+compile@64
 
 On a CPU full size is very slow; ``--small`` shrinks the models, resolution and steps::
 
@@ -149,21 +149,31 @@ def bench_reference(components, args, device, dtype) -> float:
     return 4 * (len(identities) - 1) / (time.perf_counter() - started)
 
 
+def parse_variant(variant: str, default_batch: int) -> tuple[set[str], int]:
+    """"channels_last+compile@64" -> ({"channels_last", "compile"}, 64); "base" -> (set(), default)."""
+    name, _, batch = variant.partition("@")
+    options = {o for o in name.split("+") if o and o != "base"}
+    unknown = options - {"channels_last", "compile"}
+    if unknown:
+        raise SystemExit(f"unknown variant option(s) {sorted(unknown)}: use base, channels_last, compile, joined by +, optional @BATCH")
+    return options, int(batch) if batch else default_batch
+
+
 def bench_hyperface(components, args, device, variant: str) -> float:
     from hyperface.generation.arc2face import Arc2FaceGenerator, Arc2FaceSettings
 
+    options, batch = parse_variant(variant, args.batch_size)
     settings = Arc2FaceSettings(
         steps=args.steps,
         guidance_scale=args.guidance,
         resolution=args.resolution,
-        channels_last=variant == "channels_last",
-        compile=variant == "compile",
+        channels_last="channels_last" in options,
+        compile="compile" in options,
     )
     generator = Arc2FaceGenerator(components, settings, device=device)
-    batch = args.batch_size
     identities = random_identities(args.images + batch, seed=2)
     generator.generate_array(identities[:batch], list(range(batch)))  # warm-up (and compile)
-    if variant == "compile":  # a second warm-up: compile may specialise on the second call
+    if "compile" in options:  # a second warm-up: compile may specialise on the second call
         generator.generate_array(identities[:batch], list(range(batch)))
     synchronize(device)
     started = time.perf_counter()
@@ -174,7 +184,7 @@ def bench_hyperface(components, args, device, variant: str) -> float:
         done += len(chunk)
     synchronize(device)
     rate = done / (time.perf_counter() - started)
-    if variant == "channels_last":  # leave the shared modules as they were
+    if "channels_last" in options:  # leave the shared modules as they were
         components.unet.to(memory_format=torch.contiguous_format)
         components.vae.to(memory_format=torch.contiguous_format)
     return rate
@@ -190,7 +200,11 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--resolution", type=int, default=None, help="default 512; 64 with --small")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
-    parser.add_argument("--variants", default="base", help="comma list of base, channels_last, compile")
+    parser.add_argument(
+        "--variants", default="base",
+        help="comma list; each is base or channels_last/compile joined by +, with an optional @BATCH "
+             "(e.g. base,base@64,channels_last+compile@64)",
+    )
     args = parser.parse_args()
 
     from hyperface.common.runtime import resolve_device
@@ -216,11 +230,12 @@ def main() -> None:
         f"resolution={args.resolution} images={args.images}"
     )
     reference = bench_reference(components, args, device, dtype)
-    print(f"reference (1 identity x 4 images per pipeline call): {reference:.3f} img/s")
+    print(f"reference (1 identity x 4 images per pipeline call): {reference:.3f} img/s", flush=True)
     results = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         results[variant] = bench_hyperface(components, args, device, variant)
-        print(f"hyperface {variant} (batch {args.batch_size} across identities): {results[variant]:.3f} img/s")
+        print(f"hyperface {variant} (batch {parse_variant(variant, args.batch_size)[1]} across identities): "
+              f"{results[variant]:.3f} img/s", flush=True)
     best = max(results, key=results.get)
     for variant, rate in results.items():
         print(f"ratio {variant}/reference: {rate / reference:.2f}x")

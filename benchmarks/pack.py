@@ -108,14 +108,14 @@ def main() -> None:
     result = pack(PackConfig(n, d, time_budget=args.budget, seed=args.seed, device=str(device)),
                   log_every=1, callback=record)
     ours_wall = time.perf_counter() - start
-    ours_angle = packing_metrics(result.points)["min_angle_deg"]
+    ours_angle = packing_metrics(result.points, device=device)["min_angle_deg"]
     print(f"hyperface: {ours_angle:.3f} deg after {result.seconds:.1f} s of optimisation "
           f"({result.steps_done} steps, {ours_wall:.1f} s wall with the final exact scoring)")
     report["hyperface"] = {"min_angle_deg": ours_angle, "steps": result.steps_done, "seconds": result.seconds}
 
     if not args.skip_baseline:
         traj, points = dense_baseline(n, d, args.budget, args.baseline_lr, args.seed, device)
-        base_angle = packing_metrics(points)["min_angle_deg"]
+        base_angle = packing_metrics(points, device=device)["min_angle_deg"]
         base_time = time_to_reach(traj, traj[-1][1])
         ours_time = time_to_reach(ours_traj, base_angle)
         speedup = base_time / ours_time if ours_time > 0 else math.inf
@@ -132,7 +132,7 @@ def main() -> None:
 
     if not args.skip_sweep:
         gallery = anisotropic_gallery(args.sweep_gallery, d, args.seed)
-        start_angle = packing_metrics(gallery[: args.sweep_identities])["min_angle_deg"]
+        start_angle = packing_metrics(gallery[: args.sweep_identities], device=device)["min_angle_deg"]
         print(f"\nreg-weight sweep: N={args.sweep_identities} from a {args.sweep_gallery}-row anisotropic gallery "
               f"(gallery rows alone: min angle {start_angle:.2f} deg)")
         print(f"{'reg_weight':>10} {'min angle':>10} {'mean NN':>9} {'gallery cos mean':>17} {'gallery cos p5':>15}")
@@ -140,7 +140,7 @@ def main() -> None:
         for weight in [float(w) for w in args.sweep_weights.split(",")]:
             r = pack(PackConfig(args.sweep_identities, steps=args.sweep_steps, reg_weight=weight, init="gallery",
                                 seed=args.seed, polish_steps=0, device=str(device)), gallery=gallery)
-            m = packing_metrics(r.points, gallery)
+            m = packing_metrics(r.points, gallery, device=device)
             rows.append({"reg_weight": weight, "min_angle_deg": m["min_angle_deg"],
                          "mean_nn_angle_deg": m["mean_nn_angle_deg"],
                          "gallery_cos_mean": m["gallery_similarity"]["mean"],

@@ -147,11 +147,13 @@ def test_tiled_kernels_equal_brute_force(monkeypatch):
     np.fill_diagonal(self_gram, -np.inf)
     assert np.array_equal(idx.numpy(), np.argsort(-self_gram, axis=1)[:, :3])
 
-    stats = pair_stats(xt, (0.3, 0.4))
     upper = self_gram[np.triu_indices(len(x), 1)]
-    assert stats.pairs_above[0.3] == int((upper > 0.3).sum())
-    assert stats.pairs_above[0.4] == int((upper > 0.4).sum())
-    assert np.allclose(stats.nn_cos.numpy(), self_gram.max(axis=1), atol=1e-6)
+    for block in (None, 64, 77):  # one tile, and symmetric block pairs with a ragged last block
+        stats = pair_stats(xt, (0.3, 0.4), block=block)
+        assert stats.pairs_above[0.3] == int((upper > 0.3).sum())
+        assert stats.pairs_above[0.4] == int((upper > 0.4).sum())
+        assert np.allclose(stats.nn_cos.numpy(), self_gram.max(axis=1), atol=1e-6)
+        assert np.array_equal(stats.nn_index.numpy(), self_gram.argmax(axis=1))
 
 
 def test_metrics_are_exact_over_all_pairs():

@@ -24,21 +24,32 @@ def gallery_similarity(points: torch.Tensor, gallery: torch.Tensor) -> torch.Ten
     return sims[:, 0]
 
 
-def packing_metrics(points: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray | None = None) -> dict[str, Any]:
+def packing_metrics(
+    points: torch.Tensor | np.ndarray,
+    gallery: torch.Tensor | np.ndarray | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
     """Metrics for N unit vectors: min angle, max cosine, nearest-neighbour angles, dense pairs.
 
     ``points`` and ``gallery`` must already be unit rows. The Levenshtein bound and the expected
-    value for random points are reported for the same (N, d).
+    value for random points are reported for the same (N, d). The all-pairs pass runs on
+    ``device`` (default: where ``points`` are), in float32.
     """
-    return packing_report(points, gallery)[0]
+    return packing_report(points, gallery, device=device)[0]
 
 
 def packing_report(
-    points: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray | None = None
+    points: torch.Tensor | np.ndarray,
+    gallery: torch.Tensor | np.ndarray | None = None,
+    *,
+    device: torch.device | str | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
     """(metrics, per-identity NN angles in degrees, per-identity nearest-gallery cosine or None):
     the arrays behind the metrics, from the same all-pairs pass, for plots."""
     x = torch.as_tensor(points).float()
+    if device is not None:
+        x = x.to(device)
     num, dim = x.shape
     stats = pair_stats(x)
     nn_angles = _degrees(stats.nn_cos)

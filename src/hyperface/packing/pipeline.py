@@ -12,7 +12,7 @@ import numpy as np
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import load_embeddings, prepare_output_dir, read_json, save_json, save_npy
 from hyperface.common.manifest import Manifest
-from hyperface.common.runtime import get_logger, seed_everything
+from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
 from hyperface.packing.solver import CHECKPOINT_NAME, PackConfig, pack
 
@@ -60,7 +60,7 @@ def run_pack(
     manifest.time("optimise", time.perf_counter() - started)
 
     started = time.perf_counter()
-    metrics, nn_angles, gallery_sims = packing_report(result.points, gallery)
+    metrics, nn_angles, gallery_sims = packing_report(result.points, gallery, device=resolve_device(cfg.device))
     metrics.update(
         {
             "steps": result.steps_done,

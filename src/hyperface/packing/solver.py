@@ -205,13 +205,16 @@ class _Objective:
         dtype = self.dtype if temperature * math.sqrt(dim) >= BF16_MIN_TEMPERATURE else torch.float32
         xc = x.to(dtype)
         grad = torch.zeros_like(x)
-        stats = [-1.0, 0.0]  # max cosine, total weight
+        # Max cosine and total weight stay on the device until the end: one host sync per step,
+        # not two per tile (on a GPU the syncs would stall the launch queue thousands of times).
+        max_cos = torch.full((), -1.0, device=x.device)
+        total = torch.zeros((), device=x.device)
 
         def weights_of(sims: torch.Tensor) -> torch.Tensor:
             # Pair weights exp((cos - ref)/T), the gradient of T*logsumexp over pairs up to 1/Z;
             # ref is last step's max, which keeps exp() in range without a second pass. Kept in
             # the GEMM dtype: in bfloat16 these elementwise passes cost 5x less.
-            stats[0] = max(stats[0], float(sims.max()))
+            torch.maximum(max_cos, sims.max().float(), out=max_cos)
             w = sims.sub_(self.reference_cos).mul_(1.0 / temperature).clamp_(max=60.0).exp_()
             return w
 
@@ -229,7 +232,7 @@ class _Objective:
                     if i0 == j0:
                         sims.fill_diagonal_(-float("inf"))
                     w = weights_of(sims)
-                    stats[1] += float(w.sum(dtype=torch.float32)) * (1 if i0 == j0 else 2)
+                    total.add_(w.sum(dtype=torch.float32), alpha=1 if i0 == j0 else 2)
                     grad[i0 : i0 + block] += (w @ xj).float()
                     if i0 != j0:
                         grad[j0 : j0 + block] += (w.T @ xi).float()
@@ -240,9 +243,9 @@ class _Objective:
                 sims = xc[idx] @ xc.T
                 sims[torch.arange(idx.shape[0], device=x.device), idx] = -float("inf")
                 w = weights_of(sims)
-                stats[1] += float(w.sum(dtype=torch.float32))
+                total.add_(w.sum(dtype=torch.float32))
                 grad[idx] += (w @ xc).float()
-        return grad, stats[0], stats[1]
+        return grad, float(max_cos), float(total)
 
     def smooth_value(self, x: torch.Tensor, temperature: float, with_grad: bool = True):
         """Exact T*logsumexp over all pairs (+ gallery term) and its gradient, in x's dtype."""
