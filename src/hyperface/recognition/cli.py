@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from hyperface.common.errors import HyperfaceError
     from hyperface.common.runtime import get_logger
     from hyperface.recognition.detection import load_detector
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "det_threshold": args.det_threshold,
         "det_size": args.det_size,
         "chunk_size": args.chunk_size,
+        "images": str(Path(args.images).resolve()),  # `hyperface report` reads labels from it
     }
     result = embed_images(
         source,
