@@ -1,5 +1,5 @@
 """The whole pipeline through the command line, each stage reading the files the previous one wrote:
-pack -> generate (tiny Arc2Face) -> train -> embed the generated set -> evaluate on a .bin."""
+pack -> generate (tiny Arc2Face) -> train -> embed the generated set -> evaluate on a .bin -> report."""
 
 from __future__ import annotations
 
@@ -54,5 +54,11 @@ def test_pack_generate_train_embed_evaluate(tmp_path):
                  "--folds", "2"]) == 0
     accuracy = json.loads(report.read_text())["accuracy"]["synthetic"]
     assert 0.0 <= accuracy <= 1.0
-    for stage_dir in (ids, data, run):
+    # and the dataset report on the same embeddings (labels found through the embed manifest)
+    stats_dir = tmp_path / "report"
+    assert main(["report", str(gallery), "--out", str(stats_dir), "--device", "cpu", "--no-plot",
+                 "--genuine-pairs", "100", "--impostor-pairs", "1000"]) == 0
+    stats = json.loads((stats_dir / "report.json").read_text())
+    assert stats["num_identities"] == 6 and stats["images_per_identity"]["min"] == 4
+    for stage_dir in (ids, data, run, stats_dir):
         assert json.loads((stage_dir / "manifest.json").read_text())["status"] in ("complete", "partial")

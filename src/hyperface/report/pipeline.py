@@ -1,0 +1,193 @@
+"""``run_report``: embeddings of a dataset (from ``hyperface embed``) -> report.json, report.png,
+leakage.tsv and manifest.json."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import atomic_write, load_embeddings, prepare_output_dir, read_json, save_json
+from hyperface.common.manifest import Manifest
+from hyperface.common.runtime import get_logger, resolve_device
+from hyperface.report.stats import DatasetStats, dataset_stats
+
+log = get_logger("hyperface.report")
+
+REPORT_FILE = "report.json"
+PLOT_FILE = "report.png"
+LEAKAGE_FILE = "leakage.tsv"
+
+
+def _index_path(embeddings: Path) -> Path:
+    stem = embeddings.with_suffix("")
+    return stem.with_name(stem.name + ".index.txt")
+
+
+def _dataset_from_manifest(embeddings: Path) -> Path | None:
+    manifest = embeddings.parent / "manifest.json"
+    if not manifest.exists():
+        return None
+    images = (read_json(manifest).get("params") or {}).get("images")
+    return Path(images) if images else None
+
+
+def labels_for_embeddings(embeddings_path: str | os.PathLike, dataset: str | os.PathLike | None = None) -> tuple[np.ndarray, Path | None]:
+    """Labels of the rows of a ``hyperface embed`` output, from its ``.index.txt`` and the dataset.
+
+    Rows named ``train.rec#i`` take record i's label; rows named ``<class>/<file>`` take the label
+    the image-folder reader gives that class (folders sorted by name: 0, 1, ...). ``dataset``
+    defaults to the images folder the embed manifest names. Returns (labels, dataset used).
+    """
+    from hyperface.datasets import ImageFolderDataset, RecordIODataset
+
+    embeddings_path = Path(embeddings_path)
+    index = _index_path(embeddings_path)
+    if not index.exists():
+        raise HyperfaceError(f"{index} not found: give embeddings written by `hyperface embed`, or --labels LABELS.npy")
+    names = index.read_text(encoding="utf-8").splitlines()
+    dataset = Path(dataset) if dataset is not None else _dataset_from_manifest(embeddings_path)
+    if dataset is None or not dataset.exists():
+        raise HyperfaceError(
+            f"cannot find the dataset {embeddings_path} was embedded from{f' ({dataset})' if dataset else ''}: "
+            "give it with --dataset (image folder or RecordIO)"
+        )
+    if names and "#" in names[0]:
+        rec = RecordIODataset(dataset)
+        try:
+            rows = np.asarray([int(n.rsplit("#", 1)[1]) for n in names], dtype=np.int64)
+        except ValueError as exc:
+            raise HyperfaceError(f"{index}: cannot read a record number from a line ({exc})") from exc
+        if rows.size and (rows.min() < 0 or rows.max() >= len(rec)):
+            raise HyperfaceError(f"{index} names record {int(rows.max())} but {dataset} has {len(rec)} records: wrong --dataset?")
+        return rec.labels[rows], dataset
+    folder = ImageFolderDataset(dataset)
+    label_of = dict(zip(folder.paths, folder.labels.tolist()))
+    missing = [n for n in names if n not in label_of]
+    if missing:
+        raise HyperfaceError(
+            f"{len(missing)} embedded image(s) are not in the image folder {dataset} (e.g. {missing[0]!r}): "
+            "embed the dataset's root folder, or pass the right --dataset"
+        )
+    return np.asarray([label_of[n] for n in names], dtype=np.int64), dataset
+
+
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    try:
+        labels = np.loadtxt(path, dtype=np.int64, ndmin=1) if path.suffix == ".txt" else np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise HyperfaceError(f"cannot read labels {path} ({exc}); give an integer .npy or a .txt with one label per line") from exc
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise HyperfaceError(f"labels {path} must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+    return labels
+
+
+def run_report(
+    embeddings: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dataset: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    identities: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    leak_threshold: float = 0.4,
+    genuine_pairs: int = 200_000,
+    impostor_pairs: int = 1_000_000,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Compute a dataset report (see :func:`hyperface.report.stats.dataset_stats`) and write it."""
+    started = time.perf_counter()
+    embeddings = Path(embeddings)
+    if embeddings.is_dir():
+        embeddings = embeddings / "gallery.npy"
+    if not 0.0 < leak_threshold <= 1.0:
+        raise HyperfaceError(f"--leak-threshold must be in (0, 1], got {leak_threshold}")
+    if genuine_pairs < 0 or impostor_pairs < 0:
+        raise HyperfaceError("pair counts must be >= 0")
+    emb = load_embeddings(embeddings, what="embeddings")
+    if labels is not None:
+        label_array, dataset_used = load_labels(labels), None
+    else:
+        label_array, dataset_used = labels_for_embeddings(embeddings, dataset)
+    if len(label_array) != len(emb):
+        raise HyperfaceError(f"{embeddings} has {len(emb)} rows but there are {len(label_array)} labels")
+    ident = load_embeddings(identities if not Path(identities).is_dir() else Path(identities) / "identities.npy",
+                            what="identities") if identities is not None else None
+    ref = load_embeddings(reference, what="reference") if reference is not None else None
+    out = prepare_output_dir(out_dir, overwrite=overwrite, stage="report")
+    params = {"leak_threshold": leak_threshold, "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs,
+              "seed": seed, "device": device}
+    manifest = Manifest(stage="report", params=params,
+                        inputs={"embeddings": embeddings, "labels": labels, "identities": identities, "reference": reference})
+    if dataset_used is not None:
+        manifest.extra["dataset"] = str(Path(dataset_used).resolve())
+
+    stats = dataset_stats(emb, label_array, identities=ident, reference=ref, leak_threshold=leak_threshold,
+                          genuine_pairs=genuine_pairs, impostor_pairs=impostor_pairs, seed=seed,
+                          device=resolve_device(device))
+    outputs = [REPORT_FILE]
+    save_json(out / REPORT_FILE, stats.report)
+    if stats.leakage is not None:
+        write_leakage(out / LEAKAGE_FILE, stats, leak_threshold)
+        outputs.append(LEAKAGE_FILE)
+    if plot:
+        from hyperface.report.plots import plot_report
+
+        plot_report(out / PLOT_FILE, stats)
+        outputs.append(PLOT_FILE)
+    manifest.time("report", time.perf_counter() - started)
+    manifest.extra["outputs"] = outputs
+    manifest.write(out)
+    return stats.report
+
+
+def write_leakage(path: Path, stats: DatasetStats, threshold: float, top: int = 1000) -> None:
+    """Identities whose centroid is nearest a reference row, most similar first: all at or above
+    the threshold, and at least the top ``min(top, C)`` so there is always something to look at."""
+    assert stats.leakage is not None and stats.leakage_index is not None and stats.classes is not None
+    order = np.argsort(-stats.leakage, kind="stable")
+    keep = max(int((stats.leakage >= threshold).sum()), min(top, len(order)))
+    with atomic_write(path, "w") as handle:
+        handle.write("label\tnearest_reference_row\tcosine\tat_or_above_threshold\n")
+        for c in order[:keep]:
+            sim = float(stats.leakage[c])
+            handle.write(f"{int(stats.classes.labels[c])}\t{int(stats.leakage_index[c])}\t{sim:.5f}\t{int(sim >= threshold)}\n")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The few numbers people look at first."""
+    lines = [
+        f"{report['num_images']} images of {report['num_identities']} identities "
+        f"({report['images_per_identity']['min']}-{report['images_per_identity']['max']} per identity), d={report['dim']}",
+    ]
+    intra = report["intra_class"]["mean_pair_cosine_per_identity"]
+    if intra:
+        lines.append(f"intra-class   mean pair cosine per identity: mean {intra['mean']:.3f} (p5 {intra['p5']:.3f}, p95 {intra['p95']:.3f})")
+    inter = report["inter_class"]["nearest_identity_cosine"]
+    lines.append(f"inter-class   nearest other identity (centroids): mean {inter['mean']:.3f}, p99 {inter['p99']:.3f}, max {inter['max']:.3f}")
+    ver = report.get("verification")
+    if ver:
+        tar = ", ".join(f"TAR@FAR={k} {v['tar']:.4f}" for k, v in ver["tar_at_far"].items())
+        lines.append(
+            f"verification  genuine {ver['genuine_cosine']['mean']:.3f} vs impostor {ver['impostor_cosine']['mean']:.3f}, "
+            f"d' {ver['d_prime']:.2f}, EER {100 * ver['eer']:.2f}%" + (f", {tar}" if tar else "")
+        )
+    if "target" in report:
+        t = report["target"]["image_to_target_cosine"]
+        lines.append(f"target        image to its target identity: mean {t['mean']:.3f} (p5 {t['p5']:.3f})")
+    if "leakage" in report:
+        lk = report["leakage"]
+        lines.append(
+            f"leakage       {lk['identities_at_or_above']} identities ({100 * lk['fraction_at_or_above']:.2f}%) at cosine >= "
+            f"{lk['threshold']} to one of {lk['reference_rows']} reference rows; nearest: mean "
+            f"{lk['nearest_reference_cosine']['mean']:.3f}, max {lk['nearest_reference_cosine']['max']:.3f}"
+        )
+    return "\n".join(lines)

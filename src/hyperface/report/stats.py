@@ -1,0 +1,227 @@
+"""Statistics of a face dataset seen through an FR model: how tight each identity is, how far apart
+identities are, how well images match the identity they were made for, and how close synthetic
+identities come to real ones (identity leakage).
+
+Everything is O(N d) or tiled (identity centroids against each other or against a reference set of
+up to millions of rows): no N x N matrix. Pair distributions are estimated from sampled pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.evaluation.ijb import roc_curve
+from hyperface.packing.geometry import tiled_topk
+
+PERCENTILES = (1, 5, 50, 95, 99)
+
+
+def summary(values: np.ndarray) -> dict[str, float]:
+    """Mean, std, min, max and percentiles of a 1-D array, as plain floats."""
+    v = np.asarray(values, dtype=np.float64)
+    out = {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+    out.update({f"p{p}": float(np.percentile(v, p)) for p in PERCENTILES})
+    return out
+
+
+@dataclass
+class Classes:
+    """Rows grouped by label: ``labels[order]`` is sorted, class c's rows are ``order[starts[c]:starts[c]+counts[c]]``."""
+
+    labels: np.ndarray  # (C,) the distinct labels, sorted
+    inverse: np.ndarray  # (N,) class position of each row
+    counts: np.ndarray  # (C,)
+    order: np.ndarray  # (N,) rows sorted by class
+    starts: np.ndarray  # (C,)
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> "Classes":
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise HyperfaceError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+        distinct, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        return cls(distinct, inverse, counts, order, starts)
+
+
+def class_centroids(embeddings: np.ndarray, classes: Classes) -> tuple[np.ndarray, np.ndarray]:
+    """(unit centroids (C, d), mean pairwise cosine within each class (C,), NaN for 1-image classes).
+
+    For unit rows, the mean cosine over the n(n-1) ordered pairs of a class is exactly
+    (||sum||^2 - n) / (n (n - 1)): no pairwise pass needed.
+    """
+    sums = np.zeros((len(classes.labels), embeddings.shape[1]), dtype=np.float64)
+    np.add.at(sums, classes.inverse, embeddings)
+    n = classes.counts.astype(np.float64)
+    sq = (sums * sums).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        intra = np.where(n > 1, (sq - n) / (n * (n - 1)), np.nan)
+    centroids = (sums / np.maximum(np.sqrt(sq), 1e-12)[:, None]).astype(np.float32)
+    return centroids, intra
+
+
+def sample_pairs(classes: Classes, num_genuine: int, num_impostor: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (k, 2): genuine pairs (two different images of one identity, uniform over images
+    of identities with >= 2 images) and impostor pairs (uniform over rows, labels differ)."""
+    n = classes.inverse.shape[0]
+    eligible = np.flatnonzero(classes.counts[classes.inverse] >= 2)
+    genuine = np.zeros((0, 2), dtype=np.int64)
+    if num_genuine > 0 and eligible.size:
+        first = eligible[rng.integers(0, eligible.size, num_genuine)]
+        c = classes.inverse[first]
+        position = np.empty(n, dtype=np.int64)
+        position[classes.order] = np.arange(n) - np.repeat(classes.starts, classes.counts)
+        offset = 1 + rng.integers(0, np.iinfo(np.int64).max, num_genuine) % (classes.counts[c] - 1)
+        second = classes.order[classes.starts[c] + (position[first] + offset) % classes.counts[c]]
+        genuine = np.stack([first, second], axis=1)
+    impostor = np.zeros((0, 2), dtype=np.int64)
+    if num_impostor > 0 and len(classes.labels) > 1:
+        parts, have = [], 0
+        while have < num_impostor:  # rejection: a random pair is rarely of one class when C is large
+            pairs = rng.integers(0, n, (2 * (num_impostor - have) + 16, 2))
+            pairs = pairs[classes.inverse[pairs[:, 0]] != classes.inverse[pairs[:, 1]]]
+            parts.append(pairs[: num_impostor - have])
+            have += len(parts[-1])
+        impostor = np.concatenate(parts)
+    return genuine, impostor
+
+
+def pair_cosines(embeddings: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    out = np.empty(len(pairs), dtype=np.float32)
+    for s in range(0, len(pairs), chunk):
+        p = pairs[s : s + chunk]
+        out[s : s + chunk] = np.einsum("nd,nd->n", embeddings[p[:, 0]], embeddings[p[:, 1]])
+    return out
+
+
+def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1e-4, 1e-3, 1e-2)) -> dict[str, Any]:
+    """EER, TAR at FAR and d' from genuine / impostor cosine samples.
+
+    A FAR below 10 / (number of impostor pairs) cannot be read off the sample and is left out.
+    """
+    labels = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
+    fpr, tpr, thresholds = roc_curve(labels, np.r_[genuine, impostor])
+    k = int(np.argmin(np.abs(fpr - (1 - tpr))))
+    tar = {}
+    for target in far_targets:
+        if target * len(impostor) >= 10:
+            i = int(np.searchsorted(fpr, target, side="right")) - 1  # largest FAR not above the target
+            tar[f"{target:g}"] = {"tar": float(tpr[i]), "threshold": float(thresholds[i])}
+    spread = np.sqrt((genuine.var() + impostor.var()) / 2)
+    return {
+        "genuine_pairs": int(len(genuine)),
+        "impostor_pairs": int(len(impostor)),
+        "genuine_cosine": summary(genuine),
+        "impostor_cosine": summary(impostor),
+        "d_prime": float((genuine.mean() - impostor.mean()) / max(spread, 1e-12)),
+        "eer": float((fpr[k] + 1 - tpr[k]) / 2),
+        "eer_threshold": float(thresholds[k]),
+        "tar_at_far": tar,
+    }
+
+
+def nearest(queries: np.ndarray, base: np.ndarray, *, exclude_self: bool = False, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Cosine and index of each query's nearest row of ``base`` (tiled, exact float32)."""
+    q = torch.from_numpy(np.ascontiguousarray(queries)).to(device)
+    b = q if exclude_self else torch.from_numpy(np.ascontiguousarray(base)).to(device)
+    sims, idx = tiled_topk(q, b, 1, exclude_self=exclude_self)
+    return sims[:, 0].cpu().numpy(), idx[:, 0].cpu().numpy()
+
+
+@dataclass
+class DatasetStats:
+    """What :func:`dataset_stats` computes: ``report`` (JSON-ready) and the arrays behind the plots."""
+
+    report: dict[str, Any]
+    genuine: np.ndarray
+    impostor: np.ndarray
+    intra_mean: np.ndarray  # per identity, NaN for single-image identities
+    nearest_identity: np.ndarray  # per identity: cosine of its centroid to the nearest other centroid
+    target_similarity: np.ndarray | None = None  # per image: cosine to its identity's target embedding
+    leakage: np.ndarray | None = None  # per identity: cosine of its centroid to the nearest reference row
+    leakage_index: np.ndarray | None = None
+    classes: Classes | None = None
+
+
+def dataset_stats(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    identities: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+    leak_threshold: float = 0.4,
+    genuine_pairs: int = 200_000,
+    impostor_pairs: int = 1_000_000,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> DatasetStats:
+    """All report statistics for unit-row ``embeddings`` (N, d) with integer ``labels`` (N,).
+
+    ``identities`` (the packed target embeddings, row = label) adds each image's similarity to its
+    target; ``reference`` (real identities or images, unit rows) adds identity leakage: each
+    identity centroid's nearest reference row, and how many reach ``leak_threshold``.
+    """
+    if len(labels) != len(embeddings):
+        raise HyperfaceError(f"{len(embeddings)} embeddings but {len(labels)} labels")
+    classes = Classes.of(labels)
+    if len(classes.labels) < 2:
+        raise HyperfaceError("a report needs at least 2 identities (inter-class statistics compare them)")
+    rng = np.random.default_rng(seed)
+    centroids, intra = class_centroids(embeddings, classes)
+    to_centroid = np.einsum("nd,nd->n", embeddings, centroids[classes.inverse])
+    nearest_sim, _ = nearest(centroids, centroids, exclude_self=True, device=device)
+    gen_pairs, imp_pairs = sample_pairs(classes, genuine_pairs, impostor_pairs, rng)
+    genuine, impostor = pair_cosines(embeddings, gen_pairs), pair_cosines(embeddings, imp_pairs)
+    multi = np.isfinite(intra)
+    report: dict[str, Any] = {
+        "num_images": int(len(embeddings)),
+        "num_identities": int(len(classes.labels)),
+        "dim": int(embeddings.shape[1]),
+        "images_per_identity": {"min": int(classes.counts.min()), "mean": float(classes.counts.mean()), "max": int(classes.counts.max())},
+        "intra_class": {
+            "mean_pair_cosine_per_identity": summary(intra[multi]) if multi.any() else None,
+            "image_to_centroid_cosine": summary(to_centroid),
+        },
+        "inter_class": {"nearest_identity_cosine": summary(nearest_sim)},
+        "seed": seed,
+    }
+    if len(genuine) and len(impostor):
+        report["verification"] = verification_stats(genuine, impostor)
+    stats = DatasetStats(report, genuine, impostor, intra, nearest_sim, classes=classes)
+
+    if identities is not None:
+        if identities.shape[1] != embeddings.shape[1]:
+            raise HyperfaceError(
+                f"identities have dimension {identities.shape[1]} but the embeddings {embeddings.shape[1]}: "
+                "embed the dataset with the FR model the identities live in (e.g. Arc2Face's arcface.onnx)"
+            )
+        if classes.labels.min() < 0 or classes.labels.max() >= len(identities):
+            raise HyperfaceError(
+                f"labels run {classes.labels.min()}..{classes.labels.max()} but there are {len(identities)} identities: "
+                "label i must be row i of identities.npy (as `hyperface generate` writes them)"
+            )
+        target = np.einsum("nd,nd->n", embeddings, identities[labels])
+        stats.target_similarity = target
+        per_identity = np.bincount(classes.inverse, weights=target) / classes.counts
+        report["target"] = {"image_to_target_cosine": summary(target), "identity_mean_cosine": summary(per_identity)}
+
+    if reference is not None:
+        if reference.shape[1] != embeddings.shape[1]:
+            raise HyperfaceError(f"reference has dimension {reference.shape[1]} but the embeddings {embeddings.shape[1]}")
+        sims, index = nearest(centroids, reference, device=device)
+        stats.leakage, stats.leakage_index = sims, index
+        above = sims >= leak_threshold
+        report["leakage"] = {
+            "threshold": leak_threshold,
+            "reference_rows": int(len(reference)),
+            "identities_at_or_above": int(above.sum()),
+            "fraction_at_or_above": float(above.mean()),
+            "nearest_reference_cosine": summary(sims),
+        }
+    return stats

@@ -1,0 +1,188 @@
+"""hyperface report: statistics against brute force, leakage, label mapping, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hyperface.cli import main
+from hyperface.common.errors import HyperfaceError
+from hyperface.datasets import ImageFolderWriter, RecordIOWriter
+from hyperface.report import dataset_stats, labels_for_embeddings, run_report
+from hyperface.report.stats import Classes, class_centroids, sample_pairs, verification_stats
+from recognition_fixtures import make_tiny_iresnet, random_faces, save_backbone
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(num_classes: int, per_class, dim: int = 32, spread: float = 0.5, seed: int = 0):
+    """Unit embeddings around random class centres; ``per_class`` an int or a list of counts."""
+    rng = np.random.default_rng(seed)
+    counts = [per_class] * num_classes if isinstance(per_class, int) else list(per_class)
+    centres = unit(rng.standard_normal((num_classes, dim)))
+    labels = np.repeat(np.arange(num_classes), counts)
+    emb = unit(centres[labels] + spread * rng.standard_normal((len(labels), dim)) / np.sqrt(dim))
+    perm = rng.permutation(len(labels))  # rows need not be grouped by class
+    return emb[perm], labels[perm], centres
+
+
+def test_class_statistics_equal_brute_force():
+    emb, labels, _ = clustered(7, [1, 2, 3, 5, 8, 4, 6], spread=0.8)
+    classes = Classes.of(labels)
+    centroids, intra = class_centroids(emb, classes)
+    for c, label in enumerate(classes.labels):
+        rows = emb[labels == label].astype(np.float64)
+        if len(rows) == 1:
+            assert np.isnan(intra[c])
+            continue
+        gram = rows @ rows.T
+        n = len(rows)
+        assert intra[c] == pytest.approx((gram.sum() - np.trace(gram)) / (n * (n - 1)), abs=1e-5)
+        mean = rows.sum(0)
+        assert np.allclose(centroids[c], mean / np.linalg.norm(mean), atol=1e-5)
+
+    stats = dataset_stats(emb, labels, genuine_pairs=500, impostor_pairs=2000)
+    gram = centroids.astype(np.float64) @ centroids.T
+    np.fill_diagonal(gram, -np.inf)
+    assert np.allclose(stats.nearest_identity, gram.max(axis=1), atol=1e-5)
+    report = stats.report
+    assert report["num_identities"] == 7 and report["num_images"] == len(labels)
+    assert report["images_per_identity"] == {"min": 1, "mean": pytest.approx(29 / 7), "max": 8}
+    assert report["intra_class"]["mean_pair_cosine_per_identity"]["mean"] == pytest.approx(np.nanmean(intra), abs=1e-6)
+
+
+def test_sampled_pairs_are_genuine_or_impostor_and_never_self():
+    labels = np.array([0, 0, 1, 2, 2, 2, 3, 1, 4])  # class 3 and 4 have one image: never in a genuine pair
+    classes = Classes.of(labels)
+    genuine, impostor = sample_pairs(classes, 5000, 5000, np.random.default_rng(1))
+    assert genuine.shape == (5000, 2) and impostor.shape == (5000, 2)
+    assert (labels[genuine[:, 0]] == labels[genuine[:, 1]]).all()
+    assert (genuine[:, 0] != genuine[:, 1]).all()
+    assert not np.isin(genuine, [6, 8]).any()
+    assert set(genuine.ravel().tolist()) == {0, 1, 2, 3, 4, 5, 7}  # every eligible image is drawn
+    assert (labels[impostor[:, 0]] != labels[impostor[:, 1]]).all()
+
+
+def test_verification_statistics():
+    rng = np.random.default_rng(0)
+    gen, imp = rng.uniform(0.6, 0.9, 1000), rng.uniform(-0.2, 0.3, 100_000)
+    separable = verification_stats(gen, imp)
+    assert separable["eer"] == 0.0
+    threshold = separable["eer_threshold"]
+    assert (gen >= threshold).all() and not (imp >= threshold).any()
+    assert separable["tar_at_far"]["0.0001"]["tar"] == 1.0
+    same = verification_stats(rng.normal(0, 1, 20_000), rng.normal(0, 1, 20_000))
+    assert same["eer"] == pytest.approx(0.5, abs=0.02)
+    assert abs(same["d_prime"]) < 0.05
+    assert "0.0001" not in same["tar_at_far"]  # 2 impostors above FAR 1e-4 cannot be read off 20k pairs
+    # TAR at FAR 1e-2 against a direct count at the reported threshold
+    gen, imp = rng.normal(1.0, 1.0, 5000), rng.normal(0.0, 1.0, 50_000)
+    entry = verification_stats(gen, imp)["tar_at_far"]["0.01"]
+    assert (imp >= entry["threshold"]).mean() <= 0.01
+    assert entry["tar"] == pytest.approx((gen >= entry["threshold"]).mean(), abs=1e-9)
+
+
+def test_leakage_flags_exactly_the_planted_identities(tmp_path):
+    emb, labels, centres = clustered(40, 6, dim=64, spread=0.3, seed=2)
+    rng = np.random.default_rng(3)
+    leaked = [3, 17, 29]
+    reference = unit(np.concatenate([rng.standard_normal((500, 64)), centres[leaked] + 0.05 * rng.standard_normal((3, 64))]))
+    np.save(tmp_path / "emb.npy", emb)
+    np.save(tmp_path / "labels.npy", labels)
+    np.save(tmp_path / "ref.npy", reference)
+    np.save(tmp_path / "ids.npy", centres)
+    report = run_report(tmp_path / "emb.npy", tmp_path / "out", labels=tmp_path / "labels.npy",
+                        identities=tmp_path / "ids.npy", reference=tmp_path / "ref.npy", leak_threshold=0.6,
+                        genuine_pairs=1000, impostor_pairs=5000)
+    assert report["leakage"]["identities_at_or_above"] == 3
+    rows = (tmp_path / "out" / "leakage.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["label", "nearest_reference_row", "cosine", "at_or_above_threshold"]
+    top = [line.split("\t") for line in rows[1:4]]
+    assert sorted(int(r[0]) for r in top) == leaked
+    assert sorted(int(r[1]) for r in top) == [500, 501, 502]
+    assert all(r[3] == "1" for r in top) and rows[4].split("\t")[3] == "0"
+    # images sit near their own centre: consistency with the targets is high, and exact per image
+    target = report["target"]["image_to_target_cosine"]
+    assert target["mean"] == pytest.approx(float(np.einsum("nd,nd->n", emb, centres[labels]).mean()), abs=1e-6)
+    assert target["p5"] > 0.9
+    assert report["verification"]["eer"] < 0.01
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["stage"] == "report"
+    assert set(manifest["outputs"]) == {"report.json", "leakage.tsv", "report.png"}
+    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
+
+
+def test_report_is_deterministic_for_a_seed(tmp_path):
+    emb, labels, _ = clustered(20, 5, seed=4)
+    a = dataset_stats(emb, labels, genuine_pairs=300, impostor_pairs=3000, seed=7).report
+    b = dataset_stats(emb, labels, genuine_pairs=300, impostor_pairs=3000, seed=7).report
+    c = dataset_stats(emb, labels, genuine_pairs=300, impostor_pairs=3000, seed=8).report
+    assert a == b and a["verification"] != c["verification"]
+
+
+def _write_dataset(root, fmt: str, num_classes: int = 4, per_class: int = 3):
+    faces = random_faces(num_classes * per_class, seed=5)
+    if fmt == "folder":
+        with ImageFolderWriter(root) as writer:
+            for i, face in enumerate(faces):
+                writer.add(face, i // per_class, index=i % per_class)
+        return root
+    with RecordIOWriter(root) as writer:
+        for i, face in enumerate(faces):
+            writer.add(face, i // per_class)
+    return root / "train.rec"
+
+
+@pytest.mark.parametrize("fmt", ["folder", "rec"])
+def test_embed_then_report_cli(tmp_path, fmt, capsys):
+    data = _write_dataset(tmp_path / "data", fmt)
+    model = save_backbone(make_tiny_iresnet(), tmp_path / "backbone.pth")
+    assert main(["embed", str(data), "--model", str(model), "--aligned", "--out", str(tmp_path / "emb"),
+                 "--no-progress", "--workers", "1"]) == 0
+    labels, used = labels_for_embeddings(tmp_path / "emb" / "gallery.npy")  # dataset found via the embed manifest
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert used.resolve() == data.resolve()
+    ids = unit(np.random.default_rng(0).standard_normal((4, 512)))
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "emb"), "--out", str(out), "--identities", str(tmp_path / "ids.npy"),
+                 "--genuine-pairs", "200", "--impostor-pairs", "2000"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 images of 4 identities" in printed and "EER" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_identities"] == 4 and report["verification"]["genuine_pairs"] == 200
+    # the same report again refuses to overwrite silently, and --overwrite gives the same numbers
+    assert main(["report", str(tmp_path / "emb"), "--out", str(out)]) == 2
+    assert main(["report", str(tmp_path / "emb"), "--out", str(out), "--overwrite", "--identities", str(tmp_path / "ids.npy"),
+                 "--genuine-pairs", "200", "--impostor-pairs", "2000"]) == 0
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_report_bad_input(tmp_path, capsys):
+    emb, labels, _ = clustered(3, 4)
+    np.save(tmp_path / "emb.npy", emb)
+    np.save(tmp_path / "short.npy", labels[:-1])
+    np.save(tmp_path / "one.npy", np.zeros(len(labels), dtype=np.int64))
+    np.save(tmp_path / "float.npy", labels.astype(np.float32))
+    np.save(tmp_path / "ids16.npy", unit(np.ones((3, 16))))
+    np.save(tmp_path / "nan.npy", np.full((4, 32), np.nan, dtype=np.float32))
+    cases = {
+        "short.npy": "12 rows but there are 11 labels",
+        "one.npy": "at least 2 identities",
+        "float.npy": "1-D integer array",
+    }
+    for name, message in cases.items():
+        with pytest.raises(HyperfaceError, match=message):
+            run_report(tmp_path / "emb.npy", tmp_path / f"out-{name}", labels=tmp_path / name)
+    with pytest.raises(HyperfaceError, match="index.txt not found"):
+        run_report(tmp_path / "emb.npy", tmp_path / "out-noindex")
+    np.save(tmp_path / "labels.npy", labels)
+    with pytest.raises(HyperfaceError, match="identities have dimension 16"):
+        run_report(tmp_path / "emb.npy", tmp_path / "out-dim", labels=tmp_path / "labels.npy", identities=tmp_path / "ids16.npy")
+    assert main(["report", str(tmp_path / "nan.npy"), "--labels", str(tmp_path / "labels.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert "NaN/inf" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written before the inputs are known to be good
