@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=60.0, help="seconds for each solver")
     ap.add_argument("--baseline-lr", type=float, default=0.01)
     ap.add_argument("--skip-baseline", action="store_true", help="only run hyperface (for N too large for N x N)")
+    ap.add_argument("--skip-unconstrained", action="store_true",
+                    help="when --symmetry auto picks cyclic, do not also time the unconstrained solver")
     ap.add_argument("--sweep-identities", type=int, default=2000)
     ap.add_argument("--sweep-gallery", type=int, default=20_000)
     ap.add_argument("--sweep-steps", type=int, default=300)
@@ -97,21 +99,29 @@ def main() -> None:
           f"random points ~{random_min_angle_deg(n, d):.2f} deg")
     report: dict = {"device": name, "identities": n, "dim": d, "budget_s": args.budget}
 
-    ours_traj: list[tuple[float, float]] = []
-    best_so_far = [-1.0]
+    def run_ours(symmetry: str) -> tuple[float, list[tuple[float, float]], str]:
+        trajectory: list[tuple[float, float]] = []
+        best_so_far = [-1.0]
 
-    def record(entry: dict) -> None:
-        best_so_far[0] = max(best_so_far[0], entry["min_angle_deg"])
-        ours_traj.append((entry["seconds"], best_so_far[0]))
+        def record(entry: dict) -> None:
+            best_so_far[0] = max(best_so_far[0], entry["min_angle_deg"])
+            trajectory.append((entry["seconds"], best_so_far[0]))
 
-    start = time.perf_counter()
-    result = pack(PackConfig(n, d, time_budget=args.budget, seed=args.seed, device=str(device)),
-                  log_every=1, callback=record)
-    ours_wall = time.perf_counter() - start
-    ours_angle = packing_metrics(result.points, device=device)["min_angle_deg"]
-    print(f"hyperface: {ours_angle:.3f} deg after {result.seconds:.1f} s of optimisation "
-          f"({result.steps_done} steps, {ours_wall:.1f} s wall with the final exact scoring)")
-    report["hyperface"] = {"min_angle_deg": ours_angle, "steps": result.steps_done, "seconds": result.seconds}
+        start = time.perf_counter()
+        config = PackConfig(n, d, time_budget=args.budget, seed=args.seed, device=str(device), symmetry=symmetry)
+        result = pack(config, log_every=1, callback=record)
+        wall = time.perf_counter() - start
+        angle = packing_metrics(result.points, device=device)["min_angle_deg"]
+        resolved = result.config.symmetry
+        print(f"hyperface (--symmetry {resolved}): {angle:.3f} deg after {result.seconds:.1f} s of optimisation "
+              f"({result.steps_done} steps, {wall:.1f} s wall with the final exact scoring)", flush=True)
+        report[f"hyperface_{resolved}"] = {"min_angle_deg": angle, "steps": result.steps_done, "seconds": result.seconds}
+        return angle, trajectory, resolved
+
+    ours_angle, ours_traj, chosen = run_ours("auto")
+    if chosen == "cyclic" and not args.skip_unconstrained:
+        run_ours("none")  # what the unconstrained solver reaches in the same budget
+    report["hyperface"] = report[f"hyperface_{chosen}"]
 
     if not args.skip_baseline:
         traj, points = dense_baseline(n, d, args.budget, args.baseline_lr, args.seed, device)

@@ -172,10 +172,11 @@ def test_metrics_are_exact_over_all_pairs():
 # --- the optimiser ---------------------------------------------------------------------------------
 
 
-def test_steps_runs_are_deterministic():
-    a = pack(PackConfig(200, 16, steps=40, seed=7))
-    b = pack(PackConfig(200, 16, steps=40, seed=7))
-    c = pack(PackConfig(200, 16, steps=40, seed=8))
+@pytest.mark.parametrize("symmetry", ["none", "cyclic"])
+def test_steps_runs_are_deterministic(symmetry):
+    a = pack(PackConfig(200, 16, steps=40, seed=7, symmetry=symmetry))
+    b = pack(PackConfig(200, 16, steps=40, seed=7, symmetry=symmetry))
+    c = pack(PackConfig(200, 16, steps=40, seed=8, symmetry=symmetry))
     assert np.array_equal(a.points, b.points)
     assert not np.array_equal(a.points, c.points)
 
@@ -183,7 +184,7 @@ def test_steps_runs_are_deterministic():
 @pytest.mark.parametrize("mode", ["exact", "neighbors", "stochastic"])
 def test_every_mode_improves_far_beyond_random(mode):
     num, dim = 600, 32
-    result = pack(PackConfig(num, dim, steps=150, mode=mode, neighbors=64, batch_size=128, polish_steps=0))
+    result = pack(PackConfig(num, dim, steps=150, mode=mode, neighbors=64, batch_size=128, polish_steps=0, symmetry="none"))
     assert min_angle(result.points) > random_min_angle_deg(num, dim) + 12.0
     assert np.allclose(np.linalg.norm(result.points, axis=1), 1.0, atol=1e-5)
 
@@ -348,7 +349,7 @@ def test_cli_refuses_unwritable_and_file_outputs(tmp_path, capsys):
 def test_killed_process_resumes_without_losing_work(tmp_path):
     """SIGKILL mid-run, then --resume: the result equals an uninterrupted run's, bit for bit."""
     args = ["--identities", "400", "--dim", "32", "--steps", "1500", "--seed", "1", "--no-plot",
-            "--polish-steps", "0"]
+            "--polish-steps", "0", "--symmetry", "none"]
     reference = tmp_path / "reference"
     assert run_cli(*args, "--out", str(reference)) == 0
 
@@ -384,3 +385,103 @@ def test_interrupted_restart_sequence_resumes_to_the_same_result(tmp_path):
     resumed = pack(config, checkpoint_dir=tmp_path, resume=True)
     assert resumed.restart == reference.restart
     assert np.array_equal(resumed.points, reference.points)
+
+
+# --- cyclic orbit codes ----------------------------------------------------------------------------
+
+
+def test_cyclic_correlations_are_exactly_the_pair_cosines():
+    from hyperface.packing.cyclic import expand_orbits, max_cosine
+
+    rng = np.random.default_rng(0)
+    reps = rng.standard_normal((3, 8))
+    reps /= np.linalg.norm(reps, axis=1, keepdims=True)
+    points = expand_orbits(reps, 24)
+    for k in range(3):
+        for s in range(8):
+            assert np.allclose(points[8 * k + s], np.roll(reps[k], s), atol=1e-7)
+    assert expand_orbits(reps, 20).shape == (20, 8)  # the last orbit cut short
+    gram = points.astype(np.float64) @ points.T
+    np.fill_diagonal(gram, -np.inf)
+    assert max_cosine(torch.from_numpy(reps)) == pytest.approx(gram.max(), abs=1e-6)
+
+
+@pytest.mark.parametrize("block_elements", [None, 8 * 3])  # one autograd pass; blocks of one row, two passes
+def test_cyclic_smooth_max_equals_the_dense_objective_and_its_gradient(monkeypatch, block_elements):
+    from hyperface.packing import cyclic
+    from hyperface.packing.cyclic import smooth_max
+
+    if block_elements is not None:
+        monkeypatch.setattr(cyclic, "BLOCK_ELEMENTS", block_elements)
+        assert len(cyclic._blocks(3, 8)) == 3
+
+    torch.manual_seed(1)
+    num_reps, dim, temperature = 3, 8, 0.05
+    params = torch.nn.Parameter(torch.randn(num_reps, dim, dtype=torch.float64) * 1.7)  # not unit: normalize=True
+    value, peak = smooth_max(params, temperature, normalize=True)
+    ours = params.grad.clone()
+
+    dense = params.detach().clone().requires_grad_(True)
+    reps = dense / dense.norm(dim=1, keepdim=True)
+    points = torch.stack([torch.roll(reps[k], s) for k in range(num_reps) for s in range(dim)])
+    cos = points @ points.T
+    off = ~torch.eye(len(points), dtype=torch.bool)
+    # every distinct correlation stands for `dim` ordered point pairs: the dense value is log(dim)*T higher
+    reference = temperature * torch.logsumexp(cos[off] / temperature, 0) - temperature * math.log(dim)
+    reference.backward()
+    assert value == pytest.approx(reference.item(), abs=1e-10)
+    assert peak == pytest.approx(cos[off].max().item(), abs=1e-12)
+    assert torch.allclose(ours, dense.grad, atol=1e-10)  # a constant shift leaves the gradient alone
+
+
+def test_symmetry_auto_picks_cyclic_only_for_dense_pure_packing():
+    gallery = np.eye(16, dtype=np.float32)
+    assert PackConfig(10_000, 512).resolved(None).symmetry == "cyclic"
+    assert PackConfig(6_000, 512).resolved(None).symmetry == "none"  # N < 12 d
+    assert PackConfig(300, 16, init="gallery").resolved(gallery).symmetry == "none"
+    assert PackConfig(300, 16, init="binary").resolved(None).symmetry == "none"
+    assert PackConfig(300, 16, mode="stochastic").resolved(None).symmetry == "none"
+    for bad in (dict(init="gallery"), dict(mode="neighbors")):
+        with pytest.raises(HyperfaceError, match="--symmetry cyclic is for pure packing"):
+            PackConfig(300, 16, symmetry="cyclic", **bad).resolved(gallery if "init" in bad else None)
+    with pytest.raises(HyperfaceError, match="unknown --symmetry"):
+        PackConfig(300, 16, symmetry="dihedral").resolved(None)
+
+
+def test_cyclic_beats_the_unconstrained_solver_on_a_dense_case():
+    # 640 points in 32-d (20 per dimension), the same number of Adam steps; the unconstrained solver
+    # with its exact polish (seeds 0-2: cyclic wins by 0.25-0.31 deg)
+    cyclic = pack(PackConfig(640, 32, steps=600, seed=0, symmetry="cyclic"))
+    free = pack(PackConfig(640, 32, steps=600, seed=0, symmetry="none"))
+    assert cyclic.representatives.shape == (20, 32)
+    assert min_angle(cyclic.points) > min_angle(free.points) + 0.15
+    assert min_angle(cyclic.points) > random_min_angle_deg(640, 32) + 12.0
+    assert np.allclose(np.linalg.norm(cyclic.points, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("phase", ["adam", "polish"])
+def test_interrupted_cyclic_run_resumes_to_the_same_result(tmp_path, phase):
+    config = PackConfig(200, 16, steps=120, seed=5, symmetry="cyclic")
+    reference = pack(config)
+
+    def stop(entry):
+        if entry["phase"] == phase and (phase == "polish" or entry["step"] >= 60):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, checkpoint_dir=tmp_path, checkpoint_every=1e9, log_every=1, callback=stop)
+    resumed = pack(config, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.steps_done == 120
+    assert np.array_equal(resumed.points, reference.points)
+
+
+def test_cli_cyclic_run_writes_its_representatives(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("--identities", "200", "--dim", "16", "--steps", "100", "--out", str(out), "--no-plot") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["symmetry"] == "cyclic"
+    reps = np.load(out / "representatives.npy")
+    identities = np.load(out / "identities.npy")
+    assert reps.shape == (13, 16) and identities.shape == (200, 16)
+    assert np.allclose(identities[16 * 2 + 5], np.roll(reps[2], 5), atol=1e-6)
+    assert metrics["min_angle_deg"] == pytest.approx(min_angle(identities), abs=1e-3)

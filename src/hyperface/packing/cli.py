@@ -60,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="exact (the default, any N): all pairs every step, tiled; neighbors: per-identity top-k "
                           "lists refreshed from a tiled Gram pass (cheap, weak once dense); stochastic: a random "
                           "mini-batch of identities per step (the paper's variant)")
+    adv.add_argument("--symmetry", choices=["auto", "none", "cyclic"], default="auto",
+                     help="cyclic: the identities are the cyclic coordinate shifts of ceil(N/d) vectors (a cyclic "
+                          "orbit code): about d times cheaper steps and an exact L-BFGS finish, better for dense pure "
+                          "packing (N=10k, d=512: 87.03 vs 86.89 deg in 60 s on 2 CPU cores). auto (default): cyclic "
+                          "for pure packing from a random start with N >= 12 d, else none")
     adv.add_argument("--neighbors", type=int, default=256, help="k for --mode neighbors (default 256)")
     adv.add_argument("--refresh-every", type=int, default=20, help="steps between neighbour-list refreshes")
     adv.add_argument("--batch-size", type=int, default=4096, help="identities per step for --mode stochastic")
@@ -67,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adv.add_argument("--temperature-start", type=float, default=0.5, help="soft-max temperature x sqrt(d) at the start")
     adv.add_argument("--temperature-end", type=float, default=0.02, help="... and at the end")
     adv.add_argument("--polish-steps", type=int, default=None,
-                     help="exact line-search steps at the end (default 300 for N <= 2048, else 0)")
+                     help="exact line-search steps at the end (default 300 for N <= 2048, else 0); with "
+                          "--symmetry cyclic, 0 turns off its L-BFGS finish")
     adv.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                      help="matrix products' precision (auto: bfloat16 on CUDA and on CPUs where it is faster)")
     adv.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SEC", help="seconds between checkpoints")
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         polish_steps=args.polish_steps,
         compute_dtype=args.compute_dtype,
         device=args.device,
+        symmetry=args.symmetry,
     )
     metrics = run_pack(
         config,

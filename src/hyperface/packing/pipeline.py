@@ -22,6 +22,7 @@ IDENTITIES_FILE = "identities.npy"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
 PLOT_FILE = "pack.png"
+REPRESENTATIVES_FILE = "representatives.npy"
 
 
 def run_pack(
@@ -39,6 +40,7 @@ def run_pack(
     - ``identities.npy``  float32 (N, d), unit rows
     - ``metrics.json``    exact all-pairs metrics, the Levenshtein bound, the random baseline
     - ``history.json``    the min angle during optimisation
+    - ``representatives.npy``  with ``symmetry="cyclic"``: the (ceil(N/d), d) orbit representatives
     - ``pack.png``        convergence and nearest-neighbour angle histogram
     - ``manifest.json``   parameters, versions, input checksums, timings (written last)
 
@@ -69,6 +71,7 @@ def run_pack(
             "best_restart": result.restart,
             "init": cfg.init,
             "mode": cfg.mode,
+            "symmetry": cfg.symmetry,
             "compute_dtype": result.compute_dtype,
             "reg_weight": cfg.reg_weight,
             "seed": cfg.seed,
@@ -77,13 +80,16 @@ def run_pack(
     manifest.time("metrics", time.perf_counter() - started)
 
     save_npy(out / IDENTITIES_FILE, result.points.astype(np.float32))
+    if result.representatives is not None:  # cyclic symmetry: the orbit representatives generate it all
+        save_npy(out / REPRESENTATIVES_FILE, result.representatives.astype(np.float32))
     save_json(out / METRICS_FILE, metrics)
     save_json(out / HISTORY_FILE, result.history)
     if plot:
         from hyperface.packing.plots import plot_packing
 
         plot_packing(out / PLOT_FILE, result.history, nn_angles, metrics, gallery_sims)
-    manifest.extra["outputs"] = [IDENTITIES_FILE, METRICS_FILE, HISTORY_FILE] + ([PLOT_FILE] if plot else [])
+    manifest.extra["outputs"] = [IDENTITIES_FILE, METRICS_FILE, HISTORY_FILE] + ([PLOT_FILE] if plot else []) + (
+        [REPRESENTATIVES_FILE] if result.representatives is not None else [])
     manifest.write(out)
     # The checkpoint holds optimiser state (several times the result's size): done with it.
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)

@@ -41,7 +41,13 @@ def plot_packing(
     ax.grid(alpha=0.3)
 
     ax = axes[1]
-    ax.hist(nn_angles_deg, bins=60, color="C0", alpha=0.8)
+    lowest, highest = float(np.min(nn_angles_deg)), float(np.max(nn_angles_deg))
+    # Jammed packings (cyclic orbit codes in particular) put every identity's nearest neighbour at the
+    # same angle to ~1e-5 deg: show at least 0.02 deg so the axis reads in plain degrees.
+    view = (lowest - 0.01, highest + 0.01) if highest - lowest < 0.02 else None
+    ax.hist(nn_angles_deg, bins=60, range=view, color="C0", alpha=0.8)
+    ax.ticklabel_format(axis="x", useOffset=False)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     spread = float(np.ptp(nn_angles_deg)) or 1e-3
     if bound <= float(np.max(nn_angles_deg)) + spread:
         ax.axvline(bound, color="C3", ls="--", lw=1, label="Levenshtein bound")
@@ -50,7 +56,7 @@ def plot_packing(
     ax.axvline(metrics["min_angle_deg"], color="C2", lw=1, label="min angle")
     ax.set_xlabel("angle to nearest other identity (deg)")
     ax.set_ylabel("identities")
-    ax.set_title(f"nearest-neighbour angles (mean {metrics['mean_nn_angle_deg']:.2f})")
+    ax.set_title(f"nearest-neighbour angles (mean {metrics['mean_nn_angle_deg']:.3f}, spread {highest - lowest:.2g} deg)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 

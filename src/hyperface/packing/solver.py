@@ -24,6 +24,10 @@ Three ways to visit pairs (``mode``), none of which materialises N x N:
   against all others. Cheaper steps, lower quality per second than ``exact`` here.
 
 ``auto`` is ``exact``.
+
+``symmetry="cyclic"`` (:mod:`hyperface.packing.cyclic`, chosen by ``auto`` for dense pure packing)
+restricts the points to cyclic shifts of a few representatives, which makes steps about d times
+cheaper and affords an exact L-BFGS finish.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ from hyperface.packing.init import initial_points
 log = get_logger("hyperface.packing")
 
 MODES = ("auto", "exact", "neighbors", "stochastic")
+SYMMETRIES = ("auto", "none", "cyclic")
+#: ``symmetry="auto"`` picks cyclic orbit codes for pure packing from this many points per dimension:
+#: there they beat the unconstrained solver (N/d = 15.6: +0.08..0.12 deg at d = 64..256; N = 10,000,
+#: d = 512: 87.03 vs 86.89 deg in 60 s); at N/d <= 9 the unconstrained solver is as good or better.
+CYCLIC_MIN_POINTS_PER_DIM = 12
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Up to this many identities the run ends with an exact polish (see :func:`_polish`).
 POLISH_AUTO_MAX = 2048
@@ -78,6 +87,7 @@ class PackConfig:
     polish_steps: int | None = None
     compute_dtype: str = "auto"
     device: str = "auto"
+    symmetry: str = "auto"
 
     def resolved(self, gallery: np.ndarray | None) -> "PackConfig":
         """Fill the ``auto`` fields and check the values; raises HyperfaceError on bad input."""
@@ -90,6 +100,16 @@ class PackConfig:
             cfg.dim = int(gallery.shape[1])
         if cfg.dim is None or cfg.dim < 2:
             raise HyperfaceError("give --dim D (at least 2) or --gallery G.npy")
+        if cfg.symmetry not in SYMMETRIES:
+            raise HyperfaceError(f"unknown --symmetry {cfg.symmetry!r}: choose one of {', '.join(SYMMETRIES)}")
+        pure = gallery is None and cfg.init in ("auto", "random") and cfg.mode in ("auto", "exact")
+        if cfg.symmetry == "auto":
+            cfg.symmetry = "cyclic" if pure and cfg.num_identities >= CYCLIC_MIN_POINTS_PER_DIM * cfg.dim else "none"
+        elif cfg.symmetry == "cyclic" and not pure:
+            raise HyperfaceError(
+                "--symmetry cyclic is for pure packing from a random start with --mode exact: identities come in "
+                "orbits of cyclic shifts, which a gallery term cannot keep near their own faces; use --symmetry none"
+            )
         if cfg.init == "auto":
             cfg.init = "gallery" if gallery is not None else "random"
         if cfg.reg_weight < 0 or not math.isfinite(cfg.reg_weight):
@@ -126,6 +146,7 @@ class PackResult:
     best_step: int = 0
     restart: int = 0
     compute_dtype: str = "float32"
+    representatives: np.ndarray | None = None  # cyclic symmetry: the (K, d) orbit representatives
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -358,7 +379,7 @@ def _polish(objective: _Objective, x: torch.Tensor, temperature: float, steps: i
 
 def _config_key(cfg: PackConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed."""
-    keys = ("num_identities", "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts")
+    keys = ("num_identities", "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts", "symmetry")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -399,7 +420,10 @@ def pack(
                 f"cannot --resume {ckpt_path.parent}: it was started with {state['config_key']}, "
                 f"now asked for {_config_key(cfg)}; use the same parameters or another --out"
             )
-        log.info("resuming restart %d at step %d", state["restart"], state["run"]["step"])
+        log.info("resuming restart %d at step %d", state["restart"], (state["run"] or {}).get("step", 0))
+
+    if cfg.symmetry == "cyclic":
+        return _pack_cyclic_restarts(cfg, device, ckpt_path, state, checkpoint_every, log_every, callback)
 
     best: PackResult | None = None
     best_score = math.inf
@@ -439,6 +463,57 @@ def pack(
     assert best is not None
     best.compute_dtype = str(dtype).replace("torch.", "")
     return best
+
+
+def _pack_cyclic_restarts(
+    cfg: PackConfig,
+    device: torch.device,
+    ckpt_path: Path | None,
+    state: dict[str, Any] | None,
+    checkpoint_every: float,
+    log_every: int | None,
+    callback: Callable[[dict[str, float]], None] | None,
+) -> PackResult:
+    """``symmetry="cyclic"``: each restart optimises a cyclic orbit code; the lowest max cosine wins."""
+    from hyperface.packing.cyclic import expand_orbits, pack_cyclic
+
+    num, dim = cfg.num_identities, int(cfg.dim)  # type: ignore[arg-type]
+    best_reps, best_cos, best_info = None, math.inf, {}
+    first = 0
+    if state is not None:
+        first = int(state["restart"])
+        if state["best_reps"] is not None:
+            best_reps, best_cos, best_info = state["best_reps"], float(state["best_cos"]), dict(state["best_info"])
+    for restart in range(first, cfg.restarts):
+        def save(run_state: dict[str, Any] | None, restart: int = restart) -> None:
+            if ckpt_path is None:
+                return
+            payload = {"config_key": _config_key(cfg), "restart": restart, "run": run_state,
+                       "best_reps": best_reps, "best_cos": best_cos, "best_info": best_info}
+            with atomic_write(ckpt_path, "wb") as handle:
+                torch.save(payload, handle)
+
+        run = pack_cyclic(
+            num, dim, steps=cfg.steps, time_budget=None if cfg.time_budget is None else cfg.time_budget / cfg.restarts,
+            seed=cfg.seed + 1_000_003 * restart, device=device, step_angle=cfg.step_angle, step_floor=cfg.step_floor,
+            temperature_start=cfg.temperature_start, temperature_end=cfg.temperature_end,
+            polish=cfg.polish_steps != 0, state=state["run"] if state is not None and restart == first else None,
+            save=save, checkpoint_every=checkpoint_every, log_every=log_every, callback=callback,
+        )
+        if run["max_cosine"] < best_cos:
+            best_reps, best_cos = run["representatives"], run["max_cosine"]
+            best_info = {"history": run["history"], "steps": run["adam_steps"], "seconds": run["seconds"],
+                         "restart": restart, "polish_stages": run["polish_stages"]}
+        if cfg.restarts > 1:
+            log.info("restart %d/%d: max cosine %.6f (best %.6f)", restart + 1, cfg.restarts, run["max_cosine"], best_cos)
+        if restart + 1 < cfg.restarts:
+            save(None, restart + 1)  # no run state: a resume starts the next restart afresh
+    assert best_reps is not None
+    return PackResult(
+        points=expand_orbits(best_reps, num), config=cfg, history=best_info["history"], steps_done=best_info["steps"],
+        seconds=best_info["seconds"], best_step=best_info["steps"], restart=best_info["restart"],
+        compute_dtype="float32 (Adam), float64 (L-BFGS polish)", representatives=best_reps.numpy(),
+    )
 
 
 def _pack_once(

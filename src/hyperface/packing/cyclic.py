@@ -1,0 +1,288 @@
+"""Cyclic orbit codes: pure packing with N points made of K = ceil(N / d) representatives and all
+their cyclic coordinate shifts.
+
+Shifting coordinates is an orthogonal map, so the cosine between two points of the code depends
+only on the two representatives and the relative shift: the K^2 d / 2 distinct values are cyclic
+cross-correlations, all of them from one FFT per representative. A step therefore costs
+O(K^2 d log d) instead of O(N^2 d), about d times less work for the same number of degrees of
+freedom per constraint. Steps become cheap enough for an exact quasi-Newton finish (L-BFGS on
+the smooth objective, annealing the temperature), which the unconstrained solver cannot afford
+at N = 10,000. The result is better as well as faster:
+N = 10,000, d = 512 reaches 87.03 deg in under a minute on 2 CPU cores, against 86.89 deg for the
+unconstrained solver in the same time.
+
+The symmetry is the price: identities come in orbits of d cyclic shifts of one vector. That is
+harmless for pure packing, but it is not what a gallery term wants (each identity near its own
+face), so ``symmetry="auto"`` uses it only for pure packing of at least 4d points.
+
+Objective and schedule are the unconstrained solver's (see :mod:`hyperface.packing.solver`):
+T * logsumexp of all pair cosines, projected Adam with the step as an angle / sqrt(d), then
+L-BFGS stages at a temperature that shrinks by ``POLISH_DECAY`` per stage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hyperface.common.runtime import get_logger, progress
+
+log = get_logger("hyperface.packing")
+
+#: Adam's share of a --time-budget (the rest polishes with L-BFGS).
+ADAM_SHARE = 0.5
+#: Temperature factor between L-BFGS stages, and the iterations each stage may take.
+POLISH_DECAY = 0.7
+POLISH_ITERATIONS = 100
+#: Polish stops after this many stages (or once a stage gains less than POLISH_TOLERANCE in cosine).
+POLISH_MAX_STAGES = 40
+POLISH_TOLERANCE = 1e-7
+#: Correlation entries evaluated at once (K x K x d grows as N^2 / d): 2^26 floats, 256 MiB.
+BLOCK_ELEMENTS = 1 << 26
+
+
+def num_representatives(num_points: int, dim: int) -> int:
+    return math.ceil(num_points / dim)
+
+
+def expand_orbits(reps: torch.Tensor | np.ndarray, num_points: int) -> np.ndarray:
+    """(K, d) representatives -> the first ``num_points`` of their K * d cyclic shifts, float32.
+
+    Row k * d + s is representative k rolled by s coordinates.
+    """
+    reps = torch.as_tensor(reps, dtype=torch.float32).cpu()
+    num_reps, dim = reps.shape
+    if num_points > num_reps * dim:
+        raise ValueError(f"{num_reps} representatives in {dim}-d give at most {num_reps * dim} points, not {num_points}")
+    out = np.empty((num_points, dim), dtype=np.float32)
+    for k in range(num_reps):
+        start = k * dim
+        if start >= num_points:
+            break
+        rolled = torch.stack([torch.roll(reps[k], s) for s in range(min(dim, num_points - start))])
+        out[start : start + len(rolled)] = rolled.numpy()
+    return out
+
+
+def _blocks(num_reps: int, dim: int) -> list[tuple[int, int]]:
+    rows = max(1, BLOCK_ELEMENTS // (num_reps * dim))
+    return [(k0, min(num_reps, k0 + rows)) for k0 in range(0, num_reps, rows)]
+
+
+def _block_correlations(spectrum: torch.Tensor, k0: int, k1: int, dim: int) -> torch.Tensor:
+    """corr[k - k0, l, s] = <y_k, y_l shifted by s> for k in [k0, k1), every l and s, with the
+    trivial entries (k = l, s = 0: a point with itself) set to -inf."""
+    corr = torch.fft.irfft(spectrum[k0:k1].conj()[:, None, :] * spectrum[None, :, :], n=dim, dim=2)
+    rows = torch.arange(k1 - k0, device=corr.device)
+    return corr.index_put((rows, rows + k0, torch.zeros_like(rows)), torch.tensor(-math.inf, dtype=corr.dtype, device=corr.device))
+
+
+def max_cosine(reps: torch.Tensor) -> float:
+    """The largest cosine between two distinct points of the code (exact, in reps' dtype)."""
+    with torch.no_grad():
+        num_reps, dim = reps.shape
+        spectrum = torch.fft.rfft(reps, dim=1)
+        return max(float(_block_correlations(spectrum, k0, k1, dim).max()) for k0, k1 in _blocks(num_reps, dim))
+
+
+def smooth_max(params: torch.Tensor, temperature: float, *, normalize: bool) -> tuple[float, float]:
+    """T * logsumexp of every pair cosine of the code, and its gradient into ``params.grad``.
+
+    Each unordered pair of points appears d times per ordered pair of orbits, which shifts the
+    value by a constant only. When the correlations fit one block this is one autograd pass;
+    otherwise two passes over row blocks keep memory at one block whatever K: the first streams
+    the max and the normaliser, the second back-propagates each block's share (exp((c - lse) / T)
+    is the softmax weight, so its gradient is the block's part of the total). Returns (value, max
+    cosine).
+    """
+    num_reps, dim = params.shape
+    blocks = _blocks(num_reps, dim)
+
+    def unit() -> torch.Tensor:
+        return params / params.norm(dim=1, keepdim=True) if normalize else params
+
+    params.grad = None
+    if len(blocks) == 1:
+        corr = _block_correlations(torch.fft.rfft(unit(), dim=1), 0, num_reps, dim)
+        value = temperature * torch.logsumexp(corr.flatten() / temperature, 0)
+        value.backward()
+        return value.item(), corr.detach().max().item()
+    with torch.no_grad():
+        spectrum = torch.fft.rfft(unit(), dim=1)
+        peak, total = -math.inf, 0.0
+        for k0, k1 in blocks:
+            corr = _block_correlations(spectrum, k0, k1, dim)
+            block_peak = corr.max().item()
+            if block_peak > peak:  # rescale what was summed against the old peak
+                total *= math.exp((peak - block_peak) / temperature)
+                peak = block_peak
+            total += torch.exp((corr - peak) / temperature).sum().item()
+    lse = peak + temperature * math.log(total)
+    for k0, k1 in blocks:
+        corr = _block_correlations(torch.fft.rfft(unit(), dim=1), k0, k1, dim)
+        (temperature * torch.exp((corr - lse) / temperature).sum()).backward()
+    return lse, peak
+
+
+class _OutOfTime(Exception):
+    """Raised inside an L-BFGS closure once the time budget is spent."""
+
+
+def pack_cyclic(
+    num_points: int,
+    dim: int,
+    *,
+    steps: int | None,
+    time_budget: float | None,
+    seed: int,
+    device: torch.device,
+    step_angle: float,
+    step_floor: float,
+    temperature_start: float,
+    temperature_end: float,
+    polish: bool = True,
+    state: dict[str, Any] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: float = 60.0,
+    log_every: int | None = None,
+    callback: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Optimise a cyclic orbit code; returns representatives, points, history and counts.
+
+    Adam runs ``steps`` steps, or ``ADAM_SHARE`` of ``time_budget``; then L-BFGS stages (float64)
+    run until they converge or the budget is spent. ``save(state)`` is called every
+    ``checkpoint_every`` seconds, after each polish stage and on Ctrl-C; passing that ``state``
+    back continues the run (bit-identically with ``steps``). Deterministic for a seed and device
+    with ``steps``.
+    """
+    num_reps = num_representatives(num_points, dim)
+    generator = torch.Generator().manual_seed(seed)
+    reps = torch.randn(num_reps, dim, generator=generator, dtype=torch.float32)
+    params = torch.nn.Parameter((reps / reps.norm(dim=1, keepdim=True)).to(device))
+    optimizer = torch.optim.Adam([params], lr=1e-3, betas=(0.9, 0.99), eps=1e-12)
+    scale = 1.0 / math.sqrt(dim)
+    adam_budget = None if time_budget is None else ADAM_SHARE * time_budget
+    history: list[dict[str, float]] = []
+    best_cos, best = math.inf, params.detach().clone()
+    step, elapsed, stages = 0, 0.0, 0
+    polish_v: torch.Tensor | None = None
+    polish_temperature = scale * temperature_end
+    converged = False
+    if state is not None:
+        with torch.no_grad():
+            params.copy_(state["params"].to(device))
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, stages = int(state["step"]), float(state["elapsed"]), int(state["stages"])
+        history, best_cos, best = list(state["history"]), float(state["best_cos"]), state["best"].to(device)
+        polish_v = state["polish_v"].to(device) if state["polish_v"] is not None else None
+        polish_temperature, converged = float(state["polish_temperature"]), bool(state["converged"])
+    def snapshot() -> dict[str, Any]:
+        return {"params": params.detach().cpu(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
+                "stages": stages, "history": history, "best_cos": best_cos, "best": best.cpu(),
+                "polish_v": None if polish_v is None else polish_v.cpu(), "polish_temperature": polish_temperature,
+                "converged": converged}
+
+    def record(phase: str, cos: float, temperature: float, **extra: float) -> None:
+        entry = {"step": step, "seconds": round(elapsed, 3), "phase": phase,
+                 "min_angle_deg": math.degrees(math.acos(min(1.0, max(-1.0, cos)))), "temperature": temperature, **extra}
+        history.append(entry)
+        if callback is not None:
+            callback(entry)
+
+    def fraction() -> float:
+        return step / steps if steps is not None else elapsed / adam_budget  # type: ignore[operator]
+
+    bar = progress(total=steps or round(adam_budget or 0), initial=step if steps else int(min(elapsed, adam_budget or 0)),
+                   desc="pack (cyclic)", unit="step" if steps else "s")
+    last_save = time.perf_counter()
+    try:
+        while polish_v is None and fraction() < 1.0:
+            t0 = time.perf_counter()
+            p = fraction()
+            temperature = scale * temperature_start * (temperature_end / temperature_start) ** p
+            lr = scale * step_angle * (step_floor + (1.0 - step_floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
+            _, cos = smooth_max(params, temperature, normalize=False)
+            if cos < best_cos:
+                best_cos, best = cos, params.detach().clone()
+            with torch.no_grad():
+                params.grad -= (params.grad * params).sum(dim=1, keepdim=True) * params
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.step()
+            with torch.no_grad():
+                params.div_(params.norm(dim=1, keepdim=True))
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            every = log_every or max(1, (steps or 3000) // 300)
+            if step == 1 or step % every == 0:
+                record("adam", cos, temperature, lr=lr)
+                bar.set_postfix(angle=f"{math.degrees(math.acos(min(1.0, cos))):.3f}")
+            bar.update(1 if steps else dt)
+            if save is not None and time.perf_counter() - last_save >= checkpoint_every:
+                save(snapshot())
+                last_save = time.perf_counter()
+        bar.close()
+        if polish_v is None:
+            final = max_cosine(params.detach())
+            if final < best_cos:
+                best_cos, best = final, params.detach().clone()
+            # L-BFGS on unconstrained v (points v / |v|), float64: the smooth objective is resolved
+            # to ~1e-7 in cosine here, below what float32 correlations can tell apart.
+            polish_v = best.double().clone()
+            if save is not None:
+                save(snapshot())
+        deadline = None if time_budget is None else time.perf_counter() + max(0.0, time_budget - elapsed)
+        while polish and not converged and stages < POLISH_MAX_STAGES and (deadline is None or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
+            v = torch.nn.Parameter(polish_v.clone())
+            lbfgs = torch.optim.LBFGS([v], lr=1, max_iter=POLISH_ITERATIONS, history_size=20,
+                                      line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+
+            def closure(t: float = polish_temperature) -> torch.Tensor:
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise _OutOfTime
+                value, _ = smooth_max(v, t, normalize=True)
+                return torch.tensor(value, dtype=torch.float64)
+
+            out_of_time = False
+            try:
+                lbfgs.step(closure)
+            except _OutOfTime:  # keep the stage's last point only if it is better (checked below)
+                out_of_time = True
+            candidate = v.detach() / v.detach().norm(dim=1, keepdim=True)
+            cos = max_cosine(candidate)
+            elapsed += time.perf_counter() - t0
+            if out_of_time:
+                if cos < best_cos:
+                    best_cos, best = cos, candidate.float()
+                break
+            # All state first, then report: an interrupt inside the callback saves a consistent state.
+            stages += 1
+            converged = best_cos - cos < POLISH_TOLERANCE and stages > 3
+            polish_v = candidate
+            if cos < best_cos:
+                best_cos, best = cos, candidate.float()
+            stage_temperature, polish_temperature = polish_temperature, polish_temperature * POLISH_DECAY
+            record("polish", cos, stage_temperature, stage=stages)
+            if save is not None:
+                save(snapshot())
+    except KeyboardInterrupt:
+        if save is not None:
+            save(snapshot())
+        raise
+    finally:
+        bar.close()
+    best = best.float()
+    return {
+        "representatives": best.cpu(),
+        "points": expand_orbits(best, num_points),
+        "history": history,
+        "adam_steps": step,
+        "polish_stages": stages,
+        "seconds": elapsed,
+        "max_cosine": max_cosine(best.double()),
+    }
