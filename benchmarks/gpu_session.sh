@@ -38,10 +38,11 @@ for part in "${parts[@]}"; do
       run 90 "$OUT/train.log" "$PY" benchmarks/train.py --device cuda
       run 110 "$OUT/train.log" "$PY" benchmarks/train.py --device cuda --compile ;;
     pack)
-      run 70 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --identities 100000 --budget 40 \
+      # --symmetry auto picks the cyclic orbit code here; at 10^5 the unconstrained solver runs too.
+      run 150 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --identities 100000 --budget 40 \
         --skip-baseline --skip-sweep --out "$OUT/pack100k"
-      run 180 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --identities 1000000 --budget 100 \
-        --skip-baseline --skip-sweep --out "$OUT/pack1m" ;;
+      run 200 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --identities 1000000 --budget 100 \
+        --skip-baseline --skip-sweep --skip-unconstrained --out "$OUT/pack1m" ;;
     pack10k)
       run 120 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --budget 30 --out "$OUT/pack10k" ;;
     embed)

@@ -58,13 +58,16 @@ def expand_orbits(reps: torch.Tensor | np.ndarray, num_points: int) -> np.ndarra
     num_reps, dim = reps.shape
     if num_points > num_reps * dim:
         raise ValueError(f"{num_reps} representatives in {dim}-d give at most {num_reps * dim} points, not {num_points}")
+    shift_index = (torch.arange(dim)[None, :] - torch.arange(dim)[:, None]) % dim  # [s, t] -> (t - s) mod d
     out = np.empty((num_points, dim), dtype=np.float32)
-    for k in range(num_reps):
-        start = k * dim
+    chunk = max(1, (1 << 24) // (dim * dim))  # orbits per gather: 64 MiB of float32 at a time
+    for k0 in range(0, num_reps, chunk):
+        start = k0 * dim
         if start >= num_points:
             break
-        rolled = torch.stack([torch.roll(reps[k], s) for s in range(min(dim, num_points - start))])
-        out[start : start + len(rolled)] = rolled.numpy()
+        rolled = reps[k0 : k0 + chunk][:, shift_index].reshape(-1, dim)  # row (k, s) = reps[k] rolled by s
+        take = min(len(rolled), num_points - start)
+        out[start : start + take] = rolled[:take].numpy()
     return out
 
 
