@@ -485,3 +485,20 @@ def test_cli_cyclic_run_writes_its_representatives(tmp_path):
     assert reps.shape == (13, 16) and identities.shape == (200, 16)
     assert np.allclose(identities[16 * 2 + 5], np.roll(reps[2], 5), atol=1e-6)
     assert metrics["min_angle_deg"] == pytest.approx(min_angle(identities), abs=1e-3)
+
+
+def test_cyclic_time_budget_stops_inside_an_lbfgs_stage(monkeypatch):
+    """A fake clock (1 ms per reading) makes the deadline land mid-stage, deterministically."""
+    from hyperface.packing import cyclic
+
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(cyclic.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    run = cyclic.pack_cyclic(200, 16, steps=None, time_budget=1.0, seed=0, device=torch.device("cpu"), step_angle=0.2,
+                             step_floor=1e-3, temperature_start=0.5, temperature_end=0.02)
+    assert 0 < run["adam_steps"] and run["polish_stages"] < cyclic.POLISH_MAX_STAGES
+    assert run["history"][-1]["seconds"] <= 1.0
+    points = run["points"]
+    assert points.shape == (200, 16) and np.allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
+    gram = points.astype(np.float64) @ points.T
+    np.fill_diagonal(gram, -1)
+    assert run["max_cosine"] >= gram.max() - 1e-6  # 200 of the 208 orbit points: never worse than reported
