@@ -14,6 +14,7 @@ from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import atomic_write, load_embeddings, prepare_output_dir, read_json, save_json
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
+from hyperface.packing.pipeline import load_identities
 from hyperface.report.stats import DatasetStats, dataset_stats
 
 log = get_logger("hyperface.report")
@@ -23,13 +24,10 @@ PLOT_FILE = "report.png"
 LEAKAGE_FILE = "leakage.tsv"
 
 
-def _index_path(embeddings: Path) -> Path:
-    stem = embeddings.with_suffix("")
-    return stem.with_name(stem.name + ".index.txt")
-
-
 def _dataset_from_manifest(embeddings: Path) -> Path | None:
-    manifest = embeddings.parent / "manifest.json"
+    from hyperface.recognition.embed import GalleryPaths
+
+    manifest = GalleryPaths(embeddings).manifest
     if not manifest.exists():
         return None
     images = (read_json(manifest).get("params") or {}).get("images")
@@ -44,9 +42,10 @@ def labels_for_embeddings(embeddings_path: str | os.PathLike, dataset: str | os.
     defaults to the images folder the embed manifest names. Returns (labels, dataset used).
     """
     from hyperface.datasets import ImageFolderDataset, RecordIODataset
+    from hyperface.recognition.embed import GalleryPaths
 
     embeddings_path = Path(embeddings_path)
-    index = _index_path(embeddings_path)
+    index = GalleryPaths(embeddings_path).index
     if not index.exists():
         raise HyperfaceError(f"{index} not found: give embeddings written by `hyperface embed`, or --labels LABELS.npy")
     names = index.read_text(encoding="utf-8").splitlines()
@@ -119,8 +118,7 @@ def run_report(
         label_array, dataset_used = labels_for_embeddings(embeddings, dataset)
     if len(label_array) != len(emb):
         raise HyperfaceError(f"{embeddings} has {len(emb)} rows but there are {len(label_array)} labels")
-    ident = load_embeddings(identities if not Path(identities).is_dir() else Path(identities) / "identities.npy",
-                            what="identities") if identities is not None else None
+    ident = load_identities(identities) if identities is not None else None
     ref = load_embeddings(reference, what="reference") if reference is not None else None
     out = prepare_output_dir(out_dir, overwrite=overwrite, stage="report")
     params = {"leak_threshold": leak_threshold, "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs,
