@@ -493,8 +493,8 @@ def test_cyclic_time_budget_stops_inside_an_lbfgs_stage(monkeypatch):
 
     ticks = iter(range(10**9))
     monkeypatch.setattr(cyclic.time, "perf_counter", lambda: next(ticks) * 1e-3)
-    run = cyclic.pack_cyclic(200, 16, steps=None, time_budget=1.0, seed=0, device=torch.device("cpu"), step_angle=0.2,
-                             step_floor=1e-3, temperature_start=0.5, temperature_end=0.02)
+    config = PackConfig(200, 16, time_budget=1.0, symmetry="cyclic").resolved(None)
+    run = cyclic.pack_cyclic(config, time_budget=1.0, seed=0, device=torch.device("cpu"))
     assert 0 < run["adam_steps"] and run["polish_stages"] < cyclic.POLISH_MAX_STAGES
     assert run["history"][-1]["seconds"] <= 1.0
     points = run["points"]

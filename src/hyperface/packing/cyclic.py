@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hyperface.common.runtime import get_logger, progress
+from hyperface.packing.solver import PackConfig, anneal_schedule, sphere_adam_step
 
 log = get_logger("hyperface.packing")
 
@@ -136,44 +137,39 @@ class _OutOfTime(Exception):
 
 
 def pack_cyclic(
-    num_points: int,
-    dim: int,
+    cfg: PackConfig,
     *,
-    steps: int | None,
     time_budget: float | None,
     seed: int,
     device: torch.device,
-    step_angle: float,
-    step_floor: float,
-    temperature_start: float,
-    temperature_end: float,
-    polish: bool = True,
     state: dict[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: float = 60.0,
     log_every: int | None = None,
     callback: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Optimise a cyclic orbit code; returns representatives, points, history and counts.
+    """Optimise a cyclic orbit code for ``cfg`` (resolved); returns representatives, points, history
+    and counts.
 
-    Adam runs ``steps`` steps, or ``ADAM_SHARE`` of ``time_budget``; then L-BFGS stages (float64)
-    run until they converge or the budget is spent. ``save(state)`` is called every
+    Adam runs ``cfg.steps`` steps, or ``ADAM_SHARE`` of ``time_budget`` (one restart's share), with
+    the unconstrained solver's schedule; then, unless ``cfg.polish_steps == 0``, L-BFGS stages
+    (float64) run until they converge or the budget is spent. ``save(state)`` is called every
     ``checkpoint_every`` seconds, after each polish stage and on Ctrl-C; passing that ``state``
     back continues the run (bit-identically with ``steps``). Deterministic for a seed and device
     with ``steps``.
     """
+    num_points, dim, steps, polish = cfg.num_identities, int(cfg.dim), cfg.steps, cfg.polish_steps != 0  # type: ignore[arg-type]
     num_reps = num_representatives(num_points, dim)
     generator = torch.Generator().manual_seed(seed)
     reps = torch.randn(num_reps, dim, generator=generator, dtype=torch.float32)
     params = torch.nn.Parameter((reps / reps.norm(dim=1, keepdim=True)).to(device))
     optimizer = torch.optim.Adam([params], lr=1e-3, betas=(0.9, 0.99), eps=1e-12)
-    scale = 1.0 / math.sqrt(dim)
     adam_budget = None if time_budget is None else ADAM_SHARE * time_budget
     history: list[dict[str, float]] = []
     best_cos, best = math.inf, params.detach().clone()
     step, elapsed, stages = 0, 0.0, 0
     polish_v: torch.Tensor | None = None
-    polish_temperature = scale * temperature_end
+    polish_temperature, _ = anneal_schedule(cfg, 1.0, dim)
     converged = False
     if state is not None:
         with torch.no_grad():
@@ -205,18 +201,11 @@ def pack_cyclic(
     try:
         while polish_v is None and fraction() < 1.0:
             t0 = time.perf_counter()
-            p = fraction()
-            temperature = scale * temperature_start * (temperature_end / temperature_start) ** p
-            lr = scale * step_angle * (step_floor + (1.0 - step_floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
+            temperature, lr = anneal_schedule(cfg, fraction(), dim)
             _, cos = smooth_max(params, temperature, normalize=False)
             if cos < best_cos:
                 best_cos, best = cos, params.detach().clone()
-            with torch.no_grad():
-                params.grad -= (params.grad * params).sum(dim=1, keepdim=True) * params
-            optimizer.param_groups[0]["lr"] = lr
-            optimizer.step()
-            with torch.no_grad():
-                params.div_(params.norm(dim=1, keepdim=True))
+            sphere_adam_step(params, params.grad, optimizer, lr)
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt

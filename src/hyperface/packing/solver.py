@@ -335,13 +335,24 @@ class _Objective:
         return float((2.0 - 2.0 * sims).mean())
 
 
-def _schedule(cfg: PackConfig, progress_frac: float, dim: int) -> tuple[float, float]:
+def anneal_schedule(cfg: PackConfig, progress_frac: float, dim: int) -> tuple[float, float]:
     """(temperature, learning rate) at a fraction of the budget; both scale with 1/sqrt(d)."""
     p = min(max(progress_frac, 0.0), 1.0)
     scale = 1.0 / math.sqrt(dim)
     temperature = scale * cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** p
     lr = scale * cfg.step_angle * (cfg.step_floor + (1.0 - cfg.step_floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
     return temperature, lr
+
+
+def sphere_adam_step(points: torch.nn.Parameter, grad: torch.Tensor, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Projected Adam on unit rows: drop the radial part of ``grad`` (in place), step, renormalise."""
+    x = points.detach()
+    grad -= (grad * x).sum(dim=1, keepdim=True) * x
+    points.grad = grad
+    optimizer.param_groups[0]["lr"] = lr
+    optimizer.step()
+    with torch.no_grad():
+        points.div_(points.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def _polish(objective: _Objective, x: torch.Tensor, temperature: float, steps: int) -> torch.Tensor:
@@ -477,7 +488,7 @@ def _pack_cyclic_restarts(
     """``symmetry="cyclic"``: each restart optimises a cyclic orbit code; the lowest max cosine wins."""
     from hyperface.packing.cyclic import expand_orbits, pack_cyclic
 
-    num, dim = cfg.num_identities, int(cfg.dim)  # type: ignore[arg-type]
+    num = cfg.num_identities
     best_reps, best_cos, best_info = None, math.inf, {}
     first = 0
     if state is not None:
@@ -494,10 +505,9 @@ def _pack_cyclic_restarts(
                 torch.save(payload, handle)
 
         run = pack_cyclic(
-            num, dim, steps=cfg.steps, time_budget=None if cfg.time_budget is None else cfg.time_budget / cfg.restarts,
-            seed=cfg.seed + 1_000_003 * restart, device=device, step_angle=cfg.step_angle, step_floor=cfg.step_floor,
-            temperature_start=cfg.temperature_start, temperature_end=cfg.temperature_end,
-            polish=cfg.polish_steps != 0, state=state["run"] if state is not None and restart == first else None,
+            cfg, time_budget=None if cfg.time_budget is None else cfg.time_budget / cfg.restarts,
+            seed=cfg.seed + 1_000_003 * restart, device=device,
+            state=state["run"] if state is not None and restart == first else None,
             save=save, checkpoint_every=checkpoint_every, log_every=log_every, callback=callback,
         )
         if run["max_cosine"] < best_cos:
@@ -569,7 +579,7 @@ def _pack_once(
     try:
         while fraction() < 1.0:
             t0 = time.perf_counter()
-            temperature, lr = _schedule(cfg, fraction(), dim)
+            temperature, lr = anneal_schedule(cfg, fraction(), dim)
             x = points.detach()
             needs_lists = cfg.mode == "neighbors" or cfg.reg_weight > 0
             if needs_lists and (step % cfg.refresh_every == 0 or (objective.neighbor_index is None and objective.gallery_index is None)):
@@ -579,13 +589,7 @@ def _pack_once(
             score = max_cos + cfg.reg_weight * penalty  # of the iterate before this update
             if score < best_score and cfg.mode != "stochastic":
                 best_points, best_score, best_step = x.clone(), score, step
-            # Riemannian gradient: drop the radial part, step, return to the sphere.
-            grad -= (grad * x).sum(dim=1, keepdim=True) * x
-            points.grad = grad
-            optimizer.param_groups[0]["lr"] = lr
-            optimizer.step()
-            with torch.no_grad():
-                points.div_(points.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            sphere_adam_step(points, grad, optimizer, lr)
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt
@@ -619,7 +623,7 @@ def _pack_once(
     if cfg.mode == "stochastic":  # batch maxima are not global: keep the last iterate
         best_points, best_step = final, step
     if polish_steps > 0 and cfg.mode != "stochastic":
-        temperature, _ = _schedule(cfg, 1.0, dim)
+        temperature, _ = anneal_schedule(cfg, 1.0, dim)
         start = best_points if best_score < math.inf else final
         if cfg.reg_weight > 0:
             objective.refresh(start.float())
