@@ -7,8 +7,8 @@ same Arc2Face defaults (DPM-Solver++, 25 steps, guidance 3.0, 512 px):
 - reference: Arc2Face's demo recipe, one identity per diffusers ``StableDiffusionPipeline`` call with
   ``num_images_per_prompt=4`` (fp16 on CUDA), images returned as PIL;
 - hyperface: :class:`~hyperface.generation.Arc2FaceGenerator`, many identities per batch, guidance in
-  one batched UNet forward, SDPA attention; optionally also with ``channels_last`` and
-  ``torch.compile`` to measure what they buy.
+  one batched UNet forward, SDPA attention; optionally also with ``channels_last``, fused QKV
+  projections and ``torch.compile`` (default or max-autotune mode) to measure what they buy.
 
 Run on a GPU (the issue's goal: >= 3x the reference on an H100)::
 
@@ -149,31 +149,42 @@ def bench_reference(components, args, device, dtype) -> float:
     return 4 * (len(identities) - 1) / (time.perf_counter() - started)
 
 
+#: Variant options -> what they switch on. "autotune" is torch.compile's max-autotune mode (with
+#: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs.
+VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg")
+
+
 def parse_variant(variant: str, default_batch: int) -> tuple[set[str], int]:
     """"channels_last+compile@64" -> ({"channels_last", "compile"}, 64); "base" -> (set(), default)."""
     name, _, batch = variant.partition("@")
     options = {o for o in name.split("+") if o and o != "base"}
-    unknown = options - {"channels_last", "compile"}
+    unknown = options - set(VARIANT_OPTIONS)
     if unknown:
-        raise SystemExit(f"unknown variant option(s) {sorted(unknown)}: use base, channels_last, compile, joined by +, optional @BATCH")
+        raise SystemExit(f"unknown variant option(s) {sorted(unknown)}: use base or {', '.join(VARIANT_OPTIONS)}, "
+                         "joined by +, optional @BATCH")
     return options, int(batch) if batch else default_batch
+
+
+def variant_settings(options: set[str]) -> dict:
+    """Arc2FaceSettings keyword arguments for a variant's options."""
+    mode = "max-autotune" if "autotune" in options else "max-autotune-no-cudagraphs" if "autotune_nocg" in options else "default"
+    return {
+        "channels_last": "channels_last" in options,
+        "compile": bool(options & {"compile", "autotune", "autotune_nocg"}),
+        "compile_mode": mode,
+        "fuse_qkv": "fuse_qkv" in options,
+    }
 
 
 def bench_hyperface(components, args, device, variant: str) -> float:
     from hyperface.generation.arc2face import Arc2FaceGenerator, Arc2FaceSettings
 
     options, batch = parse_variant(variant, args.batch_size)
-    settings = Arc2FaceSettings(
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        resolution=args.resolution,
-        channels_last="channels_last" in options,
-        compile="compile" in options,
-    )
+    settings = Arc2FaceSettings(steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, **variant_settings(options))
     generator = Arc2FaceGenerator(components, settings, device=device)
     identities = random_identities(args.images + batch, seed=2)
     generator.generate_array(identities[:batch], list(range(batch)))  # warm-up (and compile)
-    if "compile" in options:  # a second warm-up: compile may specialise on the second call
+    if settings.compile:  # a second warm-up: compile may specialise on the second call
         generator.generate_array(identities[:batch], list(range(batch)))
     synchronize(device)
     started = time.perf_counter()
@@ -184,9 +195,12 @@ def bench_hyperface(components, args, device, variant: str) -> float:
         done += len(chunk)
     synchronize(device)
     rate = done / (time.perf_counter() - started)
-    if "channels_last" in options:  # leave the shared modules as they were
+    if settings.channels_last:  # leave the shared modules as they were
         components.unet.to(memory_format=torch.contiguous_format)
         components.vae.to(memory_format=torch.contiguous_format)
+    if settings.fuse_qkv:
+        components.unet.unfuse_qkv_projections()
+        components.vae.unfuse_qkv_projections()
     return rate
 
 
@@ -202,8 +216,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
     parser.add_argument(
         "--variants", default="base",
-        help="comma list; each is base or channels_last/compile joined by +, with an optional @BATCH "
-             "(e.g. base,base@64,channels_last+compile@64)",
+        help="comma list; each is base or options joined by + (channels_last, compile, fuse_qkv, autotune, "
+             "autotune_nocg), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
     )
     args = parser.parse_args()
 

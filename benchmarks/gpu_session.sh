@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one go, for a session that has a GPU for a few minutes.
 #
-#   benchmarks/gpu_session.sh [gen] [train] [pack] [embed]      (default: gen train pack)
+#   benchmarks/gpu_session.sh [gen] [gen-autotune] [train] [pack] [pack10k] [embed]   (default: gen train pack)
 #
 # Each part has its own time limit, so one slow or broken part cannot eat the others' time; logs
 # and JSON go to $OUT (default runs/gpu). Wheels in .whl/ (e.g. diffusers, when the machine lacks
@@ -31,9 +31,13 @@ run() {  # run LIMIT LOG CMD...: one part, its own time limit, output to the log
 for part in "${parts[@]}"; do
   case $part in
     gen)
-      # Compiling the SD1.5-sized UNet takes about two minutes on its own.
-      run 330 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
-        --variants base@32,base@64,channels_last@64,channels_last+compile@64 ;;
+      # Compiling the SD1.5-sized UNet takes about two minutes on its own (the VAE decoder adds some).
+      run 480 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
+        --variants base@64,channels_last+compile@64,channels_last+compile+fuse_qkv@64 ;;
+    gen-autotune)
+      # max-autotune benchmarks many kernels per layer: a long compile, so a part of its own.
+      run 560 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
+        --variants channels_last+autotune+fuse_qkv@64 ;;
     train)
       run 90 "$OUT/train.log" "$PY" benchmarks/train.py --device cuda
       run 110 "$OUT/train.log" "$PY" benchmarks/train.py --device cuda --compile ;;
@@ -47,6 +51,6 @@ for part in "${parts[@]}"; do
       run 120 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --budget 30 --out "$OUT/pack10k" ;;
     embed)
       run 90 "$OUT/embed.log" "$PY" benchmarks/embed.py --device cuda ;;
-    *) echo "unknown part $part (gen, train, pack, pack10k, embed)"; exit 2 ;;
+    *) echo "unknown part $part (gen, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
   esac
 done

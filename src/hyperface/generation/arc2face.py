@@ -18,6 +18,7 @@ Weights on disk (nothing is downloaded):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "lcm": "LCMScheduler",  # with the LCM-LoRA
 }
+
+#: torch.compile modes accepted by ``--compile``; the max-autotune ones also set inductor's flags
+#: for convolutional UNets (see :func:`tune_inductor_for_unets`).
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+_CUDAGRAPH_MODES = ("max-autotune", "reduce-overhead")
 
 _WEIGHT_NAMES = {
     "transformers": ("model.safetensors", "pytorch_model.bin"),
@@ -353,6 +359,12 @@ class Arc2FaceSettings:
     dtype: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    #: torch.compile mode for the UNet and the VAE decoder (with ``compile``): "default",
+    #: "max-autotune", "max-autotune-no-cudagraphs" or "reduce-overhead"; on a GPU, "max-autotune"
+    #: and "reduce-overhead" also capture CUDA graphs.
+    compile_mode: str = "default"
+    #: One matmul for each self-attention's Q, K, V (and each cross-attention's K, V).
+    fuse_qkv: bool = False
     vae_batch_size: int = 8  # VAE decode at 512 px is memory-hungry: decode in chunks
 
     def resolved(self) -> "Arc2FaceSettings":
@@ -368,11 +380,9 @@ class Arc2FaceSettings:
             raise HyperfaceError(f"--steps must be >= 1, got {steps}")
         if guidance < 1.0:
             raise HyperfaceError(f"--guidance must be >= 1 (1 disables classifier-free guidance), got {guidance}")
-        return Arc2FaceSettings(
-            steps=steps, guidance_scale=guidance, resolution=self.resolution, scheduler=scheduler,
-            lcm_lora=self.lcm_lora, lora_scale=self.lora_scale, dtype=self.dtype,
-            channels_last=self.channels_last, compile=self.compile, vae_batch_size=self.vae_batch_size,
-        )
+        if self.compile_mode not in COMPILE_MODES:
+            raise HyperfaceError(f"unknown --compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
+        return dataclasses.replace(self, steps=steps, guidance_scale=guidance, scheduler=scheduler)
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -417,14 +427,26 @@ class Arc2FaceGenerator:
 
             touched = fuse_lora_into_unet(self.unet, self.settings.lcm_lora, scale=self.settings.lora_scale)
             log.info("fused LCM-LoRA %s into %d UNet layers", self.settings.lcm_lora, touched)
-        self._set_fast_attention()
+        if self.settings.fuse_qkv:  # after the LoRA fusion above, which writes to_q / to_k / to_v
+            # diffusers' fused projections, with its fused SDPA processor; the unfused weights stay.
+            self.unet.fuse_qkv_projections()
+            self.vae.fuse_qkv_projections()
+        else:
+            self._set_fast_attention()
         if self.settings.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self._unet_forward = self.unet
+        self._vae_decode = self.vae.decode
         self._largest_batch = 0
+        mode = self.settings.compile_mode
+        self._cudagraphs = self.settings.compile and mode in _CUDAGRAPH_MODES and self.device.type == "cuda"
         if self.settings.compile:
-            self._unet_forward = torch.compile(self.unet, fullgraph=False)
+            if mode.startswith("max-autotune"):
+                tune_inductor_for_unets()
+            compile_kwargs = {} if mode == "default" else {"mode": mode}
+            self._unet_forward = torch.compile(self.unet, **compile_kwargs)
+            self._vae_decode = torch.compile(self.vae.decode, **compile_kwargs)
         # Make the scheduler once up front so a bad name fails before any work.
         make_scheduler(self.settings.scheduler, self.scheduler_config)
 
@@ -466,7 +488,8 @@ class Arc2FaceGenerator:
             "lcm_lora": str(s.lcm_lora) if s.lcm_lora else None,
             "lora_scale": s.lora_scale if s.lcm_lora else None,
             "channels_last": s.channels_last,
-            "compile": s.compile,
+            "compile": s.compile_mode if s.compile else False,
+            "fuse_qkv": s.fuse_qkv,
         }
 
     def initial_latents(self, seeds: Sequence[int]):
@@ -523,7 +546,10 @@ class Arc2FaceGenerator:
                 model_in = scheduler.scale_model_input(model_in, t).to(self.dtype)
                 if settings.channels_last:
                     model_in = model_in.contiguous(memory_format=torch.channels_last)
-                noise = self._unet_forward(model_in, t, encoder_hidden_states=prompt, return_dict=False)[0].float()
+                if self._cudagraphs:  # each step is a new graph replay; outputs are copied out below
+                    torch.compiler.cudagraph_mark_step_begin()
+                noise = self._unet_forward(model_in, t, encoder_hidden_states=prompt, return_dict=False)[0]
+                noise = noise.to(torch.float32, copy=True) if self._cudagraphs else noise.float()
                 if guided:
                     noise_uncond, noise_cond = noise.chunk(2)
                     noise = noise_uncond + settings.guidance_scale * (noise_cond - noise_uncond)
@@ -539,10 +565,31 @@ class Arc2FaceGenerator:
         step = max(1, self.settings.vae_batch_size)
         for start in range(0, latents.shape[0], step):
             chunk = (latents[start : start + step] / scale).to(vae_dtype)
-            pixels = self.vae.decode(chunk, return_dict=False)[0].float()
+            count = chunk.shape[0]
+            if self.settings.compile and count < step:  # one shape for the compiled decoder (rows are independent)
+                chunk = torch.cat([chunk, chunk[:1].expand(step - count, -1, -1, -1)])
+            if self.settings.channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            if self._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            pixels = self._vae_decode(chunk, return_dict=False)[0][:count].float()
             pixels = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(images)
+
+
+def tune_inductor_for_unets() -> None:
+    """Inductor flags diffusers recommends for compiled convolutional UNets (process-wide).
+
+    1x1 convolutions as matmuls, coordinate-descent tuning of the generated kernels, and no epilogue
+    fusion (which otherwise keeps matmul epilogues from using the fastest templates).
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.conv_1x1_as_mm = True
+    inductor_config.coordinate_descent_tuning = True
+    inductor_config.coordinate_descent_check_all_directions = True
+    inductor_config.epilogue_fusion = False
 
 
 __all__ = [
@@ -553,10 +600,12 @@ __all__ = [
     "Arc2FacePaths",
     "Arc2FacePromptEncoder",
     "Arc2FaceSettings",
+    "COMPILE_MODES",
     "SCHEDULERS",
     "SD15_SOURCE",
     "find_arc2face_files",
     "load_arc2face_components",
     "make_scheduler",
     "resolve_dtype",
+    "tune_inductor_for_unets",
 ]

@@ -36,6 +36,8 @@ output (--out DIR):
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from hyperface.generation.arc2face import COMPILE_MODES
+
     parser = subparsers.add_parser(
         "generate",
         help="render a face-recognition dataset from identity embeddings with Arc2Face",
@@ -67,7 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sampling.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
     sampling.add_argument("--lcm-lora", default=None, help="LCM-LoRA .safetensors (latent-consistency/lcm-lora-sdv1-5) for a few-step fast mode")
     sampling.add_argument("--channels-last", action="store_true", help="channels_last memory format for UNet and VAE")
-    sampling.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first batch)")
+    sampling.add_argument("--compile", action="store_true",
+                          help="torch.compile the UNet and the VAE decoder (the first batch compiles for minutes: worth it on long jobs)")
+    sampling.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, metavar="MODE",
+                          help="torch.compile mode, implies --compile: default, max-autotune (also CUDA graphs and diffusers' "
+                               "inductor flags for UNets), max-autotune-no-cudagraphs, reduce-overhead (default: default)")
+    sampling.add_argument("--fuse-qkv", action="store_true",
+                          help="one matmul per attention for Q, K and V (same images up to rounding)")
 
     variation = parser.add_argument_group("intra-class variation")
     variation.add_argument("--perturbation", default="angle", choices=("angle", "noise", "none"), help="how each image's embedding is varied (default: angle)")
@@ -152,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         lcm_lora=args.lcm_lora,
         dtype=args.dtype,
         channels_last=args.channels_last,
-        compile=args.compile,
+        compile=args.compile or args.compile_mode is not None,
+        compile_mode=args.compile_mode or "default",
+        fuse_qkv=args.fuse_qkv,
     )
     aligner = make_aligner(args.align, detector=args.detector)
     embed_fn, fr_info = (None, None)
