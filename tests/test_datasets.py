@@ -294,3 +294,49 @@ def test_dataloader_workers_read_lazily(tmp_path):
     got = torch.cat([b[0] for b in batches]).numpy()
     np.testing.assert_array_equal(got, np.stack(images))
     assert torch.cat([b[1] for b in batches]).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_keys_past_float32_exactness_take_each_images_own_label(tmp_path):
+    # A Glint360K-sized file keeps keys > 2^24 in float32 labels, where odd keys round to even: the
+    # identity ranges can no longer be trusted (they would shift labels between neighbours).
+    big = float(1 << 24)
+    images = [encode_image(image) for image in _images(4, seed=7)]
+    records = [_hand_payload([big + 6, big + 8], b"")]  # header: identity records at "2^24 + 6 .."
+    records += [_hand_payload(label, data, id_=key) for key, (label, data) in enumerate(zip([0, 0, 1, 1], images), start=1)]
+    records += [_hand_payload([1.0, 2.0], b""), _hand_payload([2.0, 5.0], b"")]  # rounded: would mislabel image 2
+    _write_hand_rec(tmp_path, records)
+    dataset = RecordIODataset(tmp_path)
+    assert dataset.labels.tolist() == [0, 0, 1, 1]
+    assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [0, 0, 1, 1]))
+
+
+def test_recordio_capacity_is_checked_before_writing(tmp_path):
+    from hyperface.datasets.recordio import check_recordio_capacity
+
+    check_recordio_capacity((1 << 24) - 1002, 1000)  # fits: images + identities + header < 2^24
+    with pytest.raises(HyperfaceError, match="--format folder"):
+        check_recordio_capacity((1 << 24) - 1001, 1000)
+
+
+def test_overwrite_killed_between_renames_leaves_no_finished_looking_pair(tmp_path, monkeypatch):
+    import os
+
+    with RecordIOWriter(tmp_path) as writer:
+        writer.add(_images(1, seed=1)[0], 0)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".idx"):
+            raise KeyboardInterrupt  # killed before the new index lands
+        real_replace(src, dst)
+
+    writer = RecordIOWriter(tmp_path, overwrite=True)
+    for image in _images(3, seed=2):
+        writer.add(image, 1)
+    monkeypatch.setattr("hyperface.datasets.recordio.os.replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    monkeypatch.undo()
+    assert not (tmp_path / "train.idx").exists()  # the old index is gone: visibly incomplete
+    with pytest.raises(HyperfaceError):
+        RecordIODataset(tmp_path)

@@ -99,6 +99,13 @@ def test_filter_without_fr_model_is_refused(tmp_path):
         generate_dataset(PaintedGenerator(), random_identities(2), tmp_path / "o", config, aligner=keep_as_is, show_progress=False)
 
 
+def test_a_recordio_too_large_for_float32_keys_is_refused_before_rendering(tmp_path):
+    config = GenerationConfig(images_per_identity=1 << 23)  # 2 x 2^23 images: keys past 2^24
+    with pytest.raises(HyperfaceError, match="2\\^24"):
+        generate_dataset(PaintedGenerator(), random_identities(2), tmp_path / "o", config, formats="rec", aligner=keep_as_is, show_progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_shards_merge_into_exactly_the_single_run(tmp_path):
     identities = random_identities(7, seed=2)
     config = GenerationConfig(images_per_identity=3, seed=1, batch_size=4, perturbation=Perturbation("noise", 0.2))

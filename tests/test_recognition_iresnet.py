@@ -82,3 +82,25 @@ def test_state_dict_loads_strictly_and_forward_shape():
     torch.testing.assert_close(got, expected)
     with pytest.raises(HyperfaceError, match="does not match iResNet 'r18'"):
         iresnet_from_state_dict(source.state_dict(), arch="r18")
+
+
+def test_callers_autocast_reaches_the_trunk_and_the_embedding_stays_fp32():
+    # The trainer's --amp wraps the backbone in autocast; the trunk must run in that dtype (not be
+    # switched back to fp32 inside), while fc and features run in fp32 as in insightface.
+    torch.manual_seed(0)
+    model = iresnet("r_tiny").eval()
+    dtypes = {}
+    hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, name=name: dtypes.__setitem__(name, o.dtype))
+             for name in ("conv1", "layer1", "layer4", "fc")]
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        plain = model(x)
+        assert set(dtypes.values()) == {torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    for hook in hooks:
+        hook.remove()
+    assert dtypes["conv1"] == dtypes["layer1"] == dtypes["layer4"] == torch.bfloat16
+    assert dtypes["fc"] == torch.float32 and mixed.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(mixed, plain)
+    assert cosine.min() > 0.95 and not torch.equal(mixed, plain)  # bf16 rounding, same embedding

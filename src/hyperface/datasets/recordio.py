@@ -40,6 +40,19 @@ IR_FORMAT = "<IfQQ"  # flag, label, id, id2 (native alignment adds no padding: s
 IR_SIZE = struct.calcsize(IR_FORMAT)
 #: Size of the reserved header record 0 (frame + IfQQ + two float32 labels), rewritten at close.
 _HEADER_RECORD_SIZE = _FRAME.size + IR_SIZE + 8
+#: insightface's layout stores record keys as float32 header labels: exact only below 2^24.
+FLOAT32_EXACT_LIMIT = 1 << 24
+
+
+def check_recordio_capacity(num_images: int, num_identities: int) -> None:
+    """Refuse a dataset whose record keys would not be exact float32 labels (insightface's layout)."""
+    records = int(num_images) + int(num_identities) + 1  # images, identity records, header
+    if records >= FLOAT32_EXACT_LIMIT or num_identities > FLOAT32_EXACT_LIMIT:
+        raise HyperfaceError(
+            f"{num_images:,} images of {num_identities:,} identities need {records:,} RecordIO records, but insightface's "
+            f"layout keeps record keys as float32 labels, exact only below 2^24 = {FLOAT32_EXACT_LIMIT:,}; "
+            "use --format folder, or split the identities into several datasets"
+        )
 
 
 @dataclass(frozen=True)
@@ -277,6 +290,15 @@ class RecordIODataset:
         if 0 in offset_of:
             header, has_image = _read_header(handle, offset_of[0], what=f"{name} record 0")
             if header.flag > 0 and not has_image:
+                if max(header.label[:2]) >= FLOAT32_EXACT_LIMIT:
+                    # Past 2^24 the float32 ranges round (odd keys to even) and would shift labels
+                    # between neighbouring identities: take every image record's own label instead.
+                    images = []
+                    for k in np.unique(keys[keys > 0]):  # key order, as insightface reads them
+                        record, holds_image = _read_header(handle, offset_of[int(k)], what=f"{name} record {k}")
+                        if holds_image:
+                            images.append((offset_of[int(k)], _scalar_label(record)))
+                    return "insightface", [o for o, _ in images], [label for _, label in images]
                 return ("insightface", *self._index_insightface(handle, header, offset_of))
         # plain layout: every record is an image, in .idx order
         labels = [_scalar_label(_read_header(handle, offset_of[int(k)], what=f"{name} record {k}")[0]) for k in keys]
@@ -489,7 +511,7 @@ class RecordIOWriter:
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or int(label) < 0:
             raise HyperfaceError(f"labels must be non-negative integers, got {label!r}")
         label = int(label)
-        if label >= 1 << 24:
+        if label >= FLOAT32_EXACT_LIMIT:
             raise HyperfaceError(f"label {label} does not fit a float32 RecordIO label exactly (max 2^24 classes)")
         if isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
@@ -501,11 +523,7 @@ class RecordIOWriter:
                 self.image_size = image.shape[:2]
             data = encode_image(image, image_format=self.image_format, quality=self.quality)
         key = self._next_key
-        if key + max(self._max_label, label) + 2 >= 1 << 24:  # + identity records, all keys as float32
-            raise HyperfaceError(
-                "a RecordIO file in insightface's layout holds at most 2^24 records (float32 header labels); "
-                "write the dataset as several shards"
-            )
+        check_recordio_capacity(key, max(self._max_label, label) + 1)
         self._track(label, key)
         offset = self._rec.tell()
         self._rec.write(frame_record(pack_payload(float(label), data, id=key)))
@@ -542,12 +560,16 @@ class RecordIOWriter:
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-        os.replace(self._tmp_idx, self.idx_path)
-        os.replace(self._tmp_rec, self.rec_path)
-        height, width = self.image_size or (112, 112)
+        # The .idx goes last: until it is in place (an old one is removed first) the dataset is
+        # visibly incomplete, so a kill here never leaves a new .rec beside an old index.
         from hyperface.common.io import save_bytes
 
+        self.idx_path.unlink(missing_ok=True)
+        self.property_path.unlink(missing_ok=True)
+        os.replace(self._tmp_rec, self.rec_path)
+        height, width = self.image_size or (112, 112)
         save_bytes(self.property_path, f"{num_classes},{height},{width}\n".encode())
+        os.replace(self._tmp_idx, self.idx_path)
         self._closed = True
 
     def abort(self) -> None:
@@ -578,6 +600,8 @@ __all__ = [
     "RECORDIO_MAGIC",
     "RecordIODataset",
     "RecordIOWriter",
+    "FLOAT32_EXACT_LIMIT",
+    "check_recordio_capacity",
     "frame_record",
     "pack_payload",
     "read_idx",

@@ -575,10 +575,13 @@ def generate_dataset(
     are done. ``run_info`` adds facts (e.g. generator settings, FR model) that must match on resume.
     """
     from hyperface.common.io import prepare_output_dir, validate_embeddings
+    from hyperface.datasets.recordio import check_recordio_capacity
 
     if formats not in FORMATS:
         raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
     embeddings = validate_embeddings(np.asarray(embeddings), what="identity embeddings", dim=generator.embedding_dim, require_unit=True)
+    if formats in ("rec", "both"):  # before any rendering, not at the merge
+        check_recordio_capacity(len(embeddings) * config.images_per_identity, len(embeddings))
     out_dir = Path(out_dir)
     if shard.count > 1 and out_dir.is_dir() and any(out_dir.iterdir()):
         from hyperface.common.io import RUN_MARKER

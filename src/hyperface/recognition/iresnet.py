@@ -18,6 +18,8 @@ Layout (REFERENCE.md section 3)::
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from typing import Mapping, Sequence
 
@@ -146,9 +148,11 @@ class IResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Autocast only where insightface's torch.cuda.amp.autocast(fp16) would act: CUDA tensors.
-        use_amp = self.fp16 and x.device.type == "cuda"
-        with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=use_amp):
+        device_type = x.device.type
+        # insightface's fp16 flag: the trunk under fp16 autocast, on CUDA tensors. Without the flag,
+        # open no autocast context here: a caller's autocast (the trainer's --amp) must reach the trunk.
+        own_amp = self.fp16 and device_type == "cuda"
+        with torch.autocast(device_type=device_type, dtype=torch.float16) if own_amp else contextlib.nullcontext():
             x = self.conv1(x)
             x = self.bn1(x)
             x = self.prelu(x)
@@ -159,9 +163,11 @@ class IResNet(nn.Module):
             x = self.bn2(x)
             x = torch.flatten(x, 1)
             x = self.dropout(x)
-        x = self.fc(x.float() if use_amp else x)
-        x = self.features(x)
-        return x
+        if own_amp or torch.is_autocast_enabled(device_type):
+            # The embedding layers in fp32 under any autocast, as insightface's fc(x.float()).
+            with torch.autocast(device_type=device_type, enabled=False):
+                return self.features(self.fc(x.float()))
+        return self.features(self.fc(x))
 
 
 def iresnet(arch: str, *, embedding_size: int = 512, dropout: float = 0.0, fp16: bool = False) -> IResNet:
