@@ -70,6 +70,8 @@ def test_evaluate_cli_errors(tiny_backbone, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["evaluate", str(model_path)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["evaluate", str(model_path), str(tmp_path / "missing.bin"), "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
     class Payload:
         def __reduce__(self):

@@ -8,6 +8,7 @@ sub-command and sets ``func(args) -> int``. Those modules import only argparse a
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except HyperfaceError as exc:
         print(f"hyperface {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None and exc.errno != errno.ENOSPC:
+            raise  # not about a path the user gave: a bug, keep the traceback
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        print(f"hyperface {args.stage}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hyperface {args.stage}: interrupted; rerun with --resume to continue", file=sys.stderr)

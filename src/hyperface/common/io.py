@@ -14,11 +14,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.common.runtime import get_logger
+
+log = get_logger("hyperface")
 
 #: File that marks a folder as written by hyperface, so ``--overwrite`` never deletes user data.
 RUN_MARKER = ".hyperface-run"
@@ -103,13 +106,22 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def prepare_output_dir(
-    out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, stage: str = ""
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    stage: str = "",
+    setup_files: Sequence[str] = (),
+    resumable: bool = True,
 ) -> Path:
     """Create ``out`` for a run, refusing to mix a new run into an old one.
 
     - empty or missing: created;
-    - non-empty: error, unless ``resume`` (keep it) or ``overwrite`` (clear it, only if hyperface
-      wrote it: the run marker must be there);
+    - left by an attempt of hyperface that failed before doing any work (the run marker, the stage's
+      ``setup_files``, empty files and folders only): cleared and reused, so the corrected command
+      just runs again;
+    - non-empty otherwise: error, unless ``resume`` (keep it) or ``overwrite`` (clear it, only if
+      hyperface wrote it: the run marker must be there);
     - unwritable: error naming the folder.
     """
     out = Path(out)
@@ -117,17 +129,19 @@ def prepare_output_dir(
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     non_empty = out.is_dir() and any(out.iterdir())
     if non_empty and not resume:
-        if not overwrite:
-            raise HyperfaceError(
-                f"output folder {out} is not empty: pass --resume to continue the run there, "
-                "--overwrite to replace it, or choose another --out"
-            )
-        if not (out / RUN_MARKER).exists():
+        if _holds_no_work(out, setup_files):
+            log.info("reusing %s: an earlier attempt left it without results", out)
+            shutil.rmtree(out)
+        elif not overwrite:
+            again = "--resume to continue the run there, " if resumable else ""
+            raise HyperfaceError(f"output folder {out} is not empty: pass {again}--overwrite to replace it, or choose another --out")
+        elif not (out / RUN_MARKER).exists():
             raise HyperfaceError(
                 f"refusing to --overwrite {out}: it holds files hyperface did not write; "
                 "choose another --out"
             )
-        shutil.rmtree(out)
+        else:
+            shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / RUN_MARKER
@@ -137,6 +151,17 @@ def prepare_output_dir(
     except OSError as exc:
         raise HyperfaceError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
     return out
+
+
+def _holds_no_work(out: Path, setup_files: Sequence[str]) -> bool:
+    """True for a folder hyperface made whose only files are its marker, setup files or empty files."""
+    if not (out / RUN_MARKER).is_file():
+        return False
+    allowed = {RUN_MARKER, *setup_files}
+    for path in out.rglob("*"):
+        if path.is_symlink() or (path.is_file() and path.relative_to(out).as_posix() not in allowed and path.stat().st_size > 0):
+            return False
+    return True
 
 
 def load_embeddings(

@@ -51,11 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from pathlib import Path
+
+    from hyperface.common.errors import HyperfaceError
     from hyperface.common.io import save_json
     from hyperface.common.manifest import environment_versions
     from hyperface.common.runtime import get_logger
     from hyperface.evaluation.runner import evaluate_model, format_table
 
+    if args.json and Path(args.json).is_dir():  # found out now, not after the evaluation
+        raise HyperfaceError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'results.json'}")
     started = time.time()
     report = evaluate_model(
         args.model,

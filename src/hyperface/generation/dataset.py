@@ -589,7 +589,7 @@ def generate_dataset(
         if not (out_dir / RUN_MARKER).exists():
             raise HyperfaceError(f"output folder {out_dir} is not empty and was not written by hyperface; choose another --out")
     # Several ranks share one --out: only a single-shard run insists on an empty folder.
-    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate")
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate", setup_files=("run.json",))
     run = {
         "num_identities": int(embeddings.shape[0]),
         "embeddings_sha256": embeddings_fingerprint(embeddings),

@@ -120,7 +120,7 @@ def run_report(
         raise HyperfaceError(f"{embeddings} has {len(emb)} rows but there are {len(label_array)} labels")
     ident = load_identities(identities) if identities is not None else None
     ref = load_embeddings(reference, what="reference") if reference is not None else None
-    out = prepare_output_dir(out_dir, overwrite=overwrite, stage="report")
+    out = prepare_output_dir(out_dir, overwrite=overwrite, stage="report", resumable=False)
     params = {"leak_threshold": leak_threshold, "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs,
               "seed": seed, "device": device}
     manifest = Manifest(stage="report", params=params,

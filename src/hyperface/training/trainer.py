@@ -316,7 +316,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     is_main = rank == 0
     out = Path(cfg.out)
     if is_main:
-        prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train")
+        prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train", setup_files=("config.json",))
     _barrier(world)
 
     missing = [p for p in cfg.val_bins if not Path(p).is_file()]

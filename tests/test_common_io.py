@@ -1,0 +1,68 @@
+"""Output folders: a failed attempt never blocks the corrected command; results are never lost."""
+
+from __future__ import annotations
+
+import pytest
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import RUN_MARKER, prepare_output_dir
+
+
+def test_a_folder_left_by_a_failed_attempt_is_reused(tmp_path):
+    out = prepare_output_dir(tmp_path / "run", stage="generate", setup_files=("run.json",))
+    (out / "run.json").write_text("{}")  # settings written, then the attempt failed on bad input
+    (out / "parts" / "shard-0").mkdir(parents=True)
+    (out / "parts" / "shard-0" / "journal.jsonl").touch()  # empty: no work in it
+    again = prepare_output_dir(out, stage="generate", setup_files=("run.json",))
+    assert sorted(p.name for p in again.iterdir()) == [RUN_MARKER]
+
+
+def test_a_folder_holding_results_still_needs_resume_or_overwrite(tmp_path):
+    out = prepare_output_dir(tmp_path / "run", stage="train", setup_files=("config.json",))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(HyperfaceError, match="--resume"):
+        prepare_output_dir(out, stage="train", setup_files=("config.json",))
+    assert (out / "metrics.jsonl").exists()
+    assert prepare_output_dir(out, resume=True) == out and (out / "metrics.jsonl").exists()
+    prepare_output_dir(out, overwrite=True)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_folders_hyperface_did_not_write_are_never_cleared(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "run.json").write_text("{}")  # a setup file name, but no run marker
+    with pytest.raises(HyperfaceError, match="not empty"):
+        prepare_output_dir(foreign, setup_files=("run.json",))
+    with pytest.raises(HyperfaceError, match="did not write"):
+        prepare_output_dir(foreign, overwrite=True)
+    assert (foreign / "run.json").exists()
+
+
+def test_stages_without_resume_do_not_suggest_it(tmp_path):
+    out = prepare_output_dir(tmp_path / "report", stage="report", resumable=False)
+    (out / "report.json").write_text("{}")
+    with pytest.raises(HyperfaceError) as error:
+        prepare_output_dir(out, stage="report", resumable=False)
+    assert "--resume" not in str(error.value) and "--overwrite" in str(error.value)
+
+
+def test_cli_turns_path_errors_into_one_line_errors(monkeypatch, capsys):
+    import argparse
+
+    from hyperface import cli
+
+    def fails(args):
+        raise IsADirectoryError(21, "Is a directory", "runs/adir")
+
+    def buggy(args):
+        raise OSError("an internal failure with no path")
+
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(func=fails, stage="report")
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.strip() == "hyperface report: error: Is a directory: runs/adir"
+    parser.set_defaults(func=buggy)
+    with pytest.raises(OSError, match="internal failure"):  # a bug keeps its traceback
+        cli.main([])
