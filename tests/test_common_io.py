@@ -66,3 +66,12 @@ def test_cli_turns_path_errors_into_one_line_errors(monkeypatch, capsys):
     parser.set_defaults(func=buggy)
     with pytest.raises(OSError, match="internal failure"):  # a bug keeps its traceback
         cli.main([])
+
+
+def test_describe_changes_names_only_what_differs():
+    from hyperface.common.manifest import describe_changes
+
+    before = {"seed": 0, "steps": 100, "config": {"lr": 0.1, "batch": 8}}
+    after = {"seed": 3, "steps": 100, "config": {"lr": 0.1, "batch": 16}, "extra": True}
+    assert describe_changes(before, after) == "config.batch 8 -> 16, extra (unset) -> True, seed 0 -> 3"
+    assert describe_changes(before, dict(before)) == ""

@@ -46,6 +46,30 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
+def describe_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The settings that differ, for resume errors: ``"seed 0 -> 3, steps 100 -> 200"``.
+
+    Nested dicts are compared key by key (``"config.seed 0 -> 3"``); a key on one side only shows
+    as ``(unset)`` on the other.
+    """
+    changes = []
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key, _UNSET), after.get(key, _UNSET)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = describe_changes(old, new)
+            changes += [f"{key}.{item}" for item in inner.split(", ")] if inner else []
+        elif old != new:
+            changes.append(f"{key} {_show(old)} -> {_show(new)}")
+    return ", ".join(changes)
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _UNSET else repr(value)
+
+
 @dataclass
 class Manifest:
     """Collects a run's facts; :meth:`write` stores them as ``manifest.json``."""

@@ -31,7 +31,7 @@ from torch import nn
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import prepare_output_dir
-from hyperface.common.manifest import Manifest
+from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress, resolve_device
 from hyperface.training import checkpoint as ckpt
 from hyperface.training.data import AugmentConfig, ResumableSampler, TrainDataset, check_labels
@@ -369,7 +369,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         saved = meta["config"]
         changed = [k for k in _RESUME_FIXED if saved.get(k) != (list(v) if isinstance(v := getattr(cfg, k), tuple) else v)]
         if changed or meta["world_size"] != world or meta["num_classes"] != num_classes:
-            what = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            current = {k: list(v) if isinstance(v := getattr(cfg, k), tuple) else v for k in changed}
+            what = describe_changes({k: saved.get(k) for k in changed}, current)
             if meta["world_size"] != world:
                 what += f" world size {meta['world_size']} -> {world}"
             if meta["num_classes"] != num_classes:
