@@ -56,15 +56,25 @@ def test_class_statistics_equal_brute_force():
 
 
 def test_sampled_pairs_are_genuine_or_impostor_and_never_self():
-    labels = np.array([0, 0, 1, 2, 2, 2, 3, 1, 4])  # class 3 and 4 have one image: never in a genuine pair
+    # classes 3 and 4 have one image: never in a genuine pair; 200 more rows make the set too big to enumerate
+    labels = np.r_[[0, 0, 1, 2, 2, 2, 3, 1, 4], 5 + np.arange(200)]
     classes = Classes.of(labels)
     genuine, impostor = sample_pairs(classes, 5000, 5000, np.random.default_rng(1))
     assert genuine.shape == (5000, 2) and impostor.shape == (5000, 2)
     assert (labels[genuine[:, 0]] == labels[genuine[:, 1]]).all()
     assert (genuine[:, 0] != genuine[:, 1]).all()
-    assert not np.isin(genuine, [6, 8]).any()
     assert set(genuine.ravel().tolist()) == {0, 1, 2, 3, 4, 5, 7}  # every eligible image is drawn
     assert (labels[impostor[:, 0]] != labels[impostor[:, 1]]).all()
+
+
+def test_small_sets_use_every_pair_once():
+    labels = np.array([0, 0, 1, 2, 2, 2, 3, 1, 4])
+    genuine, impostor = sample_pairs(Classes.of(labels), 5000, 5000, np.random.default_rng(1))
+    assert sorted(map(tuple, genuine.tolist())) == [(0, 1), (2, 7), (3, 4), (3, 5), (4, 5)]
+    assert len(impostor) == 36 - 5 and len(set(map(tuple, impostor.tolist()))) == 31
+    assert (labels[impostor[:, 0]] != labels[impostor[:, 1]]).all()
+    some, _ = sample_pairs(Classes.of(labels), 3, 5000, np.random.default_rng(1))  # more than asked: a subset
+    assert len(some) == 3 and set(map(tuple, some.tolist())) <= set(map(tuple, genuine.tolist()))
 
 
 def test_verification_statistics():
@@ -84,6 +94,10 @@ def test_verification_statistics():
     entry = verification_stats(gen, imp)["tar_at_far"]["0.01"]
     assert (imp >= entry["threshold"]).mean() <= 0.01
     assert entry["tar"] == pytest.approx((gen >= entry["threshold"]).mean(), abs=1e-9)
+    # 100 tied top impostor scores: the FAR jumps from 0 to 1e-2, so FAR 1e-3 has no reading
+    tied = np.r_[np.full(100, 0.9), rng.uniform(-0.2, 0.3, 9900)]
+    result = verification_stats(rng.uniform(0.5, 0.85, 1000), tied)["tar_at_far"]
+    assert "0.001" not in result and "0.01" in result
 
 
 def test_leakage_flags_exactly_the_planted_identities(tmp_path):
@@ -154,7 +168,9 @@ def test_embed_then_report_cli(tmp_path, fmt, capsys):
     printed = capsys.readouterr().out
     assert "12 images of 4 identities" in printed and "EER" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["num_identities"] == 4 and report["verification"]["genuine_pairs"] == 200
+    # 12 images have 66 pairs, fewer than asked: every pair once (4 x 3 genuine, 54 impostor)
+    assert report["num_identities"] == 4 and report["verification"]["genuine_pairs"] == 12
+    assert report["verification"]["impostor_pairs"] == 54
     # the same report again refuses to overwrite silently, and --overwrite gives the same numbers
     assert main(["report", str(tmp_path / "emb"), "--out", str(out)]) == 2
     assert main(["report", str(tmp_path / "emb"), "--out", str(out), "--overwrite", "--identities", str(tmp_path / "ids.npy"),

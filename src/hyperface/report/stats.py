@@ -68,8 +68,23 @@ def class_centroids(embeddings: np.ndarray, classes: Classes) -> tuple[np.ndarra
 
 def sample_pairs(classes: Classes, num_genuine: int, num_impostor: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Row pairs (k, 2): genuine pairs (two different images of one identity, uniform over images
-    of identities with >= 2 images) and impostor pairs (uniform over rows, labels differ)."""
+    of identities with >= 2 images) and impostor pairs (uniform over rows, labels differ).
+
+    A set with no more pairs in all than asked for in all is enumerated instead: every pair once
+    (a random subset of one kind if it has more than asked), so a small set is described exactly,
+    not by repeats of a few pairs.
+    """
     n = classes.inverse.shape[0]
+    if n * (n - 1) // 2 <= num_genuine + num_impostor:
+        first, second = np.triu_indices(n, 1)
+        same = classes.inverse[first] == classes.inverse[second]
+        kinds = []
+        for mask, wanted in ((same, num_genuine), (~same, num_impostor)):
+            pairs = np.stack([first[mask], second[mask]], axis=1)
+            if len(pairs) > wanted:
+                pairs = pairs[np.sort(rng.choice(len(pairs), wanted, replace=False))]
+            kinds.append(pairs)
+        return kinds[0], kinds[1]
     eligible = np.flatnonzero(classes.counts[classes.inverse] >= 2)
     genuine = np.zeros((0, 2), dtype=np.int64)
     if num_genuine > 0 and eligible.size:
@@ -103,7 +118,8 @@ def pair_cosines(embeddings: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16
 def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1e-4, 1e-3, 1e-2)) -> dict[str, Any]:
     """EER, TAR at FAR and d' from genuine / impostor cosine samples.
 
-    A FAR below 10 / (number of impostor pairs) cannot be read off the sample and is left out.
+    A FAR below 10 / (number of impostor pairs) cannot be read off the sample and is left out, as
+    is one that ties among the top impostor scores skip over.
     """
     labels = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
     fpr, tpr, thresholds = roc_curve(labels, np.r_[genuine, impostor])
@@ -112,7 +128,8 @@ def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1
     for target in far_targets:
         if target * len(impostor) >= 10:
             i = int(np.searchsorted(fpr, target, side="right")) - 1  # largest FAR not above the target
-            tar[f"{target:g}"] = {"tar": float(tpr[i]), "threshold": float(thresholds[i])}
+            if np.isfinite(thresholds[i]):  # else tied top impostor scores jump past the target: no reading
+                tar[f"{target:g}"] = {"tar": float(tpr[i]), "threshold": float(thresholds[i])}
     spread = np.sqrt((genuine.var() + impostor.var()) / 2)
     return {
         "genuine_pairs": int(len(genuine)),
