@@ -250,6 +250,21 @@ def test_unknown_compile_mode_is_refused():
         Arc2FaceSettings(compile=True, compile_mode="fastest").resolved()
 
 
+def test_loading_is_quiet_when_progress_bars_are_off(models, monkeypatch, capfd):
+    import logging
+
+    import transformers.utils.logging as transformers_logging
+
+    monkeypatch.setenv("HYPERFACE_PROGRESS", "0")
+    monkeypatch.setattr(logging.getLogger("hyperface.generation"), "level", logging.INFO)
+    before = transformers_logging.get_verbosity()
+    capfd.readouterr()
+    load_arc2face_components(models.arc2face_dir, models.sd15_dir)
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""  # no library loading bars or install advice
+    assert transformers_logging.get_verbosity() == before  # the libraries' settings are restored
+
+
 def test_settings_defaults_are_arc2face_and_lcm():
     default = Arc2FaceSettings().resolved()
     assert (default.scheduler, default.steps, default.guidance_scale, default.resolution) == ("dpm", 25, 3.0, 512)

@@ -271,7 +271,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     config = GenerationConfig(images_per_identity=1, seed=1)
     generate_dataset(PaintedGenerator(), identities, tmp_path / "o", config, aligner=keep_as_is, show_progress=False)
     other = GenerationConfig(images_per_identity=1, seed=2)
-    with pytest.raises(HyperfaceError, match="config"):
+    with pytest.raises(HyperfaceError, match=r"other settings \(config\.seed 1 -> 2\)"):
         generate_dataset(PaintedGenerator(), identities, tmp_path / "o", other, aligner=keep_as_is, resume=True, show_progress=False)
     with pytest.raises(HyperfaceError, match="embeddings_sha256"):
         generate_dataset(PaintedGenerator(), identities[::-1].copy(), tmp_path / "o", config, aligner=keep_as_is, resume=True, show_progress=False)

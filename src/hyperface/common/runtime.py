@@ -61,6 +61,12 @@ def resolve_device(device: str = "auto"):
     return resolved
 
 
+def progress_enabled() -> bool:
+    """Whether progress bars show: on a terminal, unless $HYPERFACE_PROGRESS says 1 or 0."""
+    forced = os.environ.get("HYPERFACE_PROGRESS")
+    return (forced != "0") if forced is not None else sys.stderr.isatty()
+
+
 def progress(
     iterable: Iterable[T] | None = None,
     *,
@@ -74,6 +80,5 @@ def progress(
     from tqdm.auto import tqdm
 
     if disable is None:
-        forced = os.environ.get("HYPERFACE_PROGRESS")
-        disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
+        disable = not progress_enabled()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kwargs)

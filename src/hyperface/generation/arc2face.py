@@ -196,33 +196,63 @@ def load_arc2face_components(
 ) -> Arc2FaceComponents:
     """Load tokenizer, text encoder, UNet, VAE and scheduler config from local folders."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTokenizer
 
     paths = find_arc2face_files(arc2face_dir, sd15_dir)
     device = torch.device(device) if not isinstance(device, torch.device) else device
-    dtype = dtype or torch.float32
+    with _quiet_libraries():
+        return _load_components(paths, device, dtype or torch.float32)
 
-    def load(what: str, source: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise HyperfaceError(f"cannot load {what} ({first_line[:300]}); re-download it from {source}") from exc
 
-    tokenizer = load(f"the tokenizer in {paths.tokenizer}", SD15_SOURCE, CLIPTokenizer.from_pretrained, str(paths.tokenizer))
-    text_encoder, missing = load(f"the text encoder in {paths.encoder}", ARC2FACE_SOURCE, load_text_encoder, paths.encoder)
+def _load_part(what: str, source: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with a loading failure turned into an error naming the file's source."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HyperfaceError(f"cannot load {what} ({first_line[:300]}); re-download it from {source}") from exc
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """transformers' and diffusers' own loading bars follow ours (HYPERFACE_PROGRESS, a terminal), and
+    their advice (e.g. "install accelerate") shows only with HYPERFACE_LOG=DEBUG."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    from hyperface.common.runtime import progress_enabled
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        if log.getEffectiveLevel() > 10:  # above DEBUG
+            lib.set_verbosity_error()
+        if not progress_enabled():
+            lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, (verbosity, bars) in zip(libraries, saved):
+            lib.set_verbosity(verbosity)
+            (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
+
+
+def _load_components(paths: Arc2FacePaths, device, dtype) -> Arc2FaceComponents:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    tokenizer = _load_part(f"the tokenizer in {paths.tokenizer}", SD15_SOURCE, CLIPTokenizer.from_pretrained, str(paths.tokenizer))
+    text_encoder, missing = _load_part(f"the text encoder in {paths.encoder}", ARC2FACE_SOURCE, load_text_encoder, paths.encoder)
     if missing:
         raise HyperfaceError(
             f"{paths.encoder} is not a CLIP text encoder checkpoint ({len(missing)} missing weights, e.g. "
             f"{sorted(missing)[:2]}); use Arc2Face's encoder/ from {ARC2FACE_SOURCE}"
         )
     # torch_dtype at load time (not .to() afterwards) keeps modules diffusers wants in fp32 in fp32.
-    unet = load(
+    unet = _load_part(
         f"the UNet in {paths.unet}", ARC2FACE_SOURCE, UNet2DConditionModel.from_pretrained, str(paths.unet),
         variant=paths.unet_variant, torch_dtype=dtype,
     )
-    vae = load(
+    vae = _load_part(
         f"the VAE in {paths.vae}", SD15_SOURCE, AutoencoderKL.from_pretrained, str(paths.vae),
         variant=paths.vae_variant, torch_dtype=dtype,
     )

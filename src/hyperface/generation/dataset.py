@@ -38,7 +38,7 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import read_json, save_json
-from hyperface.common.manifest import Manifest
+from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.generation.base import IdentityGenerator
 from hyperface.generation.postprocess import Aligner, EmbedFn, cosine_to_references, make_aligner
@@ -374,11 +374,10 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
             facts.get("config", {}).pop("batch_size", None)
             return facts
 
-        old, new = comparable(read_json(path)), comparable(run)
-        differing = sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
-        if differing:
+        changes = describe_changes(comparable(read_json(path)), comparable(run))
+        if changes:
             raise HyperfaceError(
-                f"{out_dir} holds a run with other settings ({', '.join(differing)}); rerun with the same settings "
+                f"{out_dir} holds a run with other settings ({changes}); rerun with the same settings "
                 "to resume, or choose another --out"
             )
         return
