@@ -150,8 +150,10 @@ def bench_reference(components, args, device, dtype) -> float:
 
 
 #: Variant options -> what they switch on. "autotune" is torch.compile's max-autotune mode (with
-#: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs.
-VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg")
+#: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs;
+#: "cudnn_attn" / "flash_attn" restrict SDPA to that kernel (exploration only: head dim 40 at SD1.5's
+#: first level is padded by flash attention, cuDNN's Hopper kernels may do better).
+VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cudnn_attn", "flash_attn")
 
 
 def parse_variant(variant: str, default_batch: int) -> tuple[set[str], int]:
@@ -182,6 +184,31 @@ def bench_hyperface(components, args, device, variant: str) -> float:
     options, batch = parse_variant(variant, args.batch_size)
     settings = Arc2FaceSettings(steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, **variant_settings(options))
     generator = Arc2FaceGenerator(components, settings, device=device)
+    with attention_backend(options):
+        rate = _time_generator(generator, settings, args, device, batch)
+    if settings.channels_last:  # leave the shared modules as they were
+        components.unet.to(memory_format=torch.contiguous_format)
+        components.vae.to(memory_format=torch.contiguous_format)
+    if settings.fuse_qkv:
+        components.unet.unfuse_qkv_projections()
+        components.vae.unfuse_qkv_projections()
+    return rate
+
+
+def attention_backend(options: set[str]):
+    """SDPA restricted to one kernel for the cudnn_attn / flash_attn options, else unrestricted."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if "cudnn_attn" in options:
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+    if "flash_attn" in options:
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    return contextlib.nullcontext()
+
+
+def _time_generator(generator, settings, args, device, batch: int) -> float:
     identities = random_identities(args.images + batch, seed=2)
     generator.generate_array(identities[:batch], list(range(batch)))  # warm-up (and compile)
     if settings.compile:  # a second warm-up: compile may specialise on the second call
@@ -194,14 +221,7 @@ def bench_hyperface(components, args, device, variant: str) -> float:
         generator.generate_array(chunk, list(range(done, done + len(chunk))))
         done += len(chunk)
     synchronize(device)
-    rate = done / (time.perf_counter() - started)
-    if settings.channels_last:  # leave the shared modules as they were
-        components.unet.to(memory_format=torch.contiguous_format)
-        components.vae.to(memory_format=torch.contiguous_format)
-    if settings.fuse_qkv:
-        components.unet.unfuse_qkv_projections()
-        components.vae.unfuse_qkv_projections()
-    return rate
+    return done / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -217,7 +237,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="base",
         help="comma list; each is base or options joined by + (channels_last, compile, fuse_qkv, autotune, "
-             "autotune_nocg), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
+             "autotune_nocg, cudnn_attn, flash_attn), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
     )
     args = parser.parse_args()
 

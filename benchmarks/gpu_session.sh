@@ -33,7 +33,7 @@ for part in "${parts[@]}"; do
     gen)
       # Compiling the SD1.5-sized UNet takes about two minutes on its own (the VAE decoder adds some).
       run 480 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
-        --variants base@64,channels_last+compile@64,channels_last+compile+fuse_qkv@64 ;;
+        --variants base@64,cudnn_attn@64,channels_last+compile@64,channels_last+compile+fuse_qkv@64 ;;
     gen-autotune)
       # max-autotune benchmarks many kernels per layer: a long compile, so a part of its own.
       run 560 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
