@@ -102,3 +102,54 @@ def test_evaluate_onnx_export_agrees_with_backbone(tiny_backbone, tmp_path):
     assert from_onnx["accuracy"] == from_pth["accuracy"]
     a, b = from_onnx["results"]["agedb_30"], from_pth["results"]["agedb_30"]
     assert a["fold_thresholds"] == b["fold_thresholds"] and a["xnorm"] == pytest.approx(b["xnorm"], rel=1e-4)
+
+
+def _train_run_folder(model, root):
+    """The layout `hyperface train` leaves while it trains (no backbone.pth yet), written by its own helpers."""
+    from hyperface.training.checkpoint import checkpoint_name, publish_checkpoint, save_safetensors
+
+    step = root / "checkpoints" / checkpoint_name(6)
+    step.mkdir(parents=True)
+    save_safetensors(model.state_dict(), step / "backbone.safetensors", metadata={"arch": "r_tiny"})
+    publish_checkpoint(root, step, {"step": 6, "arch": "r_tiny", "embedding_size": 64})
+    return root
+
+
+def test_evaluate_accepts_what_train_writes(tiny_backbone, tmp_path, capsys):
+    model, model_path = tiny_backbone
+    write_noisy_pairs_bin(tmp_path / "lfw.bin", 20, seed=1, noise=30)
+    run = _train_run_folder(model, tmp_path / "run")
+    latest = run / "checkpoints" / "latest"
+    step = run / "checkpoints" / "step-000000006"
+    reference = None
+    for given in (model_path, latest, run, run / "checkpoints", step, step / "backbone.safetensors"):
+        out = tmp_path / f"{given.name}.json"
+        assert main(["evaluate", str(given), str(tmp_path / "lfw.bin"), "--device", "cpu", "--json", str(out)]) == 0, given
+        report = json.loads(out.read_text())
+        reference = reference or report["accuracy"]
+        assert report["accuracy"] == reference, given
+        if given != model_path:
+            assert report["model"]["path"] == str(step / "backbone.safetensors"), given
+    capsys.readouterr()
+
+    # A pointer to a checkpoint that is gone, and a folder holding no model, say what to pass.
+    latest.write_text("step-000000099\n")
+    assert main(["evaluate", str(latest), str(tmp_path / "lfw.bin"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "step-000000099" in err and "backbone.safetensors" in err and "unknown model file type" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", str(tmp_path / "empty"), str(tmp_path / "lfw.bin"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/latest" in err and "backbone.pth" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "notes").write_text("hello")
+    assert main(["evaluate", str(tmp_path / "notes"), str(tmp_path / "lfw.bin"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "type ''" not in err and "backbone.pth" in err and "checkpoints/latest" in err
+
+
+def test_evaluate_help_describes_what_train_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "checkpoint.pt" not in text and ".ckpt" not in text
+    assert "backbone.safetensors" in text and "checkpoints/latest" in text and "--export" in text

@@ -13,6 +13,7 @@ from recognition_fixtures import export_onnx, grey_image, make_scrfd_onnx, make_
 from hyperface.cli import main
 from hyperface.recognition import load_recognizer
 from hyperface.recognition.alignment import crop_ffhq
+from hyperface.recognition.embed import GalleryPaths
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_embed_aligned_folder_with_bad_files(tmp_path, models, capsys):
     reasons = dict(line.split("\t") for line in rejected[1:])
     assert set(reasons) == {"f_corrupt.jpg", "g_empty.png", "h_not_square.png"}
     assert reasons["g_empty.png"] == "unreadable: empty file"
-    assert reasons["f_corrupt.jpg"].startswith("unreadable")
+    assert reasons["f_corrupt.jpg"].startswith("unreadable: not a readable image (JPEG header but corrupt")
     assert reasons["h_not_square.png"].startswith("not an aligned square crop")
 
     # Rows are the embeddings of exactly those files (lossless ones compared directly).
@@ -78,7 +79,8 @@ def test_embed_aligned_folder_with_bad_files(tmp_path, models, capsys):
     np.testing.assert_allclose(gallery[4], gallery[1], atol=1e-5)  # 16-bit PNG: same pixels >> 8
     np.testing.assert_allclose(gallery[6], rec.embed(faces[4:5])[0], atol=1e-5)
 
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert not (tmp_path / "run" / "manifest.json").exists()  # --out g.npy: the manifest is g's own
+    manifest = json.loads((tmp_path / "run" / "gallery.manifest.json").read_text())
     assert manifest["stage"] == "embed" and manifest["status"] == "complete"
     assert manifest["counts"] == {
         "inputs": 11, "embedded": 8, "rejected": 3, "embedding_size": 512,
@@ -173,10 +175,16 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
     assert _embed(*args, "--out", out) == 130
     parts = tmp_path / "killed" / "g.parts"
     assert sorted(p.name for p in parts.glob("chunk_*.npz")) == ["chunk_000000.npz"]
-    assert not out.exists() and not (tmp_path / "killed" / "manifest.json").exists()
+    assert not out.exists() and not (tmp_path / "killed" / "g.manifest.json").exists()
     assert _embed(*args, "--out", out) == 2  # refuses to mix runs without --resume
+    capsys.readouterr()
     assert _embed(*args, "--flip", "--out", out, "--resume") == 2  # other settings: refuses to resume
-    assert "other images or settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other settings (recognizer.flip False -> True)" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "src" / "6.png").rename(tmp_path / "src" / "6b.png")  # the same count, other names: refused
+    assert _embed(*args, "--out", out, "--resume") == 2
+    assert "other images" in capsys.readouterr().err
+    (tmp_path / "src" / "6b.png").rename(tmp_path / "src" / "6.png")
 
     def counting_embed(self, images):
         calls["rows"] = calls.get("rows", 0) + len(images)
@@ -189,7 +197,7 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
     np.testing.assert_array_equal(np.load(out), np.load(clean / "g.npy"))
     for suffix in ("index.txt", "rejected.tsv"):
         assert (tmp_path / "killed" / f"g.{suffix}").read_text() == (clean / f"g.{suffix}").read_text()
-    assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["resumed_chunks"] == 1
+    assert json.loads((tmp_path / "killed" / "g.manifest.json").read_text())["resumed_chunks"] == 1
 
 
 def test_embed_recordio(tmp_path, models):
@@ -204,3 +212,93 @@ def test_embed_recordio(tmp_path, models):
     assert _embed(tmp_path / "rec", "--model", models["onnx"], "--aligned", "--out", out, "--workers", "2") == 0
     assert _read_lines(tmp_path / "rec_gallery.index.txt") == [f"train.rec#{i}" for i in range(5)]
     np.testing.assert_allclose(np.load(out), load_recognizer(models["onnx"]).embed(faces), atol=1e-5)
+
+
+def test_embed_resume_of_a_complete_run_refuses_changed_settings(tmp_path, models, capsys):
+    faces = random_faces(3, seed=31)
+    for i, face in enumerate(faces):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    args = [tmp_path / "src", "--model", models["pth"], "--aligned"]
+    for out in (tmp_path / "folder", tmp_path / "file" / "g.npy"):  # both output forms
+        assert _embed(*args, "--out", out) == 0
+        paths = GalleryPaths.from_out(out)
+        before = paths.embeddings.read_bytes(), paths.manifest.read_bytes()
+        capsys.readouterr()
+        assert _embed(*args, "--flip", "--out", out, "--resume") == 2
+        err = capsys.readouterr().err
+        assert "the run is complete" in err and "recognizer.flip False -> True" in err and "--overwrite" in err
+        assert len(err.strip().splitlines()) == 1
+        assert (paths.embeddings.read_bytes(), paths.manifest.read_bytes()) == before
+        # the same settings (batch size may change): nothing to do, nothing rewritten
+        assert _embed(*args, "--batch-size", "1", "--out", out, "--resume") == 0
+        assert (paths.embeddings.read_bytes(), paths.manifest.read_bytes()) == before
+        assert _embed(*args, "--flip", "--out", out, "--overwrite") == 0
+        assert json.loads(paths.manifest.read_text())["recognizer"]["flip"] is True
+
+
+def test_embed_npy_outputs_are_self_contained_and_found_by_readers(tmp_path, models):
+    from hyperface.report.pipeline import labels_for_embeddings
+
+    faces = random_faces(4, seed=17)
+    for i, face in enumerate(faces):
+        _write(tmp_path / "faces" / f"id{i % 2}" / f"{i}.png", face)
+    runs = tmp_path / "runs"
+    for name in ("g1", "g2"):  # two galleries in one folder
+        assert _embed(tmp_path / "faces", "--model", models["pth"], "--aligned", "--out", runs / f"{name}.npy") == 0
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "g1.index.txt", "g1.manifest.json", "g1.npy", "g1.rejected.tsv",
+        "g2.index.txt", "g2.manifest.json", "g2.npy", "g2.rejected.tsv",
+    ]
+    assert json.loads((runs / "g2.manifest.json").read_text())["outputs"]["embeddings"] == "g2.npy"
+    # readers (report) find the manifest and index from the .npy path alone
+    labels, dataset = labels_for_embeddings(runs / "g1.npy")
+    assert labels.tolist() == [0, 0, 1, 1] and dataset == (tmp_path / "faces").resolve()
+    assert GalleryPaths(runs / "g2.npy").manifest == runs / "g2.manifest.json"
+    # the folder form keeps its layout: FOLDER/gallery.npy + FOLDER/manifest.json
+    assert _embed(tmp_path / "faces", "--model", models["pth"], "--aligned", "--out", tmp_path / "folder") == 0
+    assert (tmp_path / "folder" / "manifest.json").is_file() and not (tmp_path / "folder" / "gallery.manifest.json").exists()
+    assert GalleryPaths(tmp_path / "folder" / "gallery.npy").manifest == tmp_path / "folder" / "manifest.json"
+    assert labels_for_embeddings(tmp_path / "folder" / "gallery.npy")[0].tolist() == [0, 0, 1, 1]
+    # a gallery written with the older file-form layout (manifest.json in the folder) is still found and resumed
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for path in runs.glob("g1.*"):
+        (legacy / path.name).write_bytes(path.read_bytes())
+    (legacy / "g1.manifest.json").rename(legacy / "manifest.json")
+    assert GalleryPaths(legacy / "g1.npy").manifest == legacy / "manifest.json"
+    assert GalleryPaths.from_out(legacy / "g1.npy").manifest == legacy / "manifest.json"
+    assert labels_for_embeddings(legacy / "g1.npy")[0].tolist() == [0, 0, 1, 1]
+    assert _embed(tmp_path / "faces", "--model", models["pth"], "--aligned", "--out", legacy / "g1.npy", "--resume") == 0
+    assert _embed(tmp_path / "faces", "--model", models["pth"], "--aligned", "--flip", "--out", legacy / "g1.npy", "--resume") == 2
+
+
+def test_rejected_reasons_say_what_is_wrong_without_object_reprs(tmp_path, models):
+    _write(tmp_path / "src" / "ok.png", random_faces(1, seed=3)[0])
+    (tmp_path / "src" / "junk.png").write_bytes(b"junk")
+    (tmp_path / "src" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--out", tmp_path / "g.npy") == 0
+    reasons = dict(line.split("\t") for line in _read_lines(tmp_path / "g.rejected.tsv")[1:])
+    assert reasons["junk.png"] == "unreadable: not a readable image (no known image format, 4 bytes starting b'junk')"
+    assert reasons["cut.png"].startswith("unreadable: not a readable image (PNG header but corrupt or truncated data, 28 bytes")
+    assert not any("object at 0x" in reason or "BytesIO" in reason for reason in reasons.values())
+
+
+def test_load_embeddings_refuses_non_numeric_npy_without_suggesting_pickles(tmp_path):
+    from hyperface.common.errors import HyperfaceError
+    from hyperface.common.io import load_embeddings
+
+    (tmp_path / "garbage.npy").write_bytes(b"this is not numpy at all")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "archive.npz", a=np.ones((2, 4), np.float32))
+    (tmp_path / "archive.npy").write_bytes((tmp_path / "archive.npz").read_bytes())
+    np.save(tmp_path / "cut.npy", np.ones((50, 8), np.float32))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "cut.npy").read_bytes()[:200])
+    for name in ("garbage.npy", "objects.npy", "archive.npy", "cut.npy"):
+        with pytest.raises(HyperfaceError) as info:
+            load_embeddings(tmp_path / name, what="gallery")
+        message = str(info.value)
+        assert f"gallery file {tmp_path / name}" in message and "not a numeric .npy array" in message, message
+        assert "pickle" not in message.lower(), message
+    ok = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    np.save(tmp_path / "ok.npy", ok)
+    np.testing.assert_allclose(np.linalg.norm(load_embeddings(tmp_path / "ok.npy"), axis=1), 1.0, atol=1e-6)

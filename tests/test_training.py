@@ -156,6 +156,106 @@ def test_resume_refuses_changed_settings(synthetic, tmp_path):
         train(TrainConfig(**base))
     with pytest.raises(HyperfaceError, match="loss 'arcface' -> 'cosface'"):
         train(TrainConfig(**{**base, "loss": "cosface"}, resume=True))
+    with pytest.raises(HyperfaceError, match=r"lr 0\.1 -> 0\.5"):
+        train(TrainConfig(**{**base, "lr": 0.5}, resume=True))
+
+
+def test_resume_of_a_finished_run_checks_settings_and_keeps_its_manifest(synthetic, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", **TINY)
+    done = train(TrainConfig(**base))
+    assert done.steps == CLASSES * TRAIN_PER_CLASS // 32
+    manifest, backbone = (run / "manifest.json").read_bytes(), (run / "backbone.pth").read_bytes()
+    assert json.loads(manifest)["status"] == "complete" and json.loads(manifest)["params"]["lr"] == 0.1
+
+    # A changed setting is refused as for an unfinished run, before anything is written.
+    code = cli_main(["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",
+                     "--epochs", "1", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--log-every", "3",
+                     "--checkpoint-every", "0", "--resume", "--lr", "0.5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lr 0.1 -> 0.5" in err and len(err.strip().splitlines()) == 1
+    assert (run / "manifest.json").read_bytes() == manifest
+
+    # The same settings: nothing to train, and the run's facts stay as they were.
+    again = train(TrainConfig(**base, resume=True))
+    assert again.nothing_to_do and again.steps == done.steps and again.last_loss == pytest.approx(done.last_loss)
+    assert (run / "manifest.json").read_bytes() == manifest
+    assert (run / "backbone.pth").read_bytes() == backbone
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("lr", -1.0, "--lr"),
+        ("lr", float("nan"), "--lr"),
+        ("workers", -1, "--workers"),
+        ("max_steps", 0, "--max-steps"),
+        ("epochs", 0, "--epochs"),
+        ("batch_size", 1, "--batch-size"),
+        ("embedding_size", 0, "--embedding-size"),
+        ("dropout", 1.0, "--dropout"),
+        ("partial_fc", 0.0, "--partial-fc"),
+        ("margin_s", -64.0, "--margin-s"),
+        ("margin_m", -0.1, "--margin-m"),
+        ("weight_decay", -5e-4, "--weight-decay"),
+        ("momentum", 1.5, "--momentum"),
+        ("gamma", 0.0, "--gamma"),
+        ("warmup_epochs", -1.0, "--warmup-epochs"),
+        ("warmup_epochs", 30.0, "--warmup-epochs"),
+        ("clip_grad_norm", -1.0, "--clip-grad-norm"),
+        ("augment_p", 2.0, "--augment-p"),
+        ("val_every", -1, "--val-every"),
+        ("checkpoint_every", -5, "--checkpoint-every"),
+        ("keep_checkpoints", -1, "--keep-checkpoints"),
+        ("log_every", 0, "--log-every"),
+        ("seed", -1, "--seed"),
+        ("milestones", (12, 0), "--milestones"),
+    ],
+)
+def test_numeric_options_out_of_range_are_refused_naming_the_flag(field, value, flag):
+    with pytest.raises(HyperfaceError, match=f"^{flag} must be"):
+        TrainConfig(data="", out="", **{field: value}).resolved()
+
+
+def test_cli_refuses_bad_numbers_before_touching_the_run_folder(synthetic, tmp_path, capsys):
+    for flag, value in (("--lr", "-1"), ("--workers", "-1"), ("--max-steps", "0")):
+        out = tmp_path / flag.strip("-")
+        code = cli_main(["train", str(synthetic["data"]), "--out", str(out), "--device", "cpu", flag, value])
+        err = capsys.readouterr().err
+        assert code == 2 and f"error: {flag} must be" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def _train_log_lines(synthetic, run, monkeypatch, progress_env: str) -> list[str]:
+    import logging
+
+    monkeypatch.setenv("HYPERFACE_PROGRESS", progress_env)
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("hyperface").addHandler(handler)
+    try:
+        train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=2, batch_size=32, max_steps=4,
+                          device="cpu", **{**TINY, "log_every": 1}))
+    finally:
+        logging.getLogger("hyperface").removeHandler(handler)
+    return [line for line in records if line.startswith("step ") and " loss " in line]
+
+
+def test_loss_is_logged_every_log_every_steps_when_there_is_no_progress_bar(synthetic, tmp_path, monkeypatch):
+    lines = _train_log_lines(synthetic, tmp_path / "batch-job", monkeypatch, "0")
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"], lines
+    for line in lines:
+        assert "epoch 1/2" in line and " lr " in line and "img/s" in line and " eta " in line, line
+    losses = _losses(tmp_path / "batch-job")
+    assert float(lines[0].split("loss ")[1].split()[0]) == pytest.approx(losses[0], abs=1e-4)
+    # On a terminal (forced here) the progress bar shows the loss instead: no log lines.
+    assert _train_log_lines(synthetic, tmp_path / "terminal", monkeypatch, "1") == []
 
 
 def test_cli_train_and_export_round_trip_through_recognizer_loader(synthetic, tmp_path):

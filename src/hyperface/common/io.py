@@ -180,10 +180,24 @@ def load_embeddings(
     path = Path(path)
     if not path.is_file():
         raise HyperfaceError(f"{what} file not found: {path}")
+    save_hint = "save a float array with numpy.save(path, array)"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError as exc:
+        raise HyperfaceError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+    if head.startswith(b"PK"):
+        raise HyperfaceError(f"{what} file {path} is a .npz archive, not a numeric .npy array; {save_hint}")
+    if head != b"\x93NUMPY":
+        raise HyperfaceError(f"{what} file {path} is not a numeric .npy array (no .npy header); {save_hint}")
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
-        raise HyperfaceError(f"{what} file {path} is not a readable .npy array ({exc})") from exc
+        # numpy's own messages point at allow_pickle for object arrays: never a fix for untrusted data
+        problem = "it holds Python objects, not numbers" if "pickle" in str(exc) or "object" in str(exc) else "it is truncated or corrupt"
+        raise HyperfaceError(f"{what} file {path} is not a numeric .npy array ({problem}); {save_hint}") from exc
+    if not isinstance(array, np.ndarray) or array.dtype.hasobject:
+        raise HyperfaceError(f"{what} file {path} is not a numeric .npy array (it holds Python objects); {save_hint}")
     return validate_embeddings(array, what=f"{what} {path}", dim=dim, require_unit=require_unit, unit_tol=unit_tol)
 
 

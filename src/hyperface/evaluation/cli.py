@@ -11,10 +11,17 @@ protocol (insightface's, so numbers compare with the literature):
   9 folds is applied to the 10th; reported: mean +- std over folds (and VAL at FAR=1e-3).
 
 examples:
-  hyperface evaluate runs/train/backbone.pth data/lfw.bin data/cfp_fp.bin data/agedb_30.bin
+  hyperface evaluate runs/train-r50/backbone.pth data/lfw.bin data/cfp_fp.bin data/agedb_30.bin
   hyperface evaluate w600k_r50.onnx lfw.bin calfw.bin cplfw.bin --json results.json --device cuda
-  hyperface evaluate runs/train/checkpoint.pt lfw.bin --arch r50 --batch-size 256
+  hyperface evaluate runs/train-r50/checkpoints/latest lfw.bin --batch-size 256   # newest checkpoint
+  hyperface evaluate runs/train-r50/checkpoints/step-000012000/backbone.safetensors lfw.bin
   hyperface evaluate backbone.pth --ijb IJB_release/IJBC --ijb-target IJBC
+
+MODEL: an ONNX model; an insightface arcface_torch backbone.pth (what `hyperface train` writes in
+its run folder when it ends, and with --export); a training checkpoint's backbone.safetensors
+(RUN/checkpoints/step-N/); or the folders and pointer train writes: the run folder RUN (its
+backbone.pth, or its newest checkpoint while it still trains), RUN/checkpoints/step-N, or
+RUN/checkpoints/latest. The iResNet arch is read from the weights (--arch to check it).
 
 .bin files are insightface's verification sets (a pickle of (bins, issame_list)); they are loaded
 with a restricted unpickler, so a crafted file is refused without running anything.
@@ -27,12 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="verification accuracy on LFW/CFP-FP/AgeDB/CALFW/CPLFW .bin sets and IJB-B/C",
         description=(
             "Evaluate a face-recognition model (ONNX, insightface backbone.pth, or a hyperface training "
-            "checkpoint) on insightface .bin verification sets, and optionally IJB-B/IJB-C 1:1."
+            "run or checkpoint) on insightface .bin verification sets, and optionally IJB-B/IJB-C 1:1."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="model file: .onnx, backbone.pth, or a hyperface checkpoint (.pt/.ckpt)")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help=".onnx, backbone.pth, a checkpoint's backbone.safetensors, or a train run folder / "
+        "RUN/checkpoints/step-N / RUN/checkpoints/latest",
+    )
     parser.add_argument("bins", nargs="*", metavar="BIN", help="verification sets (lfw.bin, cfp_fp.bin, ...)")
     parser.add_argument("--json", metavar="FILE", help="also write the full report (per-fold numbers, versions) as JSON")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")

@@ -31,7 +31,8 @@ def evaluate_model(
     ijb_target: str = "IJBC",
     ijb_detector_score: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a model file (``load_recognizer``: ONNX, backbone.pth or our checkpoint) or an embed function.
+    """Evaluate a model (anything ``load_recognizer`` opens: ONNX, backbone.pth, a training run folder,
+    checkpoint folder or ``checkpoints/latest``) or an embed function.
 
     Returns a JSON-ready dict: ``accuracy`` (benchmark -> mean accuracy, a fraction), ``results``
     (benchmark -> full :class:`VerificationResult`), ``ijb`` (when ``ijb_root``), ``model`` info.

@@ -12,11 +12,12 @@ modes (pick one; default: detect, which needs --detector):
   --crop ffhq               face-centred FFHQ-style generator outputs (StyleGAN, Arc2Face; 512 or
                             1024 px): a fixed crop, no detector
 
-outputs (beside --out):
+outputs (--out FOLDER writes these names inside it; --out g.npy writes g.npy, g.index.txt, ...):
   gallery.npy            float32 (M, D), L2-normalised rows
   gallery.index.txt      line i = source of row i
   gallery.rejected.tsv   path<TAB>reason for unreadable images and images without a face
-  manifest.json          parameters, model input convention, counts, timings
+  manifest.json          parameters, model input convention, counts, timings (--out FOLDER);
+  g.manifest.json        the same for --out g.npy, so several galleries can share a folder
 
 models: insightface packs (buffalo_l/w600k_r50.onnx, antelopev2/glintr100.onnx), Arc2Face's
 arcface.onnx (Hugging Face FoivosPar/Arc2Face), or an arcface_torch backbone.pth (iResNet r18..r200,
@@ -60,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--det-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")
     parser.add_argument("--det-size", type=int, default=640, help="detector input size for dynamic-size models (default: 640)")
     parser.add_argument("--chunk-size", type=int, default=4096, help="inputs per saved chunk; a kill loses at most one (default: 4096)")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run with the same --out")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run with the same --out (and the same images and settings)")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run at --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)

@@ -7,7 +7,10 @@ Outputs, beside ``gallery.npy`` (the name is the ``out`` argument's):
   in the list file, or ``train.rec#<record>``);
 - ``gallery.rejected.tsv``: ``path<TAB>reason`` for every input that was not embedded (unreadable,
   no face, too small), with a header line;
-- ``manifest.json``: parameters, model convention, counts, timings; written last.
+- the manifest: parameters, model convention, counts, timings, the settings a resume must match;
+  written last. ``out`` a folder: ``manifest.json`` in it (the folder is the run's); ``out`` a
+  ``.npy`` path: ``gallery.manifest.json`` beside it, so several galleries can share a folder.
+  Readers find either through :class:`GalleryPaths`.
 
 Work is done in chunks of ``chunk_size`` consecutive inputs. Each finished chunk is saved atomically
 under ``gallery.parts/``; a rerun with ``resume=True`` skips finished chunks and the final merge
@@ -32,9 +35,9 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import atomic_write, save_json
-from hyperface.common.manifest import Manifest
+from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
-from hyperface.recognition.images import ImageSource, UnreadableImage
+from hyperface.recognition.images import ImageSource, UnreadableImage, without_object_reprs
 from hyperface.recognition.preprocess import FacePreprocessor
 from hyperface.recognition.recognizers import Recognizer
 
@@ -48,9 +51,18 @@ PLAN_FILE = "plan.json"
 
 @dataclass
 class GalleryPaths:
-    """The files one gallery run writes, all named after ``embeddings``."""
+    """The files one gallery run writes, all named after ``embeddings``.
+
+    ``in_folder``: True when the run owns its folder (``--out FOLDER``: ``FOLDER/manifest.json``),
+    False for the self-contained file form (``--out g.npy``: ``g.manifest.json``), None for readers
+    that only know the ``.npy`` path: :attr:`manifest` then finds whichever the run wrote.
+    """
 
     embeddings: Path
+    in_folder: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.embeddings = Path(self.embeddings)
 
     @classmethod
     def from_out(cls, out: str | os.PathLike) -> "GalleryPaths":
@@ -58,8 +70,10 @@ class GalleryPaths:
         if out.suffix != ".npy":  # a folder: write gallery.npy inside it
             if out.exists() and not out.is_dir():
                 raise HyperfaceError(f"--out {out}: give a .npy file path or a folder")
-            out = out / "gallery.npy"
-        return cls(out)
+            return cls(out / "gallery.npy", in_folder=True)
+        # A .npy path: self-contained, unless the folder's manifest.json already describes this very
+        # file (by the folder form, or by an earlier hyperface): keep continuing that run.
+        return cls(out, in_folder=_folder_manifest_describes(out))
 
     @property
     def stem(self) -> Path:
@@ -78,14 +92,39 @@ class GalleryPaths:
         return self.stem.with_name(self.stem.name + ".parts")
 
     @property
-    def manifest(self) -> Path:
+    def own_manifest(self) -> Path:
+        """``g.manifest.json`` beside ``g.npy``: the file form's manifest."""
+        return self.stem.with_name(self.stem.name + ".manifest.json")
+
+    @property
+    def folder_manifest(self) -> Path:
+        """``manifest.json`` in the folder: the folder form's manifest."""
         return self.embeddings.parent / "manifest.json"
+
+    @property
+    def manifest(self) -> Path:
+        if self.in_folder is True:
+            return self.folder_manifest
+        if self.in_folder is False or self.own_manifest.exists():
+            return self.own_manifest
+        return self.folder_manifest if _folder_manifest_describes(self.embeddings) else self.own_manifest
 
     def outputs(self) -> list[Path]:
         return [self.embeddings, self.index, self.rejected, self.manifest]
 
     def chunk(self, k: int) -> Path:
         return self.parts / f"chunk_{k:06d}.npz"
+
+
+def _folder_manifest_describes(embeddings: Path) -> bool:
+    """True when ``manifest.json`` beside ``embeddings`` is an embed manifest written for that file."""
+    try:
+        manifest = json.loads((embeddings.parent / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("stage") != "embed":
+        return False
+    return (manifest.get("outputs") or {}).get("embeddings") == embeddings.name
 
 
 @dataclass
@@ -187,26 +226,19 @@ def embed_images(
     if chunk_size < 1:
         raise HyperfaceError(f"chunk_size must be >= 1, got {chunk_size}")
     _prepare(paths, resume=resume, overwrite=overwrite)
+
+    n_items = len(source)
+    n_chunks = (n_items + chunk_size - 1) // chunk_size
+    settings = _resume_settings(recognizer, preprocessor, chunk_size, n_items)
     if resume and paths.manifest.exists() and paths.embeddings.exists() and not paths.parts.exists():
-        log.info("%s is already complete; nothing to resume", paths.embeddings)
         manifest = json.loads(paths.manifest.read_text())
+        result_settings = _result_settings(settings)
+        _check_finished_run(paths, manifest, result_settings, _fingerprint(source, result_settings))
+        log.info("%s is already complete; nothing to resume", paths.embeddings)
         counts = manifest.get("counts", {})
         return EmbedResult(paths, counts.get("embedded", 0), counts.get("rejected", 0),
                            counts.get("embedding_size", 0), 0, 0.0)
 
-    n_items = len(source)
-    n_chunks = (n_items + chunk_size - 1) // chunk_size
-    # What must match for a resume to continue a run (batch size, device and workers may change).
-    model_settings = {k: v for k, v in recognizer.describe().items() if k not in ("batch_size", "device", "providers")}
-    if model_settings.get("path"):
-        model_settings["path"] = str(Path(model_settings["path"]).resolve())
-    settings = {
-        "recognizer": model_settings,
-        "preprocess": {k: v for k, v in preprocessor.describe().items() if k != "detector"}
-        | ({"detector": str(Path(preprocessor.detector.path).resolve())} if preprocessor.mode == "detect" else {}),
-        "chunk_size": chunk_size,
-        "count": n_items,
-    }
     fingerprint = _fingerprint(source, settings)
     paths.parts.mkdir(parents=True, exist_ok=True)
     plan_path = paths.parts / PLAN_FILE
@@ -214,8 +246,9 @@ def embed_images(
         plan = json.loads(plan_path.read_text())
         if plan.get("fingerprint") != fingerprint:
             raise HyperfaceError(
-                f"the partial run in {paths.parts} was made with other images or settings "
-                f"({plan.get('settings')}); rerun with --overwrite to start again"
+                f"cannot --resume the partial run in {paths.parts}: "
+                f"{_what_differs(plan.get('settings') or {}, settings)}; resume with the original images and "
+                "settings, or pass --overwrite to start again"
             )
     else:
         save_json(plan_path, {"fingerprint": fingerprint, "settings": settings})
@@ -234,7 +267,7 @@ def embed_images(
         except HyperfaceError as exc:
             return index, None, str(exc)
         except Exception as exc:  # a bad file must never stop a million-image run; it is listed
-            return index, None, f"error: {type(exc).__name__}: {str(exc)[:200]}"
+            return index, None, f"error: {type(exc).__name__}: {without_object_reprs(str(exc))[:200]}"
         return index, face, reason
 
     def indices() -> Iterator[int]:
@@ -294,7 +327,6 @@ def embed_images(
             f"no image could be embedded: all {result.rejected} inputs were rejected "
             f"({_top_reasons(result.rejected_reasons)}); see {paths.rejected}"
         )
-    shutil.rmtree(paths.parts)
 
     manifest = Manifest(
         stage="embed",
@@ -322,10 +354,77 @@ def embed_images(
                 "rejected": paths.rejected.name,
             },
             "resumed_chunks": n_chunks - len(todo),
+            # what a later --resume must match (compared with describe_changes when it does not)
+            "settings": _result_settings(settings),
+            "fingerprint": _fingerprint(source, _result_settings(settings)),
         }
     )
-    manifest.write(paths.embeddings.parent)
+    # Manifest.write names its file manifest.json: write it in the parts folder, then move it to
+    # its place (manifest.json, or g.manifest.json for the file form) before the parts go.
+    os.replace(manifest.write(paths.parts), paths.manifest)
+    shutil.rmtree(paths.parts)
     return result
+
+
+def _resume_settings(recognizer: Recognizer, preprocessor: FacePreprocessor, chunk_size: int, count: int) -> dict[str, Any]:
+    """What must match for a resume to continue a run (batch size, device and workers may change),
+    as JSON stores it (so a plan or manifest read back compares equal)."""
+    model_settings = {k: v for k, v in recognizer.describe().items() if k not in ("batch_size", "device", "providers")}
+    if model_settings.get("path"):
+        model_settings["path"] = str(Path(model_settings["path"]).resolve())
+    settings = {
+        "recognizer": model_settings,
+        "preprocess": {k: v for k, v in preprocessor.describe().items() if k != "detector"},
+        "chunk_size": chunk_size,
+        "count": count,
+    }
+    if preprocessor.mode == "detect":  # the detector's file and the settings that decide which faces are found
+        detector = {k: v for k, v in preprocessor.detector.describe().items() if k not in ("device", "kind")}
+        settings["preprocess"]["detector"] = detector | {"path": str(Path(preprocessor.detector.path).resolve())}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _result_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide a finished run's files (the chunk size only matters while it runs)."""
+    return {k: v for k, v in settings.items() if k != "chunk_size"}
+
+
+def _what_differs(before: dict[str, Any], after: dict[str, Any]) -> str:
+    changes = describe_changes(before, after)
+    if changes:
+        return f"it was made with other settings ({changes})"
+    return "it was made from other images (the same number of inputs, but other names or order)"
+
+
+def _check_finished_run(paths: GalleryPaths, manifest: dict[str, Any], settings: dict[str, Any], fingerprint: str) -> None:
+    """Refuse ``--resume`` on a complete run when the images or settings changed since it ran."""
+    if "fingerprint" in manifest:
+        if manifest["fingerprint"] == fingerprint:
+            return
+        what = _what_differs(manifest.get("settings") or {}, settings)
+    else:  # a manifest from before settings were recorded: compare what it does state
+        before = {
+            "recognizer": dict(manifest.get("recognizer") or {}),
+            "preprocess": {k: v for k, v in (manifest.get("preprocess") or {}).items() if k != "detector"},
+            "count": (manifest.get("counts") or {}).get("inputs"),
+        }
+        for key in ("batch_size", "device", "providers"):
+            before["recognizer"].pop(key, None)
+        if before["recognizer"].get("path"):
+            before["recognizer"]["path"] = str(Path(before["recognizer"]["path"]).resolve())
+        after = {
+            "recognizer": settings["recognizer"],
+            "preprocess": {k: v for k, v in settings["preprocess"].items() if k != "detector"},
+            "count": settings["count"],
+        }
+        changes = describe_changes(before, json.loads(json.dumps(after)))
+        if not changes:
+            return
+        what = f"it was made with other settings ({changes})"
+    raise HyperfaceError(
+        f"cannot --resume {paths.embeddings}: the run is complete, and {what}; pass --overwrite to embed "
+        "again with the new settings, or choose another --out"
+    )
 
 
 def _top_reasons(reasons: dict[str, int], k: int = 3) -> str:

@@ -52,11 +52,42 @@ def _decode_with_pillow(data: bytes) -> np.ndarray:
                 array = np.asarray(image, dtype=np.float64)
                 image = Image.fromarray(np.clip(array / max(array.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UnreadableImage(f"not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    except UnidentifiedImageError as exc:  # its message is "cannot identify image file <_io.BytesIO ...>"
+        raise UnreadableImage(f"not a readable image ({_what_the_bytes_are(data)})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        detail = without_object_reprs(str(exc))[:120] or type(exc).__name__
+        raise UnreadableImage(f"not a readable image ({_what_the_bytes_are(data)}: {detail})") from exc
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise UnreadableImage(f"decoded to an empty image {rgb.shape}")
     return np.ascontiguousarray(rgb)
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _what_the_bytes_are(data: bytes) -> str:
+    """What is wrong with undecodable image bytes, in words: corrupt data of a known format, or none."""
+    kind = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "WebP"
+    if kind is not None:
+        return f"{kind} header but corrupt or truncated data, {len(data)} bytes"
+    return f"no known image format, {len(data)} bytes starting {data[:8]!r}"
+
+
+def without_object_reprs(text: str) -> str:
+    """``text`` without Python object reprs such as ``<_io.BytesIO object at 0x7f...>``."""
+    import re
+
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text).strip()
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -13,6 +13,9 @@ Supported files (REFERENCE.md section 3):
 - ``*.pth`` / ``*.pt`` / ``*.ckpt`` / ``*.safetensors``: an insightface arcface_torch
   ``backbone.pth`` state dict (arch inferred from the keys or named), or a training checkpoint that
   is a dict holding such a state dict under ``"model"``, ``"state_dict"`` or ``"backbone"``.
+- what ``hyperface train`` writes: its run folder (``backbone.pth``; the newest checkpoint while it
+  still trains), ``checkpoints/step-N/`` (``backbone.safetensors``) and the ``checkpoints/latest``
+  pointer file (see :func:`resolve_model_path`).
 """
 
 from __future__ import annotations
@@ -430,6 +433,54 @@ class TorchRecognizer(Recognizer):
 # ----------------------------------------------------------------------------------------------
 # Factory
 
+#: What a ``hyperface train`` run folder holds: backbone.pth (written when the run ends) and
+#: checkpoints/latest, a one-line text file naming the newest checkpoints/step-N/ folder.
+_RUN_BACKBONES = ("backbone.pth", "backbone.safetensors")
+_LATEST = "latest"
+_WHAT_TO_PASS = (
+    "give a model file (.onnx, backbone.pth, a checkpoint's backbone.safetensors), a hyperface train run "
+    "folder, a checkpoints/step-N folder, or checkpoints/latest"
+)
+
+
+def _follow_latest(pointer: Path) -> Path:
+    """``checkpoints/latest`` (the text file train writes) -> that checkpoint's backbone.safetensors."""
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HyperfaceError(f"cannot read {pointer} as a checkpoint pointer ({exc}); {_WHAT_TO_PASS}") from exc
+    if not name or "\n" in name or "/" in name or "\\" in name:
+        raise HyperfaceError(f"{pointer} is not a checkpoints/latest pointer (one line naming a step-N folder); {_WHAT_TO_PASS}")
+    backbone = pointer.parent / name / "backbone.safetensors"
+    if not backbone.is_file():
+        raise HyperfaceError(
+            f"{pointer} names {name}, but {backbone} is missing; give another checkpoint's backbone.safetensors"
+        )
+    return backbone
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The model file behind what a user may pass: a model file, a train run folder (its
+    backbone.pth, or its newest checkpoint while it trains), a checkpoints/ or checkpoints/step-N
+    folder, or the checkpoints/latest pointer file."""
+    path = Path(path)
+    if not path.exists():
+        raise HyperfaceError(f"face recognition model not found: {path}; {MODEL_SOURCES}")
+    if path.is_dir():
+        for name in _RUN_BACKBONES:  # a run folder (backbone.pth) or a checkpoint folder (backbone.safetensors)
+            if (path / name).is_file():
+                return path / name
+        for pointer in (path / "checkpoints" / _LATEST, path / _LATEST):  # a run still training, or checkpoints/
+            if pointer.is_file():
+                return _follow_latest(pointer)
+        candidates = sorted(p.name for p in path.iterdir() if p.suffix.lower() in ONNX_SUFFIXES + TORCH_SUFFIXES)
+        hint = f" (it holds {', '.join(candidates[:5])}: pass one of them)" if candidates else f"; {_WHAT_TO_PASS}"
+        raise HyperfaceError(f"{path} is a folder without backbone.pth or checkpoints/latest{hint}")
+    if path.name == _LATEST and not path.suffix:
+        return _follow_latest(path)
+    return path
+
+
 
 def load_recognizer(
     path: str | os.PathLike,
@@ -445,7 +496,8 @@ def load_recognizer(
     """Build a face recognizer from a model file.
 
     Args:
-        path: ``*.onnx`` (onnxruntime) or ``*.pth``/``*.pt``/``*.ckpt``/``*.safetensors`` (iResNet).
+        path: ``*.onnx`` (onnxruntime) or ``*.pth``/``*.pt``/``*.ckpt``/``*.safetensors`` (iResNet), or a
+            train run folder, a ``checkpoints/step-N`` folder or ``checkpoints/latest`` (:func:`resolve_model_path`).
         arch: iResNet arch for PyTorch files (``r18`` ... ``r200``); inferred from the keys if None.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         flip: sum the features of each face and its horizontal mirror before normalising.
@@ -457,16 +509,7 @@ def load_recognizer(
     Returns:
         A :class:`Recognizer`; ``embed(uint8 (N,112,112,3) RGB) -> float32 (N,D)`` unit rows.
     """
-    path = Path(path)
-    if not path.exists():
-        raise HyperfaceError(f"face recognition model not found: {path}; {MODEL_SOURCES}")
-    if path.is_dir():  # a training run or checkpoint folder holds exactly one backbone
-        backbones = [path / name for name in ("backbone.pth", "backbone.safetensors") if (path / name).is_file()]
-        if not backbones:
-            candidates = sorted(p.name for p in path.iterdir() if p.suffix.lower() in ONNX_SUFFIXES + TORCH_SUFFIXES)
-            hint = f" (it holds {', '.join(candidates[:5])})" if candidates else ""
-            raise HyperfaceError(f"--model {path} is a folder without backbone.pth; give the model file itself{hint}")
-        path = backbones[0]
+    path = resolve_model_path(path)
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         if arch is not None:
@@ -490,9 +533,9 @@ def load_recognizer(
             path=path,
             arch=arch or infer_arch_or_none(state),
         )
+    kind = f"type {path.suffix!r}" if path.suffix else "type (no file extension)"
     raise HyperfaceError(
-        f"unknown model file type {path.suffix!r} for {path.name}: use .onnx or .pth/.pt/.ckpt/.safetensors; "
-        f"{MODEL_SOURCES}"
+        f"unknown model file {kind} for {path}: {_WHAT_TO_PASS}; {MODEL_SOURCES}"
     )
 
 
@@ -504,5 +547,6 @@ __all__ = [
     "graph_normalises_input",
     "load_recognizer",
     "load_torch_state_dict",
+    "resolve_model_path",
     "select_backbone_state_dict",
 ]

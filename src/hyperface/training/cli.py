@@ -79,18 +79,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speed.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="autocast dtype (default: auto = bf16 on CUDA when supported, else fp16; none on CPU)")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    speed.add_argument("--workers", type=int, help="DataLoader worker processes per GPU (default: min(8, cores per process - 1))")
+    speed.add_argument("--workers", type=int, help="DataLoader worker processes per GPU (default: min(8, cores per process - 1); 0 = load in the main process)")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process, LOCAL_RANK)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--val-bin", nargs="+", default=[], metavar="BIN", help="verification .bin files (insightface format) evaluated during training")
     run.add_argument("--val-every", type=int, default=0, help="verify every N steps (default: 0 = every epoch)")
     run.add_argument("--checkpoint-every", type=int, default=2000, help="checkpoint every N steps, besides every epoch (default: 2000; 0 = epochs only)")
-    run.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default: 2)")
-    run.add_argument("--log-every", type=int, default=50, help="log loss/lr/throughput every N steps (default: 50)")
-    run.add_argument("--max-steps", type=int, help="stop after N steps in total (smoke tests; the schedule still spans --epochs)")
+    run.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default: 2; 0 = keep all)")
+    run.add_argument("--log-every", type=int, default=50, help="log loss/lr/throughput every N steps (default: 50): to metrics.jsonl, and as a log line on stderr when no progress bar is shown (not a terminal, or HYPERFACE_PROGRESS=0)")
+    run.add_argument("--max-steps", type=int, help="stop after N >= 1 steps in total (smoke tests; the schedule still spans --epochs)")
     run.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation (default: 0)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (with the settings it was started with)")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier hyperface run in --out")
     parser.set_defaults(func=run_command)
 
@@ -153,6 +153,8 @@ def run_command(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the job
         return 0
     summary = f"trained {result.steps} steps ({result.epochs_done} epochs) -> {result.out}/backbone.pth"
+    if result.nothing_to_do:
+        summary = f"nothing to resume: {result.out} already {summary}"
     if result.last_loss is not None:
         summary += f"; last loss {result.last_loss:.4f}"
     if result.val:

@@ -18,6 +18,8 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,8 +41,15 @@ from hyperface.training.losses import PartialFC, build_margin
 
 log = get_logger("hyperface.train")
 
-#: Settings that must not change when a run is resumed (the weights would not fit or mean otherwise).
-_RESUME_FIXED = ("arch", "embedding_size", "loss", "batch_size", "partial_fc", "seed")
+#: Settings that must not change when a run is resumed, finished or not: the weights would not fit,
+#: or the resumed run would no longer be the one its config.json and manifest.json describe. What may
+#: change: run length limits (--max-steps), where and how fast it runs (--device, --workers, --amp,
+#: --compile, --channels-last), logging, checkpointing, verification sets and the data's path.
+_RESUME_FIXED = (
+    "arch", "embedding_size", "dropout", "loss", "margin_s", "margin_m", "partial_fc", "epochs", "batch_size",
+    "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma", "poly_power",
+    "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed",
+)
 
 
 @dataclass
@@ -99,8 +108,7 @@ class TrainConfig:
             raise HyperfaceError(f"unknown --amp {self.amp!r}: use auto, bf16, fp16 or none")
         if self.augment not in ("none", "flip", "adaface"):
             raise HyperfaceError(f"unknown --augment {self.augment!r}: use none, flip or adaface")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise HyperfaceError("--epochs must be >= 1 and --batch-size >= 2 (BatchNorm needs 2 samples)")
+        self._check_ranges()
         cfg = TrainConfig(**asdict(self))
         cfg.lr = self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
         if cfg.weight_decay is None:
@@ -108,6 +116,51 @@ class TrainConfig:
         cfg.milestones = tuple(int(m) for m in self.milestones)
         cfg.val_bins = tuple(str(p) for p in self.val_bins)
         return cfg
+
+    def _check_ranges(self) -> None:
+        """Every numeric option within its valid range, or one error naming the flag."""
+
+        def number(flag: str, value: Any, *, integer: bool = False) -> float:
+            kind = numbers.Integral if integer else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+                raise HyperfaceError(f"{flag} must be {'an integer' if integer else 'a finite number'}, got {value!r}")
+            return value
+
+        def require(ok: bool, flag: str, value: Any, rule: str) -> None:
+            if not ok:
+                raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
+
+        checks: list[tuple[str, Any, bool, Callable[[float], bool], str]] = [
+            # (flag, value, integer, valid, rule)
+            ("--embedding-size", self.embedding_size, True, lambda v: v >= 2, ">= 2"),
+            ("--dropout", self.dropout, False, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("--partial-fc", self.partial_fc, False, lambda v: 0.0 < v <= 1.0, "in (0, 1] (1 = full softmax)"),
+            ("--epochs", self.epochs, True, lambda v: v >= 1, ">= 1"),
+            ("--batch-size", self.batch_size, True, lambda v: v >= 2, ">= 2 (BatchNorm needs 2 samples)"),
+            ("--momentum", self.momentum, False, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("--gamma", self.gamma, False, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+            ("poly_power", self.poly_power, False, lambda v: v > 0, "> 0"),
+            ("--warmup-epochs", self.warmup_epochs, False, lambda v: 0.0 <= v <= self.epochs, f"in [0, --epochs {self.epochs}]"),
+            ("--clip-grad-norm", self.clip_grad_norm, False, lambda v: v >= 0, ">= 0 (0 = off)"),
+            ("--augment-p", self.augment_p, False, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+            ("--val-every", self.val_every, True, lambda v: v >= 0, ">= 0 (0 = every epoch)"),
+            ("--checkpoint-every", self.checkpoint_every, True, lambda v: v >= 0, ">= 0 (0 = epochs only)"),
+            ("--keep-checkpoints", self.keep_checkpoints, True, lambda v: v >= 0, ">= 0 (0 = keep all)"),
+            ("--log-every", self.log_every, True, lambda v: v >= 1, ">= 1"),
+            ("--seed", self.seed, True, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+        ]
+        optional = [
+            ("--lr", self.lr, False, lambda v: v > 0, "> 0"),
+            ("--weight-decay", self.weight_decay, False, lambda v: v >= 0, ">= 0"),
+            ("--margin-s", self.margin_s, False, lambda v: v > 0, "> 0"),
+            ("--margin-m", self.margin_m, False, lambda v: 0.0 <= v < math.pi / 2, "in [0, pi/2)"),
+            ("--workers", self.workers, True, lambda v: v >= 0, ">= 0 (0 = load in the main process)"),
+            ("--max-steps", self.max_steps, True, lambda v: v >= 1, ">= 1 (leave it out to train every --epochs)"),
+        ]
+        for flag, value, integer, valid, rule in checks + [c for c in optional if c[1] is not None]:
+            require(valid(number(flag, value, integer=integer)), flag, value, rule)
+        for m in self.milestones:
+            require(number("--milestones", m, integer=True) >= 1, "--milestones", m, "epochs >= 1")
 
 
 @dataclass
@@ -117,6 +170,45 @@ class TrainResult:
     epochs_done: int
     last_loss: float | None
     val: dict[str, float] = field(default_factory=dict)
+    nothing_to_do: bool = False  # resumed a run that had already reached its last step
+
+
+def _plain(value: Any) -> Any:
+    """A config value as config.json / meta.json store it (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_resume_settings(out: Path, meta: dict[str, Any], cfg: TrainConfig, *, world: int, num_classes: int) -> None:
+    """Refuse to resume a run (finished or not) with settings that change what it trains."""
+    saved = meta["config"]
+    changed = [k for k in _RESUME_FIXED if saved.get(k) != _plain(getattr(cfg, k))]
+    what = [describe_changes({k: saved.get(k) for k in changed}, {k: _plain(getattr(cfg, k)) for k in changed})] if changed else []
+    if meta["world_size"] != world:
+        what.append(f"world size {meta['world_size']} -> {world}")
+    if meta["num_classes"] != num_classes:
+        what.append(f"classes {meta['num_classes']} -> {num_classes}")
+    if what:
+        raise HyperfaceError(
+            f"cannot --resume {out}: the run was started with different settings ({', '.join(what)}); "
+            "resume with the original settings, or train a new run in another --out"
+        )
+
+
+def _finished_manifest(out: Path, step: int) -> dict[str, Any] | None:
+    """The run's manifest.json when it records this very step (the run already ended there), else None."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("stage") != "train" or manifest.get("steps") != step:
+        return None
+    return manifest
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def learning_rate(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
@@ -366,16 +458,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     resumed_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if resumed_from is not None:
         meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
-        saved = meta["config"]
-        changed = [k for k in _RESUME_FIXED if saved.get(k) != (list(v) if isinstance(v := getattr(cfg, k), tuple) else v)]
-        if changed or meta["world_size"] != world or meta["num_classes"] != num_classes:
-            current = {k: list(v) if isinstance(v := getattr(cfg, k), tuple) else v for k in changed}
-            what = describe_changes({k: saved.get(k) for k in changed}, current)
-            if meta["world_size"] != world:
-                what += f" world size {meta['world_size']} -> {world}"
-            if meta["num_classes"] != num_classes:
-                what += f" classes {meta['num_classes']} -> {num_classes}"
-            raise HyperfaceError(f"cannot --resume {out}: the run was started with different settings ({what.strip(', ')})")
+        _check_resume_settings(out, meta, cfg, world=world, num_classes=num_classes)
         backbone.load_state_dict(ckpt.load_safetensors(resumed_from / "backbone.safetensors", device))
         head.load_state_dict(ckpt.load_safetensors(resumed_from / f"head-rank{rank}.safetensors", device))
         state = ckpt.load_torch(resumed_from / f"state-rank{rank}.pt", device)
@@ -390,6 +473,18 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         log.info("resumed %s at step %d (epoch %d, step %d of %d)", resumed_from, step, epoch, step_in_epoch, steps_per_epoch)
     elif is_main:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if resumed_from is not None and step >= stop_at:
+        finished = _finished_manifest(out, step)
+        if finished is not None:  # nothing to train: keep backbone.pth and manifest.json as they are
+            if is_main:
+                log.info("%s already trained %d of %d steps; nothing to resume", out, step, total_steps)
+            _barrier(world)
+            return TrainResult(
+                out=out, steps=step, epochs_done=epoch, last_loss=finished.get("last_loss", last_loss),
+                val=dict(finished.get("verification") or {}), nothing_to_do=True,
+            )
 
     model: nn.Module = backbone
     if world > 1:
@@ -454,10 +549,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         _barrier(world)
 
     # --- the loop -------------------------------------------------------------------------------
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = progress(total=stop_at, desc="train", unit="step", initial=step, disable=None if is_main else True)
+    log_lines = is_main and bool(getattr(bar, "disable", False))  # no bar (not a terminal): print the loss instead
     running_loss = torch.zeros((), device=device)
     running_count, window_start, window_images = 0, time.time(), 0
+    loop_start, loop_start_step = time.time(), step
     backbone.train()
     head.train()
     stop = _StopRequest()
@@ -497,6 +593,13 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                     elapsed = max(1e-9, time.time() - window_start)
                     metrics.write(step, epoch=epoch, loss=last_loss, lr=lr, images_per_s=window_images / elapsed)
                     bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                    if log_lines:
+                        steps_per_s = (step - loop_start_step) / max(1e-9, time.time() - loop_start)
+                        log.info(
+                            "step %d/%d  epoch %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %s",
+                            step, stop_at, epoch + 1, cfg.epochs, last_loss, lr, window_images / elapsed,
+                            _format_eta((stop_at - step) / steps_per_s if steps_per_s > 0 else 0.0),
+                        )
                     running_loss.zero_()
                     running_count, window_start, window_images = 0, time.time(), 0
                 bar.update(1)
