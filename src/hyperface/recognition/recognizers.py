@@ -481,7 +481,6 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return path
 
 
-
 def load_recognizer(
     path: str | os.PathLike,
     *,
