@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +212,29 @@ def test_reg_weight_trades_angle_for_gallery_proximity():
     assert angles[2] > start_angle
 
 
+def test_time_budget_includes_the_polish():
+    """The exact polish (N <= 2048) used to run after the budget: 300 steps, ~10 s here on top of 1 s."""
+    pack(PackConfig(20, 8, steps=1, polish_steps=0, symmetry="none"))  # one-time torch set-up, off the clock
+    started = time.perf_counter()
+    result = pack(PackConfig(1000, 64, time_budget=1.0, symmetry="none"))
+    wall = time.perf_counter() - started
+    assert 0.9 <= result.seconds <= 1.25  # Adam's share, then the polish until the deadline
+    assert wall < 1.6
+    assert result.steps_done > 0 and min_angle(result.points) > random_min_angle_deg(1000, 64) + 10.0
+
+
+@pytest.mark.parametrize("symmetry", ["none", "cyclic"])
+def test_time_budget_progress_bar_counts_tenths_of_the_real_budget(monkeypatch, capsys, symmetry):
+    monkeypatch.setenv("HYPERFACE_PROGRESS", "1")  # show the bar although stderr is not a terminal
+    pack(PackConfig(200, 16, time_budget=1.5, symmetry=symmetry))
+    err = capsys.readouterr().err
+    shown = re.findall(r"\| (\S+)/(\S+) s \[", err)
+    assert shown, err
+    assert {total for _, total in shown} == {"1.5"}  # the budget, not round(budget) or Adam's share
+    assert all(re.fullmatch(r"\d+\.\d", done) and float(done) <= 1.5 for done, _ in shown)
+    assert float(shown[-1][0]) >= 1.0  # it advances through the run, polish included
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     config = PackConfig(150, 24, steps=80, seed=3)
     reference = pack(config)
@@ -226,8 +250,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert resumed.steps_done == 80
     assert np.array_equal(resumed.points, reference.points)
 
-    with pytest.raises(HyperfaceError, match="same parameters"):
-        pack(PackConfig(150, 24, steps=81, seed=3), checkpoint_dir=tmp_path, resume=True)
+    # only what changed is named, not the whole configuration
+    with pytest.raises(HyperfaceError, match=r"other settings \(seed 3 -> 4, steps 80 -> 81\); use the same settings"):
+        pack(PackConfig(150, 24, steps=81, seed=4), checkpoint_dir=tmp_path, resume=True)
 
 
 # --- the command line ------------------------------------------------------------------------------
@@ -300,7 +325,7 @@ def bad_gallery(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize(
     "kind, message",
     [("nan", "NaN"), ("inf", "NaN/inf"), ("zero", "all-zero"), ("1d", "2-D"), ("ints", "floats"),
-     ("corrupt", "not a readable")],
+     ("corrupt", "truncated or corrupt")],
 )
 def test_cli_rejects_bad_galleries_cleanly(tmp_path, capsys, kind, message):
     out = tmp_path / "run"
@@ -332,6 +357,67 @@ def test_cli_rejects_bad_parameters(tmp_path, capsys, args, message):
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode", "neighbors", "--neighbors", "0"], "--neighbors must be at least 1, got 0"),
+        (["--mode", "neighbors", "--refresh-every", "0"], "--refresh-every must be at least 1 (steps), got 0"),
+        (["--mode", "stochastic", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--mode", "stochastic", "--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+        (["--step-angle", "-1"], "--step-angle must be in (0, pi] radians, got -1.0"),
+        (["--step-angle", "nan"], "--step-angle must be in (0, pi] radians, got nan"),
+        (["--polish-steps", "-3"], "--polish-steps must be 0 or more, got -3"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be a positive number of seconds, got -1.0"),
+        (["--time-budget", "nan"], "--time-budget must be a positive, finite number of seconds, got nan"),
+        (["--time-budget", "inf"], "--time-budget must be a positive, finite number of seconds, got inf"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 2^62, got -1"),
+        (["--restarts", "0"], "--restarts must be at least 1, got 0"),
+        (["--temperature-start", "0"], "--temperature-start must be a positive, finite number, got 0.0"),
+        (["--temperature-end", "0.9"], "--temperature-end must be in (0, --temperature-start 0.5], got 0.9"),
+        (["--dim", "1"], "--dim must be at least 2, got 1"),
+    ],
+)
+def test_cli_refuses_out_of_range_options(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    args = args if "--dim" in args else ["--dim", "16", *args]
+    code = run_cli("--identities", "50", *args, "--out", str(out))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == f"hyperface pack: error: {message}"  # one line: the flag, its range, the value
+    assert not out.exists()  # refused before anything is written
+
+
+def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--identities", "40", "--dim", "8", "--steps", "20", "--no-plot", "--out", str(out)]
+    assert run_cli(*base) == 0
+    capsys.readouterr()
+    assert run_cli(*base, "--seed", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"hyperface pack: error: cannot --resume {out}: it was started with other settings "
+                           "(seed 0 -> 3); use the same settings or --overwrite")
+    assert run_cli(*base, "--resume") == 0  # the same settings: nothing to do
+
+
+def test_cli_takes_embeds_output_folder_as_gallery(tmp_path, capsys):
+    folder = tmp_path / "embedded"  # what `hyperface embed ... --out embedded` leaves
+    folder.mkdir()
+    np.save(folder / "gallery.npy", anisotropic_gallery(200, 16))
+    out = tmp_path / "run"
+    assert run_cli("--identities", "50", "--gallery", str(folder), "--steps", "10", "--no-plot", "--out", str(out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert Path(manifest["inputs"]["gallery"]["path"]) == (folder / "gallery.npy").resolve()
+    assert len(manifest["inputs"]["gallery"]["sha256"]) == 64
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert run_cli("--identities", "50", "--gallery", str(empty), "--out", str(tmp_path / "run2")) == 2
+    err = capsys.readouterr().err
+    assert "is a folder without gallery.npy" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run2").exists()
+
+
 def test_cli_refuses_unwritable_and_file_outputs(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -346,28 +432,84 @@ def test_cli_refuses_unwritable_and_file_outputs(tmp_path, capsys):
     assert (stranger / "precious.txt").read_text() == "keep me"
 
 
-def test_killed_process_resumes_without_losing_work(tmp_path):
-    """SIGKILL mid-run, then --resume: the result equals an uninterrupted run's, bit for bit."""
-    args = ["--identities", "400", "--dim", "32", "--steps", "1500", "--seed", "1", "--no-plot",
-            "--polish-steps", "0", "--symmetry", "none"]
-    reference = tmp_path / "reference"
-    assert run_cli(*args, "--out", str(reference)) == 0
+KILL_ARGS = ["--identities", "400", "--dim", "32", "--steps", "1500", "--seed", "1", "--no-plot",
+             "--polish-steps", "0", "--symmetry", "none"]
 
-    out = tmp_path / "killed"
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    """The run that the killed and terminated ones must reproduce after --resume."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert run_cli(*KILL_ARGS, "--out", str(out)) == 0
+    return out
+
+
+def start_pack_until_checkpoint(out: Path) -> subprocess.Popen:
+    """`hyperface pack` in a child process, returned once its first checkpoint is on disk."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "hyperface", "pack", *args, "--out", str(out), "--checkpoint-every", "0.05"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "hyperface", "pack", *KILL_ARGS, "--out", str(out), "--checkpoint-every", "0.05"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.02)
+    return proc
+
+
+def test_killed_process_resumes_without_losing_work(tmp_path, uninterrupted_run):
+    """SIGKILL mid-run, then --resume: the result equals an uninterrupted run's, bit for bit."""
+    out = tmp_path / "killed"
+    proc = start_pack_until_checkpoint(out)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     assert (out / "checkpoint.pt").exists()
 
-    assert run_cli(*args, "--out", str(out), "--resume") == 0
-    assert np.array_equal(np.load(out / "identities.npy"), np.load(reference / "identities.npy"))
+    assert run_cli(*KILL_ARGS, "--out", str(out), "--resume") == 0
+    assert np.array_equal(np.load(out / "identities.npy"), np.load(uninterrupted_run / "identities.npy"))
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path, uninterrupted_run):
+    """SIGTERM (a scheduler's or `kill`'s stop) acts like Ctrl-C: checkpoint, resume hint, exit 130."""
+    out = tmp_path / "terminated"
+    proc = start_pack_until_checkpoint(out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert not (out / "manifest.json").exists(), "the run finished before it could be stopped"
+    assert proc.returncode == 130, err
+    assert "stop requested" in err and "rerun with --resume" in err and "Traceback" not in err
+    assert (out / "checkpoint.pt").exists()
+
+    assert run_cli(*KILL_ARGS, "--out", str(out), "--resume") == 0
+    assert np.array_equal(np.load(out / "identities.npy"), np.load(uninterrupted_run / "identities.npy"))
+
+
+@pytest.mark.parametrize("symmetry, phase", [("none", "adam"), ("cyclic", "adam"), ("cyclic", "polish")])
+def test_sigterm_stops_after_the_step_and_resumes_to_the_same_result(tmp_path, symmetry, phase):
+    config = PackConfig(200, 16, steps=120, seed=5, symmetry=symmetry)
+    reference = pack(config)
+
+    def unhandled(signum, frame):
+        raise AssertionError("pack left SIGTERM to the default handler, which kills the process")
+
+    sent = []
+
+    def terminate(entry):
+        if not sent and entry.get("phase", "adam") == phase and (phase == "polish" or entry["step"] >= 60):
+            sent.append(entry)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pack(config, checkpoint_dir=tmp_path, checkpoint_every=1e9, log_every=1, callback=terminate)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # pack restores the caller's handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (tmp_path / "checkpoint.pt").exists()
+    resumed = pack(config, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.steps_done == 120
+    assert np.array_equal(resumed.points, reference.points)
 
 
 def test_interrupted_restart_sequence_resumes_to_the_same_result(tmp_path):

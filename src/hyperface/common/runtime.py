@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -82,3 +82,44 @@ def progress(
     if disable is None:
         disable = not progress_enabled()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+class StopRequest:
+    """SIGTERM / first Ctrl-C: the long loops finish their current step, checkpoint it and stop (a
+    second Ctrl-C aborts at once). Under DDP the ranks agree through :meth:`agreed` (a collective on
+    every rank). Use from the main thread; :meth:`restore` puts the previous handlers back."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self._log = logger or get_logger("hyperface")
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log.warning("stop requested: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    def agreed(self, world: int, device: Any) -> bool:
+        """Whether any rank was asked to stop (``world`` > 1 needs an initialised process group)."""
+        if world == 1:
+            return self.requested
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

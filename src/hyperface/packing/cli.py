@@ -41,11 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--identities", "-n", type=int, required=True, metavar="N", help="number of identities to pack")
     space = p.add_mutually_exclusive_group(required=True)
     space.add_argument("--dim", "-d", type=int, metavar="D", help="embedding dimension (pure packing, no gallery)")
-    space.add_argument("--gallery", metavar="G.npy", help="(M, d) face embeddings: initial points and regulariser")
+    space.add_argument("--gallery", metavar="G.npy", help="(M, d) face embeddings: initial points and regulariser "
+                                                          "(a .npy, or the folder `hyperface embed` wrote)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty or new)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, metavar="K", help="optimisation steps (default 1000)")
-    budget.add_argument("--time-budget", type=float, metavar="SEC", help="optimise for this many seconds instead")
+    budget.add_argument("--time-budget", type=float, metavar="SEC",
+                        help="optimise for this many seconds instead, the final polish included")
     p.add_argument("--reg-weight", type=float, default=0.0, metavar="A",
                    help="weight of the mean squared distance to the nearest gallery embedding, traded against "
                         "the max cosine (default 0: pure packing; try 0.1-2 with a gallery)")

@@ -29,8 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hyperface.common.runtime import get_logger, progress
-from hyperface.packing.solver import PackConfig, anneal_schedule, sphere_adam_step
+from hyperface.common.runtime import get_logger
+from hyperface.packing.solver import PackConfig, advance, anneal_schedule, budget_progress, sphere_adam_step
 
 log = get_logger("hyperface.packing")
 
@@ -147,6 +147,7 @@ def pack_cyclic(
     checkpoint_every: float = 60.0,
     log_every: int | None = None,
     callback: Callable[[dict[str, float]], None] | None = None,
+    stop: Any = None,
 ) -> dict[str, Any]:
     """Optimise a cyclic orbit code for ``cfg`` (resolved); returns representatives, points, history
     and counts.
@@ -156,7 +157,8 @@ def pack_cyclic(
     (float64) run until they converge or the budget is spent. ``save(state)`` is called every
     ``checkpoint_every`` seconds, after each polish stage and on Ctrl-C; passing that ``state``
     back continues the run (bit-identically with ``steps``). Deterministic for a seed and device
-    with ``steps``.
+    with ``steps``. Once ``stop.requested`` (SIGTERM, Ctrl-C), saves and raises KeyboardInterrupt
+    at the end of the Adam step or L-BFGS evaluation.
     """
     num_points, dim, steps, polish = cfg.num_identities, int(cfg.dim), cfg.steps, cfg.polish_steps != 0  # type: ignore[arg-type]
     num_reps = num_representatives(num_points, dim)
@@ -195,8 +197,8 @@ def pack_cyclic(
     def fraction() -> float:
         return step / steps if steps is not None else elapsed / adam_budget  # type: ignore[operator]
 
-    bar = progress(total=steps or round(adam_budget or 0), initial=step if steps else int(min(elapsed, adam_budget or 0)),
-                   desc="pack (cyclic)", unit="step" if steps else "s")
+    # In seconds the bar spans the whole budget, the L-BFGS finish included.
+    bar = budget_progress(steps, time_budget, step if steps else elapsed, desc="pack (cyclic)")
     last_save = time.perf_counter()
     try:
         while polish_v is None and fraction() < 1.0:
@@ -213,11 +215,12 @@ def pack_cyclic(
             if step == 1 or step % every == 0:
                 record("adam", cos, temperature, lr=lr)
                 bar.set_postfix(angle=f"{math.degrees(math.acos(min(1.0, cos))):.3f}")
-            bar.update(1 if steps else dt)
+            advance(bar, 1 if steps else dt)
             if save is not None and time.perf_counter() - last_save >= checkpoint_every:
                 save(snapshot())
                 last_save = time.perf_counter()
-        bar.close()
+            if stop is not None and stop.requested:
+                raise KeyboardInterrupt  # the step is complete: the handler below saves it
         if polish_v is None:
             final = max_cosine(params.detach())
             if final < best_cos:
@@ -235,6 +238,8 @@ def pack_cyclic(
                                       line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
 
             def closure(t: float = polish_temperature) -> torch.Tensor:
+                if stop is not None and stop.requested:
+                    raise KeyboardInterrupt  # saved below with polish_v, this stage's start
                 if deadline is not None and time.perf_counter() > deadline:
                     raise _OutOfTime
                 value, _ = smooth_max(v, t, normalize=True)
@@ -247,7 +252,10 @@ def pack_cyclic(
                 out_of_time = True
             candidate = v.detach() / v.detach().norm(dim=1, keepdim=True)
             cos = max_cosine(candidate)
-            elapsed += time.perf_counter() - t0
+            stage_seconds = time.perf_counter() - t0
+            elapsed += stage_seconds
+            if not steps:
+                advance(bar, stage_seconds)
             if out_of_time:
                 if cos < best_cos:
                     best_cos, best = cos, candidate.float()

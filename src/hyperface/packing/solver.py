@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ import torch
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import atomic_write
-from hyperface.common.runtime import get_logger, progress, resolve_device
+from hyperface.common.manifest import describe_changes
+from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
 from hyperface.packing.geometry import TILE_ELEMENTS, tiled_topk
 from hyperface.packing.init import initial_points
 
@@ -61,6 +63,31 @@ CHECKPOINT_NAME = "checkpoint.pt"
 POLISH_AUTO_MAX = 2048
 #: Below this temperature (in units of 1/sqrt(d)) GEMMs run in float32 whatever compute_dtype says.
 BF16_MIN_TEMPERATURE = 0.01
+#: With a --time-budget, the polish's share of it (Adam gets the rest): the polish used to run after
+#: the budget, and at N = 1000, d = 64 its 300 steps took 10 s more than a 3 s budget.
+POLISH_SHARE = 0.25
+#: Largest --seed: restarts add 1,000,003 per restart, and torch seeds must fit in 64 bits.
+MAX_SEED = 2**62
+
+
+def _check(flag: str, value: Any, valid: Callable[[Any], bool], rule: str, *, integer: bool = False) -> None:
+    """One-line error naming the flag, its valid range and the value given (NaN fails every rule)."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
+        raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
+
+
+def check_checkpoint_every(seconds: float) -> None:
+    """``checkpoint_every`` is seconds between checkpoints: inf means none until the end or Ctrl-C."""
+    _check("--checkpoint-every", seconds, lambda v: v > 0, "a positive number of seconds")
+
+
+def resume_mismatch(where: str | Path, before: dict[str, Any], after: dict[str, Any]) -> HyperfaceError:
+    """The error for ``--resume`` with settings other than the run's, naming only what changed."""
+    return HyperfaceError(
+        f"cannot --resume {where}: it was started with other settings ({describe_changes(before, after)}); "
+        "use the same settings or --overwrite"
+    )
 
 
 @dataclass
@@ -92,14 +119,14 @@ class PackConfig:
     def resolved(self, gallery: np.ndarray | None) -> "PackConfig":
         """Fill the ``auto`` fields and check the values; raises HyperfaceError on bad input."""
         cfg = dataclasses.replace(self)
-        if cfg.num_identities < 2:
-            raise HyperfaceError(f"--identities must be at least 2, got {cfg.num_identities}")
+        _check("--identities", cfg.num_identities, lambda v: v >= 2, "at least 2", integer=True)
         if gallery is not None:
             if cfg.dim is not None and cfg.dim != gallery.shape[1]:
                 raise HyperfaceError(f"--dim {cfg.dim} does not match the gallery's dimension {gallery.shape[1]}")
             cfg.dim = int(gallery.shape[1])
-        if cfg.dim is None or cfg.dim < 2:
+        if cfg.dim is None:
             raise HyperfaceError("give --dim D (at least 2) or --gallery G.npy")
+        _check("--dim", cfg.dim, lambda v: v >= 2, "at least 2", integer=True)
         if cfg.symmetry not in SYMMETRIES:
             raise HyperfaceError(f"unknown --symmetry {cfg.symmetry!r}: choose one of {', '.join(SYMMETRIES)}")
         pure = gallery is None and cfg.init in ("auto", "random") and cfg.mode in ("auto", "exact")
@@ -112,16 +139,28 @@ class PackConfig:
             )
         if cfg.init == "auto":
             cfg.init = "gallery" if gallery is not None else "random"
-        if cfg.reg_weight < 0 or not math.isfinite(cfg.reg_weight):
-            raise HyperfaceError(f"--reg-weight must be a finite number >= 0, got {cfg.reg_weight}")
+        _check("--reg-weight", cfg.reg_weight, lambda v: 0 <= v < math.inf, "a finite number >= 0")
         if cfg.reg_weight > 0 and gallery is None:
             raise HyperfaceError("--reg-weight needs --gallery G.npy (the embeddings to stay near)")
         if cfg.steps is None and cfg.time_budget is None:
             cfg.steps = 1000
-        if cfg.steps is not None and cfg.steps < 1:
-            raise HyperfaceError(f"--steps must be positive, got {cfg.steps}")
-        if cfg.time_budget is not None and cfg.time_budget <= 0:
-            raise HyperfaceError(f"--time-budget must be positive seconds, got {cfg.time_budget}")
+        if cfg.steps is not None:
+            _check("--steps", cfg.steps, lambda v: v >= 1, "a positive integer", integer=True)
+        if cfg.time_budget is not None:
+            _check("--time-budget", cfg.time_budget, lambda v: 0 < v < math.inf, "a positive, finite number of seconds")
+        if cfg.polish_steps is not None:  # None: the default for N
+            _check("--polish-steps", cfg.polish_steps, lambda v: v >= 0, "0 or more", integer=True)
+        _check("--seed", cfg.seed, lambda v: 0 <= v <= MAX_SEED, "an integer from 0 to 2^62", integer=True)
+        _check("--restarts", cfg.restarts, lambda v: v >= 1, "at least 1", integer=True)
+        _check("--neighbors", cfg.neighbors, lambda v: v >= 1, "at least 1", integer=True)
+        _check("--refresh-every", cfg.refresh_every, lambda v: v >= 1, "at least 1 (steps)", integer=True)
+        _check("--batch-size", cfg.batch_size, lambda v: v >= 1, "at least 1", integer=True)
+        _check("gallery_candidates", cfg.gallery_candidates, lambda v: v >= 1, "at least 1", integer=True)
+        _check("--step-angle", cfg.step_angle, lambda v: 0 < v <= math.pi, "in (0, pi] radians")
+        _check("step_floor", cfg.step_floor, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check("--temperature-start", cfg.temperature_start, lambda v: 0 < v < math.inf, "a positive, finite number")
+        _check("--temperature-end", cfg.temperature_end, lambda v: 0 < v <= cfg.temperature_start,
+               f"in (0, --temperature-start {cfg.temperature_start:g}]")
         if cfg.mode not in MODES:
             raise HyperfaceError(f"unknown --mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
         if cfg.mode == "auto":
@@ -129,10 +168,6 @@ class PackConfig:
             # cosine, which top-k lists cannot see (N=10k, d=512, 60 s: exact 86.9 deg, stochastic
             # 84.8, neighbors 81.7). 10^6 identities cost ~10^15 flop a step: minutes on one GPU.
             cfg.mode = "exact"
-        if cfg.restarts < 1:
-            raise HyperfaceError("--restarts must be at least 1")
-        if not 0 < cfg.temperature_end <= cfg.temperature_start:
-            raise HyperfaceError("temperatures must satisfy 0 < end <= start")
         return cfg
 
 
@@ -355,17 +390,34 @@ def sphere_adam_step(points: torch.nn.Parameter, grad: torch.Tensor, optimizer: 
         points.div_(points.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def _polish(objective: _Objective, x: torch.Tensor, temperature: float, steps: int) -> torch.Tensor:
+def _polish(
+    objective: _Objective,
+    x: torch.Tensor,
+    temperature: float,
+    steps: int,
+    *,
+    deadline: float | None = None,
+    stop: Any = None,
+    on_step: Callable[[float], None] | None = None,
+) -> torch.Tensor:
     """Finish with exact gradient descent on the smooth objective, Armijo steps, T halving.
 
     Adam's normalised steps stall a few hundredths of a degree short of a minimax optimum; this
     converges to it (the known optima are reproduced to 0.01 degree). Dense and float64, so it is
-    meant for N up to a few thousand.
+    meant for N up to a few thousand. Stops early at ``deadline`` (a ``time.perf_counter()``
+    value); raises KeyboardInterrupt once ``stop.requested``; ``on_step(seconds)`` after each step.
     """
     x = x.double() if x.shape[0] <= 256 else x.float()
+    if deadline is not None and time.perf_counter() >= deadline:
+        return x.float()
     eta = 1.0
     value, grad = objective.smooth_value(x, temperature)
+    last = time.perf_counter()
     for _ in range(steps):
+        if stop is not None and stop.requested:
+            raise KeyboardInterrupt  # the caller's checkpoint is from before the polish
+        if deadline is not None and last >= deadline:
+            break
         grad -= (grad * x).sum(dim=1, keepdim=True) * x
         slope = float((grad * grad).sum())
         if slope < 1e-30:
@@ -385,7 +437,25 @@ def _polish(objective: _Objective, x: torch.Tensor, temperature: float, steps: i
         if improvement < 1e-6 * temperature:  # converged at this temperature: sharpen
             temperature *= 0.5
         value, grad = objective.smooth_value(x, temperature)
+        now = time.perf_counter()
+        if on_step is not None:
+            on_step(now - last)
+        last = now
     return x.float()
+
+
+def budget_progress(steps: int | None, seconds: float | None, done: float, desc: str):
+    """The run's progress bar: in steps, or in seconds of the time budget as "1.2/3.0 s"."""
+    if steps is not None:
+        return progress(total=steps, initial=int(done), desc=desc, unit="step")
+    # tqdm would print the float count raw ("0.16259006100153783/3") and a meaningless s/s rate.
+    return progress(total=seconds, initial=min(done, seconds), desc=desc, unit="s",
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}{postfix}]")
+
+
+def advance(bar: Any, amount: float) -> None:
+    """Advance ``bar`` without passing its total (a budget's last step ends a little past it)."""
+    bar.update(min(amount, max(0.0, bar.total - bar.n)))
 
 
 def _config_key(cfg: PackConfig) -> dict[str, Any]:
@@ -410,11 +480,13 @@ def pack(
     the lowest max cosine + reg_weight x mean squared gallery distance. With ``restarts`` > 1 each
     restart gets an equal share of the budget and a different seed; the best restart wins. With
     ``checkpoint_dir``, state is saved atomically every ``checkpoint_every`` seconds, on Ctrl-C
-    and at the end; ``resume=True`` continues from it (the same parameters are required).
-    ``history`` (and ``callback``) get an entry every ``log_every`` steps (default: about 300
-    entries per run).
+    or SIGTERM and at the end; ``resume=True`` continues from it (the same parameters are required).
+    SIGTERM and a first Ctrl-C stop at the end of the current step, checkpoint and raise
+    KeyboardInterrupt. ``history`` (and ``callback``) get an entry every ``log_every`` steps
+    (default: about 300 entries per run).
     """
     cfg = config.resolved(gallery)
+    check_checkpoint_every(checkpoint_every)
     device = resolve_device(cfg.device)
     dtype = choose_compute_dtype(cfg.compute_dtype, device)
     gallery_t = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(device) if gallery is not None else None
@@ -427,15 +499,33 @@ def pack(
         except Exception as exc:  # a checkpoint is written atomically, so this is real damage
             raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exc}); remove it or use --overwrite") from exc
         if state["config_key"] != _config_key(cfg):
-            raise HyperfaceError(
-                f"cannot --resume {ckpt_path.parent}: it was started with {state['config_key']}, "
-                f"now asked for {_config_key(cfg)}; use the same parameters or another --out"
-            )
+            raise resume_mismatch(ckpt_path.parent, state["config_key"], _config_key(cfg))
         log.info("resuming restart %d at step %d", state["restart"], (state["run"] or {}).get("step", 0))
 
-    if cfg.symmetry == "cyclic":
-        return _pack_cyclic_restarts(cfg, device, ckpt_path, state, checkpoint_every, log_every, callback)
+    stop = StopRequest(log)
+    try:
+        if cfg.symmetry == "cyclic":
+            return _pack_cyclic_restarts(cfg, device, ckpt_path, state, checkpoint_every, log_every, callback, stop)
+        return _pack_restarts(cfg, gallery, gallery_t, device, dtype, ckpt_path, state, checkpoint_every, log_every,
+                              callback, stop)
+    finally:
+        stop.restore()
 
+
+def _pack_restarts(
+    cfg: PackConfig,
+    gallery: np.ndarray | None,
+    gallery_t: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    ckpt_path: Path | None,
+    state: dict[str, Any] | None,
+    checkpoint_every: float,
+    log_every: int | None,
+    callback: Callable[[dict[str, float]], None] | None,
+    stop: Any,
+) -> PackResult:
+    """``symmetry="none"``: each restart optimises all N points; the lowest exact score wins."""
     best: PackResult | None = None
     best_score = math.inf
     first = 0
@@ -465,7 +555,7 @@ def pack(
 
         run_state = state["run"] if state is not None and restart == first else None
         result, score = _pack_once(cfg, gallery, gallery_t, device, dtype, restart, run_state, save,
-                                   checkpoint_every, log_every, callback)
+                                   checkpoint_every, log_every, callback, stop)
         if score < best_score:
             best, best_score = result, score
         if cfg.restarts > 1:
@@ -484,6 +574,7 @@ def _pack_cyclic_restarts(
     checkpoint_every: float,
     log_every: int | None,
     callback: Callable[[dict[str, float]], None] | None,
+    stop: Any = None,
 ) -> PackResult:
     """``symmetry="cyclic"``: each restart optimises a cyclic orbit code; the lowest max cosine wins."""
     from hyperface.packing.cyclic import expand_orbits, pack_cyclic
@@ -508,7 +599,7 @@ def _pack_cyclic_restarts(
             cfg, time_budget=None if cfg.time_budget is None else cfg.time_budget / cfg.restarts,
             seed=cfg.seed + 1_000_003 * restart, device=device,
             state=state["run"] if state is not None and restart == first else None,
-            save=save, checkpoint_every=checkpoint_every, log_every=log_every, callback=callback,
+            save=save, checkpoint_every=checkpoint_every, log_every=log_every, callback=callback, stop=stop,
         )
         if run["max_cosine"] < best_cos:
             best_reps, best_cos = run["representatives"], run["max_cosine"]
@@ -538,6 +629,7 @@ def _pack_once(
     checkpoint_every: float,
     log_every: int | None,
     callback: Callable[[dict[str, float]], None] | None,
+    stop: Any = None,
 ) -> tuple[PackResult, float]:
     """One optimisation from one start; returns (best iterate, its exact score)."""
     num, dim = cfg.num_identities, int(cfg.dim)  # type: ignore[arg-type]
@@ -568,14 +660,18 @@ def _pack_once(
         }
 
     budget = cfg.time_budget / cfg.restarts if cfg.time_budget is not None else None
+    polish_steps = cfg.polish_steps if cfg.polish_steps is not None else (300 if num <= POLISH_AUTO_MAX else 0)
+    polishing = polish_steps > 0 and cfg.mode != "stochastic"
+    # The polish is part of the optimisation, so of the budget: Adam leaves it its share.
+    adam_budget = budget * (1.0 - POLISH_SHARE) if budget is not None and polishing else budget
 
     def fraction() -> float:
-        return step / cfg.steps if cfg.steps is not None else elapsed / budget  # type: ignore[operator]
+        return step / cfg.steps if cfg.steps is not None else elapsed / adam_budget  # type: ignore[operator]
 
-    bar = progress(total=cfg.steps or round(budget or 0), initial=step if cfg.steps else int(elapsed),
-                   desc="pack" + (f" {restart + 1}/{cfg.restarts}" if cfg.restarts > 1 else ""),
-                   unit="step" if cfg.steps else "s")
+    bar = budget_progress(cfg.steps, budget, step if cfg.steps else elapsed,
+                          desc="pack" + (f" {restart + 1}/{cfg.restarts}" if cfg.restarts > 1 else ""))
     last_save, last_log = time.perf_counter(), elapsed
+    polish_seconds = 0.0
     try:
         while fraction() < 1.0:
             t0 = time.perf_counter()
@@ -595,7 +691,7 @@ def _pack_once(
             elapsed += dt
             # About 300 history points per run (for the convergence plot) unless told otherwise.
             due = (step % log_every == 0) if log_every else (
-                step % max(1, cfg.steps // 300) == 0 if cfg.steps else elapsed - last_log >= budget / 300  # type: ignore[operator]
+                step % max(1, cfg.steps // 300) == 0 if cfg.steps else elapsed - last_log >= adam_budget / 300  # type: ignore[operator]
             )
             if due or step == 1 or fraction() >= 1.0:
                 last_log = elapsed
@@ -608,26 +704,34 @@ def _pack_once(
                 bar.set_postfix(angle=f"{entry['min_angle_deg']:.3f}")
                 if callback is not None:
                     callback(entry)
-            bar.update(1 if cfg.steps else dt)
+            advance(bar, 1 if cfg.steps else dt)
             if time.perf_counter() - last_save >= checkpoint_every:
                 save(run_state())
                 last_save = time.perf_counter()
+            if stop is not None and stop.requested:
+                raise KeyboardInterrupt  # the step is complete: the handler below checkpoints it
+
+        final = points.detach()
+        if cfg.mode == "stochastic":  # batch maxima are not global: keep the last iterate
+            best_points, best_step = final, step
+        if polishing:
+            save(run_state())  # the polish keeps no checkpoints: a kill during it resumes from here
+            temperature, _ = anneal_schedule(cfg, 1.0, dim)
+            start = best_points if best_score < math.inf else final
+            if cfg.reg_weight > 0:
+                objective.refresh(start.float())
+            t0 = time.perf_counter()
+            deadline = None if budget is None else t0 + max(0.0, budget - elapsed)
+            final = _polish(objective, start.float(), temperature, polish_steps, deadline=deadline, stop=stop,
+                            on_step=None if cfg.steps else (lambda seconds: advance(bar, seconds)))
+            # Not added to elapsed, which the checkpoint keeps: a resume redoes the whole polish.
+            polish_seconds = time.perf_counter() - t0
     except KeyboardInterrupt:
-        save(run_state())
+        save(run_state())  # during the polish too: it changes none of this state
         raise
     finally:
         bar.close()
 
-    final = points.detach()
-    polish_steps = cfg.polish_steps if cfg.polish_steps is not None else (300 if num <= POLISH_AUTO_MAX else 0)
-    if cfg.mode == "stochastic":  # batch maxima are not global: keep the last iterate
-        best_points, best_step = final, step
-    if polish_steps > 0 and cfg.mode != "stochastic":
-        temperature, _ = anneal_schedule(cfg, 1.0, dim)
-        start = best_points if best_score < math.inf else final
-        if cfg.reg_weight > 0:
-            objective.refresh(start.float())
-        final = _polish(objective, start.float(), temperature, polish_steps)
     # Score the candidates exactly (float32, all pairs) and keep the better.
     best_exact = _exact_score(objective, best_points)
     final_exact = _exact_score(objective, final)
@@ -635,7 +739,7 @@ def _pack_once(
         best_points, best_exact, best_step = final, final_exact, step
     save(run_state())
     result = PackResult(points=best_points.float().cpu().numpy(), config=cfg, history=history,
-                        steps_done=step, seconds=elapsed, best_step=best_step, restart=restart)
+                        steps_done=step, seconds=elapsed + polish_seconds, best_step=best_step, restart=restart)
     return result, best_exact
 
 

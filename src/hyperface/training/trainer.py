@@ -34,7 +34,7 @@ from torch import nn
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import prepare_output_dir
 from hyperface.common.manifest import Manifest, describe_changes
-from hyperface.common.runtime import get_logger, progress, resolve_device
+from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
 from hyperface.training import checkpoint as ckpt
 from hyperface.training.data import AugmentConfig, ResumableSampler, TrainDataset, check_labels
 from hyperface.training.losses import PartialFC, build_margin
@@ -361,41 +361,6 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class _StopRequest:
-    """SIGTERM / first Ctrl-C: finish the current step, checkpoint it, then stop (a second Ctrl-C
-    aborts at once). Under DDP the ranks agree at the logging steps (a collective on every rank)."""
-
-    def __init__(self) -> None:
-        import signal
-        import threading
-
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
-
-    def agreed(self, world: int, device: torch.device) -> bool:
-        if world == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
     after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
@@ -556,7 +521,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     loop_start, loop_start_step = time.time(), step
     backbone.train()
     head.train()
-    stop = _StopRequest()
+    stop = StopRequest(log)
     try:
         while epoch < cfg.epochs and step < stop_at:
             sampler.set_epoch(epoch, start=step_in_epoch * cfg.batch_size)
