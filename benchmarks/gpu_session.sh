@@ -6,6 +6,10 @@
 # Each part has its own time limit, so one slow or broken part cannot eat the others' time; logs
 # and JSON go to $OUT (default runs/gpu). Wheels in .whl/ (e.g. diffusers, when the machine lacks
 # it) are installed to /tmp/site first. Runs from the repository root without installing hyperface.
+#
+# A session has about 15 minutes of device time and 10 per call. Most wanted first (2026-11-27):
+#   call 1: gen train      (generation levers not yet timed; training after the autocast fix)
+#   call 2: gen-autotune   (or pack, for the cyclic code on a GPU)
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
