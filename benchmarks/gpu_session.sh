@@ -8,8 +8,9 @@
 # it) are installed to /tmp/site first. Runs from the repository root without installing hyperface.
 #
 # A session has about 15 minutes of device time and 10 per call. Most wanted first (2026-11-27):
-#   call 1: gen train      (generation levers not yet timed; training after the autocast fix)
-#   call 2: gen-autotune   (or pack, for the cyclic code on a GPU)
+#   call 1: gen     (about 8 min: the generation levers not yet timed)
+#   call 2: train   (about 3.5 min: training after the autocast fix)
+#   later sessions: gen-autotune, pack (the cyclic code on a GPU)
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
