@@ -111,16 +111,16 @@ def random_identities(n: int, seed: int = 0) -> np.ndarray:
 
 def bench_reference(components, args, device, dtype) -> float:
     """Arc2Face's demo: one identity per StableDiffusionPipeline call, 4 images per prompt."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    from hyperface.generation.arc2face import Arc2FacePromptEncoder
+    from hyperface.generation.arc2face import Arc2FacePromptEncoder, make_scheduler
 
     pipeline = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
         unet=components.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(components.scheduler_config),
+        scheduler=make_scheduler("dpm", components.scheduler_config),  # Arc2Face's DPM-Solver++ (as ours)
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

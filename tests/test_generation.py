@@ -276,6 +276,16 @@ def test_settings_defaults_are_arc2face_and_lcm():
         Arc2FaceSettings(scheduler="nope").resolved()
 
 
+def test_dpm_solver_is_the_one_arc2face_sampled_with(generator):
+    # Arc2Face's diffusers (0.22) ends DPM-Solver++ at sigma_min with a second-order step; newer
+    # diffusers default to a first-order step to sigma 0, which would change every image a little.
+    scheduler = make_scheduler("dpm", generator.scheduler_config)
+    scheduler.set_timesteps(25)
+    assert scheduler.config.algorithm_type == "dpmsolver++" and scheduler.config.solver_order == 2
+    assert scheduler.config.final_sigmas_type == "sigma_min" and float(scheduler.sigmas[-1]) > 0
+    assert scheduler.timesteps.tolist()[:2] == [999, 959] and scheduler.timesteps.tolist()[-1] == 40
+
+
 def test_every_scheduler_builds_from_sd15_config(generator):
     for name in SCHEDULERS:
         scheduler = make_scheduler(name, generator.scheduler_config)

@@ -422,6 +422,11 @@ def make_scheduler(name: str, base_config: dict):
     overrides: dict[str, Any] = {}
     if name == "dpm-sde":
         overrides["algorithm_type"] = "sde-dpmsolver++"
+    if name in ("dpm", "dpm-sde"):
+        # Arc2Face's images come from diffusers 0.22 (its pinned version), whose DPM-Solver ends at
+        # sigma_min with a second-order step; newer diffusers end at sigma 0 with a first-order one.
+        # "sigma_min" reproduces 0.22's timesteps and updates exactly.
+        overrides["final_sigmas_type"] = "sigma_min"
     return cls.from_config(base_config, **overrides)
 
 
@@ -592,7 +597,8 @@ class Arc2FaceGenerator:
         images = []
         scale = self.vae.config.scaling_factor
         vae_dtype = self.vae.dtype
-        step = max(1, self.settings.vae_batch_size)
+        # Chunks no larger than the batch: a compiled decoder pads each chunk to this one size.
+        step = max(1, min(self.settings.vae_batch_size, latents.shape[0]))
         for start in range(0, latents.shape[0], step):
             chunk = (latents[start : start + step] / scale).to(vae_dtype)
             count = chunk.shape[0]
