@@ -644,3 +644,40 @@ def test_cyclic_time_budget_stops_inside_an_lbfgs_stage(monkeypatch):
     gram = points.astype(np.float64) @ points.T
     np.fill_diagonal(gram, -1)
     assert run["max_cosine"] >= gram.max() - 1e-6  # 200 of the 208 orbit points: never worse than reported
+
+
+def test_step_gradient_is_the_documented_objectives_gradient():
+    # T*logsumexp over unordered pairs + reg_weight * mean squared distance to the nearest gallery
+    # row: the Adam phase must descend this very objective, or --reg-weight means another trade-off.
+    from hyperface.packing.solver import _Objective
+
+    rng = np.random.default_rng(3)
+    n, d, g, weight, temperature = 40, 8, 25, 0.7, 0.05
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    gallery = torch.from_numpy(unit(rng.standard_normal((g, d))).astype(np.float32))
+    x = torch.from_numpy(unit(rng.standard_normal((n, d))).astype(np.float32))
+    cfg = PackConfig(num_identities=n, dim=d, reg_weight=weight, gallery_candidates=g, mode="exact").resolved(gallery.numpy())
+    objective = _Objective(cfg, gallery, torch.float32, torch.Generator().manual_seed(0))
+    objective.refresh(x)
+    reference = x.double().requires_grad_()
+    cos = reference @ reference.T
+    i, j = torch.triu_indices(n, n, 1)
+    value = temperature * torch.logsumexp(cos[i, j] / temperature, 0)
+    value = value + weight * (2 - 2 * (reference @ gallery.double().T).max(dim=1).values).mean()
+    value.backward()
+    objective.reference_cos = float(cos[i, j].max())
+    grad, max_cos = objective.gradient(x, temperature)
+    torch.testing.assert_close(grad.double(), reference.grad, rtol=1e-4, atol=1e-6)
+    assert max_cos == pytest.approx(float(cos[i, j].max()), abs=1e-6)
+
+
+def test_bfloat16_steps_report_the_max_cosine_in_float32():
+    # Near cos = -1 every bf16 cosine rounds to -1.0; the best iterate must still be told apart.
+    from hyperface.packing.solver import _Objective
+
+    x = torch.tensor([[1.0, 0.0, 0.0], [-0.9995, 0.0316, 0.0]])
+    x = x / x.norm(dim=1, keepdim=True)
+    cfg = PackConfig(num_identities=2, dim=3).resolved(None)
+    objective = _Objective(cfg, None, torch.bfloat16, torch.Generator().manual_seed(0))
+    _, max_cos = objective.gradient(x, temperature=0.5)
+    assert float(x[0] @ x[1]) > -1.0 and max_cos == pytest.approx(float(x[0] @ x[1]), abs=1e-7)

@@ -247,9 +247,11 @@ class _Objective:
             else:
                 rows = torch.arange(x.shape[0], device=x.device)
             grad, max_cos, total_weight = self._dense_gradient(x, rows, temperature)
-        # Normalise: sum of pair weights is 1, so the packing term is T*logsumexp ~ max cosine
-        # and reg_weight trades max cosine against mean squared gallery distance.
-        grad /= max(total_weight, 1e-30)
+        # Normalise by Z, the sum of exp((cos - ref)/T) over unordered pairs, so the packing term's
+        # gradient is exactly that of T*logsumexp (~ max cosine) and reg_weight trades max cosine
+        # against mean squared gallery distance as documented. ``total_weight`` sums the weights of
+        # each visited row's pairs: every pair twice over all N rows; B sampled rows see B/N of that.
+        grad /= max(total_weight * x.shape[0] / (2.0 * rows.shape[0]), 1e-30)
         self.reference_cos = max_cos
         if self.gallery_index is not None:
             grad[rows] += self._gallery_gradient(x, rows)
@@ -266,11 +268,16 @@ class _Objective:
         max_cos = torch.full((), -1.0, device=x.device)
         total = torch.zeros((), device=x.device)
 
-        def weights_of(sims: torch.Tensor) -> torch.Tensor:
+        def weights_of(sims: torch.Tensor, row_points: torch.Tensor, col_points: torch.Tensor) -> torch.Tensor:
             # Pair weights exp((cos - ref)/T), the gradient of T*logsumexp over pairs up to 1/Z;
             # ref is last step's max, which keeps exp() in range without a second pass. Kept in
             # the GEMM dtype: in bfloat16 these elementwise passes cost 5x less.
-            torch.maximum(max_cos, sims.max().float(), out=max_cos)
+            if sims.dtype == torch.float32:
+                torch.maximum(max_cos, sims.max(), out=max_cos)
+            else:  # the max decides the best iterate: take its pair's cosine in float32, not rounded
+                flat = sims.argmax()
+                row, col = flat // sims.shape[1], flat % sims.shape[1]
+                torch.maximum(max_cos, (row_points[row] * col_points[col]).sum(), out=max_cos)
             w = sims.sub_(self.reference_cos).mul_(1.0 / temperature).clamp_(max=60.0).exp_()
             return w
 
@@ -287,7 +294,7 @@ class _Objective:
                     sims = xi @ xj.T
                     if i0 == j0:
                         sims.fill_diagonal_(-float("inf"))
-                    w = weights_of(sims)
+                    w = weights_of(sims, x[i0 : i0 + block], x[j0 : j0 + block])
                     total.add_(w.sum(dtype=torch.float32), alpha=1 if i0 == j0 else 2)
                     grad[i0 : i0 + block] += (w @ xj).float()
                     if i0 != j0:
@@ -298,7 +305,7 @@ class _Objective:
                 idx = rows[start : start + tile]
                 sims = xc[idx] @ xc.T
                 sims[torch.arange(idx.shape[0], device=x.device), idx] = -float("inf")
-                w = weights_of(sims)
+                w = weights_of(sims, x[idx], x)
                 total.add_(w.sum(dtype=torch.float32))
                 grad[idx] += (w @ xc).float()
         return grad, float(max_cos), float(total)
