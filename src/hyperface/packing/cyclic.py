@@ -13,7 +13,8 @@ unconstrained solver in the same time.
 
 The symmetry is the price: identities come in orbits of d cyclic shifts of one vector. That is
 harmless for pure packing, but it is not what a gallery term wants (each identity near its own
-face), so ``symmetry="auto"`` uses it only for pure packing of at least 4d points.
+face), so ``symmetry="auto"`` uses it only for pure packing of at least 12 d points
+(``CYCLIC_MIN_POINTS_PER_DIM``), from a random start.
 
 Objective and schedule are the unconstrained solver's (see :mod:`hyperface.packing.solver`):
 T * logsumexp of all pair cosines, projected Adam with the step as an angle / sqrt(d), then
@@ -78,7 +79,7 @@ def _blocks(num_reps: int, dim: int) -> list[tuple[int, int]]:
 
 
 def _block_correlations(spectrum: torch.Tensor, k0: int, k1: int, dim: int) -> torch.Tensor:
-    """corr[k - k0, l, s] = <y_k, y_l shifted by s> for k in [k0, k1), every l and s, with the
+    """corr[k - k0, l, s] = <y_k, roll(y_l, -s)> for k in [k0, k1), every l and s, with the
     trivial entries (k = l, s = 0: a point with itself) set to -inf."""
     corr = torch.fft.irfft(spectrum[k0:k1].conj()[:, None, :] * spectrum[None, :, :], n=dim, dim=2)
     rows = torch.arange(k1 - k0, device=corr.device)

@@ -14,7 +14,8 @@ coordinate, so the default works for every dimension.
 Three ways to visit pairs (``mode``), none of which materialises N x N:
 
 - ``exact``: every step visits all pairs once, in symmetric block tiles (exact gradient; the GEMMs
-  and the elementwise passes run in bfloat16 where that is faster, float32 once T gets small).
+  and the elementwise passes run in bfloat16 where that is faster, float32 below a temperature of
+  0.01 / sqrt(d); the max cosine that picks the best iterate is always taken in float32).
   Best quality per step; cost N^2 d per step. Runs of N <= 2048 end with an exact polish.
 - ``neighbors``: each identity keeps its top-k nearest identities, refreshed every
   ``refresh_every`` steps from a tiled Gram pass; a step costs N k d. Cheap, but weak once the
@@ -410,7 +411,8 @@ def _polish(
     """Finish with exact gradient descent on the smooth objective, Armijo steps, T halving.
 
     Adam's normalised steps stall a few hundredths of a degree short of a minimax optimum; this
-    converges to it (the known optima are reproduced to 0.01 degree). Dense and float64, so it is
+    converges to it (simplex and cross-polytope optima for d <= 64 to 0.0001 degree; hard Tammes
+    cases can end in a local optimum). Dense and float64 (float32 above 256 points), so it is
     meant for N up to a few thousand. Stops early at ``deadline`` (a ``time.perf_counter()``
     value); raises KeyboardInterrupt once ``stop.requested``; ``on_step(seconds)`` after each step.
     """
