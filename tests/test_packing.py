@@ -681,3 +681,10 @@ def test_bfloat16_steps_report_the_max_cosine_in_float32():
     objective = _Objective(cfg, None, torch.bfloat16, torch.Generator().manual_seed(0))
     _, max_cos = objective.gradient(x, temperature=0.5)
     assert float(x[0] @ x[1]) > -1.0 and max_cos == pytest.approx(float(x[0] @ x[1]), abs=1e-7)
+
+
+def test_a_gallery_regularises_by_default_as_in_the_paper():
+    gallery = np.eye(4, dtype=np.float32)
+    assert PackConfig(3).resolved(gallery).reg_weight == 0.3
+    assert PackConfig(3, reg_weight=0.0).resolved(gallery).reg_weight == 0.0  # start from it only
+    assert PackConfig(3, dim=4).resolved(None).reg_weight == 0.0

@@ -14,10 +14,10 @@ examples:
 
   # the paper's setting: start from a gallery of face embeddings and stay near it
   hyperface embed faces/ --model arcface.onnx --crop ffhq --out gallery.npy
-  hyperface pack --identities 10000 --gallery gallery.npy --reg-weight 0.5 --steps 2000 --out runs/hf-10k
+  hyperface pack --identities 10000 --gallery gallery.npy --reg-weight 0.3 --steps 2000 --out runs/hf-10k
 
   # continue a run that was interrupted (Ctrl-C or a kill)
-  hyperface pack --identities 10000 --gallery gallery.npy --reg-weight 0.5 --steps 2000 --out runs/hf-10k --resume
+  hyperface pack --identities 10000 --gallery gallery.npy --reg-weight 0.3 --steps 2000 --out runs/hf-10k --resume
 
 outputs in --out: identities.npy (float32 N x d, unit rows), metrics.json, history.json,
 pack.png, manifest.json (and representatives.npy for a cyclic code). --steps runs are deterministic for a seed and device; --time-budget
@@ -48,9 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--steps", type=int, metavar="K", help="optimisation steps (default 1000)")
     budget.add_argument("--time-budget", type=float, metavar="SEC",
                         help="optimise for this many seconds instead, the final polish included")
-    p.add_argument("--reg-weight", type=float, default=0.0, metavar="A",
+    p.add_argument("--reg-weight", type=float, default=None, metavar="A",
                    help="weight of the mean squared distance to the nearest gallery embedding, traded against "
-                        "the max cosine (default 0: pure packing; try 0.1-2 with a gallery)")
+                        "the max cosine (default: 0.3 with --gallery, 0 without; 0 with a gallery only starts "
+                        "from it; larger stays nearer the faces: BENCHMARKS.md has the sweep)")
     p.add_argument("--init", choices=["auto", "gallery", "random", "binary"], default="auto",
                    help="starting points: gallery rows (default with --gallery), random (default without), or "
                         "a binary-code construction for power-of-two d (86.4 deg for d=512 before optimising)")
