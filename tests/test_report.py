@@ -184,12 +184,14 @@ def test_report_bad_input(tmp_path, capsys):
     np.save(tmp_path / "short.npy", labels[:-1])
     np.save(tmp_path / "one.npy", np.zeros(len(labels), dtype=np.int64))
     np.save(tmp_path / "float.npy", labels.astype(np.float32))
+    np.save(tmp_path / "negative.npy", np.r_[labels[:-1], -1])
     np.save(tmp_path / "ids16.npy", unit(np.ones((3, 16))))
     np.save(tmp_path / "nan.npy", np.full((4, 32), np.nan, dtype=np.float32))
     cases = {
         "short.npy": "12 rows but there are 11 labels",
         "one.npy": "at least 2 identities",
         "float.npy": "1-D integer array",
+        "negative.npy": "row 11 is -1",
     }
     for name, message in cases.items():
         with pytest.raises(HyperfaceError, match=message):

@@ -83,6 +83,8 @@ def load_labels(path: str | os.PathLike) -> np.ndarray:
         raise HyperfaceError(f"cannot read labels {path} ({exc}); give an integer .npy or a .txt with one label per line") from exc
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise HyperfaceError(f"labels {path} must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:  # they index --identities rows: -1 would silently mean the last one
+        raise HyperfaceError(f"labels {path} must be >= 0 (identity numbers), but row {int(np.argmin(labels))} is {int(labels.min())}")
     return labels
 
 
