@@ -97,6 +97,28 @@ def test_anchor_centres_and_nms():
     np.testing.assert_array_equal(centres[6], [0, 8])  # row-major
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=np.float32)
     assert nms(boxes, np.array([0.9, 0.95, 0.5]), 0.4).tolist() == [1, 2]
+    # insightface counts pixels inclusively: IoU 0.412 here (0.391 without +1), so one box goes
+    near = np.array([[0, 0, 20, 20], [8.75, 0, 28.75, 20]], dtype=np.float32)
+    assert nms(near, np.array([0.9, 0.8]), 0.4).tolist() == [0]
+
+
+@pytest.mark.parametrize("height,width,rows,cols", [(2000, 3000, 106, 160), (3000, 2000, 160, 106), (333, 1000, 53, 160), (100, 100, 160, 160)])
+def test_letterbox_is_insightfaces(scrfd, height, width, rows, cols):
+    # SCRFD.detect: the long side fills the input, the other side is truncated (not rounded), and
+    # detections map back by new_height / height, so boxes land on insightface's coordinates.
+    detector = load_detector(scrfd)
+    canvas, scale = detector._letterbox(np.full((height, width, 3), 200, np.uint8))
+    filled = np.argwhere(canvas[..., 0] > 0)
+    assert (filled[:, 0].max() + 1, filled[:, 1].max() + 1) == (rows, cols)
+    assert scale == rows / height
+
+
+def test_templates_for_other_crop_sizes_follow_insightface():
+    from hyperface.recognition.alignment import arcface_template
+
+    np.testing.assert_allclose(arcface_template(224), ARCFACE_TEMPLATE * 2)
+    np.testing.assert_allclose(arcface_template(128), ARCFACE_TEMPLATE + [8.0, 0.0])
+    np.testing.assert_allclose(arcface_template(256), ARCFACE_TEMPLATE * 2 + [16.0, 0.0])
 
 
 @pytest.mark.parametrize("shape,order", [((160, 160), None), ((200, 320), None), ((320, 320), [6, 0, 4, 8, 1, 5, 2, 7, 3])])

@@ -47,15 +47,24 @@ def estimate_similarity(landmarks5: np.ndarray, template: np.ndarray | None = No
     return tform.params[:2].astype(np.float64)
 
 
+def arcface_template(size: int = 112) -> np.ndarray:
+    """The ArcFace 5-point template for a ``size`` x ``size`` crop (insightface ``estimate_norm``)."""
+    if size % 112 == 0:
+        return ARCFACE_TEMPLATE * (size / 112.0)
+    ratio = size / 128.0
+    return ARCFACE_TEMPLATE * ratio + np.array([8.0 * ratio, 0.0])
+
+
 def align_face(image_rgb: np.ndarray, landmarks5: np.ndarray, size: int = 112) -> np.ndarray:
     """Warp ``image_rgb`` so its 5 landmarks land on the ArcFace template; uint8 (size, size, 3).
 
-    ``size`` other than 112 scales the template (e.g. 224 for a 2x crop with the same framing).
+    Other sizes follow insightface's ``estimate_norm``: a multiple of 112 scales the template (224: a
+    2x crop, same framing); otherwise it is scaled by size/128 and moved right by 8 * size/128 (the
+    128 px convention some recognizers use).
     """
     import cv2
 
-    template = ARCFACE_TEMPLATE * (float(size) / 112.0)
-    matrix = estimate_similarity(landmarks5, template)
+    matrix = estimate_similarity(landmarks5, arcface_template(size))
     image = _check_image(image_rgb)
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
 

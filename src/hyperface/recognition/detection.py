@@ -76,17 +76,20 @@ def anchor_centers(height: int, width: int, stride: int, num_anchors: int) -> np
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression, highest score first."""
+    """Indices kept by greedy non-maximum suppression, highest score first.
+
+    Pixel-inclusive areas (width = x2 - x1 + 1), as insightface's SCRFD, so the same faces survive.
+    """
     x1, y1, x2, y2 = boxes.T
-    areas = np.maximum(0.0, x2 - x1) * np.maximum(0.0, y2 - y1)
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         i = order[0]
         keep.append(i)
         rest = order[1:]
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
         inter = w * h
         iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-12)
         order = rest[iou <= iou_threshold]
@@ -149,13 +152,17 @@ class Detector:
     def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         import cv2
 
+        # insightface's SCRFD.detect exactly: the long side fills the input, the other is truncated,
+        # and boxes map back by new_height / height (so the same pixels and coordinates come out).
         width, height = self.input_size
         h, w = image.shape[:2]
-        scale = min(width / w, height / h)
-        new_w, new_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+        if h / w > height / width:
+            new_h, new_w = height, max(1, int(height / (h / w)))
+        else:
+            new_w, new_h = width, max(1, int(width * (h / w)))
         canvas = np.zeros((height, width, 3), dtype=np.uint8)
         canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        return canvas, scale
+        return canvas, new_h / h
 
     def _group_outputs(self, raw: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
         """{last dim: [stride-8, stride-16, stride-32 arrays]} from the 9 raw outputs."""
