@@ -112,3 +112,43 @@ def test_label_problems_are_refused():
 def test_images_of_other_sizes_are_resized():
     reader = ListReader([_image(0, size=128)], [0], 1)
     assert TrainDataset(reader, augment=AugmentConfig(flip=False))[0][0].shape == (3, 112, 112)
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_sample(tmp_path):
+    import logging
+
+    from hyperface.datasets import ImageFolderWriter, open_dataset
+
+    writer = ImageFolderWriter(tmp_path / "data", image_format="png")
+    for label, seed in [(0, 1), (0, 2), (1, 3)]:
+        writer.add(_image(seed), label=label, index=seed)
+    writer.close()
+    reader = open_dataset(tmp_path / "data")
+    (tmp_path / "data" / "000000" / "0002.png").write_bytes(b"not an image")  # sample 1
+    dataset = TrainDataset(reader, augment=AugmentConfig(flip=False))
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("hyperface.train").addHandler(handler)
+    try:
+        image, label = dataset[1]
+    finally:
+        logging.getLogger("hyperface.train").removeHandler(handler)
+    assert label == 1 and np.array_equal(image.numpy().transpose(1, 2, 0), _image(3))  # sample 2, its label
+    assert any("sample 1 is unreadable" in w for w in warnings)
+    for path in (tmp_path / "data").rglob("*.png"):
+        path.write_bytes(b"junk")
+    with pytest.raises(HyperfaceError, match="all unreadable"):
+        dataset[0]
+
+
+def test_low_resolution_draws_each_resize_its_own_interpolation(monkeypatch):
+    import cv2
+
+    used = []
+    real_resize = cv2.resize
+    monkeypatch.setattr(cv2, "resize", lambda img, size, interpolation: used.append(interpolation) or real_resize(img, size, interpolation=interpolation))
+    for seed in range(20):
+        low_resolution(_image(seed), np.random.default_rng(seed))
+    pairs = list(zip(used[::2], used[1::2]))
+    assert any(down != up for down, up in pairs)  # independent draws, as AdaFace's augmenter

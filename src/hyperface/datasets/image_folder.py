@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.common.runtime import get_logger
 from hyperface.datasets.codec import check_rgb_uint8, decode_image, encode_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -123,6 +124,11 @@ class ImageFolderDataset:
             labels.extend([label] * len(files))
         if not paths:
             raise HyperfaceError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        empty = len(self.classes) - len(set(labels))
+        if empty:  # kept (labels stay identity numbers) but worth knowing: they are classes without data
+            get_logger("hyperface.datasets").warning(
+                "%s: %d of %d class folders hold no images; they keep their labels", self.root, empty, len(self.classes)
+            )
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.num_classes = len(self.classes)

@@ -17,6 +17,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.common.runtime import get_logger
+
+log = get_logger("hyperface.train")
+
+#: Consecutive unreadable samples replaced by the next readable one before giving up.
+MAX_SUBSTITUTIONS = 100
 
 try:  # OpenCV is in the recognition extra; only the low-resolution augmentation needs it.
     import cv2
@@ -33,8 +39,8 @@ class AugmentConfig:
 
     - crop: a RandomResizedCrop box (area 20-100 %, aspect 3/4-4/3) is kept *in place* and the rest
       of the image is zeroed (no resizing, so the face keeps its scale);
-    - low resolution: downscale to 20-100 % of the side and back up, with one random OpenCV
-      interpolation (nearest, linear, area, cubic, Lanczos) for both;
+    - low resolution: downscale to 20-100 % of the side and back up, each with its own random OpenCV
+      interpolation (nearest, linear, area, cubic, Lanczos);
     - photometric: brightness, contrast and saturation jitter, each factor in [0.5, 1.5], in random
       order (torchvision's ColorJitter(0.5, 0.5, 0.5, 0) semantics).
     """
@@ -71,7 +77,7 @@ _INTERPOLATIONS = ("INTER_NEAREST", "INTER_LINEAR", "INTER_AREA", "INTER_CUBIC",
 
 
 def low_resolution(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Downscale to a random 20-100 % of the side and back, with one random interpolation."""
+    """Downscale to a random 20-100 % of the side and back, each resize with a random interpolation."""
     if cv2 is None:
         raise HyperfaceError(
             "low-resolution augmentation needs OpenCV: pip install 'hyperface[recognition]' "
@@ -79,9 +85,9 @@ def low_resolution(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         )
     height, width = image.shape[:2]
     side = max(1, int(rng.uniform(0.2, 1.0) * height))
-    interpolation = getattr(cv2, _INTERPOLATIONS[int(rng.integers(0, len(_INTERPOLATIONS)))])
-    small = cv2.resize(image, (side, side), interpolation=interpolation)
-    return cv2.resize(small, (width, height), interpolation=interpolation)
+    down, up = (getattr(cv2, _INTERPOLATIONS[int(i)]) for i in rng.integers(0, len(_INTERPOLATIONS), 2))
+    small = cv2.resize(image, (side, side), interpolation=down)  # AdaFace draws each resize's own
+    return cv2.resize(small, (width, height), interpolation=up)
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -142,7 +148,7 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, draw: int) -> tuple[torch.Tensor, int]:
         epoch, index = divmod(int(draw), len(self.reader))
-        image, label = self.reader[index]
+        image, label = self._read(index)
         label = int(label)
         if not 0 <= label < self.num_classes:
             raise HyperfaceError(
@@ -159,6 +165,20 @@ class TrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         image = augment(image, self.augment, rng)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
+
+
+    def _read(self, index: int) -> tuple[Any, int]:
+        """The sample at ``index``; an undecodable one is replaced by the next readable sample (with
+        that sample's label), logged, so one bad file in a million neither stops nor skews a run."""
+        for offset in range(MAX_SUBSTITUTIONS + 1):
+            try:
+                return self.reader[(index + offset) % len(self.reader)]
+            except HyperfaceError as exc:
+                log.warning("training sample %d is unreadable (%s); using sample %d instead",
+                            (index + offset) % len(self.reader), exc, (index + offset + 1) % len(self.reader))
+        raise HyperfaceError(
+            f"training samples {index}..{index + MAX_SUBSTITUTIONS} are all unreadable: the dataset is damaged"
+        )
 
 
 def check_labels(labels: np.ndarray, num_classes: int) -> None:

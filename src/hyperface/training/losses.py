@@ -40,12 +40,17 @@ MARGINS = ("arcface", "cosface", "adaface")
 
 
 def _target_mask(labels: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """Boolean (B, C) mask of each row's target column; rows with label -1 (not here) get none."""
-    valid = labels >= 0
-    mask = torch.zeros(labels.shape[0], num_columns, dtype=torch.bool, device=labels.device)
-    rows = torch.nonzero(valid, as_tuple=True)[0]
-    mask[rows, labels[rows]] = True
-    return mask
+    """Boolean (B, C) mask of each row's target column; rows with label -1 (not here) get none.
+
+    Built by comparison, and the margins below use gather/where rather than boolean indexing: no
+    data-dependent shapes, so no GPU-to-host sync in the training step.
+    """
+    return labels[:, None] == torch.arange(num_columns, device=labels.device)[None, :]
+
+
+def _target_column(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, 1) each row's target value (rows with label -1 get column 0: masked out by the caller)."""
+    return values.gather(1, labels.clamp(min=0)[:, None])
 
 
 class ArcFaceMargin(nn.Module):
@@ -68,14 +73,14 @@ class ArcFaceMargin(nn.Module):
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
         cosine = cosine.float().clamp(-1.0, 1.0)
         mask = _target_mask(labels, cosine.shape[1])
-        target = cosine[mask]
+        target = _target_column(cosine, labels)
         sine = torch.sqrt((1.0 - target * target).clamp_min(1e-12))
         with_margin = target * self.cos_m - sine * self.sin_m  # cos(theta + m)
         if self.easy_margin:
             with_margin = torch.where(target > 0, with_margin, target)
         else:
             with_margin = torch.where(target > self.threshold, with_margin, target - self.linear_penalty)
-        logits = cosine.masked_scatter(mask, with_margin.to(cosine.dtype))
+        logits = torch.where(mask, with_margin.to(cosine.dtype), cosine)
         return logits * self.s
 
     def extra_repr(self) -> str:
@@ -134,13 +139,12 @@ class AdaFaceMargin(nn.Module):
         cosine = cosine.float().clamp(-1.0 + self.eps, 1.0 - self.eps)
         z = self.margin_scaler(norms)
         mask = _target_mask(labels, cosine.shape[1])
-        rows = mask.any(dim=1)
-        target = cosine[mask]
-        z_rows = z[rows]
+        target = _target_column(cosine, labels)
+        z_rows = z[:, None]
         theta = torch.acos(target)
         theta_m = (theta - self.m * z_rows).clamp(self.eps, math.pi - self.eps)
         with_margin = torch.cos(theta_m) - (self.m + self.m * z_rows)
-        logits = cosine.masked_scatter(mask, with_margin)
+        logits = torch.where(mask, with_margin, cosine)
         return logits * self.s
 
     def extra_repr(self) -> str:
@@ -226,9 +230,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         prob = exp / denom
         # log-softmax of the target from the shifted logit, not log(prob): prob underflows at s=64.
         mask = _target_mask(labels, logits.shape[1])
-        target_shifted = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
-        rows = mask.any(dim=1)
-        target_shifted[rows] = (logits - row_max)[mask]
+        target_shifted = torch.where(labels >= 0, _target_column(logits - row_max, labels).squeeze(1), 0.0)
         if distributed:
             dist.all_reduce(target_shifted, op=dist.ReduceOp.SUM)
         ctx.save_for_backward(prob, mask)
