@@ -679,6 +679,7 @@ def test_bfloat16_steps_report_the_max_cosine_in_float32():
     x = x / x.norm(dim=1, keepdim=True)
     cfg = PackConfig(num_identities=2, dim=3).resolved(None)
     objective = _Objective(cfg, None, torch.bfloat16, torch.Generator().manual_seed(0))
+    objective.reference_cos = -0.99  # far from 0: the GEMM stays in bfloat16
     _, max_cos = objective.gradient(x, temperature=0.5)
     assert float(x[0] @ x[1]) > -1.0 and max_cos == pytest.approx(float(x[0] @ x[1]), abs=1e-7)
 
@@ -688,3 +689,19 @@ def test_a_gallery_regularises_by_default_as_in_the_paper():
     assert PackConfig(3).resolved(gallery).reg_weight == 0.3
     assert PackConfig(3, reg_weight=0.0).resolved(gallery).reg_weight == 0.0  # start from it only
     assert PackConfig(3, dim=4).resolved(None).reg_weight == 0.0
+
+
+def test_between_d_plus_1_and_2d_points_the_cross_polytope_is_kept():
+    # Rankin: more than d + 1 points cannot beat 90 deg, and +-e_i (rotated) reach it; near cos 0
+    # the steps run in float32, where bf16 rounding would hide which iterate is best.
+    from hyperface.packing.init import orthoplex_init
+
+    x = orthoplex_init(10, 8, np.random.default_rng(0))
+    assert packing_metrics(x)["min_angle_deg"] == pytest.approx(90.0, abs=1e-4)
+    assert PackConfig(10, dim=8).resolved(None).init == "orthoplex"
+    assert PackConfig(9, dim=8).resolved(None).init == "random"  # simplex territory: the solver finds it
+    assert PackConfig(17, dim=8).resolved(None).init == "random"
+    result = pack(PackConfig(300, dim=200, steps=30))
+    assert packing_metrics(result.points)["min_angle_deg"] == pytest.approx(90.0, abs=1e-4)
+    with pytest.raises(HyperfaceError, match="at most 2d"):
+        orthoplex_init(17, 8, np.random.default_rng(0))

@@ -52,9 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight of the mean squared distance to the nearest gallery embedding, traded against "
                         "the max cosine (default: 0.3 with --gallery, 0 without; 0 with a gallery only starts "
                         "from it; larger stays nearer the faces: BENCHMARKS.md has the sweep)")
-    p.add_argument("--init", choices=["auto", "gallery", "random", "binary"], default="auto",
-                   help="starting points: gallery rows (default with --gallery), random (default without), or "
-                        "a binary-code construction for power-of-two d (86.4 deg for d=512 before optimising)")
+    p.add_argument("--init", choices=["auto", "gallery", "random", "binary", "orthoplex"], default="auto",
+                   help="starting points: gallery rows (default with --gallery), random (default without), "
+                        "a binary-code construction for power-of-two d (86.4 deg for d=512 before optimising), or "
+                        "orthoplex: cross-polytope vertices, 90 deg, optimal and the default for d+1 < N <= 2d")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--restarts", type=int, default=1, help="independent starts; the best wins (small hard cases)")

@@ -1,4 +1,5 @@
-"""Starting points for packing: gallery rows (the paper's choice), random, or a binary code."""
+"""Starting points for packing: gallery rows (the paper's choice), random, a binary code, or a
+cross-polytope (optimal for d + 1 < N <= 2d)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 
-INIT_METHODS = ("gallery", "random", "binary")
+INIT_METHODS = ("gallery", "random", "binary", "orthoplex")
 
 # Primitive polynomials over GF(2) (bit masks, including x^m); primitivity is re-checked at run time.
 _PRIMITIVE_POLYNOMIALS = {
@@ -122,6 +123,17 @@ def binary_code_init(num: int, dim: int, rng: np.random.Generator) -> np.ndarray
     return np.ascontiguousarray(x[:, perm] * flips[None, :])
 
 
+def orthoplex_init(num: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """``num`` <= 2d vertices of a randomly rotated cross-polytope (+-e_i): every pair at 90 or 180
+    degrees. For d + 1 < N <= 2d that is the optimum (Rankin: no N > d + 1 points beat 90 degrees)."""
+    if num > 2 * dim:
+        raise HyperfaceError(f"--init orthoplex holds at most 2d = {2 * dim} points, not {num}")
+    axes = np.arange(num) // 2
+    signs = np.where(np.arange(num) % 2 == 0, 1.0, -1.0)
+    rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return np.ascontiguousarray((signs[:, None] * rotation[axes]).astype(np.float32))
+
+
 def initial_points(
     method: str, num: int, dim: int, rng: np.random.Generator, gallery: np.ndarray | None = None
 ) -> np.ndarray:
@@ -133,4 +145,6 @@ def initial_points(
         return random_init(num, dim, rng)
     if method == "binary":
         return binary_code_init(num, dim, rng)
+    if method == "orthoplex":
+        return orthoplex_init(num, dim, rng)
     raise HyperfaceError(f"unknown --init {method!r}: choose one of {', '.join(INIT_METHODS)}")

@@ -68,6 +68,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 POLISH_AUTO_MAX = 2048
 #: Below this temperature (in units of 1/sqrt(d)) GEMMs run in float32 whatever compute_dtype says.
 BF16_MIN_TEMPERATURE = 0.01
+#: ... and while the max cosine is this close to 0 (N up to a few d: simplex, cross-polytope), where
+#: bfloat16's rounding of the inputs (~2^-9 / sqrt(d) per cosine) hides which pair is the closest.
+BF16_MIN_ABS_COSINE = 0.01
 #: With a --time-budget, the polish's share of it (Adam gets the rest): the polish used to run after
 #: the budget, and at N = 1000, d = 64 its 300 steps took 10 s more than a 3 s budget.
 POLISH_SHARE = 0.25
@@ -143,8 +146,9 @@ class PackConfig:
                 "--symmetry cyclic is for pure packing from a random start with --mode exact: identities come in "
                 "orbits of cyclic shifts, which a gallery term cannot keep near their own faces; use --symmetry none"
             )
-        if cfg.init == "auto":
-            cfg.init = "gallery" if gallery is not None else "random"
+        if cfg.init == "auto":  # between d + 1 and 2d points the cross-polytope is already optimal
+            orthoplex = cfg.dim + 1 < cfg.num_identities <= 2 * cfg.dim and cfg.symmetry == "none"
+            cfg.init = "gallery" if gallery is not None else "orthoplex" if orthoplex else "random"
         if cfg.reg_weight is None:
             cfg.reg_weight = GALLERY_REG_WEIGHT if gallery is not None else 0.0
         _check("--reg-weight", cfg.reg_weight, lambda v: 0 <= v < math.inf, "a finite number >= 0")
@@ -267,8 +271,10 @@ class _Objective:
 
     def _dense_gradient(self, x: torch.Tensor, rows: torch.Tensor, temperature: float):
         num, dim = x.shape
-        # bfloat16 rounds cosines by ~2^-9/sqrt(d): fine while T is well above that, not after.
-        dtype = self.dtype if temperature * math.sqrt(dim) >= BF16_MIN_TEMPERATURE else torch.float32
+        # bfloat16 rounds cosines by ~2^-9/sqrt(d): fine while T and the max cosine are well above
+        # that, not after (reference_cos is the last step's max; 0 before the first step).
+        coarse_ok = temperature * math.sqrt(dim) >= BF16_MIN_TEMPERATURE and abs(self.reference_cos) >= BF16_MIN_ABS_COSINE
+        dtype = self.dtype if coarse_ok else torch.float32
         xc = x.to(dtype)
         grad = torch.zeros_like(x)
         # Max cosine and total weight stay on the device until the end: one host sync per step,
@@ -418,8 +424,8 @@ def _polish(
     """Finish with exact gradient descent on the smooth objective, Armijo steps, T halving.
 
     Adam's normalised steps stall a few hundredths of a degree short of a minimax optimum; this
-    converges to it (simplex and cross-polytope optima for d <= 64 to 0.0001 degree; hard Tammes
-    cases can end in a local optimum). Dense and float64 (float32 above 256 points), so it is
+    converges to it (the simplex optimum to 0.0001 degree; hard Tammes cases can end in a local
+    optimum; d + 1 < N <= 2d starts at the optimal cross-polytope). Dense and float64 (float32 above 256 points), so it is
     meant for N up to a few thousand. Stops early at ``deadline`` (a ``time.perf_counter()``
     value); raises KeyboardInterrupt once ``stop.requested``; ``on_step(seconds)`` after each step.
     """
