@@ -14,7 +14,7 @@ from hyperface.common.io import load_embeddings, prepare_output_dir, read_json, 
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
-from hyperface.packing.solver import CHECKPOINT_NAME, PackConfig, _config_key, check_checkpoint_every, pack, resume_mismatch
+from hyperface.packing.solver import CHECKPOINT_NAME, PackConfig, check_checkpoint_every, config_key, pack, resume_mismatch
 
 log = get_logger("hyperface.packing")
 
@@ -49,7 +49,9 @@ def run_pack(
     """
     out = Path(out_dir)
     if gallery_path is not None:
-        gallery_path = resolve_gallery(gallery_path)
+        from hyperface.recognition.embed import find_embeddings
+
+        gallery_path = find_embeddings(gallery_path, flag="--gallery")
     gallery = load_embeddings(gallery_path, what="gallery") if gallery_path is not None else None
     cfg = config.resolved(gallery)  # validate before touching the output folder
     check_checkpoint_every(checkpoint_every)
@@ -58,7 +60,7 @@ def run_pack(
         previous = read_json(manifest_path)
         if previous.get("status") == "complete":
             # A finished run with other settings is not the run asked for: say so, don't return it.
-            params, now = previous.get("params") or {}, _config_key(cfg)
+            params, now = previous.get("params") or {}, config_key(cfg)
             before = {k: params[k] for k in now if k in params}  # keys an older version did not record: unknown
             if before != {k: now[k] for k in before}:
                 raise resume_mismatch(out, before, {k: now[k] for k in before})
@@ -105,22 +107,6 @@ def run_pack(
     # The checkpoint holds optimiser state (several times the result's size): done with it.
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     return metrics
-
-
-def resolve_gallery(path: str | Path) -> Path:
-    """A gallery .npy, or the output folder of ``hyperface embed`` (as ``hyperface report`` takes it)."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    from hyperface.recognition.embed import GalleryPaths
-
-    embeddings = GalleryPaths.from_out(path).embeddings
-    if not embeddings.is_file():
-        raise HyperfaceError(
-            f"--gallery {path} is a folder without {embeddings.name}: give the .npy that `hyperface embed` "
-            "wrote, or its output folder"
-        )
-    return embeddings
 
 
 def load_identities(path: str | Path, dim: int | None = None) -> np.ndarray:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, check_option
 from hyperface.common.io import atomic_write
 from hyperface.common.manifest import describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
@@ -78,16 +77,9 @@ POLISH_SHARE = 0.25
 MAX_SEED = 2**62
 
 
-def _check(flag: str, value: Any, valid: Callable[[Any], bool], rule: str, *, integer: bool = False) -> None:
-    """One-line error naming the flag, its valid range and the value given (NaN fails every rule)."""
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
-        raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
-
-
 def check_checkpoint_every(seconds: float) -> None:
     """``checkpoint_every`` is seconds between checkpoints: inf means none until the end or Ctrl-C."""
-    _check("--checkpoint-every", seconds, lambda v: v > 0, "a positive number of seconds")
+    check_option("--checkpoint-every", seconds, lambda v: v > 0, "a positive number of seconds")
 
 
 def resume_mismatch(where: str | Path, before: dict[str, Any], after: dict[str, Any]) -> HyperfaceError:
@@ -128,14 +120,14 @@ class PackConfig:
     def resolved(self, gallery: np.ndarray | None) -> "PackConfig":
         """Fill the ``auto`` fields and check the values; raises HyperfaceError on bad input."""
         cfg = dataclasses.replace(self)
-        _check("--identities", cfg.num_identities, lambda v: v >= 2, "at least 2", integer=True)
+        check_option("--identities", cfg.num_identities, lambda v: v >= 2, "at least 2", integer=True)
         if gallery is not None:
             if cfg.dim is not None and cfg.dim != gallery.shape[1]:
                 raise HyperfaceError(f"--dim {cfg.dim} does not match the gallery's dimension {gallery.shape[1]}")
             cfg.dim = int(gallery.shape[1])
         if cfg.dim is None:
             raise HyperfaceError("give --dim D (at least 2) or --gallery G.npy")
-        _check("--dim", cfg.dim, lambda v: v >= 2, "at least 2", integer=True)
+        check_option("--dim", cfg.dim, lambda v: v >= 2, "at least 2", integer=True)
         if cfg.symmetry not in SYMMETRIES:
             raise HyperfaceError(f"unknown --symmetry {cfg.symmetry!r}: choose one of {', '.join(SYMMETRIES)}")
         pure = gallery is None and cfg.init in ("auto", "random") and cfg.mode in ("auto", "exact")
@@ -151,27 +143,27 @@ class PackConfig:
             cfg.init = "gallery" if gallery is not None else "orthoplex" if orthoplex else "random"
         if cfg.reg_weight is None:
             cfg.reg_weight = GALLERY_REG_WEIGHT if gallery is not None else 0.0
-        _check("--reg-weight", cfg.reg_weight, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        check_option("--reg-weight", cfg.reg_weight, lambda v: 0 <= v < math.inf, "a finite number >= 0")
         if cfg.reg_weight > 0 and gallery is None:
             raise HyperfaceError("--reg-weight needs --gallery G.npy (the embeddings to stay near)")
         if cfg.steps is None and cfg.time_budget is None:
             cfg.steps = 1000
         if cfg.steps is not None:
-            _check("--steps", cfg.steps, lambda v: v >= 1, "a positive integer", integer=True)
+            check_option("--steps", cfg.steps, lambda v: v >= 1, "a positive integer", integer=True)
         if cfg.time_budget is not None:
-            _check("--time-budget", cfg.time_budget, lambda v: 0 < v < math.inf, "a positive, finite number of seconds")
+            check_option("--time-budget", cfg.time_budget, lambda v: 0 < v < math.inf, "a positive, finite number of seconds")
         if cfg.polish_steps is not None:  # None: the default for N
-            _check("--polish-steps", cfg.polish_steps, lambda v: v >= 0, "0 or more", integer=True)
-        _check("--seed", cfg.seed, lambda v: 0 <= v <= MAX_SEED, "an integer from 0 to 2^62", integer=True)
-        _check("--restarts", cfg.restarts, lambda v: v >= 1, "at least 1", integer=True)
-        _check("--neighbors", cfg.neighbors, lambda v: v >= 1, "at least 1", integer=True)
-        _check("--refresh-every", cfg.refresh_every, lambda v: v >= 1, "at least 1 (steps)", integer=True)
-        _check("--batch-size", cfg.batch_size, lambda v: v >= 1, "at least 1", integer=True)
-        _check("gallery_candidates", cfg.gallery_candidates, lambda v: v >= 1, "at least 1", integer=True)
-        _check("--step-angle", cfg.step_angle, lambda v: 0 < v <= math.pi, "in (0, pi] radians")
-        _check("step_floor", cfg.step_floor, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check("--temperature-start", cfg.temperature_start, lambda v: 0 < v < math.inf, "a positive, finite number")
-        _check("--temperature-end", cfg.temperature_end, lambda v: 0 < v <= cfg.temperature_start,
+            check_option("--polish-steps", cfg.polish_steps, lambda v: v >= 0, "0 or more", integer=True)
+        check_option("--seed", cfg.seed, lambda v: 0 <= v <= MAX_SEED, "an integer from 0 to 2^62", integer=True)
+        check_option("--restarts", cfg.restarts, lambda v: v >= 1, "at least 1", integer=True)
+        check_option("--neighbors", cfg.neighbors, lambda v: v >= 1, "at least 1", integer=True)
+        check_option("--refresh-every", cfg.refresh_every, lambda v: v >= 1, "at least 1 (steps)", integer=True)
+        check_option("--batch-size", cfg.batch_size, lambda v: v >= 1, "at least 1", integer=True)
+        check_option("gallery_candidates", cfg.gallery_candidates, lambda v: v >= 1, "at least 1", integer=True)
+        check_option("--step-angle", cfg.step_angle, lambda v: 0 < v <= math.pi, "in (0, pi] radians")
+        check_option("step_floor", cfg.step_floor, lambda v: 0 <= v <= 1, "in [0, 1]")
+        check_option("--temperature-start", cfg.temperature_start, lambda v: 0 < v < math.inf, "a positive, finite number")
+        check_option("--temperature-end", cfg.temperature_end, lambda v: 0 < v <= cfg.temperature_start,
                f"in (0, --temperature-start {cfg.temperature_start:g}]")
         if cfg.mode not in MODES:
             raise HyperfaceError(f"unknown --mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
@@ -480,7 +472,7 @@ def advance(bar: Any, amount: float) -> None:
     bar.update(min(amount, max(0.0, bar.total - bar.n)))
 
 
-def _config_key(cfg: PackConfig) -> dict[str, Any]:
+def config_key(cfg: PackConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed."""
     keys = ("num_identities", "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts", "symmetry")
     return {k: getattr(cfg, k) for k in keys}
@@ -520,8 +512,8 @@ def pack(
             state = torch.load(ckpt_path, map_location=device, weights_only=True)
         except Exception as exc:  # a checkpoint is written atomically, so this is real damage
             raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exc}); remove it or use --overwrite") from exc
-        if state["config_key"] != _config_key(cfg):
-            raise resume_mismatch(ckpt_path.parent, state["config_key"], _config_key(cfg))
+        if state["config_key"] != config_key(cfg):
+            raise resume_mismatch(ckpt_path.parent, state["config_key"], config_key(cfg))
         log.info("resuming restart %d at step %d", state["restart"], (state["run"] or {}).get("step", 0))
 
     stop = StopRequest(log)
@@ -563,7 +555,7 @@ def _pack_restarts(
             if ckpt_path is None:
                 return
             payload = {
-                "config_key": _config_key(cfg),
+                "config_key": config_key(cfg),
                 "restart": restart,
                 "run": run_state,
                 "best_points": None if best is None else torch.from_numpy(best.points),
@@ -612,7 +604,7 @@ def _pack_cyclic_restarts(
         def save(run_state: dict[str, Any] | None, restart: int = restart) -> None:
             if ckpt_path is None:
                 return
-            payload = {"config_key": _config_key(cfg), "restart": restart, "run": run_state,
+            payload = {"config_key": config_key(cfg), "restart": restart, "run": run_state,
                        "best_reps": best_reps, "best_cos": best_cos, "best_info": best_info}
             with atomic_write(ckpt_path, "wb") as handle:
                 torch.save(payload, handle)

@@ -116,6 +116,21 @@ class GalleryPaths:
         return self.parts / f"chunk_{k:06d}.npz"
 
 
+def find_embeddings(path: str | os.PathLike, *, flag: str) -> Path:
+    """An embeddings .npy, or the output folder of ``hyperface embed`` (its gallery.npy); ``flag``
+    names the option in the error when the folder has none."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    embeddings = GalleryPaths.from_out(path).embeddings
+    if not embeddings.is_file():
+        raise HyperfaceError(
+            f"{flag} {path} is a folder without {embeddings.name}: give the .npy that `hyperface embed` "
+            "wrote, or its output folder"
+        )
+    return embeddings
+
+
 def _folder_manifest_describes(embeddings: Path) -> bool:
     """True when ``manifest.json`` beside ``embeddings`` is an embed manifest written for that file."""
     try:

@@ -106,9 +106,9 @@ def run_report(
 ) -> dict[str, Any]:
     """Compute a dataset report (see :func:`hyperface.report.stats.dataset_stats`) and write it."""
     started = time.perf_counter()
-    embeddings = Path(embeddings)
-    if embeddings.is_dir():
-        embeddings = embeddings / "gallery.npy"
+    from hyperface.recognition.embed import find_embeddings
+
+    embeddings = find_embeddings(embeddings, flag="EMBEDDINGS")
     if not 0.0 < leak_threshold <= 1.0:
         raise HyperfaceError(f"--leak-threshold must be in (0, 1], got {leak_threshold}")
     if genuine_pairs < 0 or impostor_pairs < 0:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, check_option
 from hyperface.common.io import prepare_output_dir
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
@@ -120,16 +119,6 @@ class TrainConfig:
     def _check_ranges(self) -> None:
         """Every numeric option within its valid range, or one error naming the flag."""
 
-        def number(flag: str, value: Any, *, integer: bool = False) -> float:
-            kind = numbers.Integral if integer else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-                raise HyperfaceError(f"{flag} must be {'an integer' if integer else 'a finite number'}, got {value!r}")
-            return value
-
-        def require(ok: bool, flag: str, value: Any, rule: str) -> None:
-            if not ok:
-                raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
-
         checks: list[tuple[str, Any, bool, Callable[[float], bool], str]] = [
             # (flag, value, integer, valid, rule)
             ("--embedding-size", self.embedding_size, True, lambda v: v >= 2, ">= 2"),
@@ -158,9 +147,9 @@ class TrainConfig:
             ("--max-steps", self.max_steps, True, lambda v: v >= 1, ">= 1 (leave it out to train every --epochs)"),
         ]
         for flag, value, integer, valid, rule in checks + [c for c in optional if c[1] is not None]:
-            require(valid(number(flag, value, integer=integer)), flag, value, rule)
+            check_option(flag, value, valid, rule, integer=integer, finite=True)
         for m in self.milestones:
-            require(number("--milestones", m, integer=True) >= 1, "--milestones", m, "epochs >= 1")
+            check_option("--milestones", m, lambda v: v >= 1, "epochs >= 1", integer=True)
 
 
 @dataclass
