@@ -6,7 +6,9 @@
 - an SCRFD stand-in: an ONNX graph with SCRFD's 9 outputs (scores / box distances / landmark offsets
   for strides 8, 16, 32, two anchors per location) whose scores respond to coloured squares
   ("planted faces"): stride 8 to red, 16 to green, 32 to blue. Box distances and landmark offsets
-  are constants, so a planted face's decoded box and landmarks are known in closed form.
+  are constants, so a planted face's decoded box and landmarks are known in closed form. With
+  ``strides=SCRFD_STRIDES_5`` it has the five-level layout (15 outputs, one anchor per location);
+  strides 64 and 128 fire on squares dark in red and in green.
 """
 
 from __future__ import annotations
@@ -101,26 +103,35 @@ def _prepend_mxnet_normalisation(model: onnx.ModelProto, input_name: str) -> onn
 # SCRFD stand-in
 
 SCRFD_STRIDES = (8, 16, 32)
-MARKER_CHANNEL = {8: 0, 16: 1, 32: 2}  # RGB channel whose bright square fires each stride
-MARKER_COLOUR = {8: (255, 0, 0), 16: (0, 255, 0), 32: (0, 0, 255)}
+SCRFD_STRIDES_5 = (8, 16, 32, 64, 128)
+MARKER_CHANNEL = {8: 0, 16: 1, 32: 2, 64: 0, 128: 1}  # RGB channel whose square fires each stride
+MARKER_SIGN = {8: 1.0, 16: 1.0, 32: 1.0, 64: -1.0, 128: -1.0}  # +1: bright square fires, -1: dark one
+MARKER_COLOUR = {8: (255, 0, 0), 16: (0, 255, 0), 32: (0, 0, 255), 64: (0, 128, 128), 128: (128, 0, 128)}
 BOX_DISTANCES = np.array([1.5, 1.5, 2.5, 2.5], dtype=np.float32)  # left, top, right, bottom, in strides
 # Landmarks: the ArcFace template's layout inside the 4-stride box, as offsets from the anchor in strides.
 KPS_OFFSETS = (-1.5 + 4.0 * ARCFACE_TEMPLATE / 112.0).astype(np.float32)  # (5, 2)
 
 
-def make_scrfd_onnx(path: Path, input_size: int = 160, output_order: list[int] | None = None) -> Path:
-    """An ONNX graph with SCRFD's input convention and 9 outputs, reacting to planted coloured squares."""
+def make_scrfd_onnx(
+    path: Path, input_size: int = 160, output_order: list[int] | None = None, strides: tuple[int, ...] = SCRFD_STRIDES
+) -> Path:
+    """An ONNX graph with SCRFD's input convention and outputs, reacting to planted coloured squares.
+
+    Three strides: 9 outputs, two anchors per location (det_10g); five: 15 outputs, one anchor.
+    """
     nodes, inits, outputs = [], [], []
     scores, boxes, kps = [], [], []
+    per_cell = 2 if len(strides) == 3 else 1
     inits.append(numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "shape_col"))
-    for stride in SCRFD_STRIDES:
+    for stride in strides:
         cells = (input_size // stride) ** 2
-        anchors = cells * 2
+        anchors = cells * per_cell
         t = f"s{stride}"
+        sign = MARKER_SIGN[stride]
         inits += [
             numpy_helper.from_array(np.array([MARKER_CHANNEL[stride]], dtype=np.int64), f"{t}_channel"),
-            numpy_helper.from_array(np.array(0.5, dtype=np.float32), f"{t}_half"),
-            numpy_helper.from_array(np.array(20.0, dtype=np.float32), f"{t}_gain"),
+            numpy_helper.from_array(np.array(0.5 * sign, dtype=np.float32), f"{t}_half"),
+            numpy_helper.from_array(np.array(20.0 * sign, dtype=np.float32), f"{t}_gain"),
             numpy_helper.from_array(np.array(0.9, dtype=np.float32), f"{t}_second"),
             numpy_helper.from_array(np.tile(BOX_DISTANCES, (anchors, 1)), f"{t}_box_const"),
             numpy_helper.from_array(np.tile(KPS_OFFSETS.reshape(1, 10), (anchors, 1)), f"{t}_kps_const"),
@@ -131,10 +142,15 @@ def make_scrfd_onnx(path: Path, input_size: int = 160, output_order: list[int] |
             helper.make_node("Sub", [f"{t}_pool", f"{t}_half"], [f"{t}_centred"]),
             helper.make_node("Mul", [f"{t}_centred", f"{t}_gain"], [f"{t}_logit"]),
             helper.make_node("Sigmoid", [f"{t}_logit"], [f"{t}_prob"]),
-            helper.make_node("Reshape", [f"{t}_prob", "shape_col"], [f"{t}_a0"]),
-            helper.make_node("Mul", [f"{t}_a0", f"{t}_second"], [f"{t}_a1"]),
-            helper.make_node("Concat", [f"{t}_a0", f"{t}_a1"], [f"{t}_pair"], axis=1),
-            helper.make_node("Reshape", [f"{t}_pair", "shape_col"], [f"score_{stride}"]),
+            helper.make_node("Reshape", [f"{t}_prob", "shape_col"], [f"{t}_a0" if per_cell == 2 else f"score_{stride}"]),
+        ]
+        if per_cell == 2:  # the second anchor of each location scores a little lower
+            nodes += [
+                helper.make_node("Mul", [f"{t}_a0", f"{t}_second"], [f"{t}_a1"]),
+                helper.make_node("Concat", [f"{t}_a0", f"{t}_a1"], [f"{t}_pair"], axis=1),
+                helper.make_node("Reshape", [f"{t}_pair", "shape_col"], [f"score_{stride}"]),
+            ]
+        nodes += [
             helper.make_node("Identity", [f"{t}_box_const"], [f"bbox_{stride}"]),
             helper.make_node("Identity", [f"{t}_kps_const"], [f"kps_{stride}"]),
         ]

@@ -144,6 +144,28 @@ def test_scrfd_decodes_planted_faces(tmp_path, scrfd, shape, order):
     assert detector.detect(grey_image(*shape)) == []
 
 
+def test_scrfd_five_level_models_decode_strides_64_and_128(tmp_path):
+    # insightface's SCRFD with 15 outputs: strides 8..128, one anchor per location
+    from recognition_fixtures import SCRFD_STRIDES_5
+
+    detector = load_detector(make_scrfd_onnx(tmp_path / "scrfd_5.onnx", input_size=256, strides=SCRFD_STRIDES_5))
+    assert detector.strides == SCRFD_STRIDES_5 and detector.input_size == (256, 256)
+    image = grey_image(256, 256)
+    planted = {8: (3, 5), 64: (2, 0), 128: (0, 1)}
+    for stride, (row, col) in planted.items():
+        plant_face(image, stride, row=row, col=col)
+    faces = sorted(detector.detect(image), key=lambda f: f.area)
+    assert len(faces) == 3  # one anchor per location: one detection per planted face
+    for face, (stride, (row, col)) in zip(faces, sorted(planted.items())):
+        box, landmarks = expected_face(stride, row, col)
+        np.testing.assert_allclose(face.box, box, atol=1e-3)
+        np.testing.assert_allclose(face.landmarks, landmarks, atol=1e-3)
+    # a five-level detector without landmarks (10 outputs) cannot align faces
+    no_kps = make_scrfd_onnx(tmp_path / "scrfd_5_nokps.onnx", input_size=256, strides=SCRFD_STRIDES_5, output_order=list(range(10)))
+    with pytest.raises(HyperfaceError, match="10 outputs: a detector without landmarks"):
+        load_detector(no_kps)
+
+
 def test_face_preprocessor_modes(scrfd):
     detector = load_detector(scrfd)
     image = grey_image(160, 160)

@@ -10,7 +10,8 @@ SCRFD, as insightface runs it (model_zoo/scrfd.py):
   aspect ratio, pasted at the top-left of a black canvas; float NCHW RGB ``(x - 127.5) / 128``;
 - outputs, per stride 8, 16, 32: scores (A, 1), box distances (A, 4), landmark offsets (A, 10),
   optionally with a leading batch axis; A = (H/stride) * (W/stride) * 2 anchors, anchors of one
-  location adjacent, locations row-major;
+  location adjacent, locations row-major. The five-level variants (15 outputs) add strides 64 and
+  128 with one anchor per location;
 - decoding: anchor centre (x, y) = (col, row) * stride; box = centre -/+ distance * stride
   (left, top, right, bottom); landmark k = centre + offset_k * stride; then score threshold, NMS at
   IoU 0.4, and division by the letterbox scale.
@@ -107,7 +108,8 @@ class Detector:
         nms_threshold: IoU above which lower-scored overlapping boxes are dropped (0.4).
     """
 
-    strides = (8, 16, 32)
+    #: Feature strides by output count (insightface's SCRFD: 3 levels x 2 anchors, or 5 levels x 1).
+    STRIDES_BY_OUTPUTS = {9: (8, 16, 32), 15: (8, 16, 32, 64, 128)}
 
     def __init__(
         self,
@@ -141,12 +143,16 @@ class Detector:
             self.input_size = (int(shape[3]), int(shape[2]))  # the graph fixes it
         else:
             self.input_size = (int(input_size[0]), int(input_size[1]))
-        if len(outputs) != 9:
-            hint = " (6 outputs: a detector without landmarks; alignment needs a *_bnkps / det_10g model)" if len(outputs) == 6 else ""
+        if len(outputs) not in self.STRIDES_BY_OUTPUTS:
+            hint = (
+                f" ({len(outputs)} outputs: a detector without landmarks; alignment needs a *_bnkps / det_10g model)"
+                if len(outputs) in (6, 10) else ""
+            )
             raise HyperfaceError(
                 f"{self.path.name} has {len(outputs)} outputs; an SCRFD detector with landmarks has 9 (scores, "
-                f"boxes, landmarks for strides 8/16/32){hint}; {DETECTOR_SOURCES}"
+                f"boxes, landmarks for strides 8/16/32) or 15 (strides 8 to 128){hint}; {DETECTOR_SOURCES}"
             )
+        self.strides = self.STRIDES_BY_OUTPUTS[len(outputs)]
         self.output_names = [o.name for o in outputs]
 
     def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -165,7 +171,7 @@ class Detector:
         return canvas, new_h / h
 
     def _group_outputs(self, raw: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
-        """{last dim: [stride-8, stride-16, stride-32 arrays]} from the 9 raw outputs."""
+        """{last dim: [one array per stride, finest first]} from the raw outputs."""
         groups: dict[int, list[np.ndarray]] = {1: [], 4: [], 10: []}
         for array in raw:
             array = np.asarray(array, dtype=np.float32)
@@ -175,9 +181,9 @@ class Detector:
                 raise HyperfaceError(f"{self.path.name}: unexpected SCRFD output shape {array.shape}")
             groups[array.shape[1]].append(array)
         for dim, arrays in groups.items():
-            if len(arrays) != 3:
+            if len(arrays) != len(self.strides):
                 raise HyperfaceError(
-                    f"{self.path.name}: expected 3 outputs with last dimension {dim}, got {len(arrays)}; "
+                    f"{self.path.name}: expected {len(self.strides)} outputs with last dimension {dim}, got {len(arrays)}; "
                     "not an SCRFD detector with landmarks"
                 )
             arrays.sort(key=lambda a: -a.shape[0])  # most anchors = finest stride (8)
