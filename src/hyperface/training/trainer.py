@@ -512,18 +512,22 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     backbone.train()
     head.train()
     stop = StopRequest(log)
+    # One loader for the whole run: its workers persist across epochs (no re-fork and re-open of the
+    # data each epoch). The sampler is read in this process, so set_epoch takes effect at each
+    # iter(loader), and a sample's augmentation depends only on its draw id, not on a worker.
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        worker_init_fn=_ignore_sigint,
+        persistent_workers=workers > 0,
+    )
     try:
         while epoch < cfg.epochs and step < stop_at:
             sampler.set_epoch(epoch, start=step_in_epoch * cfg.batch_size)
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=cfg.batch_size,
-                sampler=sampler,
-                num_workers=workers,
-                pin_memory=device.type == "cuda",
-                drop_last=True,
-                worker_init_fn=_ignore_sigint,
-            )
             for images, labels in loader:
                 lr = learning_rate(step, cfg, steps_per_epoch, total_steps)
                 for group in optimizer.param_groups:
@@ -570,7 +574,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                     log.info("stopped by a signal at step %d after writing its checkpoint; rerun with --resume", step)
                     raise KeyboardInterrupt
                 if epoch_done or step >= stop_at:
-                    break  # a new DataLoader per epoch (and none past the last step)
+                    break  # the next epoch re-iterates the loader (and none past the last step)
     finally:
         stop.restore()
         bar.close()
