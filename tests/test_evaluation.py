@@ -89,6 +89,28 @@ def test_hand_checked_case():
     assert result.best_threshold == pytest.approx(0.055)
 
 
+def test_val_at_far_hand_checked():
+    """insightface's calculate_val on two folds of four pairs (squared distances off the 0.001 grid).
+
+    Fold A: same 0.1, 0.5, diff 1.0005, 2.0005.  Fold B: same 0.2, 1.5, diff 0.8005, 3.0005.
+    FAR target 0.5. Training on B, FAR first reaches 0.5 at threshold 0.801 (FAR 0 just below, so
+    the interpolation lands on it) -> fold A: VAL 2/2, FAR 0/2. Training on A: threshold 1.001 ->
+    fold B: VAL 1/2, FAR 1/2.
+    """
+    dists = [0.1, 0.5, 1.0005, 2.0005, 0.2, 1.5, 0.8005, 3.0005]
+    issame = np.array([True, True, False, False, True, True, False, False])
+    emb = np.zeros((16, 2))
+    for i, d in enumerate(dists):
+        cos = 1 - d / 2
+        emb[2 * i] = (1.0, 0.0)
+        emb[2 * i + 1] = (cos, np.sqrt(1 - cos**2))
+    result = evaluate_embeddings(emb, issame, nfolds=2, far_target=0.5)
+    assert (result.val, result.val_std, result.far) == pytest.approx((0.75, 0.25, 0.25))
+    # a FAR target no training fold reaches gives threshold 0: nothing accepted
+    strict = evaluate_embeddings(emb, issame, nfolds=2, far_target=1.5)
+    assert (strict.val, strict.far) == (0.0, 0.0)
+
+
 def test_kfold_is_contiguous_like_sklearn():
     splits = kfold_splits(23, 10)
     assert [len(test) for _, test in splits] == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]

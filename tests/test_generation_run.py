@@ -323,13 +323,25 @@ def test_cli_generates_filters_and_reads_back(cli_inputs, tmp_path):
     root, common, fr_model = cli_inputs
     out = tmp_path / "out"
     argv = ["generate", str(root / "ids.npy"), *common, "-k", "2", "--out", str(out), "--batch-size", "4",
-            "--fr-model", str(fr_model), "--min-similarity", "-1", "--format", "rec"]
+            "--fr-model", str(fr_model), "--min-similarity", "-1", "--format", "rec", "--image-format", "png"]
     assert main(argv) == 0
     rec = RecordIODataset(out / "rec")
     assert len(rec) == 8 and np.bincount(rec.labels).tolist() == [2] * 4 and rec[0][0].shape == (112, 112, 3)
     assert not (out / "images").exists()
-    stats = json.loads((out / "acceptance.json").read_text())["summary"]
-    assert stats["renders"] == 8 and stats["mean_similarity"] is not None
+    acceptance = json.loads((out / "acceptance.json").read_text())
+    stats = acceptance["summary"]
+    assert stats["renders"] == 8 and stats["acceptance_rate"] == 1.0
+    # The filter's similarities are the FR model's on the stored (lossless PNG) crops, recomputed here.
+    from hyperface.recognition import load_recognizer
+
+    faces = np.stack([rec[i][0] for i in range(len(rec))])
+    features = load_recognizer(fr_model).embed(faces)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    ids = np.load(root / "ids.npy")
+    cosines = np.einsum("nd,nd->n", features, ids[rec.labels] / np.linalg.norm(ids[rec.labels], axis=1, keepdims=True))
+    per_identity = [cosines[rec.labels == i].mean() for i in range(4)]
+    np.testing.assert_allclose(acceptance["per_identity"]["mean_similarity"], per_identity, atol=2e-5)
+    assert stats["mean_similarity"] == pytest.approx(np.mean(per_identity), abs=2e-5)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["generator"]["steps"] == 2 and manifest["params"]["fr_model"] == "backbone.pth"
 

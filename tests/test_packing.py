@@ -168,6 +168,16 @@ def test_metrics_are_exact_over_all_pairs():
     nn = np.degrees(np.arccos(np.clip(gram.max(axis=1), -1, 1)))
     assert m["mean_nn_angle_deg"] == pytest.approx(nn.mean(), abs=1e-3)
     assert m["pairs_above_cos_0.3"] == int((gram[np.triu_indices(300, 1)] > 0.3).sum())
+    assert m["max_cosine"] == pytest.approx(gram.max(), abs=1e-5)
+    assert m["nn_angle_percentiles_deg"]["50"] == pytest.approx(np.median(nn), abs=1e-3)
+    # gallery terms: every point against every gallery row, brute force
+    g = rng.standard_normal((50, 8))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    m = packing_metrics(x, g.astype(np.float32))
+    nearest = (x.astype(np.float64) @ g.T).max(axis=1)
+    assert m["gallery_similarity"]["mean"] == pytest.approx(nearest.mean(), abs=1e-5)
+    assert m["gallery_similarity"]["min"] == pytest.approx(nearest.min(), abs=1e-5)
+    assert m["mean_gallery_distance"] == pytest.approx(np.sqrt(2 - 2 * nearest).mean(), abs=1e-5)
 
 
 # --- the optimiser ---------------------------------------------------------------------------------
@@ -218,8 +228,10 @@ def test_time_budget_includes_the_polish():
     started = time.perf_counter()
     result = pack(PackConfig(1000, 64, time_budget=1.0, symmetry="none"))
     wall = time.perf_counter() - started
-    assert 0.9 <= result.seconds <= 1.25  # Adam's share, then the polish until the deadline
-    assert wall < 1.6
+    # Adam's share, then the polish until the deadline. Loose upper limits: a busy machine may
+    # overrun by a step, while the bug overran by the whole polish (~10 s).
+    assert 0.9 <= result.seconds <= 2.5
+    assert wall < 4.0
     assert result.steps_done > 0 and min_angle(result.points) > random_min_angle_deg(1000, 64) + 10.0
 
 
@@ -345,7 +357,7 @@ def test_cli_rejects_bad_galleries_cleanly(tmp_path, capsys, kind, message):
         (["--identities", "5", "--dim", "500", "--init", "binary"], "power-of-two"),
         (["--identities", "5", "--dim", "8", "--steps", "0"], "positive"),
         (["--identities", "5", "--dim", "8", "--reg-weight", "-1"], ">= 0"),
-        (["--identities", "5", "--dim", "8", "--device", "cuda:7"], ""),
+        (["--identities", "5", "--dim", "8", "--device", "cuda:7"], "--device cuda:7"),
     ],
 )
 def test_cli_rejects_bad_parameters(tmp_path, capsys, args, message):
@@ -355,6 +367,7 @@ def test_cli_rejects_bad_parameters(tmp_path, capsys, args, message):
     code = run_cli(*args, "--out", str(tmp_path / "run"))
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before the output folder is made
 
 
 @pytest.mark.parametrize(
@@ -577,7 +590,8 @@ def test_cyclic_smooth_max_equals_the_dense_objective_and_its_gradient(monkeypat
 
 
 def test_symmetry_auto_picks_cyclic_only_for_dense_pure_packing():
-    gallery = np.eye(16, dtype=np.float32)
+    gallery = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
     assert PackConfig(10_000, 512).resolved(None).symmetry == "cyclic"
     assert PackConfig(6_000, 512).resolved(None).symmetry == "none"  # N < 12 d
     assert PackConfig(300, 16, init="gallery").resolved(gallery).symmetry == "none"
@@ -656,7 +670,7 @@ def test_step_gradient_is_the_documented_objectives_gradient():
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
     gallery = torch.from_numpy(unit(rng.standard_normal((g, d))).astype(np.float32))
     x = torch.from_numpy(unit(rng.standard_normal((n, d))).astype(np.float32))
-    cfg = PackConfig(num_identities=n, dim=d, reg_weight=weight, gallery_candidates=g, mode="exact").resolved(gallery.numpy())
+    cfg = PackConfig(num_identities=n, dim=d, reg_weight=weight, gallery_candidates=g, mode="exact", init="random").resolved(gallery.numpy())
     objective = _Objective(cfg, gallery, torch.float32, torch.Generator().manual_seed(0))
     objective.refresh(x)
     reference = x.double().requires_grad_()

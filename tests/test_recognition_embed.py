@@ -8,11 +8,20 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from recognition_fixtures import export_onnx, grey_image, make_scrfd_onnx, make_tiny_iresnet, plant_face, random_faces, save_backbone
+from recognition_fixtures import (
+    expected_face,
+    export_onnx,
+    grey_image,
+    make_scrfd_onnx,
+    make_tiny_iresnet,
+    plant_face,
+    random_faces,
+    save_backbone,
+)
 
 from hyperface.cli import main
 from hyperface.recognition import load_recognizer
-from hyperface.recognition.alignment import crop_ffhq
+from hyperface.recognition.alignment import align_face, crop_ffhq
 from hyperface.recognition.embed import GalleryPaths
 
 
@@ -114,6 +123,10 @@ def test_embed_with_detector_and_list_file(tmp_path, models):
     assert rejected == ["photos/missing.jpg\tunreadable: file not found", "photos/empty_scene.png\tno face detected"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["preprocess"]["mode"] == "detect" and manifest["recognizer"]["flip"] is True
+    # the embedding is the flip-fused one of the face aligned from the planted landmarks
+    _, landmarks = expected_face(16, 3, 4, scale=0.5)
+    expected = load_recognizer(models["onnx"], flip=True).embed(align_face(with_face, landmarks)[None])
+    np.testing.assert_allclose(np.load(out / "gallery.npy"), expected, atol=2e-4)
 
 
 def test_embed_ffhq_crop(tmp_path, models):

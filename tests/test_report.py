@@ -91,7 +91,13 @@ def test_verification_statistics():
     assert "0.0001" not in same["tar_at_far"]  # 2 impostors above FAR 1e-4 cannot be read off 20k pairs
     # TAR at FAR 1e-2 against a direct count at the reported threshold
     gen, imp = rng.normal(1.0, 1.0, 5000), rng.normal(0.0, 1.0, 50_000)
-    entry = verification_stats(gen, imp)["tar_at_far"]["0.01"]
+    shifted = verification_stats(gen, imp)
+    # closed forms for N(1, 1) vs N(0, 1): d' = 1, EER = Phi(-1/2) = 0.3085 at threshold 1/2
+    assert shifted["d_prime"] == pytest.approx(1.0, abs=0.04)
+    assert shifted["eer"] == pytest.approx(0.3085, abs=0.01) and shifted["eer_threshold"] == pytest.approx(0.5, abs=0.05)
+    # unequal spreads: d' = (1 - 0) / sqrt((1 + 4) / 2)
+    assert verification_stats(gen, rng.normal(0.0, 2.0, 50_000))["d_prime"] == pytest.approx(1 / np.sqrt(2.5), abs=0.03)
+    entry = shifted["tar_at_far"]["0.01"]
     assert (imp >= entry["threshold"]).mean() <= 0.01
     assert entry["tar"] == pytest.approx((gen >= entry["threshold"]).mean(), abs=1e-9)
     # 100 tied top impostor scores: the FAR jumps from 0 to 1e-2, so FAR 1e-3 has no reading

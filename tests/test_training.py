@@ -12,6 +12,7 @@ import json
 import pickle
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -25,8 +26,6 @@ from hyperface.recognition.iresnet import iresnet
 from hyperface.training import TrainConfig, export_backbone, learning_rate, train
 from hyperface.training.checkpoint import load_safetensors, latest_checkpoint
 from hyperface.training.trainer import make_embed_fn
-
-cv2 = pytest.importorskip("cv2")
 
 CLASSES, TRAIN_PER_CLASS, HELD_PER_CLASS, PAIRS = 8, 24, 8, 80
 TINY = dict(arch="r_tiny", embedding_size=64, workers=0, log_every=3, checkpoint_every=0)

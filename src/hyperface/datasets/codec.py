@@ -1,17 +1,11 @@
-"""Image bytes <-> RGB uint8 arrays: OpenCV when installed (fast, what insightface uses), else Pillow."""
+"""Image bytes <-> RGB uint8 arrays with OpenCV (a dependency: fast, and what insightface uses)."""
 
 from __future__ import annotations
 
-import io
-
+import cv2 as _cv2
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-
-try:  # OpenCV is in the `recognition` extra; Pillow is a hard dependency.
-    import cv2 as _cv2
-except ImportError:  # pragma: no cover - exercised only without opencv
-    _cv2 = None
 
 
 def decode_image(data: bytes | memoryview | np.ndarray, *, what: str = "image") -> np.ndarray:
@@ -19,22 +13,10 @@ def decode_image(data: bytes | memoryview | np.ndarray, *, what: str = "image") 
     buffer = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
     if buffer.size == 0:
         raise HyperfaceError(f"{what} is empty (0 bytes); the file is truncated or was not written completely")
-    image = None
-    if _cv2 is not None:
-        bgr = _cv2.imdecode(buffer, _cv2.IMREAD_COLOR)
-        if bgr is not None:
-            image = _cv2.cvtColor(bgr, _cv2.COLOR_BGR2RGB)
-    else:  # pragma: no cover
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(buffer.tobytes())) as pil:
-                image = np.asarray(pil.convert("RGB"))
-        except (UnidentifiedImageError, OSError):
-            image = None
-    if image is None:
+    bgr = _cv2.imdecode(buffer, _cv2.IMREAD_COLOR)
+    if bgr is None:
         raise HyperfaceError(f"{what} is not a decodable JPEG/PNG image (corrupt or truncated data)")
-    return np.ascontiguousarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(_cv2.cvtColor(bgr, _cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
 def encode_image(image_rgb: np.ndarray, *, image_format: str = "jpg", quality: int = 95) -> bytes:
@@ -43,23 +25,14 @@ def encode_image(image_rgb: np.ndarray, *, image_format: str = "jpg", quality: i
     image_format = image_format.lower().lstrip(".")
     if image_format not in ("jpg", "jpeg", "png"):
         raise HyperfaceError(f"unsupported image format {image_format!r}: use jpg or png")
-    if _cv2 is not None:
-        bgr = _cv2.cvtColor(image_rgb, _cv2.COLOR_RGB2BGR)
-        if image_format == "png":
-            ok, encoded = _cv2.imencode(".png", bgr)
-        else:
-            ok, encoded = _cv2.imencode(".jpg", bgr, [_cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-        if not ok:  # pragma: no cover - OpenCV only fails on invalid input, checked above
-            raise HyperfaceError("OpenCV failed to encode an image")
-        return encoded.tobytes()
-    from PIL import Image  # pragma: no cover
-
-    out = io.BytesIO()  # pragma: no cover
-    if image_format == "png":  # pragma: no cover
-        Image.fromarray(image_rgb).save(out, format="PNG")
-    else:  # pragma: no cover
-        Image.fromarray(image_rgb).save(out, format="JPEG", quality=int(quality))
-    return out.getvalue()  # pragma: no cover
+    bgr = _cv2.cvtColor(image_rgb, _cv2.COLOR_RGB2BGR)
+    if image_format == "png":
+        ok, encoded = _cv2.imencode(".png", bgr)
+    else:
+        ok, encoded = _cv2.imencode(".jpg", bgr, [_cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover - OpenCV only fails on invalid input, checked above
+        raise HyperfaceError("OpenCV failed to encode an image")
+    return encoded.tobytes()
 
 
 def check_rgb_uint8(image: np.ndarray) -> np.ndarray:

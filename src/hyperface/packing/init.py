@@ -37,11 +37,7 @@ def random_init(num: int, dim: int, rng: np.random.Generator) -> np.ndarray:
 
 def gallery_init(num: int, gallery: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``num`` distinct gallery rows chosen at random (the paper's initialisation)."""
-    if num > gallery.shape[0]:
-        raise HyperfaceError(
-            f"--init gallery needs at least as many gallery embeddings as identities "
-            f"({gallery.shape[0]} < {num}): embed more images, or use --init random"
-        )
+    check_init("gallery", num, gallery.shape[1], gallery.shape[0])
     rows = np.sort(rng.choice(gallery.shape[0], size=num, replace=False))
     x = np.array(gallery[rows], dtype=np.float32)
     # Identical rows (a gallery with duplicates) would have zero relative gradient forever.
@@ -86,14 +82,8 @@ def binary_code_init(num: int, dim: int, rng: np.random.Generator) -> np.ndarray
     (d=512: 2^19 points with |cos| <= 1/16, 86.42 degrees). Whole cosets (fixed b) are taken first; a
     seeded coordinate permutation and sign flip (an isometry) varies the code with the seed.
     """
-    m = int(round(math.log2(dim))) if dim > 1 else 0
-    capacity = binary_code_capacity(dim)
-    if capacity == 0:
-        raise HyperfaceError(
-            f"--init binary needs a power-of-two dimension between 8 and 16384, got {dim}; use --init random"
-        )
-    if num > capacity:
-        raise HyperfaceError(f"--init binary gives at most {capacity} points in {dim}-d, asked for {num}")
+    check_init("binary", num, dim)
+    m = int(round(math.log2(dim)))
     q = dim
     exp, log = _gf_log_tables(m)
     elems = np.arange(q)
@@ -126,25 +116,46 @@ def binary_code_init(num: int, dim: int, rng: np.random.Generator) -> np.ndarray
 def orthoplex_init(num: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     """``num`` <= 2d vertices of a randomly rotated cross-polytope (+-e_i): every pair at 90 or 180
     degrees. For d + 1 < N <= 2d that is the optimum (Rankin: no N > d + 1 points beat 90 degrees)."""
-    if num > 2 * dim:
-        raise HyperfaceError(f"--init orthoplex holds at most 2d = {2 * dim} points, not {num}")
+    check_init("orthoplex", num, dim)
     axes = np.arange(num) // 2
     signs = np.where(np.arange(num) % 2 == 0, 1.0, -1.0)
     rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
     return np.ascontiguousarray((signs[:, None] * rotation[axes]).astype(np.float32))
 
 
+def check_init(method: str, num: int, dim: int, gallery_rows: int | None = None) -> None:
+    """Raise HyperfaceError if ``method`` cannot start ``num`` points in ``dim``-d (checked before a
+    run touches its output folder; ``gallery_rows``: the gallery's size, None without one)."""
+    if method not in INIT_METHODS:
+        raise HyperfaceError(f"unknown --init {method!r}: choose one of {', '.join(INIT_METHODS)}")
+    if method == "gallery":
+        if gallery_rows is None:
+            raise HyperfaceError("--init gallery needs --gallery G.npy (or choose --init random/binary)")
+        if num > gallery_rows:
+            raise HyperfaceError(
+                f"--init gallery needs at least as many gallery embeddings as identities "
+                f"({gallery_rows} < {num}): embed more images, or use --init random"
+            )
+    elif method == "binary":
+        capacity = binary_code_capacity(dim)
+        if capacity == 0:
+            raise HyperfaceError(
+                f"--init binary needs a power-of-two dimension between 8 and 16384, got {dim}; use --init random"
+            )
+        if num > capacity:
+            raise HyperfaceError(f"--init binary gives at most {capacity} points in {dim}-d, asked for {num}")
+    elif method == "orthoplex" and num > 2 * dim:
+        raise HyperfaceError(f"--init orthoplex holds at most 2d = {2 * dim} points, not {num}")
+
+
 def initial_points(
     method: str, num: int, dim: int, rng: np.random.Generator, gallery: np.ndarray | None = None
 ) -> np.ndarray:
+    check_init(method, num, dim, None if gallery is None else gallery.shape[0])
     if method == "gallery":
-        if gallery is None:
-            raise HyperfaceError("--init gallery needs --gallery G.npy (or choose --init random/binary)")
         return gallery_init(num, gallery, rng)
     if method == "random":
         return random_init(num, dim, rng)
     if method == "binary":
         return binary_code_init(num, dim, rng)
-    if method == "orthoplex":
-        return orthoplex_init(num, dim, rng)
-    raise HyperfaceError(f"unknown --init {method!r}: choose one of {', '.join(INIT_METHODS)}")
+    return orthoplex_init(num, dim, rng)

@@ -55,6 +55,7 @@ def run_pack(
     gallery = load_embeddings(gallery_path, what="gallery") if gallery_path is not None else None
     cfg = config.resolved(gallery)  # validate before touching the output folder
     check_checkpoint_every(checkpoint_every)
+    device = resolve_device(cfg.device)
     manifest_path = out / "manifest.json"
     if resume and manifest_path.exists():
         previous = read_json(manifest_path)
@@ -75,7 +76,7 @@ def run_pack(
     manifest.time("optimise", time.perf_counter() - started)
 
     started = time.perf_counter()
-    metrics, nn_angles, gallery_sims = packing_report(result.points, gallery, device=resolve_device(cfg.device))
+    metrics, nn_angles, gallery_sims = packing_report(result.points, gallery, device=device)
     metrics.update(
         {
             "steps": result.steps_done,

@@ -48,7 +48,7 @@ from hyperface.common.io import atomic_write
 from hyperface.common.manifest import describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
 from hyperface.packing.geometry import TILE_ELEMENTS, tiled_topk
-from hyperface.packing.init import initial_points
+from hyperface.packing.init import check_init, initial_points
 
 log = get_logger("hyperface.packing")
 
@@ -141,6 +141,7 @@ class PackConfig:
         if cfg.init == "auto":  # between d + 1 and 2d points the cross-polytope is already optimal
             orthoplex = cfg.dim + 1 < cfg.num_identities <= 2 * cfg.dim and cfg.symmetry == "none"
             cfg.init = "gallery" if gallery is not None else "orthoplex" if orthoplex else "random"
+        check_init(cfg.init, cfg.num_identities, cfg.dim, None if gallery is None else gallery.shape[0])
         if cfg.reg_weight is None:
             cfg.reg_weight = GALLERY_REG_WEIGHT if gallery is not None else 0.0
         check_option("--reg-weight", cfg.reg_weight, lambda v: 0 <= v < math.inf, "a finite number >= 0")

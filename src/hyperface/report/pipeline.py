@@ -122,6 +122,7 @@ def run_report(
         raise HyperfaceError(f"{embeddings} has {len(emb)} rows but there are {len(label_array)} labels")
     ident = load_identities(identities) if identities is not None else None
     ref = load_embeddings(reference, what="reference") if reference is not None else None
+    torch_device = resolve_device(device)  # a bad --device is refused before the output folder exists
     out = prepare_output_dir(out_dir, overwrite=overwrite, stage="report", resumable=False)
     params = {"leak_threshold": leak_threshold, "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs,
               "seed": seed, "device": device}
@@ -132,7 +133,7 @@ def run_report(
 
     stats = dataset_stats(emb, label_array, identities=ident, reference=ref, leak_threshold=leak_threshold,
                           genuine_pairs=genuine_pairs, impostor_pairs=impostor_pairs, seed=seed,
-                          device=resolve_device(device))
+                          device=torch_device)
     outputs = [REPORT_FILE]
     save_json(out / REPORT_FILE, stats.report)
     if stats.leakage is not None:
