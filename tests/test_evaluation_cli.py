@@ -72,6 +72,9 @@ def test_evaluate_cli_errors(tiny_backbone, tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["evaluate", str(model_path), str(tmp_path / "missing.bin"), "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    for flag, value, rule in (("--batch-size", "0", "at least 1"), ("--folds", "1", "at least 2")):
+        assert main(["evaluate", str(model_path), str(tmp_path / "missing.bin"), flag, value]) == 2
+        assert f"{flag} must be {rule}, got {value}" in capsys.readouterr().err
 
     class Payload:
         def __reduce__(self):

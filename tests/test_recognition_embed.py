@@ -150,6 +150,12 @@ def test_embed_clear_errors(tmp_path, models, capsys):
     assert "glintr100.onnx" in err and "antelopev2" in err and "Traceback" not in err
     assert _embed(tmp_path / "one", "--model", models["pth"], "--out", tmp_path / "o.npy") == 2
     assert "--detector" in capsys.readouterr().err
+    # numeric options are refused by name, before any model is loaded (the model path here does not exist)
+    for flag, value, rule in (("--chunk-size", "0", "at least 1"), ("--batch-size", "0", "at least 1"),
+                              ("--det-threshold", "2", "a score in [0, 1]"), ("--det-size", "-1", "a positive multiple of 32")):
+        assert _embed(tmp_path / "one", "--model", tmp_path / "none.onnx", "--aligned", flag, value, "--out", tmp_path / "o.npy") == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be {rule}" in err and "none.onnx" not in err
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "manifest.json").write_text('{"stage": "pack"}')
     assert _embed(tmp_path / "one", "--model", models["pth"], "--aligned", "--out", tmp_path / "packed", "--overwrite") == 2

@@ -179,9 +179,13 @@ def test_embed_then_report_cli(tmp_path, fmt, capsys):
     assert report["verification"]["impostor_pairs"] == 54
     # the same report again refuses to overwrite silently, and --overwrite gives the same numbers
     assert main(["report", str(tmp_path / "emb"), "--out", str(out)]) == 2
+    capsys.readouterr()
     assert main(["report", str(tmp_path / "emb"), "--out", str(out), "--overwrite", "--identities", str(tmp_path / "ids.npy"),
-                 "--genuine-pairs", "200", "--impostor-pairs", "2000"]) == 0
+                 "--genuine-pairs", "200", "--impostor-pairs", "2000", "--no-plot"]) == 0
     assert json.loads((out / "report.json").read_text()) == report
+    # what it says it wrote is what is there
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"written: {out}/report.json"
+    assert not (out / "report.png").exists()
 
 
 def test_report_bad_input(tmp_path, capsys):

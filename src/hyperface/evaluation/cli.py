@@ -65,12 +65,14 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.errors import HyperfaceError
+    from hyperface.common.errors import HyperfaceError, check_option
     from hyperface.common.io import save_json
     from hyperface.common.manifest import environment_versions
     from hyperface.common.runtime import get_logger
     from hyperface.evaluation.runner import evaluate_model, format_table
 
+    check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
+    check_option("--folds", args.folds, lambda v: v >= 2, "at least 2", integer=True)
     if args.json and Path(args.json).is_dir():  # found out now, not after the evaluation
         raise HyperfaceError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'results.json'}")
     started = time.time()

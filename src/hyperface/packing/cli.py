@@ -57,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "a binary-code construction for power-of-two d (86.4 deg for d=512 before optimising), or "
                         "orthoplex: cross-polytope vertices, 90 deg, optimal and the default for d+1 < N <= 2d")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--restarts", type=int, default=1, help="independent starts; the best wins (small hard cases)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available; the default), cpu, cuda, cuda:N")
+    p.add_argument("--restarts", type=int, default=1, help="independent starts; the best wins (small hard cases; default 1)")
     continuation = p.add_mutually_exclusive_group()
     continuation.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     continuation.add_argument("--overwrite", action="store_true", help="replace a previous hyperface run in --out")
@@ -73,17 +73,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "packing (N=10k, d=512: 87.03 vs 86.89 deg in 60 s on 2 CPU cores). auto (default): cyclic "
                           "for pure packing from a random start with N >= 12 d, else none")
     adv.add_argument("--neighbors", type=int, default=256, help="k for --mode neighbors (default 256)")
-    adv.add_argument("--refresh-every", type=int, default=20, help="steps between neighbour-list refreshes")
-    adv.add_argument("--batch-size", type=int, default=4096, help="identities per step for --mode stochastic")
+    adv.add_argument("--refresh-every", type=int, default=20, help="steps between neighbour-list refreshes (default 20)")
+    adv.add_argument("--batch-size", type=int, default=4096, help="identities per step for --mode stochastic (default 4096)")
     adv.add_argument("--step-angle", type=float, default=0.2, help="initial step, radians per identity (default 0.2)")
-    adv.add_argument("--temperature-start", type=float, default=0.5, help="soft-max temperature x sqrt(d) at the start")
-    adv.add_argument("--temperature-end", type=float, default=0.02, help="... and at the end")
+    adv.add_argument("--temperature-start", type=float, default=0.5, help="soft-max temperature x sqrt(d) at the start (default 0.5)")
+    adv.add_argument("--temperature-end", type=float, default=0.02, help="... and at the end (default 0.02)")
     adv.add_argument("--polish-steps", type=int, default=None,
                      help="exact line-search steps at the end (default 300 for N <= 2048, else 0); with "
                           "--symmetry cyclic, 0 turns off its L-BFGS finish")
     adv.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                      help="matrix products' precision (auto: bfloat16 on CUDA and on CPUs where it is faster)")
-    adv.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SEC", help="seconds between checkpoints")
+    adv.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SEC", help="seconds between checkpoints (default 60)")
     adv.add_argument("--no-plot", action="store_true", help="skip pack.png")
     p.set_defaults(func=run)
 

@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hyperface.common.errors import HyperfaceError
+    from hyperface.common.errors import HyperfaceError, check_option
     from hyperface.common.runtime import get_logger
     from hyperface.recognition.detection import load_detector
     from hyperface.recognition.embed import GalleryPaths, check_output, embed_images
@@ -79,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.recognition.recognizers import load_recognizer
 
     log = get_logger("hyperface.embed")
-    if args.batch_size < 1 or args.workers < 1:
-        raise HyperfaceError("--batch-size and --workers must be >= 1")
+    # numeric options, checked before any model loads
+    check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
+    check_option("--workers", args.workers, lambda v: v >= 1, "at least 1", integer=True)
+    check_option("--chunk-size", args.chunk_size, lambda v: v >= 1, "at least 1", integer=True)
+    check_option("--det-size", args.det_size, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (SCRFD's coarsest stride)", integer=True)
+    check_option("--det-threshold", args.det_threshold, lambda v: 0 <= v <= 1, "a score in [0, 1]")
     mode = "aligned" if args.aligned else "ffhq" if args.crop == "ffhq" else "detect"
     if mode == "detect" and not args.detector:
         raise HyperfaceError(
@@ -107,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
     preprocessor = FacePreprocessor(mode, detector=detector, size=recognizer.input_size[0])
     log.info("embedding %d images from %s with %r", len(source), args.images, recognizer)
     params = {
-        "images": str(args.images),
         "model": str(args.model),
         "arch": args.arch,
         "mode": mode,

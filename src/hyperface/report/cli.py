@@ -78,5 +78,6 @@ def run(args: argparse.Namespace) -> int:
         plot=not args.no_plot,
     )
     print(format_report(report))
-    print(f"written: {args.out}/report.json, report.png" + (", leakage.tsv" if "leakage" in report else ""))
+    written = ["report.json"] + (["leakage.tsv"] if "leakage" in report else []) + ([] if args.no_plot else ["report.png"])
+    print(f"written: {args.out}/" + ", ".join(written))
     return 0
