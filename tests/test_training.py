@@ -318,7 +318,7 @@ def test_learning_rate_schedules():
     assert adamw.lr == 1e-3 and adamw.weight_decay == 0.05
 
 
-def test_torchrun_ddp_on_two_cpu_processes_shards_centres_and_resumes(synthetic, tmp_path):
+def test_torchrun_ddp_shards_centres_resumes_and_matches_two_nodes(synthetic, tmp_path):
     import os
     import socket
     import subprocess
@@ -345,7 +345,30 @@ def test_torchrun_ddp_on_two_cpu_processes_shards_centres_and_resumes(synthetic,
     latest = latest_checkpoint(run)
     shards = [load_safetensors(latest / f"head-rank{r}.safetensors")["weight"] for r in range(2)]
     assert [s.shape[0] for s in shards] == [4, 4]  # 8 classes split over 2 ranks
-    assert not torch.equal(shards[0], shards[1])
+
+    # The same job on two "nodes" (torchrun --nnodes 2, one process each, LOCAL_RANK 0 on both),
+    # uninterrupted: it must end bit for bit where the interrupted-and-resumed single-node run did.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    train_args = command[command.index("-m", 3):]  # "-m hyperface train ..."
+    train_args[train_args.index(str(run))] = str(tmp_path / "two-nodes")
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), *train_args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    resumed = torch.load(run / "backbone.pth", weights_only=True)
+    two_nodes = torch.load(tmp_path / "two-nodes" / "backbone.pth", weights_only=True)
+    for key in resumed:
+        assert torch.equal(resumed[key], two_nodes[key]), key
+    assert json.loads((tmp_path / "two-nodes" / "manifest.json").read_text())["world_size"] == 2
 
 
 def test_sigterm_checkpoints_the_current_step_then_stops(synthetic, tmp_path):
