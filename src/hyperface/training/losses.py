@@ -57,9 +57,11 @@ class ArcFaceMargin(nn.Module):
     """Additive angular margin: target logit ``s * cos(theta + m)``.
 
     ``cos(theta + m)`` stops decreasing once ``theta + m > pi``, which would *reward* a worse
-    angle. Like insightface's ``CombinedMarginLoss``, for ``theta > pi - m`` we instead use the
-    CosFace-style linear continuation ``cos(theta) - m * sin(pi - m)`` (monotone, continuous at
-    ``theta = pi - m``). With ``easy_margin=True`` the margin is only applied where
+    angle. Like the ArcFace paper's code and insightface's earlier ``CombinedMarginLoss``, for
+    ``theta > pi - m`` we instead use the CosFace-style linear continuation ``cos(theta) - m * sin(pi - m)``
+    (monotone, continuous at ``theta = pi - m``), and the gradient is the formula's own. (Current
+    arcface_torch applies the margin inside ``torch.no_grad``: same values below ``pi - m``, but a
+    straight-through gradient, ``s`` per unit of cosine.) With ``easy_margin=True`` the margin is only applied where
     ``cos(theta) > 0`` (the original ArcFace "easy margin" variant).
     """
 
