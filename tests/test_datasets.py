@@ -340,3 +340,21 @@ def test_overwrite_killed_between_renames_leaves_no_finished_looking_pair(tmp_pa
     assert not (tmp_path / "train.idx").exists()  # the old index is gone: visibly incomplete
     with pytest.raises(HyperfaceError):
         RecordIODataset(tmp_path)
+
+
+def test_contact_sheet_rows_and_tiles():
+    from hyperface.datasets.preview import BACKGROUND, LABEL_WIDTH, contact_sheet, spread_rows
+
+    assert spread_rows(100, 8)[0] == 0 and spread_rows(100, 8)[-1] == 99 and len(spread_rows(100, 8)) == 8
+    assert spread_rows(3, 8) == [0, 1, 2] and spread_rows(0, 8) == []
+    big = np.zeros((512, 512, 3), np.uint8)
+    big[:, 256:] = 200  # left half dark, right half bright: survives the resize to 112
+    small = np.full((112, 112, 3), 90, np.uint8)
+    sheet = contact_sheet([("id 0", [big, small]), ("id 7\ncos 0.61", [small])], columns=3)
+    assert sheet.shape == (2 * 112, LABEL_WIDTH + 3 * 112, 3)
+    first = sheet[:111, LABEL_WIDTH : LABEL_WIDTH + 112]
+    assert first[:, :50].max() == 0 and first[:, 62:].min() == 200
+    assert (sheet[112:223, LABEL_WIDTH : LABEL_WIDTH + 112] == 90).all()
+    assert (sheet[112:223, LABEL_WIDTH + 112 :] == np.array(BACKGROUND, np.uint8)).all()  # padded row
+    with pytest.raises(HyperfaceError, match="RGB"):
+        contact_sheet([("bad", [np.zeros((112, 112), np.uint8)])])

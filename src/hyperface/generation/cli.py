@@ -31,6 +31,7 @@ weights (no download happens):
 output (--out DIR):
   images/<label:06d>/<k:04d>.jpg      --format folder|both (label = row of IDENTITIES.npy)
   rec/train.rec, train.idx, property  --format rec|both (insightface RecordIO)
+  samples.jpg                         8 identities spread over the set x their first 8 images
   acceptance.json, manifest.json, run.json, parts/ (per-shard journals; --no-keep-parts deletes them)
 """
 

@@ -49,6 +49,7 @@ log = get_logger("hyperface.generation")
 FORMATS = ("folder", "rec", "both")
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"
+SAMPLES_FILE = "samples.jpg"  # a contact sheet of the result, written by the merge
 
 
 @dataclass(frozen=True)
@@ -414,10 +415,10 @@ def _collect_parts(out_dir: Path, num_identities: int) -> dict[int, tuple[Path, 
     return found
 
 
-def _iter_identity_images(found: dict, num_identities: int) -> Iterable[tuple[int, list[bytes]]]:
+def _iter_identity_images(found: dict, identities: Iterable[int]) -> Iterable[tuple[int, list[bytes]]]:
     handles: dict[Path, Any] = {}
     try:
-        for identity in range(num_identities):
+        for identity in identities:
             data, offset, lengths, _ = found[identity]
             handle = handles.get(data) or handles.setdefault(data, open(data, "rb"))
             handle.seek(offset)
@@ -470,6 +471,8 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
         raise
     stats = acceptance_statistics(found, num_identities, run)
     save_json(out_dir / "acceptance.json", stats)
+    write_samples_sheet(out_dir / SAMPLES_FILE, found, num_identities)
+    outputs["samples"] = str(out_dir / SAMPLES_FILE)
     manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
     shards = []
     for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):
@@ -482,6 +485,23 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     if not keep_parts:
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
     return {"outputs": outputs, "num_identities": num_identities, "num_images": num_identities * k, "acceptance": stats["summary"]}
+
+
+def write_samples_sheet(path: Path, found: dict, num_identities: int, rows: int = 8, columns: int = 8) -> None:
+    """``samples.jpg``: the first images of identities spread over the set, with their acceptance."""
+    from hyperface.datasets.codec import decode_image
+    from hyperface.datasets.preview import contact_sheet, save_contact_sheet, spread_rows
+
+    sheet_rows = []
+    for identity, blobs in _iter_identity_images(found, spread_rows(num_identities, rows)):
+        entry = found[identity][3]
+        lines = [f"id {identity}"]
+        if not np.isnan(entry["mean_similarity"]):
+            lines.append(f"cos {entry['mean_similarity']:.2f}")
+        if entry["filled"]:
+            lines.append(f"{entry['filled']} filled")
+        sheet_rows.append(("\n".join(lines), [decode_image(blob) for blob in blobs[:columns]]))
+    save_contact_sheet(path, contact_sheet(sheet_rows, columns=columns))
 
 
 def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num_identities: int, k: int, show_progress) -> dict[str, str]:
@@ -497,7 +517,7 @@ def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num
         if kind == "folder":
             staging = out_dir / "images.tmp"
             writer = ImageFolderWriter(staging, image_format=run["config"]["image_format"])
-            for identity, images in _iter_identity_images(found, num_identities):
+            for identity, images in _iter_identity_images(found, range(num_identities)):
                 for index, blob in enumerate(images):
                     writer.add(blob, identity, index=index)
                 bar.update(len(images))
@@ -506,7 +526,7 @@ def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num
         else:
             writer = RecordIOWriter(final, image_format=run["config"]["image_format"], overwrite=True)
             try:
-                for identity, images in _iter_identity_images(found, num_identities):
+                for identity, images in _iter_identity_images(found, range(num_identities)):
                     for blob in images:
                         writer.add(blob, identity)
                     bar.update(len(images))
