@@ -177,6 +177,35 @@ def test_embed_then_report_cli(tmp_path, fmt, capsys):
     # 12 images have 66 pairs, fewer than asked: every pair once (4 x 3 genuine, 54 impostor)
     assert report["num_identities"] == 4 and report["verification"]["genuine_pairs"] == 12
     assert report["verification"]["impostor_pairs"] == 54
+    # the closest pair and the loosest identity, against brute force on the embeddings
+    emb = np.load(tmp_path / "emb" / "gallery.npy").astype(np.float64)
+    labels = np.asarray(labels)
+    centroids = np.stack([emb[labels == c].mean(0) for c in range(4)])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    gram = centroids @ centroids.T
+    np.fill_diagonal(gram, -2)
+    a, b = np.unravel_index(np.argmax(gram), gram.shape)
+    closest = report["inter_class"]["closest_pairs"][0]
+    assert sorted(closest["labels"]) == sorted([int(a), int(b)]) and closest["cosine"] == pytest.approx(gram[a, b], abs=1e-5)
+    intra = [np.mean([emb[i] @ emb[j] for i in np.flatnonzero(labels == c) for j in np.flatnonzero(labels == c) if i < j]) for c in range(4)]
+    assert report["intra_class"]["loosest_identities"][0]["label"] == int(np.argmin(intra))
+    # identities.jpg shows the images behind those rows: pair rows first, then the loosest
+    from hyperface.datasets import open_dataset
+    from hyperface.datasets.codec import decode_image
+    from hyperface.datasets.preview import LABEL_WIDTH
+
+    sheet = decode_image((out / "identities.jpg").read_bytes()).astype(np.int16)
+    shown_pairs = min(4, len(report["inter_class"]["closest_pairs"]))
+    assert sheet.shape == ((2 * shown_pairs + 4) * 112, LABEL_WIDTH + 8 * 112, 3)
+    source = open_dataset(data)
+    first_label = closest["labels"][0]
+    first_image = next(source[i][0] for i in range(len(source)) if source.labels[i] == first_label)
+    assert np.abs(sheet[:111, LABEL_WIDTH : LABEL_WIDTH + 112] - first_image[:111].astype(np.int16)).mean() < 6
+    loosest_row = 2 * shown_pairs
+    loosest_label = report["intra_class"]["loosest_identities"][0]["label"]
+    loosest_image = next(source[i][0] for i in range(len(source)) if source.labels[i] == loosest_label)
+    tile = sheet[loosest_row * 112 : loosest_row * 112 + 111, LABEL_WIDTH : LABEL_WIDTH + 112]
+    assert np.abs(tile - loosest_image[:111].astype(np.int16)).mean() < 6
     # the same report again refuses to overwrite silently, and --overwrite gives the same numbers
     assert main(["report", str(tmp_path / "emb"), "--out", str(out)]) == 2
     capsys.readouterr()

@@ -55,11 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pair sampling (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (tiled nearest-neighbour searches)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous report in --out")
-    p.add_argument("--no-plot", action="store_true", help="skip report.png")
+    p.add_argument("--no-plot", action="store_true", help="skip report.png and identities.jpg")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hyperface.common.io import read_json
     from hyperface.report.pipeline import format_report, run_report
 
     report = run_report(
@@ -78,6 +81,5 @@ def run(args: argparse.Namespace) -> int:
         plot=not args.no_plot,
     )
     print(format_report(report))
-    written = ["report.json"] + (["leakage.tsv"] if "leakage" in report else []) + ([] if args.no_plot else ["report.png"])
-    print(f"written: {args.out}/" + ", ".join(written))
+    print(f"written: {args.out}/" + ", ".join(read_json(Path(args.out) / "manifest.json")["outputs"]))
     return 0

@@ -15,12 +15,13 @@ from hyperface.common.io import atomic_write, load_embeddings, prepare_output_di
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
 from hyperface.packing.pipeline import load_identities
-from hyperface.report.stats import DatasetStats, dataset_stats
+from hyperface.report.stats import DatasetStats, closest_pairs, dataset_stats
 
 log = get_logger("hyperface.report")
 
 REPORT_FILE = "report.json"
 PLOT_FILE = "report.png"
+SHEET_FILE = "identities.jpg"
 LEAKAGE_FILE = "leakage.tsv"
 
 
@@ -41,6 +42,13 @@ def labels_for_embeddings(embeddings_path: str | os.PathLike, dataset: str | os.
     the image-folder reader gives that class (folders sorted by name: 0, 1, ...). ``dataset``
     defaults to the images folder the embed manifest names. Returns (labels, dataset used).
     """
+    labels, dataset_used, _ = embedded_items(embeddings_path, dataset)
+    return labels, dataset_used
+
+
+def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLike | None = None) -> tuple[np.ndarray, Path, np.ndarray]:
+    """(labels, dataset, item): as :func:`labels_for_embeddings`, plus each row's item index in
+    ``open_dataset(dataset)`` (its record or its image), to show the images behind a row."""
     from hyperface.datasets import ImageFolderDataset, RecordIODataset
     from hyperface.recognition.embed import GalleryPaths
 
@@ -63,16 +71,17 @@ def labels_for_embeddings(embeddings_path: str | os.PathLike, dataset: str | os.
             raise HyperfaceError(f"{index}: cannot read a record number from a line ({exc})") from exc
         if rows.size and (rows.min() < 0 or rows.max() >= len(rec)):
             raise HyperfaceError(f"{index} names record {int(rows.max())} but {dataset} has {len(rec)} records: wrong --dataset?")
-        return rec.labels[rows], dataset
+        return rec.labels[rows], dataset, rows
     folder = ImageFolderDataset(dataset)
-    label_of = dict(zip(folder.paths, folder.labels.tolist()))
-    missing = [n for n in names if n not in label_of]
+    item_of = {path: i for i, path in enumerate(folder.paths)}
+    missing = [n for n in names if n not in item_of]
     if missing:
         raise HyperfaceError(
             f"{len(missing)} embedded image(s) are not in the image folder {dataset} (e.g. {missing[0]!r}): "
             "embed the dataset's root folder, or pass the right --dataset"
         )
-    return np.asarray([label_of[n] for n in names], dtype=np.int64), dataset
+    items = np.asarray([item_of[n] for n in names], dtype=np.int64)
+    return folder.labels[items], dataset, items
 
 
 def load_labels(path: str | os.PathLike) -> np.ndarray:
@@ -114,10 +123,11 @@ def run_report(
     if genuine_pairs < 0 or impostor_pairs < 0:
         raise HyperfaceError("pair counts must be >= 0")
     emb = load_embeddings(embeddings, what="embeddings")
+    items = None  # each row's image in the dataset, when the rows came from one
     if labels is not None:
         label_array, dataset_used = load_labels(labels), None
     else:
-        label_array, dataset_used = labels_for_embeddings(embeddings, dataset)
+        label_array, dataset_used, items = embedded_items(embeddings, dataset)
     if len(label_array) != len(emb):
         raise HyperfaceError(f"{embeddings} has {len(emb)} rows but there are {len(label_array)} labels")
     ident = load_identities(identities) if identities is not None else None
@@ -144,10 +154,41 @@ def run_report(
 
         plot_report(out / PLOT_FILE, stats)
         outputs.append(PLOT_FILE)
+        if items is not None:
+            write_identities_sheet(out / SHEET_FILE, stats, dataset_used, items)
+            outputs.append(SHEET_FILE)
     manifest.time("report", time.perf_counter() - started)
     manifest.extra["outputs"] = outputs
     manifest.write(out)
     return stats.report
+
+
+def write_identities_sheet(path: Path, stats: DatasetStats, dataset: Path, items: np.ndarray, rows: int = 4, columns: int = 8) -> None:
+    """``identities.jpg``: the images behind the numbers. The ``rows`` closest identity pairs (both
+    identities, one above the other: do they look like one person?), then the ``rows`` loosest
+    identities (does each row look like one person?), up to ``columns`` images each."""
+    from hyperface.datasets import open_dataset
+    from hyperface.datasets.preview import contact_sheet, save_contact_sheet
+
+    classes = stats.classes
+    assert classes is not None and stats.nearest_identity_index is not None
+    source = open_dataset(dataset)
+
+    def images_of(position: int) -> list[np.ndarray]:
+        start = classes.starts[position]
+        rows_of_class = classes.order[start : start + min(columns, classes.counts[position])]
+        return [source[int(items[r])][0] for r in rows_of_class]
+
+    sheet_rows = []
+    for a, b in closest_pairs(stats.nearest_identity, stats.nearest_identity_index, rows):
+        cosine = stats.nearest_identity[a]
+        for this, other in ((a, b), (b, a)):
+            text = f"id {classes.labels[this]}\n~ id {classes.labels[other]}\ncos {cosine:.2f}"
+            sheet_rows.append((text, images_of(this)))
+    intra = np.where(np.isfinite(stats.intra_mean), stats.intra_mean, np.inf)
+    for c in np.argsort(intra, kind="stable")[: min(rows, int(np.isfinite(stats.intra_mean).sum()))]:
+        sheet_rows.append((f"id {classes.labels[c]}\nloose\nintra {stats.intra_mean[c]:.2f}", images_of(int(c))))
+    save_contact_sheet(path, contact_sheet(sheet_rows, columns=columns))
 
 
 def write_leakage(path: Path, stats: DatasetStats, threshold: float, top: int = 1000) -> None:

@@ -143,6 +143,28 @@ def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1
     }
 
 
+#: How many closest identity pairs and loosest identities report.json lists.
+REPORTED_EXTREMES = 10
+
+
+def closest_pairs(nearest_sim: np.ndarray, nearest_index: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """The ``count`` most similar distinct identity pairs (class positions), most similar first.
+
+    Every identity's nearest neighbour gives a candidate pair; a mutual pair (a's nearest is b and
+    b's is a) is listed once.
+    """
+    pairs: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for a in np.argsort(-nearest_sim, kind="stable"):
+        key = (min(int(a), int(nearest_index[a])), max(int(a), int(nearest_index[a])))
+        if key not in seen:
+            seen.add(key)
+            pairs.append((int(a), int(nearest_index[a])))
+            if len(pairs) == count:
+                break
+    return pairs
+
+
 def nearest(queries: np.ndarray, base: np.ndarray, *, exclude_self: bool = False, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Cosine and index of each query's nearest row of ``base`` (tiled, exact float32)."""
     q = torch.from_numpy(np.ascontiguousarray(queries)).to(device)
@@ -160,6 +182,7 @@ class DatasetStats:
     impostor: np.ndarray
     intra_mean: np.ndarray  # per identity, NaN for single-image identities
     nearest_identity: np.ndarray  # per identity: cosine of its centroid to the nearest other centroid
+    nearest_identity_index: np.ndarray | None = None  # ... and that identity's class position
     target_similarity: np.ndarray | None = None  # per image: cosine to its identity's target embedding
     leakage: np.ndarray | None = None  # per identity: cosine of its centroid to the nearest reference row
     leakage_index: np.ndarray | None = None
@@ -192,7 +215,7 @@ def dataset_stats(
     rng = np.random.default_rng(seed)
     centroids, intra = class_centroids(embeddings, classes)
     to_centroid = np.einsum("nd,nd->n", embeddings, centroids[classes.inverse])
-    nearest_sim, _ = nearest(centroids, centroids, exclude_self=True, device=device)
+    nearest_sim, nearest_index = nearest(centroids, centroids, exclude_self=True, device=device)
     gen_pairs, imp_pairs = sample_pairs(classes, genuine_pairs, impostor_pairs, rng)
     genuine, impostor = pair_cosines(embeddings, gen_pairs), pair_cosines(embeddings, imp_pairs)
     multi = np.isfinite(intra)
@@ -205,12 +228,23 @@ def dataset_stats(
             "mean_pair_cosine_per_identity": summary(intra[multi]) if multi.any() else None,
             "image_to_centroid_cosine": summary(to_centroid),
         },
-        "inter_class": {"nearest_identity_cosine": summary(nearest_sim)},
+        "inter_class": {
+            "nearest_identity_cosine": summary(nearest_sim),
+            "closest_pairs": [
+                {"labels": [int(classes.labels[a]), int(classes.labels[b])], "cosine": float(nearest_sim[a])}
+                for a, b in closest_pairs(nearest_sim, nearest_index, REPORTED_EXTREMES)
+            ],
+        },
         "seed": seed,
     }
+    if multi.any():
+        loosest = [int(c) for c in np.argsort(np.where(multi, intra, np.inf), kind="stable")[: min(REPORTED_EXTREMES, int(multi.sum()))]]
+        report["intra_class"]["loosest_identities"] = [
+            {"label": int(classes.labels[c]), "mean_pair_cosine": float(intra[c])} for c in loosest
+        ]
     if len(genuine) and len(impostor):
         report["verification"] = verification_stats(genuine, impostor)
-    stats = DatasetStats(report, genuine, impostor, intra, nearest_sim, classes=classes)
+    stats = DatasetStats(report, genuine, impostor, intra, nearest_sim, nearest_index, classes=classes)
 
     if identities is not None:
         if identities.shape[1] != embeddings.shape[1]:
