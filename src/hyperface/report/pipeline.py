@@ -214,7 +214,11 @@ def format_report(report: dict[str, Any]) -> str:
     if intra:
         lines.append(f"intra-class   mean pair cosine per identity: mean {intra['mean']:.3f} (p5 {intra['p5']:.3f}, p95 {intra['p95']:.3f})")
     inter = report["inter_class"]["nearest_identity_cosine"]
-    lines.append(f"inter-class   nearest other identity (centroids): mean {inter['mean']:.3f}, p99 {inter['p99']:.3f}, max {inter['max']:.3f}")
+    closest = report["inter_class"].get("closest_pairs")
+    lines.append(
+        f"inter-class   nearest other identity (centroids): mean {inter['mean']:.3f}, p99 {inter['p99']:.3f}, max {inter['max']:.3f}"
+        + (f" (ids {closest[0]['labels'][0]} and {closest[0]['labels'][1]})" if closest else "")
+    )
     ver = report.get("verification")
     if ver:
         tar = ", ".join(f"TAR@FAR={k} {v['tar']:.4f}" for k, v in ver["tar_at_far"].items())
