@@ -15,7 +15,7 @@ from hyperface.common.io import atomic_write, load_embeddings, prepare_output_di
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
 from hyperface.packing.pipeline import load_identities
-from hyperface.report.stats import DatasetStats, closest_pairs, dataset_stats
+from hyperface.report.stats import DatasetStats, closest_pairs, dataset_stats, loosest
 
 log = get_logger("hyperface.report")
 
@@ -176,8 +176,13 @@ def write_identities_sheet(path: Path, stats: DatasetStats, dataset: Path, items
 
     def images_of(position: int) -> list[np.ndarray]:
         start = classes.starts[position]
-        rows_of_class = classes.order[start : start + min(columns, classes.counts[position])]
-        return [source[int(items[r])][0] for r in rows_of_class]
+        images = []
+        for row in classes.order[start : start + min(columns, classes.counts[position])]:
+            try:
+                images.append(source[int(items[row])][0])
+            except (HyperfaceError, OSError) as exc:  # changed since it was embedded: leave its tile empty
+                log.warning("identities.jpg: %s", exc)
+        return images
 
     sheet_rows = []
     for a, b in closest_pairs(stats.nearest_identity, stats.nearest_identity_index, rows):
@@ -185,9 +190,8 @@ def write_identities_sheet(path: Path, stats: DatasetStats, dataset: Path, items
         for this, other in ((a, b), (b, a)):
             text = f"id {classes.labels[this]}\n~ id {classes.labels[other]}\ncos {cosine:.2f}"
             sheet_rows.append((text, images_of(this)))
-    intra = np.where(np.isfinite(stats.intra_mean), stats.intra_mean, np.inf)
-    for c in np.argsort(intra, kind="stable")[: min(rows, int(np.isfinite(stats.intra_mean).sum()))]:
-        sheet_rows.append((f"id {classes.labels[c]}\nloose\nintra {stats.intra_mean[c]:.2f}", images_of(int(c))))
+    for c in loosest(stats.intra_mean, rows):
+        sheet_rows.append((f"id {classes.labels[c]}\nloose\nintra {stats.intra_mean[c]:.2f}", images_of(c)))
     save_contact_sheet(path, contact_sheet(sheet_rows, columns=columns))
 
 

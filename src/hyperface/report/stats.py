@@ -165,6 +165,14 @@ def closest_pairs(nearest_sim: np.ndarray, nearest_index: np.ndarray, count: int
     return pairs
 
 
+def loosest(intra_mean: np.ndarray, count: int) -> list[int]:
+    """Class positions of the ``count`` identities with the lowest mean pair cosine (single-image
+    identities, NaN, have none and are skipped), loosest first."""
+    known = np.isfinite(intra_mean)
+    order = np.argsort(np.where(known, intra_mean, np.inf), kind="stable")
+    return [int(c) for c in order[: min(count, int(known.sum()))]]
+
+
 def nearest(queries: np.ndarray, base: np.ndarray, *, exclude_self: bool = False, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Cosine and index of each query's nearest row of ``base`` (tiled, exact float32)."""
     q = torch.from_numpy(np.ascontiguousarray(queries)).to(device)
@@ -238,9 +246,8 @@ def dataset_stats(
         "seed": seed,
     }
     if multi.any():
-        loosest = [int(c) for c in np.argsort(np.where(multi, intra, np.inf), kind="stable")[: min(REPORTED_EXTREMES, int(multi.sum()))]]
         report["intra_class"]["loosest_identities"] = [
-            {"label": int(classes.labels[c]), "mean_pair_cosine": float(intra[c])} for c in loosest
+            {"label": int(classes.labels[c]), "mean_pair_cosine": float(intra[c])} for c in loosest(intra, REPORTED_EXTREMES)
         ]
     if len(genuine) and len(impostor):
         report["verification"] = verification_stats(genuine, impostor)
