@@ -157,6 +157,16 @@ def test_resume_refuses_changed_settings(synthetic, tmp_path):
         train(TrainConfig(**{**base, "loss": "cosface"}, resume=True))
     with pytest.raises(HyperfaceError, match=r"lr 0\.1 -> 0\.5"):
         train(TrainConfig(**{**base, "lr": 0.5}, resume=True))
+    with pytest.raises(HyperfaceError, match="margin_gradient 'exact' -> 'straight-through'"):
+        train(TrainConfig(**{**base, "margin_gradient": "straight-through"}, resume=True))
+    # a checkpoint from before --margin-gradient existed resumes: the setting had its default then
+    meta_path = latest_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["margin_gradient"]
+    meta_path.write_text(json.dumps(meta))
+    assert train(TrainConfig(**{**base, "max_steps": 3}, resume=True)).steps == 3
+    with pytest.raises(HyperfaceError, match="--margin-gradient straight-through is for --loss arcface"):
+        TrainConfig(**{**base, "loss": "cosface", "margin_gradient": "straight-through"}).resolved()
 
 
 def test_resume_of_a_finished_run_checks_settings_and_keeps_its_manifest(synthetic, tmp_path, capsys):

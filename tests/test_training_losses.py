@@ -57,6 +57,50 @@ def test_arcface_easy_margin_leaves_negative_cosines_alone():
     assert float(out[1, 0]) == pytest.approx(math.cos(math.acos(0.6) + 0.5), abs=1e-6)
 
 
+def _arcface_torch_margin(logits: torch.Tensor, labels: torch.Tensor, s: float = 64.0, m: float = 0.5) -> torch.Tensor:
+    """insightface arcface_torch's CombinedMarginLoss for ArcFace, as it reads: in place, under no_grad."""
+    index = torch.where(labels != -1)[0]
+    target_logit = logits[index, labels[index].view(-1)]
+    with torch.no_grad():
+        target_logit.arccos_()
+        logits.arccos_()
+        logits[index, labels[index].view(-1)] = target_logit + m
+        logits.cos_()
+    return logits * s
+
+
+def test_arcface_straight_through_is_arcface_torchs_margin():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(7, 16, generator=gen, dtype=torch.float64)
+    features = torch.randn(9, 16, generator=gen, dtype=torch.float64)
+    features[0] = -weight[2] + 0.1 * features[0]  # theta > pi - m for one target: no continuation branch here
+    labels = torch.tensor([2, 0, 1, 4, 3, 2, 6, 5, 0])
+    results = []
+    for ours in (True, False):
+        w, f = weight.clone().requires_grad_(), features.clone().requires_grad_()
+        cosine = F.linear(F.normalize(f), F.normalize(w)).clamp(-1, 1)
+        if ours:
+            logits = ArcFaceMargin(straight_through=True)(cosine, labels).double()
+        else:
+            logits = _arcface_torch_margin(cosine, labels)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        results.append((logits.detach(), w.grad, f.grad))
+    assert math.acos(float(F.normalize(features)[0] @ F.normalize(weight)[2])) > math.pi - 0.5
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    # and it is not the exact-gradient margin: same values below pi - m, other gradients
+    w = weight.clone().requires_grad_()
+    cosine = F.linear(F.normalize(features), F.normalize(w)).clamp(-1, 1)
+    F.cross_entropy(ArcFaceMargin()(cosine, labels), labels).backward()
+    assert not torch.allclose(w.grad.float(), results[0][1].float(), atol=1e-4)
+    with pytest.raises(HyperfaceError, match="easy margin"):
+        ArcFaceMargin(easy_margin=True, straight_through=True)
+    assert isinstance(build_margin("arcface", gradient="straight-through"), ArcFaceMargin)
+    with pytest.raises(HyperfaceError, match="for --loss arcface"):
+        build_margin("adaface", gradient="straight-through")
+
+
 def test_cosface_subtracts_margin_from_target_only():
     cosine = _cosines(seed=1)
     labels = torch.tensor([1, 1, 0, 4, 2, 3])

@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--loss", default="arcface", choices=("arcface", "cosface", "adaface"), help="margin (default: arcface; s=64, m=0.5 / 0.4 / 0.4)")
     model.add_argument("--margin-s", type=float, help="override the scale s (default 64)")
     model.add_argument("--margin-m", type=float, help="override the margin m")
+    model.add_argument("--margin-gradient", choices=("exact", "straight-through"), default="exact",
+                       help="ArcFace only: exact (the formula's gradient, the ArcFace paper's code; default) or "
+                            "straight-through (current insightface arcface_torch: margin added under no_grad)")
     model.add_argument("--partial-fc", type=float, default=1.0, metavar="RATE", help="fraction of class centres scored per step (default: 1.0 = full softmax; 0.1-0.3 for 1M+ identities)")
 
     optim = parser.add_argument_group("optimisation")
@@ -120,6 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
         loss=args.loss,
         margin_s=args.margin_s,
         margin_m=args.margin_m,
+        margin_gradient=args.margin_gradient,
         partial_fc=args.partial_fc,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -59,15 +59,20 @@ class ArcFaceMargin(nn.Module):
     ``cos(theta + m)`` stops decreasing once ``theta + m > pi``, which would *reward* a worse
     angle. Like the ArcFace paper's code and insightface's earlier ``CombinedMarginLoss``, for
     ``theta > pi - m`` we instead use the CosFace-style linear continuation ``cos(theta) - m * sin(pi - m)``
-    (monotone, continuous at ``theta = pi - m``), and the gradient is the formula's own. (Current
-    arcface_torch applies the margin inside ``torch.no_grad``: same values below ``pi - m``, but a
-    straight-through gradient, ``s`` per unit of cosine.) With ``easy_margin=True`` the margin is only applied where
-    ``cos(theta) > 0`` (the original ArcFace "easy margin" variant).
+    (monotone, continuous at ``theta = pi - m``), and the gradient is the formula's own. With
+    ``easy_margin=True`` the margin is only applied where ``cos(theta) > 0`` (the original ArcFace
+    "easy margin" variant).
+
+    ``straight_through=True`` is current arcface_torch's ``CombinedMarginLoss``: it computes
+    ``cos(arccos(cos theta) + m)`` inside ``torch.no_grad`` (no continuation branch), so the
+    gradient passes through the margin as if it were not there (``s`` per unit of cosine).
     """
 
-    def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False):
+    def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, straight_through: bool = False):
         super().__init__()
-        self.s, self.m, self.easy_margin = float(s), float(m), bool(easy_margin)
+        if easy_margin and straight_through:
+            raise HyperfaceError("ArcFace's easy margin has no straight-through form (arcface_torch has neither together)")
+        self.s, self.m, self.easy_margin, self.straight_through = float(s), float(m), bool(easy_margin), bool(straight_through)
         self.cos_m, self.sin_m = math.cos(self.m), math.sin(self.m)
         self.threshold = math.cos(math.pi - self.m)  # cos(theta) above this <=> theta < pi - m
         self.linear_penalty = math.sin(math.pi - self.m) * self.m
@@ -76,6 +81,11 @@ class ArcFaceMargin(nn.Module):
         cosine = cosine.float().clamp(-1.0, 1.0)
         mask = _target_mask(labels, cosine.shape[1])
         target = _target_column(cosine, labels)
+        if self.straight_through:
+            with torch.no_grad():
+                shifted = torch.cos(torch.acos(target) + self.m)
+            logits = torch.where(mask, target + (shifted - target.detach()), cosine)  # value: shifted; gradient: 1
+            return logits * self.s
         sine = torch.sqrt((1.0 - target * target).clamp_min(1e-12))
         with_margin = target * self.cos_m - sine * self.sin_m  # cos(theta + m)
         if self.easy_margin:
@@ -86,7 +96,7 @@ class ArcFaceMargin(nn.Module):
         return logits * self.s
 
     def extra_repr(self) -> str:
-        return f"s={self.s}, m={self.m}, easy_margin={self.easy_margin}"
+        return f"s={self.s}, m={self.m}, easy_margin={self.easy_margin}, straight_through={self.straight_through}"
 
 
 class CosFaceMargin(nn.Module):
@@ -153,12 +163,24 @@ class AdaFaceMargin(nn.Module):
         return f"s={self.s}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}"
 
 
-def build_margin(name: str, *, s: float | None = None, m: float | None = None) -> nn.Module:
-    """``arcface`` (s=64, m=0.5), ``cosface`` (s=64, m=0.4) or ``adaface`` (s=64, m=0.4, h=0.333)."""
+#: ArcFace's gradient through the margin: the formula's own, or arcface_torch's straight-through.
+MARGIN_GRADIENTS = ("exact", "straight-through")
+
+
+def build_margin(name: str, *, s: float | None = None, m: float | None = None, gradient: str = "exact") -> nn.Module:
+    """``arcface`` (s=64, m=0.5), ``cosface`` (s=64, m=0.4) or ``adaface`` (s=64, m=0.4, h=0.333).
+
+    ``gradient="straight-through"`` (ArcFace only) is current arcface_torch's margin."""
     key = name.lower()
     if key not in MARGINS:
         raise HyperfaceError(f"unknown loss {name!r}: choose one of {', '.join(MARGINS)}")
+    if gradient not in MARGIN_GRADIENTS:
+        raise HyperfaceError(f"unknown --margin-gradient {gradient!r}: choose one of {', '.join(MARGIN_GRADIENTS)}")
     kwargs = {k: v for k, v in (("s", s), ("m", m)) if v is not None}
+    if gradient != "exact":
+        if key != "arcface":
+            raise HyperfaceError(f"--margin-gradient {gradient} is for --loss arcface (the other margins are used as they are)")
+        kwargs["straight_through"] = True
     return {"arcface": ArcFaceMargin, "cosface": CosFaceMargin, "adaface": AdaFaceMargin}[key](**kwargs)
 
 
@@ -346,6 +368,7 @@ class PartialFC(nn.Module):
 
 __all__ = [
     "MARGINS",
+    "MARGIN_GRADIENTS",
     "AdaFaceMargin",
     "ArcFaceMargin",
     "ClassifierHead",

@@ -45,7 +45,7 @@ log = get_logger("hyperface.train")
 #: change: run length limits (--max-steps), where and how fast it runs (--device, --workers, --amp,
 #: --compile, --channels-last), logging, checkpointing, verification sets and the data's path.
 _RESUME_FIXED = (
-    "arch", "embedding_size", "dropout", "loss", "margin_s", "margin_m", "partial_fc", "epochs", "batch_size",
+    "arch", "embedding_size", "dropout", "loss", "margin_s", "margin_m", "margin_gradient", "partial_fc", "epochs", "batch_size",
     "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma", "poly_power",
     "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed",
 )
@@ -66,6 +66,7 @@ class TrainConfig:
     loss: str = "arcface"
     margin_s: float | None = None  # None: the loss's published default (64)
     margin_m: float | None = None  # None: 0.5 ArcFace, 0.4 CosFace/AdaFace
+    margin_gradient: str = "exact"  # ArcFace: "straight-through" is current arcface_torch's
     epochs: int = 26
     batch_size: int = 128  # per process
     optimizer: str = "sgd"  # sgd | adamw
@@ -108,6 +109,7 @@ class TrainConfig:
         if self.augment not in ("none", "flip", "adaface"):
             raise HyperfaceError(f"unknown --augment {self.augment!r}: use none, flip or adaface")
         self._check_ranges()
+        build_margin(self.loss, s=self.margin_s, m=self.margin_m, gradient=self.margin_gradient)  # the loss's own checks
         cfg = TrainConfig(**asdict(self))
         cfg.lr = self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
         if cfg.weight_decay is None:
@@ -169,9 +171,10 @@ def _plain(value: Any) -> Any:
 
 def _check_resume_settings(out: Path, meta: dict[str, Any], cfg: TrainConfig, *, world: int, num_classes: int) -> None:
     """Refuse to resume a run (finished or not) with settings that change what it trains."""
-    saved = meta["config"]
-    changed = [k for k in _RESUME_FIXED if saved.get(k) != _plain(getattr(cfg, k))]
-    what = [describe_changes({k: saved.get(k) for k in changed}, {k: _plain(getattr(cfg, k)) for k in changed})] if changed else []
+    # a setting an older version did not record had its default then
+    saved = {k: meta["config"].get(k, TrainConfig.__dataclass_fields__[k].default) for k in _RESUME_FIXED}
+    changed = [k for k in _RESUME_FIXED if saved[k] != _plain(getattr(cfg, k))]
+    what = [describe_changes({k: saved[k] for k in changed}, {k: _plain(getattr(cfg, k)) for k in changed})] if changed else []
     if meta["world_size"] != world:
         what.append(f"world size {meta['world_size']} -> {world}")
     if meta["num_classes"] != num_classes:
@@ -393,7 +396,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed * 1009 + 17 + rank)
-    margin = build_margin(cfg.loss, s=cfg.margin_s, m=cfg.margin_m)
+    margin = build_margin(cfg.loss, s=cfg.margin_s, m=cfg.margin_m, gradient=cfg.margin_gradient)
     head = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.partial_fc, rank=rank, world_size=world).to(device)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     if cfg.optimizer == "sgd":
