@@ -446,7 +446,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
 
     model: nn.Module = backbone
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None)
+        # BatchNorm statistics stay per GPU, as in arcface_torch (no buffer broadcast each step): the
+        # training forward uses batch statistics, and the saved model holds rank 0's.
+        model = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if cfg.compile:
         model = torch.compile(model)
 
