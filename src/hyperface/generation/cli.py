@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("-k", "--images-per-identity", type=int, default=50, help="images kept per identity (default: 50)")
     parser.add_argument("--format", choices=("folder", "rec", "both"), default="both", help="dataset format (default: both)")
     parser.add_argument("--seed", type=int, default=0, help="global seed; image = f(seed, identity, index) (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per UNet batch, across identities (default: 16; on an H200 32-64 measured "
-                             "1.45x Arc2Face's 4-per-call recipe, 2.0x with --channels-last --compile)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per UNet batch, across identities (default: 16; on an H100, 64 measured "
+                             "1.85-2.0x Arc2Face's 4-per-call recipe, 2.25-2.86x with --channels-last --compile --fuse-qkv)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto; under torchrun cuda:LOCAL_RANK)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"), help="auto: fp16 on CUDA, fp32 on CPU")
 
