@@ -358,3 +358,9 @@ def test_contact_sheet_rows_and_tiles():
     assert (sheet[112:223, LABEL_WIDTH + 112 :] == np.array(BACKGROUND, np.uint8)).all()  # padded row
     with pytest.raises(HyperfaceError, match="RGB"):
         contact_sheet([("bad", [np.zeros((112, 112), np.uint8)])])
+    # a wide photo keeps its aspect ratio (centred, letterboxed); None (unreadable) leaves its tile empty
+    wide = np.full((50, 100, 3), 200, np.uint8)
+    sheet = contact_sheet([("x", [None, wide])], columns=2)
+    assert (sheet[:111, LABEL_WIDTH : LABEL_WIDTH + 112] == np.array(BACKGROUND, np.uint8)).all()
+    tile = sheet[:, LABEL_WIDTH + 112 :]
+    assert (tile[28:84] == 200).all() and (tile[:28] == np.array(BACKGROUND, np.uint8)).all()

@@ -160,6 +160,9 @@ def test_scrfd_five_level_models_decode_strides_64_and_128(tmp_path):
         box, landmarks = expected_face(stride, row, col)
         np.testing.assert_allclose(face.box, box, atol=1e-3)
         np.testing.assert_allclose(face.landmarks, landmarks, atol=1e-3)
+    # its anchor grid needs an input size that is a multiple of 128
+    with pytest.raises(HyperfaceError, match="not a multiple of 128"):
+        load_detector(make_scrfd_onnx(tmp_path / "scrfd_5_224.onnx", input_size=224, strides=SCRFD_STRIDES_5))
     # a five-level detector without landmarks (10 outputs) cannot align faces
     no_kps = make_scrfd_onnx(tmp_path / "scrfd_5_nokps.onnx", input_size=256, strides=SCRFD_STRIDES_5, output_order=list(range(10)))
     with pytest.raises(HyperfaceError, match="10 outputs: a detector without landmarks"):

@@ -157,6 +157,25 @@ def _write_dataset(root, fmt: str, num_classes: int = 4, per_class: int = 3):
     return root / "train.rec"
 
 
+def test_closest_pairs_are_the_most_similar_pairs_even_in_a_cluster():
+    # three near-duplicate identities: all three of their pairs outrank every other pair, though
+    # each identity's single nearest neighbour names only two of them
+    from hyperface.report.stats import closest_pairs
+
+    rng = np.random.default_rng(4)
+    centroids = rng.standard_normal((23, 16))
+    centroids[:3] = centroids[0] + 0.1 * rng.standard_normal((3, 16))
+    centroids = unit(centroids).astype(np.float32)
+    gram = centroids.astype(np.float64) @ centroids.T.astype(np.float64)
+    upper = np.triu_indices(23, 1)
+    order = np.argsort(-gram[upper], kind="stable")[:10]
+    expected = [(int(upper[0][o]), int(upper[1][o])) for o in order]
+    got = closest_pairs(centroids, 10)
+    assert [(a, b) for a, b, _ in got] == expected
+    assert {(a, b) for a, b, _ in got[:3]} == {(0, 1), (0, 2), (1, 2)}
+    np.testing.assert_allclose([c for _, _, c in got], gram[upper][order], atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["folder", "rec"])
 def test_embed_then_report_cli(tmp_path, fmt, capsys):
     data = _write_dataset(tmp_path / "data", fmt)

@@ -114,6 +114,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(synthetic, tmp_path
     common = dict(
         data=str(synthetic["data"]), epochs=2, batch_size=24, loss="adaface", augment="adaface", augment_p=0.5,
         partial_fc=0.5, device="cpu", arch="r_tiny", embedding_size=64, log_every=2, seed=3,
+        dropout=0.2,  # dropout draws from the global RNG: a resume must restore it exactly
     )
     reference = train(TrainConfig(out=str(tmp_path / "reference"), workers=0, checkpoint_every=0, **common))
     steps_per_epoch = CLASSES * TRAIN_PER_CLASS // 24

@@ -1,8 +1,8 @@
 """Contact sheets: a few images of a few identities in one picture, to judge a dataset at a glance.
 
 One row per identity (its label, and optional caption lines, in a strip on the left), one column per
-image; every image is shown as a ``tile`` x ``tile`` square. Rows with fewer images are padded with
-a dark tile.
+image; every image is fitted into a ``tile`` x ``tile`` square, keeping its aspect ratio. Rows with
+fewer images, and ``None`` entries (an image that could not be read), leave dark tiles.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def spread_rows(num_identities: int, rows: int) -> list[int]:
 
 
 def contact_sheet(
-    rows: Sequence[tuple[str, Sequence[np.ndarray]]], *, columns: int | None = None, tile: int = 112
+    rows: Sequence[tuple[str, Sequence[np.ndarray | None]]], *, columns: int | None = None, tile: int = 112
 ) -> np.ndarray:
     """An RGB uint8 picture: per row, a label strip (the row's text, ``\\n`` between lines) and its images."""
     import cv2
@@ -44,12 +44,17 @@ def contact_sheet(
         for line_number, line in enumerate(str(text).split("\n")[:4]):
             cv2.putText(sheet, line, (6, top + 22 + 20 * line_number), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (230, 230, 230), 1, cv2.LINE_AA)
         for c, image in enumerate(list(images)[:columns]):
+            if image is None:
+                continue
             image = check_rgb_uint8(image)
-            if image.shape[:2] != (tile, tile):
-                interpolation = cv2.INTER_AREA if image.shape[0] > tile else cv2.INTER_LINEAR
-                image = cv2.resize(image, (tile, tile), interpolation=interpolation)
-            left = LABEL_WIDTH + c * tile
-            sheet[top : top + tile, left : left + tile] = image
+            height, width = image.shape[:2]
+            if (height, width) != (tile, tile):
+                scale = tile / max(height, width)
+                size = (max(1, round(width * scale)), max(1, round(height * scale)))
+                image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+                height, width = image.shape[:2]
+            y0, x0 = top + (tile - height) // 2, LABEL_WIDTH + c * tile + (tile - width) // 2
+            sheet[y0 : y0 + height, x0 : x0 + width] = image
         sheet[top + tile - 1, :] = BACKGROUND  # a thin rule between rows
     return sheet
 

@@ -471,8 +471,11 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
         raise
     stats = acceptance_statistics(found, num_identities, run)
     save_json(out_dir / "acceptance.json", stats)
-    write_samples_sheet(out_dir / SAMPLES_FILE, found, num_identities)
-    outputs["samples"] = str(out_dir / SAMPLES_FILE)
+    try:  # a picture to look at: it must not cost the merge
+        write_samples_sheet(out_dir / SAMPLES_FILE, found, num_identities)
+        outputs["samples"] = str(out_dir / SAMPLES_FILE)
+    except (HyperfaceError, OSError) as exc:
+        log.warning("%s not written: %s", SAMPLES_FILE, exc)
     manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
     shards = []
     for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--workers", args.workers, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--chunk-size", args.chunk_size, lambda v: v >= 1, "at least 1", integer=True)
-    check_option("--det-size", args.det_size, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (SCRFD's coarsest stride)", integer=True)
+    check_option("--det-size", args.det_size, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (SCRFD's coarsest stride; 128 for its five-level models)", integer=True)
     check_option("--det-threshold", args.det_threshold, lambda v: 0 <= v <= 1, "a score in [0, 1]")
     mode = "aligned" if args.aligned else "ffhq" if args.crop == "ffhq" else "detect"
     if mode == "detect" and not args.detector:

@@ -153,6 +153,13 @@ class Detector:
                 f"boxes, landmarks for strides 8/16/32) or 15 (strides 8 to 128){hint}; {DETECTOR_SOURCES}"
             )
         self.strides = self.STRIDES_BY_OUTPUTS[len(outputs)]
+        coarsest = max(self.strides)
+        if self.input_size[0] % coarsest or self.input_size[1] % coarsest:
+            # the anchor grid is size // stride, as insightface decodes; the network's is ceil(size / stride)
+            raise HyperfaceError(
+                f"{self.path.name}: input size {self.input_size[0]}x{self.input_size[1]} is not a multiple of {coarsest}, "
+                f"the detector's coarsest stride: use --det-size 640 or another multiple of {coarsest}"
+            )
         self.output_names = [o.name for o in outputs]
 
     def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float]:

@@ -15,7 +15,7 @@ from hyperface.common.io import atomic_write, load_embeddings, prepare_output_di
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
 from hyperface.packing.pipeline import load_identities
-from hyperface.report.stats import DatasetStats, closest_pairs, dataset_stats, loosest
+from hyperface.report.stats import DatasetStats, dataset_stats, loosest
 
 log = get_logger("hyperface.report")
 
@@ -42,13 +42,13 @@ def labels_for_embeddings(embeddings_path: str | os.PathLike, dataset: str | os.
     the image-folder reader gives that class (folders sorted by name: 0, 1, ...). ``dataset``
     defaults to the images folder the embed manifest names. Returns (labels, dataset used).
     """
-    labels, dataset_used, _ = embedded_items(embeddings_path, dataset)
+    labels, dataset_used, _, _ = embedded_items(embeddings_path, dataset)
     return labels, dataset_used
 
 
-def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLike | None = None) -> tuple[np.ndarray, Path, np.ndarray]:
-    """(labels, dataset, item): as :func:`labels_for_embeddings`, plus each row's item index in
-    ``open_dataset(dataset)`` (its record or its image), to show the images behind a row."""
+def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLike | None = None) -> tuple[np.ndarray, Path, np.ndarray, Any]:
+    """(labels, dataset, items, reader): as :func:`labels_for_embeddings`, plus the dataset reader
+    the rows were matched in and each row's item in it, to show the images behind a row."""
     from hyperface.datasets import ImageFolderDataset, RecordIODataset
     from hyperface.recognition.embed import GalleryPaths
 
@@ -71,7 +71,7 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
             raise HyperfaceError(f"{index}: cannot read a record number from a line ({exc})") from exc
         if rows.size and (rows.min() < 0 or rows.max() >= len(rec)):
             raise HyperfaceError(f"{index} names record {int(rows.max())} but {dataset} has {len(rec)} records: wrong --dataset?")
-        return rec.labels[rows], dataset, rows
+        return rec.labels[rows], dataset, rows, rec
     folder = ImageFolderDataset(dataset)
     item_of = {path: i for i, path in enumerate(folder.paths)}
     missing = [n for n in names if n not in item_of]
@@ -81,7 +81,7 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
             "embed the dataset's root folder, or pass the right --dataset"
         )
     items = np.asarray([item_of[n] for n in names], dtype=np.int64)
-    return folder.labels[items], dataset, items
+    return folder.labels[items], dataset, items, folder
 
 
 def load_labels(path: str | os.PathLike) -> np.ndarray:
@@ -123,11 +123,11 @@ def run_report(
     if genuine_pairs < 0 or impostor_pairs < 0:
         raise HyperfaceError("pair counts must be >= 0")
     emb = load_embeddings(embeddings, what="embeddings")
-    items = None  # each row's image in the dataset, when the rows came from one
+    items = reader = None  # each row's image in the dataset, when the rows came from one
     if labels is not None:
         label_array, dataset_used = load_labels(labels), None
     else:
-        label_array, dataset_used, items = embedded_items(embeddings, dataset)
+        label_array, dataset_used, items, reader = embedded_items(embeddings, dataset)
     if len(label_array) != len(emb):
         raise HyperfaceError(f"{embeddings} has {len(emb)} rows but there are {len(label_array)} labels")
     ident = load_identities(identities) if identities is not None else None
@@ -155,43 +155,49 @@ def run_report(
         plot_report(out / PLOT_FILE, stats)
         outputs.append(PLOT_FILE)
         if items is not None:
-            write_identities_sheet(out / SHEET_FILE, stats, dataset_used, items)
-            outputs.append(SHEET_FILE)
+            try:  # a picture to look at: it must not cost the report
+                write_identities_sheet(out / SHEET_FILE, stats, reader, items)
+                outputs.append(SHEET_FILE)
+            except (HyperfaceError, OSError) as exc:
+                log.warning("identities.jpg not written: %s", exc)
     manifest.time("report", time.perf_counter() - started)
     manifest.extra["outputs"] = outputs
     manifest.write(out)
     return stats.report
 
 
-def write_identities_sheet(path: Path, stats: DatasetStats, dataset: Path, items: np.ndarray, rows: int = 4, columns: int = 8) -> None:
+def write_identities_sheet(path: Path, stats: DatasetStats, source: Any, items: np.ndarray, rows: int = 4, columns: int = 8) -> None:
     """``identities.jpg``: the images behind the numbers. The ``rows`` closest identity pairs (both
     identities, one above the other: do they look like one person?), then the ``rows`` loosest
-    identities (does each row look like one person?), up to ``columns`` images each."""
-    from hyperface.datasets import open_dataset
+    identities (does each row look like one person?), up to ``columns`` images each. ``source`` is
+    the dataset reader the rows were matched in; ``items`` each row's item in it."""
     from hyperface.datasets.preview import contact_sheet, save_contact_sheet
 
     classes = stats.classes
-    assert classes is not None and stats.nearest_identity_index is not None
-    source = open_dataset(dataset)
+    assert classes is not None
+    folder_names = getattr(source, "classes", None)  # an image folder: show its class folders' names
 
-    def images_of(position: int) -> list[np.ndarray]:
+    def name(position: int) -> str:
+        label = int(classes.labels[position])
+        return str(folder_names[label]) if folder_names is not None and label < len(folder_names) else f"id {label}"
+
+    def images_of(position: int) -> list[np.ndarray | None]:
         start = classes.starts[position]
-        images = []
+        images: list[np.ndarray | None] = []
         for row in classes.order[start : start + min(columns, classes.counts[position])]:
             try:
                 images.append(source[int(items[row])][0])
-            except (HyperfaceError, OSError) as exc:  # changed since it was embedded: leave its tile empty
+            except (HyperfaceError, OSError) as exc:  # changed since it was embedded: an empty tile
                 log.warning("identities.jpg: %s", exc)
+                images.append(None)
         return images
 
     sheet_rows = []
-    for a, b in closest_pairs(stats.nearest_identity, stats.nearest_identity_index, rows):
-        cosine = stats.nearest_identity[a]
+    for a, b, cosine in stats.closest[:rows]:
         for this, other in ((a, b), (b, a)):
-            text = f"id {classes.labels[this]}\n~ id {classes.labels[other]}\ncos {cosine:.2f}"
-            sheet_rows.append((text, images_of(this)))
+            sheet_rows.append((f"{name(this)}\n~ {name(other)}\ncos {cosine:.2f}", images_of(this)))
     for c in loosest(stats.intra_mean, rows):
-        sheet_rows.append((f"id {classes.labels[c]}\nloose\nintra {stats.intra_mean[c]:.2f}", images_of(c)))
+        sheet_rows.append((f"{name(c)}\nloose\nintra {stats.intra_mean[c]:.2f}", images_of(c)))
     save_contact_sheet(path, contact_sheet(sheet_rows, columns=columns))
 
 

@@ -8,7 +8,7 @@ up to millions of rows): no N x N matrix. Pair distributions are estimated from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -147,22 +147,30 @@ def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1
 REPORTED_EXTREMES = 10
 
 
-def closest_pairs(nearest_sim: np.ndarray, nearest_index: np.ndarray, count: int) -> list[tuple[int, int]]:
-    """The ``count`` most similar distinct identity pairs (class positions), most similar first.
-
-    Every identity's nearest neighbour gives a candidate pair; a mutual pair (a's nearest is b and
-    b's is a) is listed once.
-    """
-    pairs: list[tuple[int, int]] = []
+def closest_pairs(centroids: np.ndarray, count: int, *, device: str | torch.device = "cpu") -> list[tuple[int, int, float]]:
+    """The ``count`` most similar distinct pairs of (unit) centroids: (a, b, cosine), a < b, most
+    similar first. Exact: a pair among the global top ``count`` has each member among the other's
+    ``count`` nearest, so each row's top ``count`` (tiled, C x count memory) holds them all."""
+    num = len(centroids)
+    k = min(count, num - 1)
+    if k < 1:
+        return []
+    q = torch.from_numpy(np.ascontiguousarray(centroids)).to(device)
+    sims, idx = tiled_topk(q, q, k, exclude_self=True)
+    sims, idx = sims.cpu().numpy().ravel(), idx.cpu().numpy().ravel()
+    rows = np.repeat(np.arange(num), k)
+    # each pair appears at most twice (once from each end), so the top 2 x count entries hold the answer
+    top = min(2 * count, len(sims))
+    candidates = np.argpartition(-sims, top - 1)[:top]
+    candidates = candidates[np.argsort(-sims[candidates], kind="stable")]
+    pairs: list[tuple[int, int, float]] = []
     seen: set[tuple[int, int]] = set()
-    for a in np.argsort(-nearest_sim, kind="stable"):
-        key = (min(int(a), int(nearest_index[a])), max(int(a), int(nearest_index[a])))
-        if key not in seen:
-            seen.add(key)
-            pairs.append((int(a), int(nearest_index[a])))
-            if len(pairs) == count:
-                break
-    return pairs
+    for i in candidates:
+        a, b = sorted((int(rows[i]), int(idx[i])))
+        if (a, b) not in seen:
+            seen.add((a, b))
+            pairs.append((a, b, float(sims[i])))
+    return pairs[:count]
 
 
 def loosest(intra_mean: np.ndarray, count: int) -> list[int]:
@@ -190,7 +198,7 @@ class DatasetStats:
     impostor: np.ndarray
     intra_mean: np.ndarray  # per identity, NaN for single-image identities
     nearest_identity: np.ndarray  # per identity: cosine of its centroid to the nearest other centroid
-    nearest_identity_index: np.ndarray | None = None  # ... and that identity's class position
+    closest: list[tuple[int, int, float]] = field(default_factory=list)  # most similar identity pairs (class positions)
     target_similarity: np.ndarray | None = None  # per image: cosine to its identity's target embedding
     leakage: np.ndarray | None = None  # per identity: cosine of its centroid to the nearest reference row
     leakage_index: np.ndarray | None = None
@@ -223,7 +231,8 @@ def dataset_stats(
     rng = np.random.default_rng(seed)
     centroids, intra = class_centroids(embeddings, classes)
     to_centroid = np.einsum("nd,nd->n", embeddings, centroids[classes.inverse])
-    nearest_sim, nearest_index = nearest(centroids, centroids, exclude_self=True, device=device)
+    nearest_sim, _ = nearest(centroids, centroids, exclude_self=True, device=device)
+    closest = closest_pairs(centroids, REPORTED_EXTREMES, device=device)
     gen_pairs, imp_pairs = sample_pairs(classes, genuine_pairs, impostor_pairs, rng)
     genuine, impostor = pair_cosines(embeddings, gen_pairs), pair_cosines(embeddings, imp_pairs)
     multi = np.isfinite(intra)
@@ -239,8 +248,7 @@ def dataset_stats(
         "inter_class": {
             "nearest_identity_cosine": summary(nearest_sim),
             "closest_pairs": [
-                {"labels": [int(classes.labels[a]), int(classes.labels[b])], "cosine": float(nearest_sim[a])}
-                for a, b in closest_pairs(nearest_sim, nearest_index, REPORTED_EXTREMES)
+                {"labels": [int(classes.labels[a]), int(classes.labels[b])], "cosine": cosine} for a, b, cosine in closest
             ],
         },
         "seed": seed,
@@ -251,7 +259,7 @@ def dataset_stats(
         ]
     if len(genuine) and len(impostor):
         report["verification"] = verification_stats(genuine, impostor)
-    stats = DatasetStats(report, genuine, impostor, intra, nearest_sim, nearest_index, classes=classes)
+    stats = DatasetStats(report, genuine, impostor, intra, nearest_sim, closest, classes=classes)
 
     if identities is not None:
         if identities.shape[1] != embeddings.shape[1]:

@@ -172,7 +172,8 @@ def _plain(value: Any) -> Any:
 def _check_resume_settings(out: Path, meta: dict[str, Any], cfg: TrainConfig, *, world: int, num_classes: int) -> None:
     """Refuse to resume a run (finished or not) with settings that change what it trains."""
     # a setting an older version did not record had its default then
-    saved = {k: meta["config"].get(k, TrainConfig.__dataclass_fields__[k].default) for k in _RESUME_FIXED}
+    defaults = TrainConfig(data="", out="")
+    saved = {k: meta["config"].get(k, _plain(getattr(defaults, k))) for k in _RESUME_FIXED}
     changed = [k for k in _RESUME_FIXED if saved[k] != _plain(getattr(cfg, k))]
     what = [describe_changes({k: saved[k] for k in changed}, {k: _plain(getattr(cfg, k)) for k in changed})] if changed else []
     if meta["world_size"] != world:
@@ -521,7 +522,9 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     stop = StopRequest(log)
     # One loader for the whole run: its workers persist across epochs (no re-fork and re-open of the
     # data each epoch). The sampler is read in this process, so set_epoch takes effect at each
-    # iter(loader), and a sample's augmentation depends only on its draw id, not on a worker.
+    # iter(loader), and a sample's augmentation depends only on its draw id, not on a worker. The
+    # loader's own generator keeps its per-iterator seed draw off the global RNG, which dropout
+    # uses: a resumed run would otherwise draw once more than the run it continues.
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -531,6 +534,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         drop_last=True,
         worker_init_fn=_ignore_sigint,
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     try:
         while epoch < cfg.epochs and step < stop_at:
