@@ -192,6 +192,10 @@ def bench_hyperface(components, args, device, variant: str) -> float:
 
     options, batch = parse_variant(variant, args.batch_size)
     settings = Arc2FaceSettings(steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, **variant_settings(options))
+    if settings.compile:
+        # Every variant compiles its own graphs: dynamo caches compiled frames on the shared modules'
+        # code, and an earlier variant's graph (another SDPA kernel choice, say) must not be reused.
+        torch._dynamo.reset()
     generator = Arc2FaceGenerator(components, settings, device=device)
     with attention_backend(options):
         rate = _time_generator(generator, settings, args, device, batch)

@@ -9,7 +9,7 @@
 #
 # A session has about 15 minutes of device time and 10 per call. Most wanted first (2026-11-27, after
 # the H100 session that timed gen and train):
-#   call 1: gen          (about 8 min: cuDNN attention first under compile + fused QKV, beside
+#   call 1: gen          (8-9 min, timeout_s 590: cuDNN attention first under compile + fused QKV, beside
 #                         compile + fused QKV alone, in one process)
 #   call 2 (or the next session): gen-autotune (up to 9 min: max-autotune, the last untimed lever)
 #   later sessions: pack (the cyclic code on a GPU), pack10k, embed
@@ -41,7 +41,7 @@ for part in "${parts[@]}"; do
       # Compiling the SD1.5-sized UNet and VAE decoder takes about two minutes; the reference is timed
       # before the first variant and after each (about 40 s a round on an H100).
       # SD1.5's first level has head dimension 40: cuDNN's Hopper attention may beat flash there.
-      run 500 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
+      run 540 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
         --variants channels_last+compile+fuse_qkv+cudnn_attn@64,channels_last+compile+fuse_qkv@64 ;;
     gen-autotune)
       # max-autotune benchmarks many kernels per layer: a long compile, so a part of its own.
