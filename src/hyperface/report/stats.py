@@ -147,20 +147,16 @@ def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1
 REPORTED_EXTREMES = 10
 
 
-def closest_pairs(centroids: np.ndarray, count: int, *, device: str | torch.device = "cpu") -> list[tuple[int, int, float]]:
-    """The ``count`` most similar distinct pairs of (unit) centroids: (a, b, cosine), a < b, most
-    similar first. Exact: a pair among the global top ``count`` has each member among the other's
-    ``count`` nearest, so each row's top ``count`` (tiled, C x count memory) holds them all."""
-    num = len(centroids)
-    k = min(count, num - 1)
-    if k < 1:
-        return []
-    q = torch.from_numpy(np.ascontiguousarray(centroids)).to(device)
-    sims, idx = tiled_topk(q, q, k, exclude_self=True)
-    sims, idx = sims.cpu().numpy().ravel(), idx.cpu().numpy().ravel()
-    rows = np.repeat(np.arange(num), k)
+def closest_pairs(top_sims: np.ndarray, top_index: np.ndarray, count: int) -> list[tuple[int, int, float]]:
+    """The ``count`` most similar distinct pairs, (a, b, cosine) with a < b, most similar first,
+    from each row's ``k`` nearest others (``top_sims``/``top_index``, (C, k), k >= ``count`` or C - 1).
+    Exact: a pair among the global top ``count`` has each member among the other's ``count`` nearest."""
+    num, k = top_sims.shape
+    sims, idx, rows = top_sims.ravel(), top_index.ravel(), np.repeat(np.arange(num), k)
     # each pair appears at most twice (once from each end), so the top 2 x count entries hold the answer
     top = min(2 * count, len(sims))
+    if top == 0:
+        return []
     candidates = np.argpartition(-sims, top - 1)[:top]
     candidates = candidates[np.argsort(-sims[candidates], kind="stable")]
     pairs: list[tuple[int, int, float]] = []
@@ -181,12 +177,15 @@ def loosest(intra_mean: np.ndarray, count: int) -> list[int]:
     return [int(c) for c in order[: min(count, int(known.sum()))]]
 
 
-def nearest(queries: np.ndarray, base: np.ndarray, *, exclude_self: bool = False, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Cosine and index of each query's nearest row of ``base`` (tiled, exact float32)."""
+def nearest(
+    queries: np.ndarray, base: np.ndarray, *, k: int = 1, exclude_self: bool = False, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines and indices of each query's ``k`` nearest rows of ``base``, nearest first, (N, k)
+    (tiled, exact float32; ``exclude_self``: base is queries, each row's own match left out)."""
     q = torch.from_numpy(np.ascontiguousarray(queries)).to(device)
     b = q if exclude_self else torch.from_numpy(np.ascontiguousarray(base)).to(device)
-    sims, idx = tiled_topk(q, b, 1, exclude_self=exclude_self)
-    return sims[:, 0].cpu().numpy(), idx[:, 0].cpu().numpy()
+    sims, idx = tiled_topk(q, b, k, exclude_self=exclude_self)
+    return sims.cpu().numpy(), idx.cpu().numpy()
 
 
 @dataclass
@@ -231,8 +230,9 @@ def dataset_stats(
     rng = np.random.default_rng(seed)
     centroids, intra = class_centroids(embeddings, classes)
     to_centroid = np.einsum("nd,nd->n", embeddings, centroids[classes.inverse])
-    nearest_sim, _ = nearest(centroids, centroids, exclude_self=True, device=device)
-    closest = closest_pairs(centroids, REPORTED_EXTREMES, device=device)
+    # one pass: each identity's nearest others give both its nearest and the closest pairs overall
+    top_sims, top_index = nearest(centroids, centroids, k=min(REPORTED_EXTREMES, len(centroids) - 1), exclude_self=True, device=device)
+    nearest_sim, closest = top_sims[:, 0], closest_pairs(top_sims, top_index, REPORTED_EXTREMES)
     gen_pairs, imp_pairs = sample_pairs(classes, genuine_pairs, impostor_pairs, rng)
     genuine, impostor = pair_cosines(embeddings, gen_pairs), pair_cosines(embeddings, imp_pairs)
     multi = np.isfinite(intra)
@@ -281,6 +281,7 @@ def dataset_stats(
         if reference.shape[1] != embeddings.shape[1]:
             raise HyperfaceError(f"reference has dimension {reference.shape[1]} but the embeddings {embeddings.shape[1]}")
         sims, index = nearest(centroids, reference, device=device)
+        sims, index = sims[:, 0], index[:, 0]
         stats.leakage, stats.leakage_index = sims, index
         above = sims >= leak_threshold
         report["leakage"] = {
