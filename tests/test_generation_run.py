@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,7 +192,24 @@ def test_merge_killed_midway_is_finished_by_a_rerun(tmp_path, monkeypatch):
         with pytest.raises(Killed):
             merge_parts(tmp_path / "o")
         monkeypatch.setattr(writer_class, "add", real_add)
+    # a kill inside the RecordIO writer's close: train.rec renamed into place, property and
+    # train.idx not yet (the rerun must rebuild it, not take train.rec for a finished dataset)
+    import hyperface.common.io as common_io
+
+    real_save_bytes = common_io.save_bytes
+
+    def die_at_property(path, data):
+        if Path(path).name == "property":
+            raise Killed
+        return real_save_bytes(path, data)
+
+    monkeypatch.setattr(common_io, "save_bytes", die_at_property)
+    with pytest.raises(Killed):
+        merge_parts(tmp_path / "o")
+    monkeypatch.setattr(common_io, "save_bytes", real_save_bytes)
+    assert (tmp_path / "o" / "rec" / "train.rec").exists() and not (tmp_path / "o" / "rec" / "train.idx").exists()
     merge_parts(tmp_path / "o")
+    assert (tmp_path / "o" / "rec" / "property").exists()
     for kind in ("images", "rec"):
         dataset, _ = _read_all(tmp_path / "o" / kind)
         assert len(dataset) == 12 and np.bincount(dataset.labels).tolist() == [3] * 4

@@ -514,8 +514,10 @@ def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num
     for kind in wanted:
         final = out_dir / ("images" if kind == "folder" else "rec")
         outputs[kind] = str(final)
-        if (kind == "folder" and final.is_dir()) or (kind == "rec" and (final / "train.rec").exists()):
-            continue  # finished by an earlier merge
+        # finished by an earlier merge: the folder is renamed into place whole; the RecordIO writer
+        # renames train.rec, then property, then train.idx, so train.idx marks a finished one
+        if (kind == "folder" and final.is_dir()) or (kind == "rec" and (final / "train.idx").exists()):
+            continue
         bar = progress(total=num_identities * k, desc=f"merge {kind}", unit="img", disable=None if show_progress is None else not show_progress)
         if kind == "folder":
             staging = out_dir / "images.tmp"
