@@ -130,6 +130,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(synthetic, tmp_path
     with pytest.raises(Killed):
         train(TrainConfig(out=str(interrupted), workers=0, checkpoint_every=5, **common), on_step=kill_at_step_7)
     assert latest_checkpoint(interrupted).name == "step-000000005"  # mid-epoch checkpoint
+    with open(interrupted / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"step": 8, "lo')  # a line the kill cut short
     # Resume (with worker processes this time: the batches must not depend on them).
     resumed = train(TrainConfig(out=str(interrupted), workers=2, checkpoint_every=5, resume=True, **common))
     assert resumed.steps == reference.steps
@@ -146,6 +148,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(synthetic, tmp_path
     assert float(new_head["margin.batch_mean"]) != 20.0  # the AdaFace EMA did move
     steps_logged = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == sorted(set(steps_logged))  # replayed steps are not logged twice
+    # the logged losses too: the window open at the step-5 checkpoint (logged at 6) is restored
+    assert _losses(interrupted) == _losses(tmp_path / "reference")
 
 
 def test_resume_refuses_changed_settings(synthetic, tmp_path):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hyperface.common.errors import HyperfaceError, check_option
-from hyperface.common.io import prepare_output_dir
+from hyperface.common.io import atomic_write, prepare_output_dir
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
 from hyperface.training import checkpoint as ckpt
@@ -259,9 +259,17 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            # Drop lines from steps the resumed run will replay, so the log has no duplicates.
-            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+            # Drop lines from steps the resumed run will replay, so the log has no duplicates, and a
+            # line a kill cut short; rewritten atomically, so a kill now loses nothing.
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+            with atomic_write(self.path, "w") as handle:
+                handle.write("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -414,6 +422,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
 
     # --- resume ---------------------------------------------------------------------------------
     step, epoch, step_in_epoch, last_loss = 0, 0, 0, None
+    # the loss-logging window open at a checkpoint: a resumed run logs the same averages
+    window: dict[str, Any] = {"loss_sum": 0.0, "count": 0, "images": 0}
     resumed_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if resumed_from is not None:
         meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
@@ -429,6 +439,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         step, epoch, step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
         last_loss = state.get("last_loss")
+        window = state.get("window") or window
         log.info("resumed %s at step %d (epoch %d, step %d of %d)", resumed_from, step, epoch, step_in_epoch, steps_per_epoch)
     elif is_main:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
@@ -479,6 +490,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             "epoch": epoch_,
             "step_in_epoch": step_in_epoch_,
             "last_loss": last_loss,
+            "window": {"loss_sum": float(running_loss), "count": running_count, "images": window_images},
         }
         ckpt.save_torch(state, path / f"state-rank{rank}.pt")
         _barrier(world)
@@ -514,8 +526,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     # --- the loop -------------------------------------------------------------------------------
     bar = progress(total=stop_at, desc="train", unit="step", initial=step, disable=None if is_main else True)
     log_lines = is_main and bool(getattr(bar, "disable", False))  # no bar (not a terminal): print the loss instead
-    running_loss = torch.zeros((), device=device)
-    running_count, window_start, window_images = 0, time.time(), 0
+    running_loss = torch.tensor(float(window["loss_sum"]), device=device)
+    running_count, window_start, window_images = int(window["count"]), time.time(), int(window["images"])
     loop_start, loop_start_step = time.time(), step
     backbone.train()
     head.train()
