@@ -296,7 +296,10 @@ def test_cli_writes_a_complete_run_folder(tmp_path, capsys):
     # an occupied folder is refused, --resume of a finished run is a no-op, --overwrite redoes it
     assert run_cli("--identities", "64", "--dim", "16", "--steps", "200", "--out", str(out)) == 2
     assert "--resume" in capsys.readouterr().err
+    (out / "checkpoint.pt").write_bytes(b"left by a kill between the manifest and its deletion")
+    identities = (out / "identities.npy").read_bytes()
     assert run_cli("--identities", "64", "--dim", "16", "--steps", "200", "--out", str(out), "--resume") == 0
+    assert not (out / "checkpoint.pt").exists() and (out / "identities.npy").read_bytes() == identities
     assert run_cli("--identities", "64", "--dim", "16", "--steps", "10", "--out", str(out), "--overwrite") == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 10
 

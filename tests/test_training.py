@@ -403,3 +403,29 @@ def test_sigterm_checkpoints_the_current_step_then_stops(synthetic, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     resumed = train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", resume=True, **TINY))
     assert resumed.steps == CLASSES * TRAIN_PER_CLASS // 32
+
+
+def test_pruning_never_leaves_a_partial_checkpoint_and_finishes_after_a_kill(tmp_path, monkeypatch):
+    import shutil
+
+    from hyperface.training import checkpoint as ckpt
+
+    folder = tmp_path / "checkpoints"
+    for n in (2, 4, 6, 8):
+        (folder / ckpt.checkpoint_name(n)).mkdir(parents=True)
+        (folder / ckpt.checkpoint_name(n) / "meta.json").write_text("{}")
+
+    class Killed(Exception):
+        pass
+
+    def killed_mid_delete(path, ignore_errors=False):
+        raise Killed  # as if the process died while deleting
+
+    monkeypatch.setattr(shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(Killed):
+        ckpt.prune_checkpoints(folder, folder / ckpt.checkpoint_name(8), keep=2)
+    # the folder being deleted no longer looks like a checkpoint
+    assert sorted(p.name for p in folder.glob("step-*")) == [ckpt.checkpoint_name(n) for n in (4, 6, 8)]
+    monkeypatch.undo()
+    ckpt.prune_checkpoints(folder, folder / ckpt.checkpoint_name(8), keep=2)  # what a resume does first
+    assert sorted(p.name for p in folder.iterdir()) == [ckpt.checkpoint_name(n) for n in (6, 8)]

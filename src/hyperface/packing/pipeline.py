@@ -66,6 +66,7 @@ def run_pack(
             if before != {k: now[k] for k in before}:
                 raise resume_mismatch(out, before, {k: now[k] for k in before})
             log.info("%s is already complete; nothing to resume", out)
+            (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # a kill between the manifest and this left it
             return read_json(out / METRICS_FILE)
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume, stage="pack")
     seed_everything(cfg.seed)

@@ -85,10 +85,22 @@ def publish_checkpoint(run_dir: str | os.PathLike, path: Path, meta: dict[str, A
     folder = Path(run_dir) / CHECKPOINTS
     with atomic_write(folder / LATEST, "w") as handle:
         handle.write(path.name + "\n")
-    if keep > 0:
-        steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p != path)
-        for old in steps[: max(0, len(steps) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(folder, path, keep)
+
+
+def prune_checkpoints(folder: Path, latest: Path, keep: int) -> None:
+    """Keep ``latest`` and the newest ``keep - 1`` other step folders (``keep`` 0: all). Each old one
+    is renamed out of the ``step-*`` names first, so a kill mid-delete never leaves a partial folder
+    that looks like a checkpoint; leftovers of such kills are deleted here."""
+    for leftover in folder.glob(".deleting-step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep <= 0:
+        return
+    steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p != latest)
+    for old in steps[: max(0, len(steps) - (keep - 1))]:
+        doomed = old.with_name(f".deleting-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -181,6 +193,7 @@ __all__ = [
     "load_backbone_state",
     "load_safetensors",
     "load_torch",
+    "prune_checkpoints",
     "publish_checkpoint",
     "resolve_checkpoint",
     "save_safetensors",

@@ -425,6 +425,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     # the loss-logging window open at a checkpoint: a resumed run logs the same averages
     window: dict[str, Any] = {"loss_sum": 0.0, "count": 0, "images": 0}
     resumed_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if resumed_from is not None and is_main:  # finish a pruning a kill interrupted
+        ckpt.prune_checkpoints(out / ckpt.CHECKPOINTS, resumed_from, cfg.keep_checkpoints)
     if resumed_from is not None:
         meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
         _check_resume_settings(out, meta, cfg, world=world, num_classes=num_classes)
