@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from hyperface.common.errors import HyperfaceError
@@ -75,3 +78,26 @@ def test_describe_changes_names_only_what_differs():
     after = {"seed": 3, "steps": 100, "config": {"lr": 0.1, "batch": 16}, "extra": True}
     assert describe_changes(before, after) == "config.batch 8 -> 16, extra (unset) -> True, seed 0 -> 3"
     assert describe_changes(before, dict(before)) == ""
+
+
+def test_remove_stale_temporaries_takes_only_its_own_names(tmp_path):
+    from hyperface.common.io import atomic_path, remove_stale_temporaries
+
+    class Killed(Exception):
+        pass
+
+    for name in ("g1.npy", "g2.npy"):
+        try:
+            with atomic_path(tmp_path / name) as tmp:
+                Path(tmp).write_bytes(b"half")
+                os.link(tmp, tmp + ".kept")  # what a SIGKILL leaves: the cleanup below never runs
+                raise Killed
+        except Killed:
+            os.replace(tmp + ".kept", tmp)
+    (tmp_path / ".hidden").write_text("not ours")
+    (tmp_path / "g1.npy").write_bytes(b"finished")
+    assert len(list(tmp_path.glob(".*.tmp"))) == 2
+    assert remove_stale_temporaries(tmp_path, ["g1.npy"]) == 1  # a gallery's own names only
+    assert [p.name.startswith(".g2.npy.") for p in tmp_path.glob(".*.tmp")] == [True]
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "g1.npy"]

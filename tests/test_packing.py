@@ -480,9 +480,11 @@ def test_killed_process_resumes_without_losing_work(tmp_path, uninterrupted_run)
     proc.communicate()
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     assert (out / "checkpoint.pt").exists()
+    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"a checkpoint write the kill cut short")
 
     assert run_cli(*KILL_ARGS, "--out", str(out), "--resume") == 0
     assert np.array_equal(np.load(out / "identities.npy"), np.load(uninterrupted_run / "identities.npy"))
+    assert not list(out.glob(".*.tmp"))  # killed attempts' temporaries are swept
 
 
 def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path, uninterrupted_run):
@@ -495,9 +497,11 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path, uninterrupted_run)
     assert proc.returncode == 130, err
     assert "stop requested" in err and "rerun with --resume" in err and "Traceback" not in err
     assert (out / "checkpoint.pt").exists()
+    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"a checkpoint write the kill cut short")
 
     assert run_cli(*KILL_ARGS, "--out", str(out), "--resume") == 0
     assert np.array_equal(np.load(out / "identities.npy"), np.load(uninterrupted_run / "identities.npy"))
+    assert not list(out.glob(".*.tmp"))  # killed attempts' temporaries are swept
 
 
 @pytest.mark.parametrize("symmetry, phase", [("none", "adam"), ("cyclic", "adam"), ("cyclic", "polish")])

@@ -8,13 +8,14 @@ one, never a truncated one that looks finished.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,6 +56,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None) -> int:
+    """Delete the temporary siblings :func:`atomic_path` made for ``folder/<name>`` that a kill left
+    behind (``.<name>.XXXX.tmp``; every name when ``names`` is None); returns how many. Only for
+    names this process alone writes in ``folder``: a concurrent writer's temporary would be taken
+    for a stale one."""
+    removed = 0
+    patterns = [".*.tmp"] if names is None else [f".{glob.escape(name)}.*.tmp" for name in names]
+    for pattern in patterns:
+        for stale in Path(folder).glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -254,6 +270,7 @@ __all__ = [
     "load_embeddings",
     "prepare_output_dir",
     "read_json",
+    "remove_stale_temporaries",
     "save_bytes",
     "save_json",
     "save_npy",

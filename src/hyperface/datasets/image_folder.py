@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +74,15 @@ class ImageFolderWriter:
         folder = self.folder(label)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{int(index):04d}.{extension}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        # One name per image (one writer per folder): a rerun after a kill reuses it, so no
+        # temporaries pile up, and none is carried along when a staging folder is renamed.
+        tmp = folder / f".{path.name}.tmp"
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with open(tmp, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return path
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import read_json, save_json
+from hyperface.common.io import read_json, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.generation.base import IdentityGenerator
@@ -443,6 +443,7 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     out_dir = Path(out_dir)
     if not (out_dir / RUN_FILE).exists():
         raise HyperfaceError(f"{out_dir} holds no generation run ({RUN_FILE} missing); give the --out of `hyperface generate`")
+    remove_stale_temporaries(out_dir, ("acceptance.json", "manifest.json", SAMPLES_FILE))  # the merge's own files
     run = read_json(out_dir / RUN_FILE)
     num_identities, k = int(run["num_identities"]), int(run["config"]["images_per_identity"])
     formats = formats or run.get("format", "both")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import load_embeddings, prepare_output_dir, read_json, save_json, save_npy
+from hyperface.common.io import load_embeddings, prepare_output_dir, read_json, remove_stale_temporaries, save_json, save_npy
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
@@ -69,6 +69,7 @@ def run_pack(
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # a kill between the manifest and this left it
             return read_json(out / METRICS_FILE)
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume, stage="pack")
+    remove_stale_temporaries(out)  # one pack process per folder: any left is a killed attempt's
     seed_everything(cfg.seed)
     manifest = Manifest(stage="pack", params=dataclasses.asdict(cfg), inputs={"gallery": gallery_path})
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import atomic_write, save_json
+from hyperface.common.io import atomic_write, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.recognition.images import ImageSource, UnreadableImage, without_object_reprs
@@ -209,6 +209,10 @@ def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         return
     if resume:
+        # this run's own names only: galleries can share a folder
+        remove_stale_temporaries(paths.embeddings.parent, [p.name for p in paths.outputs()])
+        if paths.parts.is_dir():
+            remove_stale_temporaries(paths.parts)
         return
     names = ", ".join(p.name for p in existing[:4])
     raise HyperfaceError(

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hyperface.common.errors import HyperfaceError, check_option
-from hyperface.common.io import atomic_write, prepare_output_dir
+from hyperface.common.io import atomic_write, prepare_output_dir, remove_stale_temporaries
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
 from hyperface.training import checkpoint as ckpt
@@ -375,6 +375,9 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     out = Path(cfg.out)
     if is_main:
         prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train", setup_files=("config.json",))
+        # rank 0 alone writes these two folders' own files: any temporary left is a killed attempt's
+        for folder in (out, out / ckpt.CHECKPOINTS):
+            remove_stale_temporaries(folder)
     _barrier(world)
 
     missing = [p for p in cfg.val_bins if not Path(p).is_file()]
