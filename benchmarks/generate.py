@@ -160,8 +160,8 @@ def make_reference(components, args, device, dtype):
 
 #: Variant options -> what they switch on. "autotune" is torch.compile's max-autotune mode (with
 #: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs;
-#: "cudnn_attn" / "flash_attn" make SDPA try that kernel first (exploration only: head dim 40 at SD1.5's
-#: first level is padded by flash attention, cuDNN's Hopper kernels may do better).
+#: "cudnn_attn" / "flash_attn" are ``--attention cudnn`` / ``flash``: SDPA tries that kernel first (head
+#: dim 40 at SD1.5's first level is padded by flash attention; cuDNN's Hopper kernels may do better).
 VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cudnn_attn", "flash_attn")
 
 
@@ -184,6 +184,8 @@ def variant_settings(options: set[str]) -> dict:
         "compile": bool(options & {"compile", "autotune", "autotune_nocg"}),
         "compile_mode": mode,
         "fuse_qkv": "fuse_qkv" in options,
+        # `hyperface generate --attention`: the SDPA kernel tried first
+        "attention": "cudnn" if "cudnn_attn" in options else "flash" if "flash_attn" in options else "auto",
     }
 
 
@@ -197,8 +199,7 @@ def bench_hyperface(components, args, device, variant: str) -> float:
         # code, and an earlier variant's graph (another SDPA kernel choice, say) must not be reused.
         torch._dynamo.reset()
     generator = Arc2FaceGenerator(components, settings, device=device)
-    with attention_backend(options):
-        rate = _time_generator(generator, settings, args, device, batch)
+    rate = _time_generator(generator, settings, args, device, batch)
     if settings.channels_last:  # leave the shared modules as they were
         components.unet.to(memory_format=torch.contiguous_format)
         components.vae.to(memory_format=torch.contiguous_format)
@@ -206,23 +207,6 @@ def bench_hyperface(components, args, device, variant: str) -> float:
         components.unet.unfuse_qkv_projections()
         components.vae.unfuse_qkv_projections()
     return rate
-
-
-def attention_backend(options: set[str]):
-    """SDPA preferring one kernel for the cudnn_attn / flash_attn options, else torch's own choice.
-
-    A preference, not a restriction: the VAE's attention has head dim 512, which neither kernel
-    takes, and a restriction made that call fail ("No available kernel").
-    """
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-    preferred = SDPBackend.CUDNN_ATTENTION if "cudnn_attn" in options else SDPBackend.FLASH_ATTENTION if "flash_attn" in options else None
-    if preferred is None:
-        return contextlib.nullcontext()
-    return sdpa_kernel([preferred] + [b for b in order if b != preferred], set_priority=True)
 
 
 def _time_generator(generator, settings, args, device, batch: int) -> float:

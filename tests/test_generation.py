@@ -248,6 +248,30 @@ def test_compiled_sampler_matches_eager(models, generator):
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(HyperfaceError, match="compile mode"):
         Arc2FaceSettings(compile=True, compile_mode="fastest").resolved()
+    with pytest.raises(HyperfaceError, match="--attention 'fa3'"):
+        Arc2FaceSettings(attention="fa3").resolved()
+
+
+def test_attention_preference_holds_during_sampling_only(models, generator):
+    """--attention cudnn puts cuDNN first in SDPA's order for every UNet forward, then restores the
+    order; on a CPU (no cuDNN attention) the images are the default's."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    before = list(torch._C._get_sdp_priority_order())
+    settings = Arc2FaceSettings(steps=2, resolution=models.resolution, attention="cudnn")
+    preferring = Arc2FaceGenerator(load_arc2face_components(models.arc2face_dir, models.sd15_dir), settings)
+    seen = []
+    handle = preferring.unet.register_forward_hook(lambda module, args, out: seen.append(torch._C._get_sdp_priority_order()[0]))
+    try:
+        identities = random_identities(2, seed=23)
+        got = preferring.generate_array(identities, [11, 12])
+    finally:
+        handle.remove()
+    assert seen == [int(SDPBackend.CUDNN_ATTENTION)] * 2
+    assert list(torch._C._get_sdp_priority_order()) == before and before[0] != int(SDPBackend.CUDNN_ATTENTION)
+    assert preferring.params["attention"] == "cudnn"
+    assert np.array_equal(got, generator.generate_array(identities, [11, 12]))
 
 
 def test_loading_is_quiet_when_progress_bars_are_off(models, monkeypatch, capfd):

@@ -57,6 +57,11 @@ SCHEDULERS = {
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 _CUDAGRAPH_MODES = ("max-autotune", "reduce-overhead")
 
+#: SDPA kernels ``--attention`` can put first; "auto" keeps torch's order (flash, memory-efficient,
+#: math, cuDNN). A preference, not a restriction: an attention a kernel cannot run (the VAE's head
+#: dimension of 512, say) falls back to the next one.
+ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")
+
 _WEIGHT_NAMES = {
     "transformers": ("model.safetensors", "pytorch_model.bin"),
     "diffusers": (
@@ -395,6 +400,8 @@ class Arc2FaceSettings:
     compile_mode: str = "default"
     #: One matmul for each self-attention's Q, K, V (and each cross-attention's K, V).
     fuse_qkv: bool = False
+    #: SDPA kernel tried first in every attention (:data:`ATTENTION_KERNELS`); "auto" is torch's choice.
+    attention: str = "auto"
     vae_batch_size: int = 8  # VAE decode at 512 px is memory-hungry: decode in chunks
 
     def resolved(self) -> "Arc2FaceSettings":
@@ -412,6 +419,8 @@ class Arc2FaceSettings:
             raise HyperfaceError(f"--guidance must be >= 1 (1 disables classifier-free guidance), got {guidance}")
         if self.compile_mode not in COMPILE_MODES:
             raise HyperfaceError(f"unknown --compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise HyperfaceError(f"unknown --attention {self.attention!r}; choose from {', '.join(ATTENTION_KERNELS)}")
         return dataclasses.replace(self, steps=steps, guidance_scale=guidance, scheduler=scheduler)
 
 
@@ -525,6 +534,7 @@ class Arc2FaceGenerator:
             "channels_last": s.channels_last,
             "compile": s.compile_mode if s.compile else False,
             "fuse_qkv": s.fuse_qkv,
+            "attention": s.attention,
         }
 
     def initial_latents(self, seeds: Sequence[int]):
@@ -562,7 +572,9 @@ class Arc2FaceGenerator:
         import torch
 
         settings = self.settings
-        with torch.inference_mode():
+        # The kernel preference must hold while a compiled graph is traced, too: inductor picks the
+        # SDPA kernel then.
+        with torch.inference_mode(), attention_preference(settings.attention):
             cond = self.prompt_encoder.encode(embeddings).to(self.dtype)
             batch = cond.shape[0]
             guided = settings.guidance_scale > 1.0
@@ -614,6 +626,20 @@ class Arc2FaceGenerator:
         return np.concatenate(images)
 
 
+def attention_preference(kernel: str):
+    """Context in which SDPA tries ``kernel`` first ("auto": torch's own order, unchanged)."""
+    import contextlib
+
+    if kernel == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    order = [backends[kernel]] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                                              SDPBackend.CUDNN_ATTENTION) if b != backends[kernel]]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def tune_inductor_for_unets() -> None:
     """Inductor flags diffusers recommends for compiled convolutional UNets (process-wide).
 
@@ -631,6 +657,7 @@ def tune_inductor_for_unets() -> None:
 __all__ = [
     "ARC2FACE_PROMPT",
     "ARC2FACE_SOURCE",
+    "ATTENTION_KERNELS",
     "Arc2FaceComponents",
     "Arc2FaceGenerator",
     "Arc2FacePaths",
@@ -639,6 +666,7 @@ __all__ = [
     "COMPILE_MODES",
     "SCHEDULERS",
     "SD15_SOURCE",
+    "attention_preference",
     "find_arc2face_files",
     "load_arc2face_components",
     "make_scheduler",

@@ -37,7 +37,7 @@ output (--out DIR):
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from hyperface.generation.arc2face import COMPILE_MODES
+    from hyperface.generation.arc2face import ATTENTION_KERNELS, COMPILE_MODES
 
     parser = subparsers.add_parser(
         "generate",
@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                "inductor flags for UNets), max-autotune-no-cudagraphs, reduce-overhead (default: default)")
     sampling.add_argument("--fuse-qkv", action="store_true",
                           help="one matmul per attention for Q, K and V (same images up to rounding)")
+    sampling.add_argument("--attention", default="auto", choices=ATTENTION_KERNELS,
+                          help="SDPA kernel tried first: auto (torch's order, flash first), flash, cudnn, efficient; "
+                               "a preference, attentions it cannot run fall back (default: auto)")
 
     variation = parser.add_argument_group("intra-class variation")
     variation.add_argument("--perturbation", default="angle", choices=("angle", "noise", "none"), help="how each image's embedding is varied (default: angle)")
@@ -164,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile or args.compile_mode is not None,
         compile_mode=args.compile_mode or "default",
         fuse_qkv=args.fuse_qkv,
+        attention=args.attention,
     )
     aligner = make_aligner(args.align, detector=args.detector)
     embed_fn, fr_info = (None, None)
