@@ -160,9 +160,12 @@ def make_reference(components, args, device, dtype):
 
 #: Variant options -> what they switch on. "autotune" is torch.compile's max-autotune mode (with
 #: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs;
-#: "cudnn_attn" / "flash_attn" are ``--attention cudnn`` / ``flash``: SDPA tries that kernel first (head
-#: dim 40 at SD1.5's first level is padded by flash attention; cuDNN's Hopper kernels may do better).
-VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cudnn_attn", "flash_attn")
+#: "cudnn_attn" / "flash_attn" / "efficient_attn" are ``--attention cudnn`` / ``flash`` / ``efficient``: SDPA
+#: tries that kernel first (head dim 40 at SD1.5's first level is padded by flash attention).
+VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cudnn_attn", "flash_attn", "efficient_attn")
+
+#: `hyperface generate --attention` for each attention option of a variant.
+ATTENTION_OPTIONS = {"cudnn_attn": "cudnn", "flash_attn": "flash", "efficient_attn": "efficient"}
 
 
 def parse_variant(variant: str, default_batch: int) -> tuple[set[str], int]:
@@ -184,8 +187,7 @@ def variant_settings(options: set[str]) -> dict:
         "compile": bool(options & {"compile", "autotune", "autotune_nocg"}),
         "compile_mode": mode,
         "fuse_qkv": "fuse_qkv" in options,
-        # `hyperface generate --attention`: the SDPA kernel tried first
-        "attention": "cudnn" if "cudnn_attn" in options else "flash" if "flash_attn" in options else "auto",
+        "attention": next((ATTENTION_OPTIONS[o] for o in sorted(options) if o in ATTENTION_OPTIONS), "auto"),
     }
 
 
@@ -199,7 +201,7 @@ def bench_hyperface(components, args, device, variant: str) -> float:
         # code, and an earlier variant's graph (another SDPA kernel choice, say) must not be reused.
         torch._dynamo.reset()
     generator = Arc2FaceGenerator(components, settings, device=device)
-    rate = _time_generator(generator, settings, args, device, batch)
+    rate = _profile_generator(generator, settings, device, batch) if args.profile else _time_generator(generator, settings, args, device, batch)
     if settings.channels_last:  # leave the shared modules as they were
         components.unet.to(memory_format=torch.contiguous_format)
         components.vae.to(memory_format=torch.contiguous_format)
@@ -225,6 +227,64 @@ def _time_generator(generator, settings, args, device, batch: int) -> float:
     return done / (time.perf_counter() - started)
 
 
+#: Kernel (CUDA) or operator (CPU) name patterns -> where the time goes, first match wins; attention
+#: first, since cuDNN's attention kernels are also "fprop" kernels.
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("convolution", ("conv", "fprop", "implicit_gemm", "winograd")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear")),
+    ("normalisation", ("norm", "welford", "reduce")),
+    ("elementwise / fused", ("triton", "elementwise", "vectorized", "aten::")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(p in lowered for p in patterns):
+            return category
+    return "other"
+
+
+def _profile_generator(generator, settings, device, batch: int) -> float:
+    """One batch under torch.profiler (after the warm-up): device time by kernel category and the top
+    kernels. Returns the profiled batch's images per second (profiling overhead included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    identities = random_identities(2 * batch, seed=2)
+    generator.generate_array(identities[:batch], list(range(batch)))  # warm-up (and compile)
+    if settings.compile:
+        generator.generate_array(identities[:batch], list(range(batch)))
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=[activity]) as prof:
+        generator.generate_array(identities[batch:], list(range(batch)))
+        synchronize(device)
+    elapsed = time.perf_counter() - started
+    times = {}
+    for event in prof.key_averages():
+        self_time = getattr(event, "self_device_time_total", 0) if device.type == "cuda" else event.self_cpu_time_total
+        if self_time > 0:
+            times[event.key] = times.get(event.key, 0.0) + self_time / 1e3  # ms
+    total = sum(times.values()) or 1.0
+    by_category = {}
+    for name, ms in times.items():
+        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + ms
+    print(f"  profile: {total:.0f} ms of {'device' if device.type == 'cuda' else 'CPU'} time in one batch of {batch} "
+          f"({elapsed:.1f} s wall); by category:")
+    for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"    {category:<22} {ms:9.1f} ms  {100 * ms / total:5.1f}%")
+    print("  top kernels:")
+    for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {100 * ms / total:5.1f}%  [{kernel_category(name)}] {name[:110]}")
+    attention = sorted(((ms, name) for name, ms in times.items() if kernel_category(name) == "attention"), reverse=True)
+    print("  attention kernels (which SDPA kernel ran): " + "; ".join(f"{name[:80]} {ms:.0f} ms" for ms, name in attention))
+    if generator._cudagraphs:
+        print("  (CUDA graphs: kernels replayed inside a graph may not be attributed)")
+    return batch / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -238,8 +298,11 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="base",
         help="comma list; each is base or options joined by + (channels_last, compile, fuse_qkv, autotune, "
-             "autotune_nocg, cudnn_attn, flash_attn), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
+             "autotune_nocg, cudnn_attn, flash_attn, efficient_attn), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
     )
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: profile one batch of each variant (device time by kernel category, top "
+                             "kernels); the reference is not run")
     args = parser.parse_args()
 
     from hyperface.common.runtime import resolve_device
@@ -264,6 +327,12 @@ def main() -> None:
         f"models={'small' if args.small else 'SD1.5-sized'} steps={args.steps} guidance={args.guidance} "
         f"resolution={args.resolution} images={args.images}"
     )
+    if args.profile:
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            print(f"hyperface {variant} (batch {parse_variant(variant, args.batch_size)[1]}):", flush=True)
+            rate = bench_hyperface(components, args, device, variant)
+            print(f"  {rate:.3f} img/s while profiled", flush=True)
+        return
     time_reference = make_reference(components, args, device, dtype)
     # The reference recipe is partly bound by the host (small batches: Python and kernel launches), so
     # it varies with the machine's state: 3.03 to 3.88 img/s in three runs on one H100. It is timed

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one go, for a session that has a GPU for a few minutes.
 #
-#   benchmarks/gpu_session.sh [gen] [gen-autotune] [train] [pack] [pack10k] [embed]   (default: gen train pack)
+#   benchmarks/gpu_session.sh [gen] [gen-profile] [gen-autotune] [train] [pack] [pack10k] [embed]   (default: gen train pack)
 #
 # Each part has its own time limit, so one slow or broken part cannot eat the others' time; logs
 # and JSON go to $OUT (default runs/gpu). Wheels in .whl/ (e.g. diffusers, when the machine lacks
 # it) are installed to /tmp/site first. Runs from the repository root without installing hyperface.
 #
 # A session has about 15 minutes of device time and 10 per call. Most wanted first (2026-11-27, after
-# the H100 session that timed gen and train):
-#   call 1: gen          (8-9 min, timeout_s 590: cuDNN attention first under compile + fused QKV, beside
-#                         compile + fused QKV alone, in one process)
-#   call 2 (or the next session): gen-autotune (up to 9 min: max-autotune, the last untimed lever)
+# the H100 session that found cuDNN attention no faster and max-autotune too slow to compile):
+#   call 1: gen-profile  (about 5 min, timeout_s 420: where a batch's device time goes, and which SDPA
+#                         kernel each --attention choice really runs; eager and compiled)
+#   call 2: gen          (about 5 min, timeout_s 420: the ratio, reference timed around each variant)
 #   later sessions: pack (the cyclic code on a GPU), pack10k, embed
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
@@ -40,13 +40,18 @@ for part in "${parts[@]}"; do
     gen)
       # Compiling the SD1.5-sized UNet and VAE decoder takes about two minutes; the reference is timed
       # before the first variant and after each (about 40 s a round on an H100).
-      # SD1.5's first level has head dimension 40: cuDNN's Hopper attention may beat flash there.
       run 540 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
-        --variants channels_last+compile+fuse_qkv+cudnn_attn@64,channels_last+compile+fuse_qkv@64 ;;
+        --variants channels_last+compile+fuse_qkv@64 ;;
+    gen-profile)
+      # No reference and no timing: one profiled batch per variant after its warm-up. The eager
+      # variants show the attention kernels (SDPA's choice does not depend on compiling).
+      run 400 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile \
+        --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+fuse_qkv+efficient_attn@64,channels_last+compile+fuse_qkv@64 ;;
     gen-autotune)
-      # max-autotune benchmarks many kernels per layer: a long compile, so a part of its own.
+      # Too slow for one call on the H100 (2026-11-27): every GEMM and convolution shape is
+      # benchmarked for 12-18 s; 20 shapes in 7 minutes, and the compile had not finished.
       run 560 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
-        --variants channels_last+autotune+fuse_qkv+cudnn_attn@64 ;;
+        --variants channels_last+autotune+fuse_qkv@64 ;;
     train)
       run 90 "$OUT/train.log" "$PY" benchmarks/train.py --device cuda
       # Compiling the r50 forward and backward takes about two minutes on a cold cache.
@@ -61,6 +66,6 @@ for part in "${parts[@]}"; do
       run 120 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --budget 30 --out "$OUT/pack10k" ;;
     embed)
       run 90 "$OUT/embed.log" "$PY" benchmarks/embed.py --device cuda ;;
-    *) echo "unknown part $part (gen, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
+    *) echo "unknown part $part (gen, gen-profile, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
   esac
 done
