@@ -93,9 +93,11 @@ def test_val_at_far_hand_checked():
     """insightface's calculate_val on two folds of four pairs (squared distances off the 0.001 grid).
 
     Fold A: same 0.1, 0.5, diff 1.0005, 2.0005.  Fold B: same 0.2, 1.5, diff 0.8005, 3.0005.
-    FAR target 0.5. Training on B, FAR first reaches 0.5 at threshold 0.801 (FAR 0 just below, so
-    the interpolation lands on it) -> fold A: VAL 2/2, FAR 0/2. Training on A: threshold 1.001 ->
-    fold B: VAL 1/2, FAR 1/2.
+    FAR target 0.25, between two FAR values: training on B interpolates between 0.800 (FAR 0) and
+    0.801 (FAR 0.5) to 0.8005 -> fold A: VAL 2/2, FAR 0/2; training on A gives 1.0005 -> fold B:
+    VAL 1/2, FAR 1/2.
+    FAR target 0.5, which the training folds hit exactly: interp1d's spline takes the LAST threshold
+    with that FAR, 3.000 on B (-> fold A: VAL 2/2, FAR 2/2) and 2.000 on A (-> fold B: VAL 2/2, FAR 1/2).
     """
     dists = [0.1, 0.5, 1.0005, 2.0005, 0.2, 1.5, 0.8005, 3.0005]
     issame = np.array([True, True, False, False, True, True, False, False])
@@ -104,11 +106,27 @@ def test_val_at_far_hand_checked():
         cos = 1 - d / 2
         emb[2 * i] = (1.0, 0.0)
         emb[2 * i + 1] = (cos, np.sqrt(1 - cos**2))
-    result = evaluate_embeddings(emb, issame, nfolds=2, far_target=0.5)
-    assert (result.val, result.val_std, result.far) == pytest.approx((0.75, 0.25, 0.25))
+    between = evaluate_embeddings(emb, issame, nfolds=2, far_target=0.25)
+    assert (between.val, between.val_std, between.far) == pytest.approx((0.75, 0.25, 0.25))
+    exact = evaluate_embeddings(emb, issame, nfolds=2, far_target=0.5)
+    assert (exact.val, exact.val_std, exact.far) == pytest.approx((1.0, 0.0, 0.75))
     # a FAR target no training fold reaches gives threshold 0: nothing accepted
     strict = evaluate_embeddings(emb, issame, nfolds=2, far_target=1.5)
     assert (strict.val, strict.far) == (0.0, 0.0)
+
+
+def test_threshold_at_far_is_insightfaces_slinear_spline():
+    """The (FAR, threshold) spline insightface fits with interp1d(..., 'slinear'), on a curve with
+    repeated FAR values: exact hits take the last threshold of the run, others interpolate across it."""
+    from hyperface.evaluation.verification import _threshold_at_far
+
+    far = np.array([0, 0, 0, 0.1, 0.1, 0.2, 0.4])
+    thresholds = np.arange(far.size, dtype=np.float64)
+    assert _threshold_at_far(far, thresholds, 0.1) == 4.0
+    assert _threshold_at_far(far, thresholds, 0.0) == 2.0
+    assert _threshold_at_far(far, thresholds, 0.05) == pytest.approx(2.5)  # between (0, 2) and (0.1, 3)
+    assert _threshold_at_far(far, thresholds, 0.3) == pytest.approx(5.5)
+    assert _threshold_at_far(far, thresholds, 0.5) == 0.0
 
 
 def test_kfold_is_contiguous_like_sklearn():

@@ -245,15 +245,19 @@ def _val_far(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> tu
 
 
 def _threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) -> float:
-    # insightface fits scipy interp1d(far, thresholds, 'slinear'), which recent SciPy rejects when
-    # FAR values repeat (they always do). Same idea, well defined: interpolate linearly between the
-    # grid points around the first threshold whose FAR reaches the target; 0 if none does.
+    # insightface fits scipy interp1d(far, thresholds, 'slinear'): a degree-1 spline through the
+    # (FAR, threshold) points in FAR order, which recent SciPy rejects because FAR values repeat. The
+    # same function, well defined: a target between two FAR values interpolates between the last
+    # threshold with the lower FAR and the first with the higher; a target equal to a FAR value gives
+    # the LAST threshold with that FAR (where the spline's interval lookup lands); 0 if no FAR reaches it.
     reach = np.flatnonzero(far >= target)
     if reach.size == 0:
         return 0.0
     j = int(reach[0])
-    if j == 0 or far[j] == far[j - 1]:
-        return float(thresholds[j])
+    if far[j] == target:
+        return float(thresholds[int(np.flatnonzero(far == target)[-1])])
+    if j == 0:
+        return float(thresholds[0])
     w = (target - far[j - 1]) / (far[j] - far[j - 1])
     return float(thresholds[j - 1] + w * (thresholds[j] - thresholds[j - 1]))
 
