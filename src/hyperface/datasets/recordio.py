@@ -353,7 +353,16 @@ class RecordIODataset:
         offset = int(self._offsets[index])
         what = f"{self.rec_path.name} image {index}"
         header, data = unpack_payload(read_record(self._file(), offset, what=what), what=what)
-        return bytes(data), _scalar_label(header)
+        label = _scalar_label(header)
+        if label != self.labels[index]:
+            # `labels` (one header per identity) sized the classifier; an image whose own header
+            # disagrees would train another class than counted (insightface reads each header).
+            raise HyperfaceError(
+                f"{what} is labelled {label} in its own header, but its identity record puts it in class "
+                f"{int(self.labels[index])}: {self.rec_path} is inconsistent; rebuild it (e.g. `hyperface generate "
+                "--merge`, or insightface's im2rec) or use a plain layout without identity records"
+            )
+        return bytes(data), label
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         data, label = self.read_raw(index)
