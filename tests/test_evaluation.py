@@ -180,6 +180,34 @@ def test_load_bin_reads_every_pickle_flavour(tmp_path, flavour):
     assert same.dtype == bool and same.tolist() == issame
 
 
+def test_bin_images_of_other_sizes_are_resized_like_insightface(tmp_path):
+    """insightface: mx.image.resize_short(img, 112) (bicubic, short side to 112) when the width is not
+    112. Square images match cv2's bicubic resize; a non-square one is then centre-cropped."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    square = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    tall = rng.integers(0, 256, (150, 100, 3), dtype=np.uint8)
+    path = tmp_path / "sizes.bin"
+    path.write_bytes(pickle.dumps(([encode_image(square, image_format="png"), encode_image(tall, image_format="png")], [True]), protocol=4))
+    images, _ = load_bin(path)
+    np.testing.assert_array_equal(images[0], cv2.resize(square, (112, 112), interpolation=cv2.INTER_CUBIC))
+    resized = cv2.resize(tall, (112, 112 * 150 // 100), interpolation=cv2.INTER_CUBIC)  # (168, 112)
+    np.testing.assert_array_equal(images[1], resized[28:140])
+
+
+def test_flip_fusion_and_distances_are_float64_like_insightface(tmp_path):
+    """insightface sums the two passes' features in float64 arrays and normalises them in float64."""
+    from hyperface.evaluation.verification import embed_pairs
+
+    faces = np.stack(_faces(4, seed=5))
+    fused, _ = embed_pairs(_pixel_embed, faces, batch_size=3)
+    assert fused.dtype == np.float64
+    expected = _pixel_embed(faces).astype(np.float64) + _pixel_embed(faces[:, :, ::-1, :].copy())
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_array_equal(fused, expected)
+
+
 class _Payload:
     def __init__(self, target):
         self.target = target

@@ -168,8 +168,18 @@ def _decode_batch(bins: list[bytes], start: int, image_size: int, path: Path) ->
     out = np.empty((len(bins), image_size, image_size, 3), dtype=np.uint8)
     for i, data in enumerate(bins):
         image = decode_image(data, what=f"{path.name} image {start + i}")
-        if image.shape[:2] != (image_size, image_size):
-            image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+        height, width = image.shape[:2]
+        if width != image_size:  # insightface: mx.image.resize_short(img, 112), bicubic, when the width differs
+            if height > width:
+                size = (image_size, image_size * height // width)  # cv2 takes (width, height)
+            else:
+                size = (image_size * width // height, image_size)
+            image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+        if image.shape[:2] != (image_size, image_size):  # not square: centre crop (insightface would fail here)
+            top, left = (image.shape[0] - image_size) // 2, (image.shape[1] - image_size) // 2
+            image = image[max(top, 0) : max(top, 0) + image_size, max(left, 0) : max(left, 0) + image_size]
+            if image.shape[:2] != (image_size, image_size):
+                image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_CUBIC)
         out[i] = image
     return out
 
@@ -332,9 +342,11 @@ def embed_pairs(
         if flip:  # insightface: features of the image plus features of its horizontal mirror
             mirrored = np.asarray(embed_fn(np.ascontiguousarray(chunk[:, :, ::-1, :])), dtype=np.float32)
             norm_sum += float(np.linalg.norm(mirrored, axis=1).sum())
-            raw = raw + mirrored
+            raw = raw.astype(np.float64) + mirrored
         if fused is None:
-            fused = np.empty((total, raw.shape[1]), dtype=np.float32)
+            # float64 from here on, as insightface (np.zeros arrays, sklearn's normalize): float32
+            # distances move pairs sitting on a threshold grid point to the other side.
+            fused = np.empty((total, raw.shape[1]), dtype=np.float64)
         fused[start : start + raw.shape[0]] = raw
         bar.update(chunk.shape[0])
     bar.close()
