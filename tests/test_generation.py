@@ -17,6 +17,7 @@ from hyperface.generation.arc2face import (
     ARC2FACE_PROMPT,
     SCHEDULERS,
     Arc2FaceGenerator,
+    Arc2FacePromptEncoder,
     Arc2FaceSettings,
     find_arc2face_files,
     load_arc2face_components,
@@ -148,6 +149,39 @@ def test_embedding_is_normalised_and_zero_padded(generator):
     a = generator.prompt_encoder.encode(identity)
     b = generator.prompt_encoder.encode(identity * 5.0)  # Arc2Face L2-normalises first
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_is_normalised_in_the_encoders_dtype_like_arc2faces_demo(generator, monkeypatch):
+    """The demo casts the embedding to the pipeline's dtype, then divides by its norm (fp16 on a GPU).
+    A half-precision copy of the encoder must see exactly that vector at the "id" position."""
+    import contextlib
+
+    from hyperface.generation import arc2face
+
+    encoder = Arc2FacePromptEncoder(generator.tokenizer, copy.deepcopy(generator.text_encoder).to(torch.bfloat16))
+    identity = random_identities(1, seed=13) * 3.0
+    seen = []
+    replace = arc2face._replace_token_embeddings
+
+    @contextlib.contextmanager
+    def recording(module, positions, values):
+        with replace(module, positions, values):  # record what the layer outputs after the replacement
+            handle = module.register_forward_hook(lambda m, i, out: seen.append(out))
+            try:
+                yield
+            finally:
+                handle.remove()
+
+    monkeypatch.setattr(arc2face, "_replace_token_embeddings", recording)
+    encoder.encode(identity)
+    demo = torch.from_numpy(identity).to(torch.bfloat16)
+    demo = demo / torch.norm(demo, dim=1, keepdim=True)
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0][0, encoder.id_position.item(), :512], demo[0])
+    fp32_first = torch.nn.functional.normalize(torch.from_numpy(identity), dim=1).to(torch.bfloat16)
+    assert not torch.equal(fp32_first[0], demo[0])  # the order of the two steps shows in the rounding
+    with pytest.raises(HyperfaceError, match="non-zero"):
+        generator.prompt_encoder.encode(np.zeros((1, 512), np.float32))
 
 
 def test_batched_encoding_equals_one_at_a_time(generator):

@@ -356,8 +356,13 @@ class Arc2FacePromptEncoder:
         emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32) if not torch.is_tensor(embeddings) else embeddings)
         if emb.ndim != 2 or emb.shape[1] != IDENTITY_DIM:
             raise HyperfaceError(f"Arc2Face needs (B, {IDENTITY_DIM}) identity embeddings, got {tuple(emb.shape)}")
-        emb = torch.nn.functional.normalize(emb.float(), dim=1)
-        padded = torch.nn.functional.pad(emb, (0, self.hidden_size - IDENTITY_DIM)).to(self.device)
+        # Arc2Face's demo casts to the pipeline's dtype, then normalises (in fp16 on a GPU): the same
+        # order here, so fp16 runs round the identity as it does.
+        emb = emb.to(self.device, next(self.text_encoder.parameters()).dtype)
+        norms = torch.norm(emb, dim=1, keepdim=True)
+        if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
+            raise HyperfaceError("identity embeddings must be finite and non-zero (Arc2Face normalises each one)")
+        padded = torch.nn.functional.pad(emb / norms, (0, self.hidden_size - IDENTITY_DIM))
         ids = self.prompt_ids.expand(emb.shape[0], -1).to(self.device)
         positions = ids == self.id_token
         with torch.inference_mode(), _replace_token_embeddings(self.text_encoder.get_input_embeddings(), positions, padded):
