@@ -205,6 +205,12 @@ def test_partial_fc_sampling_keeps_positives_and_matches_subset_softmax():
     assert partial.eval().sample(labels, gen)[0] is None
 
 
+def test_partial_fc_sample_count_follows_arcface_torch():
+    # partial_fc_v2: num_sample = int(rate * num_local), rounded down (ceil would give 29 and 124).
+    assert PartialFC(CosFaceMargin(), 8, 100, sample_rate=0.29).num_sample == 28
+    assert PartialFC(CosFaceMargin(), 8, 1000, sample_rate=0.1234).num_sample == 123
+
+
 def test_class_shards_cover_all_classes_once():
     for classes, world in ((10, 3), (7, 7), (100, 8)):
         shards = [class_shard(classes, r, world) for r in range(world)]

@@ -258,6 +258,8 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         if distributed:
             dist.all_reduce(target_shifted, op=dist.ReduceOp.SUM)
         ctx.save_for_backward(prob, mask)
+        # The exact cross-entropy. arcface_torch logs -log(prob.clamp_min(1e-30)), which caps each
+        # row at 69.08: its logged loss can read lower than ours; the gradients are the same.
         return (torch.log(denom.squeeze(1)) - target_shifted).mean()
 
     @staticmethod
@@ -317,7 +319,7 @@ class PartialFC(nn.Module):
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
         self.class_start, self.num_local = class_shard(self.num_classes, self.rank, self.world_size)
         self.sample_rate = float(sample_rate)
-        self.num_sample = max(1, math.ceil(self.sample_rate * self.num_local))
+        self.num_sample = max(1, int(self.sample_rate * self.num_local))  # partial_fc_v2's int(), rounds down
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, self.embedding_size)))
 
     def sample(
