@@ -246,6 +246,35 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def sdpa_eligibility(device, dtype, batch: int) -> None:
+    """Which SDPA kernels torch deems usable for SD1.5's attentions, in diffusers' layouts (with the
+    reasons, as warnings, where one is not): separate Q/K/V projections, fused QKV, cross-attention."""
+    import warnings
+
+    from torch.backends import cuda as backends
+
+    rows, heads, dim, tokens = 2 * batch, 8, 40, 4096  # first level: 64x64 latents, 320 channels
+    with torch.device(device):
+        separate = torch.randn(rows, tokens, heads * dim, dtype=dtype).view(rows, tokens, heads, dim).transpose(1, 2)
+        qkv = torch.randn(rows, tokens, 3 * heads * dim, dtype=dtype)
+        fused = [t.reshape(rows, tokens, heads, dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
+        context = torch.randn(rows, 77, heads * dim, dtype=dtype).view(rows, 77, heads, dim).transpose(1, 2)
+    layouts = {"self-attention, separate projections": (separate, separate, separate),
+               "self-attention, fused QKV": tuple(fused),
+               "cross-attention (77 keys)": (separate, context, context)}
+    for name, (q, k, v) in layouts.items():
+        params = backends.SDPAParams(q, k, v, None, 0.0, False, False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            usable = {kernel: bool(check(params, True)) for kernel, check in (
+                ("flash", backends.can_use_flash_attention), ("efficient", backends.can_use_efficient_attention),
+                ("cudnn", backends.can_use_cudnn_attention))}
+        print(f"  SDPA kernels usable for {name} ({tuple(q.shape)}, head dim {dim}): "
+              + ", ".join(f"{kernel} {'yes' if ok else 'no'}" for kernel, ok in usable.items()))
+        for warning in caught:
+            print(f"    why not: {str(warning.message).strip()[:200]}")
+
+
 def _profile_generator(generator, settings, device, batch: int) -> float:
     """One batch under torch.profiler (after the warm-up): device time by kernel category and the top
     kernels. Returns the profiled batch's images per second (profiling overhead included)."""
@@ -328,6 +357,8 @@ def main() -> None:
         f"resolution={args.resolution} images={args.images}"
     )
     if args.profile:
+        if cuda:
+            sdpa_eligibility(device, dtype, args.batch_size)
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
             print(f"hyperface {variant} (batch {parse_variant(variant, args.batch_size)[1]}):", flush=True)
             rate = bench_hyperface(components, args, device, variant)

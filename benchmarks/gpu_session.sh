@@ -46,7 +46,7 @@ for part in "${parts[@]}"; do
       # No reference and no timing: one profiled batch per variant after its warm-up. The eager
       # variants show the attention kernels (SDPA's choice does not depend on compiling).
       run 400 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile \
-        --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+fuse_qkv+efficient_attn@64,channels_last+compile+fuse_qkv@64 ;;
+        --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+cudnn_attn@64,channels_last+fuse_qkv+efficient_attn@64,channels_last+compile+fuse_qkv@64 ;;
     gen-autotune)
       # Too slow for one call on the H100 (2026-11-27): every GEMM and convolution shape is
       # benchmarked for 12-18 s; 20 shapes in 7 minutes, and the compile had not finished.
