@@ -39,8 +39,9 @@ for part in "${parts[@]}"; do
   case $part in
     gen)
       # Compiling the SD1.5-sized UNet and VAE decoder takes about two minutes; the reference is timed
-      # before the first variant and after each (about 40 s a round on an H100).
-      run 540 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
+      # before the first variant and after each (about 40 s a round on an H100). Add a variant the profile
+      # points to (e.g. channels_last+compile+fuse_qkv+cudnn_attn@64) and raise the limit by ~3 min.
+      run 400 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
         --variants channels_last+compile+fuse_qkv@64 ;;
     gen-profile)
       # No reference and no timing: one profiled batch per variant after its warm-up. The eager
@@ -49,7 +50,7 @@ for part in "${parts[@]}"; do
         --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+cudnn_attn@64,channels_last+fuse_qkv+efficient_attn@64,channels_last+compile+fuse_qkv@64 ;;
     gen-autotune)
       # Too slow for one call on the H100 (2026-11-27): every GEMM and convolution shape is
-      # benchmarked for 12-18 s; 20 shapes in 7 minutes, and the compile had not finished.
+      # benchmarked for 8-47 s; 20 shapes in 7 minutes, and the compile had not finished.
       run 560 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
         --variants channels_last+autotune+fuse_qkv@64 ;;
     train)

@@ -310,20 +310,24 @@ def test_keys_past_float32_exactness_take_each_images_own_label(tmp_path):
     assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [0, 0, 1, 1]))
 
 
-def test_image_whose_header_disagrees_with_its_identity_record_is_refused(tmp_path):
-    # Identity ranges (1, 3), (3, 5) but image 2's own header says class 7: `labels` counts classes
-    # from the identity records, insightface's reader trains on each image's header. Reading that
-    # image must stop with a clear error instead of handing the trainer a class it did not count.
+def test_image_whose_header_disagrees_with_its_identity_record_keeps_its_own_label(tmp_path, caplog, monkeypatch):
+    # Identity ranges (1, 3), (3, 5) but image 2's own header says class 0 and image 3's says 7:
+    # `labels` counts classes from the identity records (one header each); reading an image returns
+    # its own header's label, as insightface's MXFaceDataset does, and the mismatch is logged once.
     images = [encode_image(image) for image in _images(4, seed=8)]
     records = [_hand_payload([5.0, 7.0], b"")]
-    records += [_hand_payload(label, data, id_=key) for key, (label, data) in enumerate(zip([0, 7, 1, 1], images), start=1)]
+    records += [_hand_payload(label, data, id_=key) for key, (label, data) in enumerate(zip([1, 0, 1, 7], images), start=1)]
     records += [_hand_payload([1.0, 3.0], b""), _hand_payload([3.0, 5.0], b"")]
     _write_hand_rec(tmp_path, records)
     dataset = RecordIODataset(tmp_path)
-    assert dataset.labels.tolist() == [0, 0, 1, 1]
-    assert dataset.read_raw(0) == (images[0], 0) and dataset.read_raw(3) == (images[3], 1)
-    with pytest.raises(HyperfaceError, match="image 1 is labelled 7 in its own header.*class 0"):
-        dataset[1]
+    assert dataset.labels.tolist() == [1, 1, 1, 1]
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("hyperface"), "propagate", True)  # to pytest's handler
+    with caplog.at_level("WARNING", logger="hyperface.datasets"):
+        assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [1, 0, 1, 7]))
+    warnings = [r.getMessage() for r in caplog.records if "own header" in r.getMessage()]
+    assert len(warnings) == 1 and "image 1 is labelled 0 in its own header" in warnings[0]
 
 
 def test_recordio_capacity_is_checked_before_writing(tmp_path):

@@ -126,7 +126,28 @@ def test_threshold_at_far_is_insightfaces_slinear_spline():
     assert _threshold_at_far(far, thresholds, 0.0) == 2.0
     assert _threshold_at_far(far, thresholds, 0.05) == pytest.approx(2.5)  # between (0, 2) and (0.1, 3)
     assert _threshold_at_far(far, thresholds, 0.3) == pytest.approx(5.5)
+    assert _threshold_at_far(far, thresholds, 0.4) == 6.0  # the largest FAR, once: its own threshold
     assert _threshold_at_far(far, thresholds, 0.5) == 0.0
+    # the largest FAR repeated: the spline's last interval is empty and evaluates to 0 there
+    repeated = np.array([0, 0, 0, 0.1, 0.1, 0.2, 0.4, 0.4])
+    assert _threshold_at_far(repeated, np.arange(8.0), 0.4) == 0.0
+    assert _threshold_at_far(repeated, np.arange(8.0), 0.1) == 4.0
+
+
+def test_threshold_at_far_agrees_with_scipys_spline_on_random_curves():
+    """Where SciPy still builds the spline insightface's interp1d built, the two agree everywhere."""
+    from scipy import interpolate
+
+    from hyperface.evaluation.verification import _threshold_at_far
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        far = np.sort(rng.choice([0.0, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0], size=int(rng.integers(4, 12))))
+        far[0] = 0.0
+        thresholds = np.arange(far.size, dtype=np.float64) * 0.01
+        spline = interpolate.BSpline(np.r_[far[0], far, far[-1]], thresholds, 1)
+        for target in np.r_[far, rng.uniform(0, far.max(), 3)]:
+            assert _threshold_at_far(far, thresholds, float(target)) == pytest.approx(float(spline(target)), abs=1e-12)
 
 
 def test_kfold_is_contiguous_like_sklearn():
@@ -188,12 +209,15 @@ def test_bin_images_of_other_sizes_are_resized_like_insightface(tmp_path):
     rng = np.random.default_rng(4)
     square = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
     tall = rng.integers(0, 256, (150, 100, 3), dtype=np.uint8)
+    narrow_enough = rng.integers(0, 256, (130, 112, 3), dtype=np.uint8)  # width 112: insightface does not resize
+    blobs = [encode_image(image, image_format="png") for image in (square, tall, narrow_enough)]
     path = tmp_path / "sizes.bin"
-    path.write_bytes(pickle.dumps(([encode_image(square, image_format="png"), encode_image(tall, image_format="png")], [True]), protocol=4))
+    path.write_bytes(pickle.dumps((blobs + blobs[:1], [True, True]), protocol=4))
     images, _ = load_bin(path)
     np.testing.assert_array_equal(images[0], cv2.resize(square, (112, 112), interpolation=cv2.INTER_CUBIC))
     resized = cv2.resize(tall, (112, 112 * 150 // 100), interpolation=cv2.INTER_CUBIC)  # (168, 112)
     np.testing.assert_array_equal(images[1], resized[28:140])
+    np.testing.assert_array_equal(images[2], narrow_enough[9:121])
 
 
 def test_flip_fusion_and_distances_are_float64_like_insightface(tmp_path):

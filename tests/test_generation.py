@@ -182,6 +182,10 @@ def test_embedding_is_normalised_in_the_encoders_dtype_like_arc2faces_demo(gener
     assert not torch.equal(fp32_first[0], demo[0])  # the order of the two steps shows in the rounding
     with pytest.raises(HyperfaceError, match="non-zero"):
         generator.prompt_encoder.encode(np.zeros((1, 512), np.float32))
+    broken = random_identities(2, seed=14)
+    broken[1, 7] = np.nan
+    with pytest.raises(HyperfaceError, match="finite"):
+        generator.prompt_encoder.encode(broken)
 
 
 def test_batched_encoding_equals_one_at_a_time(generator):
@@ -295,14 +299,19 @@ def test_attention_preference_holds_during_sampling_only(models, generator):
     before = list(torch._C._get_sdp_priority_order())
     settings = Arc2FaceSettings(steps=2, resolution=models.resolution, attention="cudnn")
     preferring = Arc2FaceGenerator(load_arc2face_components(models.arc2face_dir, models.sd15_dir), settings)
-    seen = []
-    handle = preferring.unet.register_forward_hook(lambda module, args, out: seen.append(torch._C._get_sdp_priority_order()[0]))
+    seen, decoded = [], []
+    handles = [
+        preferring.unet.register_forward_hook(lambda module, args, out: seen.append(torch._C._get_sdp_priority_order()[0])),
+        preferring.vae.decoder.register_forward_hook(lambda module, args, out: decoded.append(torch._C._get_sdp_priority_order()[0])),
+    ]
     try:
         identities = random_identities(2, seed=23)
         got = preferring.generate_array(identities, [11, 12])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert seen == [int(SDPBackend.CUDNN_ATTENTION)] * 2
+    assert decoded and set(decoded) == {int(SDPBackend.CUDNN_ATTENTION)}  # the VAE's attention too
     assert list(torch._C._get_sdp_priority_order()) == before and before[0] != int(SDPBackend.CUDNN_ATTENTION)
     assert preferring.params["attention"] == "cudnn"
     assert np.array_equal(got, generator.generate_array(identities, [11, 12]))

@@ -30,7 +30,10 @@ from typing import BinaryIO, Sequence
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.common.runtime import get_logger
 from hyperface.datasets.codec import check_rgb_uint8, decode_image, encode_image
+
+log = get_logger("hyperface.datasets")
 
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
@@ -254,6 +257,7 @@ class RecordIODataset:
         self.rec_path, self.idx_path = _rec_and_idx(path)
         self._handle: BinaryIO | None = None
         self._handle_pid: int | None = None
+        self._warned_label_mismatch = False
         keys, offsets = read_idx(self.idx_path)
         if keys.size == 0:
             raise HyperfaceError(f"{self.idx_path} is empty: the dataset has no records")
@@ -354,13 +358,15 @@ class RecordIODataset:
         what = f"{self.rec_path.name} image {index}"
         header, data = unpack_payload(read_record(self._file(), offset, what=what), what=what)
         label = _scalar_label(header)
-        if label != self.labels[index]:
-            # `labels` (one header per identity) sized the classifier; an image whose own header
-            # disagrees would train another class than counted (insightface reads each header).
-            raise HyperfaceError(
-                f"{what} is labelled {label} in its own header, but its identity record puts it in class "
-                f"{int(self.labels[index])}: {self.rec_path} is inconsistent; rebuild it (e.g. `hyperface generate "
-                "--merge`, or insightface's im2rec) or use a plain layout without identity records"
+        if label != self.labels[index] and not self._warned_label_mismatch:
+            # `labels` (one header per identity, fast on millions of images) sized the classes; the
+            # image's own header is what insightface trains on, so that is what is returned.
+            self._warned_label_mismatch = True
+            log.warning(
+                "%s is labelled %d in its own header, but its identity record puts it in class %d: %s is "
+                "inconsistent (training uses each image's own label, as insightface does; the report and "
+                "num_classes use the identity records). Further mismatches are not logged.",
+                what, label, int(self.labels[index]), self.rec_path,
             )
         return bytes(data), label
 

@@ -255,18 +255,22 @@ def _val_far(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> tu
 
 
 def _threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) -> float:
-    # insightface fits scipy interp1d(far, thresholds, 'slinear'): a degree-1 spline through the
-    # (FAR, threshold) points in FAR order, which recent SciPy rejects because FAR values repeat. The
-    # same function, well defined: a target between two FAR values interpolates between the last
-    # threshold with the lower FAR and the first with the higher; a target equal to a FAR value gives
-    # the LAST threshold with that FAR (where the spline's interval lookup lands); 0 if no FAR reaches it.
+    # insightface fits scipy interp1d(far, thresholds, 'slinear'): a degree-1 B-spline through the
+    # (FAR, threshold) points in FAR order (knots r_[x0, x, x_last]), which recent SciPy refuses
+    # because FAR values repeat. The same function without SciPy: a target between two FAR values
+    # interpolates between the last threshold with the lower FAR and the first with the higher; a
+    # target equal to a FAR value gives the LAST threshold with that FAR (where the spline's interval
+    # lookup lands), except the largest FAR when it repeats, where the spline's empty last interval
+    # gives 0 (never at 1e-3: the largest FAR is 1); 0 if no FAR reaches the target.
     reach = np.flatnonzero(far >= target)
     if reach.size == 0:
         return 0.0
     j = int(reach[0])
     if far[j] == target:
+        if target == far[-1] and far.size > 1 and far[-2] == far[-1]:
+            return 0.0
         return float(thresholds[int(np.flatnonzero(far == target)[-1])])
-    if j == 0:
+    if j == 0:  # a target below every FAR (FAR at threshold 0 is 0, so only a negative one)
         return float(thresholds[0])
     w = (target - far[j - 1]) / (far[j] - far[j - 1])
     return float(thresholds[j - 1] + w * (thresholds[j] - thresholds[j - 1]))
