@@ -94,6 +94,59 @@ def test_quality_filter_retries_then_fills_and_records_statistics(tmp_path):
     assert len(dataset) == 24 and np.bincount(dataset.labels).tolist() == [4] * 6
 
 
+def _journal(folder):
+    lines = (folder / "parts/shard-00000-of-00001/journal.jsonl").read_text().splitlines()
+    return sorted((json.loads(line) for line in lines), key=lambda entry: entry["identity"])
+
+
+def test_overlapped_postprocessing_renders_and_keeps_exactly_what_the_sequential_loop_does(tmp_path):
+    """Planning while a batch is still being filtered counts its renders as accepted; an identity
+    never asks for more than its shortfall, so both loops render the same indices and keep the same
+    images (batches are composed differently, which per-image seeds make irrelevant)."""
+    from hyperface.generation.dataset import render_shard
+
+    identities = random_identities(7, seed=3)
+    config = GenerationConfig(images_per_identity=4, seed=5, batch_size=5, min_similarity=0.5, max_attempts=7)
+    runs = {}
+    for overlap in (False, True):
+        generator = PaintedGenerator()
+        out = tmp_path / f"overlap-{overlap}"
+        summary = render_shard(generator, identities, out, config, aligner=keep_as_is, embed_fn=generator.embed,
+                               show_progress=False, overlap=overlap)
+        assert summary["identities_done"] == 7
+        runs[overlap] = (_journal(out), generator.rendered, sorted(generator.conditioning))
+    assert runs[True] == runs[False]
+    assert any(entry["filled"] for entry in runs[True][0]) and runs[True][1] > 7 * 4  # retries happened
+
+
+def test_the_next_batch_renders_while_the_last_one_is_filtered(tmp_path):
+    """The aligner of batch 1 waits until the generator has started batch 2: with the sequential loop
+    this would deadlock (the wait times out and the test fails)."""
+    import threading
+
+    from hyperface.generation.dataset import render_shard
+
+    second_batch_started = threading.Event()
+    waited = []
+
+    class Recording(PaintedGenerator):
+        def generate(self, embeddings, seeds):
+            if self.rendered:  # every batch after the first
+                second_batch_started.set()
+            return super().generate(embeddings, seeds)
+
+    def slow_aligner(image):
+        if not waited:
+            waited.append(second_batch_started.wait(timeout=30))
+        return keep_as_is(image)
+
+    generator = Recording()
+    render_shard(generator, random_identities(4, seed=4), tmp_path / "out", GenerationConfig(images_per_identity=2, batch_size=2),
+                 aligner=slow_aligner, show_progress=False)
+    assert waited == [True]
+    assert len(_journal(tmp_path / "out")) == 4
+
+
 def test_filter_without_fr_model_is_refused(tmp_path):
     config = GenerationConfig(images_per_identity=2, min_similarity=0.3)
     with pytest.raises(HyperfaceError, match="fr-model"):

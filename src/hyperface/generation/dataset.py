@@ -233,6 +233,10 @@ class _IdentityState:
     accepted: list = field(default_factory=list)  # (image_index, similarity, stored image)
     rejected: list = field(default_factory=list)
     no_face: int = 0
+    in_flight: int = 0  # rendered or being rendered, not yet aligned and filtered
+
+    def done(self, k: int, limit: int) -> bool:
+        return self.in_flight == 0 and (len(self.accepted) >= k or self.next_index >= limit)
 
 
 def _encode(image: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -270,8 +274,18 @@ def render_shard(
     embed_fn: EmbedFn | None = None,
     on_identity_done: Callable[[int], None] | None = None,
     show_progress: bool | None = None,
+    overlap: bool = True,
 ) -> dict[str, Any]:
-    """Render this shard's unfinished identities into ``out_dir/parts/<shard>``; return its summary."""
+    """Render this shard's unfinished identities into ``out_dir/parts/<shard>``; return its summary.
+
+    With ``overlap`` (the default) one batch is aligned and filtered on a helper thread while the
+    generator renders the next, so the GPU does not wait for the detector, the FR model or the
+    encoder. Batches are then planned as if the renders in flight will all be accepted; since an
+    identity never asks for more than its shortfall, it renders the same image indices either way,
+    and the dataset is the same as without overlap.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     if config.filtered and embed_fn is None:
         raise HyperfaceError("--min-similarity needs --fr-model (the FR model the identities live in, e.g. Arc2Face's arcface.onnx)")
     aligner = aligner or make_aligner("ffhq")
@@ -288,63 +302,90 @@ def render_shard(
     exhausted = False
     rendered = 0
     started = time.time()
+
+    def plan() -> list[tuple[_IdentityState, int]]:
+        """The next batch: first the identities in flight, then new ones, each asking only for what
+        it still needs (counting its renders in flight as accepted) and may still try."""
+        nonlocal exhausted
+        items: list[tuple[_IdentityState, int]] = []
+
+        def request(state: _IdentityState) -> None:
+            want = min(k - len(state.accepted) - state.in_flight, limit - state.next_index)
+            take = max(0, min(want, batch_size - len(items)))
+            items.extend((state, state.next_index + j) for j in range(take))
+            state.next_index += take
+            state.in_flight += take
+
+        for state in active.values():
+            if len(items) >= batch_size:
+                break
+            request(state)
+        while len(items) < batch_size and not exhausted:
+            identity = next(pending, None)
+            if identity is None:
+                exhausted = True
+                break
+            active[identity] = _IdentityState(identity)
+            request(active[identity])
+        return items
+
+    def postprocess(items: list[tuple[_IdentityState, int]], images: list) -> tuple[list, np.ndarray]:
+        """Align and score one batch (thread-safe: reads nothing the planner writes)."""
+        aligned = [aligner(np.asarray(image)) for image in images]
+        if config.filtered:
+            crops = np.stack([crop for _, crop, _ in aligned])
+            identities = np.array([state.identity for state, _ in items])
+            similarity = cosine_to_references(embed_fn, crops, embeddings[identities])
+        else:
+            similarity = np.full(len(items), np.nan, dtype=np.float32)
+        return aligned, similarity
+
+    def settle(items: list[tuple[_IdentityState, int]], result: "Future") -> None:
+        """Keep or reject one processed batch, then retire and commit the identities it completes."""
+        aligned, similarity = result.result()
+        for (state, index), (stored, _, no_face), sim in zip(items, aligned, similarity):
+            state.in_flight -= 1
+            state.no_face += int(no_face)
+            record = (index, float(sim), stored)
+            if not config.filtered or sim >= config.min_similarity:
+                state.accepted.append(record)
+            else:  # only the best K rejects can ever fill the quota: keep no more
+                state.rejected = sorted([*state.rejected, record], key=lambda r: -r[1])[:k]
+        finished = [_retire(active.pop(i), config) for i in [i for i, s in active.items() if s.done(k, limit)]]
+        part.commit(finished)
+        bar.update(sum(len(blobs) for _, blobs in finished))
+        bar.set_postfix(renders=rendered, refresh=False)
+        if on_identity_done is not None:
+            for entry, _ in finished:
+                on_identity_done(entry["identity"])
+
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hyperface-postprocess") if overlap else None
+    processing: tuple[list, Future] | None = None  # the batch being aligned and filtered
     try:
         while True:
-            # Plan a batch: first the identities in flight, then new ones, each asking only for
-            # what it still needs (and may still try).
-            items: list[tuple[_IdentityState, int]] = []
-
-            def request(state: _IdentityState) -> None:
-                want = min(k - len(state.accepted), limit - state.next_index)
-                take = max(0, min(want, batch_size - len(items)))
-                items.extend((state, state.next_index + j) for j in range(take))
-                state.next_index += take
-
-            for state in active.values():
-                if len(items) >= batch_size:
-                    break
-                request(state)
-            while len(items) < batch_size and not exhausted:
-                identity = next(pending, None)
-                if identity is None:
-                    exhausted = True
-                    break
-                active[identity] = _IdentityState(identity)
-                request(active[identity])
-            if not items:
+            items = plan()
+            if not items and processing is None:
                 break
-            identities = np.array([state.identity for state, _ in items])
-            seeds = [image_seed(config.seed, state.identity, index) for state, index in items]
-            conditioning = np.stack(
-                [config.perturbation.apply(embeddings[state.identity], seed) for (state, _), seed in zip(items, seeds)]
-            )
-            images = generator.generate(conditioning, seeds)
-            rendered += len(images)
-            aligned = [aligner(np.asarray(image)) for image in images]
-            if config.filtered:
-                crops = np.stack([crop for _, crop, _ in aligned])
-                similarity = cosine_to_references(embed_fn, crops, embeddings[identities])
-            else:
-                similarity = np.full(len(items), np.nan, dtype=np.float32)
-            for (state, index), (stored, _, no_face), sim in zip(items, aligned, similarity):
-                state.no_face += int(no_face)
-                record = (index, float(sim), stored)
-                if not config.filtered or sim >= config.min_similarity:
-                    state.accepted.append(record)
-                else:  # only the best K rejects can ever fill the quota: keep no more
-                    state.rejected = sorted([*state.rejected, record], key=lambda r: -r[1])[:k]
-            # Retire identities that are full or out of attempts.
-            finished = [
-                _retire(active.pop(identity), config)
-                for identity in [i for i, s in active.items() if len(s.accepted) >= k or s.next_index >= limit]
-            ]
-            part.commit(finished)
-            bar.update(sum(len(blobs) for _, blobs in finished))
-            bar.set_postfix(renders=rendered, refresh=False)
-            if on_identity_done is not None:
-                for entry, _ in finished:
-                    on_identity_done(entry["identity"])
+            if items:
+                seeds = [image_seed(config.seed, state.identity, index) for state, index in items]
+                conditioning = np.stack(
+                    [config.perturbation.apply(embeddings[state.identity], seed) for (state, _), seed in zip(items, seeds)]
+                )
+                images = generator.generate(conditioning, seeds)  # the previous batch is processed meanwhile
+                rendered += len(images)
+            if processing is not None:
+                settle(*processing)
+                processing = None
+            if items:
+                if helper is not None:
+                    processing = (items, helper.submit(postprocess, items, images))
+                else:
+                    done_now: Future = Future()
+                    done_now.set_result(postprocess(items, images))
+                    settle(items, done_now)
     finally:
+        if helper is not None:
+            helper.shutdown(wait=True, cancel_futures=True)  # a batch not settled is not committed
         bar.close()
         part.close()
     elapsed = time.time() - started
