@@ -230,7 +230,7 @@ class ShardPart:
 class _IdentityState:
     identity: int
     next_index: int = 0
-    accepted: list = field(default_factory=list)  # (image_index, similarity, stored image)
+    accepted: list = field(default_factory=list)  # (image_index, similarity, encoded stored image)
     rejected: list = field(default_factory=list)
     no_face: int = 0
     in_flight: int = 0  # rendered or being rendered, not yet aligned and filtered
@@ -260,7 +260,7 @@ def _retire(state: _IdentityState, config: GenerationConfig) -> tuple[dict, list
         "filled": len(filled),
         "no_face": state.no_face,
     }
-    return entry, [_encode(r[2], config.image_format, config.quality) for r in kept]
+    return entry, [r[2] for r in kept]
 
 
 def render_shard(
@@ -332,18 +332,19 @@ def render_shard(
     def postprocess(items: list[tuple[_IdentityState, int]], images: list) -> tuple[list, np.ndarray]:
         """Align and score one batch (thread-safe: reads nothing the planner writes)."""
         aligned = [aligner(np.asarray(image)) for image in images]
+        encoded = [_encode(stored, config.image_format, config.quality) for stored, _, _ in aligned]
         if config.filtered:
             crops = np.stack([crop for _, crop, _ in aligned])
             identities = np.array([state.identity for state, _ in items])
             similarity = cosine_to_references(embed_fn, crops, embeddings[identities])
         else:
             similarity = np.full(len(items), np.nan, dtype=np.float32)
-        return aligned, similarity
+        return [(blob, no_face) for blob, (_, _, no_face) in zip(encoded, aligned)], similarity
 
     def settle(items: list[tuple[_IdentityState, int]], result: "Future") -> None:
         """Keep or reject one processed batch, then retire and commit the identities it completes."""
-        aligned, similarity = result.result()
-        for (state, index), (stored, _, no_face), sim in zip(items, aligned, similarity):
+        processed, similarity = result.result()
+        for (state, index), (stored, no_face), sim in zip(items, processed, similarity):
             state.in_flight -= 1
             state.no_face += int(no_face)
             record = (index, float(sim), stored)
