@@ -147,6 +147,38 @@ def test_the_next_batch_renders_while_the_last_one_is_filtered(tmp_path):
     assert len(_journal(tmp_path / "out")) == 4
 
 
+def test_a_generator_capturing_cuda_graphs_is_not_overlapped(tmp_path):
+    """A CUDA-graph capture must not see another thread's CUDA work: each batch is processed before
+    the next one renders."""
+    from hyperface.generation.dataset import render_shard
+
+    aligned_before_render = []
+
+    class Capturing(PaintedGenerator):
+        captures_cuda_graphs = True
+
+        def __init__(self):
+            super().__init__()
+            self.aligned = 0
+
+        def generate(self, embeddings, seeds):
+            aligned_before_render.append(self.aligned == self.rendered)
+            return super().generate(embeddings, seeds)
+
+    generator = Capturing()
+
+    def counting_aligner(image):
+        import time
+
+        time.sleep(0.02)  # slow enough that an overlapped render would start before this batch is done
+        generator.aligned += 1
+        return keep_as_is(image)
+
+    render_shard(generator, random_identities(4, seed=4), tmp_path / "out", GenerationConfig(images_per_identity=2, batch_size=2),
+                 aligner=counting_aligner, show_progress=False)
+    assert aligned_before_render == [True] * 4 and len(_journal(tmp_path / "out")) == 4
+
+
 def test_filter_without_fr_model_is_refused(tmp_path):
     config = GenerationConfig(images_per_identity=2, min_similarity=0.3)
     with pytest.raises(HyperfaceError, match="fr-model"):

@@ -525,6 +525,11 @@ class Arc2FaceGenerator:
             log.warning("could not select SDPA attention (%s); using diffusers' default", exc)
 
     @property
+    def captures_cuda_graphs(self) -> bool:
+        """True with a CUDA-graph compile mode on a GPU (the dataset runner then does not overlap)."""
+        return bool(self._cudagraphs)
+
+    @property
     def params(self) -> dict:
         s = self.settings
         return {

@@ -278,9 +278,9 @@ def render_shard(
 ) -> dict[str, Any]:
     """Render this shard's unfinished identities into ``out_dir/parts/<shard>``; return its summary.
 
-    With ``overlap`` (the default) one batch is aligned and filtered on a helper thread while the
-    generator renders the next, so the GPU does not wait for the detector, the FR model or the
-    encoder. Batches are then planned as if the renders in flight will all be accepted; since an
+    With ``overlap`` (the default) one batch is aligned, encoded and filtered on a helper thread while
+    the generator renders the next, so the GPU does not wait for the detector, the FR model or the
+    encoder (not with a generator that captures CUDA graphs, see below). Batches are then planned as if the renders in flight will all be accepted; since an
     identity never asks for more than its shortfall, it renders the same image indices either way,
     and the dataset is the same as without overlap.
     """
@@ -330,7 +330,7 @@ def render_shard(
         return items
 
     def postprocess(items: list[tuple[_IdentityState, int]], images: list) -> tuple[list, np.ndarray]:
-        """Align and score one batch (thread-safe: reads nothing the planner writes)."""
+        """Align, encode and score one batch (thread-safe: reads nothing the planner writes)."""
         aligned = [aligner(np.asarray(image)) for image in images]
         encoded = [_encode(stored, config.image_format, config.quality) for stored, _, _ in aligned]
         if config.filtered:
@@ -360,6 +360,9 @@ def render_shard(
             for entry, _ in finished:
                 on_identity_done(entry["identity"])
 
+    # A generator that captures CUDA graphs may record one whenever a new batch shape appears, and a
+    # capture must not see another thread's CUDA work (the FR model, an ONNX detector): no overlap.
+    overlap = overlap and not getattr(generator, "captures_cuda_graphs", False)
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hyperface-postprocess") if overlap else None
     processing: tuple[list, Future] | None = None  # the batch being aligned and filtered
     try:
