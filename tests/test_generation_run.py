@@ -147,6 +147,30 @@ def test_the_next_batch_renders_while_the_last_one_is_filtered(tmp_path):
     assert len(_journal(tmp_path / "out")) == 4
 
 
+def test_a_failing_render_still_commits_the_batch_processed_meanwhile(tmp_path):
+    """Out of memory on batch 3 while batch 2 is being processed: batch 2's identities are committed
+    (as the sequential loop would have), the error reaches the caller, and a short batch is refused."""
+    from hyperface.generation.dataset import render_shard
+
+    class FailsThird(PaintedGenerator):
+        def generate(self, embeddings, seeds):
+            if self.rendered == 12:
+                raise RuntimeError("CUDA out of memory")
+            return super().generate(embeddings, seeds)
+
+    config = GenerationConfig(images_per_identity=3, batch_size=6)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        render_shard(FailsThird(), random_identities(6, seed=6), tmp_path / "oom", config, aligner=keep_as_is, show_progress=False)
+    assert [entry["identity"] for entry in _journal(tmp_path / "oom")] == [0, 1, 2, 3]
+
+    class Short(PaintedGenerator):
+        def generate(self, embeddings, seeds):
+            return super().generate(embeddings, seeds)[:-1]
+
+    with pytest.raises(HyperfaceError, match="returned 5 images for a batch of 6"):
+        render_shard(Short(), random_identities(6, seed=6), tmp_path / "short", config, aligner=keep_as_is, show_progress=False)
+
+
 def test_a_generator_capturing_cuda_graphs_is_not_overlapped(tmp_path):
     """A CUDA-graph capture must not see another thread's CUDA work: each batch is processed before
     the next one renders."""
@@ -293,6 +317,7 @@ def test_merge_killed_midway_is_finished_by_a_rerun(tmp_path, monkeypatch):
         merge_parts(tmp_path / "o")
     monkeypatch.setattr(common_io, "save_bytes", real_save_bytes)
     assert (tmp_path / "o" / "rec" / "train.rec").exists() and not (tmp_path / "o" / "rec" / "train.idx").exists()
+    (tmp_path / "o" / ".run.json.k1ll.tmp").write_text("{")  # a run killed while writing run.json
     merge_parts(tmp_path / "o")
     assert (tmp_path / "o" / "rec" / "property").exists()
     for kind in ("images", "rec"):

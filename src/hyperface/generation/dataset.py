@@ -284,7 +284,7 @@ def render_shard(
     identity never asks for more than its shortfall, it renders the same image indices either way,
     and the dataset is the same as without overlap.
     """
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor, wait
 
     if config.filtered and embed_fn is None:
         raise HyperfaceError("--min-similarity needs --fr-model (the FR model the identities live in, e.g. Arc2Face's arcface.onnx)")
@@ -376,10 +376,12 @@ def render_shard(
                     [config.perturbation.apply(embeddings[state.identity], seed) for (state, _), seed in zip(items, seeds)]
                 )
                 images = generator.generate(conditioning, seeds)  # the previous batch is processed meanwhile
+                if len(images) != len(items):
+                    raise HyperfaceError(f"the generator returned {len(images)} images for a batch of {len(items)}")
                 rendered += len(images)
             if processing is not None:
-                settle(*processing)
-                processing = None
+                batch, processing = processing, None
+                settle(*batch)
             if items:
                 if helper is not None:
                     processing = (items, helper.submit(postprocess, items, images))
@@ -387,6 +389,18 @@ def render_shard(
                     done_now: Future = Future()
                     done_now.set_result(postprocess(items, images))
                     settle(items, done_now)
+    except BaseException:
+        # Rendering failed (out of memory, a kill signal) while the helper held a batch: commit what
+        # it finished, as the sequential loop would have, so a resume redoes less.
+        if processing is not None:
+            batch, processing = processing, None
+            try:
+                wait([batch[1]])
+                if batch[1].exception() is None:
+                    settle(*batch)
+            except Exception as exc:  # the error that stopped the run is the one to report
+                log.warning("could not commit the last processed batch (%s); --resume renders it again", exc)
+        raise
     finally:
         if helper is not None:
             helper.shutdown(wait=True, cancel_futures=True)  # a batch not settled is not committed
@@ -488,7 +502,9 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     out_dir = Path(out_dir)
     if not (out_dir / RUN_FILE).exists():
         raise HyperfaceError(f"{out_dir} holds no generation run ({RUN_FILE} missing); give the --out of `hyperface generate`")
-    remove_stale_temporaries(out_dir, ("acceptance.json", "manifest.json", SAMPLES_FILE))  # the merge's own files
+    # The merge's own files, and run.json's from a run killed while writing it (every rank writes
+    # run.json at its start, so only the merge, which runs alone, may sweep it).
+    remove_stale_temporaries(out_dir, ("acceptance.json", "manifest.json", SAMPLES_FILE, RUN_FILE))
     run = read_json(out_dir / RUN_FILE)
     num_identities, k = int(run["num_identities"]), int(run["config"]["images_per_identity"])
     formats = formats or run.get("format", "both")
