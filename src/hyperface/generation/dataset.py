@@ -280,9 +280,10 @@ def render_shard(
 
     With ``overlap`` (the default) one batch is aligned, encoded and filtered on a helper thread while
     the generator renders the next, so the GPU does not wait for the detector, the FR model or the
-    encoder (not with a generator that captures CUDA graphs, see below). Batches are then planned as if the renders in flight will all be accepted; since an
-    identity never asks for more than its shortfall, it renders the same image indices either way,
-    and the dataset is the same as without overlap.
+    encoder (not with a generator that captures CUDA graphs, see below). Batches are then planned as
+    if the renders in flight will all be accepted; since an identity never asks for more than its
+    shortfall, it renders the same image indices either way, and the dataset is the same as without
+    overlap.
     """
     from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -341,9 +342,8 @@ def render_shard(
             similarity = np.full(len(items), np.nan, dtype=np.float32)
         return [(blob, no_face) for blob, (_, _, no_face) in zip(encoded, aligned)], similarity
 
-    def settle(items: list[tuple[_IdentityState, int]], result: "Future") -> None:
+    def settle(items: list[tuple[_IdentityState, int]], processed: list, similarity: np.ndarray) -> None:
         """Keep or reject one processed batch, then retire and commit the identities it completes."""
-        processed, similarity = result.result()
         for (state, index), (stored, no_face), sim in zip(items, processed, similarity):
             state.in_flight -= 1
             state.no_face += int(no_face)
@@ -380,24 +380,22 @@ def render_shard(
                     raise HyperfaceError(f"the generator returned {len(images)} images for a batch of {len(items)}")
                 rendered += len(images)
             if processing is not None:
-                batch, processing = processing, None
-                settle(*batch)
+                (batch, result), processing = processing, None
+                settle(batch, *result.result())
             if items:
                 if helper is not None:
                     processing = (items, helper.submit(postprocess, items, images))
                 else:
-                    done_now: Future = Future()
-                    done_now.set_result(postprocess(items, images))
-                    settle(items, done_now)
+                    settle(items, *postprocess(items, images))
     except BaseException:
         # Rendering failed (out of memory, a kill signal) while the helper held a batch: commit what
         # it finished, as the sequential loop would have, so a resume redoes less.
         if processing is not None:
-            batch, processing = processing, None
+            (batch, result), processing = processing, None
             try:
-                wait([batch[1]])
-                if batch[1].exception() is None:
-                    settle(*batch)
+                wait([result])
+                if result.exception() is None:
+                    settle(batch, *result.result())
             except Exception as exc:  # the error that stopped the run is the one to report
                 log.warning("could not commit the last processed batch (%s); --resume renders it again", exc)
         raise
