@@ -28,16 +28,16 @@ class UnreadableImage(Exception):
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode encoded image bytes to RGB uint8 (H, W, 3), honouring EXIF orientation."""
-    import cv2
+    """Decode encoded image bytes to RGB uint8 (H, W, 3), honouring EXIF orientation: the datasets'
+    OpenCV decoder first (grey, alpha and 16-bit converted, EXIF applied), Pillow for the rest."""
+    from hyperface.datasets.codec import decode_image as decode_with_opencv
 
     if not data:
         raise UnreadableImage("empty file")
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # 8-bit BGR; grey/alpha/16-bit converted, EXIF applied
-    if image is not None and image.ndim == 3 and image.shape[2] == 3:
-        return np.ascontiguousarray(image[:, :, ::-1])
-    return _decode_with_pillow(data)
+    try:
+        return decode_with_opencv(data)
+    except HyperfaceError:
+        return _decode_with_pillow(data)
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray:
