@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one go, for a session that has a GPU for a few minutes.
 #
-#   benchmarks/gpu_session.sh [gen] [gen-profile] [gen-autotune] [train] [pack] [pack10k] [embed]   (default: gen train pack)
+#   benchmarks/gpu_session.sh [gen] [gen-profile] [gen-pipeline] [gen-autotune] [train] [pack] [pack10k] [embed]
+#   (default: gen train pack)
 #
 # Each part has its own time limit, so one slow or broken part cannot eat the others' time; logs
 # and JSON go to $OUT (default runs/gpu). Wheels in .whl/ (e.g. diffusers, when the machine lacks
@@ -11,7 +12,9 @@
 # the H100 session that found cuDNN attention no faster and max-autotune too slow to compile):
 #   call 1: gen-profile  (about 5 min, timeout_s 420: where a batch's device time goes, and which SDPA
 #                         kernel each --attention choice really runs; eager and compiled)
-#   call 2: gen          (about 5 min, timeout_s 420: the ratio, reference timed around each variant)
+#   call 2: gen-pipeline (about 3 min, timeout_s 240: the whole generate loop, post-processing
+#                         overlapped with rendering vs sequential, filter's FR model on the CPU)
+#           then gen     (about 5 min, timeout_s 420: the ratio, reference timed around each variant)
 #   later sessions: pack (the cyclic code on a GPU), pack10k, embed
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
@@ -48,6 +51,9 @@ for part in "${parts[@]}"; do
       # variants show the attention kernels (SDPA's choice does not depend on compiling).
       run 400 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile \
         --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+cudnn_attn@64,channels_last+fuse_qkv+efficient_attn@64,channels_last+compile+fuse_qkv@64 ;;
+    gen-pipeline)
+      # Eager sampler (no compile: the loop's scheduling is what is measured), r50 filter on the CPU.
+      run 220 "$OUT/generate-pipeline.log" "$PY" benchmarks/generate_pipeline.py --device cuda ;;
     gen-autotune)
       # Too slow for one call on the H100 (2026-11-27): every GEMM and convolution shape is
       # benchmarked for 8-47 s; 20 shapes in 7 minutes, and the compile had not finished.
@@ -67,6 +73,6 @@ for part in "${parts[@]}"; do
       run 120 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --budget 30 --out "$OUT/pack10k" ;;
     embed)
       run 90 "$OUT/embed.log" "$PY" benchmarks/embed.py --device cuda ;;
-    *) echo "unknown part $part (gen, gen-profile, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
+    *) echo "unknown part $part (gen, gen-profile, gen-pipeline, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
   esac
 done
