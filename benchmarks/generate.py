@@ -358,7 +358,10 @@ def main() -> None:
     )
     if args.profile:
         if cuda:
-            sdpa_eligibility(device, dtype, args.batch_size)
+            try:  # a diagnostic: an older torch without these APIs must not cost the profile
+                sdpa_eligibility(device, dtype, args.batch_size)
+            except (AttributeError, RuntimeError, TypeError) as exc:
+                print(f"  (SDPA eligibility check unavailable: {exc})")
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
             print(f"hyperface {variant} (batch {parse_variant(variant, args.batch_size)[1]}):", flush=True)
             rate = bench_hyperface(components, args, device, variant)
