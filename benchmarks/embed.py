@@ -32,15 +32,20 @@ from hyperface.recognition.iresnet import iresnet  # noqa: E402
 from hyperface.recognition.recognizers import OnnxRecognizer, TorchRecognizer  # noqa: E402
 
 
-def build(args, tmp: str):
-    torch.manual_seed(0)
-    model = iresnet(args.arch, fp16=args.fp16).eval()
-    # insightface's N(0, 0.1) conv init blows activations up through 24 residual blocks; a fan-in
-    # scaled init keeps the random features finite so the batched/loop comparison means something.
+def finite_random_iresnet(arch: str, *, fp16: bool = False, seed: int = 0):
+    """A random-weight iResNet in eval mode whose features stay finite: insightface's N(0, 0.1) conv
+    init blows activations up through 24 residual blocks; a fan-in scaled init does not."""
+    torch.manual_seed(seed)
+    model = iresnet(arch, fp16=fp16).eval()
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
             module.weight.data.mul_(0.5)
+    return model
+
+
+def build(args, tmp: str):
+    model = finite_random_iresnet(args.arch, fp16=args.fp16)
     if args.backend == "torch":
         return TorchRecognizer(model, device=args.device, batch_size=args.batch_size, arch=args.arch)
     path = os.path.join(tmp, f"{args.arch}.onnx")

@@ -211,11 +211,15 @@ def bench_hyperface(components, args, device, variant: str) -> float:
     return rate
 
 
-def _time_generator(generator, settings, args, device, batch: int) -> float:
-    identities = random_identities(args.images + batch, seed=2)
+def _warm_up(generator, settings, identities, batch: int) -> None:
     generator.generate_array(identities[:batch], list(range(batch)))  # warm-up (and compile)
     if settings.compile:  # a second warm-up: compile may specialise on the second call
         generator.generate_array(identities[:batch], list(range(batch)))
+
+
+def _time_generator(generator, settings, args, device, batch: int) -> float:
+    identities = random_identities(args.images + batch, seed=2)
+    _warm_up(generator, settings, identities, batch)
     synchronize(device)
     started = time.perf_counter()
     done = 0
@@ -281,9 +285,7 @@ def _profile_generator(generator, settings, device, batch: int) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     identities = random_identities(2 * batch, seed=2)
-    generator.generate_array(identities[:batch], list(range(batch)))  # warm-up (and compile)
-    if settings.compile:
-        generator.generate_array(identities[:batch], list(range(batch)))
+    _warm_up(generator, settings, identities, batch)
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     synchronize(device)
     started = time.perf_counter()

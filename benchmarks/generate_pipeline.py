@@ -24,21 +24,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/generate.py's model builder
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the model builders of generate.py and embed.py
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 
 def fr_embed_fn(arch: str, device: str, batch_size: int):
-    from hyperface.recognition.iresnet import iresnet
+    from embed import finite_random_iresnet
+
     from hyperface.recognition.recognizers import TorchRecognizer
 
-    torch.manual_seed(0)
-    model = iresnet(arch).eval()
-    for module in model.modules():  # finite random features (insightface's init overflows, see embed.py)
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
-            module.weight.data.mul_(0.5)
-    return TorchRecognizer(model, device=device, batch_size=batch_size, arch=arch).embed
+    return TorchRecognizer(finite_random_iresnet(arch), device=device, batch_size=batch_size, arch=arch).embed
 
 
 def main() -> None:
