@@ -42,6 +42,17 @@ def test_folders_hyperface_did_not_write_are_never_cleared(tmp_path):
     assert (foreign / "run.json").exists()
 
 
+def test_another_stages_folder_is_never_overwritten_or_resumed_into(tmp_path):
+    data = prepare_output_dir(tmp_path / "gen", stage="generate", setup_files=("run.json",))
+    (data / "rec").mkdir()
+    (data / "rec" / "train.rec").write_bytes(b"finished work")
+    for flags in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(HyperfaceError, match="holds a `hyperface generate` run"):
+            prepare_output_dir(data, stage="pack", **flags)
+    assert (data / "rec" / "train.rec").read_bytes() == b"finished work"
+    assert prepare_output_dir(data, stage="generate", resume=True) == data  # its own stage may
+
+
 def test_stages_without_resume_do_not_suggest_it(tmp_path):
     out = prepare_output_dir(tmp_path / "report", stage="report", resumable=False)
     (out / "report.json").write_text("{}")

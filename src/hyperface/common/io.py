@@ -144,6 +144,11 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     non_empty = out.is_dir() and any(out.iterdir())
+    owner = run_stage(out)
+    if non_empty and stage and owner and owner != stage and (resume or overwrite):
+        # One mistyped --out must not clear (or resume into) another stage's finished work.
+        verb = "--resume" if resume else "--overwrite"
+        raise HyperfaceError(f"refusing to {verb} {out}: it holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
     if non_empty and not resume:
         if _holds_no_work(out, setup_files):
             log.info("reusing %s: an earlier attempt left it without results", out)
@@ -167,6 +172,14 @@ def prepare_output_dir(
     except OSError as exc:
         raise HyperfaceError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
     return out
+
+
+def run_stage(folder: str | os.PathLike) -> str:
+    """The stage named in ``folder``'s run marker ("" when there is none or it names none)."""
+    try:
+        return (Path(folder) / RUN_MARKER).read_text(encoding="utf-8").split("\n", 1)[0].strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _holds_no_work(out: Path, setup_files: Sequence[str]) -> bool:
