@@ -174,6 +174,36 @@ def test_resume_refuses_changed_settings(synthetic, tmp_path):
         TrainConfig(**{**base, "loss": "cosface", "margin_gradient": "straight-through"}).resolved()
 
 
+def test_resume_checks_the_data_by_content_not_by_path(synthetic, tmp_path):
+    import shutil
+
+    from hyperface.datasets import RecordIODataset
+
+    run = tmp_path / "run"
+    moved = tmp_path / "copied-to-local-disk"
+    shutil.copytree(synthetic["data"], moved)
+    base = dict(out=str(run), epochs=1, batch_size=32, max_steps=2, device="cpu", **TINY)
+    train(TrainConfig(data=str(synthetic["data"]), **base))
+    fingerprint = json.loads((latest_checkpoint(run) / "meta.json").read_text())["data_fingerprint"]
+    assert fingerprint == RecordIODataset(moved).fingerprint()
+
+    # The same classes and image count, one image rendered differently: another dataset.
+    other = tmp_path / "rendered-again"
+    source = RecordIODataset(synthetic["data"])
+    with RecordIOWriter(other) as writer:
+        for index in range(len(source)):
+            image, label = source[index]
+            writer.add(255 - image if index == 5 else image, label)
+    assert RecordIODataset(other).labels.tolist() == source.labels.tolist()
+    with pytest.raises(HyperfaceError, match="dataset's content differs"):
+        train(TrainConfig(data=str(other), **{**base, "max_steps": 3}, resume=True))
+    assert latest_checkpoint(run).name == "step-000000002"  # nothing trained on it
+
+    # A copy of the same data at another path resumes.
+    assert train(TrainConfig(data=str(moved), **{**base, "max_steps": 3}, resume=True)).steps == 3
+    assert json.loads((run / "manifest.json").read_text())["data_fingerprint"] == fingerprint
+
+
 def test_resume_of_a_finished_run_checks_settings_and_keeps_its_manifest(synthetic, tmp_path, capsys):
     run = tmp_path / "run"
     base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", **TINY)

@@ -169,8 +169,12 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _check_resume_settings(out: Path, meta: dict[str, Any], cfg: TrainConfig, *, world: int, num_classes: int) -> None:
-    """Refuse to resume a run (finished or not) with settings that change what it trains."""
+def _check_resume_settings(
+    out: Path, meta: dict[str, Any], cfg: TrainConfig, *, world: int, num_classes: int, data_fingerprint: str
+) -> None:
+    """Refuse to resume a run (finished or not) with settings or data that change what it trains.
+    The data is compared by content (the reader's fingerprint), not by path: a dataset copied to
+    local disk resumes, another dataset at the same path does not."""
     # a setting an older version did not record had its default then
     defaults = TrainConfig(data="", out="")
     saved = {k: meta["config"].get(k, _plain(getattr(defaults, k))) for k in _RESUME_FIXED}
@@ -180,6 +184,9 @@ def _check_resume_settings(out: Path, meta: dict[str, Any], cfg: TrainConfig, *,
         what.append(f"world size {meta['world_size']} -> {world}")
     if meta["num_classes"] != num_classes:
         what.append(f"classes {meta['num_classes']} -> {num_classes}")
+    elif meta.get("data_fingerprint", data_fingerprint) != data_fingerprint:  # older checkpoints lack it
+        saved_data = meta.get("config", {}).get("data", "?")
+        what.append(f"the dataset's content differs from the one it trained on ({saved_data})")
     if what:
         raise HyperfaceError(
             f"cannot --resume {out}: the run was started with different settings ({', '.join(what)}); "
@@ -387,6 +394,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     # --- data ---------------------------------------------------------------------------------
     reader = open_dataset(cfg.data)
     num_classes = int(reader.num_classes)
+    data_fingerprint = reader.fingerprint()
     check_labels(reader.labels, num_classes)
     augment = {"none": AugmentConfig(flip=False), "flip": AugmentConfig(), "adaface": AugmentConfig.adaface(cfg.augment_p)}[cfg.augment]
     dataset = TrainDataset(reader, augment=augment, seed=cfg.seed)
@@ -432,7 +440,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         ckpt.prune_checkpoints(out / ckpt.CHECKPOINTS, resumed_from, cfg.keep_checkpoints)
     if resumed_from is not None:
         meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
-        _check_resume_settings(out, meta, cfg, world=world, num_classes=num_classes)
+        _check_resume_settings(out, meta, cfg, world=world, num_classes=num_classes, data_fingerprint=data_fingerprint)
         backbone.load_state_dict(ckpt.load_safetensors(resumed_from / "backbone.safetensors", device))
         head.load_state_dict(ckpt.load_safetensors(resumed_from / f"head-rank{rank}.safetensors", device))
         state = ckpt.load_torch(resumed_from / f"state-rank{rank}.pt", device)
@@ -503,7 +511,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             meta = {
                 "step": step, "epoch": epoch_, "step_in_epoch": step_in_epoch_, "steps_per_epoch": steps_per_epoch,
                 "arch": cfg.arch, "embedding_size": cfg.embedding_size, "num_classes": num_classes,
-                "world_size": world, "config": json.loads(json.dumps(asdict(cfg))),
+                "world_size": world, "data_fingerprint": data_fingerprint, "config": json.loads(json.dumps(asdict(cfg))),
             }
             ckpt.publish_checkpoint(out, path, meta, keep=cfg.keep_checkpoints)
         _barrier(world)
@@ -616,7 +624,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         manifest.extra.update(
             {
                 "steps": step, "epochs_done": epoch, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
-                "num_images": len(dataset), "world_size": world, "device": str(device), "workers": workers,
+                "num_images": len(dataset), "data_fingerprint": data_fingerprint, "world_size": world, "device": str(device), "workers": workers,
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
                 "last_loss": last_loss, "verification": val_results,
                 "resumed_from": str(resumed_from) if resumed_from else None,
