@@ -395,3 +395,26 @@ def test_contact_sheet_rows_and_tiles():
     assert (sheet[:111, LABEL_WIDTH : LABEL_WIDTH + 112] == np.array(BACKGROUND, np.uint8)).all()
     tile = sheet[:, LABEL_WIDTH + 112 :]
     assert (tile[28:84] == 200).all() and (tile[:28] == np.array(BACKGROUND, np.uint8)).all()
+
+
+def test_a_generate_output_folder_stands_for_its_dataset(tmp_path):
+    from hyperface.common.io import prepare_output_dir
+    from hyperface.datasets import resolve_generated
+    from hyperface.recognition.images import open_image_source
+
+    run = prepare_output_dir(tmp_path / "gen", stage="generate")
+    with pytest.raises(HyperfaceError, match="without a finished dataset.*--resume"):
+        open_dataset(run)
+    images = np.zeros((2, 112, 112, 3), np.uint8)
+    with ImageFolderWriter(run / "images") as writer:
+        writer.add(images[0], 0)
+        writer.add(images[1], 1)
+    (run / "samples.jpg").write_bytes(encode_image(images[0]))  # the contact sheet is not a face
+    assert resolve_generated(run) == run / "images"
+    assert len(open_dataset(run)) == 2 and len(open_image_source(run)) == 2
+    with RecordIOWriter(run / "rec") as writer:
+        writer.add(images[0], 0)
+    assert resolve_generated(run) == run / "rec" and len(open_dataset(run)) == 1  # RecordIO first
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert resolve_generated(plain) == plain  # other folders are what they are

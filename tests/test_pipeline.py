@@ -27,12 +27,13 @@ def test_pack_generate_train_embed_evaluate(tmp_path):
     assert len(rec) == 24 and np.bincount(rec.labels).tolist() == [4] * 6
 
     run = tmp_path / "train"
-    assert main(["train", str(data / "rec"), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",
+    # the generate output folder itself stands for its dataset (rec/), in train, embed and report
+    assert main(["train", str(data), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",
                  "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]) == 0
     assert (run / "backbone.pth").is_file()
 
     gallery = tmp_path / "gallery.npy"
-    assert main(["embed", str(data / "rec" / "train.rec"), "--model", str(run / "backbone.pth"), "--aligned",
+    assert main(["embed", str(data), "--model", str(run / "backbone.pth"), "--aligned",
                  "--out", str(gallery), "--device", "cpu", "--no-progress"]) == 0
     embeddings = np.load(gallery)
     assert embeddings.shape == (24, 64)

@@ -174,6 +174,17 @@ def test_resume_refuses_changed_settings(synthetic, tmp_path):
         TrainConfig(**{**base, "loss": "cosface", "margin_gradient": "straight-through"}).resolved()
 
 
+def test_a_bad_val_bin_fails_before_training_and_the_corrected_command_just_runs(synthetic, tmp_path):
+    run = tmp_path / "run"
+    not_a_bin = tmp_path / "detector.onnx"
+    not_a_bin.write_bytes(b"\x08\x07onnx graph bytes, not a pickle")
+    base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, max_steps=2, device="cpu", **TINY)
+    with pytest.raises(HyperfaceError, match="detector.onnx"):
+        train(TrainConfig(**base, val_bins=(str(not_a_bin),)))
+    assert latest_checkpoint(run) is None and not (run / "metrics.jsonl").exists()
+    assert train(TrainConfig(**base, val_bins=(str(synthetic["bin"]),))).steps == 2  # no --resume/--overwrite needed
+
+
 def test_resume_checks_the_data_by_content_not_by_path(synthetic, tmp_path):
     import shutil
 

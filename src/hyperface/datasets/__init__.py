@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import run_stage
+from hyperface.common.runtime import get_logger
 from hyperface.datasets.codec import decode_image, encode_image
 from hyperface.datasets.image_folder import ImageFolderDataset, ImageFolderWriter
 from hyperface.datasets.recordio import RecordIODataset, RecordIOWriter
@@ -23,11 +25,29 @@ from hyperface.datasets.recordio import RecordIODataset, RecordIOWriter
 Dataset = RecordIODataset | ImageFolderDataset
 
 
+def resolve_generated(path: str | os.PathLike) -> Path:
+    """A ``hyperface generate`` output folder stands for the dataset inside it: ``rec/`` when it was
+    written, else ``images/``. Any other path is returned as it is."""
+    path = Path(path)
+    if not path.is_dir() or run_stage(path) != "generate":
+        return path
+    for inner in (path / "rec", path / "images"):
+        if (inner / "train.rec").is_file() or (inner.name == "images" and inner.is_dir()):
+            get_logger("hyperface.datasets").info("%s is a generate output folder: using %s", path, inner)
+            return inner
+    raise HyperfaceError(
+        f"{path} is a `hyperface generate` run without a finished dataset (no rec/ or images/ yet): "
+        "finish it with the same generate command and --resume (sharded runs: then --merge)"
+    )
+
+
 def open_dataset(path: str | os.PathLike) -> Dataset:
-    """Open a RecordIO file/folder (``*.rec`` or a folder with ``train.rec``) or an image folder."""
+    """Open a RecordIO file/folder (``*.rec`` or a folder with ``train.rec``), an image folder, or
+    a ``hyperface generate`` output folder (its ``rec/``, else its ``images/``)."""
     path = Path(path)
     if not path.exists():
         raise HyperfaceError(f"dataset not found: {path}")
+    path = resolve_generated(path)
     if path.is_file() or path.suffix == ".rec":
         if path.suffix not in (".rec", ".idx"):
             raise HyperfaceError(f"{path} is a file but not a .rec: give a .rec file or a dataset folder")
@@ -48,4 +68,5 @@ __all__ = [
     "decode_image",
     "encode_image",
     "open_dataset",
+    "resolve_generated",
 ]

@@ -218,6 +218,9 @@ def open_image_source(path: str | os.PathLike) -> ImageSource:
     path = Path(path).expanduser()
     if not path.exists():
         raise HyperfaceError(f"images not found: {path}; give a folder of images, a list file or a RecordIO train.rec")
+    from hyperface.datasets import resolve_generated
+
+    path = resolve_generated(path)  # a generate output folder: its dataset, not its samples.jpg
     if _is_recordio(path):
         source: ImageSource = RecordSource(path)
     elif path.is_dir():

@@ -49,7 +49,7 @@ def labels_for_embeddings(embeddings_path: str | os.PathLike, dataset: str | os.
 def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLike | None = None) -> tuple[np.ndarray, Path, np.ndarray, Any]:
     """(labels, dataset, items, reader): as :func:`labels_for_embeddings`, plus the dataset reader
     the rows were matched in and each row's item in it, to show the images behind a row."""
-    from hyperface.datasets import ImageFolderDataset, RecordIODataset
+    from hyperface.datasets import ImageFolderDataset, RecordIODataset, resolve_generated
     from hyperface.recognition.embed import GalleryPaths
 
     embeddings_path = Path(embeddings_path)
@@ -63,6 +63,7 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
             f"cannot find the dataset {embeddings_path} was embedded from{f' ({dataset})' if dataset else ''}: "
             "give it with --dataset (image folder or RecordIO)"
         )
+    dataset = resolve_generated(dataset)
     if names and "#" in names[0]:
         rec = RecordIODataset(dataset)
         try:

@@ -390,6 +390,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     missing = [p for p in cfg.val_bins if not Path(p).is_file()]
     if missing:  # fail now, not after the first epoch
         raise HyperfaceError(f"--val-bin file(s) not found: {', '.join(missing)}")
+    val_sets: dict[str, tuple] = {}  # decoded once, before training: a bad file fails now, not after an epoch
+    if is_main and cfg.val_bins:
+        from hyperface.evaluation.verification import load_bin
+
+        val_sets = {bin_path: load_bin(bin_path) for bin_path in cfg.val_bins}
 
     # --- data ---------------------------------------------------------------------------------
     reader = open_dataset(cfg.data)
@@ -517,18 +522,14 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         _barrier(world)
         last_saved = step
 
-    val_sets: dict[str, tuple] = {}  # decoded once, on first use: validation runs many times
-
     def validate() -> None:
         if not cfg.val_bins:
             return
         if is_main:
-            from hyperface.evaluation.verification import evaluate_images, load_bin
+            from hyperface.evaluation.verification import evaluate_images
 
             results = {}
             for bin_path in cfg.val_bins:
-                if bin_path not in val_sets:
-                    val_sets[bin_path] = load_bin(bin_path)
                 result = evaluate_images(embed, *val_sets[bin_path], flip=True)
                 results[Path(bin_path).stem] = float(result.accuracy)
             val_results.update(results)
