@@ -499,6 +499,66 @@ def test_cli_shards_then_merge(cli_inputs, tmp_path):
     assert len(RecordIODataset(out / "rec")) == 4
 
 
+def test_cli_shards_must_share_the_weights_and_mistakes_fail_before_loading(cli_inputs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from hyperface.generation.arc2face import Arc2FaceGenerator
+
+    root, common, _ = cli_inputs
+    arc2face = Path(common[common.index("--arc2face") + 1])
+    moved, tuned = tmp_path / "copy" / "Arc2Face", tmp_path / "tuned" / "Arc2Face"
+    shutil.copytree(arc2face, moved)
+    shutil.copytree(arc2face, tuned)
+    weights = tuned / "arc2face" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # the last float becomes 1.0: another fine-tune, same layout
+    weights.write_bytes(bytes(data))
+
+    def argv(folder: Path, index: int) -> list[str]:
+        flags = list(common)
+        flags[flags.index("--arc2face") + 1] = str(folder)
+        return ["generate", str(root / "ids.npy"), *flags, "-k", "1", "--out", str(tmp_path / "out"), "--shard", f"{index}/2"]
+
+    assert main(argv(arc2face, 0)) == 0
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["model_paths"]["arc2face"] == str(arc2face.resolve()) and len(run["weights"]["arc2face"]) == 64
+
+    loads = []
+    real_load = Arc2FaceGenerator.from_pretrained.__func__
+    monkeypatch.setattr(Arc2FaceGenerator, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    assert main(argv(tuned, 1)) == 2  # other UNet weights: refused, before loading any model
+    err = capsys.readouterr().err
+    assert "weights" in err and "arc2face" in err and "Traceback" not in err and loads == []
+    # A mistake in --out fails before loading, too: a finished single run without --resume.
+    single = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "single")]
+    assert main(single) == 0 and len(loads) == 1
+    assert main(single) == 2 and "not empty" in capsys.readouterr().err and len(loads) == 1
+    assert main(argv(moved, 1)) == 0  # the same weights copied elsewhere: content, not path, counts
+    assert main(["generate", "--merge", "--out", str(tmp_path / "out")]) == 0
+    assert len(RecordIODataset(tmp_path / "out" / "rec")) == 4
+
+
+def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
+    import logging
+
+    root, common, fr_model = cli_inputs
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("hyperface").addHandler(handler)
+    try:
+        argv = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "out"),
+                "--fr-model", str(fr_model), "--min-similarity", "0.99", "--max-attempts", "2", "--format", "rec"]
+        assert main(argv) == 0
+    finally:
+        logging.getLogger("hyperface").removeHandler(handler)
+    stats = json.loads((tmp_path / "out" / "acceptance.json").read_text())["summary"]
+    assert stats["acceptance_rate"] == 0.0 and stats["images_filled_below_threshold"] == 4
+    messages = [(r.levelno, r.getMessage()) for r in records]
+    assert any(level == logging.INFO and "0.0% cleared --min-similarity 0.99" in text and "8 renders" in text for level, text in messages)
+    assert any(level == logging.WARNING and "is --fr-model the FR model" in text for level, text in messages)
+
+
 @pytest.mark.parametrize(
     "array, flags, message",
     [

@@ -121,6 +121,26 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def folders_sha256(folders: Sequence[str | os.PathLike]) -> str:
+    """One SHA-256 over every file in ``folders`` (recursively): each file's name relative to its
+    folder's parent and its content. Names a weights folder by content, wherever it is copied."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        folder = Path(folder)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(folder.parent).as_posix().encode("utf-8") + b"\0")
+            digest.update(bytes.fromhex(file_sha256(path)))
+    return digest.hexdigest()
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """SHA-256 of a float32 matrix's values (its shape included), streamed in row blocks."""
+    digest = hashlib.sha256(repr(array.shape).encode())
+    for start in range(0, array.shape[0], 65536):
+        digest.update(np.ascontiguousarray(array[start : start + 65536], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def prepare_output_dir(
     out: str | os.PathLike,
     *,

@@ -444,6 +444,19 @@ def make_scheduler(name: str, base_config: dict):
     return cls.from_config(base_config, **overrides)
 
 
+def sampler_facts(settings: Arc2FaceSettings, dtype: Any) -> dict[str, Any]:
+    """The settings that decide every image (a resumed run must keep them), known before loading."""
+    s = settings.resolved()
+    return {
+        "generator": "arc2face",
+        "scheduler": s.scheduler,
+        "steps": s.steps,
+        "guidance_scale": s.guidance_scale,
+        "resolution": s.resolution,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
 class Arc2FaceGenerator:
     """Arc2Face behind :class:`~hyperface.generation.base.IdentityGenerator`.
 
@@ -533,12 +546,7 @@ class Arc2FaceGenerator:
     def params(self) -> dict:
         s = self.settings
         return {
-            "generator": "arc2face",
-            "scheduler": s.scheduler,
-            "steps": s.steps,
-            "guidance_scale": s.guidance_scale,
-            "resolution": s.resolution,
-            "dtype": str(self.dtype).replace("torch.", ""),
+            **sampler_facts(s, self.dtype),
             "lcm_lora": str(s.lcm_lora) if s.lcm_lora else None,
             "lora_scale": s.lora_scale if s.lcm_lora else None,
             "channels_last": s.channels_last,

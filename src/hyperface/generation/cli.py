@@ -110,11 +110,25 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.common.runtime import get_logger
 
     log = get_logger("hyperface.generation")
-    from hyperface.generation.dataset import GenerationConfig, Shard, generate_dataset, merge_parts
+    from hyperface.generation.dataset import (
+        GenerationConfig,
+        Shard,
+        acceptance_line,
+        acceptance_warning,
+        generate_dataset,
+        merge_parts,
+        open_run,
+    )
+
+    def report_dataset(dataset: dict, verb: str) -> None:
+        log.info("%s %d images of %d identities into %s", verb, dataset["num_images"], dataset["num_identities"], ", ".join(dataset["outputs"].values()))
+        log.info("quality: %s", acceptance_line(dataset["acceptance"]))
+        warning = acceptance_warning(dataset["acceptance"])
+        if warning:
+            log.warning("%s", warning)
 
     if args.merge:
-        result = merge_parts(args.out, formats=None if args.format == "both" else args.format, keep_parts=args.keep_parts)
-        log.info("merged %d images of %d identities into %s", result["num_images"], result["num_identities"], ", ".join(result["outputs"].values()))
+        report_dataset(merge_parts(args.out, formats=None if args.format == "both" else args.format, keep_parts=args.keep_parts), "merged")
         return 0
     missing = [flag for flag, value in (("IDENTITIES.npy", args.identities), ("--arc2face", args.arc2face), ("--sd15", args.sd15)) if not value]
     if missing:
@@ -124,15 +138,22 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.io import load_embeddings
+    from hyperface.common.io import file_sha256, folders_sha256, load_embeddings
     from hyperface.common.runtime import resolve_device, seed_everything
-    from hyperface.generation.arc2face import Arc2FaceGenerator, Arc2FaceSettings
+    from hyperface.generation.arc2face import (
+        Arc2FaceGenerator,
+        IDENTITY_DIM,
+        Arc2FaceSettings,
+        find_arc2face_files,
+        resolve_dtype,
+        sampler_facts,
+    )
     from hyperface.generation.postprocess import load_embed_fn, make_aligner
     from hyperface.generation.variation import Perturbation
 
     if Path(args.identities).is_dir():  # a `hyperface pack` output folder
         args.identities = str(Path(args.identities) / "identities.npy")
-    embeddings = load_embeddings(args.identities, what="identity embeddings", dim=512, require_unit=True)
+    embeddings = load_embeddings(args.identities, what="identity embeddings", dim=IDENTITY_DIM, require_unit=True)
     shard = Shard.parse(args.shard)
     device_name = args.device
     if device_name == "auto" and "LOCAL_RANK" in os.environ:
@@ -169,26 +190,47 @@ def run(args: argparse.Namespace) -> int:
         fuse_qkv=args.fuse_qkv,
         attention=args.attention,
     )
+    # Everything cheap first: the weight folders' layout, then --out and run.json (a changed setting
+    # on --resume, a shard with other weights), so a mistake fails before minutes of model loading.
+    settings = settings.resolved()
+    paths = find_arc2face_files(args.arc2face, args.sd15)
+    for flag, value in (("--fr-model", args.fr_model), ("--lcm-lora", args.lcm_lora)):
+        if value and not Path(value).is_file():
+            raise HyperfaceError(f"{flag} file not found: {value}")
+    log.info("fingerprinting the weights (SHA-256; a few seconds per GB)")
+    component_folders = {"arc2face": [paths.encoder, paths.unet], "sd15": [paths.vae, paths.tokenizer, paths.scheduler]}
+    weights = {name: folders_sha256(folders) for name, folders in component_folders.items()}
+    weights.update({name: file_sha256(value) if value else None for name, value in (("fr_model", args.fr_model), ("lcm_lora", args.lcm_lora))})
+    run_info = {
+        "generator": sampler_facts(settings, resolve_dtype(settings.dtype, device)),
+        "lcm_lora": Path(args.lcm_lora).name if args.lcm_lora else None,
+        "fr_model": Path(args.fr_model).name if args.fr_model else None,
+        "weights": weights,  # compared on resume and by every shard: one dataset, one set of models
+        "model_paths": {
+            "arc2face": str(Path(args.arc2face).resolve()), "sd15": str(Path(args.sd15).resolve()),
+            "fr_model": str(Path(args.fr_model).resolve()) if args.fr_model else None,
+            "lcm_lora": str(Path(args.lcm_lora).resolve()) if args.lcm_lora else None,
+        },
+    }
+    identities_path = str(Path(args.identities).resolve())
+    out_dir, _ = open_run(
+        args.out, embeddings, config, embedding_dim=IDENTITY_DIM, formats=args.format, shard=shard, align_mode=args.align,
+        resume=args.resume, overwrite=args.overwrite, identities_path=identities_path, run_info=run_info,
+    )
+
     aligner = make_aligner(args.align, detector=args.detector)
     embed_fn, fr_info = (None, None)
     if args.fr_model:
         embed_fn, fr_info = load_embed_fn(args.fr_model, device=str(device))
     generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device)
-    params = generator.params
-    run_info = {
-        "generator": {key: params[key] for key in ("generator", "scheduler", "steps", "guidance_scale", "resolution", "dtype")},
-        "lcm_lora": Path(args.lcm_lora).name if args.lcm_lora else None,
-        "fr_model": Path(args.fr_model).name if args.fr_model else None,
-    }
     log.info(
         "generating %d identities x %d images (shard %d/%d) on %s: %s",
-        embeddings.shape[0], config.images_per_identity, shard.index, shard.count, device, params,
+        embeddings.shape[0], config.images_per_identity, shard.index, shard.count, device, generator.params,
     )
-    summary = generate_dataset(
-        generator, embeddings, args.out, config,
+    summary = generate_dataset(  # --out is claimed and run.json checked above: continue in it
+        generator, embeddings, out_dir, config,
         formats=args.format, shard=shard, aligner=aligner, align_mode=args.align, embed_fn=embed_fn,
-        resume=args.resume, overwrite=args.overwrite, identities_path=str(Path(args.identities).resolve()),
-        run_info=run_info, keep_parts=args.keep_parts,
+        resume=True, identities_path=identities_path, run_info=run_info, keep_parts=args.keep_parts,
     )
     log.info(
         "shard %s: rendered %d images this run in %.1f s (%s renders/s)",
@@ -197,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if fr_info:
         log.info("quality filter: %s", fr_info)
     if "dataset" in summary:
-        log.info("wrote %d images to %s", summary["dataset"]["num_images"], ", ".join(summary["dataset"]["outputs"].values()))
+        report_dataset(summary["dataset"], "wrote")
     else:
         log.info(
             "shard %s done (%d identities); once every shard is done run: hyperface generate --merge --out %s",

@@ -24,7 +24,6 @@ exactly K images per identity.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import read_json, remove_stale_temporaries, save_json
+from hyperface.common.io import array_sha256, read_json, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.generation.base import IdentityGenerator
@@ -123,14 +122,6 @@ class GenerationConfig:
         out["perturbation"] = {"kind": self.perturbation.kind, "scale": self.perturbation.scale}
         out["max_attempts"] = self.attempts_limit
         return out
-
-
-def embeddings_fingerprint(embeddings: np.ndarray) -> str:
-    """SHA-256 of the float32 identity matrix (shape included), streamed."""
-    digest = hashlib.sha256(repr(embeddings.shape).encode())
-    for start in range(0, embeddings.shape[0], 65536):
-        digest.update(np.ascontiguousarray(embeddings[start : start + 65536], dtype=np.float32).tobytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,14 +416,18 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
     path = out_dir / RUN_FILE
     if path.exists():
 
+        saved = read_json(path)
+
         def comparable(facts: dict) -> dict:
-            # The same identities may come from another path, and the batch size does not change
-            # any image (each depends only on its own seed), so neither blocks a resume.
-            facts = json.loads(json.dumps({k: v for k, v in facts.items() if k != "identities_path"}))
+            # The same identities and weights may come from other paths (they are compared by
+            # content), and the batch size does not change any image (each depends only on its own
+            # seed), so none of these blocks a resume. Weights an older version did not record: unknown.
+            skip = {"identities_path", "model_paths"} | ({"weights"} if "weights" not in saved else set())
+            facts = json.loads(json.dumps({k: v for k, v in facts.items() if k not in skip}))
             facts.get("config", {}).pop("batch_size", None)
             return facts
 
-        changes = describe_changes(comparable(read_json(path)), comparable(run))
+        changes = describe_changes(comparable(saved), comparable(run))
         if changes:
             raise HyperfaceError(
                 f"{out_dir} holds a run with other settings ({changes}); rerun with the same settings "
@@ -632,6 +627,86 @@ def acceptance_statistics(found: dict, num_identities: int, run: dict) -> dict[s
     }
 
 
+#: Below this acceptance rate the filter is more likely misconfigured than strict (see acceptance_warning).
+LOW_ACCEPTANCE = 0.2
+
+
+def acceptance_line(summary: dict[str, Any]) -> str:
+    """One line for the log: how the renders fared in the quality filter."""
+    parts = [f"{summary['images']} images from {summary['renders']} renders"]
+    if summary.get("min_similarity") is not None:
+        parts.append(f"{100 * summary['acceptance_rate']:.1f}% cleared --min-similarity {summary['min_similarity']}")
+    if summary.get("mean_similarity") is not None:
+        parts.append(f"mean cosine to the identity {summary['mean_similarity']:.3f}")
+    if summary.get("images_filled_below_threshold"):
+        parts.append(
+            f"{summary['images_filled_below_threshold']} images of {summary['identities_filled_below_threshold']} "
+            "identities filled below the threshold"
+        )
+    if summary.get("no_face_renders"):
+        parts.append(f"{summary['no_face_renders']} renders without a detected face")
+    return "; ".join(parts)
+
+
+def acceptance_warning(summary: dict[str, Any]) -> str | None:
+    """A warning when the filter rejected most renders: usually the wrong --fr-model, not bad images."""
+    if summary.get("min_similarity") is None or summary["acceptance_rate"] >= LOW_ACCEPTANCE:
+        return None
+    return (
+        f"only {100 * summary['acceptance_rate']:.1f}% of renders cleared --min-similarity {summary['min_similarity']}, "
+        f"so {summary['images_filled_below_threshold']} images are below it: is --fr-model the FR model the "
+        "identities live in (Arc2Face's arcface.onnx)? Otherwise lower --min-similarity or raise --max-attempts "
+        "(acceptance.json has the per-identity figures)"
+    )
+
+
+def open_run(
+    out_dir: str | Path,
+    embeddings: np.ndarray,
+    config: GenerationConfig,
+    *,
+    embedding_dim: int,
+    formats: str = "both",
+    shard: Shard = Shard(),
+    align_mode: str = "ffhq",
+    resume: bool = False,
+    overwrite: bool = False,
+    identities_path: str | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Claim ``out_dir`` for a run and store (or, on resume and for every shard, check) its
+    ``run.json``. Cheap: the CLI calls it before loading any model, so a wrong --out or a changed
+    setting fails in a second, not after minutes of loading. Returns (folder, run facts)."""
+    from hyperface.common.io import prepare_output_dir, validate_embeddings
+    from hyperface.datasets.recordio import check_recordio_capacity
+
+    # the identities as the renderer will see them (validated, normalised), so hashes agree
+    embeddings = validate_embeddings(np.asarray(embeddings), what="identity embeddings", dim=embedding_dim, require_unit=True)
+    if formats not in FORMATS:
+        raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
+    if formats in ("rec", "both"):  # before any rendering, not at the merge
+        check_recordio_capacity(len(embeddings) * config.images_per_identity, len(embeddings))
+    out_dir = Path(out_dir)
+    if shard.count > 1 and out_dir.is_dir() and any(out_dir.iterdir()):
+        from hyperface.common.io import RUN_MARKER
+
+        if not (out_dir / RUN_MARKER).exists():
+            raise HyperfaceError(f"output folder {out_dir} is not empty and was not written by hyperface; choose another --out")
+    # Several ranks share one --out: only a single-shard run insists on an empty folder.
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate", setup_files=("run.json",))
+    run = {
+        "num_identities": int(embeddings.shape[0]),
+        "embeddings_sha256": array_sha256(embeddings),
+        "identities_path": identities_path,
+        "config": config.describe(),
+        "format": formats,
+        "align": align_mode,
+        **(run_info or {}),
+    }
+    write_or_check_run(out_dir, run)
+    return out_dir, run
+
+
 def generate_dataset(
     generator: IdentityGenerator,
     embeddings: np.ndarray,
@@ -658,32 +733,14 @@ def generate_dataset(
     its shard and :func:`merge_parts` (``hyperface generate --merge``) builds the dataset once all
     are done. ``run_info`` adds facts (e.g. generator settings, FR model) that must match on resume.
     """
-    from hyperface.common.io import prepare_output_dir, validate_embeddings
-    from hyperface.datasets.recordio import check_recordio_capacity
+    from hyperface.common.io import validate_embeddings
 
-    if formats not in FORMATS:
-        raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
+    raw_embeddings = embeddings
     embeddings = validate_embeddings(np.asarray(embeddings), what="identity embeddings", dim=generator.embedding_dim, require_unit=True)
-    if formats in ("rec", "both"):  # before any rendering, not at the merge
-        check_recordio_capacity(len(embeddings) * config.images_per_identity, len(embeddings))
-    out_dir = Path(out_dir)
-    if shard.count > 1 and out_dir.is_dir() and any(out_dir.iterdir()):
-        from hyperface.common.io import RUN_MARKER
-
-        if not (out_dir / RUN_MARKER).exists():
-            raise HyperfaceError(f"output folder {out_dir} is not empty and was not written by hyperface; choose another --out")
-    # Several ranks share one --out: only a single-shard run insists on an empty folder.
-    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate", setup_files=("run.json",))
-    run = {
-        "num_identities": int(embeddings.shape[0]),
-        "embeddings_sha256": embeddings_fingerprint(embeddings),
-        "identities_path": identities_path,
-        "config": config.describe(),
-        "format": formats,
-        "align": align_mode,
-        **(run_info or {}),
-    }
-    write_or_check_run(out_dir, run)
+    out_dir, run = open_run(
+        out_dir, raw_embeddings, config, embedding_dim=generator.embedding_dim, formats=formats, shard=shard, align_mode=align_mode, resume=resume,
+        overwrite=overwrite, identities_path=identities_path, run_info=run_info,
+    )
     summary = render_shard(
         generator, embeddings, out_dir, config, shard=shard, aligner=aligner, embed_fn=embed_fn,
         on_identity_done=on_identity_done, show_progress=show_progress,
@@ -697,12 +754,15 @@ def generate_dataset(
 
 __all__ = [
     "FORMATS",
+    "LOW_ACCEPTANCE",
+    "acceptance_line",
+    "acceptance_warning",
     "GenerationConfig",
     "Shard",
     "ShardPart",
-    "embeddings_fingerprint",
     "generate_dataset",
     "merge_parts",
+    "open_run",
     "render_shard",
     "write_or_check_run",
 ]
