@@ -415,6 +415,32 @@ def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_p
     assert run_cli(*base, "--resume") == 0  # the same settings: nothing to do
 
 
+def test_resume_with_another_gallery_is_refused_mid_run_and_after_it(tmp_path, capsys):
+    gallery = anisotropic_gallery(120, 8)
+    config = PackConfig(40, steps=60, seed=1)
+
+    def stop_at_step_20(entry):
+        if entry["step"] >= 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, gallery, checkpoint_dir=tmp_path, checkpoint_every=1e9, log_every=1, callback=stop_at_step_20)
+    with pytest.raises(HyperfaceError, match="another gallery"):
+        pack(config, -gallery, checkpoint_dir=tmp_path, resume=True)
+    assert pack(config, gallery, checkpoint_dir=tmp_path, resume=True).steps_done == 60  # the original resumes
+
+    # a finished run, through the command line: the gallery file's checksum in its manifest
+    np.save(tmp_path / "g.npy", gallery)
+    np.save(tmp_path / "other.npy", -gallery)
+    out = tmp_path / "run"
+    base = ["--identities", "40", "--steps", "20", "--no-plot", "--out", str(out)]
+    assert run_cli(*base, "--gallery", str(tmp_path / "g.npy")) == 0
+    capsys.readouterr()
+    assert run_cli(*base, "--gallery", str(tmp_path / "other.npy"), "--resume") == 2
+    assert "packed with another gallery" in capsys.readouterr().err
+    assert run_cli(*base, "--gallery", str(tmp_path / "g.npy"), "--resume") == 0
+
+
 def test_cli_takes_embeds_output_folder_as_gallery(tmp_path, capsys):
     folder = tmp_path / "embedded"  # what `hyperface embed ... --out embedded` leaves
     folder.mkdir()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import load_embeddings, prepare_output_dir, read_json, remove_stale_temporaries, save_json, save_npy
+from hyperface.common.io import file_sha256, load_embeddings, prepare_output_dir, read_json, remove_stale_temporaries, save_json, save_npy
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
@@ -65,6 +65,12 @@ def run_pack(
             before = {k: params[k] for k in now if k in params}  # keys an older version did not record: unknown
             if before != {k: now[k] for k in before}:
                 raise resume_mismatch(out, before, {k: now[k] for k in before})
+            saved_gallery = (previous.get("inputs") or {}).get("gallery") or {}
+            now_gallery = file_sha256(gallery_path) if gallery_path is not None else None
+            if saved_gallery.get("sha256") != now_gallery:
+                how = ("with another gallery" if now_gallery else "with a gallery") if saved_gallery else "without a gallery"
+                original = f" ({saved_gallery['path']})" if saved_gallery.get("path") else ""
+                raise HyperfaceError(f"cannot --resume {out}: it was packed {how}{original}; use the original --gallery, or --overwrite")
             log.info("%s is already complete; nothing to resume", out)
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # a kill between the manifest and this left it
             return read_json(out / METRICS_FILE)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from hyperface.common.errors import HyperfaceError, check_option
-from hyperface.common.io import atomic_write
+from hyperface.common.io import array_sha256, atomic_write
 from hyperface.common.manifest import describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
 from hyperface.packing.geometry import TILE_ELEMENTS, tiled_topk
@@ -544,7 +544,14 @@ def _pack_restarts(
     best: PackResult | None = None
     best_score = math.inf
     first = 0
+    gallery_sha = array_sha256(gallery) if gallery is not None else None
     if state is not None:
+        # the checkpoint was regularised towards one gallery: continuing towards another is another run
+        if state.get("gallery_sha256", gallery_sha) != gallery_sha:  # checkpoints before this field: unknown
+            raise HyperfaceError(
+                f"cannot --resume {ckpt_path.parent if ckpt_path else 'the run'}: it was started with another "
+                "gallery (its content differs); resume with the original --gallery, or --overwrite"
+            )
         first = int(state["restart"])
         if state["best_points"] is not None:
             best = PackResult(points=state["best_points"].numpy(), config=cfg, history=state["best_history"],
@@ -557,6 +564,7 @@ def _pack_restarts(
                 return
             payload = {
                 "config_key": config_key(cfg),
+                "gallery_sha256": gallery_sha,
                 "restart": restart,
                 "run": run_state,
                 "best_points": None if best is None else torch.from_numpy(best.points),
