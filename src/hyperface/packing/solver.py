@@ -363,25 +363,31 @@ class _Objective:
             grad[start : start + chunk] += torch.einsum("ck,ckd->cd", weights.to(self.dtype), xn).float()
         return grad, max_cos, total_weight
 
-    def _gallery_gradient(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        # d/dx ||x - g||^2 = 2 (x - g); the radial part vanishes in the tangent projection.
+    def _nearest_in_gallery(self, x: torch.Tensor, rows: torch.Tensor, *, vectors: bool = True):
+        """Yield (first position in ``rows``, best cosine, nearest candidate or None) chunk by chunk:
+        the candidates of all rows at once would be an (N, k, d) copy, 16 GB at N = 1M."""
         assert self.gallery is not None and self.gallery_index is not None
-        out = torch.empty(rows.shape[0], x.shape[1], device=x.device)
         chunk = int(max(1, TILE_ELEMENTS // (self.gallery_index.shape[1] * x.shape[1])))
         for start in range(0, rows.shape[0], chunk):
             r = rows[start : start + chunk]
             cand = self.gallery[self.gallery_index[r]]  # (c, kc, d)
-            sims = torch.einsum("cd,ckd->ck", x[r], cand)
-            nearest = cand[torch.arange(r.shape[0], device=x.device), sims.argmax(dim=1)]
-            out[start : start + chunk] = (-2.0 * self.cfg.reg_weight / x.shape[0]) * nearest
+            best, arg = torch.einsum("cd,ckd->ck", x[r], cand).max(dim=1)
+            yield start, best, cand[torch.arange(r.shape[0], device=x.device), arg] if vectors else None
+
+    def _gallery_gradient(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # d/dx ||x - g||^2 = 2 (x - g); the radial part vanishes in the tangent projection.
+        out = torch.empty(rows.shape[0], x.shape[1], device=x.device)
+        for start, _, nearest in self._nearest_in_gallery(x, rows):
+            out[start : start + nearest.shape[0]] = (-2.0 * self.cfg.reg_weight / x.shape[0]) * nearest
         return out
 
     def gallery_penalty(self, x: torch.Tensor) -> float:
         """Mean squared distance to the nearest gallery candidate (0 without a gallery term)."""
         if self.gallery_index is None:
             return 0.0
-        sims = torch.einsum("nd,nkd->nk", x, self.gallery[self.gallery_index]).max(dim=1).values
-        return float((2.0 - 2.0 * sims).mean())
+        rows = torch.arange(x.shape[0], device=x.device)
+        total = sum(float((2.0 - 2.0 * best).sum()) for _, best, _ in self._nearest_in_gallery(x, rows, vectors=False))
+        return total / x.shape[0]
 
 
 def anneal_schedule(cfg: PackConfig, progress_frac: float, dim: int) -> tuple[float, float]:
