@@ -112,3 +112,23 @@ def test_remove_stale_temporaries_takes_only_its_own_names(tmp_path):
     assert [p.name.startswith(".g2.npy.") for p in tmp_path.glob(".*.tmp")] == [True]
     assert remove_stale_temporaries(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "g1.npy"]
+
+
+def test_embeddings_with_huge_or_tiny_finite_values_are_normalised_not_zeroed():
+    import numpy as np
+
+    from hyperface.common.io import validate_embeddings
+
+    rows = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+    expected = validate_embeddings(rows)
+    for scale in (1e30, 1e-30):  # float32 norms overflow / underflow here, the values do not
+        scaled = rows * np.float32(scale)
+        assert np.isfinite(scaled).all()
+        np.testing.assert_allclose(validate_embeddings(scaled), expected, atol=1e-6)
+        with pytest.raises(HyperfaceError, match="unit-norm"):
+            validate_embeddings(scaled, require_unit=True)
+    mixed = rows.copy()
+    mixed[2] *= np.float32(1e30)
+    assert np.array_equal(np.delete(validate_embeddings(mixed), 2, 0), np.delete(expected, 2, 0))  # others bit-identical
+    with pytest.raises(HyperfaceError, match=r"all-zero row\(s\), e.g. rows \[3\]"):
+        validate_embeddings(np.where(np.arange(6)[:, None] == 3, 0, rows).astype(np.float32))

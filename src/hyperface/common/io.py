@@ -275,11 +275,28 @@ def validate_embeddings(
         if not finite.all():
             bad = start + np.flatnonzero(~finite)
             raise HyperfaceError(f"{what} has NaN/inf in {bad.size} row(s), e.g. rows {bad[:5].tolist()}")
-        norms = np.linalg.norm(block, axis=1)
-        zero = norms < 1e-12
-        if zero.any():
-            bad = start + np.flatnonzero(zero)
-            raise HyperfaceError(f"{what} has {bad.size} all-zero row(s), e.g. rows {bad[:5].tolist()}")
+        with np.errstate(over="ignore", under="ignore"):
+            norms = np.linalg.norm(block, axis=1)
+        # A float32 norm overflows past ~1e19 per value and underflows below ~1e-19: such rows are
+        # normalised in float64 (the rest keep their float32 arithmetic, so results stay bit-stable).
+        extreme = ~np.isfinite(norms) | (norms < 1e-12)
+        if extreme.any():
+            wide = block[extreme].astype(np.float64)
+            wide_norms = np.linalg.norm(wide, axis=1)
+            zero = wide_norms == 0
+            if zero.any():
+                bad = start + np.flatnonzero(extreme)[zero]
+                raise HyperfaceError(f"{what} has {bad.size} all-zero row(s), e.g. rows {bad[:5].tolist()}")
+            block = block.copy()
+            block[extreme] = (wide / wide_norms[:, None]).astype(np.float32)
+            norms = norms.copy()
+            norms[extreme] = 1.0
+            if require_unit:
+                bad = start + np.flatnonzero(extreme)
+                raise HyperfaceError(
+                    f"{what} rows must be unit-norm (L2-normalised); rows {bad[:5].tolist()} have norms "
+                    f"{[float(f'{v:.3g}') for v in wide_norms[:5]]}"
+                )
         if require_unit and np.abs(norms - 1.0).max() > unit_tol:
             bad = start + np.flatnonzero(np.abs(norms - 1.0) > unit_tol)
             raise HyperfaceError(
