@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import pickle
+import re
 from typing import Any, Callable
 
 
@@ -28,3 +30,15 @@ def check_option(
         raise HyperfaceError(f"{flag} must be a finite number, got {value!r}")
     if not valid(value):
         raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
+
+
+def exception_summary(exc: BaseException, limit: int = 300) -> str:
+    """A library exception as one short clause for a HyperfaceError: its first non-empty line, without
+    terminal colour codes or object reprs, or its type name when it has no message. A refused pickle
+    says so plainly: torch's own first line suggests ``weights_only=False``, which is the unsafe fix."""
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        return "it holds pickled Python objects, not plain tensors; refusing to unpickle it"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    text = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

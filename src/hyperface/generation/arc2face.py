@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
 from hyperface.common.runtime import get_logger, resolve_device
 
 log = get_logger("hyperface.generation")
@@ -212,9 +212,10 @@ def _load_part(what: str, source: str, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``, with a loading failure turned into an error naming the file's source."""
     try:
         return fn(*args, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HyperfaceError(f"cannot load {what} ({first_line[:300]}); re-download it from {source}") from exc
+    except HyperfaceError:
+        raise
+    except Exception as exc:  # any loader failure (tokenizers' own errors are bare Exceptions) is the file's
+        raise HyperfaceError(f"cannot load {what} ({exception_summary(exc)}); re-download it from {source}") from exc
 
 
 @contextlib.contextmanager

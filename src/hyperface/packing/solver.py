@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hyperface.common.errors import HyperfaceError, check_option
+from hyperface.common.errors import HyperfaceError, check_option, exception_summary
 from hyperface.common.io import array_sha256, atomic_write
 from hyperface.common.manifest import describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
@@ -518,7 +518,9 @@ def pack(
         try:
             state = torch.load(ckpt_path, map_location=device, weights_only=True)
         except Exception as exc:  # a checkpoint is written atomically, so this is real damage
-            raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exc}); remove it or use --overwrite") from exc
+            raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exception_summary(exc)}); remove it or use --overwrite") from exc
+        if not isinstance(state, dict) or "config_key" not in state or "restart" not in state:
+            raise HyperfaceError(f"{ckpt_path} is not a hyperface pack checkpoint; remove it or use --overwrite")
         if state["config_key"] != config_key(cfg):
             raise resume_mismatch(ckpt_path.parent, state["config_key"], config_key(cfg))
         log.info("resuming restart %d at step %d", state["restart"], (state["run"] or {}).get("step", 0))

@@ -259,10 +259,13 @@ def iresnet_from_state_dict(
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
+        inferred = infer_arch_or_none(state_dict)
+        if arch is not None and inferred is not None and inferred != arch:
+            raise HyperfaceError(f"the weights are an iResNet {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
         raise HyperfaceError(
-            f"state dict does not match iResNet {name!r} (inferred: {infer_arch_or_none(state_dict)}): "
-            f"{' '.join(first[:3])[:400]}"
+            f"state dict does not match iResNet {name!r} (inferred: {inferred}): "
+            f"{detail[:400]}{' ...' if len(detail) > 400 else ''}"
         ) from exc
     return model
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
 
 #: Where pretrained recognition models come from; quoted by every "model not found" error.
 MODEL_SOURCES = (
@@ -375,7 +375,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise HyperfaceError(
-            f"cannot read {path} as PyTorch weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"cannot read {path} as PyTorch weights ({type(exc).__name__}: {exception_summary(exc, 200)}); "
             "expected a state dict saved with torch.save(model.state_dict(), ...) (no pickled classes)"
         ) from exc
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
 from hyperface.common.io import atomic_path, atomic_write, read_json, save_json
 
 CHECKPOINTS = "checkpoints"
@@ -59,7 +59,7 @@ def load_torch(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
     except FileNotFoundError:
         raise HyperfaceError(f"checkpoint file missing: {path}") from None
     except Exception as exc:
-        raise HyperfaceError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {exc})") from exc
+        raise HyperfaceError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {exception_summary(exc)})") from exc
 
 
 def checkpoint_name(step: int) -> str:
