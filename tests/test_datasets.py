@@ -418,3 +418,30 @@ def test_a_generate_output_folder_stands_for_its_dataset(tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     assert resolve_generated(plain) == plain  # other folders are what they are
+
+
+def test_non_finite_labels_are_named_errors_not_crashes(tmp_path):
+    from hyperface.datasets.recordio import read_idx
+
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        for label in (0, 0, 1):
+            writer.add(np.full((8, 8, 3), 40 * label, np.uint8), label)
+    rec_path = tmp_path / "rec" / "train.rec"
+    keys, offsets = read_idx(tmp_path / "rec" / "train.idx")
+    offset_of = dict(zip(keys.tolist(), offsets.tolist()))
+    original = rec_path.read_bytes()
+
+    def with_label(key: int, value: float, at: int = 12) -> None:
+        # after the 8-byte frame, header "IfQQ": its label at +12, a flag>0 label array after it at +32
+        data = bytearray(original)
+        data[offset_of[key] + at : offset_of[key] + at + 4] = struct.pack("<f", value)
+        rec_path.write_bytes(bytes(data))
+
+    with_label(2, float("nan"))  # an image record: reading it fails cleanly (training substitutes it)
+    dataset = RecordIODataset(tmp_path / "rec")
+    with pytest.raises(HyperfaceError, match="image 1 holds a non-finite label"):
+        dataset[1]
+    assert dataset[0][1] == 0 and dataset[2][1] == 1
+    with_label(0, float("inf"), at=32)  # header record 0's (first identity, end): cannot be indexed
+    with pytest.raises(HyperfaceError, match="header record 0 holds a non-finite label"):
+        RecordIODataset(tmp_path / "rec")

@@ -183,10 +183,17 @@ def _read_header(handle: BinaryIO, offset: int, *, what: str) -> tuple[IRHeader,
     return header, length > IR_SIZE + 4 * header.flag
 
 
-def _scalar_label(header: IRHeader) -> int:
-    label = header.label
-    value = float(label) if np.ndim(label) == 0 else float(label[0])  # insightface takes label[0] of arrays
+def _whole(value: float, what: str) -> int:
+    """A float32 label or record number as insightface reads it (``int()``), refusing NaN and inf."""
+    value = float(value)
+    if not np.isfinite(value):
+        raise HyperfaceError(f"{what} holds a non-finite label ({value}): the record is corrupt")
     return int(value)
+
+
+def _scalar_label(header: IRHeader, what: str = "a record") -> int:
+    label = header.label
+    return _whole(label if np.ndim(label) == 0 else label[0], what)  # insightface takes label[0] of arrays
 
 
 def _rec_and_idx(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -302,16 +309,16 @@ class RecordIODataset:
                     for k in np.unique(keys[keys > 0]):  # key order, as insightface reads them
                         record, holds_image = _read_header(handle, offset_of[int(k)], what=f"{name} record {k}")
                         if holds_image:
-                            images.append((offset_of[int(k)], _scalar_label(record)))
+                            images.append((offset_of[int(k)], _scalar_label(record, f"{name} record {k}")))
                     return "insightface", [o for o, _ in images], [label for _, label in images]
                 return ("insightface", *self._index_insightface(handle, header, offset_of))
         # plain layout: every record is an image, in .idx order
-        labels = [_scalar_label(_read_header(handle, offset_of[int(k)], what=f"{name} record {k}")[0]) for k in keys]
+        labels = [_scalar_label(_read_header(handle, offset_of[int(k)], what=f"{name} record {k}")[0], f"{name} record {k}") for k in keys]
         return "plain", [offset_of[int(k)] for k in keys], labels
 
     def _index_insightface(self, handle: BinaryIO, header0: IRHeader, offset_of: dict[int, int]):
         name = self.rec_path.name
-        first_identity, end_identity = int(header0.label[0]), int(header0.label[1])
+        first_identity, end_identity = (_whole(v, f"{name} header record 0") for v in header0.label[:2])
         if not 1 <= first_identity <= end_identity:
             raise HyperfaceError(f"{name} header record 0 has an invalid identity range {header0.label.tolist()}")
         missing = [k for k in range(1, end_identity) if k not in offset_of]
@@ -326,17 +333,17 @@ class RecordIODataset:
             identity, _ = _read_header(handle, offset_of[key], what=f"{name} identity record {key}")
             if identity.flag < 2:
                 raise HyperfaceError(f"{name} identity record {key} has no (first, end) image range: the dataset is corrupt")
-            start, end = int(identity.label[0]), int(identity.label[1])
+            start, end = (_whole(v, f"{name} identity record {key}") for v in identity.label[:2])
             if start != expected_start or end < start or end > first_identity:
                 labels = None  # identity ranges do not tile the images: fall back to every image's own header
                 break
             if end > start:
                 first_image, _ = _read_header(handle, offset_of[start], what=f"{name} record {start}")
-                labels[start - 1 : end - 1] = _scalar_label(first_image)
+                labels[start - 1 : end - 1] = _scalar_label(first_image, f"{name} record {start}")
             expected_start = end
         if labels is None or expected_start != first_identity:
             labels = np.asarray(
-                [_scalar_label(_read_header(handle, offset_of[k], what=f"{name} record {k}")[0]) for k in range(1, first_identity)],
+                [_scalar_label(_read_header(handle, offset_of[k], what=f"{name} record {k}")[0], f"{name} record {k}") for k in range(1, first_identity)],
                 dtype=np.int64,
             )
         return image_offsets, labels
@@ -367,7 +374,7 @@ class RecordIODataset:
         offset = int(self._offsets[index])
         what = f"{self.rec_path.name} image {index}"
         header, data = unpack_payload(read_record(self._file(), offset, what=what), what=what)
-        label = _scalar_label(header)
+        label = _scalar_label(header, what)
         if label != self.labels[index] and not self._warned_label_mismatch:
             # `labels` (one header per identity, fast on millions of images) sized the classes; the
             # image's own header is what insightface trains on, so that is what is returned.
