@@ -442,6 +442,6 @@ def test_non_finite_labels_are_named_errors_not_crashes(tmp_path):
     with pytest.raises(HyperfaceError, match="image 1 holds a non-finite label"):
         dataset[1]
     assert dataset[0][1] == 0 and dataset[2][1] == 1
-    with_label(0, float("inf"), at=32)  # header record 0's (first identity, end): cannot be indexed
+    with_label(0, float("nan"), at=32)  # header record 0's (first identity, end): cannot be indexed
     with pytest.raises(HyperfaceError, match="header record 0 holds a non-finite label"):
         RecordIODataset(tmp_path / "rec")
