@@ -262,3 +262,34 @@ def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nan.npy"), "--labels", str(tmp_path / "labels.npy"), "--out", str(tmp_path / "o")]) == 2
     assert "NaN/inf" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written before the inputs are known to be good
+    assert not (tmp_path / "out-dim").exists()  # identity checks run before the output folder exists, too
+    np.savez(tmp_path / "archive.npz", labels=labels)
+    (tmp_path / "empty.npy").touch()
+    for name, message in {"archive.npz": "archive of several arrays", "empty.npy": "cannot read labels"}.items():
+        assert main(["report", str(tmp_path / "emb.npy"), "--labels", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_reads_a_reference_folder_and_warns_about_surplus_identities(tmp_path):
+    import logging
+
+    emb, labels, _ = clustered(3, 4)
+    np.save(tmp_path / "emb.npy", emb)
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "real").mkdir()  # what `hyperface embed ... --out real/` leaves
+    np.save(tmp_path / "real" / "gallery.npy", unit(np.random.default_rng(1).normal(size=(20, 32))))
+    np.save(tmp_path / "ids.npy", unit(np.random.default_rng(2).normal(size=(5, 32))))  # 5 rows for 3 classes
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("hyperface").addHandler(handler)
+    try:
+        run_report(tmp_path / "emb.npy", tmp_path / "out", labels=tmp_path / "labels.npy", reference=tmp_path / "real",
+                   identities=tmp_path / "ids.npy", plot=False)
+    finally:
+        logging.getLogger("hyperface").removeHandler(handler)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["leakage"]["reference_rows"] == 20
+    assert any("has 5 rows but the labels stop at 2" in r.getMessage() for r in records)

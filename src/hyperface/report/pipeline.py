@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
 from hyperface.common.io import atomic_write, load_embeddings, prepare_output_dir, read_json, save_json
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
 from hyperface.packing.pipeline import load_identities
-from hyperface.report.stats import DatasetStats, dataset_stats, loosest
+from hyperface.report.stats import DatasetStats, check_report_inputs, dataset_stats, loosest
 
 log = get_logger("hyperface.report")
 
@@ -87,10 +87,13 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
 
 def load_labels(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
+    hint = "give an integer .npy or a .txt with one label per line"
     try:
         labels = np.loadtxt(path, dtype=np.int64, ndmin=1) if path.suffix == ".txt" else np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise HyperfaceError(f"cannot read labels {path} ({exc}); give an integer .npy or a .txt with one label per line") from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise HyperfaceError(f"cannot read labels {path} ({exception_summary(exc)}); {hint}") from exc
+    if not isinstance(labels, np.ndarray):  # an .npz archive
+        raise HyperfaceError(f"labels {path} is an archive of several arrays, not one array; {hint}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise HyperfaceError(f"labels {path} must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
     if labels.size and labels.min() < 0:  # they index --identities rows: -1 would silently mean the last one
@@ -132,7 +135,15 @@ def run_report(
     if len(label_array) != len(emb):
         raise HyperfaceError(f"{embeddings} has {len(emb)} rows but there are {len(label_array)} labels")
     ident = load_identities(identities) if identities is not None else None
+    if reference is not None:
+        reference = find_embeddings(reference, flag="--reference")  # a `hyperface embed` folder, too
     ref = load_embeddings(reference, what="reference") if reference is not None else None
+    check_report_inputs(emb, label_array, identities=ident, reference=ref)  # bad input writes nothing
+    if ident is not None and len(ident) > int(label_array.max()) + 1:
+        log.warning(
+            "--identities has %d rows but the labels stop at %d: is it the file this dataset was generated from?",
+            len(ident), int(label_array.max()),
+        )
     torch_device = resolve_device(device)  # a bad --device is refused before the output folder exists
     out = prepare_output_dir(out_dir, overwrite=overwrite, stage="report", resumable=False)
     params = {"leak_threshold": leak_threshold, "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs,
