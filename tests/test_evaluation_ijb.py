@@ -137,3 +137,33 @@ def test_ijb_meta_errors(tmp_path):
         read_ijb_meta(folder, "IJBC")
     with pytest.raises(HyperfaceError, match="IJBB or IJBC"):
         read_ijb_meta(folder, "IJBX")
+
+
+def test_ijb_meta_values_are_checked_with_their_line(tmp_path):
+    folder, _ = _write_release(tmp_path, identities=2, templates_per_id=1, faces_per_template=2)
+    meta = folder / "meta"
+    pairs, scores = meta / "ijbc_template_pair_label.txt", meta / "ijbc_name_5pts_score.txt"
+    good_pairs, good_scores = pairs.read_bytes(), scores.read_text()
+    assert read_ijb_meta(folder, "IJBC").pair_t1.tolist() == [1000]  # the fast parser, on a good file
+
+    lines = good_scores.splitlines()
+    lines[1] = lines[1].rsplit(" ", 1)[0] + " nan"  # a NaN faceness score would turn every TAR into noise
+    scores.write_text("\n".join(lines) + "\n")
+    with pytest.raises(HyperfaceError, match=r"name_5pts_score.txt line 2: a faceness score is NaN or inf"):
+        read_ijb_meta(folder, "IJBC")
+    lines = good_scores.splitlines()
+    lines[0] = lines[0].replace(lines[0].split()[3], "inf", 1)
+    scores.write_text("\n".join(lines) + "\n")
+    with pytest.raises(HyperfaceError, match="line 1: a landmark is NaN or inf"):
+        read_ijb_meta(folder, "IJBC")
+    scores.write_text(good_scores)
+
+    pairs.write_bytes(good_pairs + b"1000 10x0 0\n")
+    with pytest.raises(HyperfaceError, match="pair 2 holds a non-numeric value"):
+        read_ijb_meta(folder, "IJBC")
+    pairs.write_bytes(good_pairs + b"1000 \xff\xfe 0\n")
+    with pytest.raises(HyperfaceError, match="line 2 is not text"):
+        read_ijb_meta(folder, "IJBC")
+    pairs.write_bytes(good_pairs + b"1000 1010\n")
+    with pytest.raises(HyperfaceError, match="line 2: expected at least 3 columns"):
+        read_ijb_meta(folder, "IJBC")
