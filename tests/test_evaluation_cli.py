@@ -50,6 +50,10 @@ def test_evaluate_cli_matches_independent_computation(tiny_backbone, tmp_path, c
     report = json.loads(out.read_text())
     assert set(report["accuracy"]) == {"lfw", "cfp_fp"}
     assert report["versions"]["torch"] == torch.__version__ and report["results"]["lfw"]["num_pairs"] == 20
+    from hyperface.common.io import file_sha256
+
+    assert report["inputs"]["model"] == {"path": str(model_path.resolve()), "sha256": file_sha256(model_path)}
+    assert report["inputs"]["bins"][1]["sha256"] == file_sha256(tmp_path / "cfp_fp.bin")
 
     # independent: the model by hand ((x - 127.5) / 127.5, NCHW), raw features of image + mirror, normalise
     def features(images):
@@ -72,6 +76,10 @@ def test_evaluate_cli_errors(tiny_backbone, tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["evaluate", str(model_path), str(tmp_path / "missing.bin"), "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    write_noisy_pairs_bin(tmp_path / "ok.bin", 4, seed=1)
+    assert main(["evaluate", str(model_path), str(tmp_path / "ok.bin"), "--json", str(tmp_path / "afile" / "r.json")]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err  # before the evaluation, not after
     for flag, value, rule in (("--batch-size", "0", "at least 1"), ("--folds", "1", "at least 2")):
         assert main(["evaluate", str(model_path), str(tmp_path / "missing.bin"), flag, value]) == 2
         assert f"{flag} must be {rule}, got {value}" in capsys.readouterr().err

@@ -121,6 +121,31 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, a parent that
+    is a file, or a folder without write permission (the nearest existing one is checked)."""
+    path = Path(path)
+    if path.is_dir():
+        raise HyperfaceError(f"{flag} {path} is a folder; give a file path such as {path / 'results.json'}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise HyperfaceError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise HyperfaceError(f"{flag} {path}: cannot write in {ancestor} (permission denied)")
+
+
+def describe_input(path: str | os.PathLike | None) -> dict[str, str] | None:
+    """A manifest's record of an input: its absolute path, and its SHA-256 when it is a file."""
+    if path is None:
+        return None
+    entry = {"path": str(Path(path).resolve())}
+    if Path(path).is_file():
+        entry["sha256"] = file_sha256(path)
+    return entry
+
+
 def folders_sha256(folders: Sequence[str | os.PathLike]) -> str:
     """One SHA-256 over every file in ``folders`` (recursively): each file's name relative to its
     folder's parent and its content. Names a weights folder by content, wherever it is copied."""

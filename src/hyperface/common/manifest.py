@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hyperface.common.io import file_sha256, save_json
+from hyperface.common.io import describe_input, save_json
 
 
 def environment_versions() -> dict[str, str]:
@@ -90,10 +90,7 @@ class Manifest:
         for name, value in self.inputs.items():
             if value is None:
                 continue
-            entry: dict[str, Any] = {"path": str(Path(value).resolve())}
-            if checksum_inputs and Path(value).is_file():
-                entry["sha256"] = file_sha256(value)
-            inputs[name] = entry
+            inputs[name] = describe_input(value) if checksum_inputs else {"path": str(Path(value).resolve())}
         payload = {
             "stage": self.stage,
             "status": status,

@@ -65,16 +65,16 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.errors import HyperfaceError, check_option
-    from hyperface.common.io import save_json
+    from hyperface.common.errors import check_option
+    from hyperface.common.io import check_output_file, describe_input, save_json
     from hyperface.common.manifest import environment_versions
     from hyperface.common.runtime import get_logger
     from hyperface.evaluation.runner import evaluate_model, format_table
 
     check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--folds", args.folds, lambda v: v >= 2, "at least 2", integer=True)
-    if args.json and Path(args.json).is_dir():  # found out now, not after the evaluation
-        raise HyperfaceError(f"--json {args.json} is a folder; give a file path such as {Path(args.json) / 'results.json'}")
+    if args.json:  # found out now, not after the evaluation
+        check_output_file(args.json, "--json")
     started = time.time()
     report = evaluate_model(
         args.model,
@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "stage": "evaluate",
             **report,
-            "inputs": {"model": args.model, "bins": list(args.bins), "ijb": args.ijb},
+            # paths and SHA-256s: which weights and which benchmark files gave these numbers
+            "inputs": {"model": describe_input(args.model), "bins": [describe_input(b) for b in args.bins],
+                       "ijb": describe_input(args.ijb)},
             "wall_seconds": round(time.time() - started, 3),
             "versions": environment_versions(),
         }
