@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import cv2
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -321,3 +323,21 @@ def test_load_embeddings_refuses_non_numeric_npy_without_suggesting_pickles(tmp_
     ok = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     np.save(tmp_path / "ok.npy", ok)
     np.testing.assert_allclose(np.linalg.norm(load_embeddings(tmp_path / "ok.npy"), axis=1), 1.0, atol=1e-6)
+
+
+def test_file_names_that_are_not_utf8_survive_embed_and_report(tmp_path, models):
+    faces = random_faces(4, seed=3)
+    src = tmp_path / "faces"
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8 (a surrogate in the str)
+    for face, (label, name) in zip(faces, ((0, "a.png"), (0, odd), (1, "b.png"), (1, "c.png"))):
+        (src / f"{label:06d}").mkdir(parents=True, exist_ok=True)
+        (src / f"{label:06d}" / name).write_bytes(cv2.imencode(".png", face[..., ::-1])[1].tobytes())
+    out = tmp_path / "emb"
+    assert _embed(src, "--model", models["pth"], "--aligned", "--out", out) == 0
+    raw_index = (out / "gallery.index.txt").read_bytes().splitlines()
+    assert b"000000/caf\xe9.png" in raw_index and len(raw_index) == 4  # the file's own bytes
+    assert np.load(out / "gallery.npy").shape == (4, 512)
+    assert main(["report", str(out), "--out", str(tmp_path / "report"), "--no-plot", "--device", "cpu"]) == 0
+    import json
+
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["images_per_identity"]["min"] == 2

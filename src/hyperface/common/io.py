@@ -74,9 +74,10 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str] | N
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
-    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing (``open_kwargs`` go to :func:`open`);
+    rename it onto ``path`` on success."""
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as handle:
         yield handle
 
 

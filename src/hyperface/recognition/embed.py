@@ -463,24 +463,28 @@ def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int) ->
     reason_counts: dict[str, int] = {}
     rejected = 0
     tmp_npy = paths.embeddings.with_name(f".{paths.embeddings.name}.merge.tmp")
-    array = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(total, dim))
+    # File names are written back byte for byte (surrogateescape): a name that is not UTF-8 stays
+    # the name of its file, and `hyperface report` reads the index the same way.
+    text = {"encoding": "utf-8", "errors": "surrogateescape"}
     try:
-        with atomic_write(paths.index, "w") as index_file, atomic_write(paths.rejected, "w") as rejected_file:
+        # The .npy is written front to back (header, then each chunk): a memory map of the whole
+        # array would hold N x d dirty pages against the process (10 GB at 5M rows).
+        with open(tmp_npy, "wb") as npy, atomic_write(paths.index, "w", **text) as index_file, \
+                atomic_write(paths.rejected, "w", **text) as rejected_file:
+            np.lib.format.write_array_header_1_0(npy, {"descr": np.dtype("<f4").str, "fortran_order": False, "shape": (total, dim)})
             rejected_file.write("path\treason\n")
-            row = 0
             for k in range(n_chunks):
                 with np.load(paths.chunk(k), allow_pickle=False) as chunk:
                     emb, rows = chunk["embeddings"], chunk["rows"]
-                    array[row : row + rows.shape[0]] = emb
-                    row += rows.shape[0]
+                    npy.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
                     index_file.writelines(_clean_name(source.name(int(i))) + "\n" for i in rows)
                     for i, reason in zip(chunk["rejected_rows"], chunk["rejected_reasons"]):
                         rejected_file.write(f"{_clean_name(source.name(int(i)))}\t{_clean_name(str(reason))}\n")
                         key = str(reason).split(" (")[0]
                         reason_counts[key] = reason_counts.get(key, 0) + 1
                         rejected += 1
-        array.flush()
-        del array
+            npy.flush()
+            os.fsync(npy.fileno())
         if total:
             os.replace(tmp_npy, paths.embeddings)
     finally:

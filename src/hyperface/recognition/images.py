@@ -199,7 +199,7 @@ def _scan_folder(root: Path) -> FileListSource:
 def _read_list_file(list_path: Path) -> FileListSource:
     base = list_path.parent
     paths, names = [], []
-    with open(list_path, encoding="utf-8") as handle:
+    with open(list_path, encoding="utf-8", errors="surrogateescape") as handle:  # names that are not UTF-8 stay bytes
         for line in handle:
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip() or line.lstrip().startswith("#"):

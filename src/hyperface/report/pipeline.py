@@ -56,7 +56,7 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
     index = GalleryPaths(embeddings_path).index
     if not index.exists():
         raise HyperfaceError(f"{index} not found: give embeddings written by `hyperface embed`, or --labels LABELS.npy")
-    names = index.read_text(encoding="utf-8").splitlines()
+    names = index.read_text(encoding="utf-8", errors="surrogateescape").splitlines()  # as embed wrote them
     dataset = Path(dataset) if dataset is not None else _dataset_from_manifest(embeddings_path)
     if dataset is None or not dataset.exists():
         raise HyperfaceError(
