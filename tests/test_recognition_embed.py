@@ -341,3 +341,27 @@ def test_file_names_that_are_not_utf8_survive_embed_and_report(tmp_path, models)
     import json
 
     assert json.loads((tmp_path / "report" / "report.json").read_text())["images_per_identity"]["min"] == 2
+
+
+def test_a_decompression_bomb_is_rejected_not_decoded(tmp_path, models):
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    src = tmp_path / "faces"
+    _write(src / "good.png", random_faces(1, seed=4)[0])
+    # 20000 x 20000 RGB in a few bytes: it would unpack to 1.2 GB
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    (src / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    # a fresh process: OpenCV reads its limit once, at import (hyperface sets it before importing it)
+    done = subprocess.run([sys.executable, "-m", "hyperface", "embed", str(src), "--model", str(models["pth"]), "--aligned",
+                           "--out", str(tmp_path / "emb"), "--device", "cpu", "--no-progress"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rejected = (tmp_path / "emb" / "gallery.rejected.tsv").read_text().splitlines()
+    assert len(rejected) == 2 and rejected[1].startswith("bomb.png\t") and "178956970 pixels" in rejected[1]
+    assert np.load(tmp_path / "emb" / "gallery.npy").shape == (1, 512)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2 as _cv2
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
+
+
+class ImageTooLarge(HyperfaceError):
+    """An image whose pixel count is over the decoding limit (``hyperface.MAX_IMAGE_PIXELS``)."""
 
 
 def decode_image(data: bytes | memoryview | np.ndarray, *, what: str = "image") -> np.ndarray:
@@ -13,7 +19,15 @@ def decode_image(data: bytes | memoryview | np.ndarray, *, what: str = "image") 
     buffer = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
     if buffer.size == 0:
         raise HyperfaceError(f"{what} is empty (0 bytes); the file is truncated or was not written completely")
-    bgr = _cv2.imdecode(buffer, _cv2.IMREAD_COLOR)
+    try:
+        bgr = _cv2.imdecode(buffer, _cv2.IMREAD_COLOR)
+    except _cv2.error as exc:
+        if "MAX_IMAGE_PIXELS" in str(exc):
+            raise ImageTooLarge(
+                f"{what} is larger than {os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS')} pixels; refused to protect memory "
+                "(set OPENCV_IO_MAX_IMAGE_PIXELS to allow larger images)"
+            ) from None
+        raise HyperfaceError(f"{what} is not a decodable JPEG/PNG image (OpenCV: {exception_summary(exc, 120)})") from None
     if bgr is None:
         raise HyperfaceError(f"{what} is not a decodable JPEG/PNG image (corrupt or truncated data)")
     return np.ascontiguousarray(_cv2.cvtColor(bgr, _cv2.COLOR_BGR2RGB), dtype=np.uint8)

@@ -30,12 +30,15 @@ class UnreadableImage(Exception):
 def decode_image(data: bytes) -> np.ndarray:
     """Decode encoded image bytes to RGB uint8 (H, W, 3), honouring EXIF orientation: the datasets'
     OpenCV decoder first (grey, alpha and 16-bit converted, EXIF applied), Pillow for the rest."""
+    from hyperface.datasets.codec import ImageTooLarge
     from hyperface.datasets.codec import decode_image as decode_with_opencv
 
     if not data:
         raise UnreadableImage("empty file")
     try:
         return decode_with_opencv(data)
+    except ImageTooLarge as exc:  # not for Pillow either: the limit is the point
+        raise UnreadableImage(str(exc).replace("image is larger", "larger")) from None
     except HyperfaceError:
         return _decode_with_pillow(data)
 
@@ -54,6 +57,8 @@ def _decode_with_pillow(data: bytes) -> np.ndarray:
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError as exc:  # its message is "cannot identify image file <_io.BytesIO ...>"
         raise UnreadableImage(f"not a readable image ({_what_the_bytes_are(data)})") from exc
+    except Image.DecompressionBombError as exc:  # formats OpenCV leaves to Pillow: the same limit
+        raise UnreadableImage(f"larger than Pillow's {Image.MAX_IMAGE_PIXELS * 2} pixel limit; refused to protect memory") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         detail = without_object_reprs(str(exc))[:120] or type(exc).__name__
         raise UnreadableImage(f"not a readable image ({_what_the_bytes_are(data)}: {detail})") from exc
