@@ -132,3 +132,34 @@ def test_embeddings_with_huge_or_tiny_finite_values_are_normalised_not_zeroed():
     assert np.array_equal(np.delete(validate_embeddings(mixed), 2, 0), np.delete(expected, 2, 0))  # others bit-identical
     with pytest.raises(HyperfaceError, match=r"all-zero row\(s\), e.g. rows \[3\]"):
         validate_embeddings(np.where(np.arange(6)[:, None] == 3, 0, rows).astype(np.float32))
+
+
+def test_without_a_terminal_progress_becomes_periodic_log_lines(monkeypatch):
+    import logging
+    import time
+
+    from hyperface.common.runtime import progress
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("hyperface").addHandler(handler)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    monkeypatch.delenv("HYPERFACE_PROGRESS", raising=False)
+    monkeypatch.setenv("HYPERFACE_PROGRESS_SECONDS", "0.05")
+    try:
+        bar = progress(total=6, desc="generate 0/1", unit="img")
+        for _ in range(6):
+            time.sleep(0.03)
+            bar.update(1)
+        bar.close()
+        lines = [r.getMessage() for r in records]
+        assert lines and all(line.startswith("generate 0/1: ") and "left" in line for line in lines)
+        assert lines[-1].startswith("generate 0/1: 6/6 img (100%)") and "\r" not in "".join(lines)
+        records.clear()
+        monkeypatch.setenv("HYPERFACE_PROGRESS", "0")  # explicitly quiet: no bar, no lines
+        for _ in progress(range(3), desc="quiet"):
+            time.sleep(0.06)
+        assert records == []
+    finally:
+        logging.getLogger("hyperface").removeHandler(handler)

@@ -76,12 +76,41 @@ def progress(
     disable: bool | None = None,
     **kwargs,
 ) -> Iterator[T]:
-    """A tqdm bar on stderr; hidden when stderr is not a terminal unless $HYPERFACE_PROGRESS=1."""
+    """A tqdm bar on stderr when stderr is a terminal ($HYPERFACE_PROGRESS=1 forces it). Otherwise
+    (a batch job, nohup, a pipe) a log line with count, rate and time left every
+    $HYPERFACE_PROGRESS_SECONDS (60), so hours-long jobs still show progress in their logs;
+    $HYPERFACE_PROGRESS=0 or ``disable=True`` silence both."""
     from tqdm.auto import tqdm
 
-    if disable is None:
-        disable = not progress_enabled()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kwargs)
+    if disable is None and not progress_enabled():
+        if os.environ.get("HYPERFACE_PROGRESS") == "0":
+            disable = True
+        else:
+            seconds = float(os.environ.get("HYPERFACE_PROGRESS_SECONDS", "60"))
+            kwargs = {**kwargs, "mininterval": seconds, "maxinterval": seconds, "delay": seconds}
+            return tqdm(
+                iterable, total=total, desc=desc, unit=unit, file=_ProgressLog(get_logger("hyperface.progress")),
+                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, {remaining} left",
+                **kwargs,
+            )
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=bool(disable), dynamic_ncols=True, **kwargs)
+
+
+class _ProgressLog:
+    """A file for tqdm that turns each refresh into one log line (no carriage returns in log files)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._last = ""
+
+    def write(self, text: str) -> None:
+        line = " ".join(text.replace("\x1b[A", "").split())
+        if line and line != self._last:
+            self._last = line
+            self._log.info("%s", line)
+
+    def flush(self) -> None:
+        pass
 
 
 class StopRequest:

@@ -33,7 +33,7 @@ from torch import nn
 from hyperface.common.errors import HyperfaceError, check_option
 from hyperface.common.io import atomic_write, prepare_output_dir, remove_stale_temporaries
 from hyperface.common.manifest import Manifest, describe_changes
-from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
+from hyperface.common.runtime import StopRequest, get_logger, progress, progress_enabled, resolve_device
 from hyperface.training import checkpoint as ckpt
 from hyperface.training.data import AugmentConfig, ResumableSampler, TrainDataset, check_labels
 from hyperface.training.losses import PartialFC, build_margin
@@ -538,7 +538,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         _barrier(world)
 
     # --- the loop -------------------------------------------------------------------------------
-    bar = progress(total=stop_at, desc="train", unit="step", initial=step, disable=None if is_main else True)
+    # without a terminal the loop logs its own lines every --log-every steps (loss, lr, img/s, eta)
+    bar = progress(total=stop_at, desc="train", unit="step", initial=step, disable=not (is_main and progress_enabled()))
     log_lines = is_main and bool(getattr(bar, "disable", False))  # no bar (not a terminal): print the loss instead
     running_loss = torch.tensor(float(window["loss_sum"]), device=device)
     running_count, window_start, window_images = int(window["count"]), time.time(), int(window["images"])
