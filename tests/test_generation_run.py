@@ -494,6 +494,10 @@ def test_cli_shards_then_merge(cli_inputs, tmp_path):
         assert main(argv) == 0
     assert not (out / "images").exists()  # shards never merge on their own
     assert main(["generate", "--merge", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = [json.loads(p.read_text()) for p in sorted((out / "parts").glob("*/manifest.json"))]
+    assert manifest["started"] == min(p["started"] for p in parts)  # the run's start, not the merge's
+    assert manifest["wall_seconds"] >= sum(p["summary"]["seconds_this_run"] for p in parts[:1])
     folder = ImageFolderDataset(out / "images")
     assert len(folder) == 4 and sorted(folder.labels.tolist()) == [0, 1, 2, 3]
     assert len(RecordIODataset(out / "rec")) == 4

@@ -87,11 +87,12 @@ def progress(
             disable = True
         else:
             seconds = float(os.environ.get("HYPERFACE_PROGRESS_SECONDS", "60"))
-            kwargs = {**kwargs, "mininterval": seconds, "maxinterval": seconds, "delay": seconds}
+            line = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, {remaining} left"
+            if "bar_format" in kwargs:  # the caller's counter, without the bar itself
+                line = kwargs["bar_format"].replace("{l_bar}{bar}| ", "{desc}: ")
+            kwargs = {**kwargs, "mininterval": seconds, "maxinterval": seconds, "delay": seconds, "bar_format": line}
             return tqdm(
-                iterable, total=total, desc=desc, unit=unit, file=_ProgressLog(get_logger("hyperface.progress")),
-                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, {remaining} left",
-                **kwargs,
+                iterable, total=total, desc=desc, unit=unit, file=_ProgressLog(get_logger("hyperface.progress")), **kwargs
             )
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=bool(disable), dynamic_ncols=True, **kwargs)
 

@@ -23,6 +23,8 @@ exactly K images per identity.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
 import json
 import os
@@ -534,9 +536,12 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
     shards = []
     for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):
-        summary = read_json(part_manifest).get("summary", {})
+        part = read_json(part_manifest)
+        summary = part.get("summary", {})
         shards.append(summary)
         manifest.time("render_last_run", float(summary.get("seconds_this_run") or 0.0))
+        with contextlib.suppress(TypeError, ValueError):  # the run began when its first shard (last) started
+            manifest.started = min(manifest.started, datetime.datetime.fromisoformat(part["started"]).timestamp())
     manifest.time("merge", time.time() - started)
     manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"], "shards": shards})
     manifest.write(out_dir, checksum_inputs=False)
@@ -741,11 +746,12 @@ def generate_dataset(
         out_dir, raw_embeddings, config, embedding_dim=generator.embedding_dim, formats=formats, shard=shard, align_mode=align_mode, resume=resume,
         overwrite=overwrite, identities_path=identities_path, run_info=run_info,
     )
+    started = time.time()
     summary = render_shard(
         generator, embeddings, out_dir, config, shard=shard, aligner=aligner, embed_fn=embed_fn,
         on_identity_done=on_identity_done, show_progress=show_progress,
     )
-    part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary})
+    part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary}, started=started)
     part_manifest.write(out_dir / PARTS_DIR / shard.name, checksum_inputs=False)
     if merge if merge is not None else shard.count == 1:
         summary["dataset"] = merge_parts(out_dir, formats=formats, keep_parts=keep_parts, show_progress=show_progress)
