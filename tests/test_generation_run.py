@@ -484,6 +484,9 @@ def test_cli_generates_filters_and_reads_back(cli_inputs, tmp_path):
     assert (np.abs(sheet[:, :LABEL_WIDTH] - np.array(BACKGROUND)) > 60).any()  # the labels are drawn
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["generator"]["steps"] == 2 and manifest["params"]["fr_model"] == "backbone.pth"
+    from hyperface.common.io import file_sha256
+
+    assert manifest["inputs"]["identities"]["sha256"] == file_sha256(root / "ids.npy")  # traceable to pack's output
 
 
 def test_cli_shards_then_merge(cli_inputs, tmp_path):

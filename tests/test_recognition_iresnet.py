@@ -80,7 +80,7 @@ def test_state_dict_loads_strictly_and_forward_shape():
         expected, got = source(x), loaded(x)
     assert got.shape == (2, 512)
     torch.testing.assert_close(got, expected)
-    with pytest.raises(HyperfaceError, match="does not match iResNet 'r18'"):
+    with pytest.raises(HyperfaceError, match="the weights are an iResNet 'r_tiny', not 'r18': drop --arch or pass --arch r_tiny"):
         iresnet_from_state_dict(source.state_dict(), arch="r18")
 
 

@@ -544,7 +544,7 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
             manifest.started = min(manifest.started, datetime.datetime.fromisoformat(part["started"]).timestamp())
     manifest.time("merge", time.time() - started)
     manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"], "shards": shards})
-    manifest.write(out_dir, checksum_inputs=False)
+    manifest.write(out_dir)  # the identities file's SHA-256 (as pack's and report's manifests record it)
     if not keep_parts:
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
     return {"outputs": outputs, "num_identities": num_identities, "num_images": num_identities * k, "acceptance": stats["summary"]}

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the max cosine (default: 0.3 with --gallery, 0 without; 0 with a gallery only starts "
                         "from it; larger stays nearer the faces: BENCHMARKS.md has the sweep)")
     p.add_argument("--init", choices=["auto", "gallery", "random", "binary", "orthoplex"], default="auto",
-                   help="starting points: gallery rows (default with --gallery), random (default without), "
+                   help="starting points; auto (default): gallery with --gallery, else random (or orthoplex where it is optimal). gallery rows, random, "
                         "a binary-code construction for power-of-two d (86.4 deg for d=512 before optimising), or "
                         "orthoplex: cross-polytope vertices, 90 deg, optimal and the default for d+1 < N <= 2d")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     continuation.add_argument("--overwrite", action="store_true", help="replace a previous hyperface run in --out")
     adv = p.add_argument_group("solver (the defaults suit d=64..1024; 10^6 identities want a GPU)")
     adv.add_argument("--mode", choices=["auto", "exact", "neighbors", "stochastic"], default="auto",
-                     help="exact (the default, any N): all pairs every step, tiled; neighbors: per-identity top-k "
+                     help="auto (default) = exact. exact (any N): all pairs every step, tiled; neighbors: per-identity top-k "
                           "lists refreshed from a tiled Gram pass (cheap, weak once dense); stochastic: a random "
                           "mini-batch of identities per step (the paper's variant)")
     adv.add_argument("--symmetry", choices=["auto", "none", "cyclic"], default="auto",
@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="exact line-search steps at the end (default 300 for N <= 2048, else 0); with "
                           "--symmetry cyclic, 0 turns off its L-BFGS finish")
     adv.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                     help="matrix products' precision (auto: bfloat16 on CUDA and on CPUs where it is faster)")
+                     help="matrix products' precision (default auto: bfloat16 on CUDA and on CPUs where it is faster, else float32)")
     adv.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SEC", help="seconds between checkpoints (default 60)")
     adv.add_argument("--no-plot", action="store_true", help="skip pack.png")
     p.set_defaults(func=run)

@@ -23,7 +23,8 @@ what it computes (no N x N matrix; pair distributions from sampled pairs, --seed
   leakage       each identity centroid's nearest row of a reference set of real faces (--reference),
                 and how many reach --leak-threshold; leakage.tsv lists them, most similar first
 
-outputs in --out: report.json, report.png, leakage.tsv (with --reference), manifest.json.
+outputs in --out: report.json, report.png, identities.jpg (labels from the dataset), leakage.tsv (with
+--reference), manifest.json.
 Labels come from the embed run's gallery.index.txt and the dataset it names (or --dataset);
 --labels L.npy gives them directly for embeddings made elsewhere.
 """

@@ -156,7 +156,8 @@ def run_command(args: argparse.Namespace) -> int:
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the job
         return 0
-    summary = f"trained {result.steps} steps ({result.epochs_done} epochs) -> {result.out}/backbone.pth"
+    epochs = f"{result.epochs_done} epoch{'' if result.epochs_done == 1 else 's'}"
+    summary = f"trained {result.steps} steps ({epochs}) -> {result.out}/backbone.pth"
     if result.nothing_to_do:
         summary = f"nothing to resume: {result.out} already {summary}"
     if result.last_loss is not None:
