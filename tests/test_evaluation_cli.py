@@ -164,3 +164,14 @@ def test_evaluate_help_describes_what_train_writes(capsys):
     text = capsys.readouterr().out
     assert "checkpoint.pt" not in text and ".ckpt" not in text
     assert "backbone.safetensors" in text and "checkpoints/latest" in text and "--export" in text
+
+
+def test_the_table_marks_a_val_whose_far_missed_the_target():
+    from hyperface.evaluation.runner import format_table
+
+    row = {"accuracy": 0.9, "std": 0.01, "best_threshold": 1.2, "far_target": 1e-3}
+    table = format_table({"results": {"tiny": {**row, "num_pairs": 40, "val": 1.0, "far": 0.1},
+                                      "cfp_fp": {**row, "num_pairs": 7000, "val": 0.5, "far": 0.0011}}})
+    lines = table.splitlines()
+    assert lines[1].endswith("100.00*") and lines[2].endswith("50.00")  # 1.1e-3 is the target, reached
+    assert lines[-1] == "* FAR reached instead of 1e-3 (too few impostor pairs per fold): tiny 0.1"

@@ -92,7 +92,7 @@ def test_training_checkpoint_layouts(models, faces, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "backbone.safetensors"))
     np.testing.assert_allclose(load_recognizer(tmp_path / "backbone.safetensors").embed(faces), expected, atol=1e-6)
     # Named arch must match the weights
-    with pytest.raises(HyperfaceError, match="does not match iResNet 'r50'"):
+    with pytest.raises(HyperfaceError, match="an iResNet 'r_tiny', not 'r50': drop --arch or pass --arch r_tiny"):
         load_recognizer(models["pth"], arch="r50")
 
 

@@ -326,6 +326,9 @@ def test_cli_train_and_export_round_trip_through_recognizer_loader(synthetic, tm
     assert json.loads((run / "manifest.json").read_text())["status"] == "partial"  # stopped by --max-steps
     assert cli_main(["train", "--export", str(run), "--out", str(tmp_path / "model.onnx")]) == 0
     export_backbone(run / "checkpoints", tmp_path / "exported.pth")
+    assert cli_main(["train", "--export", str(run / "checkpoints" / "latest"), "--out", str(tmp_path / "latest.pth")]) == 0
+    latest, exported = (torch.load(tmp_path / name, weights_only=True) for name in ("latest.pth", "exported.pth"))
+    assert latest.keys() == exported.keys() and all(torch.equal(latest[k], exported[k]) for k in latest)  # the pointer file works too
 
     images = np.stack([_face_like(k % CLASSES, np.random.default_rng(k)) for k in range(4)])
     model = iresnet("r_tiny", embedding_size=64).eval()

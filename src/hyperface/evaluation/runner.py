@@ -93,13 +93,20 @@ def format_table(report: dict[str, Any]) -> str:
     if results:
         width = max(9, *(len(n) for n in results))
         lines.append(f"{'benchmark':<{width}}  {'pairs':>6}  {'accuracy (%)':>15}  {'threshold':>9}  {'VAL@FAR=1e-3 (%)':>16}")
+        missed = []
         for name, r in results.items():
             acc = f"{100 * r['accuracy']:.2f} +- {100 * r['std']:.2f}"
             val = f"{100 * r['val']:.2f}" if r.get("val") is not None else "-"
+            target = r.get("far_target", 1e-3)
+            if r.get("val") is not None and r.get("far") is not None and r["far"] > 2 * target:
+                val += "*"  # too few impostor pairs per fold: the threshold could not get down to the target
+                missed.append(f"{name} {r['far']:.3g}")
             lines.append(f"{name:<{width}}  {r['num_pairs']:>6}  {acc:>15}  {r['best_threshold']:>9.3f}  {val:>16}")
         if len(results) > 1:
             mean = 100 * float(np.mean([r["accuracy"] for r in results.values()]))
             lines.append(f"{'mean':<{width}}  {'':>6}  {mean:>15.2f}")
+        if missed:
+            lines.append(f"* FAR reached instead of 1e-3 (too few impostor pairs per fold): {', '.join(missed)}")
     ijb = report.get("ijb")
     if ijb:
         if lines:
