@@ -315,6 +315,7 @@ def test_cli_with_gallery_reports_gallery_proximity(tmp_path):
     assert metrics["init"] == "gallery"
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["inputs"]["gallery"]["sha256"]) == 64
+    assert manifest["device"] == "cpu" and manifest["params"]["device"] == "auto"
 
 
 def bad_gallery(tmp_path: Path, kind: str) -> Path:
@@ -450,6 +451,7 @@ def test_cli_takes_embeds_output_folder_as_gallery(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert Path(manifest["inputs"]["gallery"]["path"]) == (folder / "gallery.npy").resolve()
     assert len(manifest["inputs"]["gallery"]["sha256"]) == 64
+    assert manifest["device"] == "cpu" and manifest["params"]["device"] == "auto"
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -108,6 +108,12 @@ def test_training_lowers_loss_and_learns_to_verify_held_out_faces(synthetic, tmp
     assert again == pytest.approx(after)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["verification"]["heldout"] == after
+    # metrics.jsonl: "epoch" is the 1-based epoch of the step, on loss and validation lines alike
+    per_epoch = CLASSES * TRAIN_PER_CLASS // 32
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val" in r] == list(range(1, 9))
+    assert manifest["margin"] == {"s": 64.0, "m": 0.5} and manifest["params"]["margin_s"] is None  # resolved beside the flags
+    assert all(r["epoch"] == -(-r["step"] // per_epoch) for r in rows)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(synthetic, tmp_path):

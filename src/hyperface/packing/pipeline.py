@@ -110,6 +110,7 @@ def run_pack(
         from hyperface.packing.plots import plot_packing
 
         plot_packing(out / PLOT_FILE, result.history, nn_angles, metrics, gallery_sims)
+    manifest.extra["device"] = str(device)  # "auto" resolved
     manifest.extra["outputs"] = [IDENTITIES_FILE, METRICS_FILE, HISTORY_FILE] + ([PLOT_FILE] if plot else []) + (
         [REPRESENTATIVES_FILE] if result.representatives is not None else [])
     manifest.write(out)

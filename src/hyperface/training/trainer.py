@@ -533,7 +533,9 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 result = evaluate_images(embed, *val_sets[bin_path], flip=True)
                 results[Path(bin_path).stem] = float(result.accuracy)
             val_results.update(results)
-            metrics.write(step, epoch=epoch, val=results)
+            # 1-based, as the log prints it: the epoch this step belongs to (validation at an epoch's
+            # end runs after the counter moved on, when step_in_epoch is back at 0)
+            metrics.write(step, epoch=epoch if step_in_epoch == 0 else epoch + 1, val=results)
             log.info("step %d verification: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         _barrier(world)
 
@@ -588,7 +590,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 if step % max(1, cfg.log_every) == 0 or step == stop_at or step_in_epoch == steps_per_epoch:
                     last_loss = float(running_loss) / running_count  # one sync per log interval
                     elapsed = max(1e-9, time.time() - window_start)
-                    metrics.write(step, epoch=epoch, loss=last_loss, lr=lr, images_per_s=window_images / elapsed)
+                    metrics.write(step, epoch=epoch + 1, loss=last_loss, lr=lr, images_per_s=window_images / elapsed)
                     bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
                     if log_lines:
                         steps_per_s = (step - loop_start_step) / max(1e-9, time.time() - loop_start)
@@ -629,6 +631,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 "num_images": len(dataset), "data_fingerprint": data_fingerprint, "world_size": world, "device": str(device), "workers": workers,
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
                 "last_loss": last_loss, "verification": val_results,
+                "margin": {"s": float(margin.s), "m": float(margin.m)},  # the loss's defaults resolved
                 "resumed_from": str(resumed_from) if resumed_from else None,
                 "outputs": {"backbone": "backbone.pth", "checkpoints": ckpt.CHECKPOINTS, "metrics": "metrics.jsonl"},
             }
