@@ -195,6 +195,9 @@ def test_embed_then_report_cli(tmp_path, fmt, capsys):
     report = json.loads((out / "report.json").read_text())
     # 12 images have 66 pairs, fewer than asked: every pair once (4 x 3 genuine, 54 impostor)
     assert report["num_identities"] == 4 and report["verification"]["genuine_pairs"] == 12
+    from hyperface.common.io import file_sha256
+
+    assert report["embedding_model"]["sha256"] == file_sha256(model)  # the FR model behind the numbers
     assert report["verification"]["impostor_pairs"] == 54
     # the closest pair and the loosest identity, against brute force on the embeddings
     emb = np.load(tmp_path / "emb" / "gallery.npy").astype(np.float64)

@@ -35,6 +35,20 @@ def _dataset_from_manifest(embeddings: Path) -> Path | None:
     return Path(images) if images else None
 
 
+def _embedding_model(embeddings: Path) -> dict[str, Any] | None:
+    """The FR model (path, SHA-256, kind) that `hyperface embed` used for these embeddings, if known."""
+    from hyperface.recognition.embed import GalleryPaths
+
+    manifest = GalleryPaths(embeddings).manifest
+    if not manifest.exists():
+        return None
+    facts = read_json(manifest)
+    model = dict((facts.get("inputs") or {}).get("model") or {})
+    if facts.get("recognizer"):
+        model["recognizer"] = facts["recognizer"]
+    return model or None
+
+
 def labels_for_embeddings(embeddings_path: str | os.PathLike, dataset: str | os.PathLike | None = None) -> tuple[np.ndarray, Path | None]:
     """Labels of the rows of a ``hyperface embed`` output, from its ``.index.txt`` and the dataset.
 
@@ -157,6 +171,10 @@ def run_report(
                           genuine_pairs=genuine_pairs, impostor_pairs=impostor_pairs, seed=seed,
                           device=torch_device)
     outputs = [REPORT_FILE]
+    model = _embedding_model(embeddings)
+    if model is not None:  # whose eyes these statistics are seen through
+        stats.report["embedding_model"] = model
+        manifest.extra["embedding_model"] = model
     save_json(out / REPORT_FILE, stats.report)
     if stats.leakage is not None:
         write_leakage(out / LEAKAGE_FILE, stats, leak_threshold)
