@@ -445,3 +445,13 @@ def test_non_finite_labels_are_named_errors_not_crashes(tmp_path):
     with_label(0, float("nan"), at=32)  # header record 0's (first identity, end): cannot be indexed
     with pytest.raises(HyperfaceError, match="header record 0 holds a non-finite label"):
         RecordIODataset(tmp_path / "rec")
+
+
+def test_a_recordio_folder_without_its_index_is_named_as_such_by_embed(tmp_path):
+    from hyperface.recognition.images import open_image_source
+
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        writer.add(np.zeros((8, 8, 3), np.uint8), 0)
+    (tmp_path / "rec" / "train.idx").unlink()
+    with pytest.raises(HyperfaceError, match="RecordIO index .*train.idx is missing"):
+        open_image_source(tmp_path / "rec")  # not "no images in folder"

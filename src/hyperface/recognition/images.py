@@ -181,7 +181,7 @@ class RecordSource(ImageSource):
 def _is_recordio(path: Path) -> bool:
     if path.is_file():
         return path.suffix == ".rec"
-    return (path / "train.rec").is_file() and (path / "train.idx").is_file()
+    return (path / "train.rec").is_file()  # without its train.idx the reader says so, not "no images"
 
 
 def _scan_folder(root: Path) -> FileListSource:
