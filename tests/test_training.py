@@ -191,6 +191,20 @@ def test_a_bad_val_bin_fails_before_training_and_the_corrected_command_just_runs
     assert train(TrainConfig(**base, val_bins=(str(synthetic["bin"]),))).steps == 2  # no --resume/--overwrite needed
 
 
+def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(synthetic, tmp_path):
+    run = tmp_path / "run"
+    base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", **{**TINY, "checkpoint_every": 1})
+    train(TrainConfig(**base, max_steps=3))
+    newest = latest_checkpoint(run)
+    weights = newest / "backbone.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk error after the run wrote it
+    with pytest.raises(HyperfaceError, match=r"write step-000000002 into .*latest") as error:
+        train(TrainConfig(**base, max_steps=4, resume=True))
+    assert str(newest) in str(error.value)
+    (run / "checkpoints" / "latest").write_text("step-000000002\n")  # as the message says
+    assert train(TrainConfig(**base, max_steps=4, resume=True)).steps == 4
+
+
 def test_resume_checks_the_data_by_content_not_by_path(synthetic, tmp_path):
     import shutil
 

@@ -79,6 +79,13 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def previous_checkpoint(run_dir: str | os.PathLike, current: Path) -> Path | None:
+    """The newest complete checkpoint older than ``current`` (None when pruning kept none)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    older = sorted(p for p in folder.glob("step-*") if p.name < current.name and (p / "meta.json").is_file())
+    return older[-1] if older else None
+
+
 def publish_checkpoint(run_dir: str | os.PathLike, path: Path, meta: dict[str, Any], keep: int = 2) -> None:
     """Rank 0, after every rank wrote its files: meta.json, then move ``latest``, then prune."""
     save_json(path / "meta.json", meta)

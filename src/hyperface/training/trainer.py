@@ -444,11 +444,20 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if resumed_from is not None and is_main:  # finish a pruning a kill interrupted
         ckpt.prune_checkpoints(out / ckpt.CHECKPOINTS, resumed_from, cfg.keep_checkpoints)
     if resumed_from is not None:
-        meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
+        try:
+            meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
+            backbone_state = ckpt.load_safetensors(resumed_from / "backbone.safetensors", device)
+            head_state = ckpt.load_safetensors(resumed_from / f"head-rank{rank}.safetensors", device)
+            state = ckpt.load_torch(resumed_from / f"state-rank{rank}.pt", device)
+        except (HyperfaceError, ValueError) as exc:  # damaged on disk after it was written (files are atomic)
+            previous = ckpt.previous_checkpoint(out, resumed_from)
+            pointer = out / ckpt.CHECKPOINTS / ckpt.LATEST
+            hint = (f"to resume from the one before, write {previous.name} into {pointer}" if previous
+                    else "no older checkpoint is kept: start over with --overwrite")
+            raise HyperfaceError(f"cannot resume from {resumed_from}: {exc}; {hint}") from exc
         _check_resume_settings(out, meta, cfg, world=world, num_classes=num_classes, data_fingerprint=data_fingerprint)
-        backbone.load_state_dict(ckpt.load_safetensors(resumed_from / "backbone.safetensors", device))
-        head.load_state_dict(ckpt.load_safetensors(resumed_from / f"head-rank{rank}.safetensors", device))
-        state = ckpt.load_torch(resumed_from / f"state-rank{rank}.pt", device)
+        backbone.load_state_dict(backbone_state)
+        head.load_state_dict(head_state)
         optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] and scaler.is_enabled():  # empty when saved without fp16
             scaler.load_state_dict(state["scaler"])
