@@ -182,7 +182,7 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
 
     from hyperface.recognition.recognizers import Recognizer
 
-    original = Recognizer.embed
+    original = Recognizer.embed_valid
     calls = {"n": 0}
 
     def dying_embed(self, images):
@@ -191,7 +191,7 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
             raise KeyboardInterrupt
         return original(self, images)
 
-    monkeypatch.setattr(Recognizer, "embed", dying_embed)
+    monkeypatch.setattr(Recognizer, "embed_valid", dying_embed)
     out = tmp_path / "killed" / "g.npy"
     assert _embed(*args, "--out", out) == 130
     parts = tmp_path / "killed" / "g.parts"
@@ -211,7 +211,7 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
         calls["rows"] = calls.get("rows", 0) + len(images)
         return original(self, images)
 
-    monkeypatch.setattr(Recognizer, "embed", counting_embed)
+    monkeypatch.setattr(Recognizer, "embed_valid", counting_embed)
     assert _embed(*args, "--out", out, "--resume") == 0
     assert calls["rows"] == 4  # only chunks 1 and 2 (inputs 3..7, one of them rejected) were recomputed
     clean = tmp_path / "clean"
@@ -365,3 +365,26 @@ def test_a_decompression_bomb_is_rejected_not_decoded(tmp_path, models):
     rejected = (tmp_path / "emb" / "gallery.rejected.tsv").read_text().splitlines()
     assert len(rejected) == 2 and rejected[1].startswith("bomb.png\t") and "178956970 pixels" in rejected[1]
     assert np.load(tmp_path / "emb" / "gallery.npy").shape == (1, 512)
+
+
+def test_an_image_the_model_cannot_embed_is_rejected_not_fatal(tmp_path, models, monkeypatch):
+    from hyperface.recognition.recognizers import Recognizer
+
+    faces = random_faces(5, seed=9)
+    for i, face in enumerate(faces):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    original = Recognizer.features
+
+    def nan_for_one(self, images):  # e.g. an fp16 model overflowing on one odd image
+        feats = original(self, images)
+        feats[np.all(images == faces[3], axis=(1, 2, 3))] = np.nan
+        return feats
+
+    monkeypatch.setattr(Recognizer, "features", nan_for_one)
+    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--batch-size", "2", "--out", tmp_path / "o") == 0
+    assert _read_lines(tmp_path / "o" / "gallery.index.txt") == ["0.png", "1.png", "2.png", "4.png"]
+    rejected = _read_lines(tmp_path / "o" / "gallery.rejected.tsv")
+    assert rejected[1] == "3.png\tthe model returned NaN/inf or all-zero features for it"
+    assert np.isfinite(np.load(tmp_path / "o" / "gallery.npy")).all()
+    monkeypatch.setattr(Recognizer, "features", lambda self, images: np.full((len(images), 512), np.nan, np.float32))
+    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--out", tmp_path / "broken") == 2  # the model's fault

@@ -300,15 +300,23 @@ def embed_images(
     try:
         for k in todo:
             lo, hi = k * chunk_size, min((k + 1) * chunk_size, n_items)
-            faces, rows, embeddings = [], [], []
+            faces, face_rows, rows, embeddings = [], [], [], []
             rejected_rows, reasons = [], []
 
             def flush() -> None:
                 if faces:
                     t0 = time.perf_counter()
-                    embeddings.append(recognizer.embed(np.stack(faces)))
+                    batch, good = recognizer.embed_valid(np.stack(faces))
+                    embeddings.append(batch)
                     times["embed"] += time.perf_counter() - t0
+                    for row, ok in zip(face_rows, good):  # one image the model cannot embed is rejected, not fatal
+                        if ok:
+                            rows.append(row)
+                        else:
+                            rejected_rows.append(row)
+                            reasons.append("the model returned NaN/inf or all-zero features for it")
                     faces.clear()
+                    face_rows.clear()
 
             for _ in range(lo, hi):
                 t0 = time.perf_counter()
@@ -319,7 +327,7 @@ def embed_images(
                     reasons.append(reason or "rejected")
                 else:
                     faces.append(face)
-                    rows.append(index)
+                    face_rows.append(index)
                     if len(faces) >= recognizer.batch_size:
                         flush()
                 bar.update(1)

@@ -97,16 +97,28 @@ class Recognizer:
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """L2-normalised float32 (N, D) embeddings of aligned RGB uint8 faces (N, 112, 112, 3)."""
-        feats = self.features(images)
-        # float64: squaring large float32 features (e.g. fp16-trained heads) must not overflow to inf
-        norms = np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True)
-        if not np.isfinite(norms).all() or (norms < 1e-12).any():
-            bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] < 1e-12))
+        embeddings, good = self.embed_valid(images)
+        if not good.all():
+            bad = np.flatnonzero(~good)
             raise HyperfaceError(
                 f"the recognizer returned NaN/inf or all-zero features for {bad.size} image(s) (e.g. "
                 f"rows {bad[:5].tolist()}); check the model file and, for fp16, try fp32"
             )
-        return (feats / norms).astype(np.float32)
+        return embeddings
+
+    def embed_valid(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings of the images whose features are finite and non-zero, that mask). A whole batch
+        without one is the model's fault, not the images': an error, as from :meth:`embed`."""
+        feats = self.features(images)
+        # float64: squaring large float32 features (e.g. fp16-trained heads) must not overflow to inf
+        norms = np.linalg.norm(feats.astype(np.float64), axis=1)
+        good = np.isfinite(norms) & (norms >= 1e-12)
+        if not good.any():
+            raise HyperfaceError(
+                f"the recognizer returned NaN/inf or all-zero features for all {len(norms)} image(s) of a batch; "
+                "check the model file and, for fp16, try fp32"
+            )
+        return (feats[good] / norms[good, None]).astype(np.float32), good
 
     __call__ = embed
 
