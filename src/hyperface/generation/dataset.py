@@ -564,7 +564,8 @@ def write_samples_sheet(path: Path, found: dict, num_identities: int, rows: int 
         if entry["filled"]:
             lines.append(f"{entry['filled']} filled")
         sheet_rows.append(("\n".join(lines), [decode_image(blob) for blob in blobs[:columns]]))
-    save_contact_sheet(path, contact_sheet(sheet_rows, columns=columns))
+    widest = max((len(images) for _, images in sheet_rows), default=1)  # -k 2: two columns, not eight
+    save_contact_sheet(path, contact_sheet(sheet_rows, columns=min(columns, max(1, widest))))
 
 
 def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num_identities: int, k: int, show_progress) -> dict[str, str]:
