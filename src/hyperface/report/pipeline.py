@@ -261,7 +261,7 @@ def format_report(report: dict[str, Any]) -> str:
     )
     ver = report.get("verification")
     if ver:
-        tar = ", ".join(f"TAR@FAR={k} {v['tar']:.4f}" for k, v in ver["tar_at_far"].items())
+        tar = ", ".join(f"TAR@FAR={k} {100 * v['tar']:.2f}%" for k, v in ver["tar_at_far"].items())
         lines.append(
             f"verification  genuine {ver['genuine_cosine']['mean']:.3f} vs impostor {ver['impostor_cosine']['mean']:.3f}, "
             f"d' {ver['d_prime']:.2f}, EER {100 * ver['eer']:.2f}%" + (f", {tar}" if tar else "")
