@@ -49,14 +49,14 @@ def plot_packing(
     ax.ticklabel_format(axis="x", useOffset=False)
     ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     spread = float(np.ptp(nn_angles_deg)) or 1e-3
-    if bound <= float(np.max(nn_angles_deg)) + spread:
+    if bound <= (view[1] if view else highest + spread):  # on the axis as drawn
         ax.axvline(bound, color="C3", ls="--", lw=1, label="Levenshtein bound")
     else:  # a far-away line would squash a tight (jammed) distribution into one bin
         ax.plot([], [], color="C3", ls="--", lw=1, label=f"Levenshtein bound {bound:.2f} (off scale)")
     ax.axvline(metrics["min_angle_deg"], color="C2", lw=1, label="min angle")
     ax.set_xlabel("angle to nearest other identity (deg)")
     ax.set_ylabel("identities")
-    ax.set_title(f"nearest-neighbour angles (mean {metrics['mean_nn_angle_deg']:.3f}, spread {highest - lowest:.2g} deg)")
+    ax.set_title(f"nearest-neighbour angles\nmean {metrics['mean_nn_angle_deg']:.3f} deg, spread {highest - lowest:.2g} deg", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
