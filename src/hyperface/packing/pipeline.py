@@ -124,5 +124,7 @@ def load_identities(path: str | Path, dim: int | None = None) -> np.ndarray:
     if Path(path).is_dir():
         path = Path(path) / IDENTITIES_FILE
     if not Path(path).exists():
-        raise HyperfaceError(f"no identities at {path}: run `hyperface pack` first")
+        raise HyperfaceError(
+            f"no identities at {path}: give the identities .npy, or the folder `hyperface pack` wrote (it holds {IDENTITIES_FILE})"
+        )
     return load_embeddings(path, what="identities", dim=dim, require_unit=True)
