@@ -163,3 +163,25 @@ def test_without_a_terminal_progress_becomes_periodic_log_lines(monkeypatch):
         assert records == []
     finally:
         logging.getLogger("hyperface").removeHandler(handler)
+
+
+def test_unit_float32_embeddings_can_stay_on_disk(tmp_path):
+    import numpy as np
+
+    from hyperface.common.io import load_embeddings
+
+    rows = np.random.default_rng(0).normal(size=(50, 8))
+    unit = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    np.save(tmp_path / "unit.npy", unit)
+    mapped = load_embeddings(tmp_path / "unit.npy", mapped=True)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, unit)  # no copy, same values
+    assert not isinstance(load_embeddings(tmp_path / "unit.npy"), np.memmap)  # only when asked
+    for name, array in {"scaled": unit * 2, "wide": unit.astype(np.float64)}.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        loaded = load_embeddings(tmp_path / f"{name}.npy", mapped=True)
+        assert not isinstance(loaded, np.memmap) and loaded.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(loaded, axis=1), 1.0, atol=1e-6)
+    unit[7, 2] = np.nan
+    np.save(tmp_path / "nan.npy", unit)
+    with pytest.raises(HyperfaceError, match=r"NaN/inf in 1 row\(s\), e.g. rows \[7\]"):
+        load_embeddings(tmp_path / "nan.npy", mapped=True)

@@ -246,11 +246,14 @@ def load_embeddings(
     dim: int | None = None,
     require_unit: bool = False,
     unit_tol: float = 1e-3,
+    mapped: bool = False,
 ) -> np.ndarray:
     """Load an (M, d) float array from .npy, validate it, return it L2-normalised as float32.
 
     Rejects (with the offending row numbers): a missing/corrupt file, wrong rank, a dimension other
     than ``dim``, non-finite values, zero rows and, with ``require_unit``, rows whose norm is not 1.
+    ``mapped``: a file that already holds unit float32 rows (as `hyperface embed` writes them) is
+    returned as its read-only memory map, not copied: 5M x 512 rows stay on disk (10 GB).
     """
     path = Path(path)
     if not path.is_file():
@@ -273,7 +276,24 @@ def load_embeddings(
         raise HyperfaceError(f"{what} file {path} is not a numeric .npy array ({problem}); {save_hint}") from exc
     if not isinstance(array, np.ndarray) or array.dtype.hasobject:
         raise HyperfaceError(f"{what} file {path} is not a numeric .npy array (it holds Python objects); {save_hint}")
+    if mapped and _already_unit_float32(array, dim):
+        return array
     return validate_embeddings(array, what=f"{what} {path}", dim=dim, require_unit=require_unit, unit_tol=unit_tol)
+
+
+def _already_unit_float32(array: np.ndarray, dim: int | None, tol: float = 1e-6) -> bool:
+    """True for a C-ordered little-endian float32 (M, d) array whose rows are all unit-norm (to
+    float32 rounding), read in blocks. Anything else takes the validating, normalising copy."""
+    if array.ndim != 2 or array.dtype != np.dtype("<f4") or not array.flags.c_contiguous or array.shape[0] == 0:
+        return False
+    if dim is not None and array.shape[1] != dim:
+        return False
+    for start in range(0, array.shape[0], 65536):
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.linalg.norm(np.asarray(array[start : start + 65536], dtype=np.float64), axis=1)
+        if not (np.abs(norms - 1.0) <= tol).all():  # NaN fails too
+            return False
+    return True
 
 
 def validate_embeddings(

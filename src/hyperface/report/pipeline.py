@@ -140,7 +140,7 @@ def run_report(
         raise HyperfaceError(f"--leak-threshold must be in (0, 1], got {leak_threshold}")
     if genuine_pairs < 0 or impostor_pairs < 0:
         raise HyperfaceError("pair counts must be >= 0")
-    emb = load_embeddings(embeddings, what="embeddings")
+    emb = load_embeddings(embeddings, what="embeddings", mapped=True)  # embed's unit rows stay on disk
     items = reader = None  # each row's image in the dataset, when the rows came from one
     if labels is not None:
         label_array, dataset_used = load_labels(labels), None
