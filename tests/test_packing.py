@@ -596,6 +596,24 @@ def test_cyclic_correlations_are_exactly_the_pair_cosines():
     assert max_cosine(torch.from_numpy(reps)) == pytest.approx(gram.max(), abs=1e-6)
 
 
+@pytest.mark.parametrize("block_elements", [None, 16 * 2])  # one block; a block per representative
+def test_orbit_pair_stats_equal_the_all_pairs_pass(monkeypatch, block_elements):
+    from hyperface.packing import cyclic
+    from hyperface.packing.geometry import pair_stats
+
+    if block_elements:
+        monkeypatch.setattr(cyclic, "BLOCK_ELEMENTS", block_elements)
+    rng = np.random.default_rng(1)
+    thresholds = (0.3, 0.0, -0.4)
+    for num_reps, dim, num in [(5, 8, 40), (5, 8, 33), (5, 8, 39), (3, 16, 33), (1, 8, 5), (2, 8, 9), (7, 4, 25), (4, 2, 7)]:
+        reps = rng.standard_normal((num_reps, dim)).astype(np.float32)
+        reps /= np.linalg.norm(reps, axis=1, keepdims=True)
+        dense = pair_stats(torch.from_numpy(cyclic.expand_orbits(reps, num)), thresholds)
+        orbit = cyclic.orbit_pair_stats(reps, num, thresholds)
+        assert orbit.pairs_above == dense.pairs_above and orbit.num_pairs == dense.num_pairs, (num_reps, dim, num)
+        np.testing.assert_allclose(orbit.nn_cos.numpy(), dense.nn_cos.numpy(), atol=2e-7)
+
+
 @pytest.mark.parametrize("block_elements", [None, 8 * 3])  # one autograd pass; blocks of one row, two passes
 def test_cyclic_smooth_max_equals_the_dense_objective_and_its_gradient(monkeypatch, block_elements):
     from hyperface.packing import cyclic

@@ -71,7 +71,7 @@ class PairStats:
     """Exact all-pairs statistics of a set of unit vectors."""
 
     nn_cos: torch.Tensor  # (N,) cosine to each point's nearest other point
-    nn_index: torch.Tensor  # (N,) that neighbour's index
+    nn_index: torch.Tensor | None  # (N,) that neighbour's index (None from orbit_pair_stats)
     pairs_above: dict[float, int]  # threshold -> number of unordered pairs with cosine above it
     num_pairs: int
 

@@ -44,14 +44,22 @@ def packing_report(
     gallery: torch.Tensor | np.ndarray | None = None,
     *,
     device: torch.device | str | None = None,
+    representatives: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
     """(metrics, per-identity NN angles in degrees, per-identity nearest-gallery cosine or None):
-    the arrays behind the metrics, from the same all-pairs pass, for plots."""
+    the arrays behind the metrics, from the same all-pairs pass, for plots. With the orbit
+    ``representatives`` of a cyclic code (``points`` = their shifts) the pass runs on them alone,
+    exact and about d times cheaper (:func:`~hyperface.packing.cyclic.orbit_pair_stats`)."""
     x = torch.as_tensor(points).float()
     if device is not None:
         x = x.to(device)
     num, dim = x.shape
-    stats = pair_stats(x)
+    if representatives is not None:
+        from hyperface.packing.cyclic import orbit_pair_stats
+
+        stats = orbit_pair_stats(representatives, num)
+    else:
+        stats = pair_stats(x)
     nn_angles = _degrees(stats.nn_cos)
     max_cos = float(stats.nn_cos.max())
     metrics: dict[str, Any] = {

@@ -84,7 +84,7 @@ def run_pack(
     manifest.time("optimise", time.perf_counter() - started)
 
     started = time.perf_counter()
-    metrics, nn_angles, gallery_sims = packing_report(result.points, gallery, device=device)
+    metrics, nn_angles, gallery_sims = packing_report(result.points, gallery, device=device, representatives=result.representatives)
     metrics.update(
         {
             "steps": result.steps_done,
