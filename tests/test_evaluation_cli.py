@@ -141,6 +141,10 @@ def test_evaluate_accepts_what_train_writes(tiny_backbone, tmp_path, capsys):
         assert report["accuracy"] == reference, given
         if given != model_path:
             assert report["model"]["path"] == str(step / "backbone.safetensors"), given
+            # the weights' own checksum, never the pointer file's or none for a folder
+            from hyperface.common.io import file_sha256
+
+            assert report["inputs"]["model"]["sha256"] == file_sha256(step / "backbone.safetensors"), given
     capsys.readouterr()
 
     # A pointer to a checkpoint that is gone, and a folder holding no model, say what to pass.

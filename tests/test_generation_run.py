@@ -539,9 +539,33 @@ def test_cli_shards_must_share_the_weights_and_mistakes_fail_before_loading(cli_
     single = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "single")]
     assert main(single) == 0 and len(loads) == 1
     assert main(single) == 2 and "not empty" in capsys.readouterr().err and len(loads) == 1
+    (moved / "README.md").write_text("a model card")  # files the loader does not read do not count
     assert main(argv(moved, 1)) == 0  # the same weights copied elsewhere: content, not path, counts
     assert main(["generate", "--merge", "--out", str(tmp_path / "out")]) == 0
     assert len(RecordIODataset(tmp_path / "out" / "rec")) == 4
+
+
+def test_cli_a_failed_model_load_does_not_pin_run_json(cli_inputs, tmp_path, capsys):
+    import shutil
+
+    root, common, fr_model = cli_inputs
+    arc2face = Path(common[common.index("--arc2face") + 1])
+    broken = tmp_path / "Arc2Face"
+    shutil.copytree(arc2face, broken)
+    weights = broken / "arc2face" / "diffusion_pytorch_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # an interrupted download
+    flags = list(common)
+    flags[flags.index("--arc2face") + 1] = str(broken)
+    argv = ["generate", str(root / "ids.npy"), *flags, "-k", "1", "--out", str(tmp_path / "out"), "--shard", "0/2",
+            "--fr-model", str(fr_model.parent)]  # a folder holding backbone.pth, as train writes it
+    assert main(argv) == 2 and "cannot load the UNet" in capsys.readouterr().err
+    weights.write_bytes(good)  # downloaded again: the same command now runs, though run.json was written
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    from hyperface.common.io import file_sha256
+
+    assert run["weights"]["fr_model"] == file_sha256(fr_model) and run["fr_model"] == fr_model.name
 
 
 def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):

@@ -147,15 +147,13 @@ def describe_input(path: str | os.PathLike | None) -> dict[str, str] | None:
     return entry
 
 
-def folders_sha256(folders: Sequence[str | os.PathLike]) -> str:
-    """One SHA-256 over every file in ``folders`` (recursively): each file's name relative to its
-    folder's parent and its content. Names a weights folder by content, wherever it is copied."""
+def files_sha256(files: Sequence[str | os.PathLike], root: str | os.PathLike) -> str:
+    """One SHA-256 over ``files``: each file's name relative to ``root`` and its content. Names a set
+    of weight files by content, wherever the folder holding them is copied."""
     digest = hashlib.sha256()
-    for folder in folders:
-        folder = Path(folder)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(path.relative_to(folder.parent).as_posix().encode("utf-8") + b"\0")
-            digest.update(bytes.fromhex(file_sha256(path)))
+    for path in sorted(Path(f) for f in files):
+        digest.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 
 

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.common.manifest import environment_versions
     from hyperface.common.runtime import get_logger
     from hyperface.evaluation.runner import evaluate_model, format_table
+    from hyperface.recognition.recognizers import resolve_model_path
 
     check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--folds", args.folds, lambda v: v >= 2, "at least 2", integer=True)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             "stage": "evaluate",
             **report,
             # paths and SHA-256s: which weights and which benchmark files gave these numbers
-            "inputs": {"model": describe_input(args.model), "bins": [describe_input(b) for b in args.bins],
+            "inputs": {"model": describe_input(resolve_model_path(args.model)), "bins": [describe_input(b) for b in args.bins],
                        "ijb": describe_input(args.ijb)},
             "wall_seconds": round(time.time() - started, 3),
             "versions": environment_versions(),

@@ -112,6 +112,22 @@ def _require_folder(folder: Path, kind: str, needed: Sequence[str], any_of: Sequ
     )
 
 
+def weight_files(paths: Arc2FacePaths) -> dict[str, list[Path]]:
+    """The files a load reads, by source ("arc2face", "sd15"): configs, the weight file each model
+    loads (the first of its names present, as the loaders pick), tokenizer files. What the run's
+    fingerprint hashes: an unused fp16 variant or a README beside them does not change it."""
+
+    def model(folder: Path, names: Sequence[str]) -> list[Path]:
+        return [folder / "config.json", next(folder / n for n in names if (folder / n).is_file())]
+
+    tokenizer = [paths.tokenizer / n for n in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")]
+    return {
+        "arc2face": model(paths.encoder, _WEIGHT_NAMES["transformers"]) + model(paths.unet, _WEIGHT_NAMES["diffusers"]),
+        "sd15": model(paths.vae, _WEIGHT_NAMES["diffusers"]) + [p for p in tokenizer if p.is_file()]
+        + [paths.scheduler / "scheduler_config.json"],
+    }
+
+
 def find_arc2face_files(arc2face_dir: str | Path, sd15_dir: str | Path) -> Arc2FacePaths:
     """Check the on-disk layout and return the component folders, or raise a teaching error."""
     arc2face_dir, sd15_dir = Path(arc2face_dir), Path(sd15_dir)

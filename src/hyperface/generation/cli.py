@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.io import file_sha256, folders_sha256, load_embeddings
+    from hyperface.common.io import file_sha256, files_sha256, load_embeddings
     from hyperface.common.runtime import resolve_device, seed_everything
     from hyperface.generation.arc2face import (
         Arc2FaceGenerator,
@@ -147,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
         find_arc2face_files,
         resolve_dtype,
         sampler_facts,
+        weight_files,
     )
+    from hyperface.recognition.recognizers import resolve_model_path
     from hyperface.generation.postprocess import load_embed_fn, make_aligner
     from hyperface.generation.variation import Perturbation
 
@@ -194,34 +196,44 @@ def run(args: argparse.Namespace) -> int:
     # on --resume, a shard with other weights), so a mistake fails before minutes of model loading.
     settings = settings.resolved()
     paths = find_arc2face_files(args.arc2face, args.sd15)
-    for flag, value in (("--fr-model", args.fr_model), ("--lcm-lora", args.lcm_lora)):
-        if value and not Path(value).is_file():
-            raise HyperfaceError(f"{flag} file not found: {value}")
-    log.info("fingerprinting the weights (SHA-256; a few seconds per GB)")
-    component_folders = {"arc2face": [paths.encoder, paths.unet], "sd15": [paths.vae, paths.tokenizer, paths.scheduler]}
-    weights = {name: folders_sha256(folders) for name, folders in component_folders.items()}
-    weights.update({name: file_sha256(value) if value else None for name, value in (("fr_model", args.fr_model), ("lcm_lora", args.lcm_lora))})
-    run_info = {
-        "generator": sampler_facts(settings, resolve_dtype(settings.dtype, device)),
-        "lcm_lora": Path(args.lcm_lora).name if args.lcm_lora else None,
-        "fr_model": Path(args.fr_model).name if args.fr_model else None,
-        "weights": weights,  # compared on resume and by every shard: one dataset, one set of models
-        "model_paths": {
-            "arc2face": str(Path(args.arc2face).resolve()), "sd15": str(Path(args.sd15).resolve()),
-            "fr_model": str(Path(args.fr_model).resolve()) if args.fr_model else None,
-            "lcm_lora": str(Path(args.lcm_lora).resolve()) if args.lcm_lora else None,
-        },
-    }
+    fr_model = resolve_model_path(args.fr_model) if args.fr_model else None  # a run folder or checkpoints/latest, too
+    if args.lcm_lora and not Path(args.lcm_lora).is_file():
+        raise HyperfaceError(f"--lcm-lora file not found: {args.lcm_lora}")
+    models: dict = {}
+
+    def describe_models() -> dict:
+        """Called by open_run once --out is known to be usable: hashing reads every weight file."""
+        log.info("fingerprinting the weights (SHA-256; about a second per GB)")
+        files = weight_files(paths)
+        models.update({
+            "generator": sampler_facts(settings, resolve_dtype(settings.dtype, device)),
+            "lcm_lora": Path(args.lcm_lora).name if args.lcm_lora else None,
+            "fr_model": fr_model.name if fr_model else None,
+            # compared on resume and by every shard: one dataset, one set of models
+            "weights": {
+                "arc2face": files_sha256(files["arc2face"], Path(args.arc2face)),
+                "sd15": files_sha256(files["sd15"], Path(args.sd15)),
+                "fr_model": file_sha256(fr_model) if fr_model else None,
+                "lcm_lora": file_sha256(args.lcm_lora) if args.lcm_lora else None,
+            },
+            "model_paths": {
+                "arc2face": str(Path(args.arc2face).resolve()), "sd15": str(Path(args.sd15).resolve()),
+                "fr_model": str(fr_model.resolve()) if fr_model else None,
+                "lcm_lora": str(Path(args.lcm_lora).resolve()) if args.lcm_lora else None,
+            },
+        })
+        return models
+
     identities_path = str(Path(args.identities).resolve())
     out_dir, _ = open_run(
         args.out, embeddings, config, embedding_dim=IDENTITY_DIM, formats=args.format, shard=shard, align_mode=args.align,
-        resume=args.resume, overwrite=args.overwrite, identities_path=identities_path, run_info=run_info,
+        resume=args.resume, overwrite=args.overwrite, identities_path=identities_path, run_info=describe_models,
     )
 
     aligner = make_aligner(args.align, detector=args.detector)
     embed_fn, fr_info = (None, None)
     if args.fr_model:
-        embed_fn, fr_info = load_embed_fn(args.fr_model, device=str(device))
+        embed_fn, fr_info = load_embed_fn(fr_model, device=str(device))
     generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device)
     log.info(
         "generating %d identities x %d images (shard %d/%d) on %s: %s",
@@ -230,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     summary = generate_dataset(  # --out is claimed and run.json checked above: continue in it
         generator, embeddings, out_dir, config,
         formats=args.format, shard=shard, aligner=aligner, align_mode=args.align, embed_fn=embed_fn,
-        resume=True, identities_path=identities_path, run_info=run_info, keep_parts=args.keep_parts,
+        resume=True, identities_path=identities_path, run_info=models, keep_parts=args.keep_parts,
     )
     log.info(
         "shard %s: rendered %d images this run in %.1f s (%s renders/s)",

@@ -430,6 +430,12 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
             return facts
 
         changes = describe_changes(comparable(saved), comparable(run))
+        if changes and not _parts_hold_work(out_dir):
+            # Nothing rendered under the old settings yet (e.g. the models failed to load and were
+            # re-downloaded): the new settings simply take their place, shards and --resume alike.
+            log.info("%s: no images rendered yet, so run.json takes the new settings (%s)", out_dir, changes)
+            save_json(path, run)
+            return
         if changes:
             raise HyperfaceError(
                 f"{out_dir} holds a run with other settings ({changes}); rerun with the same settings "
@@ -437,6 +443,11 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
             )
         return
     save_json(path, run)
+
+
+def _parts_hold_work(out_dir: Path) -> bool:
+    """Whether any shard has journaled a finished identity (a non-empty journal)."""
+    return any(journal.stat().st_size > 0 for journal in (out_dir / PARTS_DIR).glob("*/journal.jsonl"))
 
 
 def _identities_done_in_other_parts(out_dir: Path, own: Path) -> set[int]:
@@ -678,11 +689,12 @@ def open_run(
     resume: bool = False,
     overwrite: bool = False,
     identities_path: str | None = None,
-    run_info: dict[str, Any] | None = None,
+    run_info: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Claim ``out_dir`` for a run and store (or, on resume and for every shard, check) its
     ``run.json``. Cheap: the CLI calls it before loading any model, so a wrong --out or a changed
-    setting fails in a second, not after minutes of loading. Returns (folder, run facts)."""
+    setting fails in a second, not after minutes of loading. ``run_info`` may be a function (e.g.
+    hashing the weights), called only once the folder is known to be usable. Returns (folder, run facts)."""
     from hyperface.common.io import prepare_output_dir, validate_embeddings
     from hyperface.datasets.recordio import check_recordio_capacity
 
@@ -707,7 +719,7 @@ def open_run(
         "config": config.describe(),
         "format": formats,
         "align": align_mode,
-        **(run_info or {}),
+        **((run_info() if callable(run_info) else run_info) or {}),
     }
     write_or_check_run(out_dir, run)
     return out_dir, run
