@@ -156,6 +156,16 @@ def test_without_a_terminal_progress_becomes_periodic_log_lines(monkeypatch):
         lines = [r.getMessage() for r in records]
         assert lines and all(line.startswith("generate 0/1: ") and "left" in line for line in lines)
         assert lines[-1].startswith("generate 0/1: 6/6 img (100%)") and "\r" not in "".join(lines)
+        assert len(lines) == len({line.split(",")[0] for line in lines})  # the closing refresh is not repeated
+        records.clear()
+        for _ in progress(iter(range(3)), desc="stream", unit="rec"):  # no total: no percentage, no time left
+            time.sleep(0.06)
+        assert records and all(r.getMessage().startswith("stream: ") and "left" not in r.getMessage() for r in records)
+        records.clear()
+        monkeypatch.setenv("HYPERFACE_PROGRESS_SECONDS", "soon")
+        for _ in progress(range(2), desc="bad"):
+            pass
+        assert any("not a number of seconds" in r.getMessage() for r in records)
         records.clear()
         monkeypatch.setenv("HYPERFACE_PROGRESS", "0")  # explicitly quiet: no bar, no lines
         for _ in progress(range(3), desc="quiet"):

@@ -442,6 +442,16 @@ def test_resume_with_another_gallery_is_refused_mid_run_and_after_it(tmp_path, c
     assert run_cli(*base, "--gallery", str(tmp_path / "g.npy"), "--resume") == 0
 
 
+def test_cli_resume_into_another_stages_finished_folder_is_refused(tmp_path, capsys):
+    from hyperface.common.io import prepare_output_dir
+
+    data = prepare_output_dir(tmp_path / "gen", stage="generate")
+    (data / "manifest.json").write_text(json.dumps({"stage": "generate", "status": "complete", "params": {"num_identities": 16}}))
+    assert run_cli("--identities", "16", "--dim", "8", "--steps", "5", "--out", str(data), "--resume") == 2
+    assert "holds a `hyperface generate` run" in capsys.readouterr().err
+    assert json.loads((data / "manifest.json").read_text())["stage"] == "generate"
+
+
 def test_cli_takes_embeds_output_folder_as_gallery(tmp_path, capsys):
     folder = tmp_path / "embedded"  # what `hyperface embed ... --out embedded` leaves
     folder.mkdir()

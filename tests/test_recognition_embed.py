@@ -22,6 +22,7 @@ from recognition_fixtures import (
 )
 
 from hyperface.cli import main
+from hyperface.common.errors import HyperfaceError
 from hyperface.recognition import load_recognizer
 from hyperface.recognition.alignment import align_face, crop_ffhq
 from hyperface.recognition.embed import GalleryPaths
@@ -375,16 +376,21 @@ def test_an_image_the_model_cannot_embed_is_rejected_not_fatal(tmp_path, models,
         _write(tmp_path / "src" / f"{i}.png", face)
     original = Recognizer.features
 
-    def nan_for_one(self, images):  # e.g. an fp16 model overflowing on one odd image
+    odd = [3, 4]  # 4 is alone in the last batch of 2: one odd image, not a broken model
+
+    def nan_for_odd(self, images):  # e.g. an fp16 model overflowing on odd images
         feats = original(self, images)
-        feats[np.all(images == faces[3], axis=(1, 2, 3))] = np.nan
+        for i in odd:
+            feats[np.all(images == faces[i], axis=(1, 2, 3))] = np.nan
         return feats
 
-    monkeypatch.setattr(Recognizer, "features", nan_for_one)
+    monkeypatch.setattr(Recognizer, "features", nan_for_odd)
     assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--batch-size", "2", "--out", tmp_path / "o") == 0
-    assert _read_lines(tmp_path / "o" / "gallery.index.txt") == ["0.png", "1.png", "2.png", "4.png"]
+    assert _read_lines(tmp_path / "o" / "gallery.index.txt") == ["0.png", "1.png", "2.png"]
     rejected = _read_lines(tmp_path / "o" / "gallery.rejected.tsv")
-    assert rejected[1] == "3.png\tthe model returned NaN/inf or all-zero features for it"
+    assert rejected[1:] == [f"{i}.png\tthe model returned NaN/inf or all-zero features for it" for i in odd]
     assert np.isfinite(np.load(tmp_path / "o" / "gallery.npy")).all()
     monkeypatch.setattr(Recognizer, "features", lambda self, images: np.full((len(images), 512), np.nan, np.float32))
-    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--out", tmp_path / "broken") == 2  # the model's fault
+    with pytest.raises(HyperfaceError, match="for all 8 image"):  # a batch of 8 without one: the model's fault
+        load_recognizer(models["pth"]).embed_valid(np.stack([faces[0]] * 8))
+    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--out", tmp_path / "broken") == 2

@@ -203,6 +203,13 @@ def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(synthetic, tmp
     assert str(newest) in str(error.value)
     (run / "checkpoints" / "latest").write_text("step-000000002\n")  # as the message says
     assert train(TrainConfig(**base, max_steps=4, resume=True)).steps == 4
+    # Another world size is named as such, before any rank looks for its own (missing) shard files.
+    newest = latest_checkpoint(run)
+    meta = json.loads((newest / "meta.json").read_text())
+    (newest / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    (newest / "head-rank0.safetensors").unlink()
+    with pytest.raises(HyperfaceError, match="world size 2 -> 1"):
+        train(TrainConfig(**base, max_steps=5, resume=True))
 
 
 def test_resume_checks_the_data_by_content_not_by_path(synthetic, tmp_path):

@@ -86,8 +86,10 @@ def progress(
         if os.environ.get("HYPERFACE_PROGRESS") == "0":
             disable = True
         else:
-            seconds = float(os.environ.get("HYPERFACE_PROGRESS_SECONDS", "60"))
+            seconds = _progress_seconds()
             line = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, {remaining} left"
+            if total is None and (iterable is None or not hasattr(iterable, "__len__")):
+                line = "{desc}: {n_fmt} {unit}, {rate_fmt}, {elapsed} elapsed"  # no total: no percentage or time left
             if "bar_format" in kwargs:  # the caller's counter, without the bar itself
                 line = kwargs["bar_format"].replace("{l_bar}{bar}| ", "{desc}: ")
             kwargs = {**kwargs, "mininterval": seconds, "maxinterval": seconds, "delay": seconds, "bar_format": line}
@@ -95,6 +97,16 @@ def progress(
                 iterable, total=total, desc=desc, unit=unit, file=_ProgressLog(get_logger("hyperface.progress")), **kwargs
             )
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=bool(disable), dynamic_ncols=True, **kwargs)
+
+
+def _progress_seconds() -> float:
+    """$HYPERFACE_PROGRESS_SECONDS, at least 0.05 (a bad value: 60, with a warning)."""
+    raw = os.environ.get("HYPERFACE_PROGRESS_SECONDS", "60")
+    try:
+        return max(0.05, float(raw))
+    except ValueError:
+        get_logger("hyperface").warning("HYPERFACE_PROGRESS_SECONDS=%r is not a number of seconds; using 60", raw)
+        return 60.0
 
 
 class _ProgressLog:
@@ -106,8 +118,9 @@ class _ProgressLog:
 
     def write(self, text: str) -> None:
         line = " ".join(text.replace("\x1b[A", "").split())
-        if line and line != self._last:
-            self._last = line
+        count = line.split(",")[0]  # tqdm's closing refresh repeats the count with a new rate: once is enough
+        if line and count != self._last:
+            self._last = count
             self._log.info("%s", line)
 
     def flush(self) -> None:

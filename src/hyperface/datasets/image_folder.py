@@ -140,7 +140,7 @@ class ImageFolderDataset:
         millions of files at every start would cost minutes)."""
         digest = hashlib.sha256(b"image-folder\0")
         digest.update(self.labels.astype("<i8").tobytes())
-        digest.update("\n".join(self.paths).encode("utf-8"))
+        digest.update("\n".join(self.paths).encode("utf-8", "surrogateescape"))  # names that are not UTF-8, too
         return digest.hexdigest()
 
     def __len__(self) -> int:

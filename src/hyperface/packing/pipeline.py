@@ -59,7 +59,7 @@ def run_pack(
     manifest_path = out / "manifest.json"
     if resume and manifest_path.exists():
         previous = read_json(manifest_path)
-        if previous.get("status") == "complete":
+        if previous.get("status") == "complete" and previous.get("stage") == "pack":  # other stages: refused below
             # A finished run with other settings is not the run asked for: say so, don't return it.
             params, now = previous.get("params") or {}, config_key(cfg)
             before = {k: params[k] for k in now if k in params}  # keys an older version did not record: unknown

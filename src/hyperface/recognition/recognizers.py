@@ -106,14 +106,15 @@ class Recognizer:
             )
         return embeddings
 
-    def embed_valid(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings of the images whose features are finite and non-zero, that mask). A whole batch
-        without one is the model's fault, not the images': an error, as from :meth:`embed`."""
+    def embed_valid(self, images: np.ndarray, *, model_fault_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings of the images whose features are finite and non-zero, that mask). A batch of
+        at least ``model_fault_batch`` images without one is the model's fault, not the images': an
+        error, as from :meth:`embed` (a smaller batch may be one odd image)."""
         feats = self.features(images)
         # float64: squaring large float32 features (e.g. fp16-trained heads) must not overflow to inf
         norms = np.linalg.norm(feats.astype(np.float64), axis=1)
         good = np.isfinite(norms) & (norms >= 1e-12)
-        if not good.any():
+        if not good.any() and len(norms) >= model_fault_batch:
             raise HyperfaceError(
                 f"the recognizer returned NaN/inf or all-zero features for all {len(norms)} image(s) of a batch; "
                 "check the model file and, for fp16, try fp32"

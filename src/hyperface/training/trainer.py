@@ -444,18 +444,22 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if resumed_from is not None and is_main:  # finish a pruning a kill interrupted
         ckpt.prune_checkpoints(out / ckpt.CHECKPOINTS, resumed_from, cfg.keep_checkpoints)
     if resumed_from is not None:
+        previous = ckpt.previous_checkpoint(out, resumed_from)
+        pointer = out / ckpt.CHECKPOINTS / ckpt.LATEST
+        hint = (f"to resume from the one before, write {previous.name} into {pointer}" if previous
+                else "no older checkpoint is kept: start over with --overwrite")
         try:
             meta = json.loads((resumed_from / "meta.json").read_text(encoding="utf-8"))
+        except ValueError as exc:  # damaged on disk after it was written (files are atomic)
+            raise HyperfaceError(f"cannot resume from {resumed_from}: its meta.json is damaged ({exc}); {hint}") from exc
+        # settings first: another world size is "world size 1 -> 2", not a missing head-rank1 file
+        _check_resume_settings(out, meta, cfg, world=world, num_classes=num_classes, data_fingerprint=data_fingerprint)
+        try:
             backbone_state = ckpt.load_safetensors(resumed_from / "backbone.safetensors", device)
             head_state = ckpt.load_safetensors(resumed_from / f"head-rank{rank}.safetensors", device)
             state = ckpt.load_torch(resumed_from / f"state-rank{rank}.pt", device)
-        except (HyperfaceError, ValueError) as exc:  # damaged on disk after it was written (files are atomic)
-            previous = ckpt.previous_checkpoint(out, resumed_from)
-            pointer = out / ckpt.CHECKPOINTS / ckpt.LATEST
-            hint = (f"to resume from the one before, write {previous.name} into {pointer}" if previous
-                    else "no older checkpoint is kept: start over with --overwrite")
+        except HyperfaceError as exc:
             raise HyperfaceError(f"cannot resume from {resumed_from}: {exc}; {hint}") from exc
-        _check_resume_settings(out, meta, cfg, world=world, num_classes=num_classes, data_fingerprint=data_fingerprint)
         backbone.load_state_dict(backbone_state)
         head.load_state_dict(head_state)
         optimizer.load_state_dict(state["optimizer"])
