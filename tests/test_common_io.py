@@ -162,6 +162,16 @@ def test_without_a_terminal_progress_becomes_periodic_log_lines(monkeypatch):
             time.sleep(0.06)
         assert records and all(r.getMessage().startswith("stream: ") and "left" not in r.getMessage() for r in records)
         records.clear()
+        from hyperface.packing.solver import budget_progress
+
+        bar = budget_progress(None, 0.3, 0.0, desc="pack")  # a time budget: the caller's counter, no bar
+        for _ in range(3):
+            time.sleep(0.06)
+            bar.update(0.1)
+        bar.close()
+        assert records and all(r.getMessage().startswith("pack: ") and "/0.3 s" in r.getMessage() for r in records)
+        assert not any("|" in r.getMessage() for r in records)
+        records.clear()
         monkeypatch.setenv("HYPERFACE_PROGRESS_SECONDS", "soon")
         for _ in progress(range(2), desc="bad"):
             pass
@@ -195,3 +205,36 @@ def test_unit_float32_embeddings_can_stay_on_disk(tmp_path):
     np.save(tmp_path / "nan.npy", unit)
     with pytest.raises(HyperfaceError, match=r"NaN/inf in 1 row\(s\), e.g. rows \[7\]"):
         load_embeddings(tmp_path / "nan.npy", mapped=True)
+
+
+def test_content_hashes_are_pinned_and_name_sensitive(tmp_path):
+    import hashlib
+
+    import numpy as np
+
+    from hyperface.common.io import array_sha256, files_sha256
+
+    # generate's run.json stores this value: it must stay the formula earlier runs were checked with
+    array = np.random.default_rng(0).normal(size=(70_000, 3)).astype(np.float64)  # more than one block
+    old = hashlib.sha256(repr(array.shape).encode())
+    for start in range(0, len(array), 65536):
+        old.update(np.ascontiguousarray(array[start : start + 65536], dtype=np.float32).tobytes())
+    assert array_sha256(array) == old.hexdigest()
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    (tmp_path / "a" / "model.bin").write_bytes(b"weights")
+    files = [tmp_path / "a" / "config.json", tmp_path / "a" / "model.bin"]
+    digest = files_sha256(files, tmp_path)
+    assert files_sha256(list(reversed(files)), tmp_path) == digest  # order-free
+    (tmp_path / "a" / "model.bin").rename(tmp_path / "a" / "other.bin")
+    assert files_sha256([files[0], tmp_path / "a" / "other.bin"], tmp_path) != digest  # names count
+
+
+def test_an_output_file_in_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
+    from hyperface.common.io import check_output_file
+
+    check_output_file(tmp_path / "new" / "deeper" / "r.json", "--json")  # missing folders are fine
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as for a non-root user in a read-only folder
+    with pytest.raises(HyperfaceError, match=r"--json .*r.json: cannot write in .* \(permission denied\)"):
+        check_output_file(tmp_path / "r.json", "--json")

@@ -455,3 +455,18 @@ def test_a_recordio_folder_without_its_index_is_named_as_such_by_embed(tmp_path)
     (tmp_path / "rec" / "train.idx").unlink()
     with pytest.raises(HyperfaceError, match="RecordIO index .*train.idx is missing"):
         open_image_source(tmp_path / "rec")  # not "no images in folder"
+
+
+def test_image_folder_fingerprint_follows_names_and_labels(tmp_path):
+    import os
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    for name in ("000000/a.png", "000001/b.png", "000001/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(encode_image(image, image_format="png"))
+    before = ImageFolderDataset(tmp_path).fingerprint()
+    assert ImageFolderDataset(tmp_path).fingerprint() == before
+    (tmp_path / "000001" / "c.png").rename(tmp_path / "000001" / "d.png")
+    assert ImageFolderDataset(tmp_path).fingerprint() != before  # another file name
+    (tmp_path / "000001" / "d.png").rename(tmp_path / "000001" / os.fsdecode(b"\xe9.png"))  # not UTF-8
+    assert len(ImageFolderDataset(tmp_path).fingerprint()) == 64

@@ -42,6 +42,19 @@ def test_template_pooling_matches_loops():
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_pair_scores_in_chunks_are_the_cosines():
+    from hyperface.evaluation.ijb import pair_scores
+
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((12, 8))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    unique = np.arange(100, 112)
+    t1, t2 = rng.integers(100, 112, 50), rng.integers(100, 112, 50)
+    expected = np.einsum("nd,nd->n", feats[t1 - 100], feats[t2 - 100])
+    for chunk in (7, 16_384):  # chunks that end mid-list, and one chunk
+        np.testing.assert_allclose(pair_scores(feats, unique, t1, t2, chunk=chunk), expected, atol=1e-12)
+
+
 def test_roc_and_tar_at_far_by_hand():
     # sklearn's roc_curve keeps corners only: fpr [0,0,0,.25,.25,1], tpr [0,1/3,2/3,2/3,1,1]
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.4])

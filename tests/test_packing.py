@@ -113,6 +113,42 @@ def test_binary_code_rejects_what_it_cannot_build():
         binary_code_init(2 * 8 * 8 + 1, 8, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("tile", [1 << 24, 8 * 16 * 3])  # one tile; tiles of 3 rows (offsets)
+def test_gallery_term_in_tiles_equals_the_direct_formula(monkeypatch, tile):
+    from hyperface.packing import solver
+
+    monkeypatch.setattr(solver, "TILE_ELEMENTS", tile)
+    rng = np.random.default_rng(2)
+    gallery = torch.from_numpy(anisotropic_gallery(60, 16, seed=2))
+    x = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((20, 16)).astype(np.float32)), dim=1)
+    cfg = PackConfig(20, 16, reg_weight=0.3).resolved(gallery.numpy())
+    objective = solver._Objective(cfg, gallery, torch.float32, torch.Generator().manual_seed(0))
+    objective.refresh(x)
+    candidates = gallery[objective.gallery_index]  # (N, k, d), the direct form the tiles replace
+    best, arg = torch.einsum("nd,nkd->nk", x, candidates).max(dim=1)
+    assert objective.gallery_penalty(x) == pytest.approx(float((2 - 2 * best).mean()), abs=1e-6)
+    rows = torch.arange(20)
+    nearest = candidates[rows, arg]
+    torch.testing.assert_close(objective._gallery_gradient(x, rows), (-2 * 0.3 / 20) * nearest)
+
+
+def test_duplicate_rows_are_found_exactly():
+    from hyperface.packing.init import duplicate_rows
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # few distinct values: many duplicates, many shared hashes
+        x = rng.integers(0, 3, size=(300, 3)).astype(np.float32)
+        _, first = np.unique(x, axis=0, return_index=True)
+        expected = np.ones(len(x), dtype=bool)
+        expected[first] = False
+        assert np.array_equal(duplicate_rows(x), expected)
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    assert not duplicate_rows(x).any()
+    x[[7, 30]] = x[2]
+    x[41] = -x[2]  # the same magnitudes, other bits: not a duplicate
+    assert np.flatnonzero(duplicate_rows(x)).tolist() == [7, 30]
+
+
 def test_gallery_init_uses_distinct_gallery_rows():
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((50, 16)).astype(np.float32)

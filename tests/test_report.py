@@ -30,7 +30,11 @@ def clustered(num_classes: int, per_class, dim: int = 32, spread: float = 0.5, s
     return emb[perm], labels[perm], centres
 
 
-def test_class_statistics_equal_brute_force():
+@pytest.mark.parametrize("row_chunk", [65536, 5])  # one chunk; chunks smaller than a class (offsets)
+def test_class_statistics_equal_brute_force(monkeypatch, row_chunk):
+    from hyperface.report import stats as stats_module
+
+    monkeypatch.setattr(stats_module, "ROW_CHUNK", row_chunk)
     emb, labels, _ = clustered(7, [1, 2, 3, 5, 8, 4, 6], spread=0.8)
     classes = Classes.of(labels)
     centroids, intra = class_centroids(emb, classes)
@@ -53,6 +57,14 @@ def test_class_statistics_equal_brute_force():
     assert report["num_identities"] == 7 and report["num_images"] == len(labels)
     assert report["images_per_identity"] == {"min": 1, "mean": pytest.approx(29 / 7), "max": 8}
     assert report["intra_class"]["mean_pair_cosine_per_identity"]["mean"] == pytest.approx(np.nanmean(intra), abs=1e-6)
+    # per-row passes, by brute force: each image's cosine to its centroid and to a target row
+    to_centroid = np.einsum("nd,nd->n", emb, centroids[classes.inverse])
+    assert report["intra_class"]["image_to_centroid_cosine"]["mean"] == pytest.approx(to_centroid.mean(), abs=1e-6)
+    targets = unit(np.random.default_rng(3).normal(size=(labels.max() + 1, emb.shape[1])))
+    with_targets = dataset_stats(emb, labels, identities=targets, genuine_pairs=10, impostor_pairs=10).report
+    expected = np.einsum("nd,nd->n", emb, targets[labels])
+    assert with_targets["target"]["image_to_target_cosine"]["mean"] == pytest.approx(expected.mean(), abs=1e-6)
+    assert with_targets["target"]["image_to_target_cosine"]["min"] == pytest.approx(expected.min(), abs=1e-6)
 
 
 def test_sampled_pairs_are_genuine_or_impostor_and_never_self():

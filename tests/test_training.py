@@ -240,6 +240,10 @@ def test_resume_checks_the_data_by_content_not_by_path(synthetic, tmp_path):
     # A copy of the same data at another path resumes.
     assert train(TrainConfig(data=str(moved), **{**base, "max_steps": 3}, resume=True)).steps == 3
     assert json.loads((run / "manifest.json").read_text())["data_fingerprint"] == fingerprint
+    # A checkpoint from before the fingerprint existed resumes (its data is unknown, not different).
+    meta_path = latest_checkpoint(run) / "meta.json"
+    meta_path.write_text(json.dumps({k: v for k, v in json.loads(meta_path.read_text()).items() if k != "data_fingerprint"}))
+    assert train(TrainConfig(data=str(other), **{**base, "max_steps": 4}, resume=True)).steps == 4
 
 
 def test_resume_of_a_finished_run_checks_settings_and_keeps_its_manifest(synthetic, tmp_path, capsys):
