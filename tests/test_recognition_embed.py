@@ -394,3 +394,23 @@ def test_an_image_the_model_cannot_embed_is_rejected_not_fatal(tmp_path, models,
     with pytest.raises(HyperfaceError, match="for all 8 image"):  # a batch of 8 without one: the model's fault
         load_recognizer(models["pth"]).embed_valid(np.stack([faces[0]] * 8))
     assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--out", tmp_path / "broken") == 2
+
+
+def test_ffhq_crop_of_an_aligned_crop_warns_once():
+    import logging
+
+    from hyperface.recognition.preprocess import FacePreprocessor
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("hyperface").addHandler(handler)
+    try:
+        preprocess = FacePreprocessor("ffhq")
+        preprocess.process(np.zeros((512, 512, 3), np.uint8))  # what the crop is for: no warning
+        assert records == []
+        for _ in range(3):
+            preprocess.process(np.zeros((112, 112, 3), np.uint8))
+    finally:
+        logging.getLogger("hyperface").removeHandler(handler)
+    assert len(records) == 1 and "use --aligned" in records[0].getMessage()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.common.runtime import get_logger
 
 MODES = ("detect", "aligned", "ffhq")
 
@@ -37,6 +38,7 @@ class FacePreprocessor:
         self.detector = detector
         self.size = int(size)
         self.min_image_size = int(min_image_size)
+        self._warned_aligned_input = False
 
     def process(self, image_rgb: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """``(face, None)`` on success, ``(None, reason)`` when the image has no usable face."""
@@ -55,6 +57,12 @@ class FacePreprocessor:
             interp = cv2.INTER_AREA if h > self.size else cv2.INTER_LINEAR
             return cv2.resize(image_rgb, (self.size, self.size), interpolation=interp), None
         if self.mode == "ffhq":
+            if (h, w) == (self.size, self.size) and not self._warned_aligned_input:
+                self._warned_aligned_input = True  # once a run (a race between workers at worst repeats it)
+                get_logger("hyperface.embed").warning(
+                    "a %dx%d image with --crop ffhq: that crop is for face-centred renders (512 or 1024 px) and "
+                    "zooms an already aligned face further in; for aligned crops use --aligned", w, h,
+                )
             return crop_ffhq(image_rgb, size=self.size), None
         face = self.detector.largest(image_rgb)
         if face is None:
