@@ -238,3 +238,17 @@ def test_an_output_file_in_a_folder_without_write_permission_is_refused(tmp_path
     monkeypatch.setattr("os.access", lambda path, mode: False)  # as for a non-root user in a read-only folder
     with pytest.raises(HyperfaceError, match=r"--json .*r.json: cannot write in .* \(permission denied\)"):
         check_output_file(tmp_path / "r.json", "--json")
+
+
+def test_help_wraps_prose_and_keeps_examples_as_written(monkeypatch, capsys):
+    from hyperface.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]  # after the usage block
+    assert description.startswith("Render K images") and all(len(line) <= 80 for line in description.splitlines())
+    assert len(description.splitlines()) > 1
+    assert "\n  hyperface generate --merge --out data/hf10k\n" in text  # an example line, untouched

@@ -29,6 +29,8 @@ with a restricted unpickler, so a crafted file is refused without running anythi
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from hyperface.cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "evaluate",
         help="verification accuracy on LFW/CFP-FP/AgeDB/CALFW/CPLFW .bin sets and IJB-B/C",
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "run or checkpoint) on insightface .bin verification sets, and optionally IJB-B/IJB-C 1:1."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "model",

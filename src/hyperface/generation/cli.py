@@ -37,6 +37,8 @@ output (--out DIR):
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from hyperface.cli import HelpFormatter
+
     from hyperface.generation.arc2face import ATTENTION_KERNELS, COMPILE_MODES
 
     parser = subparsers.add_parser(
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "index), so runs are reproducible, resumable and shardable."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("identities", nargs="?", help="(N, 512) .npy of unit-norm identity embeddings, or the `hyperface pack` output folder holding identities.npy")
     parser.add_argument("--out", required=True, help="output folder")

@@ -26,6 +26,8 @@ runs stop by the clock, so the number of steps (and the result) varies with the 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from hyperface.cli import HelpFormatter
+
     p = subparsers.add_parser(
         "pack",
         help="choose N identity embeddings that maximise the minimum pairwise angle",
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "random points."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--identities", "-n", type=int, required=True, metavar="N", help="number of identities to pack")
     space = p.add_mutually_exclusive_group(required=True)

@@ -33,6 +33,8 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from hyperface.cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "embed",
         help="embed face images with a face recognition model (gallery for packing)",
@@ -42,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "of images with parallel decoding and resumes after a kill (--resume)."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("images", metavar="IMAGES", help="folder (recursive), list file (.txt/.lst, one path per line) or RecordIO (train.rec or its folder)")
     parser.add_argument("--model", required=True, metavar="PATH", help="face recognizer: .onnx, or iResNet .pth/.pt/.safetensors")

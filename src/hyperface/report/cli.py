@@ -31,6 +31,8 @@ Labels come from the embed run's gallery.index.txt and the dataset it names (or 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from hyperface.cli import HelpFormatter
+
     p = subparsers.add_parser(
         "report",
         help="inter/intra-class statistics, identity consistency and leakage of a dataset, with plots",
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "identities come to a reference set of real people."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("embeddings", metavar="EMBEDDINGS", help="gallery.npy written by `hyperface embed` (or its folder)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty or new)")

@@ -8,7 +8,7 @@ EPILOG = """\
 examples:
   # The paper's recipe on a generated HyperFace set (iResNet-50, ArcFace, SGD 0.1, 26 epochs,
   # x0.1 at epochs 12/20/24, flip), verifying on LFW/CFP-FP/AgeDB every epoch:
-  hyperface train runs/hyperface-10k/dataset --out runs/train-r50 --arch r50 --loss arcface \\
+  hyperface train data/hyperface-10k --out runs/train-r50 --arch r50 --loss arcface \\
       --epochs 26 --batch-size 256 --lr 0.1 --schedule step --milestones 12 20 24 \\
       --val-bin lfw.bin cfp_fp.bin agedb_30.bin
 
@@ -28,14 +28,16 @@ examples:
   hyperface train --export runs/train-r50 --out backbone.pth
   hyperface train --export runs/train-r50 --out r50.onnx
 
-DATA is a RecordIO dataset (folder with train.rec/train.idx, or a .rec file) or an image folder
-(one sub-folder per identity). Outputs in --out: checkpoints/ (every epoch and every
+DATA is a RecordIO dataset (folder with train.rec/train.idx, or a .rec file), an image folder
+(one sub-folder per identity), or a `hyperface generate` output folder (its rec/, else images/). Outputs in --out: checkpoints/ (every epoch and every
 --checkpoint-every steps; the last --keep-checkpoints kept), metrics.jsonl (and tensorboard/ when
 tensorboard is installed), backbone.pth (insightface state dict), config.json, manifest.json.
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from hyperface.cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "train",
         help="train an iResNet face-recognition model (ArcFace/CosFace/AdaFace) or export one",
@@ -45,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--resume continues exactly. With --export, convert a checkpoint instead."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("data", nargs="?", help="training dataset: RecordIO folder/.rec or image folder")
     parser.add_argument("--out", required=True, help="run folder (with --export: the .pth or .onnx file to write)")
