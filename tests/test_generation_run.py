@@ -611,3 +611,25 @@ def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, a
     assert main(["generate", str(ids), *common, "-k", "1", "--out", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_filter_scores_a_render_the_model_cannot_embed_as_cosine_0(cli_inputs, monkeypatch):
+    from hyperface.generation.postprocess import cosine_to_references, load_embed_fn
+    from hyperface.recognition.recognizers import Recognizer
+    from recognition_fixtures import random_faces
+
+    _, _, fr_model = cli_inputs
+    embed_fn, _ = load_embed_fn(fr_model)
+    crops = random_faces(3, seed=4)
+    references = random_identities(3, seed=5)
+    expected = cosine_to_references(embed_fn, crops, references)
+    original = Recognizer.features
+
+    def nan_for_the_second(self, images):
+        feats = original(self, images)
+        feats[1] = np.nan
+        return feats
+
+    monkeypatch.setattr(Recognizer, "features", nan_for_the_second)
+    got = cosine_to_references(embed_fn, crops, references)
+    assert got[1] == 0.0 and np.allclose(got[[0, 2]], expected[[0, 2]], atol=1e-6)

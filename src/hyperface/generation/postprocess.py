@@ -69,7 +69,16 @@ def load_embed_fn(fr_model: str | Path, *, device: str = "cpu") -> tuple[EmbedFn
     if int(size) != 112:
         raise HyperfaceError(f"--fr-model {fr_model} takes {size}px faces; the quality filter feeds 112x112 ArcFace crops")
     info = recognizer.describe() if hasattr(recognizer, "describe") else {"path": str(fr_model)}
-    return recognizer.embed, info
+
+    def embed_or_zero(crops: np.ndarray) -> np.ndarray:
+        # A render the model returns NaN/inf features for scores cosine 0 (rejected at any positive
+        # threshold) instead of stopping a long run; a whole batch of them is still an error.
+        embeddings, good = recognizer.embed_valid(crops)
+        out = np.zeros((len(crops), recognizer.embedding_size), dtype=np.float32)
+        out[good] = embeddings
+        return out
+
+    return embed_or_zero, info
 
 
 def cosine_to_references(embed_fn: EmbedFn, crops: np.ndarray, references: np.ndarray) -> np.ndarray:
