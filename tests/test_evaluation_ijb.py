@@ -180,3 +180,48 @@ def test_ijb_meta_values_are_checked_with_their_line(tmp_path):
     pairs.write_bytes(good_pairs + b"1000 1010\n")
     with pytest.raises(HyperfaceError, match="line 2: expected at least 3 columns"):
         read_ijb_meta(folder, "IJBC")
+
+
+def test_a_killed_ijb_run_resumes_from_its_cached_blocks(tmp_path, monkeypatch):
+    from hyperface.evaluation import ijb
+
+    monkeypatch.setattr(ijb, "CACHE_BLOCK", 10)  # 36 faces: blocks of 10, 10, 10, 6
+    folder, _ = _write_release(tmp_path)
+    meta = read_ijb_meta(folder, "IJBC")
+    expected = ijb_image_features(_pixel_embed, meta, batch_size=4)
+    seen = []
+
+    def dies_in_block_3(images):
+        seen.append(len(images))
+        if sum(seen) > 2 * 25:  # image + mirror: 25 faces embedded, the third block unfinished
+            raise KeyboardInterrupt
+        return _pixel_embed(images)
+
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        ijb_image_features(dies_in_block_3, meta, batch_size=5, cache_dir=cache)
+    assert sorted(p.name for p in cache.glob("*.npy")) == ["features-00000000-00000010.npy", "features-00000010-00000020.npy"]
+    resumed = []
+
+    def counting(images):
+        resumed.append(len(images))
+        return _pixel_embed(images)
+
+    np.testing.assert_array_equal(ijb_image_features(counting, meta, batch_size=5, cache_dir=cache), expected)
+    assert sum(resumed) == 2 * 16  # only the last two blocks, image and mirror
+    result = evaluate_ijb(counting, folder, "IJBC", cache_dir=cache)  # all cached now: nothing embedded
+    assert sum(resumed) == 2 * 16 and result.num_images == 36
+
+
+def test_the_cli_cache_is_keyed_by_the_model(tmp_path):
+    from hyperface.evaluation.runner import _ijb_cache_key
+    from recognition_fixtures import make_tiny_iresnet, save_backbone
+
+    folder, _ = _write_release(tmp_path, identities=2, templates_per_id=1, faces_per_template=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = save_backbone(make_tiny_iresnet(seed=1), tmp_path / "a" / "backbone.pth")
+    b = save_backbone(make_tiny_iresnet(seed=2), tmp_path / "b" / "backbone.pth")
+    key = _ijb_cache_key(a, folder, "IJBC", True)
+    assert key == _ijb_cache_key(tmp_path / "a", folder, "IJBC", True)  # the run folder names the same weights
+    assert key != _ijb_cache_key(b, folder, "IJBC", True) and key != _ijb_cache_key(a, folder, "IJBC", False)

@@ -57,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ijb", metavar="DIR", help="IJB release folder holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")
     parser.add_argument("--ijb-target", default="IJBC", choices=["IJBB", "IJBC"], help="which IJB set (default: IJBC)")
     parser.add_argument(
+        "--cache", metavar="DIR",
+        help="keep IJB face features here, 8192 faces at a time, in a sub-folder named by the model's and the "
+             "release's checksums: rerun the same command after a kill and it resumes (default: no cache)",
+    )
+    parser.add_argument(
         "--ijb-no-detector-score", action="store_true", help="do not weight faces by their faceness score (insightface D1 off)"
     )
     parser.set_defaults(func=run)
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         ijb_root=args.ijb,
         ijb_target=args.ijb_target,
         ijb_detector_score=not args.ijb_no_detector_score,
+        cache_dir=args.cache,
     )
     print(format_table(report))
     if args.json:

@@ -21,6 +21,7 @@ Protocol (insightface's default test mode N1 D1 F1):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,10 +168,26 @@ def read_ijb_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
     )
 
 
+#: Faces per cached block of features (``cache_dir``): a kill loses at most this many.
+CACHE_BLOCK = 8192
+
+
 def ijb_image_features(
-    embed_fn: EmbedFn, meta: IJBMeta, *, batch_size: int = 64, flip: bool = True, image_size: int = 112
+    embed_fn: EmbedFn,
+    meta: IJBMeta,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    image_size: int = 112,
+    cache_dir: str | os.PathLike | None = None,
 ) -> np.ndarray:
-    """Raw (un-normalised) features of every aligned face, mirror features added when ``flip``."""
+    """Raw (un-normalised) features of every aligned face, mirror features added when ``flip``.
+
+    With ``cache_dir`` (one folder per model and release: the caller keys it), every block of
+    :data:`CACHE_BLOCK` faces is saved as it finishes and found again on the next call, so a killed
+    IJB-C run (227k faces) resumes where it stopped."""
+    if cache_dir is not None:
+        return _cached_features(embed_fn, meta, Path(cache_dir), batch_size=batch_size, flip=flip, image_size=image_size)
     import cv2
 
     from hyperface.common.runtime import progress
@@ -206,6 +223,32 @@ def ijb_image_features(
         bar.close()
     assert features is not None
     return features
+
+
+def _cached_features(embed_fn: EmbedFn, meta: IJBMeta, cache: Path, **kwargs: Any) -> np.ndarray:
+    from hyperface.common.io import remove_stale_temporaries, save_npy
+
+    cache.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(cache)
+    count = len(meta.image_names)
+    blocks = []
+    for start in range(0, count, CACHE_BLOCK):
+        stop = min(start + CACHE_BLOCK, count)
+        path = cache / f"features-{start:08d}-{stop:08d}.npy"
+        block = None
+        if path.is_file():
+            try:
+                block = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError):
+                block = None  # written atomically, so only outside damage: compute it again
+            if block is not None and (block.ndim != 2 or block.shape[0] != stop - start or not np.isfinite(block).all()):
+                block = None
+        if block is None:
+            part = dataclasses.replace(meta, image_names=meta.image_names[start:stop], landmarks=meta.landmarks[start:stop])
+            block = ijb_image_features(embed_fn, part, **kwargs)
+            save_npy(path, block)
+        blocks.append(block)
+    return np.concatenate(blocks)
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -289,11 +332,13 @@ def evaluate_ijb(
     use_norm_score: bool = True,
     use_detector_score: bool = True,
     image_size: int = 112,
+    cache_dir: str | os.PathLike | None = None,
 ) -> IJBResult:
-    """IJB-B/C 1:1 verification of ``embed_fn`` (raw features of aligned RGB uint8 faces)."""
+    """IJB-B/C 1:1 verification of ``embed_fn`` (raw features of aligned RGB uint8 faces);
+    ``cache_dir``: see :func:`ijb_image_features`."""
     target = target.upper()
     meta = read_ijb_meta(root, target)
-    features = ijb_image_features(embed_fn, meta, batch_size=batch_size, flip=flip, image_size=image_size)
+    features = ijb_image_features(embed_fn, meta, batch_size=batch_size, flip=flip, image_size=image_size, cache_dir=cache_dir)
     if not use_norm_score:
         features = _normalize_rows(features)
     if use_detector_score:
@@ -313,6 +358,7 @@ def evaluate_ijb(
 
 
 __all__ = [
+    "CACHE_BLOCK",
     "FAR_TARGETS",
     "IJBMeta",
     "IJBResult",

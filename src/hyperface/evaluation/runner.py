@@ -30,12 +30,16 @@ def evaluate_model(
     ijb_root: str | os.PathLike | None = None,
     ijb_target: str = "IJBC",
     ijb_detector_score: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model (anything ``load_recognizer`` opens: ONNX, backbone.pth, a training run folder,
     checkpoint folder or ``checkpoints/latest``) or an embed function.
 
     Returns a JSON-ready dict: ``accuracy`` (benchmark -> mean accuracy, a fraction), ``results``
     (benchmark -> full :class:`VerificationResult`), ``ijb`` (when ``ijb_root``), ``model`` info.
+    ``cache_dir``: IJB face features are kept there block by block, in a sub-folder named by the
+    model file's and the release's checksums and the settings, so a killed run resumes (an embed
+    function instead of a model file: the folder is used as given; key it yourself).
     """
     paths = [Path(p) for p in bins]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -78,12 +82,30 @@ def evaluate_model(
         from hyperface.evaluation.ijb import evaluate_ijb
 
         start = time.perf_counter()
+        cache = None
+        if cache_dir is not None:
+            cache = Path(cache_dir) if callable(model) else Path(cache_dir) / _ijb_cache_key(model, ijb_root, ijb_target, flip)
         ijb = evaluate_ijb(
-            embed_fn, ijb_root, ijb_target, batch_size=batch_size, flip=flip, use_detector_score=ijb_detector_score
+            embed_fn, ijb_root, ijb_target, batch_size=batch_size, flip=flip, use_detector_score=ijb_detector_score,
+            cache_dir=cache,
         )
         report["ijb"] = ijb.to_dict()
         timings[ijb.target] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _ijb_cache_key(model: str | os.PathLike, root: str | os.PathLike, target: str, flip: bool) -> str:
+    """A folder name that changes with the weights, the release's meta files or the settings."""
+    import hashlib
+
+    from hyperface.common.io import file_sha256
+    from hyperface.evaluation.ijb import _ijb_folder
+    from hyperface.recognition.recognizers import resolve_model_path
+
+    meta = _ijb_folder(Path(root), target.upper()) / "meta"
+    parts = [file_sha256(resolve_model_path(model)), target.upper(), f"flip={flip}"]
+    parts += [file_sha256(p) for p in sorted(meta.glob(f"{target.lower()}_*.txt"))]
+    return f"{target.upper()}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def format_table(report: dict[str, Any]) -> str:
