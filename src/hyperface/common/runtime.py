@@ -87,9 +87,9 @@ def progress(
             disable = True
         else:
             seconds = _progress_seconds()
-            line = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, {remaining} left"
+            line = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, {remaining} left{postfix}"
             if total is None and (iterable is None or not hasattr(iterable, "__len__")):
-                line = "{desc}: {n_fmt} {unit}, {rate_fmt}, {elapsed} elapsed"  # no total: no percentage or time left
+                line = "{desc}: {n_fmt} {unit}, {rate_fmt}, {elapsed} elapsed{postfix}"  # no total: no percentage or time left
             if "bar_format" in kwargs:  # the caller's counter, without the bar itself
                 line = kwargs["bar_format"].replace("{l_bar}{bar}| ", "{desc}: ")
             kwargs = {**kwargs, "mininterval": seconds, "maxinterval": seconds, "delay": seconds, "bar_format": line}

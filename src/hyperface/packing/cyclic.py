@@ -269,7 +269,7 @@ def pack_cyclic(
             every = log_every or max(1, (steps or 3000) // 300)
             if step == 1 or step % every == 0:
                 record("adam", cos, temperature, lr=lr)
-                bar.set_postfix(angle=f"{math.degrees(math.acos(min(1.0, cos))):.3f}")
+                bar.set_postfix(angle=f"{math.degrees(math.acos(min(1.0, cos))):.3f}", refresh=False)
             advance(bar, 1 if steps else dt)
             if save is not None and time.perf_counter() - last_save >= checkpoint_every:
                 save(snapshot())

@@ -732,7 +732,7 @@ def _pack_once(
                     "gallery_penalty": penalty, "temperature": temperature, "lr": lr,
                 }
                 history.append(entry)
-                bar.set_postfix(angle=f"{entry['min_angle_deg']:.3f}")
+                bar.set_postfix(angle=f"{entry['min_angle_deg']:.3f}", refresh=False)
                 if callback is not None:
                     callback(entry)
             advance(bar, 1 if cfg.steps else dt)
