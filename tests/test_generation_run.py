@@ -613,6 +613,17 @@ def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, a
     assert message in err and "Traceback" not in err
 
 
+def test_an_fr_model_without_a_threshold_scores_every_image_and_keeps_it(cli_inputs, tmp_path):
+    root, common, fr_model = cli_inputs
+    out = tmp_path / "out"
+    assert main(["generate", str(root / "ids.npy"), *common, "-k", "2", "--out", str(out), "--fr-model", str(fr_model),
+                 "--format", "rec"]) == 0
+    stats = json.loads((out / "acceptance.json").read_text())
+    assert stats["summary"]["renders"] == 8 and stats["summary"]["images"] == 8  # nothing rejected
+    assert stats["summary"]["mean_similarity"] is not None  # but every image scored, for choosing a threshold
+    assert all(v is not None for v in stats["per_identity"]["mean_similarity"])
+
+
 def test_the_filter_scores_a_render_the_model_cannot_embed_as_cosine_0(cli_inputs, monkeypatch):
     from hyperface.generation.postprocess import cosine_to_references, load_embed_fn
     from hyperface.recognition.recognizers import Recognizer

@@ -90,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     post = parser.add_argument_group("alignment and quality filter")
     post.add_argument("--align", default="ffhq", choices=("ffhq", "detect", "none"), help="ffhq: fixed crop of the face-centred render (default); detect: SCRFD landmarks; none: keep the full render")
     post.add_argument("--detector", default=None, help="SCRFD .onnx (det_10g.onnx from insightface buffalo_l) for --align detect")
-    post.add_argument("--fr-model", default=None, help="FR model for the filter: Arc2Face's arcface.onnx (not glintr100), or an iResNet .pth")
+    post.add_argument("--fr-model", default=None, help="FR model that scores every image (acceptance.json, samples.jpg): Arc2Face's arcface.onnx "
+                      "(not glintr100), an iResNet .pth or a train run folder; --min-similarity filters on it")
     post.add_argument("--min-similarity", type=float, default=None, help="keep images whose cosine to the identity is >= this (needs --fr-model)")
     post.add_argument("--max-attempts", type=int, default=None, help="renders per identity before filling with the best rejects (default: 2*K)")
     post.add_argument("--image-format", default="jpg", choices=("jpg", "png"), help="stored image encoding (default: jpg, quality 95)")

@@ -327,7 +327,7 @@ def render_shard(
         """Align, encode and score one batch (thread-safe: reads nothing the planner writes)."""
         aligned = [aligner(np.asarray(image)) for image in images]
         encoded = [_encode(stored, config.image_format, config.quality) for stored, _, _ in aligned]
-        if config.filtered:
+        if embed_fn is not None:  # scored whenever there is an FR model; only a threshold rejects
             crops = np.stack([crop for _, crop, _ in aligned])
             identities = np.array([state.identity for state, _ in items])
             similarity = cosine_to_references(embed_fn, crops, embeddings[identities])
