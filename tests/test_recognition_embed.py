@@ -414,3 +414,18 @@ def test_ffhq_crop_of_an_aligned_crop_warns_once():
     finally:
         logging.getLogger("hyperface").removeHandler(handler)
     assert len(records) == 1 and "use --aligned" in records[0].getMessage()
+
+
+def test_a_model_given_as_a_run_folder_is_recorded_as_its_weights_file(tmp_path, models):
+    import json
+    import shutil
+
+    from hyperface.common.io import file_sha256
+
+    run = tmp_path / "train-run"
+    run.mkdir()
+    shutil.copy(models["pth"], run / "backbone.pth")
+    _write(tmp_path / "src" / "0.png", random_faces(1, seed=1)[0])
+    assert _embed(tmp_path / "src", "--model", run, "--aligned", "--out", tmp_path / "o") == 0
+    recorded = json.loads((tmp_path / "o" / "manifest.json").read_text())["inputs"]["model"]
+    assert recorded == {"path": str((run / "backbone.pth").resolve()), "sha256": file_sha256(models["pth"])}

@@ -210,6 +210,7 @@ def test_embed_then_report_cli(tmp_path, fmt, capsys):
     from hyperface.common.io import file_sha256
 
     assert report["embedding_model"]["sha256"] == file_sha256(model)  # the FR model behind the numbers
+    assert report["embedding_model"]["path"] == str(model.resolve())
     assert report["verification"]["impostor_pairs"] == 54
     # the closest pair and the loosest identity, against brute force on the embeddings
     emb = np.load(tmp_path / "emb" / "gallery.npy").astype(np.float64)

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.recognition.embed import GalleryPaths, check_output, embed_images
     from hyperface.recognition.images import open_image_source
     from hyperface.recognition.preprocess import FacePreprocessor
-    from hyperface.recognition.recognizers import load_recognizer
+    from hyperface.recognition.recognizers import load_recognizer, resolve_model_path
 
     log = get_logger("hyperface.embed")
     # numeric options, checked before any model loads
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         manifest_params=params,
-        manifest_inputs={"model": args.model, "detector": args.detector},
+        manifest_inputs={"model": resolve_model_path(args.model), "detector": args.detector},  # the weights file, hashed
         show_progress=False if args.no_progress else None,
     )
     log.info(
