@@ -235,9 +235,13 @@ def test_an_output_file_in_a_folder_without_write_permission_is_refused(tmp_path
     from hyperface.common.io import check_output_file
 
     check_output_file(tmp_path / "new" / "deeper" / "r.json", "--json")  # missing folders are fine
-    monkeypatch.setattr("os.access", lambda path, mode: False)  # as for a non-root user in a read-only folder
-    with pytest.raises(HyperfaceError, match=r"--json .*r.json: cannot write in .* \(permission denied\)"):
+    def refused(*args, **kwargs):  # as in a read-only folder (tests may run as root, where chmod does not bite)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", refused)
+    with pytest.raises(HyperfaceError, match=r"--json .*r.json: cannot write in .* \(Permission denied\)"):
         check_output_file(tmp_path / "r.json", "--json")
+    assert list(tmp_path.glob(".hyperface-probe-*")) == []
 
 
 def test_help_wraps_prose_and_keeps_examples_as_written(monkeypatch, capsys):

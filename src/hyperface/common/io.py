@@ -43,8 +43,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary sibling of ``path`` for writers that want a file name (safetensors, torch.onnx):
     fsynced and renamed onto ``path`` when the block succeeds, removed when it fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file asked for, not a temporary the user never heard of
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     try:
         os.chmod(tmp, _FILE_MODE)
@@ -133,8 +136,12 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise HyperfaceError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise HyperfaceError(f"{flag} {path}: cannot write in {ancestor} (permission denied)")
+    try:  # really write there: permission bits say nothing about root, read-only mounts or /sys
+        fd, probe = tempfile.mkstemp(prefix=".hyperface-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise HyperfaceError(f"{flag} {path}: cannot write in {ancestor} ({exc.strerror or exc})") from None
 
 
 def describe_input(path: str | os.PathLike | None) -> dict[str, str] | None:
