@@ -46,9 +46,10 @@ def test_another_stages_folder_is_never_overwritten_or_resumed_into(tmp_path):
     data = prepare_output_dir(tmp_path / "gen", stage="generate", setup_files=("run.json",))
     (data / "rec").mkdir()
     (data / "rec" / "train.rec").write_bytes(b"finished work")
-    for flags in ({"overwrite": True}, {"resume": True}):
-        with pytest.raises(HyperfaceError, match="holds a `hyperface generate` run"):
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(HyperfaceError, match="holds a `hyperface generate` run") as error:
             prepare_output_dir(data, stage="pack", **flags)
+        assert "--overwrite to replace" not in str(error.value)  # no advice that would be refused
     assert (data / "rec" / "train.rec").read_bytes() == b"finished work"
     assert prepare_output_dir(data, stage="generate", resume=True) == data  # its own stage may
 

@@ -30,6 +30,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Wraps prose paragraphs of a description or epilog to the terminal; keeps any paragraph with
     indented lines (examples, tables) exactly as written."""
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        # option help: never split "--channels-last" or "max-autotune" at its hyphen
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         import textwrap
 

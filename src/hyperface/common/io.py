@@ -204,6 +204,8 @@ def prepare_output_dir(
         if _holds_no_work(out, setup_files):
             log.info("reusing %s: an earlier attempt left it without results", out)
             shutil.rmtree(out)
+        elif stage and owner and owner != stage:  # no flag would help: it is another stage's work
+            raise HyperfaceError(f"output folder {out} holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
         elif not overwrite:
             again = "--resume to continue the run there, " if resumable else ""
             raise HyperfaceError(f"output folder {out} is not empty: pass {again}--overwrite to replace it, or choose another --out")
