@@ -539,6 +539,7 @@ def test_cli_shards_must_share_the_weights_and_mistakes_fail_before_loading(cli_
     single = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "single")]
     assert main(single) == 0 and len(loads) == 1
     assert main(single) == 2 and "not empty" in capsys.readouterr().err and len(loads) == 1
+    assert main([*single, "--resume"]) == 0 and len(loads) == 1  # finished: nothing to resume, nothing loaded
     (moved / "README.md").write_text("a model card")  # files the loader does not read do not count
     assert main(argv(moved, 1)) == 0  # the same weights copied elsewhere: content, not path, counts
     assert main(["generate", "--merge", "--out", str(tmp_path / "out")]) == 0
@@ -622,6 +623,23 @@ def test_an_fr_model_without_a_threshold_scores_every_image_and_keeps_it(cli_inp
     assert stats["summary"]["renders"] == 8 and stats["summary"]["images"] == 8  # nothing rejected
     assert stats["summary"]["mean_similarity"] is not None  # but every image scored, for choosing a threshold
     assert all(v is not None for v in stats["per_identity"]["mean_similarity"])
+
+
+def test_an_fr_model_of_another_dimension_is_refused_before_the_generator_loads(cli_inputs, tmp_path, monkeypatch, capsys):
+    from hyperface.generation.arc2face import Arc2FaceGenerator
+    from hyperface.recognition.iresnet import iresnet
+    from recognition_fixtures import save_backbone
+
+    root, common, _ = cli_inputs
+    small = save_backbone(iresnet("r_tiny", embedding_size=64).eval(), tmp_path / "r64.pth")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the generator loaded before the FR model was checked")
+
+    monkeypatch.setattr(Arc2FaceGenerator, "from_pretrained", no_loading)
+    argv = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "o"), "--fr-model", str(small)]
+    assert main(argv) == 2
+    assert "gives 64-d embeddings but the identities are 512-d" in capsys.readouterr().err
 
 
 def test_the_filter_scores_a_render_the_model_cannot_embed_as_cosine_0(cli_inputs, monkeypatch):

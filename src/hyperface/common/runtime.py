@@ -17,6 +17,14 @@ T = TypeVar("T")
 _LOG_CONFIGURED = False
 
 
+class _LevelFormatter(logging.Formatter):
+    """Info lines as they are; warnings and errors say so, so they stand out in a long log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.level_prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return super().format(record)
+
+
 def get_logger(name: str = "hyperface") -> logging.Logger:
     """A logger writing ``hyperface: message`` lines to stderr; level from $HYPERFACE_LOG (INFO)."""
     global _LOG_CONFIGURED
@@ -24,7 +32,7 @@ def get_logger(name: str = "hyperface") -> logging.Logger:
         root = logging.getLogger("hyperface")
         if not root.handlers:
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+            handler.setFormatter(_LevelFormatter("%(asctime)s %(name)s: %(level_prefix)s%(message)s", "%H:%M:%S"))
             root.addHandler(handler)
         root.setLevel(os.environ.get("HYPERFACE_LOG", "INFO").upper())
         root.propagate = False

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.io import file_sha256, files_sha256, load_embeddings
+    from hyperface.common.io import file_sha256, files_sha256, load_embeddings, read_json
     from hyperface.common.runtime import resolve_device, seed_everything
     from hyperface.generation.arc2face import (
         Arc2FaceGenerator,
@@ -233,10 +233,16 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, overwrite=args.overwrite, identities_path=identities_path, run_info=describe_models,
     )
 
+    finished = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
+    if shard.count == 1 and finished.get("stage") == "generate" and finished.get("status") == "complete":
+        # the same settings (open_run checked run.json): nothing to render, no model to load
+        log.info("%s already holds the finished dataset (%d images); nothing to resume", out_dir, finished.get("num_images", 0))
+        return 0
+
     aligner = make_aligner(args.align, detector=args.detector)
     embed_fn, fr_info = (None, None)
     if args.fr_model:
-        embed_fn, fr_info = load_embed_fn(fr_model, device=str(device))
+        embed_fn, fr_info = load_embed_fn(fr_model, device=str(device), embedding_dim=IDENTITY_DIM)  # before the generator
     generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device)
     log.info(
         "generating %d identities x %d images (shard %d/%d) on %s: %s",

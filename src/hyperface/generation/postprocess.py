@@ -58,11 +58,17 @@ def make_aligner(mode: str = "ffhq", *, detector: str | Path | None = None, size
     return align_fixed
 
 
-def load_embed_fn(fr_model: str | Path, *, device: str = "cpu") -> tuple[EmbedFn, dict]:
-    """An ``embed_fn`` from an FR model file (ONNX or iResNet .pth) via hyperface.recognition."""
+def load_embed_fn(fr_model: str | Path, *, device: str = "cpu", embedding_dim: int | None = None) -> tuple[EmbedFn, dict]:
+    """An ``embed_fn`` from an FR model file (ONNX or iResNet .pth) via hyperface.recognition;
+    ``embedding_dim``: the identities' dimension, checked now rather than at the first batch."""
     from hyperface.recognition import load_recognizer
 
     recognizer = load_recognizer(fr_model, device=device)
+    if embedding_dim is not None and recognizer.embedding_size != embedding_dim:
+        raise HyperfaceError(
+            f"--fr-model {fr_model} gives {recognizer.embedding_size}-d embeddings but the identities are "
+            f"{embedding_dim}-d: use the FR model the identities came from (for Arc2Face: its arcface.onnx)"
+        )
     size = getattr(recognizer, "input_size", 112)
     if isinstance(size, (tuple, list)):
         size = size[0]

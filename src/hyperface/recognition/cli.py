@@ -46,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("images", metavar="IMAGES", help="folder (recursive), list file (.txt/.lst, one path per line) or RecordIO (train.rec or its folder)")
-    parser.add_argument("--model", required=True, metavar="PATH", help="face recognizer: .onnx, or iResNet .pth/.pt/.safetensors")
+    parser.add_argument("images", metavar="IMAGES", help="folder (recursive), list file (.txt/.lst, one path per line), RecordIO (train.rec or its folder), "
+                        "or a `hyperface generate` output folder (its rec/, else images/)")
+    parser.add_argument("--model", required=True, metavar="PATH", help="face recognizer: .onnx, iResNet .pth/.pt/.safetensors, or a `hyperface train` run folder")
     parser.add_argument("--arch", default=None, help="iResNet arch for .pth models (r18, r34, r50, r100, r200); default: read from the weights")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--detector", metavar="PATH", help="SCRFD .onnx with landmarks (det_10g.onnx, scrfd_10g_bnkps.onnx)")

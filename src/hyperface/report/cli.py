@@ -46,10 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("embeddings", metavar="EMBEDDINGS", help="gallery.npy written by `hyperface embed` (or its folder)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty or new)")
-    p.add_argument("--dataset", metavar="DATA", help="the image folder or RecordIO that was embedded (default: read from the embed manifest)")
+    p.add_argument("--dataset", metavar="DATA", help="the image folder, RecordIO or generate output folder that was embedded "
+                        "(default: read from the embed manifest)")
     p.add_argument("--labels", metavar="L.npy", help="integer label per embedding row, instead of reading them from the dataset")
     p.add_argument("--identities", metavar="IDS.npy", help="target identity embeddings (identities.npy of `hyperface pack`, or its folder)")
-    p.add_argument("--reference", metavar="REF.npy", help="unit embeddings of real identities or faces, for identity leakage")
+    p.add_argument("--reference", metavar="REF.npy", help="unit embeddings of real identities or faces (.npy, or a `hyperface embed` output folder), for identity leakage")
     p.add_argument("--leak-threshold", type=float, default=0.4,
                    help="cosine at or above which a synthetic identity counts as leaked (default: 0.4; pick the "
                         "threshold of your FR model at a low FAR, e.g. 1e-4)")
