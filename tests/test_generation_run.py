@@ -535,6 +535,7 @@ def test_cli_shards_must_share_the_weights_and_mistakes_fail_before_loading(cli_
     assert main(argv(tuned, 1)) == 2  # other UNet weights: refused, before loading any model
     err = capsys.readouterr().err
     assert "weights" in err and "arc2face" in err and "Traceback" not in err and loads == []
+    assert f"its models came from arc2face {arc2face.resolve()}" in err  # where the run's own models were
     # A mistake in --out fails before loading, too: a finished single run without --resume.
     single = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "single")]
     assert main(single) == 0 and len(loads) == 1

@@ -437,8 +437,11 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
             save_json(path, run)
             return
         if changes:
+            where = ""
+            if saved.get("weights") != run.get("weights") and saved.get("model_paths"):
+                where = f" (its models came from {', '.join(f'{k} {v}' for k, v in saved['model_paths'].items() if v)})"
             raise HyperfaceError(
-                f"{out_dir} holds a run with other settings ({changes}); rerun with the same settings "
+                f"{out_dir} holds a run with other settings ({changes}){where}; rerun with the same settings "
                 "to resume, or choose another --out"
             )
         return
