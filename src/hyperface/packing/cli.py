@@ -126,5 +126,5 @@ def run(args: argparse.Namespace) -> int:
         plot=not args.no_plot,
     )
     print(format_metrics(metrics))
-    print(f"wrote {args.out}/identities.npy ({metrics['num_identities']} x {metrics['dim']})")
+    print(f"identities: {args.out}/identities.npy ({metrics['num_identities']} x {metrics['dim']})")
     return 0
