@@ -118,7 +118,11 @@ def test_verification_statistics():
     assert "0.001" not in result and "0.01" in result
 
 
-def test_leakage_flags_exactly_the_planted_identities(tmp_path):
+@pytest.mark.parametrize("base_chunk", [262_144, 100])  # one block; the reference read 100 rows at a time
+def test_leakage_flags_exactly_the_planted_identities(tmp_path, monkeypatch, base_chunk):
+    from hyperface.report import stats as stats_module
+
+    monkeypatch.setattr(stats_module, "BASE_CHUNK", base_chunk)
     emb, labels, centres = clustered(40, 6, dim=64, spread=0.3, seed=2)
     rng = np.random.default_rng(3)
     leaked = [3, 17, 29]

@@ -151,7 +151,7 @@ def run_report(
     ident = load_identities(identities) if identities is not None else None
     if reference is not None:
         reference = find_embeddings(reference, flag="--reference")  # a `hyperface embed` folder, too
-    ref = load_embeddings(reference, what="reference") if reference is not None else None
+    ref = load_embeddings(reference, what="reference", mapped=True) if reference is not None else None  # stays on disk
     check_report_inputs(emb, label_array, identities=ident, reference=ref)  # bad input writes nothing
     if ident is not None and len(ident) > int(label_array.max()) + 1:
         log.warning(

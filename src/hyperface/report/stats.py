@@ -20,6 +20,7 @@ from hyperface.packing.geometry import tiled_topk
 
 PERCENTILES = (1, 5, 50, 95, 99)
 ROW_CHUNK = 65536  # rows per chunk in per-row passes: bounded temporaries at millions of images
+BASE_CHUNK = 262_144  # reference rows on the device at once in a nearest-neighbour search (512 MB at d=512)
 
 
 def summary(values: np.ndarray) -> dict[str, float]:
@@ -197,9 +198,20 @@ def nearest(
     """Cosines and indices of each query's ``k`` nearest rows of ``base``, nearest first, (N, k)
     (tiled, exact float32; ``exclude_self``: base is queries, each row's own match left out)."""
     q = torch.from_numpy(np.ascontiguousarray(queries)).to(device)
-    b = q if exclude_self else torch.from_numpy(np.ascontiguousarray(base)).to(device)
-    sims, idx = tiled_topk(q, b, k, exclude_self=exclude_self)
-    return sims.cpu().numpy(), idx.cpu().numpy()
+    if exclude_self:
+        sims, idx = tiled_topk(q, q, k, exclude_self=True)
+        return sims.cpu().numpy(), idx.cpu().numpy()
+    # the base (a reference set of millions of rows, possibly a memory map) is read a block at a time
+    best_sims = best_idx = None
+    for start in range(0, len(base), BASE_CHUNK):
+        block = torch.from_numpy(np.array(base[start : start + BASE_CHUNK], dtype=np.float32)).to(device)  # a copy: maps are read-only
+        sims, idx = tiled_topk(q, block, min(k, len(block)))
+        idx = idx + start
+        if best_sims is not None:  # merge; ties keep the earlier block's (lower) index first
+            sims, order = torch.cat([best_sims, sims], dim=1).topk(min(k, best_sims.shape[1] + sims.shape[1]), dim=1)
+            idx = torch.cat([best_idx, idx], dim=1).gather(1, order)
+        best_sims, best_idx = sims, idx
+    return best_sims.cpu().numpy(), best_idx.cpu().numpy()
 
 
 @dataclass
