@@ -196,16 +196,13 @@ def prepare_output_dir(
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     non_empty = out.is_dir() and any(out.iterdir())
     owner = run_stage(out)
-    if non_empty and stage and owner and owner != stage and (resume or overwrite):
-        # One mistyped --out must not clear (or resume into) another stage's finished work.
-        verb = "--resume" if resume else "--overwrite"
-        raise HyperfaceError(f"refusing to {verb} {out}: it holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
+    if non_empty and stage and owner and owner != stage and (resume or not _holds_no_work(out, setup_files)):
+        # One mistyped --out must not clear (or resume into) another stage's work, and no flag would help.
+        raise HyperfaceError(f"output folder {out} holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
     if non_empty and not resume:
         if _holds_no_work(out, setup_files):
             log.info("reusing %s: an earlier attempt left it without results", out)
             shutil.rmtree(out)
-        elif stage and owner and owner != stage:  # no flag would help: it is another stage's work
-            raise HyperfaceError(f"output folder {out} holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
         elif not overwrite:
             again = "--resume to continue the run there, " if resumable else ""
             raise HyperfaceError(f"output folder {out} is not empty: pass {again}--overwrite to replace it, or choose another --out")
