@@ -32,13 +32,17 @@ def check_option(
         raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
 
 
+def without_object_reprs(text: str) -> str:
+    """``text`` without Python object reprs such as ``<_io.BytesIO object at 0x7f...>``."""
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text).strip()
+
+
 def exception_summary(exc: BaseException, limit: int = 300) -> str:
     """A library exception as one short clause for a HyperfaceError: its first non-empty line, without
     terminal colour codes or object reprs, or its type name when it has no message. A refused pickle
     says so plainly: torch's own first line suggests ``weights_only=False``, which is the unsafe fix."""
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
         return "it holds pickled Python objects, not plain tensors; refusing to unpickle it"
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    text = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text)
+    text = without_object_reprs(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -33,11 +33,11 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, without_object_reprs
 from hyperface.common.io import atomic_write, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
-from hyperface.recognition.images import ImageSource, UnreadableImage, without_object_reprs
+from hyperface.recognition.images import ImageSource, UnreadableImage
 from hyperface.recognition.preprocess import FacePreprocessor
 from hyperface.recognition.recognizers import Recognizer
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, without_object_reprs
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm", ".jp2"}
@@ -86,13 +86,6 @@ def _what_the_bytes_are(data: bytes) -> str:
     if kind is not None:
         return f"{kind} header but corrupt or truncated data, {len(data)} bytes"
     return f"no known image format, {len(data)} bytes starting {data[:8]!r}"
-
-
-def without_object_reprs(text: str) -> str:
-    """``text`` without Python object reprs such as ``<_io.BytesIO object at 0x7f...>``."""
-    import re
-
-    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text).strip()
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

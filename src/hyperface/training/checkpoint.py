@@ -115,11 +115,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise HyperfaceError(f"checkpoint not found: {path}")
-    if path.is_file() and path.name == LATEST and path.parent.name == CHECKPOINTS:  # the pointer file itself
-        found = latest_checkpoint(path.parent.parent)
-        if found is None:
-            raise HyperfaceError(f"{path} points to no finished checkpoint")
-        return found
+    if path.is_file() and path.name == LATEST and path.parent.name == CHECKPOINTS:
+        path = path.parent  # the pointer file stands for its checkpoints/ folder
     if path.is_file():
         return path
     if (path / "meta.json").is_file():
