@@ -25,24 +25,22 @@ SHEET_FILE = "identities.jpg"
 LEAKAGE_FILE = "leakage.tsv"
 
 
-def _dataset_from_manifest(embeddings: Path) -> Path | None:
+def _embed_manifest(embeddings: Path) -> dict[str, Any]:
+    """The manifest `hyperface embed` wrote beside these embeddings ({} when there is none)."""
     from hyperface.recognition.embed import GalleryPaths
 
     manifest = GalleryPaths(embeddings).manifest
-    if not manifest.exists():
-        return None
-    images = (read_json(manifest).get("params") or {}).get("images")
+    return read_json(manifest) if manifest.exists() else {}
+
+
+def _dataset_from_manifest(embeddings: Path) -> Path | None:
+    images = (_embed_manifest(embeddings).get("params") or {}).get("images")
     return Path(images) if images else None
 
 
 def _embedding_model(embeddings: Path) -> dict[str, Any] | None:
     """The FR model (path, SHA-256, kind) that `hyperface embed` used for these embeddings, if known."""
-    from hyperface.recognition.embed import GalleryPaths
-
-    manifest = GalleryPaths(embeddings).manifest
-    if not manifest.exists():
-        return None
-    facts = read_json(manifest)
+    facts = _embed_manifest(embeddings)
     model = dict((facts.get("inputs") or {}).get("model") or {})
     if facts.get("recognizer"):
         model["recognizer"] = facts["recognizer"]
