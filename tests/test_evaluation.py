@@ -87,6 +87,12 @@ def test_hand_checked_case():
     assert result.fold_accuracies == pytest.approx([0.4, 0.8])
     assert result.accuracy == pytest.approx(0.6) and result.std == pytest.approx(0.2)
     assert result.best_threshold == pytest.approx(0.055)
+    # the histogram kept for plots: cosines 0.9475 (x3, same), 0.9725 (diff), -0.5025 (x5 diff), -0.7525 (same)
+    hist = result.similarity_histogram
+    genuine, impostor = np.asarray(hist["genuine"]), np.asarray(hist["impostor"])
+    assert genuine.size == impostor.size == 100 and genuine.sum() == 4 and impostor.sum() == 6
+    assert genuine[97] == 3 and genuine[12] == 1  # bin i covers [-1 + 0.02 i, -1 + 0.02 (i + 1))
+    assert impostor[98] == 1 and impostor[24] == 5 and impostor.nonzero()[0].tolist() == [24, 98]
 
 
 def test_val_at_far_hand_checked():

@@ -179,3 +179,86 @@ def test_the_table_marks_a_val_whose_far_missed_the_target():
     lines = table.splitlines()
     assert lines[1].endswith("100.00*") and lines[2].endswith("50.00")  # 1.1e-3 is the target, reached
     assert lines[-1] == "* FAR reached instead of 1e-3 (too few impostor pairs per fold): tiny 0.1"
+
+
+def test_plot_and_compare_overlay_earlier_reports(tiny_backbone, tmp_path, capsys, monkeypatch):
+    """--plot draws each model's histograms per set; --compare prints earlier --json reports beside this one."""
+    import logging
+
+    import cv2
+
+    from hyperface.evaluation import plots
+
+    _, model_path = tiny_backbone
+    write_noisy_pairs_bin(tmp_path / "lfw.bin", 20, seed=1, noise=30)
+    write_noisy_pairs_bin(tmp_path / "agedb_30.bin", 10, seed=2, noise=30)
+    assert main(["evaluate", str(model_path), str(tmp_path / "lfw.bin"), "--device", "cpu", "--json", str(tmp_path / "a.json")]) == 0
+    torch.manual_seed(1)
+    (tmp_path / "other").mkdir()
+    torch.save(iresnet("r_tiny", embedding_size=64).eval().state_dict(), tmp_path / "other" / "backbone.pth")
+    figures = []
+    real_save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "other"), str(tmp_path / "lfw.bin"), str(tmp_path / "agedb_30.bin"), "--device", "cpu",
+                 "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "eval.png"), "--compare", str(tmp_path / "a.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    table = capsys.readouterr().out.split("\n\n")[-1].splitlines()
+    assert table[0].split() == ["other", "a"]  # this model labelled by its run folder, the report by its file
+    assert table[1].split() == ["lfw", "acc", "(%)", f"{100 * b['accuracy']['lfw']:.2f}", f"{100 * a['accuracy']['lfw']:.2f}"]
+    assert table[2].split() == ["agedb_30", "acc", "(%)", f"{100 * b['accuracy']['agedb_30']:.2f}", "-"]
+    assert len(table) == 3  # no mean: the models share one set only
+    image = cv2.imread(str(tmp_path / "eval.png"))
+    assert image is not None and image.shape[1] > 800
+    lfw_axes, agedb_axes = (ax for ax in figures[0].axes if ax.axison)
+    assert len(lfw_axes.patches) == 4 and len(agedb_axes.patches) == 2  # genuine + impostor per model
+    genuine = np.asarray(b["results"]["lfw"]["similarity_histogram"]["genuine"])
+    assert genuine.sum() == 10 and lfw_axes.patches[0].get_data().values.sum() * 0.02 == pytest.approx(1.0)  # a density
+    assert any(f"a: {100 * a['accuracy']['lfw']:.2f}%" in t.get_text() for t in lfw_axes.get_legend().get_texts())
+
+    # a report from before histograms were kept: left out of its panels, with a warning, not an error
+    del a["results"]["lfw"]["similarity_histogram"]
+    (tmp_path / "old.json").write_text(json.dumps(a))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("hyperface").addHandler(handler)
+    try:
+        assert main(["evaluate", str(tmp_path / "other"), str(tmp_path / "lfw.bin"), "--device", "cpu",
+                     "--plot", str(tmp_path / "eval.pdf"), "--compare", str(tmp_path / "old.json")]) == 0
+    finally:
+        logging.getLogger("hyperface").removeHandler(handler)
+    assert (tmp_path / "eval.pdf").read_bytes().startswith(b"%PDF")
+    assert len(figures[1].axes[0].patches) == 2
+    assert any("old has no score histogram for lfw" in r.getMessage() for r in records)
+
+
+def test_plot_and_compare_mistakes_fail_before_the_evaluation(tiny_backbone, tmp_path, capsys):
+    _, model_path = tiny_backbone
+    missing = str(tmp_path / "missing.bin")  # would fail later: these must fail first
+    (tmp_path / "notes.json").write_text("not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for extra, message in ((["--plot", str(tmp_path / "eval.txt")], "ending in .png"),
+                           (["--plot", str(tmp_path)], "is a folder"),
+                           (["--compare", str(tmp_path / "gone.json")], "no such file"),
+                           (["--compare", str(tmp_path / "notes.json")], "not a readable JSON report"),
+                           (["--compare", str(tmp_path / "list.json")], "not a `hyperface evaluate --json` report")):
+        assert main(["evaluate", str(model_path), missing, *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+
+
+def test_comparison_table_with_ijb_and_shared_sets():
+    from hyperface.evaluation.runner import format_comparison
+
+    def report(accuracies, tar=None):
+        out = {"results": {name: {"accuracy": acc} for name, acc in accuracies.items()}}
+        if tar is not None:
+            out["ijb"] = {"target": "IJBC", "tar_at_far": {"1e-05": tar / 2, "1e-04": tar}}
+        return out
+
+    text = format_comparison([("hf", report({"lfw": 0.99, "cfp_fp": 0.9, "agedb_30": 0.8}, tar=0.9)),
+                              ("dcface", report({"lfw": 0.98, "cfp_fp": 0.8}))])
+    rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2:] for line in text.splitlines()[1:]}
+    assert rows["lfw acc (%)"] == ["99.00", "98.00"] and rows["agedb_30 acc (%)"] == ["80.00", "-"]
+    assert rows["mean of 2 shared"] == ["94.50", "89.00"]
+    assert rows["IJBC TAR@1e-04 (%)"] == ["90.00", "-"] and rows["IJBC TAR@1e-05 (%)"] == ["45.00", "-"]

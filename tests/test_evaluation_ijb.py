@@ -70,6 +70,25 @@ def test_roc_and_tar_at_far_by_hand():
         roc_curve(np.zeros(3), np.arange(3.0))
 
 
+def test_sampled_roc_is_the_best_tar_at_or_below_each_far():
+    from hyperface.evaluation.ijb import ROC_FARS, _read_roc
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random(4000) < 0.2).astype(np.int8)
+    scores = np.round(rng.standard_normal(4000) + 1.5 * labels, 2)  # rounded: tied scores too
+    tars, auc, roc = _read_roc(labels, scores)
+    assert (tars, auc) == tar_at_far(labels, scores)
+    assert roc["far"] == pytest.approx(ROC_FARS.tolist())
+    # brute force: accept when score >= t, for every t; keep the best TAR whose FAR stays within each point
+    genuine, impostor = scores[labels == 1], scores[labels == 0]
+    thresholds = np.r_[np.inf, np.unique(scores)]
+    far = np.array([(impostor >= t).mean() for t in thresholds])
+    tar = np.array([(genuine >= t).mean() for t in thresholds])
+    expected = [tar[far <= target].max() for target in ROC_FARS]
+    assert roc["tar"] == pytest.approx(expected)
+    assert roc["tar"][-1] == 1.0 and 0 < roc["tar"][40] < 1  # FAR 1e-2: neither empty nor everything
+
+
 def _pixel_embed(images: np.ndarray) -> np.ndarray:
     pooled = images.reshape(len(images), 8, 14, 8, 14, 3).mean(axis=(2, 4)).reshape(len(images), -1) - 127.5
     weights = np.random.default_rng(42).standard_normal((pooled.shape[1], 32))
@@ -129,6 +148,7 @@ def test_evaluate_ijb_on_tiny_release(tmp_path):
     assert result.num_templates == 12 and result.num_pairs == 66 and result.num_images == 36
     assert set(result.tar_at_far) == {"1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"}
     assert result.tar_at_far["1e-01"] == 1.0 and result.auc > 0.99
+    assert len(result.roc["far"]) == len(result.roc["tar"]) == 61 and result.roc["tar"][-1] == 1.0
     # independent pipeline: loops over templates/media, cosine, same ROC reading
     weighted = feats * meta.faceness[:, None]
     tfeats, unique = _loop_template_features(weighted, meta.templates, meta.medias)

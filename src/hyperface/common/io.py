@@ -357,6 +357,20 @@ def validate_embeddings(
     return out
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure atomically, in the format its suffix names (.png, .pdf, .svg, ...),
+    and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    return path
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
@@ -372,6 +386,7 @@ __all__ = [
     "read_json",
     "remove_stale_temporaries",
     "save_bytes",
+    "save_figure",
     "save_json",
     "save_npy",
     "validate_embeddings",

@@ -4,6 +4,7 @@
   CPLFW): restricted-unpickler loading and the 10-fold accuracy protocol.
 - :mod:`hyperface.evaluation.ijb`: IJB-B / IJB-C template-based 1:1 verification (TAR at FAR).
 - :func:`evaluate_model`: a model file on several sets at once (what ``hyperface evaluate`` runs).
+- :func:`plot_evaluation`: score histograms and IJB ROC curves of one or several models' reports.
 
 Names are imported lazily so ``hyperface --help`` (which imports ``hyperface.evaluation.cli``) stays
 instant.
@@ -25,6 +26,8 @@ _EXPORTS = {
     "evaluate_ijb": "ijb",
     "evaluate_model": "runner",
     "format_table": "runner",
+    "format_comparison": "runner",
+    "plot_evaluation": "plots",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,6 +16,8 @@ examples:
   hyperface evaluate runs/train-r50/checkpoints/latest lfw.bin --batch-size 256   # newest checkpoint
   hyperface evaluate runs/train-r50/checkpoints/step-000012000/backbone.safetensors lfw.bin
   hyperface evaluate backbone.pth --ijb IJB_release/IJBC --ijb-target IJBC
+  # overlay earlier --json reports (other models) in the plot and the table:
+  hyperface evaluate runs/hf-r50 lfw.bin agedb_30.bin --json hf.json --plot eval.png --compare dcface.json
 
 MODEL: an ONNX model; an insightface arcface_torch backbone.pth (what `hyperface train` writes in
 its run folder when it ends, and with --export); a training checkpoint's backbone.safetensors
@@ -49,6 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("bins", nargs="*", metavar="BIN", help="verification sets (lfw.bin, cfp_fp.bin, ...)")
     parser.add_argument("--json", metavar="FILE", help="also write the full report (per-fold numbers, versions) as JSON")
+    parser.add_argument(
+        "--plot", metavar="FILE",
+        help="also draw the results (.png, .pdf or .svg): per .bin set the cosine histograms of genuine and "
+             "impostor pairs with the threshold, the IJB ROC curve",
+    )
+    parser.add_argument(
+        "--compare", metavar="JSON", nargs="+", default=[],
+        help="earlier `evaluate --json` reports of other models: their rows are printed beside this model's and "
+             "their curves overlaid in --plot, each labelled by its file name",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--arch", default=None, help="iResNet arch for PyTorch files (r18..r200); inferred if omitted")
@@ -72,17 +84,25 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.errors import check_option
+    from hyperface.common.errors import HyperfaceError, check_option
     from hyperface.common.io import check_output_file, describe_input, save_json
     from hyperface.common.manifest import environment_versions
     from hyperface.common.runtime import get_logger
-    from hyperface.evaluation.runner import evaluate_model, format_table
+    from hyperface.evaluation.runner import evaluate_model, format_comparison, format_table, model_label, read_reports
     from hyperface.recognition.recognizers import resolve_model_path
 
     check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--folds", args.folds, lambda v: v >= 2, "at least 2", integer=True)
-    if args.json:  # found out now, not after the evaluation
+    # found out now, not after the evaluation
+    if args.json:
         check_output_file(args.json, "--json")
+    if args.plot:
+        from hyperface.evaluation.plots import PLOT_FORMATS
+
+        check_output_file(args.plot, "--plot")
+        if Path(args.plot).suffix.lstrip(".").lower() not in PLOT_FORMATS:
+            raise HyperfaceError(f"--plot {args.plot}: give a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
+    others = read_reports(args.compare)
     started = time.time()
     report = evaluate_model(
         args.model,
@@ -98,6 +118,15 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
     )
     print(format_table(report))
+    reports = [(model_label(args.model), report), *others]
+    if others:
+        print()
+        print(format_comparison(reports))
+    if args.plot:
+        from hyperface.evaluation.plots import plot_evaluation
+
+        plot_evaluation(args.plot, reports)
+        get_logger("evaluate").info("wrote %s", args.plot)
     if args.json:
         report = {
             "stage": "evaluate",

@@ -32,6 +32,8 @@ import numpy as np
 from hyperface.common.errors import HyperfaceError
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: FARs at which a result keeps its ROC for plots: ten per decade from 1e-6 to 1.
+ROC_FARS = np.logspace(-6, 0, 61)
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
@@ -58,6 +60,8 @@ class IJBResult:
     num_templates: int
     num_pairs: int
     settings: dict[str, Any] = field(default_factory=dict)
+    # the ROC at ROC_FARS for plots: {"far": [...], "tar": [...]}, TAR = the best reached at or below each FAR
+    roc: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,12 +192,12 @@ def ijb_image_features(
     IJB-C run (227k faces) resumes where it stopped."""
     if cache_dir is not None:
         return _cached_features(embed_fn, meta, Path(cache_dir), batch_size=batch_size, flip=flip, image_size=image_size)
+    from concurrent.futures import ThreadPoolExecutor
+
     import cv2
 
     from hyperface.common.runtime import progress
     from hyperface.recognition.alignment import align_face
-
-    from concurrent.futures import ThreadPoolExecutor
 
     def load(i: int) -> np.ndarray:
         path = meta.image_dir / meta.image_names[i]
@@ -313,13 +317,22 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def tar_at_far(labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARGETS) -> tuple[dict[str, float], float]:
     """TAR at each target FAR as insightface reads it off the ROC, and the area under the ROC."""
+    tars, auc, _ = _read_roc(labels, scores, far_targets)
+    return tars, auc
+
+
+def _read_roc(labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARGETS) -> tuple[dict[str, float], float, dict[str, list[float]]]:
+    """:func:`tar_at_far` plus the ROC sampled at :data:`ROC_FARS` (one sort of the scores for both)."""
     fpr, tpr, _ = roc_curve(labels, scores)
     auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    # for a curve: the best TAR reached at a FAR at or below each point (fpr starts at 0, rises)
+    sampled = tpr[np.searchsorted(fpr, ROC_FARS, side="right") - 1]
+    roc = {"far": [float(f) for f in ROC_FARS], "tar": [float(t) for t in sampled]}
     fpr, tpr = fpr[::-1], tpr[::-1]  # flipped, so the first of equally near points has the largest TAR
     result = {}
     for target in far_targets:
         result[_far_key(target)] = float(tpr[int(np.argmin(np.abs(fpr - target)))])
-    return result, auc
+    return result, auc, roc
 
 
 def evaluate_ijb(
@@ -345,7 +358,7 @@ def evaluate_ijb(
         features = features * meta.faceness[:, None]
     feats, unique_templates = template_features(features, meta.templates, meta.medias)
     scores = pair_scores(feats, unique_templates, meta.pair_t1, meta.pair_t2)
-    tars, auc = tar_at_far(meta.pair_label, scores)
+    tars, auc, roc = _read_roc(meta.pair_label, scores)
     return IJBResult(
         target=target,
         tar_at_far=tars,
@@ -354,6 +367,7 @@ def evaluate_ijb(
         num_templates=int(unique_templates.size),
         num_pairs=int(scores.size),
         settings={"flip": flip, "norm_score": use_norm_score, "detector_score": use_detector_score},
+        roc=roc,
     )
 
 

@@ -108,6 +108,63 @@ def _ijb_cache_key(model: str | os.PathLike, root: str | os.PathLike, target: st
     return f"{target.upper()}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def model_label(model: str | os.PathLike) -> str:
+    """A short name for a model in tables and plot legends: the run folder (and checkpoint step) for
+    ``hyperface train`` outputs, otherwise the file name."""
+    from hyperface.recognition.recognizers import resolve_model_path
+
+    path = resolve_model_path(model).resolve()
+    if path.stem != "backbone":
+        return path.name
+    if path.parent.name.startswith("step-"):  # RUN/checkpoints/step-N/backbone.safetensors
+        return f"{path.parent.parent.parent.name}/{path.parent.name}"
+    return path.parent.name
+
+
+def read_reports(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
+    """Earlier ``evaluate --json`` reports, each labelled by its file name (the path where two share one)."""
+    import json
+
+    reports = []
+    names = [Path(p).stem for p in paths]
+    for name, path in zip(names, paths):
+        try:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise HyperfaceError(f"--compare {path}: no such file (give reports written by `hyperface evaluate --json`)") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise HyperfaceError(f"--compare {path}: not a readable JSON report ({exc})") from None
+        if not isinstance(report, dict) or not (isinstance(report.get("results"), dict) or isinstance(report.get("ijb"), dict)):
+            raise HyperfaceError(f"--compare {path}: not a `hyperface evaluate --json` report (no results or ijb in it)")
+        reports.append((name if names.count(name) == 1 else str(path), report))
+    return reports
+
+
+def format_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Several models side by side: accuracy per .bin set, and IJB TAR at FAR 1e-5 and 1e-4."""
+    rows: list[tuple[str, list[str]]] = []
+    benchmarks = list(dict.fromkeys(name for _, report in reports for name in report.get("results", {})))
+    for name in benchmarks:
+        cells = [report.get("results", {}).get(name) for _, report in reports]
+        rows.append((f"{name} acc (%)", [f"{100 * c['accuracy']:.2f}" if c else "-" for c in cells]))
+    shared = [name for name in benchmarks if all(name in report.get("results", {}) for _, report in reports)]
+    if len(shared) > 1:
+        means = [np.mean([report["results"][name]["accuracy"] for name in shared]) for _, report in reports]
+        label = "mean acc (%)" if len(shared) == len(benchmarks) else f"mean of {len(shared)} shared"
+        rows.append((label, [f"{100 * m:.2f}" for m in means]))
+    targets = list(dict.fromkeys(report["ijb"]["target"] for _, report in reports if report.get("ijb")))
+    for target in targets:
+        for far in ("1e-05", "1e-04"):
+            cells = [report["ijb"]["tar_at_far"].get(far) if (report.get("ijb") or {}).get("target") == target else None
+                     for _, report in reports]
+            rows.append((f"{target} TAR@{far} (%)", [f"{100 * c:.2f}" if c is not None else "-" for c in cells]))
+    first = max(len(name) for name, _ in rows)
+    widths = [max(8, len(label)) for label, _ in reports]
+    lines = [f"{'':<{first}}  " + "  ".join(f"{label:>{w}}" for (label, _), w in zip(reports, widths))]
+    lines += [f"{name:<{first}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) for name, cells in rows]
+    return "\n".join(lines)
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned text: one row per benchmark, IJB TARs below."""
     lines = []

@@ -30,6 +30,8 @@ from hyperface.datasets.codec import decode_image
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 #: Finer grid insightface uses for VAL@FAR.
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
+#: Equal-width cosine bins over [-1, 1] of the genuine / impostor histograms a result keeps for plots.
+HISTOGRAM_BINS = 100
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
@@ -210,6 +212,8 @@ class VerificationResult:
     far_target: float = 1e-3
     xnorm: float | None = None  # mean feature norm (insightface logs it as XNorm)
     name: str = ""
+    # pair cosine similarity counts in HISTOGRAM_BINS equal bins over [-1, 1] (cosine = 1 - distance / 2)
+    similarity_histogram: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -314,7 +318,16 @@ def evaluate_embeddings(
         val_std=float(np.std(vals)),
         far=float(np.mean(fars)),
         far_target=far_target,
+        similarity_histogram=similarity_histogram(1 - dist / 2, issame),
     )
+
+
+def similarity_histogram(similarity: np.ndarray, issame: np.ndarray) -> dict[str, list[int]]:
+    """Genuine and impostor pair counts in :data:`HISTOGRAM_BINS` equal cosine bins over [-1, 1]."""
+    return {
+        kind: np.histogram(np.clip(similarity[mask], -1, 1), bins=HISTOGRAM_BINS, range=(-1, 1))[0].tolist()
+        for kind, mask in (("genuine", issame), ("impostor", ~issame))
+    }
 
 
 def _l2_normalize(features: np.ndarray) -> np.ndarray:
@@ -401,6 +414,7 @@ def evaluate_bin(
 
 __all__ = [
     "ACCURACY_THRESHOLDS",
+    "HISTOGRAM_BINS",
     "VAL_THRESHOLDS",
     "VerificationResult",
     "embed_pairs",
@@ -410,4 +424,5 @@ __all__ = [
     "kfold_splits",
     "load_bin",
     "read_bin",
+    "similarity_histogram",
 ]

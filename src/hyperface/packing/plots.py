@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from hyperface.common.io import save_figure
+
 
 def plot_packing(
     path: str | Path,
@@ -68,9 +70,4 @@ def plot_packing(
         ax.set_title("proximity to the face gallery")
         ax.grid(alpha=0.3)
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

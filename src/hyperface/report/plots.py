@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hyperface.common.io import save_figure
 from hyperface.report.stats import DatasetStats
 
 
@@ -67,7 +68,4 @@ def plot_report(path: str | Path, stats: DatasetStats) -> Path:
         ax.set_axis_off()
 
     fig.suptitle(f"{report['num_identities']:,} identities, {report['num_images']:,} images")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
