@@ -114,6 +114,30 @@ def test_training_lowers_loss_and_learns_to_verify_held_out_faces(synthetic, tmp
     assert [r["epoch"] for r in rows if "val" in r] == list(range(1, 9))
     assert manifest["margin"] == {"s": 64.0, "m": 0.5} and manifest["params"]["margin_s"] is None  # resolved beside the flags
     assert all(r["epoch"] == -(-r["step"] // per_epoch) for r in rows)
+    assert (run / "metrics.png").read_bytes().startswith(b"\x89PNG") and manifest["outputs"]["curves"] == "metrics.png"
+
+
+def test_metrics_plot_draws_what_the_log_holds(tmp_path, monkeypatch):
+    from hyperface.training import plots
+
+    lines = [{"step": s, "epoch": 1 + (s > 4), "loss": 10.0 / s, "lr": 0.1, "images_per_s": 100.0 + s} for s in range(1, 9)]
+    lines.insert(4, {"step": 4, "epoch": 1, "val": {"lfw": 0.6, "agedb_30": 0.55}})
+    lines.append({"step": 8, "epoch": 2, "val": {"lfw": 0.75}})
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 9, "epoch": 2, "lo'  # a line a kill cut short
+    (tmp_path / "metrics.jsonl").write_text(text)
+    figures = []
+    real_save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    assert plots.plot_metrics(tmp_path) == tmp_path / "metrics.png"
+    loss_ax, lr_ax, speed_ax, val_ax = figures[0].axes
+    np.testing.assert_allclose(loss_ax.lines[0].get_ydata(), [10.0 / s for s in range(1, 9)])
+    np.testing.assert_allclose(speed_ax.lines[0].get_xdata(), range(1, 9))
+    assert [line.get_xdata()[0] for line in loss_ax.lines[1:]] == [5]  # the epoch boundary
+    lfw, agedb = val_ax.lines
+    np.testing.assert_allclose(lfw.get_ydata(), [60.0, 75.0])
+    np.testing.assert_allclose(agedb.get_ydata(), [55.0])
+    assert [t.get_text() for t in val_ax.get_legend().get_texts()] == ["lfw 75.00%", "agedb_30 55.00%"]
+    assert "step 8" in figures[0]._suptitle.get_text()
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(synthetic, tmp_path):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hyperface.common.errors import HyperfaceError, check_option
+from hyperface.common.errors import HyperfaceError, check_option, exception_summary
 from hyperface.common.io import atomic_write, prepare_output_dir, remove_stale_temporaries
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, progress_enabled, resolve_device
@@ -257,12 +257,17 @@ def _barrier(world: int) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard (when installed); rank 0 only."""
+    """metrics.jsonl (always), its curves in metrics.png (redrawn at most once a minute, and when the
+    loop ends) and TensorBoard (when installed); rank 0 only."""
+
+    DRAW_EVERY_SECONDS = 60.0
 
     def __init__(self, out: Path, enabled: bool, resume_step: int | None):
+        self.out = out
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
         self.tensorboard = None
+        self.last_drawn = time.time()
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -289,6 +294,8 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **values}) + "\n")
+        if time.time() - self.last_drawn > self.DRAW_EVERY_SECONDS:
+            self.draw()
         if self.tensorboard is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -296,6 +303,18 @@ class MetricsLog:
                 elif isinstance(value, dict):
                     for sub, number in value.items():
                         self.tensorboard.add_scalar(f"{key}/{sub}", number, step)
+
+    def draw(self) -> None:
+        """Redraw metrics.png; a plotting failure is a warning, never the end of a training run."""
+        if not self.enabled or not self.path.exists():
+            return
+        from hyperface.training.plots import PLOT_FILE, plot_metrics
+
+        try:
+            plot_metrics(self.out)
+        except Exception as exc:  # noqa: BLE001 - matplotlib can fail in many ways; training goes on
+            log.warning("could not draw %s: %s", PLOT_FILE, exception_summary(exc))
+        self.last_drawn = time.time()
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -631,6 +650,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     finally:
         stop.restore()
         bar.close()
+        metrics.draw()  # also after a kill by signal or an error: the curves up to the last logged step
 
     # --- finish: export and manifest (rank 0) ----------------------------------------------------
     if is_main:
@@ -646,7 +666,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 "last_loss": last_loss, "verification": val_results,
                 "margin": {"s": float(margin.s), "m": float(margin.m)},  # the loss's defaults resolved
                 "resumed_from": str(resumed_from) if resumed_from else None,
-                "outputs": {"backbone": "backbone.pth", "checkpoints": ckpt.CHECKPOINTS, "metrics": "metrics.jsonl"},
+                "outputs": {"backbone": "backbone.pth", "checkpoints": ckpt.CHECKPOINTS, "metrics": "metrics.jsonl", "curves": "metrics.png"},
             }
         )
         manifest.write(out, status="complete" if step >= total_steps else "partial", checksum_inputs=False)
