@@ -220,6 +220,29 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
     for suffix in ("index.txt", "rejected.tsv"):
         assert (tmp_path / "killed" / f"g.{suffix}").read_text() == (clean / f"g.{suffix}").read_text()
     assert json.loads((tmp_path / "killed" / "g.manifest.json").read_text())["resumed_chunks"] == 1
+    # the preview shows the same faces whether or not the run was resumed
+    assert (tmp_path / "killed" / "g.aligned.jpg").read_bytes() == (clean / "g.aligned.jpg").read_bytes()
+
+
+def test_embed_preview_shows_aligned_faces_spread_over_the_gallery(tmp_path, models):
+    from hyperface.datasets.preview import LABEL_WIDTH, spread_rows
+    from hyperface.recognition.embed import PREVIEW_FACES
+
+    faces = random_faces(40, seed=4)
+    for i, face in enumerate(faces):
+        _write(tmp_path / "src" / f"{i:03d}.png", face)
+    _write(tmp_path / "src" / "005x.png", grey_image(4, 4))  # rejected: never shown
+    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--out", tmp_path / "out") == 0
+    sheet = cv2.imread(str(tmp_path / "out" / "gallery.aligned.jpg"))[..., ::-1]
+    assert sheet.shape == (4 * 112, LABEL_WIDTH + 8 * 112, 3)
+    shown = spread_rows(40, PREVIEW_FACES)
+    assert len(shown) == 32 and shown[0] == 0 and shown[-1] == 39
+    for k, row in enumerate(shown):
+        tile = sheet[112 * (k // 8) : 112 * (k // 8) + 111, LABEL_WIDTH + 112 * (k % 8) :][:, :112].astype(float)
+        own = np.abs(tile - faces[row][:111]).mean()
+        assert own < 12 and own < np.abs(tile - faces[(row + 1) % 40][:111]).mean() / 3, (k, row, own)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["outputs"]["preview"] == "gallery.aligned.jpg"
 
 
 def test_embed_recordio(tmp_path, models):
@@ -268,8 +291,8 @@ def test_embed_npy_outputs_are_self_contained_and_found_by_readers(tmp_path, mod
     for name in ("g1", "g2"):  # two galleries in one folder
         assert _embed(tmp_path / "faces", "--model", models["pth"], "--aligned", "--out", runs / f"{name}.npy") == 0
     assert sorted(p.name for p in runs.iterdir()) == [
-        "g1.index.txt", "g1.manifest.json", "g1.npy", "g1.rejected.tsv",
-        "g2.index.txt", "g2.manifest.json", "g2.npy", "g2.rejected.tsv",
+        "g1.aligned.jpg", "g1.index.txt", "g1.manifest.json", "g1.npy", "g1.rejected.tsv",
+        "g2.aligned.jpg", "g2.index.txt", "g2.manifest.json", "g2.npy", "g2.rejected.tsv",
     ]
     assert json.loads((runs / "g2.manifest.json").read_text())["outputs"]["embeddings"] == "g2.npy"
     # readers (report) find the manifest and index from the .npy path alone

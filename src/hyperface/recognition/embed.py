@@ -7,6 +7,8 @@ Outputs, beside ``gallery.npy`` (the name is the ``out`` argument's):
   in the list file, or ``train.rec#<record>``);
 - ``gallery.rejected.tsv``: ``path<TAB>reason`` for every input that was not embedded (unreadable,
   no face, too small), with a header line;
+- ``gallery.aligned.jpg``: 32 of the embedded faces, spread over the gallery, aligned as the model
+  saw them (a wrong crop or colour order shows at a glance);
 - the manifest: parameters, model convention, counts, timings, the settings a resume must match;
   written last. ``out`` a folder: ``manifest.json`` in it (the folder is the run's); ``out`` a
   ``.npy`` path: ``gallery.manifest.json`` beside it, so several galleries can share a folder.
@@ -33,10 +35,11 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError, without_object_reprs
+from hyperface.common.errors import HyperfaceError, exception_summary, without_object_reprs
 from hyperface.common.io import atomic_write, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
+from hyperface.datasets.preview import spread_rows
 from hyperface.recognition.images import ImageSource, UnreadableImage
 from hyperface.recognition.preprocess import FacePreprocessor
 from hyperface.recognition.recognizers import Recognizer
@@ -47,6 +50,8 @@ R = TypeVar("R")
 log = get_logger("hyperface.embed")
 
 PLAN_FILE = "plan.json"
+#: Aligned faces shown in ``g.aligned.jpg`` (4 rows of 8), spread over the gallery.
+PREVIEW_FACES = 32
 
 
 @dataclass
@@ -109,8 +114,13 @@ class GalleryPaths:
             return self.own_manifest
         return self.folder_manifest if _folder_manifest_describes(self.embeddings) else self.own_manifest
 
+    @property
+    def preview(self) -> Path:
+        """``g.aligned.jpg``: a few of the aligned faces the model embedded, to check the alignment by eye."""
+        return self.stem.with_name(self.stem.name + ".aligned.jpg")
+
     def outputs(self) -> list[Path]:
-        return [self.embeddings, self.index, self.rejected, self.manifest]
+        return [self.embeddings, self.index, self.rejected, self.preview, self.manifest]
 
     def chunk(self, k: int) -> Path:
         return self.parts / f"chunk_{k:06d}.npz"
@@ -151,6 +161,8 @@ class EmbedResult:
     chunks_computed: int
     seconds: float
     rejected_reasons: dict[str, int] = field(default_factory=dict)
+    # (gallery row, input index) of the faces shown in the preview: spread over the gallery
+    preview_rows: list[tuple[int, int]] = field(default_factory=list)
 
 
 def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
@@ -355,6 +367,7 @@ def embed_images(
             f"({_top_reasons(result.rejected_reasons)}); see {paths.rejected}"
         )
 
+    previewed = _write_preview(paths, source, preprocessor, result.preview_rows)
     manifest = Manifest(
         stage="embed",
         params=dict(manifest_params or {}),
@@ -379,6 +392,7 @@ def embed_images(
                 "embeddings": paths.embeddings.name,
                 "index": paths.index.name,
                 "rejected": paths.rejected.name,
+                **({"preview": paths.preview.name} if previewed else {}),
             },
             "resumed_chunks": n_chunks - len(todo),
             # what a later --resume must match (compared with describe_changes when it does not)
@@ -470,6 +484,9 @@ def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int) ->
 
     reason_counts: dict[str, int] = {}
     rejected = 0
+    wanted = spread_rows(total, PREVIEW_FACES)
+    preview_rows: list[tuple[int, int]] = []
+    written = 0
     tmp_npy = paths.embeddings.with_name(f".{paths.embeddings.name}.merge.tmp")
     # File names are written back byte for byte (surrogateescape): a name that is not UTF-8 stays
     # the name of its file, and `hyperface report` reads the index the same way.
@@ -486,6 +503,8 @@ def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int) ->
                     emb, rows = chunk["embeddings"], chunk["rows"]
                     npy.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
                     index_file.writelines(_clean_name(source.name(int(i))) + "\n" for i in rows)
+                    preview_rows += [(g, int(rows[g - written])) for g in wanted if written <= g < written + len(rows)]
+                    written += len(rows)
                     for i, reason in zip(chunk["rejected_rows"], chunk["rejected_reasons"]):
                         rejected_file.write(f"{_clean_name(source.name(int(i)))}\t{_clean_name(str(reason))}\n")
                         key = str(reason).split(" (")[0]
@@ -498,7 +517,26 @@ def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int) ->
     finally:
         if tmp_npy.exists():
             tmp_npy.unlink()
-    return EmbedResult(paths, total, rejected, dim, 0, 0.0, reason_counts)
+    return EmbedResult(paths, total, rejected, dim, 0, 0.0, reason_counts, preview_rows)
+
+
+def _write_preview(paths: GalleryPaths, source: ImageSource, preprocessor: FacePreprocessor, picks: list[tuple[int, int]]) -> bool:
+    """``g.aligned.jpg``: the picked inputs aligned again exactly as they were for the model, 8 per
+    row, each row labelled with the gallery rows it spans. A failure is a warning: the gallery is done."""
+    from hyperface.datasets.preview import contact_sheet, save_contact_sheet
+
+    try:
+        faces = []
+        for _, index in picks:
+            face, _ = preprocessor.process(source.load(index))
+            faces.append(face)
+        rows = [(f"gallery rows\n{picks[i][0]}-{picks[min(i + 7, len(picks) - 1)][0]}", faces[i : i + 8])
+                for i in range(0, len(faces), 8)]
+        save_contact_sheet(paths.preview, contact_sheet(rows, columns=min(8, len(faces)), tile=preprocessor.size))
+        return True
+    except Exception as exc:  # noqa: BLE001 - an input changed since, a codec error: the gallery stands
+        log.warning("could not draw %s: %s", paths.preview.name, exception_summary(exc))
+        return False
 
 
 __all__ = ["EmbedResult", "GalleryPaths", "embed_images", "ordered_parallel_map"]
