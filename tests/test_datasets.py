@@ -211,6 +211,29 @@ def test_recordio_writer_resumes_after_kill(tmp_path):
         RecordIOWriter(tmp_path)
 
 
+def test_recordio_writer_loses_nothing_added_before_a_sigkill(tmp_path):
+    """No flush() by the caller: a process killed outright keeps every record add() returned."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, numpy as np\n"
+        "from hyperface.datasets import RecordIOWriter\n"
+        f"writer = RecordIOWriter({str(tmp_path)!r}, image_format='png')\n"
+        "rng = np.random.default_rng(0)\n"
+        "for i in range(120):\n"
+        "    writer.add(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), i // 10)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    resumed = RecordIOWriter(tmp_path, resume=True)
+    assert resumed.num_images == 120 and resumed.label_counts == {label: 10 for label in range(12)}
+    resumed.close()
+    assert RecordIODataset(tmp_path).labels.tolist() == [i // 10 for i in range(120)]
+
+
 def test_writer_input_errors(tmp_path):
     writer = RecordIOWriter(tmp_path / "a")
     image = _images(1)[0]

@@ -560,11 +560,16 @@ class RecordIOWriter:
         offset = self._rec.tell()
         self._rec.write(frame_record(pack_payload(float(label), data, id=key)))
         self._idx.write(f"{key}\t{offset}\n")
+        # Each record reaches the OS before add returns (the record, then its index line), so a
+        # killed process loses at most the record it was writing. One small write per image, next
+        # to a JPEG encode: nothing against the hundreds of records Python's buffers would hold.
+        self.flush()
         self._next_key += 1
         return key
 
     def flush(self) -> None:
-        """Push buffered records to the OS (a kill after this loses nothing already added)."""
+        """Push buffered records to the OS (``add`` does it after every record; a kill of the process
+        then loses nothing already added; for a power cut, fsync is the caller's choice)."""
         self._rec.flush()
         self._idx.flush()
 
