@@ -262,3 +262,25 @@ def test_comparison_table_with_ijb_and_shared_sets():
     assert rows["lfw acc (%)"] == ["99.00", "98.00"] and rows["agedb_30 acc (%)"] == ["80.00", "-"]
     assert rows["mean of 2 shared"] == ["94.50", "89.00"]
     assert rows["IJBC TAR@1e-04 (%)"] == ["90.00", "-"] and rows["IJBC TAR@1e-05 (%)"] == ["45.00", "-"]
+
+
+def test_ctrl_c_tells_each_stage_what_to_rerun(tiny_backbone, tmp_path, capsys, monkeypatch):
+    """evaluate and report have no --resume: the hint must not send the user to a flag that fails."""
+    from hyperface.evaluation import runner
+    from hyperface.report import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _, model_path = tiny_backbone
+    write_noisy_pairs_bin(tmp_path / "lfw.bin", 4, seed=1)
+    monkeypatch.setattr(runner, "evaluate_model", interrupted)
+    assert main(["evaluate", str(model_path), str(tmp_path / "lfw.bin")]) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command" in err and "--cache DIR" in err and "--resume" not in err
+    assert main(["evaluate", str(model_path), "--ijb", str(tmp_path), "--cache", str(tmp_path / "c")]) == 130
+    assert "the IJB features in --cache are kept" in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "run_report", interrupted)
+    assert main(["report", str(tmp_path / "e.npy"), "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command with --overwrite" in err and "--resume" not in err

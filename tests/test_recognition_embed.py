@@ -195,6 +195,7 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
     monkeypatch.setattr(Recognizer, "embed_valid", dying_embed)
     out = tmp_path / "killed" / "g.npy"
     assert _embed(*args, "--out", out) == 130
+    assert "rerun with --resume to continue" in capsys.readouterr().err
     parts = tmp_path / "killed" / "g.parts"
     assert sorted(p.name for p in parts.glob("chunk_*.npz")) == ["chunk_000000.npz"]
     assert not out.exists() and not (tmp_path / "killed" / "g.manifest.json").exists()

@@ -91,8 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hyperface {args.stage}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hyperface {args.stage}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        print(f"hyperface {args.stage}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What to run after Ctrl-C: only the stages that checkpoint have --resume."""
+    if hasattr(args, "resume"):
+        return "rerun with --resume to continue"
+    if args.stage == "evaluate":
+        return ("rerun the same command" + (" (the IJB features in --cache are kept)" if getattr(args, "cache", None)
+                else "; with --ijb, --cache DIR keeps finished features across interruptions"))
+    return "rerun the same command with --overwrite to start again"
 
 
 if __name__ == "__main__":  # pragma: no cover
