@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m hyperface pack --identities 10000 --dim 512 --time-budget 60 --seed 0 --out runs/pack-demo --overwrite
+	$(PYTHON) -m hyperface pack --identities 10000 --dim 512 --time-budget 60 --seed 0 --device cpu --out runs/pack-demo --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -4,7 +4,7 @@ The shapes that the conditioning depends on are real (text hidden size 768, iden
 77-token prompts, UNet cross-attention dim 768); everything else (layers, heads, channels, vocabulary,
 resolution) is shrunk so a whole generation run takes seconds on a CPU.
 
-Layouts written (REFERENCE.md sections 2 and 8):
+Layouts written (the Hugging Face FoivosPar/Arc2Face and stable-diffusion-v1-5 repositories):
 
     arc2face/encoder/config.json, pytorch_model.bin          (CLIPTextModel, keys "text_model.*",
                                                                as transformers 4.x saved Arc2Face's)

@@ -38,7 +38,7 @@ def min_angle(points: np.ndarray) -> float:
     return math.degrees(math.acos(min(1.0, gram.max())))
 
 
-# --- known answers (REFERENCE.md section 7) -----------------------------------------------------
+# --- known answers (simplex, cross-polytope, Sloane's tables) ----------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the full report (per-fold numbers, versions) as JSON")
     parser.add_argument(
         "--plot", metavar="FILE",
-        help="also draw the results (.png, .pdf or .svg): per .bin set the cosine histograms of genuine and "
+        help="also draw the results (.png, .pdf, .svg or .jpg): per .bin set the cosine histograms of genuine and "
              "impostor pairs with the threshold, the IJB ROC curve",
     )
     parser.add_argument(

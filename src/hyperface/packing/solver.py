@@ -59,7 +59,7 @@ SYMMETRIES = ("auto", "none", "cyclic")
 GALLERY_REG_WEIGHT = 0.3
 
 #: ``symmetry="auto"`` picks cyclic orbit codes for pure packing from this many points per dimension:
-#: there they beat the unconstrained solver (N/d = 15.6: +0.08..0.12 deg at d = 64..256; N = 10,000,
+#: there they beat the unconstrained solver (N/d = 15.6: +0.10..0.13 deg at d = 64..256; N = 10,000,
 #: d = 512: 87.03 vs 86.89 deg in 60 s); at N/d <= 9 the unconstrained solver is as good or better.
 CYCLIC_MIN_POINTS_PER_DIM = 12
 CHECKPOINT_NAME = "checkpoint.pt"

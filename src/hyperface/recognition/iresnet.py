@@ -7,7 +7,7 @@ An insightface ``backbone.pth`` (a plain state dict) loads into :func:`iresnet` 
 Input convention: float NCHW **RGB**, 112x112, normalised as ``(pixel - 127.5) / 127.5``.
 Output: the (un-normalised) ``embedding_size``-d feature; L2-normalise it to compare faces.
 
-Layout (REFERENCE.md section 3)::
+Layout (insightface arcface_torch backbones/iresnet.py)::
 
     conv1 3x3/64 -> bn1 -> prelu
     layer1..layer4: IBasicBlock x blocks[i], widths 64/128/256/512, first block of each stride 2

@@ -5,7 +5,7 @@ float32 (N, D) L2-normalised embeddings. What differs between model files (RGB v
 ``(x - 127.5) / 127.5`` normalisation happens, fixed or dynamic batch) is handled here and stated by
 :meth:`Recognizer.describe`.
 
-Supported files (REFERENCE.md section 3):
+Supported files:
 
 - ``*.onnx``: insightface packs (buffalo_l ``w600k_r50.onnx``, antelopev2 ``glintr100.onnx``) and
   Arc2Face's ``arcface.onnx``; run through onnxruntime on CPU or CUDA. Graphs that begin with their

@@ -30,8 +30,9 @@ examples:
 
 DATA is a RecordIO dataset (folder with train.rec/train.idx, or a .rec file), an image folder
 (one sub-folder per identity), or a `hyperface generate` output folder (its rec/, else images/). Outputs in --out: checkpoints/ (every epoch and every
---checkpoint-every steps; the last --keep-checkpoints kept), metrics.jsonl (and tensorboard/ when
-tensorboard is installed), backbone.pth (insightface state dict), config.json, manifest.json.
+--checkpoint-every steps; the last --keep-checkpoints kept), metrics.jsonl, metrics.png (loss, lr,
+images/s and verification curves, redrawn at most once a minute), tensorboard/ when tensorboard is
+installed, backbone.pth (insightface state dict), config.json, manifest.json.
 """
 
 

@@ -2,7 +2,7 @@
 
 A *margin* turns the cosine logits ``cos(theta_j) = <f/|f|, w_j/|w_j|>`` of a batch into scaled,
 margin-adjusted logits; only the target-class logit of each row is changed. Cross-entropy over
-those logits is the loss. The margins here follow the published formulas (REFERENCE.md section 4):
+those logits is the loss. The margins here follow the published formulas:
 
 - ArcFace (Deng et al. 2019): target ``s * cos(theta + m)``, s=64, m=0.5.
 - CosFace (Wang et al. 2018): target ``s * (cos(theta) - m)``, s=64, m=0.4.
