@@ -54,6 +54,21 @@ def test_another_stages_folder_is_never_overwritten_or_resumed_into(tmp_path):
     assert prepare_output_dir(data, stage="generate", resume=True) == data  # its own stage may
 
 
+def test_an_embed_folder_is_named_as_such(tmp_path):
+    """embed writes no run marker; its manifest says whose folder it is, and nothing is cleared."""
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    (gallery / "gallery.npy").write_bytes(b"work")
+    (gallery / "manifest.json").write_text('{"stage": "embed", "status": "complete"}')
+    for flags in ({"overwrite": True}, {}):
+        with pytest.raises(HyperfaceError, match="holds a `hyperface embed` run, not a pack run"):
+            prepare_output_dir(gallery, stage="pack", **flags)
+    assert (gallery / "gallery.npy").read_bytes() == b"work"
+    (gallery / "manifest.json").write_text('{"stage": "something else"}')  # not ours: the general refusal
+    with pytest.raises(HyperfaceError, match="did not write"):
+        prepare_output_dir(gallery, stage="pack", overwrite=True)
+
+
 def test_stages_without_resume_do_not_suggest_it(tmp_path):
     out = prepare_output_dir(tmp_path / "report", stage="report", resumable=False)
     (out / "report.json").write_text("{}")

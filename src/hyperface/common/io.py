@@ -195,7 +195,7 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     non_empty = out.is_dir() and any(out.iterdir())
-    owner = run_stage(out)
+    owner = run_stage(out) or _manifest_stage(out)
     if non_empty and stage and owner and owner != stage and (resume or not _holds_no_work(out, setup_files)):
         # One mistyped --out must not clear (or resume into) another stage's work, and no flag would help.
         raise HyperfaceError(f"output folder {out} holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
@@ -230,6 +230,15 @@ def run_stage(folder: str | os.PathLike) -> str:
         return (Path(folder) / RUN_MARKER).read_text(encoding="utf-8").split("\n", 1)[0].strip()
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def _manifest_stage(folder: Path) -> str:
+    """The stage a folder's manifest.json names, for outputs without a run marker (``embed``'s)."""
+    try:
+        stage = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return stage if stage in ("embed", "pack", "generate", "train", "report") else ""
 
 
 def _holds_no_work(out: Path, setup_files: Sequence[str]) -> bool:
