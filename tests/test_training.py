@@ -528,3 +528,65 @@ def test_pruning_never_leaves_a_partial_checkpoint_and_finishes_after_a_kill(tmp
     monkeypatch.undo()
     ckpt.prune_checkpoints(folder, folder / ckpt.checkpoint_name(8), keep=2)  # what a resume does first
     assert sorted(p.name for p in folder.iterdir()) == [ckpt.checkpoint_name(n) for n in (6, 8)]
+
+
+def test_a_subset_of_identities_and_images_trains_on_exactly_those(synthetic, tmp_path):
+    """--identities N --images-per-identity K: the head has N classes, an epoch is N x K images (the
+    first K of each identity), and a resume with another subset is refused as other data."""
+    from hyperface.datasets import RecordIODataset
+
+    run = tmp_path / "run"
+    seen = []
+    base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=10, device="cpu", identities=5,
+                images_per_identity=4, **TINY)
+    import hyperface.datasets.subset as subset
+
+    original = subset.DatasetSubset.__getitem__
+    subset.DatasetSubset.__getitem__ = lambda self, i: seen.append(int(self.indices[i])) or original(self, i)
+    try:
+        result = train(TrainConfig(**base))
+    finally:
+        subset.DatasetSubset.__getitem__ = original
+    assert result.steps == 2  # 20 images, batch 10
+    labels = RecordIODataset(synthetic["data"]).labels
+    expected = [int(i) for c in range(5) for i in np.flatnonzero(labels == c)[:4]]
+    assert sorted(seen) == expected  # each picked image once per epoch, none outside the subset
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["num_classes"] == 5 and manifest["num_images"] == 20
+    assert manifest["data_subset"]["of"] == {"identities": CLASSES, "images": CLASSES * TRAIN_PER_CLASS}
+    from safetensors.torch import load_file
+
+    centres = [v for v in load_file(latest_checkpoint(run) / "head-rank0.safetensors").values() if v.ndim == 2]
+    assert [c.shape[0] for c in centres] == [5]  # one class centre per identity of the subset
+    with pytest.raises(HyperfaceError, match="dataset's content differs"):
+        train(TrainConfig(**{**base, "images_per_identity": 3, "max_steps": 3}, resume=True))
+    with pytest.raises(HyperfaceError, match="has 8 identities; cannot train on the first 9"):
+        train(TrainConfig(**{**base, "identities": 9, "out": str(tmp_path / "too-many")}))
+    with pytest.raises(HyperfaceError, match="--images-per-identity must be >= 1"):
+        train(TrainConfig(**{**base, "images_per_identity": 0, "out": str(tmp_path / "zero")}))
+
+
+def test_subset_picks_the_first_images_of_each_identity_in_reader_order():
+    from hyperface.datasets.subset import DatasetSubset
+
+    class Reader:
+        labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+        num_classes = 3
+
+        def fingerprint(self):
+            return "full"
+
+        def __len__(self):
+            return self.labels.size
+
+        def __getitem__(self, i):
+            return np.full((2, 2, 3), i, np.uint8), int(self.labels[i])
+
+    both = DatasetSubset(Reader(), identities=2, per_identity=2)
+    assert both.indices.tolist() == [0, 1, 3, 4] and both.labels.tolist() == [0, 0, 1, 1] and both.num_classes == 2
+    assert both[2][0][0, 0, 0] == 3 and both[2][1] == 1
+    per = DatasetSubset(Reader(), per_identity=3)
+    assert per.indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 7] and per.num_classes == 3  # identity 1 keeps its 2
+    assert DatasetSubset(Reader(), identities=1).indices.tolist() == [0, 1, 2, 9]
+    prints = {both.fingerprint(), per.fingerprint(), DatasetSubset(Reader(), identities=2).fingerprint(), "full"}
+    assert len(prints) == 4

@@ -4,6 +4,7 @@
   exactly as insightface's arcface_torch reads them, without mxnet.
 - :class:`ImageFolderWriter` / :class:`ImageFolderDataset`: one folder per identity.
 - :func:`open_dataset`: picks the reader from what is on disk.
+- :class:`~hyperface.datasets.subset.DatasetSubset`: the first N identities / K images of one, for ablations.
 
 Readers return ``(RGB uint8 HWC image, int label)``, expose ``labels`` (int64) and ``num_classes``,
 raise :class:`~hyperface.common.errors.HyperfaceError` on corrupt or truncated data, and pickle

@@ -66,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "straight-through (current insightface arcface_torch: margin added under no_grad)")
     model.add_argument("--partial-fc", type=float, default=1.0, metavar="RATE", help="fraction of class centres scored per step (default: 1.0 = full softmax; 0.1-0.3 for 1M+ identities)")
 
+    data = parser.add_argument_group("data subset (ablations: fewer identities or images from one rendered set)")
+    data.add_argument("--identities", type=int, metavar="N", help="train on identities 0..N-1 of DATA only (default: all)")
+    data.add_argument("--images-per-identity", type=int, metavar="K",
+                      help="the first K images of each identity only (generate renders image j from (seed, identity, j), "
+                           "so these are what `generate -k K` gives; default: all)")
+
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=26, help="epochs (default: 26)")
     optim.add_argument("--batch-size", type=int, default=128, help="images per step per process (default: 128)")
@@ -120,6 +126,8 @@ def run_command(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data,
         out=args.out,
+        identities=args.identities,
+        images_per_identity=args.images_per_identity,
         arch=args.arch,
         embedding_size=args.embedding_size,
         dropout=args.dropout,

@@ -61,6 +61,8 @@ class TrainConfig:
 
     data: str
     out: str
+    identities: int | None = None  # train on identities 0..N-1 of the data only (ablations); None: all
+    images_per_identity: int | None = None  # the first K images of each identity only; None: all
     arch: str = "r50"
     embedding_size: int = 512
     loss: str = "arcface"
@@ -138,6 +140,8 @@ class TrainConfig:
             ("--checkpoint-every", self.checkpoint_every, True, lambda v: v >= 0, ">= 0 (0 = epochs only)"),
             ("--keep-checkpoints", self.keep_checkpoints, True, lambda v: v >= 0, ">= 0 (0 = keep all)"),
             ("--log-every", self.log_every, True, lambda v: v >= 1, ">= 1"),
+            *((flag, value, True, lambda v: v >= 1, ">= 1") for flag, value in
+              (("--identities", self.identities), ("--images-per-identity", self.images_per_identity)) if value is not None),
             ("--seed", self.seed, True, lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
         ]
         optional = [
@@ -417,6 +421,13 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
 
     # --- data ---------------------------------------------------------------------------------
     reader = open_dataset(cfg.data)
+    if cfg.identities is not None or cfg.images_per_identity is not None:
+        from hyperface.datasets.subset import DatasetSubset
+
+        reader = DatasetSubset(reader, identities=cfg.identities, per_identity=cfg.images_per_identity)
+        if is_main:
+            log.info("training on %d identities x up to %s images: %d of the data's %d images", reader.num_classes,
+                     cfg.images_per_identity or "all", len(reader), len(reader.reader))
     num_classes = int(reader.num_classes)
     data_fingerprint = reader.fingerprint()
     check_labels(reader.labels, num_classes)
@@ -661,7 +672,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         manifest.extra.update(
             {
                 "steps": step, "epochs_done": epoch, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
-                "num_images": len(dataset), "data_fingerprint": data_fingerprint, "world_size": world, "device": str(device), "workers": workers,
+                "num_images": len(dataset), "data_subset": reader.describe() if hasattr(reader, "indices") else None,
+                "data_fingerprint": data_fingerprint, "world_size": world, "device": str(device), "workers": workers,
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
                 "last_loss": last_loss, "verification": val_results,
                 "margin": {"s": float(margin.s), "m": float(margin.m)},  # the loss's defaults resolved
