@@ -388,6 +388,24 @@ def test_cli_rejects_bad_galleries_cleanly(tmp_path, capsys, kind, message):
     assert not out.exists()  # nothing written for a refused input
 
 
+def test_steps_0_writes_the_starting_points_as_a_baseline(tmp_path):
+    """The "no HyperFace optimisation" baseline: random points, or the gallery rows the init picks."""
+    from hyperface.packing.init import initial_points
+
+    assert run_cli("--identities", "300", "--dim", "16", "--steps", "0", "--no-plot", "--seed", "4", "--out", str(tmp_path / "random")) == 0
+    random_points = np.load(tmp_path / "random" / "identities.npy")
+    np.testing.assert_array_equal(random_points, initial_points("random", 300, 16, np.random.default_rng(4)))  # not an orbit code
+    metrics = json.loads((tmp_path / "random" / "metrics.json").read_text())
+    cos = random_points @ random_points.T
+    np.fill_diagonal(cos, -1)
+    assert metrics["min_angle_deg"] == pytest.approx(math.degrees(math.acos(cos.max())), abs=1e-3)
+    gallery = anisotropic_gallery(200, 16)
+    np.save(tmp_path / "g.npy", gallery)
+    assert run_cli("--identities", "50", "--gallery", str(tmp_path / "g.npy"), "--steps", "0", "--no-plot", "--out", str(tmp_path / "gal")) == 0
+    chosen = np.load(tmp_path / "gal" / "identities.npy")
+    assert np.abs(chosen @ gallery.T).max(axis=1).min() > 1 - 1e-5  # every identity is a gallery row
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -395,7 +413,8 @@ def test_cli_rejects_bad_galleries_cleanly(tmp_path, capsys, kind, message):
         (["--identities", "30", "--gallery", "{gallery}"], "at least as many gallery embeddings"),
         (["--identities", "5", "--dim", "8", "--reg-weight", "1"], "needs --gallery"),
         (["--identities", "5", "--dim", "500", "--init", "binary"], "power-of-two"),
-        (["--identities", "5", "--dim", "8", "--steps", "0"], "positive"),
+        (["--identities", "5", "--dim", "8", "--steps", "-1"], "0 (the starting points, not optimised) or more"),
+        (["--identities", "5", "--dim", "8", "--steps", "0", "--symmetry", "cyclic"], "takes --symmetry none"),
         (["--identities", "5", "--dim", "8", "--reg-weight", "-1"], ">= 0"),
         (["--identities", "5", "--dim", "8", "--device", "cuda:7"], "--device cuda:7"),
     ],

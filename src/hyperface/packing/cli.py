@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                           "(a .npy, or the folder `hyperface embed` wrote)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty or new)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, metavar="K", help="optimisation steps (default 1000)")
+    budget.add_argument("--steps", type=int, metavar="K", help="optimisation steps (default 1000; 0 writes the starting points unoptimised, with their metrics: "
+                                                          "the no-optimisation baseline of an ablation)")
     budget.add_argument("--time-budget", type=float, metavar="SEC",
                         help="optimise for this many seconds instead, the final polish included")
     p.add_argument("--reg-weight", type=float, default=None, metavar="A",

@@ -38,7 +38,7 @@ def plot_packing(
     ax.axhline(metrics["min_angle_deg"], color="C2", lw=1, label=f"final {metrics['min_angle_deg']:.3f}")
     ax.set_xlabel("optimisation time (s)")
     ax.set_ylabel("minimum pairwise angle (deg)")
-    ax.set_title(f"N={metrics['num_identities']}, d={metrics['dim']}")
+    ax.set_title(f"N={metrics['num_identities']}, d={metrics['dim']}" + ("" if history else ": starting points, not optimised"))
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
 

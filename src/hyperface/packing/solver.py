@@ -131,6 +131,10 @@ class PackConfig:
         if cfg.symmetry not in SYMMETRIES:
             raise HyperfaceError(f"unknown --symmetry {cfg.symmetry!r}: choose one of {', '.join(SYMMETRIES)}")
         pure = gallery is None and cfg.init in ("auto", "random") and cfg.mode in ("auto", "exact")
+        if cfg.steps == 0:  # the starting points as they are (a baseline): no orbit code to build
+            if cfg.symmetry == "cyclic":
+                raise HyperfaceError("--steps 0 writes the starting points unoptimised; it takes --symmetry none (or auto)")
+            cfg.symmetry = "none"
         if cfg.symmetry == "auto":
             cfg.symmetry = "cyclic" if pure and cfg.num_identities >= CYCLIC_MIN_POINTS_PER_DIM * cfg.dim else "none"
         elif cfg.symmetry == "cyclic" and not pure:
@@ -150,7 +154,7 @@ class PackConfig:
         if cfg.steps is None and cfg.time_budget is None:
             cfg.steps = 1000
         if cfg.steps is not None:
-            check_option("--steps", cfg.steps, lambda v: v >= 1, "a positive integer", integer=True)
+            check_option("--steps", cfg.steps, lambda v: v >= 0, "0 (the starting points, not optimised) or more", integer=True)
         if cfg.time_budget is not None:
             check_option("--time-budget", cfg.time_budget, lambda v: 0 < v < math.inf, "a positive, finite number of seconds")
         if cfg.polish_steps is not None:  # None: the default for N
@@ -692,12 +696,14 @@ def _pack_once(
 
     budget = cfg.time_budget / cfg.restarts if cfg.time_budget is not None else None
     polish_steps = cfg.polish_steps if cfg.polish_steps is not None else (300 if num <= POLISH_AUTO_MAX else 0)
-    polishing = polish_steps > 0 and cfg.mode != "stochastic"
+    polishing = polish_steps > 0 and cfg.mode != "stochastic" and cfg.steps != 0  # --steps 0: the start, untouched
     # The polish is part of the optimisation, so of the budget: Adam leaves it its share.
     adam_budget = budget * (1.0 - POLISH_SHARE) if budget is not None and polishing else budget
 
     def fraction() -> float:
-        return step / cfg.steps if cfg.steps is not None else elapsed / adam_budget  # type: ignore[operator]
+        if cfg.steps is not None:
+            return step / cfg.steps if cfg.steps else 1.0
+        return elapsed / adam_budget  # type: ignore[operator]
 
     bar = budget_progress(cfg.steps, budget, step if cfg.steps else elapsed,
                           desc="pack" + (f" {restart + 1}/{cfg.restarts}" if cfg.restarts > 1 else ""))
