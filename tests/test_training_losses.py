@@ -205,6 +205,34 @@ def test_partial_fc_sampling_keeps_positives_and_matches_subset_softmax():
     assert partial.eval().sample(labels, gen)[0] is None
 
 
+def test_interclass_filtering_zeroes_close_negatives_like_arcface_torch():
+    """Negatives above the threshold get cosine 0 and no gradient; targets are never filtered."""
+    torch.manual_seed(0)
+    head = PartialFC(ArcFaceMargin(), embedding_size=8, num_classes=6, interclass_filtering=0.4)
+    centres = F.normalize(torch.randn(6, 8), dim=1)
+    centres[4] = F.normalize(centres[1] + 0.05 * torch.randn(8), dim=0)  # class 4 duplicates class 1
+    head.weight.data.copy_(centres)
+    emb = (centres[[1, 1, 2, 4]] * 3 + 0.2 * torch.randn(4, 8)).requires_grad_(True)
+    labels = torch.tensor([1, 1, 2, 4])
+    loss = head(emb, labels)
+    loss.backward()
+    # by hand: insightface's CombinedMarginLoss filtering, then the margin and softmax cross-entropy
+    weight = centres.clone().requires_grad_(True)
+    cos = F.linear(F.normalize(emb.detach()), F.normalize(weight)).clamp(-1, 1)
+    dirty = cos.detach() > 0.4
+    dirty[torch.arange(4), labels] = False
+    assert dirty[0, 4] and dirty[1, 4] and dirty[3, 1]  # the duplicated identities are what gets filtered
+    expected = F.cross_entropy(ArcFaceMargin()(cos.masked_fill(dirty, 0.0), labels), labels)
+    expected.backward()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(head.weight.grad, weight.grad, rtol=1e-4, atol=1e-7)
+    off = PartialFC(ArcFaceMargin(), embedding_size=8, num_classes=6)
+    off.weight.data.copy_(centres)
+    assert float(off(emb.detach(), labels).detach()) > float(loss.detach()) + 1  # the duplicates' pull is gone
+    with pytest.raises(HyperfaceError, match="interclass-filtering must be in"):
+        PartialFC(ArcFaceMargin(), 8, 6, interclass_filtering=1.0)
+
+
 def test_partial_fc_sample_count_follows_arcface_torch():
     # partial_fc_v2: num_sample = int(rate * num_local), rounded down (ceil would give 29 and 124).
     assert PartialFC(CosFaceMargin(), 8, 100, sample_rate=0.29).num_sample == 28

@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--margin-gradient", choices=("exact", "straight-through"), default="exact",
                        help="ArcFace only: exact (the formula's gradient, the ArcFace paper's code; default) or "
                             "straight-through (current insightface arcface_torch: margin added under no_grad)")
+    model.add_argument("--interclass-filtering", type=float, default=0.0, metavar="COS",
+                       help="a non-target class centre above this cosine to a sample is taken for the same identity under "
+                            "another label: its logit is set to 0, no gradient (arcface_torch's interclass_filtering_threshold, "
+                            "0.4 in its noisy-data runs; for sets with duplicated identities; default: 0 = off)")
     model.add_argument("--partial-fc", type=float, default=1.0, metavar="RATE", help="fraction of class centres scored per step (default: 1.0 = full softmax; 0.1-0.3 for 1M+ identities)")
 
     data = parser.add_argument_group("data subset (ablations: fewer identities or images from one rendered set)")
@@ -136,6 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
         margin_m=args.margin_m,
         margin_gradient=args.margin_gradient,
         partial_fc=args.partial_fc,
+        interclass_filtering=args.interclass_filtering,
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,

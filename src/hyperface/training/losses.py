@@ -285,6 +285,10 @@ class PartialFC(nn.Module):
             global batch are always kept; random others fill up to ``ceil(rate * shard)``).
             1.0 = full softmax. 0.1-0.3 is typical for 1M+ identities.
         rank, world_size: default to the initialised process group (or 0/1).
+        interclass_filtering: above 0, a non-target centre whose cosine to a sample exceeds it is
+            taken for the same identity under another label: its logit is set to cosine 0 with no
+            gradient (arcface_torch's ``interclass_filtering_threshold``; for sets with duplicated
+            or colliding identities). 0 (default) = off.
 
     ``forward(embeddings, labels, generator=None) -> loss``: ``embeddings`` are this rank's
     un-normalised features (B, D), ``labels`` global class ids (B,). Under DDP both are all-gathered
@@ -304,10 +308,14 @@ class PartialFC(nn.Module):
         sample_rate: float = 1.0,
         rank: int | None = None,
         world_size: int | None = None,
+        interclass_filtering: float = 0.0,
     ):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise HyperfaceError(f"--partial-fc sample rate must be in (0, 1], got {sample_rate}")
+        if not 0.0 <= interclass_filtering < 1.0:
+            raise HyperfaceError(f"--interclass-filtering must be in [0, 1) (a cosine; 0 = off), got {interclass_filtering}")
+        self.interclass_filtering = float(interclass_filtering)
         if num_classes < 2:
             raise HyperfaceError(f"training needs at least 2 classes, got {num_classes}")
         distributed = dist.is_available() and dist.is_initialized()
@@ -358,6 +366,12 @@ class PartialFC(nn.Module):
         weight = self.weight if index is None else self.weight[index]
         norms = embeddings.float().norm(dim=1)
         cosine = F.linear(F.normalize(embeddings), F.normalize(weight)).float().clamp(-1.0, 1.0)
+        if self.interclass_filtering > 0:
+            with torch.no_grad():
+                dirty = cosine > self.interclass_filtering
+                rows = torch.nonzero(local >= 0).view(-1)
+                dirty[rows, local[rows]] = False  # a sample's own centre is never filtered
+            cosine = cosine.masked_fill(dirty, 0.0)
         logits = self.margin(cosine, local, norms)
         return _ShardedCrossEntropy.apply(logits, local, distributed)
 
@@ -365,6 +379,7 @@ class PartialFC(nn.Module):
         return (
             f"num_classes={self.num_classes}, shard=[{self.class_start}, {self.class_start + self.num_local}), "
             f"sample_rate={self.sample_rate}, rank={self.rank}/{self.world_size}"
+            + (f", interclass_filtering={self.interclass_filtering}" if self.interclass_filtering else "")
         )
 
 

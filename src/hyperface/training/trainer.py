@@ -47,7 +47,7 @@ log = get_logger("hyperface.train")
 _RESUME_FIXED = (
     "arch", "embedding_size", "dropout", "loss", "margin_s", "margin_m", "margin_gradient", "partial_fc", "epochs", "batch_size",
     "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma", "poly_power",
-    "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed",
+    "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed", "interclass_filtering",
 )
 
 
@@ -85,6 +85,7 @@ class TrainConfig:
     compile: bool = False
     clip_grad_norm: float = 5.0  # on the backbone, as arcface_torch; 0 disables
     partial_fc: float = 1.0  # sample rate of class centres (1.0 = full softmax)
+    interclass_filtering: float = 0.0  # > 0: non-target centres above this cosine get logit 0 (arcface_torch)
     augment: str = "flip"  # none | flip | adaface
     augment_p: float = 0.2  # probability of each AdaFace augmentation
     dropout: float = 0.0
@@ -128,6 +129,7 @@ class TrainConfig:
             ("--embedding-size", self.embedding_size, True, lambda v: v >= 2, ">= 2"),
             ("--dropout", self.dropout, False, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             ("--partial-fc", self.partial_fc, False, lambda v: 0.0 < v <= 1.0, "in (0, 1] (1 = full softmax)"),
+            ("--interclass-filtering", self.interclass_filtering, False, lambda v: 0.0 <= v < 1.0, "a cosine in [0, 1) (0 = off)"),
             ("--epochs", self.epochs, True, lambda v: v >= 1, ">= 1"),
             ("--batch-size", self.batch_size, True, lambda v: v >= 2, ">= 2 (BatchNorm needs 2 samples)"),
             ("--momentum", self.momentum, False, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
@@ -452,7 +454,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         backbone = backbone.to(memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed * 1009 + 17 + rank)
     margin = build_margin(cfg.loss, s=cfg.margin_s, m=cfg.margin_m, gradient=cfg.margin_gradient)
-    head = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.partial_fc, rank=rank, world_size=world).to(device)
+    head = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.partial_fc, rank=rank, world_size=world,
+                     interclass_filtering=cfg.interclass_filtering).to(device)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
