@@ -284,3 +284,25 @@ def test_ctrl_c_tells_each_stage_what_to_rerun(tiny_backbone, tmp_path, capsys, 
     assert main(["report", str(tmp_path / "e.npy"), "--out", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
     assert "rerun the same command with --overwrite" in err and "--resume" not in err
+
+
+def test_compare_paper_puts_the_published_numbers_beside(tmp_path, monkeypatch):
+    from hyperface.evaluation import plots
+    from hyperface.evaluation.runner import PAPER_RESULTS, format_comparison, read_reports
+
+    monkeypatch.chdir(tmp_path)  # no file named "paper" here
+    (label, paper), = read_reports(["paper"])
+    assert label == "paper" and paper["results"]["cfp_fp"]["accuracy"] == 0.8883
+    mine = {"results": {"lfw": {"accuracy": 0.99}, "cfp_fp": {"accuracy": 0.9}}}
+    text = format_comparison([("hf-r50", mine), (label, paper)]).splitlines()
+    rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2:] for line in text[1:-1]}
+    assert rows["lfw acc (%)"] == ["99.00", "98.50"] and rows["cplfw acc (%)"] == ["-", "84.23"]
+    assert rows["mean of 2 shared"] == ["94.50", f"{100 * (PAPER_RESULTS['lfw'] + PAPER_RESULTS['cfp_fp']) / 2:.2f}"]
+    assert text[-1].startswith("paper: HyperFace (ICLR 2025)") and "Vec2Face HSFace10K 92.00" in text[-1]
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    plots.plot_evaluation(tmp_path / "x.png", [("hf-r50", mine), (label, paper)])
+    assert [ax.get_title() for ax in figures[0].axes if ax.axison] == ["lfw", "cfp_fp"]  # no panels for the paper's sets
+    (tmp_path / "paper").write_text("{}")  # a real file of that name is read as a report
+    with pytest.raises(Exception, match="not a `hyperface evaluate --json` report"):
+        read_reports(["paper"])

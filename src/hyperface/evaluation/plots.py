@@ -35,6 +35,7 @@ def plot_evaluation(path: str | os.PathLike, reports: Sequence[tuple[str, dict[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    reports = [(label, report) for label, report in reports if not report.get("published")]  # numbers only: no curves
     benchmarks = list(dict.fromkeys(name for _, report in reports for name in report.get("results", {})))
     targets = list(dict.fromkeys(report["ijb"]["target"] for _, report in reports if report.get("ijb")))
     panels = [("bin", name) for name in benchmarks] + [("ijb", target) for target in targets]
@@ -51,13 +52,15 @@ def plot_evaluation(path: str | os.PathLike, reports: Sequence[tuple[str, dict[s
         spans = []  # the occupied cosine range of each model's histograms
         for label, report in reports:
             if kind == "bin":
-                span = _draw_scores(ax, label, report.get("results", {}).get(name), colours[label], single=len(reports) == 1)
+                span = _draw_scores(ax, label, name, report.get("results", {}).get(name), colours[label], single=len(reports) == 1)
                 drawn += span is not None
                 spans += [span] if span else []
             else:
                 ijb = report.get("ijb")
                 drawn += _draw_roc(ax, label, ijb if ijb and ijb["target"] == name else None, colours[label])
         if kind == "bin":
+            if not drawn:
+                ax.set_title(name, fontsize=10)
             if spans:  # zoom on the occupied bins: a set's pairs rarely spread over all of [-1, 1]
                 ax.set_xlim(min(lo for lo, _ in spans), max(hi for _, hi in spans))
             ax.set_xlabel("cosine similarity of a pair (flip-fused features)")
@@ -77,12 +80,12 @@ def plot_evaluation(path: str | os.PathLike, reports: Sequence[tuple[str, dict[s
     return save_figure(fig, path)
 
 
-def _draw_scores(ax: Any, label: str, result: dict[str, Any] | None, colour: str, *, single: bool) -> tuple[float, float] | None:
+def _draw_scores(ax: Any, label: str, name: str, result: dict[str, Any] | None, colour: str, *, single: bool) -> tuple[float, float] | None:
     """Draw one model's histograms and threshold; returns the cosine range they occupy (None: nothing drawn)."""
     histogram = (result or {}).get("similarity_histogram")
     if not histogram:
         if result:
-            log.warning("%s has no score histogram for %s (an older report): left out of the plot", label, result.get("name") or "a set")
+            log.warning("%s has no score histogram for %s (an older report): left out of the plot", label, name)
         return None
     genuine = np.asarray(histogram["genuine"], dtype=np.float64)
     impostor = np.asarray(histogram["impostor"], dtype=np.float64)
@@ -98,7 +101,6 @@ def _draw_scores(ax: Any, label: str, result: dict[str, Any] | None, colour: str
             tint = ("C0" if kind == "genuine" else "C3") if single else colour
             ax.stairs(counts / (counts.sum() * width), edges, color=tint, linestyle=style, label=name)
     ax.axvline(threshold, color="k" if single else colour, lw=1, ls=":", label=f"threshold {threshold:.3f}" if single else None)
-    name = result.get("name") or ""
     ax.set_title(f"{name} {accuracy}" if single else f"{name} (solid genuine, dashed impostor, dotted threshold)", fontsize=10)
     used = np.nonzero(genuine + impostor)[0]
     return (float(edges[used[0]]), float(edges[used[-1] + 1])) if used.size else None
