@@ -166,3 +166,84 @@ def test_unnamed_normalisation_nodes_and_nhwc_graphs(models, faces, tmp_path):
     rec = load_recognizer(tmp_path / "nhwc.onnx")
     assert rec.channels_last and not rec.normalises_inside
     np.testing.assert_allclose(rec.embed(faces), expected, atol=2e-4)
+
+
+# --- AdaFace IR networks ------------------------------------------------------------------------
+
+
+def _adaface_reference_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """AdaFace net.py's Backbone.forward written out with functional ops from the state dict alone:
+    input conv-BN-PReLU; per unit BN-conv3x3-BN-PReLU-conv3x3(stride)-BN[-SE] plus a max-pool(1,
+    stride) or conv1x1+BN shortcut; output BN2d, flatten, linear, BN1d without affine."""
+    import torch.nn.functional as F
+
+    def bn(t, p):
+        return F.batch_norm(t, sd[p + ".running_mean"], sd[p + ".running_var"], sd.get(p + ".weight"), sd.get(p + ".bias"), False, 0.0, 1e-5)
+
+    t = F.prelu(bn(F.conv2d(x, sd["input_layer.0.weight"], padding=1), "input_layer.1"), sd["input_layer.2.weight"])
+    unit = 0
+    while f"body.{unit}.res_layer.0.weight" in sd:
+        p = f"body.{unit}"
+        depth = sd[p + ".res_layer.4.weight"].shape[0]
+        stride = 2 if unit == 0 or depth != sd[f"body.{unit - 1}.res_layer.4.weight"].shape[0] else 1
+        r = bn(t, p + ".res_layer.0")
+        r = F.prelu(bn(F.conv2d(r, sd[p + ".res_layer.1.weight"], padding=1), p + ".res_layer.2"), sd[p + ".res_layer.3.weight"])
+        r = bn(F.conv2d(r, sd[p + ".res_layer.4.weight"], stride=stride, padding=1), p + ".res_layer.5")
+        if p + ".res_layer.se_block.fc1.weight" in sd:
+            w = torch.sigmoid(F.conv2d(F.relu(F.conv2d(r.mean((2, 3), keepdim=True), sd[p + ".res_layer.se_block.fc1.weight"])),
+                                       sd[p + ".res_layer.se_block.fc2.weight"]))
+            r = r * w
+        if p + ".shortcut_layer.0.weight" in sd:
+            s = bn(F.conv2d(t, sd[p + ".shortcut_layer.0.weight"], stride=stride), p + ".shortcut_layer.1")
+        else:
+            s = t[:, :, ::stride, ::stride]  # MaxPool2d(1, stride): subsampling
+        t = r + s
+        unit += 1
+    t = bn(t, "output_layer.0").flatten(1)
+    t = F.linear(t, sd["output_layer.3.weight"], sd["output_layer.3.bias"])
+    return F.batch_norm(t, sd["output_layer.4.running_mean"], sd["output_layer.4.running_var"], None, None, False, 0.0, 1e-5)
+
+
+@pytest.mark.parametrize("se", [False, True])
+def test_adaface_ckpt_loads_and_runs_bgr_like_adaface(faces, tmp_path, se):
+    from hyperface.recognition.adaface_ir import AdaFaceIR
+
+    torch.manual_seed(3)
+    # ir_18's units (2 per stage), narrow widths so the test runs in milliseconds
+    model = AdaFaceIR(18, se=se, embedding_size=64, stages=((16, 16, 2), (16, 32, 2), (32, 48, 2), (48, 64, 2))).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.bias.data.uniform_(-0.1, 0.1)
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.data.uniform_(0.1, 0.4)
+    sd = model.state_dict()
+    # AdaFace's layout: no shortcut weights where the width stays (max-pool), no affine in the last BN
+    assert not any(k.startswith("body.0.shortcut_layer") for k in sd) and "body.2.shortcut_layer.0.weight" in sd
+    assert "output_layer.4.running_mean" in sd and "output_layer.4.weight" not in sd
+    # a PyTorch Lightning checkpoint as AdaFace's trainer writes it: prefixed weights, the head, counters
+    ckpt = {"epoch": 25, "global_step": 1000, "pytorch-lightning_version": "1.8.6",
+            "state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "head.kernel": torch.randn(64, 10)}}
+    torch.save(ckpt, tmp_path / "adaface_tiny.ckpt")
+    recognizer = load_recognizer(tmp_path / "adaface_tiny.ckpt", batch_size=3)
+    info = recognizer.describe()
+    assert info["kind"] == "torch-adaface-ir" and info["channel_order"] == "BGR" and info["arch"] == ("ir_se_18" if se else "ir_18")
+    x = torch.from_numpy(np.ascontiguousarray(faces[..., ::-1].transpose(0, 3, 1, 2))).float().sub(127.5).div(127.5)
+    expected = torch.nn.functional.normalize(_adaface_reference_forward(sd, x), dim=1).numpy()
+    np.testing.assert_allclose(recognizer.embed(faces), expected, atol=2e-5)
+    rgb = load_recognizer(tmp_path / "adaface_tiny.ckpt", channel_order="RGB").embed(faces)
+    assert np.abs(rgb - expected).max() > 1e-3  # the channel order matters: BGR is AdaFace's
+    with pytest.raises(HyperfaceError, match=r"AdaFace 'ir(_se)?_18', not 'ir_50'"):
+        load_recognizer(tmp_path / "adaface_tiny.ckpt", arch="ir_50")
+
+
+def test_a_lightning_ckpt_with_pickled_objects_says_how_to_extract_it(tmp_path):
+    import argparse
+
+    torch.save({"state_dict": {"model.x": torch.zeros(1)}, "hyper_parameters": argparse.Namespace(lr=0.1)}, tmp_path / "a.ckpt")
+    with pytest.raises(HyperfaceError, match=r"weights_only=False\)\['state_dict'\]") as error:
+        load_recognizer(tmp_path / "a.ckpt")
+    assert "if you" in str(error.value) and "trust the file" in str(error.value)

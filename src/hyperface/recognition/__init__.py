@@ -1,4 +1,4 @@
-"""Face recognition: models (ONNX / PyTorch iResNet), detection, alignment and ``hyperface embed``.
+"""Face recognition: models (ONNX, PyTorch iResNet and AdaFace IR), detection, alignment and ``hyperface embed``.
 
 >>> from hyperface.recognition import load_recognizer
 >>> recognizer = load_recognizer("w600k_r50.onnx", device="cpu", flip=True)
@@ -19,6 +19,8 @@ _EXPORTS = {
     "infer_arch": "iresnet",
     "iresnet": "iresnet",
     "iresnet_from_state_dict": "iresnet",
+    "AdaFaceIR": "adaface_ir",
+    "adaface_ir_from_state_dict": "adaface_ir",
     "Recognizer": "recognizers",
     "OnnxRecognizer": "recognizers",
     "TorchRecognizer": "recognizers",

@@ -21,8 +21,9 @@ outputs (--out FOLDER writes these names inside it; --out g.npy writes g.npy, g.
   g.manifest.json        the same for --out g.npy, so several galleries can share a folder
 
 models: insightface packs (buffalo_l/w600k_r50.onnx, antelopev2/glintr100.onnx), Arc2Face's
-arcface.onnx (Hugging Face FoivosPar/Arc2Face), or an arcface_torch backbone.pth (iResNet r18..r200,
-arch read from the weights). Models take aligned RGB faces; insightface and Arc2Face models are RGB.
+arcface.onnx (Hugging Face FoivosPar/Arc2Face), an arcface_torch backbone.pth (iResNet r18..r200,
+arch read from the weights), or an AdaFace IR / IR-SE network (its .ckpt, e.g. adaface_ir50_ms1mv2.ckpt;
+fed BGR, as AdaFace's inference.py). insightface and Arc2Face models are RGB.
 
 examples:
   hyperface embed gen_images/ --model arcface.onnx --crop ffhq --out runs/gallery/gallery.npy
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", metavar="IMAGES", help="folder (recursive), list file (.txt/.lst, one path per line), RecordIO (train.rec or its folder), "
                         "or a `hyperface generate` output folder (its rec/, else images/)")
     parser.add_argument("--model", required=True, metavar="PATH", help="face recognizer: .onnx, iResNet .pth/.pt/.safetensors, or a `hyperface train` run folder")
-    parser.add_argument("--arch", default=None, help="iResNet arch for .pth models (r18, r34, r50, r100, r200); default: read from the weights")
+    parser.add_argument("--arch", default=None, help="arch of a PyTorch file, to check it: iResNet r18, r34, r50, r100, r200, or AdaFace ir_50, ir_101, ir_se_50, ...; default: read from the weights")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--detector", metavar="PATH", help="SCRFD .onnx with landmarks (det_10g.onnx, scrfd_10g_bnkps.onnx)")
     mode.add_argument("--aligned", action="store_true", help="images are already aligned 112x112 faces")
@@ -61,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--flip", action="store_true", help="add the mirrored face's features before normalising")
     parser.add_argument("--fp16", action="store_true", help="PyTorch models on CUDA: autocast the trunk to fp16")
-    parser.add_argument("--bgr", action="store_true", help="the model was trained on BGR input (insightface/Arc2Face models are RGB)")
+    parser.add_argument("--bgr", action="store_true", help="the model was trained on BGR input (insightface/Arc2Face models are RGB; AdaFace IR networks "
+                             "are recognised by their keys and fed BGR without this flag)")
     parser.add_argument("--det-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")
     parser.add_argument("--det-size", type=int, default=640, help="detector input size for dynamic-size models (default: 640)")
     parser.add_argument("--chunk-size", type=int, default=4096, help="inputs per saved chunk; a kill loses at most one (default: 4096)")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         flip=args.flip,
         batch_size=args.batch_size,
-        channel_order="BGR" if args.bgr else "RGB",
+        channel_order="BGR" if args.bgr else None,  # None: the file's own convention (AdaFace: BGR)
         fp16=args.fp16,
     )
     detector = None

@@ -12,7 +12,9 @@ Supported files:
   own Sub/Mul normalisation (converted MXNet models) are fed raw pixel values, as insightface does.
 - ``*.pth`` / ``*.pt`` / ``*.ckpt`` / ``*.safetensors``: an insightface arcface_torch
   ``backbone.pth`` state dict (arch inferred from the keys or named), or a training checkpoint that
-  is a dict holding such a state dict under ``"model"``, ``"state_dict"`` or ``"backbone"``.
+  is a dict holding such a state dict under ``"model"``, ``"state_dict"`` or ``"backbone"``; or an
+  AdaFace IR / IR-SE network (its ``.ckpt``: ``state_dict`` with ``model.``-prefixed keys; BGR input,
+  :mod:`hyperface.recognition.adaface_ir`).
 - what ``hyperface train`` writes: its run folder (``backbone.pth``; the newest checkpoint while it
   still trains), ``checkpoints/step-N/`` (``backbone.safetensors``) and the ``checkpoints/latest``
   pointer file (see :func:`resolve_model_path`).
@@ -370,6 +372,9 @@ def select_backbone_state_dict(obj: Any, *, source: str = "checkpoint") -> dict:
             state = {k[len(prefix) :]: v for k, v in state.items()}
     if "conv1.weight" not in state and any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    if "conv1.weight" not in state and "model.input_layer.0.weight" in state:
+        # AdaFace's Lightning checkpoint: the backbone under "model.", its margin head ("head.kernel") beside it
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     if not state:
         raise HyperfaceError(f"{source} holds no tensors; expected an iResNet backbone state dict")
     return state
@@ -387,17 +392,23 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
             return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
+        lightning = (
+            "; a PyTorch Lightning .ckpt (AdaFace's) may pickle its hyper-parameters as Python objects: if you "
+            "trust the file, extract its weights once with python -c \"import torch; torch.save(torch.load('X.ckpt', "
+            "weights_only=False)['state_dict'], 'X.pth')\" and pass X.pth" if path.suffix == ".ckpt" else ""
+        )
         raise HyperfaceError(
             f"cannot read {path} as PyTorch weights ({type(exc).__name__}: {exception_summary(exc, 200)}); "
-            "expected a state dict saved with torch.save(model.state_dict(), ...) (no pickled classes)"
+            f"expected a state dict saved with torch.save(model.state_dict(), ...) (no pickled classes){lightning}"
         ) from exc
 
 
 class TorchRecognizer(Recognizer):
-    """An iResNet backbone in PyTorch (insightface arcface_torch ``backbone.pth``).
+    """A PyTorch backbone: an iResNet (insightface arcface_torch ``backbone.pth``) or an AdaFace IR net.
 
-    Input convention: aligned RGB faces as float NCHW ``(x - 127.5) / 127.5`` (arcface_torch's
-    training transform). ``fp16`` runs the trunk under CUDA autocast like insightface's flag.
+    Input convention: aligned faces as float NCHW ``(x - 127.5) / 127.5`` (arcface_torch's and
+    AdaFace's transform), in ``channel_order``. ``fp16`` runs an iResNet trunk under CUDA autocast
+    like insightface's flag.
     """
 
     def __init__(
@@ -433,7 +444,7 @@ class TorchRecognizer(Recognizer):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "kind": "torch-iresnet",
+            "kind": f"torch-{getattr(self.model, 'family', 'iresnet')}",
             "path": str(self.path) if self.path else None,
             "arch": self.arch,
             "device": str(self.device),
@@ -501,7 +512,7 @@ def load_recognizer(
     device: str = "cpu",
     flip: bool = False,
     batch_size: int = 64,
-    channel_order: str = "RGB",
+    channel_order: str | None = None,
     fp16: bool = False,
     num_threads: int | None = None,
 ) -> Recognizer:
@@ -510,12 +521,14 @@ def load_recognizer(
     Args:
         path: ``*.onnx`` (onnxruntime) or ``*.pth``/``*.pt``/``*.ckpt``/``*.safetensors`` (iResNet), or a
             train run folder, a ``checkpoints/step-N`` folder or ``checkpoints/latest`` (:func:`resolve_model_path`).
-        arch: iResNet arch for PyTorch files (``r18`` ... ``r200``); inferred from the keys if None.
+        arch: the arch of a PyTorch file (iResNet ``r18`` ... ``r200``, AdaFace ``ir_50``, ``ir_se_101``,
+            ...); inferred from the keys if None.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         flip: sum the features of each face and its horizontal mirror before normalising.
         batch_size: faces per forward pass.
-        channel_order: the order the model was trained on. insightface and Arc2Face models are RGB
-            (insightface feeds cv2 images with swapRB=True); :meth:`Recognizer.embed` always takes RGB.
+        channel_order: the order the model was trained on; None: the file's own convention (insightface,
+            Arc2Face and iResNet files RGB, as insightface feeds cv2 images with swapRB=True; AdaFace
+            networks BGR, as its ``inference.py``). :meth:`Recognizer.embed` always takes RGB.
         fp16: PyTorch only: CUDA autocast for the trunk.
 
     Returns:
@@ -527,24 +540,22 @@ def load_recognizer(
         if arch is not None:
             raise HyperfaceError("--arch applies to PyTorch iResNet files, not to ONNX models")
         return OnnxRecognizer(
-            path, device=device, flip=flip, batch_size=batch_size, channel_order=channel_order, num_threads=num_threads
+            path, device=device, flip=flip, batch_size=batch_size, channel_order=channel_order or "RGB", num_threads=num_threads
         )
     if suffix in TORCH_SUFFIXES:
-        from hyperface.recognition.iresnet import iresnet_from_state_dict
+        from hyperface.recognition.adaface_ir import adaface_ir_from_state_dict, is_adaface_state_dict
+        from hyperface.recognition.iresnet import infer_arch_or_none, iresnet_from_state_dict
 
         state = select_backbone_state_dict(load_torch_state_dict(path), source=str(path))
-        model = iresnet_from_state_dict(state, arch=arch, fp16=fp16)
-        from hyperface.recognition.iresnet import infer_arch_or_none
-
-        return TorchRecognizer(
-            model,
-            device=device,
-            flip=flip,
-            batch_size=batch_size,
-            channel_order=channel_order,
-            path=path,
-            arch=arch or infer_arch_or_none(state),
-        )
+        if is_adaface_state_dict(state):
+            if fp16:
+                raise HyperfaceError(f"{path} is an AdaFace IR network: fp16 autocast is for iResNet files; run it in float32")
+            model = adaface_ir_from_state_dict(state, arch=arch)
+            name, order = model.arch, channel_order or "BGR"
+        else:
+            model = iresnet_from_state_dict(state, arch=arch, fp16=fp16)
+            name, order = arch or infer_arch_or_none(state), channel_order or "RGB"
+        return TorchRecognizer(model, device=device, flip=flip, batch_size=batch_size, channel_order=order, path=path, arch=name)
     kind = f"type {path.suffix!r}" if path.suffix else "type (no file extension)"
     raise HyperfaceError(
         f"unknown model file {kind} for {path}: {_WHAT_TO_PASS}; {MODEL_SOURCES}"
