@@ -17,7 +17,6 @@ _EXPORTS = {
     "IRESNET_ARCHS": "iresnet",
     "IResNet": "iresnet",
     "infer_arch": "iresnet",
-    "iresnet": "iresnet",
     "iresnet_from_state_dict": "iresnet",
     "AdaFaceIR": "adaface_ir",
     "adaface_ir_from_state_dict": "adaface_ir",
