@@ -590,3 +590,16 @@ def test_subset_picks_the_first_images_of_each_identity_in_reader_order():
     assert DatasetSubset(Reader(), identities=1).indices.tolist() == [0, 1, 2, 9]
     prints = {both.fingerprint(), per.fingerprint(), DatasetSubset(Reader(), identities=2).fingerprint(), "full"}
     assert len(prints) == 4
+
+
+def test_grad_accum_takes_batch_size_times_k_images_per_step(synthetic, tmp_path):
+    run = tmp_path / "run"
+    base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=12, grad_accum=2, device="cpu", **TINY)
+    result = train(TrainConfig(**base))
+    assert result.steps == CLASSES * TRAIN_PER_CLASS // 24  # 192 images, 24 a step
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["params"]["grad_accum"] == 2 and manifest["steps_per_epoch"] == 8
+    with pytest.raises(HyperfaceError, match=r"grad_accum 2 -> 3"):
+        train(TrainConfig(**{**base, "grad_accum": 3, "epochs": 2}, resume=True))
+    with pytest.raises(HyperfaceError, match=r"--batch-size 100 x --grad-accum 2 is larger than the 192 images"):
+        train(TrainConfig(**{**base, "batch_size": 100, "out": str(tmp_path / "big")}))

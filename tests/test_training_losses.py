@@ -319,3 +319,119 @@ def test_partial_fc_sharded_over_two_ranks_equals_single_process_head(tmp_path):
             for key in ("margin.batch_mean", "margin.batch_std"):
                 torch.testing.assert_close(ranks[0][name]["state"][key], full.state_dict()[key])
                 torch.testing.assert_close(ranks[1][name]["state"][key], full.state_dict()[key])
+
+
+class _LinearHead(torch.nn.Module):
+    """A plain softmax head with train_step's signature (no all-gather: the DDP test checks the backbone)."""
+
+    def __init__(self, dim: int = 8, classes: int = 5):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(classes, dim) * 0.1)
+
+    def forward(self, embeddings, labels, generator=None):
+        return F.cross_entropy(embeddings @ self.weight.t(), labels)
+
+
+def _tiny_backbone():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
+
+
+def test_grad_accum_steps_on_the_mean_loss_of_its_passes():
+    from hyperface.training.trainer import train_step
+
+    torch.manual_seed(0)
+    model, head = _tiny_backbone(), _LinearHead()
+    images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (12,))
+    reference = [p.detach().clone() for p in (*model.parameters(), *head.parameters())]
+    params = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train_step(model, head, optimizer, scaler, images, labels, device=torch.device("cpu"), amp_dtype=None,
+                      channels_last=False, accumulate=3)
+    # by hand: three passes of 4 images, each loss / 3, gradients summed, one SGD step
+    expected_loss, grads = 0.0, [torch.zeros_like(p) for p in reference]
+    for part in range(3):
+        weights = [p.clone().requires_grad_(True) for p in reference]
+        x = (images[part * 4 : (part + 1) * 4].float() - 127.5) / 127.5
+        emb = F.linear(x.flatten(1), weights[0], weights[1])
+        piece = F.cross_entropy(emb @ weights[2].t(), labels[part * 4 : (part + 1) * 4]) / 3
+        piece.backward()
+        expected_loss += float(piece.detach())
+        grads = [g + w.grad for g, w in zip(grads, weights)]
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-6)
+    for after, before, grad in zip(params, reference, grads):
+        torch.testing.assert_close(after.detach(), before - 0.5 * grad)
+    # with equal parts and no BatchNorm, the mean of the three means is the mean over all 12: the same
+    # step as accumulate=1 on the same images
+    model2, head2 = _tiny_backbone(), _LinearHead()
+    with torch.no_grad():
+        for p, r in zip((*model2.parameters(), *head2.parameters()), reference):
+            p.copy_(r)
+    optimizer2 = torch.optim.SGD(list(model2.parameters()) + list(head2.parameters()), lr=0.5)
+    train_step(model2, head2, optimizer2, scaler, images, labels, device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    for a, b in zip(params, (*model2.parameters(), *head2.parameters())):
+        torch.testing.assert_close(a.detach(), b.detach())
+
+
+_ACCUM_SCRIPT = r"""
+import sys, torch, torch.distributed as dist, torch.nn.functional as F
+sys.path.insert(0, sys.argv[2])
+from test_training_losses import _LinearHead, _tiny_backbone
+from hyperface.training.trainer import train_step
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model, head = _tiny_backbone(), _LinearHead()
+images = torch.randint(0, 256, (2, 12, 3, 4, 4), dtype=torch.uint8)[rank]
+labels = torch.randint(0, 5, (2, 12))[rank]
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+optimizer = torch.optim.SGD(list(model.parameters()), lr=0.5)
+train_step(ddp, head, optimizer, torch.amp.GradScaler("cpu", enabled=False), images, labels, device=torch.device("cpu"),
+           amp_dtype=None, channels_last=False, accumulate=3)
+torch.save({k: v.clone() for k, v in model.state_dict().items()}, sys.argv[1] + f"/rank{rank}.pt")
+dist.barrier()
+del ddp  # its reducer's gloo work must end before the group does
+dist.destroy_process_group()
+"""
+
+
+def test_grad_accum_under_ddp_all_reduces_the_summed_passes(tmp_path):
+    """Two gloo ranks, three passes each: the step uses the mean over ranks of each rank's summed
+    passes, and both ranks end with the same weights (no_sync only saves the first two all-reduces;
+    it must not change the result)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "accum.py"
+    script.write_text(_ACCUM_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), os.path.dirname(__file__)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for proc in procs:
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output.decode()[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    model, head = _tiny_backbone(), _LinearHead()
+    images = torch.randint(0, 256, (2, 12, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (2, 12))
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    for rank in range(2):
+        for part in range(3):
+            model.zero_grad()
+            x = (images[rank, part * 4 : (part + 1) * 4].float() - 127.5) / 127.5
+            (head(model(x), labels[rank, part * 4 : (part + 1) * 4]) / 3).backward()
+            grads = [g + p.grad / 2 for g, p in zip(grads, model.parameters())]  # DDP averages over the 2 ranks
+    expected = {name: p.detach() - 0.5 * g for (name, p), g in zip(model.named_parameters(), grads)}
+    for rank in range(2):
+        for name, value in expected.items():
+            torch.testing.assert_close(ranks[rank][name], value, msg=f"rank {rank} {name}")

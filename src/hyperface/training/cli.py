@@ -78,7 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=26, help="epochs (default: 26)")
-    optim.add_argument("--batch-size", type=int, default=128, help="images per step per process (default: 128)")
+    optim.add_argument("--batch-size", type=int, default=128, help="images per forward pass per process (default: 128)")
+    optim.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                       help="forward passes per optimiser step: each step sees --batch-size x K images per process in "
+                            "the memory of --batch-size (arcface_torch's gradient_acc; default: 1)")
     optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="default: sgd (momentum 0.9)")
     optim.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 SGD, 1e-3 AdamW)")
     optim.add_argument("--weight-decay", type=float, help="default: 5e-4 SGD, 0.05 AdamW")
@@ -143,6 +146,7 @@ def run_command(args: argparse.Namespace) -> int:
         interclass_filtering=args.interclass_filtering,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         optimizer=args.optimizer,
         lr=args.lr,
         weight_decay=args.weight_decay,

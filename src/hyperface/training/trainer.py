@@ -17,6 +17,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,7 +48,7 @@ log = get_logger("hyperface.train")
 _RESUME_FIXED = (
     "arch", "embedding_size", "dropout", "loss", "margin_s", "margin_m", "margin_gradient", "partial_fc", "epochs", "batch_size",
     "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma", "poly_power",
-    "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed", "interclass_filtering",
+    "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed", "interclass_filtering", "grad_accum",
 )
 
 
@@ -70,7 +71,8 @@ class TrainConfig:
     margin_m: float | None = None  # None: 0.5 ArcFace, 0.4 CosFace/AdaFace
     margin_gradient: str = "exact"  # ArcFace: "straight-through" is current arcface_torch's
     epochs: int = 26
-    batch_size: int = 128  # per process
+    batch_size: int = 128  # per process and forward pass
+    grad_accum: int = 1  # forward passes per optimiser step: the step sees batch_size x grad_accum images per process
     optimizer: str = "sgd"  # sgd | adamw
     lr: float | None = None  # None: 0.1 for SGD, 1e-3 for AdamW
     momentum: float = 0.9
@@ -132,6 +134,7 @@ class TrainConfig:
             ("--interclass-filtering", self.interclass_filtering, False, lambda v: 0.0 <= v < 1.0, "a cosine in [0, 1) (0 = off)"),
             ("--epochs", self.epochs, True, lambda v: v >= 1, ">= 1"),
             ("--batch-size", self.batch_size, True, lambda v: v >= 2, ">= 2 (BatchNorm needs 2 samples)"),
+            ("--grad-accum", self.grad_accum, True, lambda v: v >= 1, ">= 1 (1 = no accumulation)"),
             ("--momentum", self.momentum, False, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             ("--gamma", self.gamma, False, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
             ("poly_power", self.poly_power, False, lambda v: v > 0, "> 0"),
@@ -368,23 +371,39 @@ def train_step(
     clip_params=None,
     clip_grad_norm: float = 0.0,
     generator: torch.Generator | None = None,
+    accumulate: int = 1,
 ) -> torch.Tensor:
-    """One optimiser step on a batch of uint8 NCHW images; returns the (detached) loss on the device."""
-    x = _to_input(images, device, channels_last)
-    labels = labels.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        embeddings = model(x)
-    # The head stays in fp32: with s=64 a bf16 cosine (8-bit mantissa) would add logit noise of
-    # ~0.25, and its matmul is small next to the backbone's (TF32 on CUDA keeps it fast).
-    loss = head(embeddings.float(), labels, generator)
+    """One optimiser step on a batch of uint8 NCHW images; returns the (detached) loss on the device.
+
+    ``accumulate`` > 1 splits the batch into that many forward passes whose gradients add up (each
+    loss divided by ``accumulate``: the step follows the mean loss of the whole batch); BatchNorm,
+    AdaFace's norm statistics and partial-FC sampling see each pass alone, as in arcface_torch's
+    ``gradient_acc``. Under DDP the backbone's gradients are all-reduced once, after the last pass.
+    """
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    chunk = images.shape[0] // accumulate
+    total = torch.zeros((), device=device)
+    for i in range(accumulate):
+        part = slice(i * chunk, (i + 1) * chunk if i < accumulate - 1 else images.shape[0])
+        x = _to_input(images[part], device, channels_last)
+        part_labels = labels[part].to(device, non_blocking=True)
+        last = i == accumulate - 1
+        sync = ddp.no_sync() if not last and isinstance(ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                embeddings = model(x)
+            # The head stays in fp32: with s=64 a bf16 cosine (8-bit mantissa) would add logit noise of
+            # ~0.25, and its matmul is small next to the backbone's (TF32 on CUDA keeps it fast).
+            loss = head(embeddings.float(), part_labels, generator) / accumulate
+            scaler.scale(loss).backward()
+        total += loss.detach()
     if clip_grad_norm > 0 and clip_params is not None:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(clip_params, clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    return total
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -436,10 +455,12 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     augment = {"none": AugmentConfig(flip=False), "flip": AugmentConfig(), "adaface": AugmentConfig.adaface(cfg.augment_p)}[cfg.augment]
     dataset = TrainDataset(reader, augment=augment, seed=cfg.seed)
     sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world)
-    steps_per_epoch = sampler.per_rank // cfg.batch_size
+    step_batch = cfg.batch_size * cfg.grad_accum  # images per process per optimiser step
+    steps_per_epoch = sampler.per_rank // step_batch
     if steps_per_epoch == 0:
+        accum = f" x --grad-accum {cfg.grad_accum}" if cfg.grad_accum > 1 else ""
         raise HyperfaceError(
-            f"--batch-size {cfg.batch_size} is larger than the {sampler.per_rank} images each of the "
+            f"--batch-size {cfg.batch_size}{accum} is larger than the {sampler.per_rank} images each of the "
             f"{world} process(es) gets per epoch; lower --batch-size"
         )
     total_steps = cfg.epochs * steps_per_epoch
@@ -602,7 +623,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     # uses: a resumed run would otherwise draw once more than the run it continues.
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=step_batch,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -613,7 +634,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     )
     try:
         while epoch < cfg.epochs and step < stop_at:
-            sampler.set_epoch(epoch, start=step_in_epoch * cfg.batch_size)
+            sampler.set_epoch(epoch, start=step_in_epoch * step_batch)
             for images, labels in loader:
                 lr = learning_rate(step, cfg, steps_per_epoch, total_steps)
                 for group in optimizer.param_groups:
@@ -624,7 +645,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 loss = train_step(
                     model, head, optimizer, scaler, images, labels, device=device, amp_dtype=amp_dtype,
                     channels_last=channels_last, clip_params=backbone.parameters(), clip_grad_norm=cfg.clip_grad_norm,
-                    generator=generator,
+                    generator=generator, accumulate=cfg.grad_accum,
                 )
                 step += 1
                 step_in_epoch += 1
