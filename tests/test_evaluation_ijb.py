@@ -131,7 +131,61 @@ def _write_release(root, *, identities=6, templates_per_id=2, faces_per_template
     (folder / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
     (folder / "meta" / "ijbc_name_5pts_score.txt").write_text("\n".join(lmk_lines) + "\n")
     (folder / "meta" / "ijbc_template_pair_label.txt").write_text("\n".join(pair_lines) + "\n")
+    # 1:N lists: G1 = first template of identities 0..2, G2 = of the rest, probes = the second templates
+    header = "TEMPLATE_ID,SUBJECT_ID,FILENAME,SUBJECT_ID2\n"
+    names_of = {}
+    for line in tid_lines:
+        name, template, _ = line.split()
+        names_of.setdefault(int(template), []).append(name)
+    def rows(templates):
+        return header + "".join(f"{t},{template_identity[t] + 500},{n},x\n" for t in templates for n in names_of[t])
+    firsts = [1000 + i * 10 for i in range(identities)]
+    if templates_per_id >= 2:
+        (folder / "meta" / "ijbc_1N_gallery_G1.csv").write_text(rows(firsts[: identities // 2]))
+        (folder / "meta" / "ijbc_1N_gallery_G2.csv").write_text(rows(firsts[identities // 2 :]))
+        (folder / "meta" / "ijbc_1N_probe_mixed.csv").write_text(rows([t + 1 for t in firsts]))
     return folder, crops
+
+
+def _insightface_1n(probe_feats, gallery_feats, mask):
+    """insightface ijb_1n.py's evaluation(), as loops: ranks by argsort, FPIR by the k-th largest negative."""
+    import heapq
+    import math
+
+    similarity = probe_feats @ gallery_feats.T
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    ranks = {str(k): float(np.mean([mask[i] in order[i, :k] for i in range(len(mask))])) for k in (1, 5, 10)}
+    positives = np.array([similarity[i, mask[i]] for i in range(len(mask))])
+    negatives = [similarity[i, j] for i in range(len(mask)) for j in range(similarity.shape[1]) if j != mask[i]]
+    top = heapq.nlargest(math.ceil(len(mask) * 0.1), negatives)
+    tpir = {}
+    for fpir, key in ((0.01, "1e-02"), (0.1, "1e-01")):
+        threshold = top[math.ceil(len(mask) * fpir) - 1]
+        tpir[key] = float(np.sum(positives > threshold) / len(mask))
+    return ranks, tpir
+
+
+def test_identification_matches_insightfaces_loops_across_chunks():
+    from hyperface.evaluation.ijb import identification_scores
+
+    rng = np.random.default_rng(7)
+    subjects = np.arange(60) + 100
+    gallery = rng.standard_normal((60, 16))
+    probe_subject = rng.integers(0, 60, 300)
+    probes = gallery[probe_subject] + 1.2 * rng.standard_normal((300, 16))
+    feats = np.concatenate([gallery, probes])
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    templates = np.arange(360) + 5000
+    lists = {"gallery": (np.repeat(templates[:60], 2), np.repeat(subjects, 2)),  # two faces per template row
+             "probe": (templates[60:], subjects[probe_subject])}
+    result = identification_scores(feats, templates, lists, chunk=64)  # 5 chunks: the negatives pool across them
+    ranks, tpir = _insightface_1n(feats[60:], feats[:60], probe_subject)
+    assert result["rank"] == pytest.approx(ranks) and result["tpir_at_fpir"] == pytest.approx(tpir)
+    assert 0.2 < ranks["1"] < ranks["5"] < ranks["10"] < 1 and 0 < tpir["1e-02"] < tpir["1e-01"] < 1  # informative
+    assert result["num_probes"] == 300 and result["num_gallery"] == 60
+    bad = {**lists, "probe": (templates[60:], np.full(300, 999))}
+    with pytest.raises(HyperfaceError, match="probe subject 999 has 0 gallery templates"):
+        identification_scores(feats, templates, bad)
 
 
 def test_evaluate_ijb_on_tiny_release(tmp_path):
@@ -155,6 +209,17 @@ def test_evaluate_ijb_on_tiny_release(tmp_path):
     index = {t: i for i, t in enumerate(unique.tolist())}
     scores = np.array([tfeats[index[a]] @ tfeats[index[b]] for a, b in zip(meta.pair_t1, meta.pair_t2)])
     assert tar_at_far(meta.pair_label, scores)[0] == pytest.approx(result.tar_at_far)
+    assert result.identification is None  # 1:N only when asked
+
+    # 1:N on the same features: the second template of each identity against the first ones
+    ident = evaluate_ijb(_pixel_embed, folder, "IJBC", batch_size=8, identification=True).identification
+    gallery_ids, probe_ids = [1000 + i * 10 for i in range(6)], [1001 + i * 10 for i in range(6)]
+    ranks, tpir = _insightface_1n(tfeats[[index[t] for t in probe_ids]], tfeats[[index[t] for t in gallery_ids]], list(range(6)))
+    assert ident["rank"] == pytest.approx(ranks) and ident["tpir_at_fpir"] == pytest.approx(tpir)
+    assert ident["rank"]["1"] == 1.0 and ident["num_probes"] == 6 and ident["num_gallery"] == 6
+    (folder / "meta" / "ijbc_1N_gallery_G2.csv").unlink()
+    with pytest.raises(HyperfaceError, match="ijbc_1N_gallery_G2.csv"):
+        evaluate_ijb(_pixel_embed, folder, "IJBC", identification=True)
 
 
 def test_ijb_meta_errors(tmp_path):
@@ -245,3 +310,21 @@ def test_the_cli_cache_is_keyed_by_the_model(tmp_path):
     key = _ijb_cache_key(a, folder, "IJBC", True)
     assert key == _ijb_cache_key(tmp_path / "a", folder, "IJBC", True)  # the run folder names the same weights
     assert key != _ijb_cache_key(b, folder, "IJBC", True) and key != _ijb_cache_key(a, folder, "IJBC", False)
+
+
+def test_cli_ijb_1n_prints_identification_and_needs_ijb(tmp_path, capsys):
+    import json
+
+    from hyperface.cli import main
+    from recognition_fixtures import make_tiny_iresnet, save_backbone
+
+    folder, _ = _write_release(tmp_path, identities=4, templates_per_id=2, faces_per_template=1)
+    model = save_backbone(make_tiny_iresnet(seed=1), tmp_path / "backbone.pth")
+    assert main(["evaluate", str(model), "--ijb-1n"]) == 2
+    assert "--ijb-1n needs --ijb DIR" in capsys.readouterr().err
+    assert main(["evaluate", str(model), "--ijb", str(folder), "--ijb-1n", "--device", "cpu", "--json", str(tmp_path / "r.json")]) == 0
+    table = capsys.readouterr().out
+    ident = json.loads((tmp_path / "r.json").read_text())["ijb"]["identification"]
+    line = next(row for row in table.splitlines() if row.startswith("IJBC 1:N"))
+    assert f"rank-1 {100 * ident['rank']['1']:.2f}" in line and "TPIR@FPIR=1e-02" in line
+    assert "(4 probe templates against 4 gallery templates)" in table

@@ -75,6 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "release's checksums: rerun the same command after a kill and it resumes (default: no cache)",
     )
     parser.add_argument(
+        "--ijb-1n", action="store_true",
+        help="also 1:N identification on the same features, as insightface's ijb_1n.py: mixed probes against the "
+             "G1+G2 gallery (IJB-B: S1+S2): rank-1/5/10 and TPIR at FPIR 0.01 and 0.1",
+    )
+    parser.add_argument(
         "--ijb-no-detector-score", action="store_true", help="do not weight faces by their faceness score (insightface D1 off)"
     )
     parser.set_defaults(func=run)
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--folds", args.folds, lambda v: v >= 2, "at least 2", integer=True)
+    if args.ijb_1n and not args.ijb:
+        raise HyperfaceError("--ijb-1n needs --ijb DIR (the IJB release folder)")
     # found out now, not after the evaluation
     if args.json:
         check_output_file(args.json, "--json")
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         ijb_target=args.ijb_target,
         ijb_detector_score=not args.ijb_no_detector_score,
         cache_dir=args.cache,
+        ijb_identification=args.ijb_1n,
     )
     print(format_table(report))
     reports = [(model_label(args.model), report), *others]

@@ -22,6 +22,7 @@ Protocol (insightface's default test mode N1 D1 F1):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class IJBResult:
     settings: dict[str, Any] = field(default_factory=dict)
     # the ROC at ROC_FARS for plots: {"far": [...], "tar": [...]}, TAR = the best reached at or below each FAR
     roc: dict[str, list[float]] = field(default_factory=dict)
+    # 1:N identification (``identification=True``): see :func:`identification_scores`
+    identification: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -293,6 +296,94 @@ def pair_scores(
     return scores
 
 
+#: FPIRs at which insightface's ijb_1n.py reads the TPIR.
+FPIR_TARGETS = (0.01, 0.1)
+#: Ranks of the closed-set identification rates.
+RANKS = (1, 5, 10)
+
+
+def _read_subject_list(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(template ids, subject ids) of a 1:N CSV (a header line, then TEMPLATE_ID,SUBJECT_ID,... per face)."""
+    if not path.is_file():
+        raise HyperfaceError(f"IJB 1:N list not found: {path} (the release's meta/ holds it beside the 1:1 files)")
+    try:
+        table = np.loadtxt(path, dtype=np.int64, skiprows=1, delimiter=",", usecols=(0, 1), ndmin=2, encoding="utf-8")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HyperfaceError(f"{path}: cannot read TEMPLATE_ID,SUBJECT_ID columns after its header line ({exc})") from None
+    if table.shape[0] == 0:
+        raise HyperfaceError(f"{path} is empty")
+    return table[:, 0], table[:, 1]
+
+
+def read_identification_lists(root: str | os.PathLike, target: str = "IJBC") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The gallery (IJB-C G1 + G2, IJB-B S1 + S2, concatenated as insightface does) and the mixed probes."""
+    target = target.upper()
+    meta = _ijb_folder(Path(root), target) / "meta"
+    prefix = target.lower()
+    sets = ("G1", "G2") if target == "IJBC" else ("S1", "S2")
+    parts = [_read_subject_list(meta / f"{prefix}_1N_gallery_{name}.csv") for name in sets]
+    gallery = (np.concatenate([t for t, _ in parts]), np.concatenate([s for _, s in parts]))
+    return {"gallery": gallery, "probe": _read_subject_list(meta / f"{prefix}_1N_probe_mixed.csv")}
+
+
+def _chosen_templates(template_feats: np.ndarray, unique_templates: np.ndarray, templates: np.ndarray,
+                      subjects: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The features (from :func:`template_features`) and subject ids of the templates a 1:N list names."""
+    chosen, first = np.unique(templates, return_index=True)
+    index = np.minimum(np.searchsorted(unique_templates, chosen), unique_templates.size - 1)
+    missing = unique_templates[index] != chosen
+    if missing.any():
+        raise HyperfaceError(f"the 1:N {what} list names templates without faces in the release, e.g. {chosen[missing][:5].tolist()}")
+    return template_feats[index], subjects[first]
+
+
+def identification_scores(
+    template_feats: np.ndarray, unique_templates: np.ndarray, lists: dict[str, tuple[np.ndarray, np.ndarray]],
+    *, chunk: int = 4096,
+) -> dict[str, Any]:
+    """1:N identification as insightface's ``ijb_1n.py``: probe templates against the gallery
+    templates (cosine); rank-k rates (the mated gallery template among the k best); TPIR at each FPIR
+    of :data:`FPIR_TARGETS`, read its way: the threshold is the ``ceil(FPIR x probes)``-th highest
+    score of all non-mated probe-gallery pairs, and TPIR the share of probes whose mated score is
+    above it. Probes are scored in chunks, keeping only the highest non-mated scores."""
+    gallery, gallery_ids = _chosen_templates(template_feats, unique_templates, *lists["gallery"], "gallery")
+    probes, probe_ids = _chosen_templates(template_feats, unique_templates, *lists["probe"], "probe")
+    mates = np.empty(probe_ids.size, dtype=np.int64)
+    for i, subject in enumerate(probe_ids):
+        where = np.flatnonzero(gallery_ids == subject)
+        if where.size != 1:
+            raise HyperfaceError(f"probe subject {subject} has {where.size} gallery templates; the 1:N protocol needs exactly one")
+        mates[i] = where[0]
+    keep = int(math.ceil(probe_ids.size * max(FPIR_TARGETS)))
+    mated = np.empty(probe_ids.size, dtype=np.float64)
+    better = np.empty(probe_ids.size, dtype=np.int64)
+    highest = np.empty(0, dtype=np.float64)
+    for start in range(0, probe_ids.size, chunk):
+        sims = probes[start : start + chunk] @ gallery.T
+        rows = np.arange(sims.shape[0])
+        own = mates[start : start + chunk]
+        mated[start : start + sims.shape[0]] = sims[rows, own]
+        better[start : start + sims.shape[0]] = (sims > sims[rows, own][:, None]).sum(axis=1)
+        sims[rows, own] = -np.inf
+        flat = sims.reshape(-1)
+        pool = np.concatenate([highest, flat if flat.size <= keep else np.partition(flat, flat.size - keep)[-keep:]])
+        highest = pool if pool.size <= keep else np.partition(pool, pool.size - keep)[-keep:]
+    highest = np.sort(highest)[::-1]
+    tpir = {}
+    for fpir in FPIR_TARGETS:
+        position = int(math.ceil(probe_ids.size * fpir))
+        if position > highest.size or not np.isfinite(highest[position - 1]):
+            tpir[_far_key(fpir)] = None  # too few non-mated pairs to reach this FPIR
+            continue
+        tpir[_far_key(fpir)] = float(np.mean(mated > highest[position - 1]))
+    return {
+        "rank": {str(k): float(np.mean(better < k)) for k in RANKS},
+        "tpir_at_fpir": tpir,
+        "num_probes": int(probe_ids.size),
+        "num_gallery": int(gallery_ids.size),
+    }
+
+
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``sklearn.metrics.roc_curve(labels, scores)`` with its default ``drop_intermediate=True``."""
     labels = np.asarray(labels).astype(bool)
@@ -346,11 +437,14 @@ def evaluate_ijb(
     use_detector_score: bool = True,
     image_size: int = 112,
     cache_dir: str | os.PathLike | None = None,
+    identification: bool = False,
 ) -> IJBResult:
-    """IJB-B/C 1:1 verification of ``embed_fn`` (raw features of aligned RGB uint8 faces);
-    ``cache_dir``: see :func:`ijb_image_features`."""
+    """IJB-B/C 1:1 verification of ``embed_fn`` (raw features of aligned RGB uint8 faces), and with
+    ``identification`` 1:N identification on the same features; ``cache_dir``: see
+    :func:`ijb_image_features`."""
     target = target.upper()
     meta = read_ijb_meta(root, target)
+    lists = read_identification_lists(root, target) if identification else None  # a missing list fails before embedding
     features = ijb_image_features(embed_fn, meta, batch_size=batch_size, flip=flip, image_size=image_size, cache_dir=cache_dir)
     if not use_norm_score:
         features = _normalize_rows(features)
@@ -359,6 +453,7 @@ def evaluate_ijb(
     feats, unique_templates = template_features(features, meta.templates, meta.medias)
     scores = pair_scores(feats, unique_templates, meta.pair_t1, meta.pair_t2)
     tars, auc, roc = _read_roc(meta.pair_label, scores)
+    ident = identification_scores(feats, unique_templates, lists) if lists is not None else None
     return IJBResult(
         target=target,
         tar_at_far=tars,
@@ -368,17 +463,21 @@ def evaluate_ijb(
         num_pairs=int(scores.size),
         settings={"flip": flip, "norm_score": use_norm_score, "detector_score": use_detector_score},
         roc=roc,
+        identification=ident,
     )
 
 
 __all__ = [
     "CACHE_BLOCK",
     "FAR_TARGETS",
+    "FPIR_TARGETS",
     "IJBMeta",
     "IJBResult",
     "evaluate_ijb",
+    "identification_scores",
     "ijb_image_features",
     "pair_scores",
+    "read_identification_lists",
     "read_ijb_meta",
     "roc_curve",
     "tar_at_far",

@@ -31,6 +31,7 @@ def evaluate_model(
     ijb_target: str = "IJBC",
     ijb_detector_score: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    ijb_identification: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model (anything ``load_recognizer`` opens: ONNX, backbone.pth, a training run folder,
     checkpoint folder or ``checkpoints/latest``) or an embed function.
@@ -87,7 +88,7 @@ def evaluate_model(
             cache = Path(cache_dir) if callable(model) else Path(cache_dir) / _ijb_cache_key(model, ijb_root, ijb_target, flip)
         ijb = evaluate_ijb(
             embed_fn, ijb_root, ijb_target, batch_size=batch_size, flip=flip, use_detector_score=ijb_detector_score,
-            cache_dir=cache,
+            cache_dir=cache, identification=ijb_identification,
         )
         report["ijb"] = ijb.to_dict()
         timings[ijb.target] = round(time.perf_counter() - start, 3)
@@ -216,6 +217,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{ijb['target']} 1:1 TAR (%) at FAR  " + "  ".join(f"{k:>7}" for k in keys))
         lines.append(f"{'':<{len(ijb['target']) + 20}}" + "  ".join(f"{100 * ijb['tar_at_far'][k]:>7.2f}" for k in keys))
         lines.append(f"({ijb['num_templates']} templates, {ijb['num_pairs']} pairs, {ijb['num_images']} faces; AUC {100 * ijb['auc']:.2f})")
+        ident = ijb.get("identification")
+        if ident:
+            ranks = "  ".join(f"rank-{k} {100 * v:.2f}" for k, v in ident["rank"].items())
+            tpir = "  ".join(f"TPIR@FPIR={k} " + (f"{100 * v:.2f}" if v is not None else "-") for k, v in ident["tpir_at_fpir"].items())
+            lines.append(f"{ijb['target']} 1:N (%)  {ranks}  {tpir}")
+            lines.append(f"({ident['num_probes']} probe templates against {ident['num_gallery']} gallery templates)")
     return "\n".join(lines)
 
 
