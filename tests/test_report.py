@@ -67,6 +67,26 @@ def test_class_statistics_equal_brute_force(monkeypatch, row_chunk):
     assert with_targets["target"]["image_to_target_cosine"]["min"] == pytest.approx(expected.min(), abs=1e-6)
 
 
+def test_unique_identities_follow_vec2faces_count():
+    """Vec2Face's inter-separability-measurement.py: np.triu(sim > t, k=1).sum(axis=0) == 0."""
+    from hyperface.report.stats import earlier_max_cosine
+
+    rng = np.random.default_rng(5)
+    centres = unit(rng.standard_normal((300, 32)))  # 32-d: about 1 % of pairs above 0.4
+    sim = centres.astype(np.float64) @ centres.T
+    expected = int((np.triu(sim > 0.4, k=1).sum(axis=0) == 0).sum())
+    earlier = earlier_max_cosine(centres, rows=37)  # blocks that do not divide 300
+    assert int((earlier <= 0.4).sum()) == expected and 20 < expected < 280
+    np.testing.assert_allclose(earlier[1:], [sim[j, :j].max() for j in range(1, 300)], atol=1e-5)
+    assert earlier[0] == -1.0
+    labels = np.repeat(np.arange(300), 2)
+    emb = np.repeat(centres, 2, axis=0)
+    report = dataset_stats(emb, labels, genuine_pairs=10, impostor_pairs=10).report
+    assert report["inter_class"]["unique_identities"]["count"] == expected
+    assert dataset_stats(emb, labels, unique_threshold=1.0, genuine_pairs=10, impostor_pairs=10).report[
+        "inter_class"]["unique_identities"]["count"] == 300
+
+
 def test_sampled_pairs_are_genuine_or_impostor_and_never_self():
     # classes 3 and 4 have one image: never in a genuine pair; 200 more rows make the set too big to enumerate
     labels = np.r_[[0, 0, 1, 2, 2, 2, 3, 1, 4], 5 + np.arange(200)]

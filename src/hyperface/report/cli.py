@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--leak-threshold", type=float, default=0.4,
                    help="cosine at or above which a synthetic identity counts as leaked (default: 0.4; pick the "
                         "threshold of your FR model at a low FAR, e.g. 1e-4)")
+    p.add_argument("--unique-threshold", type=float, default=0.4,
+                   help="cosine for the unique-identity count (Vec2Face's inter-separability measure: identities whose "
+                        "centroid has no earlier identity above it; default: 0.4, Vec2Face's)")
     p.add_argument("--genuine-pairs", type=int, default=200_000, help="sampled genuine pairs (default: 200,000)")
     p.add_argument("--impostor-pairs", type=int, default=1_000_000, help="sampled impostor pairs (default: 1,000,000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair sampling (default 0)")
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         identities=args.identities,
         reference=args.reference,
         leak_threshold=args.leak_threshold,
+        unique_threshold=args.unique_threshold,
         genuine_pairs=args.genuine_pairs,
         impostor_pairs=args.impostor_pairs,
         seed=args.seed,

@@ -122,6 +122,7 @@ def run_report(
     identities: str | os.PathLike | None = None,
     reference: str | os.PathLike | None = None,
     leak_threshold: float = 0.4,
+    unique_threshold: float = 0.4,
     genuine_pairs: int = 200_000,
     impostor_pairs: int = 1_000_000,
     seed: int = 0,
@@ -136,6 +137,8 @@ def run_report(
     embeddings = find_embeddings(embeddings, flag="EMBEDDINGS")
     if not 0.0 < leak_threshold <= 1.0:
         raise HyperfaceError(f"--leak-threshold must be in (0, 1], got {leak_threshold}")
+    if not -1.0 <= unique_threshold <= 1.0:
+        raise HyperfaceError(f"--unique-threshold must be a cosine in [-1, 1], got {unique_threshold}")
     if genuine_pairs < 0 or impostor_pairs < 0:
         raise HyperfaceError("pair counts must be >= 0")
     emb = load_embeddings(embeddings, what="embeddings", mapped=True)  # embed's unit rows stay on disk
@@ -158,7 +161,7 @@ def run_report(
         )
     torch_device = resolve_device(device)  # a bad --device is refused before the output folder exists
     out = prepare_output_dir(out_dir, overwrite=overwrite, stage="report", resumable=False)
-    params = {"leak_threshold": leak_threshold, "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs,
+    params = {"leak_threshold": leak_threshold, "unique_threshold": unique_threshold, "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs,
               "seed": seed, "device": device}
     manifest = Manifest(stage="report", params=params,
                         inputs={"embeddings": embeddings, "labels": labels, "identities": identities, "reference": reference})
@@ -166,6 +169,7 @@ def run_report(
         manifest.extra["dataset"] = str(Path(dataset_used).resolve())
 
     stats = dataset_stats(emb, label_array, identities=ident, reference=ref, leak_threshold=leak_threshold,
+                          unique_threshold=unique_threshold,
                           genuine_pairs=genuine_pairs, impostor_pairs=impostor_pairs, seed=seed,
                           device=torch_device)
     outputs = [REPORT_FILE]
@@ -257,6 +261,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"inter-class   nearest other identity (centroids): mean {inter['mean']:.3f}, p99 {inter['p99']:.3f}, max {inter['max']:.3f}"
         + (f" (ids {closest[0]['labels'][0]} and {closest[0]['labels'][1]})" if closest else "")
     )
+    unique = report["inter_class"].get("unique_identities")
+    if unique:
+        lines.append(f"unique        {unique['count']} of {report['num_identities']} identities ({100 * unique['fraction']:.2f}%) "
+                     f"have no earlier identity above cosine {unique['threshold']} (Vec2Face's count)")
     ver = report.get("verification")
     if ver:
         tar = ", ".join(f"TAR@FAR={k} {100 * v['tar']:.2f}%" for k, v in ver["tar_at_far"].items())

@@ -214,6 +214,27 @@ def nearest(
     return best_sims.cpu().numpy(), best_idx.cpu().numpy()
 
 
+def _unique_identities(earlier: np.ndarray, threshold: float) -> dict[str, Any]:
+    unique = earlier <= threshold
+    return {"threshold": threshold, "count": int(unique.sum()), "fraction": float(unique.mean()),
+            "rule": "no earlier identity (label order) with a centroid cosine above the threshold (Vec2Face)"}
+
+
+def earlier_max_cosine(centroids: np.ndarray, *, device: str | torch.device = "cpu", rows: int = 4096) -> np.ndarray:
+    """Per identity, the highest cosine of its centroid to any identity before it in label order
+    (-1 for the first): tiled over row blocks, each against the identities up to its end only, so
+    half of the N x N products and no N x N matrix."""
+    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
+    out = torch.full((c.shape[0],), -1.0, device=device)
+    for start in range(0, c.shape[0], rows):
+        stop = min(start + rows, c.shape[0])
+        sims = c[start:stop] @ c[:stop].T
+        later = torch.arange(stop, device=device)[None, :] >= torch.arange(start, stop, device=device)[:, None]
+        sims.masked_fill_(later, -1.0)  # the identity itself and those after it
+        out[start:stop] = sims.max(dim=1).values.clamp(min=-1.0)
+    return out.cpu().numpy()
+
+
 @dataclass
 class DatasetStats:
     """What :func:`dataset_stats` computes: ``report`` (JSON-ready) and the arrays behind the plots."""
@@ -262,6 +283,7 @@ def dataset_stats(
     identities: np.ndarray | None = None,
     reference: np.ndarray | None = None,
     leak_threshold: float = 0.4,
+    unique_threshold: float = 0.4,
     genuine_pairs: int = 200_000,
     impostor_pairs: int = 1_000_000,
     seed: int = 0,
@@ -272,6 +294,8 @@ def dataset_stats(
     ``identities`` (the packed target embeddings, row = label) adds each image's similarity to its
     target; ``reference`` (real identities or images, unit rows) adds identity leakage: each
     identity centroid's nearest reference row, and how many reach ``leak_threshold``.
+    ``unique_threshold``: Vec2Face's count of unique identities (``inter-separability-measurement.py``):
+    those whose centroid has no earlier identity (in label order) above this cosine.
     """
     classes = check_report_inputs(embeddings, labels, identities=identities, reference=reference)
     rng = np.random.default_rng(seed)
@@ -294,6 +318,7 @@ def dataset_stats(
         },
         "inter_class": {
             "nearest_identity_cosine": summary(nearest_sim),
+            "unique_identities": _unique_identities(earlier_max_cosine(centroids, device=device), unique_threshold),
             "closest_pairs": [
                 {"labels": [int(classes.labels[a]), int(classes.labels[b])], "cosine": cosine} for a, b, cosine in closest
             ],
