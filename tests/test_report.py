@@ -75,7 +75,7 @@ def test_unique_identities_follow_vec2faces_count():
     centres = unit(rng.standard_normal((300, 32)))  # 32-d: about 1 % of pairs above 0.4
     sim = centres.astype(np.float64) @ centres.T
     expected = int((np.triu(sim > 0.4, k=1).sum(axis=0) == 0).sum())
-    earlier = earlier_max_cosine(centres, rows=37)  # blocks that do not divide 300
+    earlier = earlier_max_cosine(centres, rows=37, cols=50)  # tiles that do not divide 300
     assert int((earlier <= 0.4).sum()) == expected and 20 < expected < 280
     np.testing.assert_allclose(earlier[1:], [sim[j, :j].max() for j in range(1, 300)], atol=1e-5)
     assert earlier[0] == -1.0

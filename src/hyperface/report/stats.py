@@ -220,18 +220,22 @@ def _unique_identities(earlier: np.ndarray, threshold: float) -> dict[str, Any]:
             "rule": "no earlier identity (label order) with a centroid cosine above the threshold (Vec2Face)"}
 
 
-def earlier_max_cosine(centroids: np.ndarray, *, device: str | torch.device = "cpu", rows: int = 4096) -> np.ndarray:
+def earlier_max_cosine(
+    centroids: np.ndarray, *, device: str | torch.device = "cpu", rows: int = 1024, cols: int = 1 << 16
+) -> np.ndarray:
     """Per identity, the highest cosine of its centroid to any identity before it in label order
-    (-1 for the first): tiled over row blocks, each against the identities up to its end only, so
-    half of the N x N products and no N x N matrix."""
+    (-1 for the first): tiles of ``rows`` x ``cols`` below the diagonal only (half of the N x N
+    products; 256 MB of scores at a time, never the N x N matrix)."""
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
     out = torch.full((c.shape[0],), -1.0, device=device)
     for start in range(0, c.shape[0], rows):
         stop = min(start + rows, c.shape[0])
-        sims = c[start:stop] @ c[:stop].T
-        later = torch.arange(stop, device=device)[None, :] >= torch.arange(start, stop, device=device)[:, None]
-        sims.masked_fill_(later, -1.0)  # the identity itself and those after it
-        out[start:stop] = sims.max(dim=1).values.clamp(min=-1.0)
+        own = torch.arange(start, stop, device=device)[:, None]
+        for c0 in range(0, stop, cols):
+            c1 = min(c0 + cols, stop)
+            sims = c[start:stop] @ c[c0:c1].T
+            sims.masked_fill_(torch.arange(c0, c1, device=device)[None, :] >= own, -1.0)  # itself and later ones
+            out[start:stop] = torch.maximum(out[start:stop], sims.max(dim=1).values)
     return out.cpu().numpy()
 
 
