@@ -247,3 +247,66 @@ def test_a_lightning_ckpt_with_pickled_objects_says_how_to_extract_it(tmp_path):
     with pytest.raises(HyperfaceError, match=r"weights_only=False\)\['state_dict'\]") as error:
         load_recognizer(tmp_path / "a.ckpt")
     assert "if you" in str(error.value) and "trust the file" in str(error.value)
+
+
+# --- arcface_torch MobileFaceNet ------------------------------------------------------------------
+
+
+def _mbf_reference_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """arcface_torch's MobileFaceNet.forward written out with functional ops from the state dict alone."""
+    import torch.nn.functional as F
+
+    def block(t, p, stride=1, act=True):  # ConvBlock / LinearBlock: conv (padding from the kernel) -> BN [-> PReLU]
+        w = sd[p + ".layers.0.weight"]
+        groups = t.shape[1] // w.shape[1]
+        t = F.conv2d(t, w, stride=stride, padding=w.shape[-1] // 2 if w.shape[-1] == 3 else 0, groups=groups)
+        t = F.batch_norm(t, sd[p + ".layers.1.running_mean"], sd[p + ".layers.1.running_var"], sd[p + ".layers.1.weight"],
+                         sd[p + ".layers.1.bias"], False, 0.0, 1e-5)
+        return F.prelu(t, sd[p + ".layers.2.weight"]) if act else t
+
+    def depthwise(t, p, stride):
+        return block(block(block(t, p + ".layers.0"), p + ".layers.1", stride), p + ".layers.2", act=False)
+
+    def residual(t, p):
+        i = 0
+        while f"{p}.layers.{i}.layers.0.layers.0.weight" in sd:
+            t = t + depthwise(t, f"{p}.layers.{i}", 1)
+            i += 1
+        return t
+
+    t = block(x, "layers.0", 2)
+    t = block(t, "layers.1") if "layers.1.layers.0.weight" in sd else residual(t, "layers.1")
+    for dw, res in ((2, 3), (4, 5), (6, 7)):
+        t = residual(depthwise(t, f"layers.{dw}", 2), f"layers.{res}")
+    t = block(t, "conv_sep")
+    t = block(t, "features.layers.0", act=False).flatten(1)
+    t = F.linear(t, sd["features.layers.2.weight"])
+    return F.batch_norm(t, sd["features.layers.3.running_mean"], sd["features.layers.3.running_var"],
+                        sd["features.layers.3.weight"], sd["features.layers.3.bias"], False, 0.0, 1e-5)
+
+
+@pytest.mark.parametrize("blocks", [(1, 1, 1, 1), (2, 1, 2, 1)])  # the stem as a grouped conv, or a Residual
+def test_mobilefacenet_backbone_pth_loads_like_arcface_torch(faces, tmp_path, blocks):
+    from hyperface.recognition.mobilefacenet import MobileFaceNet
+
+    torch.manual_seed(4)
+    model = MobileFaceNet(blocks, 1, embedding_size=128).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.1, 0.1)
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.data.uniform_(0.1, 0.4)
+    sd = model.state_dict()
+    assert "layers.2.layers.1.layers.0.weight" in sd and sd["layers.2.layers.1.layers.0.weight"].shape == (128, 1, 3, 3)  # depthwise
+    assert "features.layers.2.bias" not in sd  # GDC's linear has no bias
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "backbone.pth")  # as DDP saves it
+    recognizer = load_recognizer(tmp_path / "backbone.pth", batch_size=3)
+    info = recognizer.describe()
+    assert info["kind"] == "torch-mobilefacenet" and info["channel_order"] == "RGB"
+    assert info["arch"] == ("mbf_tiny" if blocks == (1, 1, 1, 1) else "mbf[2, 1, 2, 1]x1")
+    x = torch.from_numpy(np.ascontiguousarray(faces.transpose(0, 3, 1, 2))).float().sub(127.5).div(127.5)
+    expected = torch.nn.functional.normalize(_mbf_reference_forward(sd, x), dim=1).numpy()
+    np.testing.assert_allclose(recognizer.embed(faces), expected, atol=2e-5)

@@ -401,8 +401,9 @@ def test_bad_inputs_are_clear_errors(synthetic, tmp_path):
     base = dict(data=str(synthetic["data"]), device="cpu", **TINY)
     with pytest.raises(HyperfaceError, match="larger than"):
         train(TrainConfig(out=str(tmp_path / "a"), batch_size=4096, **base))
-    with pytest.raises(HyperfaceError, match="unknown iResNet arch"):
+    with pytest.raises(HyperfaceError, match=r"unknown --arch 'r51': choose one of r18, r34, r50, r100, r200, mbf, mbf_large"):
         train(TrainConfig(out=str(tmp_path / "b"), **{**base, "arch": "r51"}))
+    assert not (tmp_path / "b").exists()  # refused before the output folder
     with pytest.raises(HyperfaceError, match="fp16 needs a CUDA"):
         train(TrainConfig(out=str(tmp_path / "c"), amp="fp16", **base))
     with pytest.raises(HyperfaceError, match="not found"):
@@ -603,3 +604,19 @@ def test_grad_accum_takes_batch_size_times_k_images_per_step(synthetic, tmp_path
         train(TrainConfig(**{**base, "grad_accum": 3, "epochs": 2}, resume=True))
     with pytest.raises(HyperfaceError, match=r"--batch-size 100 x --grad-accum 2 is larger than the 192 images"):
         train(TrainConfig(**{**base, "batch_size": 100, "out": str(tmp_path / "big")}))
+
+
+def test_mobilefacenet_trains_exports_and_loads_back(synthetic, tmp_path):
+    from hyperface.recognition import load_recognizer
+
+    run = tmp_path / "mbf"
+    base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, max_steps=3, device="cpu",
+                **{**TINY, "arch": "mbf_tiny"})
+    assert train(TrainConfig(**base)).steps == 3
+    faces = (np.random.default_rng(0).random((4, 112, 112, 3)) * 255).astype(np.uint8)
+    from_pth = load_recognizer(run / "backbone.pth")
+    assert from_pth.describe()["kind"] == "torch-mobilefacenet" and from_pth.describe()["arch"] == "mbf_tiny"
+    export_backbone(run, tmp_path / "mbf.onnx")
+    np.testing.assert_allclose(load_recognizer(tmp_path / "mbf.onnx").embed(faces), from_pth.embed(faces), atol=1e-4)
+    with pytest.raises(HyperfaceError, match="--dropout applies to iResNet"):
+        train(TrainConfig(**{**base, "dropout": 0.2, "out": str(tmp_path / "d")}))

@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--arch", default=None, help="arch of a PyTorch file, to check it: iResNet r18..r200 or AdaFace ir_18..ir_se_200; read from the weights if omitted")
+    parser.add_argument("--arch", default=None, help="arch of a PyTorch file, to check it: iResNet r18..r200, MobileFaceNet mbf / mbf_large, AdaFace ir_18..ir_se_200; read from the weights if omitted")
     parser.add_argument("--no-flip", action="store_true", help="skip flip fusion (not the standard protocol)")
     parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (default: 10, the standard)")
     parser.add_argument("--ijb", metavar="DIR", help="IJB release folder holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")

@@ -543,18 +543,11 @@ def load_recognizer(
             path, device=device, flip=flip, batch_size=batch_size, channel_order=channel_order or "RGB", num_threads=num_threads
         )
     if suffix in TORCH_SUFFIXES:
-        from hyperface.recognition.adaface_ir import adaface_ir_from_state_dict, is_adaface_state_dict
-        from hyperface.recognition.iresnet import infer_arch_or_none, iresnet_from_state_dict
+        from hyperface.recognition.backbones import backbone_from_state_dict
 
         state = select_backbone_state_dict(load_torch_state_dict(path), source=str(path))
-        if is_adaface_state_dict(state):
-            if fp16:
-                raise HyperfaceError(f"{path} is an AdaFace IR network: fp16 autocast is for iResNet files; run it in float32")
-            model = adaface_ir_from_state_dict(state, arch=arch)
-            name, order = model.arch, channel_order or "BGR"
-        else:
-            model = iresnet_from_state_dict(state, arch=arch, fp16=fp16)
-            name, order = arch or infer_arch_or_none(state), channel_order or "RGB"
+        model, name = backbone_from_state_dict(state, arch=arch, fp16=fp16)
+        order = channel_order or ("BGR" if getattr(model, "family", "") == "adaface-ir" else "RGB")  # AdaFace's inference.py
         return TorchRecognizer(model, device=device, flip=flip, batch_size=batch_size, channel_order=order, path=path, arch=name)
     kind = f"type {path.suffix!r}" if path.suffix else "type (no file extension)"
     raise HyperfaceError(

@@ -152,11 +152,12 @@ def load_backbone_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
 
 
 def load_backbone(path: str | os.PathLike):
-    """Build the iResNet of a checkpoint (arch from meta.json or inferred) and load it strictly."""
-    from hyperface.recognition.iresnet import iresnet_from_state_dict
+    """Build the backbone of a checkpoint (iResNet or MobileFaceNet; arch from meta.json or inferred)
+    and load it strictly."""
+    from hyperface.recognition.backbones import backbone_from_state_dict
 
     state, meta = load_backbone_state(path)
-    return iresnet_from_state_dict(state, arch=meta.get("arch")), meta
+    return backbone_from_state_dict(state, arch=meta.get("arch"))[0], meta
 
 
 def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17) -> Path:

@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--export", metavar="CKPT", help="export CKPT (run folder, checkpoint folder or weights file) to --out and exit")
 
     model = parser.add_argument_group("model and loss")
-    model.add_argument("--arch", default="r50", help="iResNet depth: r18, r34, r50, r100, r200 (default: r50)")
+    model.add_argument("--arch", default="r50", help="backbone: iResNet r18, r34, r50, r100, r200, or arcface_torch's "
+                                                     "MobileFaceNet mbf / mbf_large (default: r50)")
     model.add_argument("--embedding-size", type=int, default=512, help="embedding dimension (default: 512)")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the fc layer (default: 0)")
     model.add_argument("--loss", default="arcface", choices=("arcface", "cosface", "adaface"), help="margin (default: arcface; s=64, m=0.5 / 0.4 / 0.4)")

@@ -113,6 +113,9 @@ class TrainConfig:
             raise HyperfaceError(f"unknown --amp {self.amp!r}: use auto, bf16, fp16 or none")
         if self.augment not in ("none", "flip", "adaface"):
             raise HyperfaceError(f"unknown --augment {self.augment!r}: use none, flip or adaface")
+        from hyperface.recognition.backbones import check_arch
+
+        check_arch(self.arch, dropout=self.dropout)  # an unknown --arch fails here, before any output
         self._check_ranges()
         build_margin(self.loss, s=self.margin_s, m=self.margin_m, gradient=self.margin_gradient)  # the loss's own checks
         cfg = TrainConfig(**asdict(self))
@@ -417,7 +420,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
     after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
     from hyperface.datasets import open_dataset
-    from hyperface.recognition.iresnet import iresnet
+    from hyperface.recognition.backbones import create_backbone
 
     cfg = config.resolved()
     started = time.time()
@@ -469,7 +472,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
 
     # --- model, head, optimiser -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # same initial backbone on every rank; head shards differ by design
-    backbone = iresnet(cfg.arch, embedding_size=cfg.embedding_size, dropout=cfg.dropout).to(device)
+    backbone = create_backbone(cfg.arch, embedding_size=cfg.embedding_size, dropout=cfg.dropout).to(device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
