@@ -277,15 +277,15 @@ dist.destroy_process_group()
 """
 
 
-def test_partial_fc_sharded_over_two_ranks_equals_single_process_head(tmp_path):
-    """Two gloo processes, classes sharded 6+5, global batch split 4+4: same loss and gradients."""
+def _run_two_gloo_ranks(source: str, tmp_path, *args: str) -> None:
+    """Run ``source`` as a script in two processes of one gloo group (argv: tmp_path, *args)."""
     import os
     import socket
     import subprocess
     import sys
 
     script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT)
+    script.write_text(source)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -293,11 +293,16 @@ def test_partial_fc_sharded_over_two_ranks_equals_single_process_head(tmp_path):
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for proc in procs:
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, output.decode()[-2000:]
+
+
+def test_partial_fc_sharded_over_two_ranks_equals_single_process_head(tmp_path):
+    """Two gloo processes, classes sharded 6+5, global batch split 4+4: same loss and gradients."""
+    _run_two_gloo_ranks(_RANK_SCRIPT, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name in ("arcface", "adaface"):
         torch.manual_seed(0)
@@ -401,24 +406,8 @@ def test_grad_accum_under_ddp_all_reduces_the_summed_passes(tmp_path):
     passes, and both ranks end with the same weights (no_sync only saves the first two all-reduces;
     it must not change the result)."""
     import os
-    import socket
-    import subprocess
-    import sys
 
-    script = tmp_path / "accum.py"
-    script.write_text(_ACCUM_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), os.path.dirname(__file__)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for proc in procs:
-        output, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, output.decode()[-2000:]
+    _run_two_gloo_ranks(_ACCUM_SCRIPT, tmp_path, os.path.dirname(__file__))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.manual_seed(0)
     model, head = _tiny_backbone(), _LinearHead()

@@ -159,12 +159,10 @@ def adaface_ir_from_state_dict(state: Mapping[str, torch.Tensor], *, arch: str |
         raise HyperfaceError(f"the weights are an AdaFace {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}")
     stages, _, se = _stages_from_state(state)
     depth, _ = ADAFACE_ARCHS[inferred]
+    from hyperface.recognition.backbones import load_state_strict
+
     model = AdaFaceIR(depth, se=se, embedding_size=int(state["output_layer.3.weight"].shape[0]), stages=stages)
-    try:
-        model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
-        raise HyperfaceError(f"state dict does not match AdaFace {inferred!r}: {detail[:400]}") from exc
+    load_state_strict(model, state, f"AdaFace {inferred!r}")
     model.arch = inferred
     return model
 

@@ -16,6 +16,16 @@ from torch import nn
 
 from hyperface.common.errors import HyperfaceError
 
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """``model.load_state_dict(state, strict=True)``, its error as one HyperfaceError line naming ``what``."""
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
+        raise HyperfaceError(f"state dict does not match {what}: {detail[:400]}{' ...' if len(detail) > 400 else ''}") from exc
+    return model
+
+
 #: What ``hyperface train --arch`` builds.
 TRAINABLE_ARCHS = ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large")
 
@@ -63,4 +73,4 @@ def backbone_from_state_dict(state: Mapping[str, torch.Tensor], *, arch: str | N
     return iresnet_from_state_dict(state, arch=arch, fp16=fp16), arch or infer_arch_or_none(state)
 
 
-__all__ = ["TRAINABLE_ARCHS", "backbone_from_state_dict", "check_arch", "create_backbone"]
+__all__ = ["TRAINABLE_ARCHS", "backbone_from_state_dict", "check_arch", "create_backbone", "load_state_strict"]

@@ -255,19 +255,13 @@ def iresnet_from_state_dict(
     state_dict = _strip_prefix(state_dict)
     info = describe_state_dict(state_dict)
     name = arch if arch is not None else infer_arch(state_dict)
+    from hyperface.recognition.backbones import load_state_strict
+
     model = iresnet(name, embedding_size=info["embedding_size"], fp16=fp16)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        inferred = infer_arch_or_none(state_dict)
-        if arch is not None and inferred is not None and inferred != arch:
-            raise HyperfaceError(f"the weights are an iResNet {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}") from exc
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
-        raise HyperfaceError(
-            f"state dict does not match iResNet {name!r} (inferred: {inferred}): "
-            f"{detail[:400]}{' ...' if len(detail) > 400 else ''}"
-        ) from exc
-    return model
+    inferred = infer_arch_or_none(state_dict)
+    if arch is not None and inferred is not None and inferred != arch:
+        raise HyperfaceError(f"the weights are an iResNet {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}")
+    return load_state_strict(model, state_dict, f"iResNet {name!r} (inferred: {inferred})")
 
 
 def infer_arch_or_none(state_dict: Mapping[str, torch.Tensor]) -> str | None:

@@ -151,12 +151,10 @@ def mobilefacenet_from_state_dict(state: Mapping[str, torch.Tensor], *, arch: st
     inferred = next((name for name, layout in MBF_ARCHS.items() if layout == (blocks, scale)), f"mbf{list(blocks)}x{scale}")
     if arch is not None and arch != inferred:
         raise HyperfaceError(f"the weights are a MobileFaceNet {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}")
+    from hyperface.recognition.backbones import load_state_strict
+
     model = MobileFaceNet(blocks, scale, embedding_size=int(state["features.layers.2.weight"].shape[0]), fp16=fp16)
-    try:
-        model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
-        raise HyperfaceError(f"state dict does not match MobileFaceNet {inferred!r}: {detail[:400]}") from exc
+    load_state_strict(model, state, f"MobileFaceNet {inferred!r}")
     model.arch = inferred
     return model
 
