@@ -215,6 +215,10 @@ def test_plot_and_compare_overlay_earlier_reports(tiny_backbone, tmp_path, capsy
     genuine = np.asarray(b["results"]["lfw"]["similarity_histogram"]["genuine"])
     assert genuine.sum() == 10 and lfw_axes.patches[0].get_data().values.sum() * 0.02 == pytest.approx(1.0)  # a density
     assert any(f"a: {100 * a['accuracy']['lfw']:.2f}%" in t.get_text() for t in lfw_axes.get_legend().get_texts())
+    assert lfw_axes.get_title().startswith("lfw (solid genuine") and agedb_axes.get_title().startswith("agedb_30 (")
+    thresholds = sorted(line.get_xdata()[0] for line in lfw_axes.lines)  # one dotted line per model, at cosine 1 - d / 2
+    assert thresholds == pytest.approx(sorted(1 - r["results"]["lfw"]["best_threshold"] / 2 for r in (a, b)))
+    assert lfw_axes.patches[0].get_edgecolor() != lfw_axes.patches[2].get_edgecolor()  # one colour per model
 
     # a report from before histograms were kept: left out of its panels, with a warning, not an error
     del a["results"]["lfw"]["similarity_histogram"]
@@ -232,17 +236,31 @@ def test_plot_and_compare_overlay_earlier_reports(tiny_backbone, tmp_path, capsy
     assert len(figures[1].axes[0].patches) == 2
     assert any("old has no score histogram for lfw" in r.getMessage() for r in records)
 
+    # a report of the same model (same label): told apart in the table, its own colour in the plot
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "other.json").write_text(json.dumps(b))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "other"), str(tmp_path / "lfw.bin"), "--device", "cpu",
+                 "--plot", str(tmp_path / "same.png"), "--compare", str(tmp_path / "again" / "other.json")]) == 0
+    assert capsys.readouterr().out.split("\n\n")[-1].splitlines()[0].split() == ["other", "other", "(2)"]
+    single = figures[2].axes[0]
+    assert single.get_title() == "lfw (solid genuine, dashed impostor, dotted threshold)"
+    assert single.patches[0].get_edgecolor() != single.patches[2].get_edgecolor()
+
 
 def test_plot_and_compare_mistakes_fail_before_the_evaluation(tiny_backbone, tmp_path, capsys):
     _, model_path = tiny_backbone
     missing = str(tmp_path / "missing.bin")  # would fail later: these must fail first
     (tmp_path / "notes.json").write_text("not json")
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "nothr.json").write_text(json.dumps({"results": {"lfw": {"accuracy": 0.9, "similarity_histogram": {"genuine": [1], "impostor": [1]}}}}))
     for extra, message in ((["--plot", str(tmp_path / "eval.txt")], "ending in .png"),
                            (["--plot", str(tmp_path)], "is a folder"),
                            (["--compare", str(tmp_path / "gone.json")], "no such file"),
                            (["--compare", str(tmp_path / "notes.json")], "not a readable JSON report"),
-                           (["--compare", str(tmp_path / "list.json")], "not a `hyperface evaluate --json` report")):
+                           (["--compare", str(tmp_path / "list.json")], "not a `hyperface evaluate --json` report"),
+                           (["--compare", str(tmp_path / "nothr.json")], "similarity histogram without a threshold"),
+                           (["--compare", str(tmp_path / "list.json"), str(tmp_path / "lfw.bin")], "put the BIN files before --compare")):
         assert main(["evaluate", str(model_path), missing, *extra]) == 2
         assert message in capsys.readouterr().err, extra
 
@@ -306,3 +324,47 @@ def test_compare_paper_puts_the_published_numbers_beside(tmp_path, monkeypatch):
     (tmp_path / "paper").write_text("{}")  # a real file of that name is read as a report
     with pytest.raises(Exception, match="not a `hyperface evaluate --json` report"):
         read_reports(["paper"])
+
+
+def test_a_plot_failure_keeps_the_json_and_says_so(tiny_backbone, tmp_path, capsys, monkeypatch):
+    from hyperface.evaluation import plots
+
+    _, model_path = tiny_backbone
+    write_noisy_pairs_bin(tmp_path / "lfw.bin", 10, seed=1)
+
+    def broken(path, reports):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(plots, "plot_evaluation", broken)
+    assert main(["evaluate", str(model_path), str(tmp_path / "lfw.bin"), "--device", "cpu", "--json", str(tmp_path / "r.json"),
+                 "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "could not draw it (no display); the table and --json are complete" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"]["lfw"] >= 0
+
+
+def test_the_ijb_roc_panel_draws_the_reports_points(monkeypatch, tmp_path):
+    from hyperface.evaluation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    roc = {"far": [1e-6, 1e-4, 1e-2, 1.0], "tar": [0.2, 0.5, 0.9, 1.0]}
+    report = {"ijb": {"target": "IJBC", "tar_at_far": {"1e-04": 0.5}, "roc": roc}}
+    plots.plot_evaluation(tmp_path / "x.png", [("m", report)])
+    ax = figures[0].axes[0]
+    assert ax.get_title() == "IJBC 1:1 ROC" and ax.get_xscale() == "log"
+    assert list(ax.lines[0].get_xdata()) == roc["far"] and list(ax.lines[0].get_ydata()) == roc["tar"]
+    assert ax.get_legend().get_texts()[0].get_text() == "m: TAR 50.00% at FAR 1e-4"
+
+
+def test_model_labels_name_the_run_and_step(tmp_path):
+    from hyperface.evaluation.runner import model_label, unique_labels
+
+    step = tmp_path / "hf-r50" / "checkpoints" / "step-000000042"
+    step.mkdir(parents=True)
+    (step / "backbone.safetensors").write_bytes(b"x")
+    (tmp_path / "hf-r50" / "checkpoints" / "latest").write_text("step-000000042\n")
+    assert model_label(step) == "hf-r50/step-000000042" == model_label(tmp_path / "hf-r50")
+    (tmp_path / "w600k_r50.onnx").write_bytes(b"x")
+    assert model_label(tmp_path / "w600k_r50.onnx") == "w600k_r50.onnx"
+    assert unique_labels(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]

@@ -238,6 +238,8 @@ def test_adaface_ckpt_loads_and_runs_bgr_like_adaface(faces, tmp_path, se):
     assert np.abs(rgb - expected).max() > 1e-3  # the channel order matters: BGR is AdaFace's
     with pytest.raises(HyperfaceError, match=r"AdaFace 'ir(_se)?_18', not 'ir_50'"):
         load_recognizer(tmp_path / "adaface_tiny.ckpt", arch="ir_50")
+    with pytest.raises(HyperfaceError, match="run an AdaFace IR network in float32"):
+        load_recognizer(tmp_path / "adaface_tiny.ckpt", fp16=True)
 
 
 def test_a_lightning_ckpt_with_pickled_objects_says_how_to_extract_it(tmp_path):
@@ -310,3 +312,35 @@ def test_mobilefacenet_backbone_pth_loads_like_arcface_torch(faces, tmp_path, bl
     x = torch.from_numpy(np.ascontiguousarray(faces.transpose(0, 3, 1, 2))).float().sub(127.5).div(127.5)
     expected = torch.nn.functional.normalize(_mbf_reference_forward(sd, x), dim=1).numpy()
     np.testing.assert_allclose(recognizer.embed(faces), expected, atol=2e-5)
+
+
+# AdaFace net.py's get_blocks, copied here as data: (units per stage, widths), bottleneck from 152 layers
+_ADAFACE_PUBLISHED = {
+    "ir_18": ((2, 2, 2, 2), (64, 128, 256, 512), False),
+    "ir_34": ((3, 4, 6, 3), (64, 128, 256, 512), False),
+    "ir_50": ((3, 4, 14, 3), (64, 128, 256, 512), False),
+    "ir_101": ((3, 13, 30, 3), (64, 128, 256, 512), False),
+    "ir_152": ((3, 8, 36, 3), (256, 512, 1024, 2048), True),
+    "ir_200": ((3, 24, 36, 3), (256, 512, 1024, 2048), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ADAFACE_PUBLISHED))
+def test_adaface_layouts_follow_the_published_tables(name):
+    from hyperface.recognition.adaface_ir import adaface_ir, infer_adaface_arch
+
+    units, widths, bottleneck = _ADAFACE_PUBLISHED[name]
+    with torch.device("meta"):  # shapes only: ir_200 would take seconds to initialise
+        sd = adaface_ir(name).state_dict()
+        se = adaface_ir(name.replace("ir_", "ir_se_")).state_dict()
+    last = 8 if bottleneck else 5  # the unit's closing BatchNorm
+    depths = [sd[f"body.{i}.res_layer.{last}.weight"].shape[0] for i in range(sum(units))]
+    assert depths == [w for w, n in zip(widths, units) for _ in range(n)]
+    assert f"body.{sum(units)}.res_layer.0.weight" not in sd
+    assert ("body.0.res_layer.8.weight" in sd) == bottleneck
+    assert sd["output_layer.3.weight"].shape == (512, widths[-1] * 7 * 7)
+    assert se["body.0.res_layer.se_block.fc1.weight"].shape == (widths[0] // 16, widths[0], 1, 1)  # SE reduction 16
+    assert infer_adaface_arch(sd) == name and infer_adaface_arch(se) == name.replace("ir_", "ir_se_")
+    if bottleneck:  # BN, 1x1 -> BN PReLU, 3x3 -> BN PReLU, 1x1 (stride) -> BN
+        assert sd["body.0.res_layer.1.weight"].shape[-1] == 1 and sd["body.0.res_layer.4.weight"].shape[-1] == 3
+        assert sd["body.0.res_layer.6.weight"].shape == (widths[0] // 4,)  # a PReLU's slopes, not a ReLU

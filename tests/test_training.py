@@ -131,6 +131,7 @@ def test_metrics_plot_draws_what_the_log_holds(tmp_path, monkeypatch):
     assert plots.plot_metrics(tmp_path) == tmp_path / "metrics.png"
     loss_ax, lr_ax, speed_ax, val_ax = figures[0].axes
     np.testing.assert_allclose(loss_ax.lines[0].get_ydata(), [10.0 / s for s in range(1, 9)])
+    assert loss_ax.get_yscale() == "log"  # losses fall over orders of magnitude
     np.testing.assert_allclose(speed_ax.lines[0].get_xdata(), range(1, 9))
     assert [line.get_xdata()[0] for line in loss_ax.lines[1:]] == [5]  # the epoch boundary
     lfw, agedb = val_ax.lines
@@ -589,6 +590,7 @@ def test_subset_picks_the_first_images_of_each_identity_in_reader_order():
     per = DatasetSubset(Reader(), per_identity=3)
     assert per.indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 7] and per.num_classes == 3  # identity 1 keeps its 2
     assert DatasetSubset(Reader(), identities=1).indices.tolist() == [0, 1, 2, 9]
+    assert DatasetSubset(Reader(), identities=3).indices.tolist() == list(range(10))  # all of them is allowed
     prints = {both.fingerprint(), per.fingerprint(), DatasetSubset(Reader(), identities=2).fingerprint(), "full"}
     assert len(prints) == 4
 
@@ -620,3 +622,39 @@ def test_mobilefacenet_trains_exports_and_loads_back(synthetic, tmp_path):
     np.testing.assert_allclose(load_recognizer(tmp_path / "mbf.onnx").embed(faces), from_pth.embed(faces), atol=1e-4)
     with pytest.raises(HyperfaceError, match="--dropout applies to iResNet"):
         train(TrainConfig(**{**base, "dropout": 0.2, "out": str(tmp_path / "d")}))
+
+
+def test_cli_passes_the_new_training_options_and_resume_checks_them(synthetic, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64", "--workers", "0",
+            "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--grad-accum", "2", "--interclass-filtering", "0.4",
+            "--identities", "6", "--images-per-identity", "10", "--max-steps", "2"]
+    assert cli_main(args) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["grad_accum"], config["interclass_filtering"], config["identities"], config["images_per_identity"]) == (2, 0.4, 6, 10)
+    capsys.readouterr()
+    changed = [a if a != "0.4" else "0.3" for a in args]
+    assert cli_main([*changed[:-1], "3", "--resume"]) == 2
+    assert "interclass_filtering 0.4 -> 0.3" in capsys.readouterr().err
+
+
+def test_metrics_png_redraws_during_training_and_a_plot_failure_is_only_a_warning(synthetic, tmp_path, monkeypatch):
+    import logging
+
+    from hyperface.training import plots
+    from hyperface.training.trainer import MetricsLog
+
+    calls = []
+    monkeypatch.setattr(MetricsLog, "DRAW_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(plots, "plot_metrics", lambda run, path=None: calls.append(run) or (_ for _ in ()).throw(RuntimeError("no fonts")))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("hyperface").addHandler(handler)
+    try:
+        result = train(TrainConfig(data=str(synthetic["data"]), out=str(tmp_path / "run"), epochs=1, batch_size=32,
+                                   max_steps=4, device="cpu", **{**TINY, "log_every": 1}))
+    finally:
+        logging.getLogger("hyperface").removeHandler(handler)
+    assert result.steps == 4 and len(calls) >= 5  # after each logged step and once more at the end
+    assert any("could not draw metrics.png: no fonts" in r.getMessage() for r in records)

@@ -233,6 +233,30 @@ def test_interclass_filtering_zeroes_close_negatives_like_arcface_torch():
         PartialFC(ArcFaceMargin(), 8, 6, interclass_filtering=1.0)
 
 
+def test_interclass_filtering_with_sampled_centres_and_opposite_ones():
+    """Under partial-FC sampling the mask uses the remapped labels; a centre far on the other side
+    (cosine < -threshold) is no duplicate and keeps its logit."""
+    torch.manual_seed(1)
+    head = PartialFC(CosFaceMargin(), embedding_size=8, num_classes=40, sample_rate=0.25, interclass_filtering=0.4)
+    emb = torch.randn(6, 8)
+    labels = torch.tensor([3, 3, 17, 39, 0, 22])
+    head.weight.data[9] = -F.normalize(emb[0], dim=0)  # opposite to sample 0 (centres 9 and 16 are among the sampled)
+    head.weight.data[16] = F.normalize(emb[2], dim=0) + 0.01  # a duplicate of sample 2's identity under label 16
+    index, remapped = head.sample(labels.clone(), torch.Generator().manual_seed(5))
+    cos = F.linear(F.normalize(emb), F.normalize(head.weight.data[index])).clamp(-1, 1)
+    dirty = cos > 0.4
+    dirty[torch.arange(6), remapped] = False
+    expected = F.cross_entropy(CosFaceMargin()(cos.masked_fill(dirty, 0.0), remapped), remapped)
+    loss = head(emb, labels, torch.Generator().manual_seed(5))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    columns = index.tolist()
+    assert dirty[2, columns.index(16)] and not dirty[2, columns.index(17)]  # label 17 is sample 2's own
+    assert cos[0, columns.index(9)] < -0.9 and not dirty[0, columns.index(9)]
+    unfiltered = PartialFC(CosFaceMargin(), embedding_size=8, num_classes=40, sample_rate=0.25)
+    unfiltered.weight.data.copy_(head.weight.data)
+    assert float(unfiltered(emb, labels, torch.Generator().manual_seed(5)).detach()) > float(loss.detach())
+
+
 def test_partial_fc_sample_count_follows_arcface_torch():
     # partial_fc_v2: num_sample = int(rate * num_local), rounded down (ceil would give 29 and 124).
     assert PartialFC(CosFaceMargin(), 8, 100, sample_rate=0.29).num_sample == 28

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _after_interrupt(args: argparse.Namespace) -> str:
     """What to run after Ctrl-C: only the stages that checkpoint have --resume."""
-    if hasattr(args, "resume"):
+    if hasattr(args, "resume") and not getattr(args, "export", None):  # train --export has nothing to resume
         return "rerun with --resume to continue"
     if args.stage == "evaluate":
         return ("rerun the same command" + (" (the IJB features in --cache are kept)" if getattr(args, "cache", None)

@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--compare", metavar="JSON", nargs="+", default=[],
-        help="earlier `evaluate --json` reports of other models: their rows are printed beside this model's and "
+        help="earlier `evaluate --json` reports of other models (after the BIN files: the list takes every name "
+             "that follows it): their rows are printed beside this model's and "
              "their curves overlaid in --plot, each labelled by its file name; the word `paper` adds the HyperFace "
              "paper's published accuracies (iResNet-50 on HyperFace 10K x 50) and other sets' published means",
     )
@@ -94,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.common.io import check_output_file, describe_input, save_json
     from hyperface.common.manifest import environment_versions
     from hyperface.common.runtime import get_logger
-    from hyperface.evaluation.runner import evaluate_model, format_comparison, format_table, model_label, read_reports
+    from hyperface.evaluation.runner import (
+        evaluate_model, format_comparison, format_table, model_label, read_reports, unique_labels,
+    )
     from hyperface.recognition.recognizers import resolve_model_path
 
     check_option("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1", integer=True)
@@ -127,15 +130,11 @@ def run(args: argparse.Namespace) -> int:
         ijb_identification=args.ijb_1n,
     )
     print(format_table(report))
-    reports = [(model_label(args.model), report), *others]
+    labels = unique_labels([model_label(args.model), *(label for label, _ in others)])
+    reports = list(zip(labels, [report, *(other for _, other in others)]))
     if others:
         print()
         print(format_comparison(reports))
-    if args.plot:
-        from hyperface.evaluation.plots import plot_evaluation
-
-        plot_evaluation(args.plot, reports)
-        get_logger("evaluate").info("wrote %s", args.plot)
     if args.json:
         report = {
             "stage": "evaluate",
@@ -148,4 +147,14 @@ def run(args: argparse.Namespace) -> int:
         }
         save_json(args.json, report)
         get_logger("evaluate").info("wrote %s", args.json)
+    if args.plot:  # after --json: a long evaluation's numbers are on disk whatever the plot does
+        from hyperface.common.errors import exception_summary
+        from hyperface.evaluation.plots import plot_evaluation
+
+        try:
+            plot_evaluation(args.plot, reports)
+        except Exception as exc:  # noqa: BLE001 - matplotlib's many failures: one line, the numbers are kept
+            raise HyperfaceError(f"--plot {args.plot}: could not draw it ({exception_summary(exc)}); the table "
+                                 + ("and --json are" if args.json else "is") + " complete") from exc
+        get_logger("evaluate").info("wrote %s", args.plot)
     return 0

@@ -46,24 +46,25 @@ def plot_evaluation(path: str | os.PathLike, reports: Sequence[tuple[str, dict[s
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.0 * rows), constrained_layout=True, squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
-    colours = {label: f"C{i % 10}" for i, (label, _) in enumerate(reports)}
+    colours = [f"C{i % 10}" for i in range(len(reports))]  # by position: two reports may share a label
     for ax, (kind, name) in zip(axes.flat, panels):
         drawn = 0
         spans = []  # the occupied cosine range of each model's histograms
-        for label, report in reports:
+        for (label, report), colour in zip(reports, colours):
             if kind == "bin":
-                span = _draw_scores(ax, label, name, report.get("results", {}).get(name), colours[label], single=len(reports) == 1)
+                span = _draw_scores(ax, label, name, report.get("results", {}).get(name), colour, single=len(reports) == 1)
                 drawn += span is not None
                 spans += [span] if span else []
             else:
                 ijb = report.get("ijb")
-                drawn += _draw_roc(ax, label, ijb if ijb and ijb["target"] == name else None, colours[label])
+                drawn += _draw_roc(ax, label, ijb if ijb and ijb["target"] == name else None, colour)
         if kind == "bin":
             if not drawn:
                 ax.set_title(name, fontsize=10)
             if spans:  # zoom on the occupied bins: a set's pairs rarely spread over all of [-1, 1]
                 ax.set_xlim(min(lo for lo, _ in spans), max(hi for _, hi in spans))
-            ax.set_xlabel("cosine similarity of a pair (flip-fused features)")
+            flipped = all((report.get("protocol") or {}).get("flip", True) for _, report in reports)
+            ax.set_xlabel("cosine similarity of a pair" + (" (flip-fused features)" if flipped else ""))
             ax.set_ylabel("pairs (density)")
         else:
             ax.set_xscale("log")
@@ -97,9 +98,9 @@ def _draw_scores(ax: Any, label: str, name: str, result: dict[str, Any] | None, 
     for counts, style, kind in ((genuine, "-", "genuine"), (impostor, "--", "impostor")):
         if counts.sum() > 0:
             # one model: each curve named; several: one legend line per model, the line styles in the title
-            name = f"{kind} ({int(counts.sum()):,})" if single else (f"{label}: {accuracy}" if kind == "genuine" else None)
+            legend = f"{kind} ({int(counts.sum()):,})" if single else (f"{label}: {accuracy}" if kind == "genuine" else None)
             tint = ("C0" if kind == "genuine" else "C3") if single else colour
-            ax.stairs(counts / (counts.sum() * width), edges, color=tint, linestyle=style, label=name)
+            ax.stairs(counts / (counts.sum() * width), edges, color=tint, linestyle=style, label=legend)
     ax.axvline(threshold, color="k" if single else colour, lw=1, ls=":", label=f"threshold {threshold:.3f}" if single else None)
     ax.set_title(f"{name} {accuracy}" if single else f"{name} (solid genuine, dashed impostor, dotted threshold)", fontsize=10)
     used = np.nonzero(genuine + impostor)[0]

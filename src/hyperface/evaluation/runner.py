@@ -141,6 +141,10 @@ def read_reports(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str
     one); the word ``paper`` (no such file here) stands for the paper's published accuracies."""
     import json
 
+    for path in paths:  # the likely slip first: BIN files typed after --compare, which takes every name after it
+        if str(path).lower().endswith(".bin"):
+            raise HyperfaceError(f"--compare {path}: a verification set, not a report; put the BIN files before --compare "
+                                 "(its list takes every name after it), or end the list with --")
     reports = []
     names = [Path(p).stem for p in paths]
     for name, path in zip(names, paths):
@@ -155,8 +159,43 @@ def read_reports(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str
             raise HyperfaceError(f"--compare {path}: not a readable JSON report ({exc})") from None
         if not isinstance(report, dict) or not (isinstance(report.get("results"), dict) or isinstance(report.get("ijb"), dict)):
             raise HyperfaceError(f"--compare {path}: not a `hyperface evaluate --json` report (no results or ijb in it)")
+        problem = _report_problem(report)
+        if problem:
+            raise HyperfaceError(f"--compare {path}: {problem}; give a report written by `hyperface evaluate --json`")
         reports.append((name if names.count(name) == 1 else str(path), report))
     return reports
+
+
+def _report_problem(report: dict[str, Any]) -> str | None:
+    """What the table and the plot would trip over in a report read from disk (None: nothing)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for name, result in (report.get("results") or {}).items():
+        if not isinstance(result, dict) or not number(result.get("accuracy")):
+            return f"results[{name!r}] has no accuracy"
+        histogram = result.get("similarity_histogram")
+        if histogram and not (number(result.get("best_threshold")) and isinstance(histogram, dict)
+                              and len(histogram.get("genuine") or []) == len(histogram.get("impostor") or []) > 0):
+            return f"results[{name!r}] has a similarity histogram without a threshold or with uneven bins"
+    ijb = report.get("ijb")
+    if ijb is not None:
+        if not isinstance(ijb, dict) or not isinstance(ijb.get("target"), str) or not isinstance(ijb.get("tar_at_far"), dict):
+            return "its ijb entry has no target or tar_at_far"
+        roc = ijb.get("roc")
+        if roc and not (isinstance(roc, dict) and len(roc.get("far") or []) == len(roc.get("tar") or []) > 0):
+            return "its ijb roc has uneven far and tar lists"
+    return None
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """``labels`` with repeats told apart: the second ``hf-r50`` becomes ``hf-r50 (2)``."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
 
 
 def format_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:

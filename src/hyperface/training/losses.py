@@ -282,7 +282,7 @@ class PartialFC(nn.Module):
         margin: an ArcFace/CosFace/AdaFace margin module.
         embedding_size, num_classes: the global problem size.
         sample_rate: fraction of this rank's centres scored per step (all classes present in the
-            global batch are always kept; random others fill up to ``ceil(rate * shard)``).
+            global batch are always kept; random others fill up to ``int(rate * shard)``).
             1.0 = full softmax. 0.1-0.3 is typical for 1M+ identities.
         rank, world_size: default to the initialised process group (or 0/1).
         interclass_filtering: above 0, a non-target centre whose cosine to a sample exceeds it is
@@ -367,10 +367,10 @@ class PartialFC(nn.Module):
         norms = embeddings.float().norm(dim=1)
         cosine = F.linear(F.normalize(embeddings), F.normalize(weight)).float().clamp(-1.0, 1.0)
         if self.interclass_filtering > 0:
-            with torch.no_grad():
-                dirty = cosine > self.interclass_filtering
-                rows = torch.nonzero(local >= 0).view(-1)
-                dirty[rows, local[rows]] = False  # a sample's own centre is never filtered
+            with torch.no_grad():  # no host sync: the sample's own column is masked by a scatter
+                own = torch.zeros_like(cosine, dtype=torch.bool)
+                own.scatter_(1, local.clamp(min=0).view(-1, 1), (local >= 0).view(-1, 1))
+                dirty = (cosine > self.interclass_filtering) & ~own  # a sample's own centre is never filtered
             cosine = cosine.masked_fill(dirty, 0.0)
         logits = self.margin(cosine, local, norms)
         return _ShardedCrossEntropy.apply(logits, local, distributed)
