@@ -525,6 +525,7 @@ def _write_preview(paths: GalleryPaths, source: ImageSource, preprocessor: FaceP
     row, each row labelled with the gallery rows it spans. A failure is a warning: the gallery is done."""
     from hyperface.datasets.preview import contact_sheet, save_contact_sheet
 
+    paths.preview.unlink(missing_ok=True)  # an older run's picture must not stand for this gallery
     try:
         faces = []
         for _, index in picks:
