@@ -130,6 +130,9 @@ def test_embed_with_detector_and_list_file(tmp_path, models):
     _, landmarks = expected_face(16, 3, 4, scale=0.5)
     expected = load_recognizer(models["onnx"], flip=True).embed(align_face(with_face, landmarks)[None])
     np.testing.assert_allclose(np.load(out / "gallery.npy"), expected, atol=2e-4)
+    # the detected landmarks, row for row, in the photo's pixels (for pose statistics)
+    np.testing.assert_allclose(np.load(out / "gallery.landmarks.npy"), landmarks[None], atol=1e-3)
+    assert manifest["outputs"]["landmarks"] == "gallery.landmarks.npy"
 
 
 def test_embed_ffhq_crop(tmp_path, models):

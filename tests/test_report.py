@@ -333,3 +333,30 @@ def test_report_reads_a_reference_folder_and_warns_about_surplus_identities(tmp_
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["leakage"]["reference_rows"] == 20
     assert any("has 5 rows but the labels stop at 2" in r.getMessage() for r in records)
+
+
+def test_pose_statistics_from_the_landmarks_embed_kept(tmp_path, capsys):
+    from hyperface.recognition.pose import project
+
+    rng = np.random.default_rng(2)
+    emb, labels, _ = clustered(4, 30, seed=2)
+    yaw = np.where(labels < 2, 0.0, rng.uniform(-60, 60, len(labels)))  # two frontal identities, two turning
+    landmarks = np.stack([project((y, 0, 0), size=80, centre=(200, 150)) for y in yaw]).astype(np.float32)
+    landmarks[5] = np.nan  # a row the detector gave no landmarks for (an older embed run's chunk)
+    np.save(tmp_path / "e.npy", emb)
+    np.save(tmp_path / "e.landmarks.npy", landmarks)
+    np.save(tmp_path / "l.npy", labels)
+    assert main(["report", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "l.npy"), "--out", str(tmp_path / "r"), "--no-plot"]) == 0
+    pose = json.loads((tmp_path / "r" / "report.json").read_text())["pose"]
+    known = np.isfinite(landmarks).all(axis=(1, 2))
+    assert pose["faces_with_pose"] == known.sum() == len(labels) - 1
+    for band in ("15", "30", "45"):
+        # within two faces: an estimate 1 deg off moves a face sitting on a band edge
+        assert pose["abs_yaw_above"][band] == pytest.approx(np.mean(np.abs(yaw[known]) > int(band)), abs=2.01 / known.sum())
+    spreads = [np.std(yaw[known & (labels == c)]) for c in range(4)]
+    assert pose["identity_yaw_std_deg"]["max"] == pytest.approx(max(spreads), abs=1.5)
+    assert pose["identity_yaw_std_deg"]["min"] < 1.0  # the frontal identities
+    assert "pose          yaw p5" in capsys.readouterr().out
+    np.save(tmp_path / "e.landmarks.npy", landmarks[:10])
+    assert main(["report", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "l.npy"), "--out", str(tmp_path / "r2")]) == 2
+    assert "landmarks for 120 embeddings" in capsys.readouterr().err

@@ -35,6 +35,7 @@ _EXPORTS = {
     "open_image_source": "images",
     "decode_image": "images",
     "embed_images": "embed",
+    "estimate_pose": "pose",
 }
 
 __all__ = sorted(_EXPORTS)

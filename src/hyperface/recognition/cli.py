@@ -17,6 +17,7 @@ outputs (--out FOLDER writes these names inside it; --out g.npy writes g.npy, g.
   gallery.index.txt      line i = source of row i
   gallery.rejected.tsv   path<TAB>reason for unreadable images and images without a face
   gallery.aligned.jpg    32 of the faces as the model saw them (check the alignment by eye)
+  gallery.landmarks.npy  with --detector: each row's 5 landmarks (report turns them into head pose)
   manifest.json          parameters, model input convention, counts, timings (--out FOLDER);
   g.manifest.json        the same for --out g.npy, so several galleries can share a folder
 

@@ -22,6 +22,7 @@ pool (OpenCV and onnxruntime release the GIL) while the recognizer runs batches 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,12 +116,17 @@ class GalleryPaths:
         return self.folder_manifest if _folder_manifest_describes(self.embeddings) else self.own_manifest
 
     @property
+    def landmarks(self) -> Path:
+        """``g.landmarks.npy``: (M, 5, 2) float32 detected landmarks per row (detect mode only)."""
+        return self.stem.with_name(self.stem.name + ".landmarks.npy")
+
+    @property
     def preview(self) -> Path:
         """``g.aligned.jpg``: a few of the aligned faces the model embedded, to check the alignment by eye."""
         return self.stem.with_name(self.stem.name + ".aligned.jpg")
 
     def outputs(self) -> list[Path]:
-        return [self.embeddings, self.index, self.rejected, self.preview, self.manifest]
+        return [self.embeddings, self.index, self.rejected, self.landmarks, self.preview, self.manifest]
 
     def chunk(self, k: int) -> Path:
         return self.parts / f"chunk_{k:06d}.npz"
@@ -289,17 +295,17 @@ def embed_images(
     if done_items:
         log.info("resuming: %d of %d chunks already done", n_chunks - len(todo), n_chunks)
 
-    def load_one(index: int) -> tuple[int, np.ndarray | None, str | None]:
+    def load_one(index: int) -> tuple[int, np.ndarray | None, str | None, np.ndarray | None]:
         try:
             image = source.load(index)
-            face, reason = preprocessor.process(image)
+            face, reason, landmarks = preprocessor.process_with_landmarks(image)
         except UnreadableImage as exc:
-            return index, None, f"unreadable: {exc}"
+            return index, None, f"unreadable: {exc}", None
         except HyperfaceError as exc:
-            return index, None, str(exc)
+            return index, None, str(exc), None
         except Exception as exc:  # a bad file must never stop a million-image run; it is listed
-            return index, None, f"error: {type(exc).__name__}: {without_object_reprs(str(exc))[:200]}"
-        return index, face, reason
+            return index, None, f"error: {type(exc).__name__}: {without_object_reprs(str(exc))[:200]}", None
+        return index, face, reason, landmarks
 
     def indices() -> Iterator[int]:
         for k in todo:
@@ -313,6 +319,7 @@ def embed_images(
         for k in todo:
             lo, hi = k * chunk_size, min((k + 1) * chunk_size, n_items)
             faces, face_rows, rows, embeddings = [], [], [], []
+            face_landmarks, kept_landmarks = [], []
             rejected_rows, reasons = [], []
 
             def flush() -> None:
@@ -321,18 +328,20 @@ def embed_images(
                     batch, good = recognizer.embed_valid(np.stack(faces))
                     embeddings.append(batch)
                     times["embed"] += time.perf_counter() - t0
-                    for row, ok in zip(face_rows, good):  # one image the model cannot embed is rejected, not fatal
+                    for row, ok, points in zip(face_rows, good, face_landmarks):  # one image the model cannot embed is rejected, not fatal
                         if ok:
                             rows.append(row)
+                            kept_landmarks.append(points)
                         else:
                             rejected_rows.append(row)
                             reasons.append("the model returned NaN/inf or all-zero features for it")
                     faces.clear()
                     face_rows.clear()
+                    face_landmarks.clear()
 
             for _ in range(lo, hi):
                 t0 = time.perf_counter()
-                index, face, reason = next(stream)
+                index, face, reason, points = next(stream)
                 times["decode_wait"] += time.perf_counter() - t0
                 if face is None:
                     rejected_rows.append(index)
@@ -340,6 +349,7 @@ def embed_images(
                 else:
                     faces.append(face)
                     face_rows.append(index)
+                    face_landmarks.append(points if points is not None else np.full((5, 2), np.nan, np.float32))
                     if len(faces) >= recognizer.batch_size:
                         flush()
                 bar.update(1)
@@ -353,12 +363,13 @@ def embed_images(
                     rows=np.asarray(rows, dtype=np.int64),
                     rejected_rows=np.asarray(rejected_rows, dtype=np.int64),
                     rejected_reasons=np.asarray(reasons, dtype=str) if reasons else np.zeros(0, dtype="<U1"),
+                    landmarks=np.asarray(kept_landmarks, dtype=np.float32).reshape(-1, 5, 2),
                 )
     finally:
         stream.close()
         bar.close()
 
-    result = _merge(paths, source, n_chunks, recognizer.embedding_size)
+    result = _merge(paths, source, n_chunks, recognizer.embedding_size, landmarks=preprocessor.mode == "detect")
     result.chunks_computed = len(todo)
     result.seconds = time.time() - started
     if result.embedded == 0:
@@ -392,6 +403,7 @@ def embed_images(
                 "embeddings": paths.embeddings.name,
                 "index": paths.index.name,
                 "rejected": paths.rejected.name,
+                **({"landmarks": paths.landmarks.name} if paths.landmarks.exists() and preprocessor.mode == "detect" else {}),
                 **({"preview": paths.preview.name} if previewed else {}),
             },
             "resumed_chunks": n_chunks - len(todo),
@@ -473,8 +485,9 @@ def _top_reasons(reasons: dict[str, int], k: int = 3) -> str:
     return "; ".join(f"{n} x {r}" for r, n in top)
 
 
-def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int) -> EmbedResult:
-    """Concatenate the chunk files, in input order, into the final gallery files (atomically)."""
+def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int, *, landmarks: bool = False) -> EmbedResult:
+    """Concatenate the chunk files, in input order, into the final gallery files (atomically);
+    ``landmarks``: also ``g.landmarks.npy`` (chunks written before landmarks were kept give NaN rows)."""
     total = 0
     for k in range(n_chunks):
         with np.load(paths.chunk(k), allow_pickle=False) as chunk:
@@ -495,13 +508,19 @@ def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int) ->
         # The .npy is written front to back (header, then each chunk): a memory map of the whole
         # array would hold N x d dirty pages against the process (10 GB at 5M rows).
         with open(tmp_npy, "wb") as npy, atomic_write(paths.index, "w", **text) as index_file, \
-                atomic_write(paths.rejected, "w", **text) as rejected_file:
+                atomic_write(paths.rejected, "w", **text) as rejected_file, \
+                (atomic_write(paths.landmarks, "wb") if landmarks and total else contextlib.nullcontext()) as points_file:
             np.lib.format.write_array_header_1_0(npy, {"descr": np.dtype("<f4").str, "fortran_order": False, "shape": (total, dim)})
+            if points_file is not None:
+                np.lib.format.write_array_header_1_0(points_file, {"descr": "<f4", "fortran_order": False, "shape": (total, 5, 2)})
             rejected_file.write("path\treason\n")
             for k in range(n_chunks):
                 with np.load(paths.chunk(k), allow_pickle=False) as chunk:
                     emb, rows = chunk["embeddings"], chunk["rows"]
                     npy.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
+                    if points_file is not None:
+                        points = chunk["landmarks"] if "landmarks" in chunk.files else np.full((len(rows), 5, 2), np.nan)
+                        points_file.write(np.ascontiguousarray(points, dtype="<f4").tobytes())
                     index_file.writelines(_clean_name(source.name(int(i))) + "\n" for i in rows)
                     preview_rows += [(g, int(rows[g - written])) for g in wanted if written <= g < written + len(rows)]
                     written += len(rows)

@@ -42,20 +42,26 @@ class FacePreprocessor:
 
     def process(self, image_rgb: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """``(face, None)`` on success, ``(None, reason)`` when the image has no usable face."""
+        face, reason, _ = self.process_with_landmarks(image_rgb)
+        return face, reason
+
+    def process_with_landmarks(self, image_rgb: np.ndarray) -> tuple[np.ndarray | None, str | None, np.ndarray | None]:
+        """:meth:`process` plus the detected face's 5 landmarks in the image's pixels (detect mode;
+        None in the other modes, which know no landmarks)."""
         import cv2
 
         from hyperface.recognition.alignment import align_face, crop_ffhq
 
         h, w = image_rgb.shape[:2]
         if min(h, w) < self.min_image_size:
-            return None, f"image too small ({w}x{h})"
+            return None, f"image too small ({w}x{h})", None
         if self.mode == "aligned":
             if (h, w) == (self.size, self.size):
-                return np.ascontiguousarray(image_rgb), None
+                return np.ascontiguousarray(image_rgb), None, None
             if abs(h - w) > 0.02 * max(h, w):
-                return None, f"not an aligned square crop ({w}x{h}); use the detector instead of --aligned"
+                return None, f"not an aligned square crop ({w}x{h}); use the detector instead of --aligned", None
             interp = cv2.INTER_AREA if h > self.size else cv2.INTER_LINEAR
-            return cv2.resize(image_rgb, (self.size, self.size), interpolation=interp), None
+            return cv2.resize(image_rgb, (self.size, self.size), interpolation=interp), None, None
         if self.mode == "ffhq":
             if (h, w) == (self.size, self.size) and not self._warned_aligned_input:
                 self._warned_aligned_input = True  # once a run (a race between workers at worst repeats it)
@@ -63,11 +69,12 @@ class FacePreprocessor:
                     "a %dx%d image with --crop ffhq: that crop is for face-centred renders (512 or 1024 px) and "
                     "zooms an already aligned face further in; for aligned crops use --aligned", w, h,
                 )
-            return crop_ffhq(image_rgb, size=self.size), None
+            return crop_ffhq(image_rgb, size=self.size), None, None
         face = self.detector.largest(image_rgb)
         if face is None:
-            return None, NO_FACE
-        return align_face(image_rgb, face.landmarks, size=self.size), None
+            return None, NO_FACE, None
+        landmarks = np.asarray(face.landmarks, dtype=np.float32).reshape(5, 2)
+        return align_face(image_rgb, face.landmarks, size=self.size), None, landmarks
 
     def __call__(self, image_rgb: np.ndarray) -> np.ndarray | None:
         return self.process(image_rgb)[0]

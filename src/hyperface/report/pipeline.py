@@ -168,7 +168,8 @@ def run_report(
     if dataset_used is not None:
         manifest.extra["dataset"] = str(Path(dataset_used).resolve())
 
-    stats = dataset_stats(emb, label_array, identities=ident, reference=ref, leak_threshold=leak_threshold,
+    pose = _pose_of(embeddings, len(emb))
+    stats = dataset_stats(emb, label_array, identities=ident, reference=ref, leak_threshold=leak_threshold, pose=pose,
                           unique_threshold=unique_threshold,
                           genuine_pairs=genuine_pairs, impostor_pairs=impostor_pairs, seed=seed,
                           device=torch_device)
@@ -246,6 +247,25 @@ def write_leakage(path: Path, stats: DatasetStats, threshold: float, top: int = 
             handle.write(f"{int(stats.classes.labels[c])}\t{int(stats.leakage_index[c])}\t{sim:.5f}\t{int(sim >= threshold)}\n")
 
 
+def _pose_of(embeddings: Path, rows: int) -> np.ndarray | None:
+    """Head pose per row from the landmarks `embed --detector` kept beside the embeddings (None
+    without them: aligned crops and fixed crops have no landmarks)."""
+    from hyperface.recognition.embed import GalleryPaths
+    from hyperface.recognition.pose import estimate_pose
+
+    path = GalleryPaths(embeddings).landmarks
+    if not path.is_file():
+        return None
+    try:
+        landmarks = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise HyperfaceError(f"cannot read {path}: {exception_summary(exc)}") from exc
+    if landmarks.shape != (rows, 5, 2):
+        raise HyperfaceError(f"{path} holds {landmarks.shape} landmarks for {rows} embeddings: rerun `hyperface embed`")
+    log.info("head pose of %d faces from %s", rows, path.name)
+    return np.concatenate([estimate_pose(landmarks[start : start + 65536]) for start in range(0, rows, 65536)]) if rows else None
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The few numbers people look at first."""
     lines = [
@@ -271,6 +291,15 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"verification  genuine {ver['genuine_cosine']['mean']:.3f} vs impostor {ver['impostor_cosine']['mean']:.3f}, "
             f"d' {ver['d_prime']:.2f}, EER {100 * ver['eer']:.2f}%" + (f", {tar}" if tar else "")
+        )
+    pose = report.get("pose")
+    if pose and pose.get("faces_with_pose"):
+        yaw, above = pose["yaw_deg"], pose["abs_yaw_above"]
+        spread = pose.get("identity_yaw_std_deg")
+        lines.append(
+            f"pose          yaw p5 {yaw['p5']:.1f}, p50 {yaw['p50']:.1f}, p95 {yaw['p95']:.1f} deg; |yaw| > 30: "
+            f"{100 * above['30']:.1f}%, > 45: {100 * above['45']:.1f}%"
+            + (f"; yaw spread within an identity {spread['mean']:.1f} deg" if spread else "")
         )
     if "target" in report:
         t = report["target"]["image_to_target_cosine"]

@@ -214,6 +214,32 @@ def nearest(
     return best_sims.cpu().numpy(), best_idx.cpu().numpy()
 
 
+#: |yaw| thresholds (degrees) whose share the report gives: near-frontal, half-profile, profile.
+YAW_BANDS = (15, 30, 45)
+
+
+def pose_stats(pose: np.ndarray, classes: Classes) -> dict[str, Any]:
+    """Yaw, pitch and roll distributions, the share of faces beyond each :data:`YAW_BANDS`, and each
+    identity's yaw spread (std over its faces with landmarks)."""
+    pose = np.asarray(pose, dtype=np.float64)
+    known = np.isfinite(pose).all(axis=1)
+    if not known.any():
+        return {"faces_with_pose": 0}
+    yaw = pose[known, 0]
+    inverse = classes.inverse[known]
+    count = np.bincount(inverse, minlength=len(classes.labels))
+    mean = np.bincount(inverse, weights=yaw, minlength=len(classes.labels)) / np.maximum(count, 1)
+    square = np.bincount(inverse, weights=yaw**2, minlength=len(classes.labels)) / np.maximum(count, 1)
+    spread = np.sqrt(np.maximum(square - mean**2, 0.0))[count >= 2]
+    return {
+        "faces_with_pose": int(known.sum()),
+        "yaw_deg": summary(yaw), "pitch_deg": summary(pose[known, 1]), "roll_deg": summary(pose[known, 2]),
+        "abs_yaw_above": {str(band): float(np.mean(np.abs(yaw) > band)) for band in YAW_BANDS},
+        "identity_yaw_std_deg": summary(spread) if spread.size else None,
+        "method": "5 detected landmarks against a generic 3D face (approximate; compare datasets, not single faces)",
+    }
+
+
 def _unique_identities(earlier: np.ndarray, threshold: float) -> dict[str, Any]:
     unique = earlier <= threshold
     return {"threshold": threshold, "count": int(unique.sum()), "fraction": float(unique.mean()),
@@ -292,12 +318,15 @@ def dataset_stats(
     impostor_pairs: int = 1_000_000,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    pose: np.ndarray | None = None,
 ) -> DatasetStats:
     """All report statistics for unit-row ``embeddings`` (N, d) with integer ``labels`` (N,).
 
     ``identities`` (the packed target embeddings, row = label) adds each image's similarity to its
     target; ``reference`` (real identities or images, unit rows) adds identity leakage: each
     identity centroid's nearest reference row, and how many reach ``leak_threshold``.
+    ``pose`` ((N, 3) yaw, pitch, roll in degrees, NaN where unknown; from the detected landmarks)
+    adds the pose distribution and each identity's yaw spread.
     ``unique_threshold``: Vec2Face's count of unique identities (``inter-separability-measurement.py``):
     those whose centroid has no earlier identity (in label order) above this cosine.
     """
@@ -342,6 +371,9 @@ def dataset_stats(
         stats.target_similarity = target
         per_identity = np.bincount(classes.inverse, weights=target) / classes.counts
         report["target"] = {"image_to_target_cosine": summary(target), "identity_mean_cosine": summary(per_identity)}
+
+    if pose is not None:
+        report["pose"] = pose_stats(pose, classes)
 
     if reference is not None:
         sims, index = nearest(centroids, reference, device=device)
