@@ -242,7 +242,7 @@ def test_plot_and_compare_overlay_earlier_reports(tiny_backbone, tmp_path, capsy
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "other"), str(tmp_path / "lfw.bin"), "--device", "cpu",
                  "--plot", str(tmp_path / "same.png"), "--compare", str(tmp_path / "again" / "other.json")]) == 0
-    assert capsys.readouterr().out.split("\n\n")[-1].splitlines()[0].split() == ["other", "other", "(2)"]
+    assert capsys.readouterr().out.split("\n\n")[-1].splitlines()[0].split() == ["other", str(tmp_path / "again" / "other.json")]
     single = figures[2].axes[0]
     assert single.get_title() == "lfw (solid genuine, dashed impostor, dotted threshold)"
     assert single.patches[0].get_edgecolor() != single.patches[2].get_edgecolor()
@@ -368,3 +368,56 @@ def test_model_labels_name_the_run_and_step(tmp_path):
     (tmp_path / "w600k_r50.onnx").write_bytes(b"x")
     assert model_label(tmp_path / "w600k_r50.onnx") == "w600k_r50.onnx"
     assert unique_labels(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
+
+
+def test_bins_may_follow_options_and_compare_lists_end_with_a_double_dash(tiny_backbone, tmp_path, capsys):
+    _, model_path = tiny_backbone
+    write_noisy_pairs_bin(tmp_path / "lfw.bin", 10, seed=1)
+    write_noisy_pairs_bin(tmp_path / "cfp_fp.bin", 10, seed=2)
+    assert main(["evaluate", str(model_path), "--device", "cpu", str(tmp_path / "lfw.bin"), "--json", str(tmp_path / "a.json"),
+                 str(tmp_path / "cfp_fp.bin")]) == 0
+    assert set(json.loads((tmp_path / "a.json").read_text())["accuracy"]) == {"lfw", "cfp_fp"}
+    capsys.readouterr()
+    assert main(["evaluate", str(model_path), "--device", "cpu", "--compare", str(tmp_path / "a.json"), "--", str(tmp_path / "lfw.bin")]) == 0
+    assert "lfw acc (%)" in capsys.readouterr().out
+    assert main(["evaluate", str(model_path), "--device", "cpu", str(tmp_path / "lfw.bin"), "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --no-such-flag" in err and "hyperface evaluate" in err  # the stage's own usage
+    # --json onto a --compare report would destroy it
+    assert main(["evaluate", str(model_path), str(tmp_path / "lfw.bin"), "--json", str(tmp_path / "a.json"),
+                 "--compare", str(tmp_path / "a.json")]) == 2
+    assert "it would be overwritten" in capsys.readouterr().err
+    assert main(["evaluate", str(model_path), str(tmp_path / "lfw.bin"), "--cache", str(tmp_path / "c")]) == 2
+    assert "--cache keeps IJB features: it needs --ijb DIR" in capsys.readouterr().err
+
+
+def test_comparison_notes_other_protocols_other_files_and_shows_1n():
+    from hyperface.evaluation.runner import format_comparison
+
+    def report(flip, folds, pairs, sha, ident=None):
+        out = {"protocol": {"flip": flip, "folds": folds}, "results": {"lfw": {"accuracy": 0.9, "num_pairs": pairs}},
+               "inputs": {"bins": [{"path": "/data/lfw.bin", "sha256": sha}]}}
+        if ident is not None:
+            out["ijb"] = {"target": "IJBC", "tar_at_far": {"1e-04": 0.5}, "identification": ident}
+        return out
+
+    ident = {"rank": {"1": 0.8, "5": 0.9, "10": 0.95}, "tpir_at_fpir": {"1e-02": 0.6, "1e-01": 0.7}}
+    text = format_comparison([("a", report(True, 10, 6000, "aa" * 32, ident)), ("b", report(False, 5, 6000, "bb" * 32))])
+    assert "note: the reports use different protocols: a (flip, 10 folds), b (no flip, 5 folds)" in text
+    assert "note: lfw is another file in some reports (SHA-256 differs)" in text
+    rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2:] for line in text.splitlines() if "(%)" in line}
+    assert rows["IJBC 1:N rank-1 (%)"] == ["80.00", "-"] and rows["IJBC TPIR@1e-01 (%)"] == ["70.00", "-"]
+    other = format_comparison([("a", report(True, 10, 6000, "aa" * 32)), ("b", report(True, 10, 20, "aa" * 32))])
+    assert "note: lfw is not the same set in every report: a 6000 pairs, b 20 pairs" in other
+    same = format_comparison([("a", report(True, 10, 6000, "aa" * 32)), ("b", report(True, 10, 6000, "aa" * 32))])
+    assert "note:" not in same
+
+
+def test_ijb_tar_at_a_far_no_impostor_pair_reaches_is_starred():
+    from hyperface.evaluation.runner import format_table
+
+    ijb = {"target": "IJBC", "tar_at_far": {"1e-06": 1.0, "1e-02": 0.9}, "num_templates": 12, "num_pairs": 66,
+           "num_images": 36, "auc": 0.99, "num_impostor_pairs": 60}
+    text = format_table({"ijb": ijb})
+    assert " 100.00*" in text and "90.00*" not in text
+    assert "* FAR below 1 / 60 impostor pairs: not measured" in text

@@ -560,8 +560,8 @@ def test_a_subset_of_identities_and_images_trains_on_exactly_those(synthetic, tm
 
     centres = [v for v in load_file(latest_checkpoint(run) / "head-rank0.safetensors").values() if v.ndim == 2]
     assert [c.shape[0] for c in centres] == [5]  # one class centre per identity of the subset
-    with pytest.raises(HyperfaceError, match="dataset's content differs"):
-        train(TrainConfig(**{**base, "images_per_identity": 3, "max_steps": 3}, resume=True))
+    with pytest.raises(HyperfaceError, match=r"different settings \(images_per_identity 4 -> 3\);"):
+        train(TrainConfig(**{**base, "images_per_identity": 3, "max_steps": 3}, resume=True))  # the flag named, not the data
     with pytest.raises(HyperfaceError, match="has 8 identities; cannot train on the first 9"):
         train(TrainConfig(**{**base, "identities": 9, "out": str(tmp_path / "too-many")}))
     with pytest.raises(HyperfaceError, match="--images-per-identity must be >= 1"):
@@ -636,6 +636,15 @@ def test_cli_passes_the_new_training_options_and_resume_checks_them(synthetic, t
     changed = [a if a != "0.4" else "0.3" for a in args]
     assert cli_main([*changed[:-1], "3", "--resume"]) == 2
     assert "interclass_filtering 0.4 -> 0.3" in capsys.readouterr().err
+    # the documented resume: DATA, --out and --resume (the run's settings come from its config.json)
+    assert cli_main(["train", str(synthetic["data"]), "--out", str(run), "--resume", "--device", "cpu", "--workers", "0",
+                     "--max-steps", "3"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert json.loads((run / "manifest.json").read_text())["params"]["grad_accum"] == 2
+    # an abbreviated flag counts as given: --batch 16 is refused, not overridden
+    assert cli_main(["train", str(synthetic["data"]), "--out", str(run), "--resume", "--device", "cpu", "--workers", "0",
+                     "--batch 16".split()[0], "16", "--max-steps", "4"]) == 2
+    assert "batch_size 8 -> 16" in capsys.readouterr().err
 
 
 def test_metrics_png_redraws_during_training_and_a_plot_failure_is_only_a_warning(synthetic, tmp_path, monkeypatch):

@@ -73,12 +73,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options ``argv`` gives explicitly (their dests), as argparse reads them: exact names,
+    ``--name=value``, and unambiguous prefixes of long names. What a resume may fill in is the rest."""
+    options = {name: action.dest for action in parser._actions for name in action.option_strings}
+    given = set()
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("-"):
+            continue
+        name = token.split("=", 1)[0]
+        if name in options:
+            given.add(options[name])
+        elif name.startswith("--"):
+            matches = {dest for option, dest in options.items() if option.startswith(name)}
+            if len(matches) == 1:
+                given |= matches
+    return given
+
+
+def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[stage]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    stage_parser = _stage_parser(parser, args.stage)
+    late = getattr(args, "late_positionals", None)  # a stage whose last positional may follow options
+    if extra:
+        names = [token for token in extra if token != "--"]
+        if late and not any(token.startswith("-") for token in names):
+            getattr(args, late).extend(names)
+        else:
+            stage_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv, args.stage_parser = argv, stage_parser
     try:
         return int(args.func(args) or 0)
     except HyperfaceError as exc:

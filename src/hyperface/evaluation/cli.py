@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--ijb-no-detector-score", action="store_true", help="do not weight faces by their faceness score (insightface D1 off)"
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, late_positionals="bins")  # BIN files may also follow the options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.plot, "--plot")
         if Path(args.plot).suffix.lstrip(".").lower() not in PLOT_FORMATS:
             raise HyperfaceError(f"--plot {args.plot}: give a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
-    others = read_reports(args.compare)
+    if args.cache and not args.ijb:
+        raise HyperfaceError("--cache keeps IJB features: it needs --ijb DIR")
+    if args.json and any(Path(c).resolve() == Path(args.json).resolve() for c in args.compare if Path(c).exists()):
+        raise HyperfaceError(f"--json {args.json} is also a --compare report: it would be overwritten; write to another file")
+    others = read_reports(args.compare, own_label=model_label(args.model))
     started = time.time()
     report = evaluate_model(
         args.model,
@@ -156,5 +160,5 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - matplotlib's many failures: one line, the numbers are kept
             raise HyperfaceError(f"--plot {args.plot}: could not draw it ({exception_summary(exc)}); the table "
                                  + ("and --json are" if args.json else "is") + " complete") from exc
-        get_logger("evaluate").info("wrote %s", args.plot)
+        get_logger("evaluate").info("wrote %s", Path(args.plot))
     return 0

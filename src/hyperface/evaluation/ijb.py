@@ -61,6 +61,7 @@ class IJBResult:
     num_templates: int
     num_pairs: int
     settings: dict[str, Any] = field(default_factory=dict)
+    num_impostor_pairs: int | None = None  # a FAR below 1 / this is not measured, only read off the ROC's end
     # the ROC at ROC_FARS for plots: {"far": [...], "tar": [...]}, TAR = the best reached at or below each FAR
     roc: dict[str, list[float]] = field(default_factory=dict)
     # 1:N identification (``identification=True``): see :func:`identification_scores`
@@ -461,6 +462,7 @@ def evaluate_ijb(
         num_images=len(meta.image_names),
         num_templates=int(unique_templates.size),
         num_pairs=int(scores.size),
+        num_impostor_pairs=int(np.count_nonzero(meta.pair_label == 0)),
         settings={"flip": flip, "norm_score": use_norm_score, "detector_score": use_detector_score},
         roc=roc,
         identification=ident,

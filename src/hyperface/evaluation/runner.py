@@ -136,9 +136,10 @@ def paper_report() -> dict[str, Any]:
             "results": {name: {"accuracy": acc} for name, acc in PAPER_RESULTS.items()}}
 
 
-def read_reports(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
-    """Earlier ``evaluate --json`` reports, each labelled by its file name (the path where two share
-    one); the word ``paper`` (no such file here) stands for the paper's published accuracies."""
+def read_reports(paths: Sequence[str | os.PathLike], *, own_label: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Earlier ``evaluate --json`` reports, each labelled by its file name (its path where two share
+    one, or where it is ``own_label``, the model evaluated beside them); the word ``paper`` (no such
+    file here) stands for the paper's published accuracies."""
     import json
 
     for path in paths:  # the likely slip first: BIN files typed after --compare, which takes every name after it
@@ -149,7 +150,8 @@ def read_reports(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str
     names = [Path(p).stem for p in paths]
     for name, path in zip(names, paths):
         if str(path) == "paper" and not Path(path).exists():
-            reports.append(("paper", paper_report()))
+            if not any(label == "paper" for label, _ in reports):  # once, however often it is named
+                reports.append(("paper", paper_report()))
             continue
         try:
             report = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -162,7 +164,7 @@ def read_reports(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str
         problem = _report_problem(report)
         if problem:
             raise HyperfaceError(f"--compare {path}: {problem}; give a report written by `hyperface evaluate --json`")
-        reports.append((name if names.count(name) == 1 else str(path), report))
+        reports.append((name if names.count(name) == 1 and name != own_label else str(path), report))
     return reports
 
 
@@ -186,6 +188,31 @@ def _report_problem(report: dict[str, Any]) -> str | None:
         if roc and not (isinstance(roc, dict) and len(roc.get("far") or []) == len(roc.get("tar") or []) > 0):
             return "its ijb roc has uneven far and tar lists"
     return None
+
+
+def _comparability_notes(reports: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Lines warning where reports side by side were not measured alike: another protocol, or another
+    file under a set's name (pair count or SHA-256), which the JSON reports record."""
+    notes = []
+    measured = [(label, report) for label, report in reports if not report.get("published")]
+    protocols = {label: (p.get("flip"), p.get("folds")) for label, report in measured if (p := report.get("protocol"))}
+    if len(set(protocols.values())) > 1:
+        notes.append("note: the reports use different protocols: " + ", ".join(
+            f"{label} ({'flip' if flip else 'no flip'}, {folds} folds)" for label, (flip, folds) in protocols.items()))
+    names = dict.fromkeys(name for _, report in measured for name in report.get("results", {}))
+    for name in names:
+        pairs = {label: report["results"][name].get("num_pairs") for label, report in measured if name in report.get("results", {})}
+        shas = {}
+        for label, report in measured:
+            for entry in (report.get("inputs") or {}).get("bins") or []:
+                if isinstance(entry, dict) and Path(str(entry.get("path", ""))).stem == name and entry.get("sha256"):
+                    shas[label] = entry["sha256"]
+        if len({p for p in pairs.values() if p is not None}) > 1:
+            notes.append(f"note: {name} is not the same set in every report: " + ", ".join(f"{label} {p} pairs" for label, p in pairs.items()))
+        elif len(set(shas.values())) > 1:
+            notes.append(f"note: {name} is another file in some reports (SHA-256 differs): " + ", ".join(
+                f"{label} {sha[:12]}" for label, sha in shas.items()))
+    return notes
 
 
 def unique_labels(labels: Sequence[str]) -> list[str]:
@@ -212,14 +239,21 @@ def format_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
         rows.append((label, [f"{100 * m:.2f}" for m in means]))
     targets = list(dict.fromkeys(report["ijb"]["target"] for _, report in reports if report.get("ijb")))
     for target in targets:
+        ijbs = [report["ijb"] if (report.get("ijb") or {}).get("target") == target else None for _, report in reports]
         for far in ("1e-05", "1e-04"):
-            cells = [report["ijb"]["tar_at_far"].get(far) if (report.get("ijb") or {}).get("target") == target else None
-                     for _, report in reports]
+            cells = [ijb["tar_at_far"].get(far) if ijb else None for ijb in ijbs]
             rows.append((f"{target} TAR@{far} (%)", [f"{100 * c:.2f}" if c is not None else "-" for c in cells]))
+        if any(ijb and ijb.get("identification") for ijb in ijbs):
+            idents = [(ijb or {}).get("identification") or {} for ijb in ijbs]
+            rows.append((f"{target} 1:N rank-1 (%)", [f"{100 * i['rank']['1']:.2f}" if i else "-" for i in idents]))
+            for fpir in ("1e-02", "1e-01"):
+                cells = [i.get("tpir_at_fpir", {}).get(fpir) if i else None for i in idents]
+                rows.append((f"{target} TPIR@{fpir} (%)", [f"{100 * c:.2f}" if c is not None else "-" for c in cells]))
     first = max(len(name) for name, _ in rows)
     widths = [max(8, len(label)) for label, _ in reports]
     lines = [f"{'':<{first}}  " + "  ".join(f"{label:>{w}}" for (label, _), w in zip(reports, widths))]
     lines += [f"{name:<{first}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) for name, cells in rows]
+    lines += _comparability_notes(reports)
     published = [report["published"] for _, report in reports if report.get("published")]
     if published:
         lines.append(f"paper: {published[0]}. Published means over the five sets: "
@@ -253,8 +287,14 @@ def format_table(report: dict[str, Any]) -> str:
         if lines:
             lines.append("")
         keys = list(ijb["tar_at_far"])
+        impostors = ijb.get("num_impostor_pairs")
+        unmeasured = [k for k in keys if impostors and float(k) * impostors < 1]  # not one impostor pair that far out
         lines.append(f"{ijb['target']} 1:1 TAR (%) at FAR  " + "  ".join(f"{k:>7}" for k in keys))
-        lines.append(f"{'':<{len(ijb['target']) + 20}}" + "  ".join(f"{100 * ijb['tar_at_far'][k]:>7.2f}" for k in keys))
+        lines.append(f"{'':<{len(ijb['target']) + 20}}"
+                     + "  ".join(f"{100 * ijb['tar_at_far'][k]:>{6 if k in unmeasured else 7}.2f}" + ("*" if k in unmeasured else "")
+                                 for k in keys))
+        if unmeasured:
+            lines.append(f"* FAR below 1 / {impostors} impostor pairs: not measured, read off the end of the ROC")
         lines.append(f"({ijb['num_templates']} templates, {ijb['num_pairs']} pairs, {ijb['num_images']} faces; AUC {100 * ijb['auc']:.2f})")
         ident = ijb.get("identification")
         if ident:

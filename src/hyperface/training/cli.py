@@ -110,9 +110,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--log-every", type=int, default=50, help="log loss/lr/throughput every N steps (default: 50): to metrics.jsonl, and as a log line on stderr when no progress bar is shown (not a terminal, or HYPERFACE_PROGRESS=0)")
     run.add_argument("--max-steps", type=int, help="stop after N >= 1 steps in total (smoke tests; the schedule still spans --epochs)")
     run.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation (default: 0)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (with the settings it was started with)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint; the settings that shape the run (arch, loss, "
+                          "batch, schedule, subset, ...) come from its config.json unless given again, and a value given "
+                          "that differs is refused")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier hyperface run in --out")
     parser.set_defaults(func=run_command)
+
+
+def _with_run_settings(config, args: argparse.Namespace):
+    """For --resume: every setting that shapes the run and was not given on this command line is
+    taken from the run's config.json, so `hyperface train DATA --out RUN --resume` is enough."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from hyperface.cli import explicit_dests
+    from hyperface.common.runtime import get_logger
+    from hyperface.training.trainer import _RESUME_FIXED, _SUBSET_FIELDS
+
+    try:
+        saved = json.loads((Path(args.out) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return config  # no run there (or not ours): train() says so
+    given = explicit_dests(args.stage_parser, getattr(args, "argv", []))
+    taken = {}
+    for name in (*_RESUME_FIXED, *_SUBSET_FIELDS):
+        if name in saved and name not in given and saved[name] != getattr(config, name):
+            value = saved[name]
+            taken[name] = tuple(value) if isinstance(value, list) else value
+    if taken:
+        get_logger("hyperface.train").info(
+            "resuming with the run's settings from config.json: %s", ", ".join(f"{k} {v}" for k, v in taken.items())
+        )
+    return dataclasses.replace(config, **taken)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -174,6 +205,8 @@ def run_command(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
+    if args.resume:
+        config = _with_run_settings(config, args)
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the job
         return 0

@@ -50,6 +50,8 @@ _RESUME_FIXED = (
     "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma", "poly_power",
     "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed", "interclass_filtering", "grad_accum",
 )
+#: The data subset a run trains on: part of its data, compared through the data fingerprint.
+_SUBSET_FIELDS = ("identities", "images_per_identity")
 
 
 @dataclass
@@ -189,12 +191,15 @@ def _check_resume_settings(
     local disk resumes, another dataset at the same path does not."""
     # a setting an older version did not record had its default then
     defaults = TrainConfig(data="", out="")
-    saved = {k: meta["config"].get(k, _plain(getattr(defaults, k))) for k in _RESUME_FIXED}
-    changed = [k for k in _RESUME_FIXED if saved[k] != _plain(getattr(cfg, k))]
+    fixed = (*_RESUME_FIXED, *_SUBSET_FIELDS)
+    saved = {k: meta["config"].get(k, _plain(getattr(defaults, k))) for k in fixed}
+    changed = [k for k in fixed if saved[k] != _plain(getattr(cfg, k))]
     what = [describe_changes({k: saved[k] for k in changed}, {k: _plain(getattr(cfg, k)) for k in changed})] if changed else []
     if meta["world_size"] != world:
         what.append(f"world size {meta['world_size']} -> {world}")
-    if meta["num_classes"] != num_classes:
+    if any(k in _SUBSET_FIELDS for k in changed):
+        pass  # another subset: its class count and fingerprint differ too, for that reason only
+    elif meta["num_classes"] != num_classes:
         what.append(f"classes {meta['num_classes']} -> {num_classes}")
     elif meta.get("data_fingerprint", data_fingerprint) != data_fingerprint:  # older checkpoints lack it
         saved_data = meta.get("config", {}).get("data", "?")
