@@ -110,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     stage_parser = _stage_parser(parser, args.stage)
     late = getattr(args, "late_positionals", None)  # a stage whose last positional may follow options
     if extra:
-        names = [token for token in extra if token != "--"]
-        if late and not any(token.startswith("-") for token in names):
+        unknown = [token for token in extra if token.startswith("-") and token != "--"]
+        names = [token for token in extra if not token.startswith("-")]
+        if unknown or (names and not late):
+            stage_parser.error(f"unrecognized arguments: {' '.join(unknown or names)}")
+        if late:
             getattr(args, late).extend(names)
-        else:
-            stage_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv, args.stage_parser = argv, stage_parser
     try:
         return int(args.func(args) or 0)
