@@ -246,7 +246,7 @@ def test_embed_preview_shows_aligned_faces_spread_over_the_gallery(tmp_path, mod
         own = np.abs(tile - faces[row][:111]).mean()
         assert own < 12 and own < np.abs(tile - faces[(row + 1) % 40][:111]).mean() / 3, (k, row, own)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["outputs"]["preview"] == "gallery.aligned.jpg"
+    assert manifest["outputs"]["preview"] == "gallery.aligned.jpg" and manifest["preview_rows"] == shown
 
 
 def test_embed_recordio(tmp_path, models):

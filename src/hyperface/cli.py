@@ -140,7 +140,7 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     if args.stage == "evaluate":
         return ("rerun the same command" + (" (the IJB features in --cache are kept)" if getattr(args, "cache", None)
                 else "; with --ijb, --cache DIR keeps finished features across interruptions"))
-    return "rerun the same command with --overwrite to start again"
+    return "rerun the same command (with --overwrite if it says the output folder is not empty)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,11 +19,12 @@ examples:
   # overlay earlier --json reports (other models) in the plot and the table:
   hyperface evaluate runs/hf-r50 lfw.bin agedb_30.bin --json hf.json --plot eval.png --compare dcface.json
 
-MODEL: an ONNX model; an insightface arcface_torch backbone.pth (what `hyperface train` writes in
-its run folder when it ends, and with --export); a training checkpoint's backbone.safetensors
-(RUN/checkpoints/step-N/); or the folders and pointer train writes: the run folder RUN (its
-backbone.pth, or its newest checkpoint while it still trains), RUN/checkpoints/step-N, or
-RUN/checkpoints/latest. The iResNet arch is read from the weights (--arch to check it).
+MODEL: an ONNX model; an insightface arcface_torch backbone.pth, iResNet or MobileFaceNet (what
+`hyperface train` writes in its run folder when it ends, and with --export); an AdaFace IR .ckpt (fed
+BGR, as AdaFace does); a training checkpoint's backbone.safetensors (RUN/checkpoints/step-N/); or the
+folders and pointer train writes: the run folder RUN (its backbone.pth, or its newest checkpoint
+while it still trains), RUN/checkpoints/step-N, or RUN/checkpoints/latest. The arch is read from the
+weights (--arch to check it).
 
 .bin files are insightface's verification sets (a pickle of (bins, issame_list)); they are loaded
 with a restricted unpickler, so a crafted file is refused without running anything.

@@ -33,6 +33,8 @@ def plot_packing(
         seconds = [h["seconds"] for h in history]
         angles = [h["min_angle_deg"] for h in history]
         ax.plot(seconds, angles, color="C0", lw=1.5, label="min angle (during run)")
+    else:
+        ax.set_xticks([])  # no optimisation, no time axis (--steps 0)
     ax.axhline(bound, color="C3", ls="--", lw=1, label=f"Levenshtein bound {bound:.2f}")
     ax.axhline(random_value, color="grey", ls=":", lw=1, label=f"random points {random_value:.2f}")
     ax.axhline(metrics["min_angle_deg"], color="C2", lw=1, label=f"final {metrics['min_angle_deg']:.3f}")
@@ -64,10 +66,15 @@ def plot_packing(
 
     if gallery_similarity is not None:
         ax = axes[2]
-        ax.hist(gallery_similarity, bins=60, color="C1", alpha=0.8)
-        ax.set_xlabel("cosine to nearest gallery embedding")
-        ax.set_ylabel("identities")
+        if float(np.min(gallery_similarity)) > 1 - 1e-5:  # --steps 0 from the gallery: rounding noise only
+            ax.text(0.5, 0.5, "every identity is a gallery row\n(cosine 1: not optimised)", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+        else:
+            ax.hist(gallery_similarity, bins=60, color="C1", alpha=0.8)
+            ax.set_xlabel("cosine to nearest gallery embedding")
+            ax.set_ylabel("identities")
+            ax.grid(alpha=0.3)
         ax.set_title("proximity to the face gallery")
-        ax.grid(alpha=0.3)
 
     return save_figure(fig, path)

@@ -406,6 +406,7 @@ def embed_images(
                 **({"landmarks": paths.landmarks.name} if paths.landmarks.exists() and preprocessor.mode == "detect" else {}),
                 **({"preview": paths.preview.name} if previewed else {}),
             },
+            **({"preview_rows": [row for row, _ in result.preview_rows]} if previewed else {}),
             "resumed_chunks": n_chunks - len(todo),
             # what a later --resume must match (compared with describe_changes when it does not)
             "settings": _result_settings(settings),

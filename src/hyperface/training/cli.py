@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "train",
-        help="train an iResNet face-recognition model (ArcFace/CosFace/AdaFace) or export one",
+        help="train an iResNet or MobileFaceNet face-recognition model (ArcFace/CosFace/AdaFace) or export one",
         description=(
             "Train an iResNet on a face dataset with ArcFace, CosFace or AdaFace (partial FC for large "
             "identity counts), on one device or many through torchrun. Checkpoints are atomic and "

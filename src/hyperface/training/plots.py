@@ -39,7 +39,7 @@ def plot_metrics(run: str | os.PathLike, path: str | os.PathLike | None = None) 
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     val = [r for r in records if isinstance(r.get("val"), dict)]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True, sharex=True)  # one step axis for all four
     steps = np.array([r["step"] for r in train])
     epoch_starts = [r["step"] for prev, r in zip(train, train[1:]) if r.get("epoch") != prev.get("epoch")]
     panels = (
@@ -51,8 +51,8 @@ def plot_metrics(run: str | os.PathLike, path: str | os.PathLike | None = None) 
         values = np.array([r.get(key, np.nan) for r in train], dtype=np.float64)
         if np.isfinite(values).any():
             ax.plot(steps, values, color="C0", lw=1)
-        for start in epoch_starts:  # epoch boundaries, faint
-            ax.axvline(start, color="0.85", lw=0.8, zorder=0)
+        for start in epoch_starts:  # epoch boundaries
+            ax.axvline(start, color="0.6", lw=0.8, ls="--", zorder=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -469,7 +469,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         accum = f" x --grad-accum {cfg.grad_accum}" if cfg.grad_accum > 1 else ""
         raise HyperfaceError(
             f"--batch-size {cfg.batch_size}{accum} is larger than the {sampler.per_rank} images each of the "
-            f"{world} process(es) gets per epoch; lower --batch-size"
+            f"{world} process(es) gets per epoch; lower --batch-size" + (" or --grad-accum" if cfg.grad_accum > 1 else "")
         )
     total_steps = cfg.epochs * steps_per_epoch
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -683,7 +683,9 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 if epoch_done or step >= stop_at or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     save(epoch, step_in_epoch)
                 if (cfg.val_every and step % cfg.val_every == 0) or (epoch_done and not cfg.val_every):
+                    paused = time.time()
                     validate()
+                    window_start += time.time() - paused  # images/s is training's: verification time left out
                 if stop.requested if world == 1 else (step % max(1, cfg.log_every) == 0 and stop.agreed(world, device)):
                     save(epoch, step_in_epoch)
                     log.info("stopped by a signal at step %d after writing its checkpoint; rerun with --resume", step)
