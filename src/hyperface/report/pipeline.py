@@ -262,8 +262,18 @@ def _pose_of(embeddings: Path, rows: int) -> np.ndarray | None:
         raise HyperfaceError(f"cannot read {path}: {exception_summary(exc)}") from exc
     if landmarks.shape != (rows, 5, 2):
         raise HyperfaceError(f"{path} holds {landmarks.shape} landmarks for {rows} embeddings: rerun `hyperface embed`")
-    log.info("head pose of %d faces from %s", rows, path.name)
-    return np.concatenate([estimate_pose(landmarks[start : start + 65536]) for start in range(0, rows, 65536)]) if rows else None
+    if not rows:
+        return None
+    from hyperface.common.runtime import progress
+
+    log.info("head pose of %d faces from %s (about 0.1 ms a face)", rows, path.name)
+    bar = progress(total=rows, desc="pose", unit="face")
+    parts = []
+    for start in range(0, rows, 8192):
+        parts.append(estimate_pose(landmarks[start : start + 8192]))
+        bar.update(len(parts[-1]))
+    bar.close()
+    return np.concatenate(parts)
 
 
 def format_report(report: dict[str, Any]) -> str:
