@@ -321,6 +321,7 @@ def test_compare_paper_puts_the_published_numbers_beside(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
     plots.plot_evaluation(tmp_path / "x.png", [("hf-r50", mine), (label, paper)])
     assert [ax.get_title() for ax in figures[0].axes if ax.axison] == ["lfw", "cfp_fp"]  # no panels for the paper's sets
+    assert [label for label, _ in read_reports(["paper", "paper"])] == ["paper"]  # once, however often named
     (tmp_path / "paper").write_text("{}")  # a real file of that name is read as a report
     with pytest.raises(Exception, match="not a `hyperface evaluate --json` report"):
         read_reports(["paper"])

@@ -328,3 +328,36 @@ def test_cli_ijb_1n_prints_identification_and_needs_ijb(tmp_path, capsys):
     line = next(row for row in table.splitlines() if row.startswith("IJBC 1:N"))
     assert f"rank-1 {100 * ident['rank']['1']:.2f}" in line and "TPIR@FPIR=1e-02" in line
     assert "(4 probe templates against 4 gallery templates)" in table
+
+
+def test_identification_ties_duplicates_and_ijbb_lists(tmp_path):
+    from hyperface.evaluation.ijb import identification_scores, read_identification_lists
+
+    # hand case: 2 gallery templates, 3 probes; probe 2's mated score equals the only kept negative
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0]])
+    probes = np.array([[1.0, 0.0], [0.0, 1.0], [np.sqrt(0.5), np.sqrt(0.5)]])
+    feats = np.concatenate([gallery, probes])
+    templates = np.array([10, 11, 20, 21, 22])
+    lists = {"gallery": (np.array([10, 11]), np.array([1, 2])), "probe": (np.array([20, 21, 22]), np.array([1, 2, 1]))}
+    out = identification_scores(feats, templates, lists)
+    # non-mated scores: 0, 0, 0.707; ceil(3 x 0.1) = 1 -> threshold 0.707; mated 1, 1, 0.707: strictly above -> 2 of 3
+    assert out["tpir_at_fpir"]["1e-01"] == pytest.approx(2 / 3) and out["rank"]["1"] == 1.0
+    dup = {**lists, "gallery": (np.array([10, 11]), np.array([1, 1]))}
+    with pytest.raises(HyperfaceError, match="probe subject 1 has 2 gallery templates"):
+        identification_scores(feats, templates, dup)
+    meta = tmp_path / "IJBB" / "meta"
+    meta.mkdir(parents=True)
+    for name, rows in (("S1", "10,1,a.jpg\n"), ("S2", "11,2,b.jpg\n"), ("probe_mixed", "20,1,c.jpg\n")):
+        file = f"ijbb_1N_{'gallery_' + name if name != 'probe_mixed' else name}.csv"
+        (meta / file).write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + rows)
+    read = read_identification_lists(tmp_path, "IJBB")
+    assert read["gallery"][0].tolist() == [10, 11] and read["probe"][1].tolist() == [1]
+
+
+def test_star_marks_only_fars_below_one_impostor_pair():
+    from hyperface.evaluation.runner import format_table
+
+    ijb = {"target": "IJBC", "tar_at_far": {"1e-02": 0.9, "1e-03": 0.8}, "num_templates": 1, "num_pairs": 1,
+           "num_images": 1, "auc": 0.9, "num_impostor_pairs": 100}
+    text = format_table({"ijb": ijb})
+    assert "90.00*" not in text and "80.00*" in text  # 1e-2 x 100 = exactly one pair: measured

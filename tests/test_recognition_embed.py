@@ -116,12 +116,15 @@ def test_embed_with_detector_and_list_file(tmp_path, models):
     with_face = grey_image(240, 320)
     plant_face(with_face, 16, row=3, col=4, scale=0.5)
     _write(src / "face.png", with_face)
+    other_face = grey_image(240, 320)
+    plant_face(other_face, 16, row=5, col=2, scale=0.5)
+    _write(src / "other.png", other_face)
     _write(src / "empty_scene.png", grey_image(240, 320))
     listing = tmp_path / "list.txt"
-    listing.write_text("# photos\nphotos/face.png\n\nphotos/missing.jpg\nphotos/empty_scene.png\n")
+    listing.write_text("# photos\nphotos/face.png\n\nphotos/missing.jpg\nphotos/other.png\nphotos/empty_scene.png\n")
     out = tmp_path / "det"
     assert _embed(listing, "--model", models["onnx"], "--detector", models["det"], "--out", out, "--flip") == 0
-    assert _read_lines(out / "gallery.index.txt") == ["photos/face.png"]
+    assert _read_lines(out / "gallery.index.txt") == ["photos/face.png", "photos/other.png"]
     rejected = _read_lines(out / "gallery.rejected.tsv")[1:]
     assert rejected == ["photos/missing.jpg\tunreadable: file not found", "photos/empty_scene.png\tno face detected"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -129,9 +132,10 @@ def test_embed_with_detector_and_list_file(tmp_path, models):
     # the embedding is the flip-fused one of the face aligned from the planted landmarks
     _, landmarks = expected_face(16, 3, 4, scale=0.5)
     expected = load_recognizer(models["onnx"], flip=True).embed(align_face(with_face, landmarks)[None])
-    np.testing.assert_allclose(np.load(out / "gallery.npy"), expected, atol=2e-4)
-    # the detected landmarks, row for row, in the photo's pixels (for pose statistics)
-    np.testing.assert_allclose(np.load(out / "gallery.landmarks.npy"), landmarks[None], atol=1e-3)
+    np.testing.assert_allclose(np.load(out / "gallery.npy")[:1], expected, atol=2e-4)
+    # the detected landmarks, row for row (two faces in one batch), in each photo's pixels
+    _, other_landmarks = expected_face(16, 5, 2, scale=0.5)
+    np.testing.assert_allclose(np.load(out / "gallery.landmarks.npy"), np.stack([landmarks, other_landmarks]), atol=1e-3)
     assert manifest["outputs"]["landmarks"] == "gallery.landmarks.npy"
 
 
@@ -456,3 +460,23 @@ def test_a_model_given_as_a_run_folder_is_recorded_as_its_weights_file(tmp_path,
     assert _embed(tmp_path / "src", "--model", run, "--aligned", "--out", tmp_path / "o") == 0
     recorded = json.loads((tmp_path / "o" / "manifest.json").read_text())["inputs"]["model"]
     assert recorded == {"path": str((run / "backbone.pth").resolve()), "sha256": file_sha256(models["pth"])}
+
+
+def test_a_resumed_run_with_chunks_from_before_landmarks_gets_nan_rows(tmp_path):
+    from hyperface.recognition.embed import _merge
+
+    class Source:
+        def name(self, i):
+            return f"img{i}.png"
+
+    paths = GalleryPaths(tmp_path / "g.npy", in_folder=False)
+    paths.parts.mkdir()
+    old = dict(embeddings=np.ones((2, 4), np.float32), rows=np.array([0, 1]), rejected_rows=np.zeros(0, np.int64),
+               rejected_reasons=np.zeros(0, dtype="<U1"))
+    np.savez(paths.chunk(0), **old)  # written by a version that kept no landmarks
+    points = np.arange(10, dtype=np.float32).reshape(1, 5, 2)
+    np.savez(paths.chunk(1), **{**old, "embeddings": np.ones((1, 4), np.float32), "rows": np.array([2]), "landmarks": points})
+    result = _merge(paths, Source(), 2, 4, landmarks=True)
+    saved = np.load(paths.landmarks)
+    assert result.embedded == 3 and saved.shape == (3, 5, 2)
+    assert np.isnan(saved[:2]).all() and np.array_equal(saved[2], points[0])

@@ -344,3 +344,25 @@ def test_adaface_layouts_follow_the_published_tables(name):
     if bottleneck:  # BN, 1x1 -> BN PReLU, 3x3 -> BN PReLU, 1x1 (stride) -> BN
         assert sd["body.0.res_layer.1.weight"].shape[-1] == 1 and sd["body.0.res_layer.4.weight"].shape[-1] == 3
         assert sd["body.0.res_layer.6.weight"].shape == (widths[0] // 4,)  # a PReLU's slopes, not a ReLU
+
+
+def test_mobilefacenet_published_layouts_load_by_their_keys():
+    """get_mbf (scale 2, blocks 1/4/6/2) and get_mbf_large (scale 4, 2/8/12/4) as arcface_torch builds them."""
+    from hyperface.recognition.backbones import backbone_from_state_dict
+    from hyperface.recognition.mobilefacenet import mobilefacenet
+
+    torch.manual_seed(0)
+    for name, stem, units in (("mbf", (128, 2, 3, 3), (4, 6, 2)), ("mbf_large", None, (8, 12, 4))):
+        sd = mobilefacenet(name).state_dict()
+        if stem:  # the grouped 3x3 stem: 64 groups whatever the scale
+            assert sd["layers.1.layers.0.weight"].shape == stem
+        else:  # blocks[0] = 2: a Residual stem of two DepthWise units, expansion 128
+            assert sd["layers.1.layers.1.layers.0.layers.0.weight"].shape == (128, 256, 1, 1)
+        for layer, count in zip((3, 5, 7), units):
+            assert f"layers.{layer}.layers.{count - 1}.layers.0.layers.0.weight" in sd
+            assert f"layers.{layer}.layers.{count}.layers.0.layers.0.weight" not in sd
+        assert sd["features.layers.0.layers.0.weight"].shape == (512, 1, 7, 7)  # GDC: a 7x7 depthwise conv
+        model, arch = backbone_from_state_dict(sd)
+        assert arch == name and model.family == "mobilefacenet"
+    with pytest.raises(HyperfaceError, match="MobileFaceNet 'mbf', not 'mbf_large'"):
+        backbone_from_state_dict(mobilefacenet("mbf").state_dict(), arch="mbf_large")

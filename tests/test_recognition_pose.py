@@ -42,3 +42,11 @@ def test_missing_landmarks_and_bad_shapes():
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
     with pytest.raises(HyperfaceError, match=r"landmarks must be \(N, 5, 2\)"):
         estimate_pose(np.zeros((3, 4, 2)))
+
+
+def test_points_that_are_no_face_give_nan():
+    same = np.tile([[50.0, 50.0]], (5, 1))
+    line = np.stack([np.linspace(10, 90, 5), np.full(5, 50.0)], axis=1)  # all on one horizontal line
+    column = np.stack([np.full(5, 50.0), np.linspace(10, 90, 5)], axis=1)
+    out = estimate_pose(np.stack([same, line, column, project((20, 5, 5))]))
+    assert np.isnan(out[:3]).all() and np.isfinite(out[3]).all()

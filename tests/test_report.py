@@ -360,3 +360,16 @@ def test_pose_statistics_from_the_landmarks_embed_kept(tmp_path, capsys):
     np.save(tmp_path / "e.landmarks.npy", landmarks[:10])
     assert main(["report", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "l.npy"), "--out", str(tmp_path / "r2")]) == 2
     assert "landmarks for 120 embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()  # refused before the output folder
+
+
+def test_pose_stats_edges():
+    from hyperface.report.stats import Classes, _unique_identities, pose_stats
+
+    labels = np.array([0, 0, 1, 2, 2])
+    pose = np.array([[30.0, 0, 0], [-30.0, 0, 0], [45.0, 0, 0], [10.0, 0, 0], [14.0, 0, 0]])
+    stats = pose_stats(pose, Classes.of(labels))
+    assert stats["abs_yaw_above"] == {"15": 0.6, "30": 0.2, "45": 0.0}  # strictly beyond each band
+    assert stats["identity_yaw_std_deg"]["max"] == pytest.approx(30.0)  # identity 1 (one face) has no spread
+    assert stats["identity_yaw_std_deg"]["min"] == pytest.approx(2.0)
+    assert _unique_identities(np.array([-1.0, 0.4, 0.5, 0.39]), 0.4)["count"] == 3  # at the threshold is unique

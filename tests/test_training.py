@@ -667,3 +667,51 @@ def test_metrics_png_redraws_during_training_and_a_plot_failure_is_only_a_warnin
         logging.getLogger("hyperface").removeHandler(handler)
     assert result.steps == 4 and len(calls) >= 5  # after each logged step and once more at the end
     assert any("could not draw metrics.png: no fonts" in r.getMessage() for r in records)
+
+
+def test_grad_accum_steps_see_batch_times_k_and_resume_exactly(synthetic, tmp_path, monkeypatch):
+    from hyperface.training import trainer
+
+    seen = []
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: seen.append((a[4].shape[0], k["accumulate"])) or real_step(*a, **k))
+    common = dict(data=str(synthetic["data"]), epochs=1, batch_size=12, grad_accum=2, device="cpu", seed=2,
+                  **{**TINY, "checkpoint_every": 1})
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **common))
+    assert set(seen) == {(24, 2)} and whole.steps == 8  # each step takes batch x K images in K passes
+    train(TrainConfig(out=str(tmp_path / "cut"), max_steps=3, **common))
+    resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **common))
+    assert resumed.steps == 8
+    a = torch.load(tmp_path / "whole" / "backbone.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "backbone.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # mid-epoch resume continues on the same images
+    with pytest.raises(HyperfaceError, match="does not split into 3 equal passes"):
+        real_step(None, None, None, None, torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.zeros(8), device=torch.device("cpu"),
+                  amp_dtype=None, channels_last=False, accumulate=3)
+
+
+def test_arch_spellings_train_and_export_under_one_name(synthetic, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, max_steps=2, device="cpu",
+                      **{**TINY, "arch": "R_TINY"}))
+    assert json.loads((run / "config.json").read_text())["arch"] == "r_tiny"
+    export_backbone(run, tmp_path / "x.onnx")  # the checkpoint's arch matches its weights
+    assert (tmp_path / "x.onnx").stat().st_size > 0
+
+
+def test_explicit_options_as_argparse_reads_them():
+    from hyperface.cli import _stage_parser, build_parser, explicit_dests
+
+    parser = _stage_parser(build_parser(), "train")
+    assert explicit_dests(parser, ["d", "--batch-size=16", "--lr", "-0.1", "--grad", "2"]) == {"batch_size", "lr", "grad_accum"}
+    assert explicit_dests(parser, ["d", "--", "--epochs", "3"]) == set()  # after --, names are not options
+    assert explicit_dests(parser, ["d", "--m", "0.4"]) == set()  # ambiguous prefix: argparse refuses it too
+
+
+def test_stray_names_are_refused_by_stages_without_late_positionals(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", "data", "--out", str(tmp_path / "r"), "extra"])
+    assert exit_.value.code == 2 and "unrecognized arguments: extra" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

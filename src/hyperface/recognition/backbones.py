@@ -30,16 +30,22 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what:
 TRAINABLE_ARCHS = ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large")
 
 
+def canonical_arch(arch: str) -> str:
+    """The one spelling checkpoints and comparisons use: ``R50`` and ``iresnet50`` are ``r50``."""
+    return arch.lower().replace("iresnet", "r") if isinstance(arch, str) else arch
+
+
 def check_arch(arch: str, *, dropout: float = 0.0) -> str:
     """The family of a trainable arch name ("iresnet" or "mobilefacenet"), or one error naming the choices."""
     from hyperface.recognition.iresnet import IRESNET_ARCHS
     from hyperface.recognition.mobilefacenet import MBF_ARCHS
 
-    if arch in MBF_ARCHS:
+    name = canonical_arch(arch)
+    if name in MBF_ARCHS:
         if dropout:
             raise HyperfaceError(f"--dropout applies to iResNet's fc layer; {arch} has none (use 0)")
         return "mobilefacenet"
-    if isinstance(arch, str) and arch.lower().replace("iresnet", "r") in IRESNET_ARCHS:
+    if name in IRESNET_ARCHS:
         return "iresnet"
     raise HyperfaceError(f"unknown --arch {arch!r}: choose one of {', '.join(TRAINABLE_ARCHS)}")
 
@@ -49,7 +55,7 @@ def create_backbone(arch: str, *, embedding_size: int = 512, dropout: float = 0.
     if check_arch(arch, dropout=dropout) == "mobilefacenet":
         from hyperface.recognition.mobilefacenet import mobilefacenet
 
-        return mobilefacenet(arch, embedding_size=embedding_size, fp16=fp16)
+        return mobilefacenet(canonical_arch(arch), embedding_size=embedding_size, fp16=fp16)
     from hyperface.recognition.iresnet import iresnet
 
     return iresnet(arch, embedding_size=embedding_size, dropout=dropout, fp16=fp16)
@@ -60,6 +66,7 @@ def backbone_from_state_dict(state: Mapping[str, torch.Tensor], *, arch: str | N
     from hyperface.recognition.adaface_ir import adaface_ir_from_state_dict, is_adaface_state_dict
     from hyperface.recognition.mobilefacenet import is_mobilefacenet_state_dict, mobilefacenet_from_state_dict
 
+    arch = canonical_arch(arch) if arch is not None and not arch.lower().startswith("ir_") else arch
     if is_adaface_state_dict(state):
         if fp16:
             raise HyperfaceError("fp16 autocast is for iResNet and MobileFaceNet files; run an AdaFace IR network in float32")
@@ -73,4 +80,4 @@ def backbone_from_state_dict(state: Mapping[str, torch.Tensor], *, arch: str | N
     return iresnet_from_state_dict(state, arch=arch, fp16=fp16), arch or infer_arch_or_none(state)
 
 
-__all__ = ["TRAINABLE_ARCHS", "backbone_from_state_dict", "check_arch", "create_backbone", "load_state_strict"]
+__all__ = ["TRAINABLE_ARCHS", "backbone_from_state_dict", "canonical_arch", "check_arch", "create_backbone", "load_state_strict"]

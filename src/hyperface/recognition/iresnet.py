@@ -176,7 +176,7 @@ def iresnet(arch: str, *, embedding_size: int = 512, dropout: float = 0.0, fp16:
     >>> model = iresnet("r50")
     >>> model.load_state_dict(torch.load("backbone.pth", map_location="cpu", weights_only=True))
     """
-    key = arch.lower().replace("iresnet", "r") if isinstance(arch, str) else arch
+    key = key_of(arch)
     if key not in IRESNET_ARCHS:
         raise HyperfaceError(
             f"unknown iResNet arch {arch!r}; choose one of {', '.join(a for a in IRESNET_ARCHS if a != 'r_tiny')}"
@@ -188,6 +188,11 @@ def iresnet(arch: str, *, embedding_size: int = 512, dropout: float = 0.0, fp16:
         fp16=fp16,
         widths=_ARCH_WIDTHS.get(key, STANDARD_WIDTHS),
     )
+
+
+def key_of(arch: str) -> str:
+    """``R50`` / ``iresnet50`` -> ``r50``, the names :data:`IRESNET_ARCHS` uses."""
+    return arch.lower().replace("iresnet", "r") if isinstance(arch, str) else arch
 
 
 _BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
@@ -259,7 +264,7 @@ def iresnet_from_state_dict(
 
     model = iresnet(name, embedding_size=info["embedding_size"], fp16=fp16)
     inferred = infer_arch_or_none(state_dict)
-    if arch is not None and inferred is not None and inferred != arch:
+    if arch is not None and inferred is not None and inferred != key_of(arch):
         raise HyperfaceError(f"the weights are an iResNet {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}")
     return load_state_strict(model, state_dict, f"iResNet {name!r} (inferred: {inferred})")
 

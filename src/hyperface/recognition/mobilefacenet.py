@@ -109,6 +109,14 @@ class MobileFaceNet(nn.Module):
         ])
         self.conv_sep = _ConvBlock(128 * s, 512)
         self.features = _GDC(self.embedding_size)
+        for module in self.modules():  # arcface_torch's initialisation, so a run starts where its runs start
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type

@@ -69,8 +69,17 @@ def _angles(rotation: np.ndarray) -> tuple[float, float, float]:
     return float(yaw), float(pitch), float(roll)
 
 
+def _degenerate(face: np.ndarray) -> bool:
+    """Points that are no face: (nearly) one point, or eyes and mouth on one line."""
+    eyes, mouth = face[1] - face[0], (face[3] + face[4]) / 2 - (face[0] + face[1]) / 2
+    size = max(float(np.ptp(face[:, 0])), float(np.ptp(face[:, 1])))
+    area = abs(float(eyes[0] * mouth[1] - eyes[1] * mouth[0]))  # twice the eyes-mouth triangle's area
+    return size < 1e-3 or area < 0.05 * size * size
+
+
 def estimate_pose(landmarks: np.ndarray) -> np.ndarray:
-    """(N, 3) float32 yaw, pitch, roll in degrees for (N, 5, 2) image landmarks; NaN rows stay NaN."""
+    """(N, 3) float32 yaw, pitch, roll in degrees for (N, 5, 2) image landmarks; NaN rows, and points
+    that cannot be a face (all in one place, eyes and mouth on a line), give NaN."""
     import cv2
 
     points = np.asarray(landmarks, dtype=np.float64)
@@ -81,7 +90,7 @@ def estimate_pose(landmarks: np.ndarray) -> np.ndarray:
     model = FACE_MODEL_5 * np.array([1.0, -1.0, -1.0])
     flip = np.diag([1.0, -1.0, -1.0])
     for i, face in enumerate(points):
-        if not np.isfinite(face).all():
+        if not np.isfinite(face).all() or _degenerate(face):
             continue
         camera, focal = _camera(face)
         distance = focal * float(np.ptp(FACE_MODEL_5[:, 0])) / max(float(np.ptp(face[:, 0])), 1e-6)

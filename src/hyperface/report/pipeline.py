@@ -154,6 +154,7 @@ def run_report(
         reference = find_embeddings(reference, flag="--reference")  # a `hyperface embed` folder, too
     ref = load_embeddings(reference, what="reference", mapped=True) if reference is not None else None  # stays on disk
     check_report_inputs(emb, label_array, identities=ident, reference=ref)  # bad input writes nothing
+    landmarks = _landmarks_of(embeddings, len(emb))  # and a landmarks file that does not fit, neither
     if ident is not None and len(ident) > int(label_array.max()) + 1:
         log.warning(
             "--identities has %d rows but the labels stop at %d: is it the file this dataset was generated from?",
@@ -168,7 +169,7 @@ def run_report(
     if dataset_used is not None:
         manifest.extra["dataset"] = str(Path(dataset_used).resolve())
 
-    pose = _pose_of(embeddings, len(emb))
+    pose = _pose_of(landmarks)
     stats = dataset_stats(emb, label_array, identities=ident, reference=ref, leak_threshold=leak_threshold, pose=pose,
                           unique_threshold=unique_threshold,
                           genuine_pairs=genuine_pairs, impostor_pairs=impostor_pairs, seed=seed,
@@ -247,11 +248,10 @@ def write_leakage(path: Path, stats: DatasetStats, threshold: float, top: int = 
             handle.write(f"{int(stats.classes.labels[c])}\t{int(stats.leakage_index[c])}\t{sim:.5f}\t{int(sim >= threshold)}\n")
 
 
-def _pose_of(embeddings: Path, rows: int) -> np.ndarray | None:
-    """Head pose per row from the landmarks `embed --detector` kept beside the embeddings (None
-    without them: aligned crops and fixed crops have no landmarks)."""
+def _landmarks_of(embeddings: Path, rows: int) -> np.ndarray | None:
+    """The landmarks `embed --detector` kept beside the embeddings, checked (None without them:
+    aligned crops and fixed crops have no landmarks)."""
     from hyperface.recognition.embed import GalleryPaths
-    from hyperface.recognition.pose import estimate_pose
 
     path = GalleryPaths(embeddings).landmarks
     if not path.is_file():
@@ -262,11 +262,18 @@ def _pose_of(embeddings: Path, rows: int) -> np.ndarray | None:
         raise HyperfaceError(f"cannot read {path}: {exception_summary(exc)}") from exc
     if landmarks.shape != (rows, 5, 2):
         raise HyperfaceError(f"{path} holds {landmarks.shape} landmarks for {rows} embeddings: rerun `hyperface embed`")
-    if not rows:
+    return landmarks if rows else None
+
+
+def _pose_of(landmarks: np.ndarray | None) -> np.ndarray | None:
+    """Head pose per row (see :mod:`hyperface.recognition.pose`), in steps with a progress bar."""
+    if landmarks is None:
         return None
     from hyperface.common.runtime import progress
+    from hyperface.recognition.pose import estimate_pose
 
-    log.info("head pose of %d faces from %s (about 0.1 ms a face)", rows, path.name)
+    rows = len(landmarks)
+    log.info("head pose of %d faces from their landmarks (about 0.1 ms a face)", rows)
     bar = progress(total=rows, desc="pose", unit="face")
     parts = []
     for start in range(0, rows, 8192):

@@ -115,12 +115,13 @@ class TrainConfig:
             raise HyperfaceError(f"unknown --amp {self.amp!r}: use auto, bf16, fp16 or none")
         if self.augment not in ("none", "flip", "adaface"):
             raise HyperfaceError(f"unknown --augment {self.augment!r}: use none, flip or adaface")
-        from hyperface.recognition.backbones import check_arch
+        from hyperface.recognition.backbones import canonical_arch, check_arch
 
         check_arch(self.arch, dropout=self.dropout)  # an unknown --arch fails here, before any output
         self._check_ranges()
         build_margin(self.loss, s=self.margin_s, m=self.margin_m, gradient=self.margin_gradient)  # the loss's own checks
         cfg = TrainConfig(**asdict(self))
+        cfg.arch = canonical_arch(self.arch)  # "R50" trains, checkpoints and exports as "r50"
         cfg.lr = self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
         if cfg.weight_decay is None:
             cfg.weight_decay = 5e-4 if self.optimizer == "sgd" else 0.05
@@ -388,12 +389,14 @@ def train_step(
     AdaFace's norm statistics and partial-FC sampling see each pass alone, as in arcface_torch's
     ``gradient_acc``. Under DDP the backbone's gradients are all-reduced once, after the last pass.
     """
+    if accumulate < 1 or images.shape[0] % accumulate:
+        raise HyperfaceError(f"a batch of {images.shape[0]} images does not split into {accumulate} equal passes")
     optimizer.zero_grad(set_to_none=True)
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     chunk = images.shape[0] // accumulate
     total = torch.zeros((), device=device)
     for i in range(accumulate):
-        part = slice(i * chunk, (i + 1) * chunk if i < accumulate - 1 else images.shape[0])
+        part = slice(i * chunk, (i + 1) * chunk)
         x = _to_input(images[part], device, channels_last)
         part_labels = labels[part].to(device, non_blocking=True)
         last = i == accumulate - 1
