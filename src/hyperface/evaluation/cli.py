@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         raise HyperfaceError("--cache keeps IJB features: it needs --ijb DIR")
     if args.json and any(Path(c).resolve() == Path(args.json).resolve() for c in args.compare if Path(c).exists()):
         raise HyperfaceError(f"--json {args.json} is also a --compare report: it would be overwritten; write to another file")
-    others = read_reports(args.compare, own_label=model_label(args.model))
+    own_label = model_label(args.model)
+    others = read_reports(args.compare, own_label=own_label)
     started = time.time()
     report = evaluate_model(
         args.model,
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         ijb_identification=args.ijb_1n,
     )
     print(format_table(report))
-    labels = unique_labels([model_label(args.model), *(label for label, _ in others)])
+    labels = unique_labels([own_label, *(label for label, _ in others)])
     reports = list(zip(labels, [report, *(other for _, other in others)]))
     if others:
         print()

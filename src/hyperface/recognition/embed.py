@@ -8,7 +8,8 @@ Outputs, beside ``gallery.npy`` (the name is the ``out`` argument's):
 - ``gallery.rejected.tsv``: ``path<TAB>reason`` for every input that was not embedded (unreadable,
   no face, too small), with a header line;
 - ``gallery.aligned.jpg``: 32 of the embedded faces, spread over the gallery, aligned as the model
-  saw them (a wrong crop or colour order shows at a glance);
+  saw them, in RGB (a wrong crop or a missed detection shows at a glance);
+- ``gallery.landmarks.npy`` (detect mode only): each row's 5 detected landmarks;
 - the manifest: parameters, model convention, counts, timings, the settings a resume must match;
   written last. ``out`` a folder: ``manifest.json`` in it (the folder is the run's); ``out`` a
   ``.npy`` path: ``gallery.manifest.json`` beside it, so several galleries can share a folder.
@@ -363,7 +364,9 @@ def embed_images(
                     rows=np.asarray(rows, dtype=np.int64),
                     rejected_rows=np.asarray(rejected_rows, dtype=np.int64),
                     rejected_reasons=np.asarray(reasons, dtype=str) if reasons else np.zeros(0, dtype="<U1"),
-                    landmarks=np.asarray(kept_landmarks, dtype=np.float32).reshape(-1, 5, 2),
+                    # only detect mode knows landmarks: the other modes write none
+                    **({"landmarks": np.asarray(kept_landmarks, dtype=np.float32).reshape(-1, 5, 2)}
+                       if preprocessor.mode == "detect" else {}),
                 )
     finally:
         stream.close()

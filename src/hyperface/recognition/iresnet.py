@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.recognition.backbones import canonical_arch, load_state_strict
 
 #: Blocks per stage for each published iResNet depth.
 IRESNET_ARCHS: dict[str, tuple[int, int, int, int]] = {
@@ -176,7 +177,7 @@ def iresnet(arch: str, *, embedding_size: int = 512, dropout: float = 0.0, fp16:
     >>> model = iresnet("r50")
     >>> model.load_state_dict(torch.load("backbone.pth", map_location="cpu", weights_only=True))
     """
-    key = key_of(arch)
+    key = canonical_arch(arch)
     if key not in IRESNET_ARCHS:
         raise HyperfaceError(
             f"unknown iResNet arch {arch!r}; choose one of {', '.join(a for a in IRESNET_ARCHS if a != 'r_tiny')}"
@@ -188,11 +189,6 @@ def iresnet(arch: str, *, embedding_size: int = 512, dropout: float = 0.0, fp16:
         fp16=fp16,
         widths=_ARCH_WIDTHS.get(key, STANDARD_WIDTHS),
     )
-
-
-def key_of(arch: str) -> str:
-    """``R50`` / ``iresnet50`` -> ``r50``, the names :data:`IRESNET_ARCHS` uses."""
-    return arch.lower().replace("iresnet", "r") if isinstance(arch, str) else arch
 
 
 _BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
@@ -259,12 +255,10 @@ def iresnet_from_state_dict(
     """Build the matching iResNet and load ``state_dict`` strictly (arch inferred unless named)."""
     state_dict = _strip_prefix(state_dict)
     info = describe_state_dict(state_dict)
-    name = arch if arch is not None else infer_arch(state_dict)
-    from hyperface.recognition.backbones import load_state_strict
-
-    model = iresnet(name, embedding_size=info["embedding_size"], fp16=fp16)
     inferred = infer_arch_or_none(state_dict)
-    if arch is not None and inferred is not None and inferred != key_of(arch):
+    name = arch if arch is not None else (inferred or infer_arch(state_dict))  # infer_arch names the layout it cannot place
+    model = iresnet(name, embedding_size=info["embedding_size"], fp16=fp16)
+    if arch is not None and inferred is not None and inferred != canonical_arch(arch):
         raise HyperfaceError(f"the weights are an iResNet {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}")
     return load_state_strict(model, state_dict, f"iResNet {name!r} (inferred: {inferred})")
 
