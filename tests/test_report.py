@@ -373,3 +373,107 @@ def test_pose_stats_edges():
     assert stats["identity_yaw_std_deg"]["max"] == pytest.approx(30.0)  # identity 1 (one face) has no spread
     assert stats["identity_yaw_std_deg"]["min"] == pytest.approx(2.0)
     assert _unique_identities(np.array([-1.0, 0.4, 0.5, 0.39]), 0.4)["count"] == 3  # at the threshold is unique
+
+
+def test_report_keeps_binned_distributions(tmp_path):
+    from hyperface.report.stats import HISTOGRAM_BINS, HISTOGRAM_RANGE
+
+    emb, labels, _ = clustered(12, [1, 3, 4, 5, 2, 6, 3, 3, 4, 2, 5, 4], seed=2)
+    real = unit(np.random.default_rng(3).standard_normal((30, 32)))
+    stats = dataset_stats(emb, labels, reference=real, genuine_pairs=100, impostor_pairs=400, seed=0)
+    hist = stats.report["histograms"]
+    assert hist["bins"] == HISTOGRAM_BINS and tuple(hist["range"]) == HISTOGRAM_RANGE
+    for name, values in {"genuine": stats.genuine, "impostor": stats.impostor, "nearest_identity": stats.nearest_identity,
+                         "leakage": stats.leakage, "intra_identity": stats.intra_mean[np.isfinite(stats.intra_mean)]}.items():
+        expected, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=HISTOGRAM_RANGE)
+        assert hist[name] == expected.tolist(), name
+    assert sum(hist["intra_identity"]) == 11  # the single-image identity has no pair
+    assert "target" not in hist  # no --identities
+
+
+def _saved_report(tmp_path, name, *, spread, seed, reference=None, leak_threshold=0.4):
+    emb, labels, _ = clustered(10, 6, spread=spread, seed=seed)
+    np.save(tmp_path / f"{name}-emb.npy", emb)
+    np.save(tmp_path / f"{name}-labels.npy", labels)
+    run_report(tmp_path / f"{name}-emb.npy", tmp_path / name, labels=tmp_path / f"{name}-labels.npy", reference=reference,
+               leak_threshold=leak_threshold, genuine_pairs=100, impostor_pairs=1000, plot=False)
+    return json.loads((tmp_path / name / "report.json").read_text())
+
+
+def test_compare_reports_side_by_side(tmp_path, capsys):
+    from hyperface.report.compare import comparison_rows, read_dataset_reports
+
+    np.save(tmp_path / "real.npy", unit(np.random.default_rng(9).standard_normal((40, 32))))
+    tight = _saved_report(tmp_path, "tight", spread=0.3, seed=1, reference=tmp_path / "real.npy")
+    loose = _saved_report(tmp_path, "loose", spread=1.5, seed=2, reference=tmp_path / "real.npy", leak_threshold=0.3)
+    assert main(["report", "--compare", str(tmp_path / "tight"), str(tmp_path / "loose" / "report.json"), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    header, *rows = printed.splitlines()
+    assert header.split() == ["tight", "loose"]
+    row = {line[:26].strip(): line[26:].split() for line in rows if not line.startswith("note")}
+    expected = [tight["intra_class"]["mean_pair_cosine_per_identity"]["mean"], loose["intra_class"]["mean_pair_cosine_per_identity"]["mean"]]
+    assert [float(v) for v in row["intra: mean pair cosine"]] == pytest.approx(expected, abs=6e-4)
+    assert float(row["intra: mean pair cosine"][0]) > float(row["intra: mean pair cosine"][1])  # tight is tighter
+    assert [float(v) for v in row["EER (%)"]] == pytest.approx([100 * tight["verification"]["eer"], 100 * loose["verification"]["eer"]], abs=6e-3)
+    assert row["identities"] == ["10", "10"] and row["images"] == ["60", "60"]
+    assert "different --leak-threshold: tight 0.4, loose 0.3" in printed
+    assert "reference sets" not in printed  # the same real.npy behind both
+    cmp = tmp_path / "cmp"
+    assert (cmp / "comparison.txt").read_text().splitlines()[0] == header
+    assert (cmp / "comparison.png").stat().st_size > 10_000
+    manifest = json.loads((cmp / "manifest.json").read_text())
+    assert manifest["stage"] == "report" and manifest["outputs"] == ["comparison.txt", "comparison.png"]
+    assert set(manifest["inputs"]) == {"tight", "loose"}
+    # a dataset reported now, beside an earlier one; a report seen through another FR model is flagged
+    loose["embedding_model"] = {"path": "/models/other.onnx", "sha256": "b" * 64}
+    (tmp_path / "loose" / "report.json").write_text(json.dumps(loose))
+    tight_report = json.loads((tmp_path / "tight" / "report.json").read_text())
+    tight_report["embedding_model"] = {"path": "/models/w600k_r50.onnx", "sha256": "a" * 64}
+    (tmp_path / "tight" / "report.json").write_text(json.dumps(tight_report))
+    entries = read_dataset_reports([tmp_path / "tight", tmp_path / "loose"])
+    assert dict(comparison_rows(entries))["identities"] == ["10", "10"]
+    emb, labels, _ = clustered(8, 5, seed=5)
+    np.save(tmp_path / "new-emb.npy", emb)
+    np.save(tmp_path / "new-labels.npy", labels)
+    assert main(["report", str(tmp_path / "new-emb.npy"), "--labels", str(tmp_path / "new-labels.npy"), "--out", str(tmp_path / "new"),
+                 "--genuine-pairs", "50", "--impostor-pairs", "500", "--compare", str(tmp_path / "tight"), str(tmp_path / "loose")]) == 0
+    printed = capsys.readouterr().out
+    assert "40 images of 8 identities" in printed
+    table = (tmp_path / "new" / "comparison.txt").read_text()
+    assert table.splitlines()[0].split() == ["new", "tight", "loose"]
+    assert "different FR models saw these datasets" in table and "w600k_r50.onnx" in table
+    assert table.rstrip("\n") in printed
+    assert set(json.loads((tmp_path / "new" / "manifest.json").read_text())["outputs"]) >= {"report.json", "comparison.txt", "comparison.png"}
+
+
+def test_compare_reports_bad_input(tmp_path, capsys):
+    _saved_report(tmp_path, "a", spread=0.5, seed=1)
+    _saved_report(tmp_path, "b", spread=0.5, seed=2)
+    (tmp_path / "emb").mkdir()
+    np.save(tmp_path / "emb" / "gallery.npy", unit(np.ones((2, 4))))
+    (tmp_path / "broken.json").write_text("{\"num_images\": 3")
+    (tmp_path / "other.json").write_text(json.dumps({"results": {}}))
+    old = json.loads((tmp_path / "b" / "report.json").read_text())
+    old.pop("histograms")  # a report written before reports kept them: in the table, not the figure
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "report.json").write_text(json.dumps(old))
+    a, b, o = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "o")
+    cases = [
+        (["--compare", a, str(tmp_path / "emb"), "--out", o], "embeddings, not a report"),
+        (["--compare", a, str(tmp_path / "missing"), "--out", o], "no such file or folder"),
+        (["--compare", a, str(tmp_path / "broken.json"), "--out", o], "not a readable JSON report"),
+        (["--compare", a, str(tmp_path / "other.json"), "--out", o], "no num_images"),
+        (["--compare", a, "--out", o], "needs two reports or more"),
+        (["--compare", a, b, "--identities", "x.npy", "--out", o], "--identities describe(s) a dataset"),
+        (["--compare", a, b, "--out", a, "--overwrite"], "is also a --compare report"),
+        (["--out", o], "give EMBEDDINGS"),
+    ]
+    for args, message in cases:
+        assert main(["report", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    assert (tmp_path / "a" / "report.json").exists()
+    assert not (tmp_path / "o").exists()
+    assert main(["report", "--compare", str(tmp_path / "a"), str(tmp_path / "old"), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "comparison.png").exists()  # drawn from the report that has histograms
+    assert "old" in capsys.readouterr().out

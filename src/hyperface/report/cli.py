@@ -23,8 +23,12 @@ what it computes (no N x N matrix; pair distributions from sampled pairs, --seed
   leakage       each identity centroid's nearest row of a reference set of real faces (--reference),
                 and how many reach --leak-threshold; leakage.tsv lists them, most similar first
 
+  # datasets side by side (each report made with the same FR model): a table and overlaid distributions
+  hyperface report --compare runs/hf10k-report runs/dcface-report runs/vec2face-report --out runs/compare
+  hyperface report runs/gen-emb/ --out runs/gen-report --compare runs/dcface-report
+
 outputs in --out: report.json, report.png, identities.jpg (labels from the dataset), leakage.tsv (with
---reference), manifest.json.
+--reference), manifest.json; with --compare, comparison.txt and comparison.png.
 Labels come from the embed run's gallery.index.txt and the dataset it names (or --dataset);
 --labels L.npy gives them directly for embeddings made elsewhere.
 """
@@ -44,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("embeddings", metavar="EMBEDDINGS", help="gallery.npy written by `hyperface embed` (or its folder)")
+    p.add_argument("embeddings", metavar="EMBEDDINGS", nargs="?",
+                   help="gallery.npy written by `hyperface embed` (or its folder); may be left out with --compare")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty or new)")
     p.add_argument("--dataset", metavar="DATA", help="the image folder, RecordIO or generate output folder that was embedded "
                         "(default: read from the embed manifest)")
@@ -62,16 +67,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pair sampling (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (tiled nearest-neighbour searches)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous report in --out")
-    p.add_argument("--no-plot", action="store_true", help="skip report.png and identities.jpg")
+    p.add_argument("--compare", metavar="REPORT", nargs="+", default=[],
+                   help="earlier `hyperface report` output folders (or their report.json): a table of the headline "
+                        "numbers side by side and their distributions overlaid (comparison.txt, comparison.png), "
+                        "each labelled by its folder name; without EMBEDDINGS, only the comparison (two or more reports)")
+    p.add_argument("--no-plot", action="store_true", help="skip report.png, identities.jpg and comparison.png")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from hyperface.common.errors import HyperfaceError
     from hyperface.common.io import read_json
+    from hyperface.report.compare import COMPARISON_TABLE, format_report_comparison, read_dataset_reports
     from hyperface.report.pipeline import format_report, run_report
 
+    if args.embeddings is None and not args.compare:
+        raise HyperfaceError("give EMBEDDINGS (a `hyperface embed` output) to report on, or --compare REPORT REPORT ... to compare reports")
+    others = read_dataset_reports(args.compare)  # found unreadable now, not after the statistics
+    out = Path(args.out)
+    clash = [e.path for e in others if e.path is not None and e.path.parent.resolve() == out.resolve()]
+    if clash:
+        raise HyperfaceError(f"--out {args.out} is also a --compare report ({clash[0]}): it would be replaced; choose another --out")
+    if args.embeddings is None:
+        given = [flag for flag, value in (("--dataset", args.dataset), ("--labels", args.labels), ("--identities", args.identities),
+                                          ("--reference", args.reference)) if value is not None]
+        if given:
+            raise HyperfaceError(f"{', '.join(given)} describe(s) a dataset to report on: give its EMBEDDINGS too, or leave them out")
+        if len(others) < 2:
+            raise HyperfaceError("--compare without EMBEDDINGS needs two reports or more")
+        from hyperface.report.compare import compare_reports
+
+        compare_reports(others, out, overwrite=args.overwrite, plot=not args.no_plot)
+        print(format_report_comparison(others))
+        print(f"written: {args.out}/" + ", ".join(read_json(out / "manifest.json")["outputs"]))
+        return 0
     report = run_report(
         args.embeddings,
         args.out,
@@ -87,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         plot=not args.no_plot,
+        compare=others,
     )
     print(format_report(report))
+    if others:
+        print()
+        print((out / COMPARISON_TABLE).read_text(encoding="utf-8").rstrip("\n"))
     print(f"written: {args.out}/" + ", ".join(read_json(Path(args.out) / "manifest.json")["outputs"]))
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
 from hyperface.packing.pipeline import load_identities
 from hyperface.report.stats import DatasetStats, check_report_inputs, dataset_stats, loosest
+
+if TYPE_CHECKING:
+    from hyperface.report.compare import DatasetReport
 
 log = get_logger("hyperface.report")
 
@@ -129,8 +132,11 @@ def run_report(
     device: str = "auto",
     overwrite: bool = False,
     plot: bool = True,
+    compare: Sequence["DatasetReport"] = (),
 ) -> dict[str, Any]:
-    """Compute a dataset report (see :func:`hyperface.report.stats.dataset_stats`) and write it."""
+    """Compute a dataset report (see :func:`hyperface.report.stats.dataset_stats`) and write it; with
+    ``compare`` (earlier reports, :func:`hyperface.report.compare.read_dataset_reports`), also the
+    comparison of this dataset with them (``comparison.txt``, ``comparison.png``)."""
     started = time.perf_counter()
     from hyperface.recognition.embed import find_embeddings
 
@@ -194,6 +200,14 @@ def run_report(
                 outputs.append(SHEET_FILE)
             except (HyperfaceError, OSError) as exc:
                 log.warning("identities.jpg not written: %s", exc)
+    if compare:
+        from hyperface.common.io import describe_input
+        from hyperface.report.compare import DatasetReport, labelled_uniquely, write_comparison
+
+        facts = {"inputs": {"reference": describe_input(reference)}} if reference is not None else {}  # its SHA-256, to compare
+        this = DatasetReport(out.resolve().name, stats.report, facts, out / REPORT_FILE)
+        outputs += write_comparison(out, labelled_uniquely([this, *compare]), plot=plot)
+        manifest.extra["compared_with"] = [str(entry.path) for entry in compare]
     manifest.time("report", time.perf_counter() - started)
     manifest.extra["outputs"] = outputs
     manifest.write(out)

@@ -21,6 +21,16 @@ from hyperface.packing.geometry import tiled_topk
 PERCENTILES = (1, 5, 50, 95, 99)
 ROW_CHUNK = 65536  # rows per chunk in per-row passes: bounded temporaries at millions of images
 BASE_CHUNK = 262_144  # reference rows on the device at once in a nearest-neighbour search (512 MB at d=512)
+#: Bins of the cosine histograms report.json keeps (0.01 wide over [-1, 1]): what ``report --compare``
+#: overlays, so datasets reported on different machines can be drawn together without their arrays.
+HISTOGRAM_RANGE, HISTOGRAM_BINS = (-1.0, 1.0), 200
+
+
+def cosine_histogram(values: np.ndarray) -> list[int]:
+    """Counts of ``values`` in the :data:`HISTOGRAM_BINS` bins over :data:`HISTOGRAM_RANGE` (ends clipped in)."""
+    v = np.clip(np.asarray(values, dtype=np.float64), *HISTOGRAM_RANGE)
+    counts, _ = np.histogram(v[np.isfinite(v)], bins=HISTOGRAM_BINS, range=HISTOGRAM_RANGE)
+    return [int(c) for c in counts]
 
 
 def summary(values: np.ndarray) -> dict[str, float]:
@@ -387,4 +397,16 @@ def dataset_stats(
             "fraction_at_or_above": float(above.mean()),
             "nearest_reference_cosine": summary(sims),
         }
+    report["histograms"] = report_histograms(stats)
     return stats
+
+
+def report_histograms(stats: DatasetStats) -> dict[str, Any]:
+    """The distributions behind the plots, binned (see :data:`HISTOGRAM_BINS`), for ``report --compare``."""
+    out: dict[str, Any] = {"range": list(HISTOGRAM_RANGE), "bins": HISTOGRAM_BINS}
+    arrays = {"genuine": stats.genuine, "impostor": stats.impostor, "intra_identity": stats.intra_mean,
+              "nearest_identity": stats.nearest_identity, "target": stats.target_similarity, "leakage": stats.leakage}
+    for name, values in arrays.items():
+        if values is not None and np.isfinite(values).any():
+            out[name] = cosine_histogram(values)
+    return out
