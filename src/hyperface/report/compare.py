@@ -118,7 +118,10 @@ def _percent(value: Any) -> str:
 
 
 def _number(value: Any, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text  # -0.0002 shows as 0.000, not -0.000
 
 
 def comparison_rows(entries: Sequence[DatasetReport]) -> list[tuple[str, list[str]]]:
