@@ -23,6 +23,7 @@ STAGE_CLI_MODULES = [
     "hyperface.training.cli",  # train
     "hyperface.evaluation.cli",  # evaluate
     "hyperface.report.cli",  # report
+    "hyperface.common.env_cli",  # env: not a stage; what this machine offers
 ]
 
 
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except HyperfaceError as exc:
         print(f"hyperface {args.stage}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `hyperface ... | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 0
     except OSError as exc:
         if exc.filename is None and exc.errno != errno.ENOSPC:
             raise  # not about a path the user gave: a bug, keep the traceback
