@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `hyperface ... | head`: the reader left; not an error of ours
         import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        try:  # so the flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (io.UnsupportedOperation is a ValueError)
+            pass
         return 0
     except OSError as exc:
         if exc.filename is None and exc.errno != errno.ENOSPC:
