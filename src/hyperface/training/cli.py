@@ -23,8 +23,8 @@ examples:
 
   # arcface_torch's ViT-T recipe (wf42m_pfc03_40epoch_8gpu_vit_t): CosFace, partial FC 0.3, AdamW
   # lr 1e-3 wd 0.1, 40 epochs with 4 of warmup then polynomial decay, batch 512 per GPU:
-  torchrun --nproc_per_node 8 -m hyperface train DATA --out runs/vit-t --arch vit_t_dp005_mask0 --loss cosface \
-      --partial-fc 0.3 --optimizer adamw --lr 1e-3 --weight-decay 0.1 --schedule poly --epochs 40 \
+  torchrun --nproc_per_node 8 -m hyperface train DATA --out runs/vit-t --arch vit_t_dp005_mask0 --loss cosface \\
+      --partial-fc 0.3 --optimizer adamw --lr 1e-3 --weight-decay 0.1 --schedule poly --epochs 40 \\
       --warmup-epochs 4 --batch-size 512
 
   # Continue an interrupted run exactly where its last checkpoint left it:
