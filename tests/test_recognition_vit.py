@@ -225,6 +225,11 @@ def test_masking_and_drop_path_act_in_training_only(tiny):
         drop.load_state_dict(model.state_dict())
         assert not torch.allclose(drop.train().forward_features(x), reference)
         torch.testing.assert_close(drop.eval().forward_features(x), reference, rtol=0, atol=0)
+        # a 0.05 config masks 15 tokens too, as arcface_torch's forward does (it never passes the ratio on)
+        half = VisionTransformer(32, 2, 2, embedding_size=512, drop_path_rate=0.0, mask_ratio=0.05)
+        half.load_state_dict(model.state_dict())
+        tokens = half.train().forward_features(x).reshape(4, 144, 32)
+        assert (tokens == half.mask_token.reshape(1, 1, 32)).all(dim=2).sum(dim=1).tolist() == [15] * 4
 
 
 def test_activation_checkpointing_changes_nothing_but_memory():

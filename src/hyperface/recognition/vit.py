@@ -10,7 +10,7 @@ Layout (width d, depth n, h heads; 112x112 input, no class token)::
     patch_embed.proj  Conv2d 3 -> d, kernel 9 stride 9: 12x12 = 144 patches (the last 4 pixel rows and
                       columns are never seen), flattened to tokens (N, 144, d)
     pos_embed         (1, 144, d), added
-    [training, mask_ratio r > 0: each sample keeps int(144 (1 - r)) tokens, chosen at random]
+    [training, mask_ratio > 0: each sample keeps int(144 * 0.9) = 129 tokens, chosen at random]
     blocks[0..n-1]    x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x)))
       norm1, norm2    LayerNorm(d)
       attn            qkv Linear(d -> 3d, no bias), h heads, softmax(q k^T / sqrt(d/h)) v in fp32,
@@ -24,7 +24,8 @@ Layout (width d, depth n, h heads; 112x112 input, no class token)::
 Drop path (stochastic depth) rises linearly over the blocks from 0 to the arch's rate; it and the
 masking act in training mode only, so an eval forward is deterministic. arcface_torch's forward calls
 its ``random_masking`` without the configured ratio, so its runs mask 10 % of the tokens whenever the
-ratio is above 0 (its ``*_mask_005`` configs too); here the configured ratio is the one applied.
+ratio is above 0 (its ``*_mask_005`` configs too). We do the same (:data:`APPLIED_MASK_RATIO`), so a
+run here trains as the published models were trained; the ratio only switches masking on.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hyperface.common.errors import HyperfaceError
+
+#: The share of tokens masked in training whenever an arch's ``mask_ratio`` is above 0: arcface_torch
+#: calls ``random_masking(x)`` with its default 0.1, never with the configured ratio.
+APPLIED_MASK_RATIO = 0.1
 
 IMAGE_SIZE, PATCH_SIZE = 112, 9
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144
@@ -199,7 +204,7 @@ class VisionTransformer(nn.Module):
     def _random_masking(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the tokens each sample keeps, in shuffled order; the permutation that puts them back)."""
         batch, tokens, dim = x.shape
-        keep = int(tokens * (1 - self.mask_ratio))
+        keep = int(tokens * (1 - APPLIED_MASK_RATIO))  # arcface_torch's, whatever the configured ratio
         shuffle = torch.rand(batch, tokens, device=x.device).argsort(dim=1)
         return x.gather(1, shuffle[:, :keep, None].expand(-1, -1, dim)), shuffle.argsort(dim=1)
 
