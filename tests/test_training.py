@@ -624,6 +624,27 @@ def test_mobilefacenet_trains_exports_and_loads_back(synthetic, tmp_path):
         train(TrainConfig(**{**base, "dropout": 0.2, "out": str(tmp_path / "d")}))
 
 
+def test_vit_trains_with_arcface_torch_s_recipe_exports_and_loads_back(synthetic, tmp_path):
+    from hyperface.recognition import load_recognizer
+
+    run = tmp_path / "vit"
+    assert cli_main([
+        "train", str(synthetic["data"]), "--out", str(run), "--arch", "vit_tiny", "--embedding-size", "64", "--workers", "0",
+        "--device", "cpu", "--epochs", "1", "--batch-size", "16", "--max-steps", "2", "--log-every", "1",
+        "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.1", "--schedule", "poly", "--channels-last",
+    ]) == 0
+    losses = _losses(run)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert json.loads((run / "config.json").read_text())["arch"] == "vit_tiny"
+    faces = (np.random.default_rng(0).random((4, 112, 112, 3)) * 255).astype(np.uint8)
+    from_pth = load_recognizer(run / "backbone.pth")
+    assert from_pth.describe()["kind"] == "torch-vit" and from_pth.describe()["arch"] == "vit_tiny"
+    assert cli_main(["train", "--export", str(run), "--out", str(tmp_path / "vit.onnx")]) == 0
+    np.testing.assert_allclose(load_recognizer(tmp_path / "vit.onnx").embed(faces), from_pth.embed(faces), atol=1e-4)
+    with pytest.raises(HyperfaceError, match="--dropout applies to iResNet's fc layer; vit_tiny has none"):
+        train(TrainConfig(data=str(synthetic["data"]), out=str(tmp_path / "d"), device="cpu", **{**TINY, "arch": "vit_tiny", "dropout": 0.2}))
+
+
 def test_cli_passes_the_new_training_options_and_resume_checks_them(synthetic, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64", "--workers", "0",

@@ -19,7 +19,7 @@ examples:
   # overlay earlier --json reports (other models) in the plot and the table:
   hyperface evaluate runs/hf-r50 lfw.bin agedb_30.bin --json hf.json --plot eval.png --compare dcface.json
 
-MODEL: an ONNX model; an insightface arcface_torch backbone.pth, iResNet or MobileFaceNet (what
+MODEL: an ONNX model; an insightface arcface_torch backbone.pth, iResNet, MobileFaceNet or ViT (what
 `hyperface train` writes in its run folder when it ends, and with --export); an AdaFace IR .ckpt (fed
 BGR, as AdaFace does); a training checkpoint's backbone.safetensors (RUN/checkpoints/step-N/); or the
 folders and pointer train writes: the run folder RUN (its backbone.pth, or its newest checkpoint
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--arch", default=None, help="arch of a PyTorch file, to check it: iResNet r18..r200, MobileFaceNet mbf / mbf_large, AdaFace ir_18..ir_se_200; read from the weights if omitted")
+    parser.add_argument("--arch", default=None, help="arch of a PyTorch file, to check it: iResNet r18..r200, MobileFaceNet mbf / mbf_large, ViT vit_t..vit_l, AdaFace ir_18..ir_se_200; read from the weights if omitted")
     parser.add_argument("--no-flip", action="store_true", help="skip flip fusion (not the standard protocol)")
     parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (default: 10, the standard)")
     parser.add_argument("--ijb", metavar="DIR", help="IJB release folder holding meta/ and loose_crop/ (e.g. IJB_release/IJBC)")

@@ -22,8 +22,8 @@ outputs (--out FOLDER writes these names inside it; --out g.npy writes g.npy, g.
   g.manifest.json        the same for --out g.npy, so several galleries can share a folder
 
 models: insightface packs (buffalo_l/w600k_r50.onnx, antelopev2/glintr100.onnx), Arc2Face's
-arcface.onnx (Hugging Face FoivosPar/Arc2Face), an arcface_torch backbone.pth (iResNet r18..r200 or MobileFaceNet,
-arch read from the weights), or an AdaFace IR / IR-SE network (its .ckpt, e.g. adaface_ir50_ms1mv2.ckpt;
+arcface.onnx (Hugging Face FoivosPar/Arc2Face), an arcface_torch backbone.pth (iResNet r18..r200, MobileFaceNet
+or ViT vit_t..vit_l, arch read from the weights), or an AdaFace IR / IR-SE network (its .ckpt, e.g. adaface_ir50_ms1mv2.ckpt;
 fed BGR, as AdaFace's inference.py). insightface and Arc2Face models are RGB.
 
 examples:
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", metavar="IMAGES", help="folder (recursive), list file (.txt/.lst, one path per line), RecordIO (train.rec or its folder), "
                         "or a `hyperface generate` output folder (its rec/, else images/)")
     parser.add_argument("--model", required=True, metavar="PATH", help="face recognizer: .onnx, iResNet .pth/.pt/.safetensors, or a `hyperface train` run folder")
-    parser.add_argument("--arch", default=None, help="arch of a PyTorch file, to check it: iResNet r18, r34, r50, r100, r200, MobileFaceNet mbf / mbf_large, or AdaFace ir_50, ir_101, ir_se_50, ...; default: read from the weights")
+    parser.add_argument("--arch", default=None, help="arch of a PyTorch file, to check it: iResNet r18, r34, r50, r100, r200, MobileFaceNet mbf / mbf_large, ViT vit_t / vit_s / vit_b / vit_l, or AdaFace ir_50, ir_101, ir_se_50, ...; default: read from the weights")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--detector", metavar="PATH", help="SCRFD .onnx with landmarks (det_10g.onnx, scrfd_10g_bnkps.onnx)")
     mode.add_argument("--aligned", action="store_true", help="images are already aligned 112x112 faces")

@@ -404,7 +404,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
 
 
 class TorchRecognizer(Recognizer):
-    """A PyTorch backbone: an iResNet (insightface arcface_torch ``backbone.pth``) or an AdaFace IR net.
+    """A PyTorch backbone: an iResNet, MobileFaceNet or ViT (insightface arcface_torch ``backbone.pth``) or an AdaFace IR net.
 
     Input convention: aligned faces as float NCHW ``(x - 127.5) / 127.5`` (arcface_torch's and
     AdaFace's transform), in ``channel_order``. ``fp16`` runs an iResNet trunk under CUDA autocast
@@ -521,8 +521,8 @@ def load_recognizer(
     Args:
         path: ``*.onnx`` (onnxruntime) or ``*.pth``/``*.pt``/``*.ckpt``/``*.safetensors`` (iResNet), or a
             train run folder, a ``checkpoints/step-N`` folder or ``checkpoints/latest`` (:func:`resolve_model_path`).
-        arch: the arch of a PyTorch file (iResNet ``r18`` ... ``r200``, AdaFace ``ir_50``, ``ir_se_101``,
-            ...); inferred from the keys if None.
+        arch: the arch of a PyTorch file (iResNet ``r18`` ... ``r200``, MobileFaceNet ``mbf``, ViT ``vit_t`` ...
+            ``vit_l``, AdaFace ``ir_50``, ``ir_se_101``, ...); inferred from the keys if None.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         flip: sum the features of each face and its horizontal mirror before normalising.
         batch_size: faces per forward pass.

@@ -21,6 +21,12 @@ examples:
   # 1M identities: partial FC scoring 20% of the class centres per step:
   torchrun --nproc_per_node 8 -m hyperface train DATA --out runs/big --partial-fc 0.2
 
+  # arcface_torch's ViT-T recipe (wf42m_pfc03_40epoch_8gpu_vit_t): CosFace, partial FC 0.3, AdamW
+  # lr 1e-3 wd 0.1, 40 epochs with 4 of warmup then polynomial decay, batch 512 per GPU:
+  torchrun --nproc_per_node 8 -m hyperface train DATA --out runs/vit-t --arch vit_t_dp005_mask0 --loss cosface \\
+      --partial-fc 0.3 --optimizer adamw --lr 1e-3 --weight-decay 0.1 --schedule poly --epochs 40 \\
+      --warmup-epochs 4 --batch-size 512
+
   # Continue an interrupted run exactly where its last checkpoint left it:
   hyperface train DATA --out runs/train-r50 --resume
 
@@ -41,9 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "train",
-        help="train an iResNet or MobileFaceNet face-recognition model (ArcFace/CosFace/AdaFace) or export one",
+        help="train an iResNet, MobileFaceNet or ViT face-recognition model (ArcFace/CosFace/AdaFace) or export one",
         description=(
-            "Train an iResNet on a face dataset with ArcFace, CosFace or AdaFace (partial FC for large "
+            "Train an iResNet, MobileFaceNet or ViT on a face dataset with ArcFace, CosFace or AdaFace (partial FC for large "
             "identity counts), on one device or many through torchrun. Checkpoints are atomic and "
             "--resume continues exactly. With --export, convert a checkpoint instead."
         ),
@@ -56,7 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     model = parser.add_argument_group("model and loss")
     model.add_argument("--arch", default="r50", help="backbone: iResNet r18, r34, r50, r100, r200, or arcface_torch's "
-                                                     "MobileFaceNet mbf / mbf_large (default: r50)")
+                                                     "MobileFaceNet mbf / mbf_large or ViT vit_t / vit_s / vit_b / vit_l "
+                                                     "(its WebFace42M settings: vit_t_dp005_mask0, vit_s_dp005_mask_0, "
+                                                     "vit_b_dp005_mask_005, vit_l_dp005_mask_005; ViTs train with AdamW, "
+                                                     "see the example below) (default: r50)")
     model.add_argument("--embedding-size", type=int, default=512, help="embedding dimension (default: 512)")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the fc layer (default: 0)")
     model.add_argument("--loss", default="arcface", choices=("arcface", "cosface", "adaface"), help="margin (default: arcface; s=64, m=0.5 / 0.4 / 0.4)")
