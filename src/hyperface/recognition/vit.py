@@ -127,8 +127,9 @@ class _Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         with _fp32_region(x.device.type):
             q, k, v = qkv.float().unbind(0)
-            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-            x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
+            # softmax(q k^T * scale) v as arcface_torch writes it out, in one fused kernel (no 144 x 144 map kept)
+            x = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            x = x.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(x)
 
 
