@@ -272,3 +272,20 @@ def test_help_wraps_prose_and_keeps_examples_as_written(monkeypatch, capsys):
     assert description.startswith("Render K images") and all(len(line) <= 80 for line in description.splitlines())
     assert len(description.splitlines()) > 1
     assert "\n  hyperface generate --merge --out data/hf10k\n" in text  # an example line, untouched
+
+
+def test_read_json_names_a_damaged_file(tmp_path):
+    from hyperface.common.errors import HyperfaceError
+    from hyperface.common.io import read_json
+
+    for name, text, message in (("cut.json", '{"stage": "pa', "not valid JSON"), ("empty.json", "", "not valid JSON"),
+                                ("list.json", "[1]", "holds a JSON list, not an object"), ("bytes.json", b"\xff\xfe{", "not valid JSON")):
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(HyperfaceError, match=message) as info:
+            read_json(path)
+        assert str(path) in str(info.value) and "delete it and rerun" in str(info.value)
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json(tmp_path / "ok.json") == {"a": 1}
+    with pytest.raises(FileNotFoundError):  # callers test for a missing file themselves
+        read_json(tmp_path / "missing.json")

@@ -598,6 +598,11 @@ def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
         (np.ones((3, 512), np.float32), [], "unit-norm"),
         (None, ["--sd15-missing"], "stable-diffusion-v1-5"),
         (None, ["--min-similarity", "0.4"], "fr-model"),
+        (None, ["--resolution", "0"], "--resolution must be between 8 and 4096"),
+        (None, ["--resolution", "2000000"], "--resolution must be between 8 and 4096"),
+        (None, ["--seed", "-1"], "--seed must be a non-negative integer"),
+        (None, ["--guidance", "nan"], "--guidance must be a finite number"),
+        (None, ["--perturbation-scale", "nan"], "--perturbation-scale must be a finite number"),
     ],
 )
 def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, array, flags, message):
@@ -613,6 +618,7 @@ def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, a
     assert main(["generate", str(ids), *common, "-k", "1", "--out", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() or not (tmp_path / "o" / "parts").exists()  # refused before any rendering
 
 
 def test_an_fr_model_without_a_threshold_scores_every_image_and_keeps_it(cli_inputs, tmp_path):

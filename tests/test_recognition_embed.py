@@ -480,3 +480,64 @@ def test_a_resumed_run_with_chunks_from_before_landmarks_gets_nan_rows(tmp_path)
     saved = np.load(paths.landmarks)
     assert result.embedded == 3 and saved.shape == (3, 5, 2)
     assert np.isnan(saved[:2]).all() and np.array_equal(saved[2], points[0])
+
+
+def test_embed_never_replaces_what_it_did_not_write(tmp_path, models, capsys):
+    faces = random_faces(3, seed=12)
+    for i, face in enumerate(faces):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    args = [tmp_path / "src", "--model", models["pth"], "--aligned"]
+    folder = tmp_path / "mine.npy"  # a user's folder that happens to be named like the output
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "keep.txt").write_text("precious")
+    foreign = tmp_path / "identities.npy"  # e.g. another stage's output
+    np.save(foreign, np.eye(4, dtype=np.float32))
+    before = foreign.read_bytes()
+    for out, flag in ((folder, "--overwrite"), (foreign, "--resume"), (foreign, "--overwrite")):
+        assert _embed(*args, "--out", out, flag) == 2
+        err = capsys.readouterr().err
+        assert "was not written by `hyperface embed`" in err and len(err.strip().splitlines()) == 1
+    assert (folder / "sub" / "keep.txt").read_text() == "precious" and foreign.read_bytes() == before
+    # its own outputs it does replace and resume
+    assert _embed(*args, "--out", tmp_path / "g.npy") == 0
+    assert _embed(*args, "--out", tmp_path / "g.npy", "--overwrite") == 0
+    assert _embed(*args, "--out", tmp_path / "g.npy", "--resume") == 0
+
+
+def test_embed_resume_embeds_a_damaged_chunk_again(tmp_path, models, monkeypatch, capsys):
+    from hyperface.recognition.recognizers import Recognizer
+
+    faces = random_faces(6, seed=13)
+    for i, face in enumerate(faces):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    args = [tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "2", "--batch-size", "2"]
+    assert _embed(*args, "--out", tmp_path / "clean" / "g.npy") == 0
+    original = Recognizer.embed_valid
+    calls = {"n": 0}
+
+    def dying_embed(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:  # chunks 0 and 1 done, killed in chunk 2
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    monkeypatch.setattr(Recognizer, "embed_valid", dying_embed)
+    out = tmp_path / "killed" / "g.npy"
+    assert _embed(*args, "--out", out) == 130
+    parts = tmp_path / "killed" / "g.parts"
+    chunk = parts / "chunk_000001.npz"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])  # damaged after it was written
+    monkeypatch.setattr(Recognizer, "embed_valid", original)
+    capsys.readouterr()
+    assert _embed(*args, "--out", out, "--resume") == 0
+    np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "clean" / "g.npy"))
+    assert json.loads((tmp_path / "killed" / "g.manifest.json").read_text())["resumed_chunks"] == 1  # chunk 0 only
+    # a damaged plan: one line naming it
+    assert _embed(*args, "--out", tmp_path / "again" / "g.npy") == 0
+    (tmp_path / "again" / "g.parts").mkdir()
+    (tmp_path / "again" / "g.parts" / "plan.json").write_text("{bad")
+    (tmp_path / "again" / "g.manifest.json").unlink()
+    capsys.readouterr()
+    assert _embed(*args, "--out", tmp_path / "again" / "g.npy", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "plan.json is damaged: not valid JSON" in err and "Traceback" not in err

@@ -381,6 +381,10 @@ def test_cli_train_and_export_round_trip_through_recognizer_loader(synthetic, tm
     assert code == 0 and (run / "backbone.pth").is_file()
     assert json.loads((run / "manifest.json").read_text())["status"] == "partial"  # stopped by --max-steps
     assert cli_main(["train", "--export", str(run), "--out", str(tmp_path / "model.onnx")]) == 0
+    before = (tmp_path / "model.onnx").read_bytes()
+    assert cli_main(["train", "--export", str(run), "--out", str(tmp_path / "model.onnx")]) == 2  # never replaced unasked
+    assert (tmp_path / "model.onnx").read_bytes() == before
+    assert cli_main(["train", "--export", str(run), "--out", str(tmp_path / "model.onnx"), "--overwrite"]) == 0
     export_backbone(run / "checkpoints", tmp_path / "exported.pth")
     assert cli_main(["train", "--export", str(run / "checkpoints" / "latest"), "--out", str(tmp_path / "latest.pth")]) == 0
     latest, exported = (torch.load(tmp_path / name, weights_only=True) for name in ("latest.pth", "exported.pth"))

@@ -19,7 +19,7 @@ from typing import IO, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
 from hyperface.common.runtime import get_logger
 
 log = get_logger("hyperface")
@@ -380,9 +380,17 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object hyperface (or a model folder) keeps, e.g. a manifest or run.json; a damaged file is
+    one HyperfaceError naming it, not a traceback. A missing file raises FileNotFoundError as usual."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HyperfaceError(f"{path} is damaged: not valid JSON ({exception_summary(exc)}); restore it, or delete it and rerun") from None
+    if not isinstance(data, dict):
+        raise HyperfaceError(f"{path} is damaged: it holds a JSON {type(data).__name__}, not an object; restore it, or delete it and rerun")
+    return data
 
 
 __all__ = [

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary
+from hyperface.common.io import read_json
 from hyperface.common.runtime import get_logger, resolve_device
 
 log = get_logger("hyperface.generation")
@@ -279,9 +279,9 @@ def _load_components(paths: Arc2FacePaths, device, dtype) -> Arc2FaceComponents:
         variant=paths.vae_variant, torch_dtype=dtype,
     )
     try:
-        scheduler_config = json.loads((paths.scheduler / "scheduler_config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise HyperfaceError(f"{paths.scheduler / 'scheduler_config.json'} is not valid JSON; re-download it from {SD15_SOURCE}") from exc
+        scheduler_config = read_json(paths.scheduler / "scheduler_config.json")
+    except HyperfaceError as exc:
+        raise HyperfaceError(f"{exc.args[0].split(';')[0]}; re-download it from {SD15_SOURCE}") from None
 
     hidden = text_encoder.config.hidden_size
     if hidden < IDENTITY_DIM:

@@ -138,6 +138,14 @@ def run(args: argparse.Namespace) -> int:
         raise HyperfaceError(f"missing {', '.join(missing)}: see `hyperface generate --help`")
     if args.min_similarity is not None and not args.fr_model:
         raise HyperfaceError("--min-similarity needs --fr-model (Arc2Face's arcface.onnx)")
+    from hyperface.common.errors import check_option
+
+    # numbers found wrong now, not after minutes of loading models (or as a 16 TB allocation)
+    check_option("--seed", args.seed, lambda v: v >= 0, "a non-negative integer", integer=True)
+    check_option("--resolution", args.resolution, lambda v: 8 <= v <= 4096, "between 8 and 4096 pixels (SD1.5: 512)", integer=True)
+    if args.guidance is not None:
+        check_option("--guidance", args.guidance, lambda v: v >= 0, ">= 0 (1 turns classifier-free guidance off)", finite=True)
+    check_option("--perturbation-scale", args.perturbation_scale, lambda v: v >= 0, ">= 0", finite=True)
 
     from pathlib import Path
 

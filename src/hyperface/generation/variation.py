@@ -8,6 +8,8 @@ scale), which is normalised back onto the unit sphere.
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 from dataclasses import dataclass
 
@@ -41,7 +43,7 @@ class Perturbation:
     def __post_init__(self):
         if self.kind not in PERTURBATIONS:
             raise HyperfaceError(f"unknown --perturbation {self.kind!r}; choose from {', '.join(PERTURBATIONS)}")
-        if self.scale < 0 or (self.kind == "angle" and self.scale > 90):
+        if not math.isfinite(self.scale) or self.scale < 0 or (self.kind == "angle" and self.scale > 90):  # NaN too
             raise HyperfaceError(f"--perturbation-scale must be in [0, 90] degrees for angle, >= 0 for noise; got {self.scale}")
 
     def apply(self, reference: np.ndarray, seed: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import zipfile
 import os
 import shutil
 import time
@@ -38,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary, without_object_reprs
-from hyperface.common.io import atomic_write, remove_stale_temporaries, save_json
+from hyperface.common.io import atomic_write, read_json, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.datasets.preview import spread_rows
@@ -220,9 +221,17 @@ def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
             raise HyperfaceError(
                 f"{paths.manifest} belongs to another run ({stage or 'unknown stage'}); give --out a folder of its own"
             )
-    existing = [p for p in paths.outputs() + [paths.parts] if p.exists()]
+    existing = [p for p in paths.outputs() + [paths.parts] if p.exists() or p.is_symlink()]
     if not existing:
         return
+    # a finished embed run (its manifest), or one interrupted after planning (parts/plan.json) or before (empty parts/)
+    ours = paths.manifest.is_file() or (paths.parts / PLAN_FILE).is_file() or (paths.parts.is_dir() and not any(paths.parts.iterdir()))
+    foreign = [p for p in existing if (p.is_dir() and p != paths.parts) or not ours]
+    if foreign and (resume or overwrite):  # neither flag may replace what another program or stage wrote
+        raise HyperfaceError(
+            f"{foreign[0]} exists and was not written by `hyperface embed` (no {paths.manifest.name} beside it"
+            f"{'; it is a folder' if foreign[0].is_dir() else ''}): choose another --out"
+        )
     if overwrite:
         for p in existing:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -269,7 +278,7 @@ def embed_images(
     n_chunks = (n_items + chunk_size - 1) // chunk_size
     settings = _resume_settings(recognizer, preprocessor, chunk_size, n_items)
     if resume and paths.manifest.exists() and paths.embeddings.exists() and not paths.parts.exists():
-        manifest = json.loads(paths.manifest.read_text())
+        manifest = read_json(paths.manifest)
         result_settings = _result_settings(settings)
         _check_finished_run(paths, manifest, result_settings, _fingerprint(source, result_settings))
         log.info("%s is already complete; nothing to resume", paths.embeddings)
@@ -281,7 +290,7 @@ def embed_images(
     paths.parts.mkdir(parents=True, exist_ok=True)
     plan_path = paths.parts / PLAN_FILE
     if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
+        plan = read_json(plan_path)  # damaged: one error naming it (--overwrite starts again)
         if plan.get("fingerprint") != fingerprint:
             raise HyperfaceError(
                 f"cannot --resume the partial run in {paths.parts}: "
@@ -291,7 +300,7 @@ def embed_images(
     else:
         save_json(plan_path, {"fingerprint": fingerprint, "settings": settings})
 
-    todo = [k for k in range(n_chunks) if not paths.chunk(k).exists()]
+    todo = [k for k in range(n_chunks) if not _chunk_is_whole(paths.chunk(k))]  # a damaged chunk is embedded again
     done_items = n_items - sum(min(chunk_size, n_items - k * chunk_size) for k in todo)
     if done_items:
         log.info("resuming: %d of %d chunks already done", n_chunks - len(todo), n_chunks)
@@ -487,6 +496,27 @@ def _check_finished_run(paths: GalleryPaths, manifest: dict[str, Any], settings:
 def _top_reasons(reasons: dict[str, int], k: int = 3) -> str:
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:k]
     return "; ".join(f"{n} x {r}" for r, n in top)
+
+
+_CHUNK_KEYS = ("embeddings", "rows", "rejected_rows", "rejected_reasons")
+
+
+def _chunk_is_whole(path: Path) -> bool:
+    """Whether a chunk file exists and opens with every array a chunk holds. Chunks are written
+    atomically, so only damage after the fact (a disk error, a stray edit) fails here; that chunk is
+    then embedded again on --resume instead of breaking the merge."""
+    if not path.exists():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as chunk:
+            if not all(key in chunk.files for key in _CHUNK_KEYS):
+                raise ValueError(f"missing arrays {[k for k in _CHUNK_KEYS if k not in chunk.files]}")
+            for key in _CHUNK_KEYS:
+                chunk[key]  # decompress and parse each: a zeroed or truncated member fails here
+        return True
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("%s is damaged (%s): embedding its images again", path, exception_summary(exc))
+        return False
 
 
 def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int, *, landmarks: bool = False) -> EmbedResult:

@@ -123,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="continue the run in --out from its last checkpoint; the settings that shape the run (arch, loss, "
                           "batch, schedule, subset, ...) come from its config.json unless given again, and a value given "
                           "that differs is refused")
-    run.add_argument("--overwrite", action="store_true", help="replace an earlier hyperface run in --out")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier hyperface run in --out (with --export: the file --out names)")
     parser.set_defaults(func=run_command)
 
 
@@ -131,17 +131,17 @@ def _with_run_settings(config, args: argparse.Namespace):
     """For --resume: every setting that shapes the run and was not given on this command line is
     taken from the run's config.json, so `hyperface train DATA --out RUN --resume` is enough."""
     import dataclasses
-    import json
     from pathlib import Path
 
     from hyperface.cli import explicit_dests
     from hyperface.common.runtime import get_logger
     from hyperface.training.trainer import _RESUME_FIXED, _SUBSET_FIELDS
 
-    try:
-        saved = json.loads((Path(args.out) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from hyperface.common.io import read_json
+
+    if not (Path(args.out) / "config.json").is_file():
         return config  # no run there (or not ours): train() says so
+    saved = read_json(Path(args.out) / "config.json")  # damaged: say so, not "arch 'r_tiny' -> 'r50'"
     given = explicit_dests(args.stage_parser, getattr(args, "argv", []))
     taken = {}
     for name in (*_RESUME_FIXED, *_SUBSET_FIELDS):
@@ -161,8 +161,14 @@ def run_command(args: argparse.Namespace) -> int:
     from hyperface.common.errors import HyperfaceError
 
     if args.export:
+        from pathlib import Path
+
+        from hyperface.common.io import check_output_file
         from hyperface.training.checkpoint import export_backbone
 
+        check_output_file(args.out, "--out")  # a folder, or nowhere to write: before the checkpoint loads
+        if Path(args.out).exists() and not args.overwrite:  # weights are precious: never replaced unasked
+            raise HyperfaceError(f"--out {args.out} exists: pass --overwrite to replace it, or choose another file")
         path = export_backbone(args.export, args.out)
         print(f"exported {args.export} -> {path}")
         return 0
