@@ -225,6 +225,16 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
     return out
 
 
+def side_by_side(labels: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]], *, min_width: int) -> list[str]:
+    """Aligned text columns, one per label (at least ``min_width`` wide): a header line of the labels,
+    then a line per (row name, one cell per label). Comparisons of models and of datasets print this."""
+    first = max(len(name) for name, _ in rows)
+    widths = [max(min_width, len(label)) for label in labels]
+    lines = [f"{'':<{first}}  " + "  ".join(f"{label:>{w}}" for label, w in zip(labels, widths))]
+    lines += [f"{name:<{first}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) for name, cells in rows]
+    return lines
+
+
 def format_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Several models side by side: accuracy per .bin set, and IJB TAR at FAR 1e-5 and 1e-4."""
     rows: list[tuple[str, list[str]]] = []
@@ -249,10 +259,7 @@ def format_comparison(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
             for fpir in ("1e-02", "1e-01"):
                 cells = [i.get("tpir_at_fpir", {}).get(fpir) if i else None for i in idents]
                 rows.append((f"{target} TPIR@{fpir} (%)", [f"{100 * c:.2f}" if c is not None else "-" for c in cells]))
-    first = max(len(name) for name, _ in rows)
-    widths = [max(8, len(label)) for label, _ in reports]
-    lines = [f"{'':<{first}}  " + "  ".join(f"{label:>{w}}" for (label, _), w in zip(reports, widths))]
-    lines += [f"{name:<{first}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) for name, cells in rows]
+    lines = side_by_side([label for label, _ in reports], rows, min_width=8)
     lines += _comparability_notes(reports)
     published = [report["published"] for _, report in reports if report.get("published")]
     if published:

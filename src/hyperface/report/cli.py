@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hyperface.common.errors import HyperfaceError
     from hyperface.common.io import read_json
-    from hyperface.report.compare import COMPARISON_TABLE, format_report_comparison, read_dataset_reports
+    from hyperface.report.compare import COMPARISON_TABLE, read_dataset_reports
     from hyperface.report.pipeline import format_report, run_report
 
     if args.embeddings is None and not args.compare:
@@ -100,29 +100,28 @@ def run(args: argparse.Namespace) -> int:
         from hyperface.report.compare import compare_reports
 
         compare_reports(others, out, overwrite=args.overwrite, plot=not args.no_plot)
-        print(format_report_comparison(others))
-        print(f"written: {args.out}/" + ", ".join(read_json(out / "manifest.json")["outputs"]))
-        return 0
-    report = run_report(
-        args.embeddings,
-        args.out,
-        dataset=args.dataset,
-        labels=args.labels,
-        identities=args.identities,
-        reference=args.reference,
-        leak_threshold=args.leak_threshold,
-        unique_threshold=args.unique_threshold,
-        genuine_pairs=args.genuine_pairs,
-        impostor_pairs=args.impostor_pairs,
-        seed=args.seed,
-        device=args.device,
-        overwrite=args.overwrite,
-        plot=not args.no_plot,
-        compare=others,
-    )
-    print(format_report(report))
-    if others:
-        print()
-        print((out / COMPARISON_TABLE).read_text(encoding="utf-8").rstrip("\n"))
-    print(f"written: {args.out}/" + ", ".join(read_json(Path(args.out) / "manifest.json")["outputs"]))
+    else:
+        report = run_report(
+            args.embeddings,
+            args.out,
+            dataset=args.dataset,
+            labels=args.labels,
+            identities=args.identities,
+            reference=args.reference,
+            leak_threshold=args.leak_threshold,
+            unique_threshold=args.unique_threshold,
+            genuine_pairs=args.genuine_pairs,
+            impostor_pairs=args.impostor_pairs,
+            seed=args.seed,
+            device=args.device,
+            overwrite=args.overwrite,
+            plot=not args.no_plot,
+            compare=others,
+        )
+        print(format_report(report))
+    if others:  # the table, as comparison.txt holds it
+        if args.embeddings is not None:
+            print()  # below the report's summary
+        print((out / COMPARISON_TABLE).read_text(encoding="utf-8"), end="")
+    print(f"written: {args.out}/" + ", ".join(read_json(out / "manifest.json")["outputs"]))
     return 0

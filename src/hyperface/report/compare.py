@@ -88,10 +88,10 @@ def read_dataset_reports(paths: Sequence[str | os.PathLike]) -> list[DatasetRepo
         manifest_path = file.parent / "manifest.json"
         try:
             manifest = read_json(manifest_path) if manifest_path.is_file() else {}
-        except (OSError, ValueError):
+        except (OSError, HyperfaceError):  # damaged: only the reference-set note needs it
             manifest = {}
         label = file.parent.name if file.name == REPORT_FILE else file.stem
-        entries.append(DatasetReport(label or str(file), report, manifest if isinstance(manifest, dict) else {}, file))
+        entries.append(DatasetReport(label or str(file), report, manifest, file))
     return labelled_uniquely(entries)
 
 
@@ -198,16 +198,13 @@ def comparability_notes(entries: Sequence[DatasetReport]) -> list[str]:
 
 def format_report_comparison(entries: Sequence[DatasetReport]) -> str:
     """The datasets as columns, one statistic a row, then the notes on what differs between them."""
+    from hyperface.evaluation.runner import side_by_side
+
     rows = comparison_rows(entries)
-    first = max(len(name) for name, _ in rows)
-    widths = [max(9, len(e.label)) for e in entries]
-    lines = [f"{'':<{first}}  " + "  ".join(f"{e.label:>{w}}" for e, w in zip(entries, widths))]
-    lines += [f"{name:<{first}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) for name, cells in rows]
     models = [_model_name(e) for e in entries]
     if any(models):
-        lines.append(f"{'FR model':<{first}}  " + "  ".join(f"{m or '?':>{w}}" for m, w in zip(models, widths)))
-    lines += comparability_notes(entries)
-    return "\n".join(lines)
+        rows.append(("FR model", [m or "?" for m in models]))
+    return "\n".join(side_by_side([e.label for e in entries], rows, min_width=9) + comparability_notes(entries))
 
 
 def plot_report_comparison(path: str | os.PathLike, entries: Sequence[DatasetReport]) -> Path | None:
