@@ -76,7 +76,7 @@ class Manifest:
 
     stage: str
     params: dict[str, Any]
-    inputs: dict[str, str | os.PathLike | None] = field(default_factory=dict)
+    inputs: dict[str, str | os.PathLike | dict[str, str] | None] = field(default_factory=dict)  # a dict: as described
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +90,10 @@ class Manifest:
         for name, value in self.inputs.items():
             if value is None:
                 continue
-            inputs[name] = describe_input(value) if checksum_inputs else {"path": str(Path(value).resolve())}
+            if isinstance(value, dict):  # already described (describe_input): not hashed again
+                inputs[name] = value
+            else:
+                inputs[name] = describe_input(value) if checksum_inputs else {"path": str(Path(value).resolve())}
         payload = {
             "stage": self.stage,
             "status": status,

@@ -207,8 +207,9 @@ def run_report(
         from hyperface.common.io import describe_input
         from hyperface.report.compare import DatasetReport, labelled_uniquely, write_comparison
 
-        facts = {"inputs": {"reference": describe_input(reference)}} if reference is not None else {}  # its SHA-256, to compare
-        this = DatasetReport(out.resolve().name, stats.report, facts, out / REPORT_FILE)
+        if reference is not None:  # its SHA-256 for the comparison's notes, hashed once: the manifest keeps it
+            manifest.inputs["reference"] = describe_input(reference)
+        this = DatasetReport(out.resolve().name, stats.report, {"inputs": {"reference": manifest.inputs.get("reference")}}, out / REPORT_FILE)
         outputs += write_comparison(out, labelled_uniquely([this, *compare]), plot=plot)
         manifest.extra["compared_with"] = [str(entry.path) for entry in compare]
     manifest.time("report", time.perf_counter() - started)
