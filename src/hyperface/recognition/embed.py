@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import zipfile
 import os
 import shutil
 import time
+import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field

@@ -75,9 +75,10 @@ VIT_ARCHS: dict[str, ViTArch] = {
 
 #: The name a state dict infers to, by (embed_dim, depth): the weights do not record drop path,
 #: masking or checkpointing, so every variant of a shape infers to its base name.
-_BASE_ARCHS: dict[tuple[int, int], str] = {
-    (256, 12): "vit_t", (512, 12): "vit_s", (512, 24): "vit_b", (768, 24): "vit_l", (32, 2): "vit_tiny",
-}
+_BASE_ARCHS: dict[tuple[int, int], str] = {}
+for _name, _arch in VIT_ARCHS.items():  # each base name is listed before its variants
+    _BASE_ARCHS.setdefault((_arch.embed_dim, _arch.depth), _name)
+del _name, _arch
 
 
 def _fp32_region(device_type: str):
