@@ -375,6 +375,28 @@ def test_file_names_that_are_not_utf8_survive_embed_and_report(tmp_path, models)
     assert json.loads((tmp_path / "report" / "report.json").read_text())["images_per_identity"]["min"] == 2
 
 
+def test_file_names_with_line_breaking_characters_round_trip_from_embed_to_report(tmp_path, models):
+    """embed escapes backslash, tab, newline and CR in gallery.index.txt; report undoes the escapes
+    (and splits on newlines only, so a form feed inside a name stays in it)."""
+    from hyperface.common.io import escape_line, read_lines, unescape_line
+    from hyperface.report.pipeline import embedded_items
+
+    names = ("back\\slash.png", "tab\tname.png", "new\nline.png", "form\x0cfeed.png", "x#1.png", "lit\\n.png")
+    for name in names:
+        assert unescape_line(escape_line(name)) == name and "\n" not in escape_line(name)
+    src = tmp_path / "faces"
+    for i, (face, name) in enumerate(zip(random_faces(len(names), seed=4), names)):
+        (src / f"{i % 2:06d}#{i % 2}").mkdir(parents=True, exist_ok=True)  # "#<digits>" in a class folder too
+        (src / f"{i % 2:06d}#{i % 2}" / name).write_bytes(cv2.imencode(".png", face[..., ::-1])[1].tobytes())
+    out = tmp_path / "emb"
+    assert _embed(src, "--model", models["pth"], "--aligned", "--out", out) == 0
+    written = read_lines(out / "gallery.index.txt")
+    assert sorted(written) == sorted(f"{i % 2:06d}#{i % 2}/{name}" for i, name in enumerate(names))
+    labels, _, items, folder = embedded_items(out / "gallery.npy")
+    assert [folder.paths[i] for i in items] == written
+    assert labels.tolist() == [int(name.split("#")[1][0]) for name in written]
+
+
 def test_a_decompression_bomb_is_rejected_not_decoded(tmp_path, models):
     import struct
     import subprocess

@@ -116,6 +116,43 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+_LINE_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_LINE_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape_line(text: str) -> str:
+    r"""``text`` as one field of a line-per-entry file (index.txt, tsv): backslash, tab, newline and
+    carriage return escaped as ``\\``, ``\t``, ``\n``, ``\r``. :func:`unescape_line` inverts it."""
+    return "".join(_LINE_ESCAPES.get(c, c) for c in text) if any(c in text for c in _LINE_ESCAPES) else text
+
+
+def unescape_line(line: str) -> str:
+    r"""The text :func:`escape_line` escaped (an unknown escape, ``\x``, stays as written)."""
+    if "\\" not in line:
+        return line
+    out, i = [], 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and i + 1 < len(line) and line[i + 1] in _LINE_UNESCAPES:
+            out.append(_LINE_UNESCAPES[line[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The entries of a line-per-entry file written with :func:`escape_line`, byte for byte (names
+    that are not UTF-8 come back as surrogates). Splits on newlines only: ``str.splitlines`` would
+    also split inside a name holding a form feed or U+2028."""
+    text = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [unescape_line(line) for line in lines]
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, streamed."""
     digest = hashlib.sha256()

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary, without_object_reprs
-from hyperface.common.io import atomic_write, read_json, remove_stale_temporaries, save_json
+from hyperface.common.io import atomic_write, escape_line, read_json, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.datasets.preview import spread_rows
@@ -192,11 +192,6 @@ def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
         for future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _clean_name(name: str) -> str:
-    """One line per entry: escape the characters that would break the index/tsv format."""
-    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _fingerprint(source: ImageSource, settings: dict[str, Any]) -> str:
@@ -555,11 +550,11 @@ def _merge(paths: GalleryPaths, source: ImageSource, n_chunks: int, dim: int, *,
                     if points_file is not None:
                         points = chunk["landmarks"] if "landmarks" in chunk.files else np.full((len(rows), 5, 2), np.nan)
                         points_file.write(np.ascontiguousarray(points, dtype="<f4").tobytes())
-                    index_file.writelines(_clean_name(source.name(int(i))) + "\n" for i in rows)
+                    index_file.writelines(escape_line(source.name(int(i))) + "\n" for i in rows)
                     preview_rows += [(g, int(rows[g - written])) for g in wanted if written <= g < written + len(rows)]
                     written += len(rows)
                     for i, reason in zip(chunk["rejected_rows"], chunk["rejected_reasons"]):
-                        rejected_file.write(f"{_clean_name(source.name(int(i)))}\t{_clean_name(str(reason))}\n")
+                        rejected_file.write(f"{escape_line(source.name(int(i)))}\t{escape_line(str(reason))}\n")
                         key = str(reason).split(" (")[0]
                         reason_counts[key] = reason_counts.get(key, 0) + 1
                         rejected += 1

@@ -4,6 +4,7 @@ leakage.tsv and manifest.json."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary
-from hyperface.common.io import atomic_write, load_embeddings, prepare_output_dir, read_json, save_json
+from hyperface.common.io import atomic_write, load_embeddings, prepare_output_dir, read_json, read_lines, save_json
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
 from hyperface.packing.pipeline import load_identities
@@ -71,7 +72,7 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
     index = GalleryPaths(embeddings_path).index
     if not index.exists():
         raise HyperfaceError(f"{index} not found: give embeddings written by `hyperface embed`, or --labels LABELS.npy")
-    names = index.read_text(encoding="utf-8", errors="surrogateescape").splitlines()  # as embed wrote them
+    names = read_lines(index)  # as embed wrote them, escapes undone
     dataset = Path(dataset) if dataset is not None else _dataset_from_manifest(embeddings_path)
     if dataset is None or not dataset.exists():
         raise HyperfaceError(
@@ -79,7 +80,8 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
             "give it with --dataset (image folder or RecordIO)"
         )
     dataset = resolve_generated(dataset)
-    if names and "#" in names[0]:
+    # records are named "<file>.rec#<i>"; an image file name always ends in its extension
+    if names and re.search(r"#\d+$", names[0]):
         rec = RecordIODataset(dataset)
         try:
             rows = np.asarray([int(n.rsplit("#", 1)[1]) for n in names], dtype=np.int64)
