@@ -92,6 +92,25 @@ def test_missing_files_name_the_file_and_its_source(models, tmp_path, remove, ex
         assert word in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "config, source",
+    [
+        ("Arc2Face/encoder/config.json", "FoivosPar/Arc2Face"),
+        ("Arc2Face/arc2face/config.json", "FoivosPar/Arc2Face"),
+        ("sd15/vae/config.json", "stable-diffusion-v1-5"),
+        ("sd15/scheduler/scheduler_config.json", "stable-diffusion-v1-5"),
+    ],
+)
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json"])
+def test_a_damaged_config_is_named_before_any_model_loads(models, tmp_path, config, source, text):
+    """Not a network error from diffusers: the file, what is wrong with it, where it comes from."""
+    arc2face, sd15 = _copy_models(models, tmp_path)
+    (tmp_path / config).write_text(text, encoding="utf-8")
+    with pytest.raises(HyperfaceError, match="damaged") as info:
+        find_arc2face_files(arc2face, sd15)
+    assert str(tmp_path / config) in str(info.value) and source in str(info.value)
+
+
 def test_swapped_folders_are_explained(models):
     with pytest.raises(HyperfaceError, match="FoivosPar/Arc2Face"):
         find_arc2face_files(models.sd15_dir, models.arc2face_dir)
@@ -115,6 +134,15 @@ def test_mismatched_unet_is_refused(models, tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(HyperfaceError, match="VAE"):
         load_arc2face_components(arc2face, sd15)
+
+
+@pytest.mark.parametrize("merges", ["", "#version: 0.2\n"])
+def test_a_tokenizer_that_splits_id_is_refused(models, tmp_path, merges):
+    """With no merges "id" becomes "i" + "d</w>": the identity would land on a letter, unnoticed."""
+    arc2face, sd15 = _copy_models(models, tmp_path)
+    (sd15 / "tokenizer" / "merges.txt").write_text(merges, encoding="utf-8")
+    with pytest.raises(HyperfaceError, match="splits 'id' into 2 tokens.*merges.txt"):
+        Arc2FaceGenerator.from_pretrained(arc2face, sd15, device="cpu")
 
 
 # --- conditioning ---------------------------------------------------------------------------------

@@ -602,6 +602,7 @@ def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
         (None, ["--resolution", "2000000"], "--resolution must be between 8 and 4096"),
         (None, ["--seed", "-1"], "--seed must be a non-negative integer"),
         (None, ["--guidance", "nan"], "--guidance must be a finite number"),
+        (None, ["--guidance", "0.5"], "--guidance must be >= 1"),
         (None, ["--perturbation-scale", "nan"], "--perturbation-scale must be a finite number"),
     ],
 )

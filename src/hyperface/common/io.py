@@ -434,15 +434,18 @@ __all__ = [
     "RUN_MARKER",
     "atomic_path",
     "atomic_write",
+    "escape_line",
     "file_sha256",
     "load_embeddings",
     "prepare_output_dir",
     "read_json",
+    "read_lines",
     "remove_stale_temporaries",
     "save_bytes",
     "save_figure",
     "save_json",
     "save_npy",
+    "unescape_line",
     "validate_embeddings",
 ]
 

@@ -139,6 +139,17 @@ def find_arc2face_files(arc2face_dir: str | Path, sd15_dir: str | Path) -> Arc2F
     vae_variant = _require_folder(sd15_dir / "vae", "SD1.5's VAE", ["config.json"], _WEIGHT_NAMES["diffusers"], SD15_SOURCE, "--sd15")
     _require_folder(sd15_dir / "tokenizer", "SD1.5's CLIP tokenizer", ["vocab.json", "merges.txt"], (), SD15_SOURCE, "--sd15")
     _require_folder(sd15_dir / "scheduler", "SD1.5's scheduler config", ["scheduler_config.json"], (), SD15_SOURCE, "--sd15")
+    # a config that is not a JSON object sends diffusers/transformers looking for the Hub, and their
+    # error blames the network: check each one here and name it
+    for config, source in (
+        (arc2face_dir / "encoder" / "config.json", ARC2FACE_SOURCE),
+        (arc2face_dir / "arc2face" / "config.json", ARC2FACE_SOURCE),
+        (sd15_dir / "vae" / "config.json", SD15_SOURCE),
+        (sd15_dir / "tokenizer" / "tokenizer_config.json", SD15_SOURCE),
+        (sd15_dir / "scheduler" / "scheduler_config.json", SD15_SOURCE),
+    ):
+        if config.is_file():
+            _read_config(config, source)
     return Arc2FacePaths(
         encoder=arc2face_dir / "encoder",
         unet=arc2face_dir / "arc2face",
@@ -148,6 +159,13 @@ def find_arc2face_files(arc2face_dir: str | Path, sd15_dir: str | Path) -> Arc2F
         unet_variant=unet_variant,
         vae_variant=vae_variant,
     )
+
+
+def _read_config(path: Path, source: str) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except HyperfaceError as exc:
+        raise HyperfaceError(f"{exc.args[0].split(';')[0]}; re-download it from {source}") from None
 
 
 def resolve_dtype(dtype: str, device) -> Any:
@@ -278,10 +296,7 @@ def _load_components(paths: Arc2FacePaths, device, dtype) -> Arc2FaceComponents:
         f"the VAE in {paths.vae}", SD15_SOURCE, AutoencoderKL.from_pretrained, str(paths.vae),
         variant=paths.vae_variant, torch_dtype=dtype,
     )
-    try:
-        scheduler_config = read_json(paths.scheduler / "scheduler_config.json")
-    except HyperfaceError as exc:
-        raise HyperfaceError(f"{exc.args[0].split(';')[0]}; re-download it from {SD15_SOURCE}") from None
+    scheduler_config = _read_config(paths.scheduler / "scheduler_config.json", SD15_SOURCE)
 
     hidden = text_encoder.config.hidden_size
     if hidden < IDENTITY_DIM:
@@ -346,8 +361,15 @@ class Arc2FacePromptEncoder:
         self.prompt_ids = tokenizer(ARC2FACE_PROMPT, **encode).input_ids  # (1, L)
         self.empty_ids = tokenizer("", **encode).input_ids
         id_tokens = tokenizer.encode(ID_WORD, add_special_tokens=False)
-        if not id_tokens:
-            raise HyperfaceError(f"the tokenizer cannot encode {ID_WORD!r}; use SD1.5's tokenizer/ from {SD15_SOURCE}")
+        # SD1.5's CLIP tokenizer has "id</w>" as one token: it is the slot the identity goes in. Split
+        # into pieces (an empty or foreign merges.txt), the identity would land on a letter and every
+        # image would silently come out unconditioned.
+        if len(id_tokens) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(id_tokens)
+            raise HyperfaceError(
+                f"the tokenizer splits {ID_WORD!r} into {len(id_tokens)} tokens {pieces} instead of one (is its "
+                f"merges.txt empty or from another model?); use SD1.5's tokenizer/ from {SD15_SOURCE}"
+            )
         self.id_token = int(id_tokens[0])
         self.id_position = (self.prompt_ids[0] == self.id_token).nonzero().flatten()
         if self.id_position.numel() != 1:

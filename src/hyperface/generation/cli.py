@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     check_option("--seed", args.seed, lambda v: v >= 0, "a non-negative integer", integer=True)
     check_option("--resolution", args.resolution, lambda v: 8 <= v <= 4096, "between 8 and 4096 pixels (SD1.5: 512)", integer=True)
     if args.guidance is not None:
-        check_option("--guidance", args.guidance, lambda v: v >= 0, ">= 0 (1 turns classifier-free guidance off)", finite=True)
+        check_option("--guidance", args.guidance, lambda v: v >= 1, ">= 1 (1 turns classifier-free guidance off)", finite=True)
     check_option("--perturbation-scale", args.perturbation_scale, lambda v: v >= 0, ">= 0", finite=True)
 
     from pathlib import Path
