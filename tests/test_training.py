@@ -213,6 +213,14 @@ def test_a_bad_val_bin_fails_before_training_and_the_corrected_command_just_runs
     with pytest.raises(HyperfaceError, match="detector.onnx"):
         train(TrainConfig(**base, val_bins=(str(not_a_bin),)))
     assert latest_checkpoint(run) is None and not (run / "metrics.jsonl").exists()
+    import pickle
+
+    bins, issame = pickle.loads(synthetic["bin"].read_bytes())
+    too_few = tmp_path / "few.bin"
+    too_few.write_bytes(pickle.dumps((bins[:18], issame[:9])))  # 9 pairs: not enough for 10 folds
+    with pytest.raises(HyperfaceError, match="few.bin holds 9 pair.*10 folds"):
+        train(TrainConfig(**base, val_bins=(str(too_few),)))
+    assert latest_checkpoint(run) is None and not (run / "metrics.jsonl").exists()
     assert train(TrainConfig(**base, val_bins=(str(synthetic["bin"]),))).steps == 2  # no --resume/--overwrite needed
 
 
