@@ -469,6 +469,11 @@ def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_p
     assert err.strip() == (f"hyperface pack: error: cannot --resume {out}: it was started with other settings "
                            "(seed 0 -> 3); use the same settings or --overwrite")
     assert run_cli(*base, "--resume") == 0  # the same settings: nothing to do
+    (out / "identities.npy").unlink()  # the result lost after the run finished: no checkpoint is left
+    capsys.readouterr()
+    assert run_cli(*base, "--resume") == 2
+    assert "finished run but identities.npy is gone" in capsys.readouterr().err
+    assert run_cli(*base, "--overwrite") == 0 and (out / "identities.npy").is_file()
 
 
 def test_resume_with_another_gallery_is_refused_mid_run_and_after_it(tmp_path, capsys):

@@ -71,6 +71,12 @@ def run_pack(
                 how = ("with another gallery" if now_gallery else "with a gallery") if saved_gallery else "without a gallery"
                 original = f" ({saved_gallery['path']})" if saved_gallery.get("path") else ""
                 raise HyperfaceError(f"cannot --resume {out}: it was packed {how}{original}; use the original --gallery, or --overwrite")
+            lost = [name for name in (IDENTITIES_FILE, METRICS_FILE) if not (out / name).is_file()]
+            if lost:  # the checkpoint went when the run finished: nothing to finish from
+                raise HyperfaceError(
+                    f"{out} is a finished run but {', '.join(lost)} {'is' if len(lost) == 1 else 'are'} gone; "
+                    "nothing is left to resume from: pack it again with --overwrite (the same --seed gives the same run)"
+                )
             log.info("%s is already complete; nothing to resume", out)
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)  # a kill between the manifest and this left it
             return read_json(out / METRICS_FILE)
