@@ -171,6 +171,12 @@ def test_embed_clear_errors(tmp_path, models, capsys):
     assert _embed(tmp_path / "one", "--model", models["pth"], "--aligned", "--out", tmp_path / "packed", "--overwrite") == 2
     assert "belongs to another run (pack)" in capsys.readouterr().err
     assert json.loads((tmp_path / "packed" / "manifest.json").read_text()) == {"stage": "pack"}
+    # a damaged manifest: whose it is cannot be told, so nothing beside it is touched, and the error says what to do
+    (tmp_path / "packed" / "manifest.json").write_text('{"stage": "emb')
+    assert _embed(tmp_path / "one", "--model", models["pth"], "--aligned", "--out", tmp_path / "packed", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "manifest.json is damaged: not valid JSON" in err and "delete it and run again with --overwrite" in err
+    assert (tmp_path / "packed" / "manifest.json").read_text() == '{"stage": "emb'
     # every input rejected: the list is still written, and the run fails loudly
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jpg").write_bytes(b"junk")

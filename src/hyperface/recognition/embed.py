@@ -209,9 +209,13 @@ def check_output(paths: GalleryPaths, *, resume: bool) -> None:
 def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
     if paths.manifest.exists():
         try:
-            stage = json.loads(paths.manifest.read_text()).get("stage")
-        except (OSError, ValueError, AttributeError):
-            stage = None
+            stage = read_json(paths.manifest).get("stage")
+        except (OSError, HyperfaceError) as exc:
+            # whose it is cannot be told, so neither --resume nor --overwrite may touch what is beside it
+            problem = exc.args[0].split(";")[0] if isinstance(exc, HyperfaceError) else f"cannot read {paths.manifest} ({exc.strerror or exc})"
+            raise HyperfaceError(
+                f"{problem}; if an embed run wrote it, delete it and run again with --overwrite, otherwise choose another --out"
+            ) from None
         if stage != "embed":
             raise HyperfaceError(
                 f"{paths.manifest} belongs to another run ({stage or 'unknown stage'}); give --out a folder of its own"
