@@ -166,6 +166,10 @@ def test_embed_clear_errors(tmp_path, models, capsys):
         assert _embed(tmp_path / "one", "--model", tmp_path / "none.onnx", "--aligned", flag, value, "--out", tmp_path / "o.npy") == 2
         err = capsys.readouterr().err
         assert f"{flag} must be {rule}" in err and "none.onnx" not in err
+    (tmp_path / "afile").write_text("x")  # an --out that cannot be written: refused before the model loads
+    assert _embed(tmp_path / "one", "--model", tmp_path / "none.onnx", "--aligned", "--out", tmp_path / "afile" / "g.npy") == 2
+    err = capsys.readouterr().err
+    assert "afile is a file, not a folder" in err and "none.onnx" not in err
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "manifest.json").write_text('{"stage": "pack"}')
     assert _embed(tmp_path / "one", "--model", models["pth"], "--aligned", "--out", tmp_path / "packed", "--overwrite") == 2

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hyperface.common.errors import HyperfaceError, check_option
+    from hyperface.common.io import check_output_file
     from hyperface.common.runtime import get_logger
     from hyperface.recognition.detection import load_detector
     from hyperface.recognition.embed import GalleryPaths, check_output, embed_images
@@ -98,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
             "choose how to find faces: --detector det_10g.onnx (SCRFD from insightface's buffalo_l pack) for "
             "photos, --aligned for 112x112 aligned crops, or --crop ffhq for face-centred generator outputs"
         )
+    out_paths = GalleryPaths.from_out(args.out)
+    if not out_paths.embeddings.is_dir():  # a folder in its place: check_output below names what to do
+        check_output_file(out_paths.embeddings, "--out")  # writable, before models load
     if not args.overwrite:  # fail before loading models if --out holds a previous run
-        check_output(GalleryPaths.from_out(args.out), resume=args.resume)
+        check_output(out_paths, resume=args.resume)
     source = open_image_source(args.images)
     recognizer = load_recognizer(
         args.model,
