@@ -26,7 +26,14 @@ class _RunsCode:
 
 
 def test_exception_summary_is_one_clean_line():
-    assert exception_summary(EOFError()) == "EOFError"  # no message: the type, not an IndexError
+    assert exception_summary(KeyError()) == "KeyError"  # no message: the type, not an IndexError
+    assert "truncated" in exception_summary(EOFError()) and "truncated" in exception_summary(EOFError("Ran out of input"))
+    assert "more memory than this machine has" in exception_summary(MemoryError())
+    miniz = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal miniz error.")
+    assert exception_summary(miniz).startswith("it is truncated or damaged")
+    long_line = "First sentence is here. " + "word " * 100
+    assert exception_summary(RuntimeError(long_line), 60) == "First sentence is here."  # cut at a sentence end
+    assert exception_summary(RuntimeError("word " * 100), 30).endswith("…") and len(exception_summary(RuntimeError("word " * 100), 30)) <= 30
     assert exception_summary(RuntimeError("\x1b[1mbold\x1b[0m first\nsecond")) == "bold first"
     assert exception_summary(ValueError("bad <_io.BytesIO object at 0x7f00ab> data")) == "bad data"
     refused = exception_summary(pickle.UnpicklingError("Weights only load failed. ... weights_only=False ..."))

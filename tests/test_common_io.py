@@ -289,3 +289,20 @@ def test_read_json_names_a_damaged_file(tmp_path):
     assert read_json(tmp_path / "ok.json") == {"a": 1}
     with pytest.raises(FileNotFoundError):  # callers test for a missing file themselves
         read_json(tmp_path / "missing.json")
+
+
+def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
+    import errno
+
+    from hyperface.common.io import atomic_path
+
+    target = tmp_path / "backbone.onnx"
+    with pytest.raises(OSError) as info:
+        with atomic_path(target) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", tmp)
+    assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
+    with pytest.raises(HyperfaceError, match="cannot write .*backbone.onnx: file write failed") as info:
+        with atomic_path(target) as tmp:
+            raise RuntimeError(f"[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file {tmp}: file write failed")
+    assert ".tmp" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary left, nothing half-written

@@ -285,7 +285,10 @@ def test_wrong_structure_is_a_clear_error(tmp_path, obj, match):
 def test_truncated_or_missing_bin(tmp_path):
     path = tmp_path / "cut.bin"
     path.write_bytes(pickle.dumps(([b"abc", b"def"], [True]))[:-5])
-    with pytest.raises(HyperfaceError, match="not a readable"):
+    with pytest.raises(HyperfaceError, match="not a readable.*it is truncated"):
+        read_bin(path)
+    path.write_bytes(b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"abc")  # a bytes object of 4 EiB
+    with pytest.raises(HyperfaceError, match="not a readable.*more memory than this machine has"):
         read_bin(path)
     with pytest.raises(HyperfaceError, match="not found"):
         read_bin(tmp_path / "lfw.bin")

@@ -41,8 +41,27 @@ def exception_summary(exc: BaseException, limit: int = 300) -> str:
     """A library exception as one short clause for a HyperfaceError: its first non-empty line, without
     terminal colour codes or object reprs, or its type name when it has no message. A refused pickle
     says so plainly: torch's own first line suggests ``weights_only=False``, which is the unsafe fix."""
+    if any(marker in str(exc) for marker in _TRUNCATED_MARKERS):
+        return "it is truncated or damaged: it ends before the data it declares; copy or download it again"
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
         return "it holds pickled Python objects, not plain tensors; refusing to unpickle it"
+    if isinstance(exc, MemoryError):  # bare: a length field asked for more than this machine has
+        return "it asks for more memory than this machine has: a damaged (or hostile) length field"
+    if isinstance(exc, EOFError):
+        return "it ends too early: it is truncated; copy or download it again"
     text = without_object_reprs(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:limit]
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    if len(line) <= limit:
+        return line
+    # cut at a sentence end when there is one, not mid-word
+    cut = line.rfind(". ", 0, limit)
+    return line[: cut + 1] if cut > limit // 3 else line[: limit - 1].rstrip() + "…"
+
+
+#: Library messages that mean "the file stops early": torch's zip reader (miniz), its legacy reader, pickle.
+_TRUNCATED_MARKERS = (
+    "failed finding central directory", "unexpected EOF", "file might be corrupted", "Ran out of input", "pickle data was truncated",
+)

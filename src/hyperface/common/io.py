@@ -55,9 +55,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename == tmp:  # e.g. a full disk: name the file asked for
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if isinstance(exc, RuntimeError) and tmp in str(exc):  # torch's writers report failures this way
+            raise HyperfaceError(f"cannot write {path}: {exception_summary(exc).replace(tmp, str(path))}") from exc
         raise
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
 from hyperface.datasets.codec import decode_image
 
 #: Distance thresholds insightface searches for the accuracy.
@@ -112,7 +112,7 @@ def _unpickle(data: bytes, path: Path) -> Any:
             break
         except (UnicodeDecodeError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
             last_error = exc
-    raise HyperfaceError(f"{path} is not a readable verification .bin pickle ({type(last_error).__name__}: {last_error})")
+    raise HyperfaceError(f"{path} is not a readable verification .bin pickle ({exception_summary(last_error)})")
 
 
 def _as_bytes(item: Any) -> bytes | None:

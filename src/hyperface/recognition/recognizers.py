@@ -398,7 +398,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
             "weights_only=False)['state_dict'], 'X.pth')\" and pass X.pth" if path.suffix == ".ckpt" else ""
         )
         raise HyperfaceError(
-            f"cannot read {path} as PyTorch weights ({type(exc).__name__}: {exception_summary(exc, 200)}); "
+            f"cannot read {path} as PyTorch weights ({exception_summary(exc, 200)}); "
             f"expected a state dict saved with torch.save(model.state_dict(), ...) (no pickled classes){lightning}"
         ) from exc
 

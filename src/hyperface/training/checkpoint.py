@@ -59,7 +59,7 @@ def load_torch(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
     except FileNotFoundError:
         raise HyperfaceError(f"checkpoint file missing: {path}") from None
     except Exception as exc:
-        raise HyperfaceError(f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {exception_summary(exc)})") from exc
+        raise HyperfaceError(f"cannot read {path} as a weights-only torch file ({exception_summary(exc)})") from exc
 
 
 def checkpoint_name(step: int) -> str:
