@@ -578,8 +578,11 @@ def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("hyperface").addHandler(handler)
+    ids = np.load(root / "ids.npy")
+    ids[3] = ids[1]  # one person twice: rendered as asked, with a warning
+    np.save(tmp_path / "ids.npy", ids)
     try:
-        argv = ["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "out"),
+        argv = ["generate", str(tmp_path / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "out"),
                 "--fr-model", str(fr_model), "--min-similarity", "0.99", "--max-attempts", "2", "--format", "rec"]
         assert main(argv) == 0
     finally:
@@ -589,6 +592,8 @@ def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
     messages = [(r.levelno, r.getMessage()) for r in records]
     assert any(level == logging.INFO and "0.0% cleared --min-similarity 0.99" in text and "8 renders" in text for level, text in messages)
     assert any(level == logging.WARNING and "is --fr-model the FR model" in text for level, text in messages)
+    assert any(level == logging.WARNING and "1 identity row(s) repeat an earlier row exactly (e.g. rows 1 and 3)" in text
+               for level, text in messages)
 
 
 @pytest.mark.parametrize(

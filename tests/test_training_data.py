@@ -100,6 +100,8 @@ def test_sampler_shards_cover_every_sample_and_resume_continues_exactly():
 def test_label_problems_are_refused():
     with pytest.raises(HyperfaceError, match="declares 3 classes"):
         check_labels(np.array([0, 1, 3]), 3)
+    assert check_labels(np.array([0, 1, 1, 2]), 3) == 0
+    assert check_labels(np.array([0, 7, 7]), 10) == 8  # sparse labels: 8 centres without an image
     with pytest.raises(HyperfaceError, match="empty"):
         check_labels(np.array([], dtype=np.int64), 3)
     reader = ListReader([_image(0)], [5], 3)

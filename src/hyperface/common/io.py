@@ -407,6 +407,28 @@ def validate_embeddings(
     return out
 
 
+def duplicate_rows(array: np.ndarray, *, block: int = 65536) -> tuple[int, list[tuple[int, int]]]:
+    """Rows of ``array`` that repeat an earlier row exactly: (how many, up to 3 example pairs
+    (first, repeat)). Streams: a random projection finds candidates, which are then compared exactly."""
+    rows = array.shape[0]
+    if rows < 2:
+        return 0, []
+    direction = np.random.default_rng(0).standard_normal(array.shape[1])
+    keys = np.concatenate([np.asarray(array[i : i + block], dtype=np.float64) @ direction for i in range(0, rows, block)])
+    order = np.argsort(keys, kind="stable")
+    same_key = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    count, examples, first_of = 0, [], {}
+    for position in same_key:  # candidates only: equal projections of unequal rows are rare
+        a, b = int(order[position]), int(order[position + 1])
+        first = first_of.get(a, a)
+        if np.array_equal(array[first], array[b]):
+            first_of[b] = first
+            count += 1
+            if len(examples) < 3:
+                examples.append((first, b))
+    return count, sorted(examples)
+
+
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Write a matplotlib figure atomically, in the format its suffix names (.png, .pdf, .svg, ...),
     and close it."""
@@ -438,6 +460,7 @@ __all__ = [
     "RUN_MARKER",
     "atomic_path",
     "atomic_write",
+    "duplicate_rows",
     "escape_line",
     "file_sha256",
     "load_embeddings",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import file_sha256, load_embeddings, prepare_output_dir, read_json, remove_stale_temporaries, save_json, save_npy
+from hyperface.common.io import duplicate_rows, file_sha256, load_embeddings, prepare_output_dir, read_json, remove_stale_temporaries, save_json, save_npy
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
@@ -53,6 +53,11 @@ def run_pack(
 
         gallery_path = find_embeddings(gallery_path, flag="--gallery")
     gallery = load_embeddings(gallery_path, what="gallery") if gallery_path is not None else None
+    if gallery is not None:
+        repeats, examples = duplicate_rows(gallery)
+        if repeats:  # harmless to the optimisation, but a sign the same image was embedded twice
+            log.warning("%d gallery row(s) repeat an earlier row exactly (e.g. rows %s): the same face embedded twice?",
+                        repeats, ", ".join(f"{a} and {b}" for a, b in examples))
     cfg = config.resolved(gallery)  # validate before touching the output folder
     check_checkpoint_every(checkpoint_every)
     device = resolve_device(cfg.device)

@@ -181,8 +181,9 @@ class TrainDataset(Dataset):
         )
 
 
-def check_labels(labels: np.ndarray, num_classes: int) -> None:
-    """Refuse datasets whose labels are not all in ``0..num_classes-1``."""
+def check_labels(labels: np.ndarray, num_classes: int) -> int:
+    """Refuse datasets whose labels are not all in ``0..num_classes-1``; return how many of the
+    classes have no image (sparse labels: each still gets a class centre)."""
     labels = np.asarray(labels)
     if labels.size == 0:
         raise HyperfaceError("the training dataset is empty: it holds no images")
@@ -192,6 +193,7 @@ def check_labels(labels: np.ndarray, num_classes: int) -> None:
             f"class labels span {low}..{high} but the dataset declares {num_classes} classes; "
             "labels must be 0..num_classes-1 (is the property file / folder list stale?)"
         )
+    return int(num_classes - np.count_nonzero(np.bincount(labels, minlength=num_classes)))
 
 
 class ResumableSampler(Sampler[int]):

@@ -471,7 +471,13 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                      cfg.images_per_identity or "all", len(reader), len(reader.reader))
     num_classes = int(reader.num_classes)
     data_fingerprint = reader.fingerprint()
-    check_labels(reader.labels, num_classes)
+    empty_classes = check_labels(reader.labels, num_classes)
+    if empty_classes and is_main:  # each empty class still gets a centre (and its momentum) in the head
+        log.warning(
+            "%d of the dataset's %d classes have no image (labels are not consecutive): their class centres "
+            "take %.2f GB and only ever act as negatives; relabel the dataset 0..K-1 if that is not intended",
+            empty_classes, num_classes, empty_classes * cfg.embedding_size * 4 * 2 / 1e9,
+        )
     augment = {"none": AugmentConfig(flip=False), "flip": AugmentConfig(), "adaface": AugmentConfig.adaface(cfg.augment_p)}[cfg.augment]
     dataset = TrainDataset(reader, augment=augment, seed=cfg.seed)
     sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world)
