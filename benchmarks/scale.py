@@ -46,7 +46,7 @@ def cyclic_metrics(points: int, dim: int, rng: np.random.Generator) -> None:
 
 
 def duplicates(rows: int, dim: int, rng: np.random.Generator) -> None:
-    from hyperface.packing.init import duplicate_rows
+    from hyperface.common.io import duplicate_rows
 
     x = rng.standard_normal((rows, dim)).astype(np.float32)
     x[rng.integers(0, rows, rows // 100)] = x[0]  # 1% copies of one row

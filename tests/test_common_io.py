@@ -307,17 +307,3 @@ def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
     assert ".tmp" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary left, nothing half-written
 
-
-def test_duplicate_rows_finds_exact_repeats_only():
-    import numpy as np
-
-    from hyperface.common.io import duplicate_rows
-
-    rows = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
-    assert duplicate_rows(rows) == (0, [])
-    rows[300] = rows[7]
-    rows[420] = rows[7]
-    rows[99] = rows[12]
-    rows[13] = rows[14] + 1e-6  # near, not equal: not a repeat
-    assert duplicate_rows(rows, block=64) == (3, [(7, 300), (7, 420), (12, 99)])
-    assert duplicate_rows(rows[:1]) == (0, [])

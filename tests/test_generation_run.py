@@ -592,7 +592,7 @@ def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
     messages = [(r.levelno, r.getMessage()) for r in records]
     assert any(level == logging.INFO and "0.0% cleared --min-similarity 0.99" in text and "8 renders" in text for level, text in messages)
     assert any(level == logging.WARNING and "is --fr-model the FR model" in text for level, text in messages)
-    assert any(level == logging.WARNING and "1 identity row(s) repeat an earlier row exactly (e.g. rows 1 and 3)" in text
+    assert any(level == logging.WARNING and "1 identity row(s) repeat an earlier row exactly, e.g. rows [3]" in text
                for level, text in messages)
 
 

@@ -167,12 +167,10 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.identities).is_dir():  # a `hyperface pack` output folder
         args.identities = str(Path(args.identities) / "identities.npy")
     embeddings = load_embeddings(args.identities, what="identity embeddings", dim=IDENTITY_DIM, require_unit=True)
-    repeats, examples = duplicate_rows(embeddings)
-    if repeats:  # not refused: the row count is the dataset's labels, and the user may mean it
-        log.warning(
-            "%d identity row(s) repeat an earlier row exactly (e.g. rows %s): each repeat renders the same person "
-            "under a second label", repeats, ", ".join(f"{a} and {b}" for a, b in examples),
-        )
+    repeats = duplicate_rows(embeddings).nonzero()[0]
+    if repeats.size:  # not refused: the row count is the dataset's labels, and the user may mean it
+        log.warning("%d identity row(s) repeat an earlier row exactly, e.g. rows %s: each renders the same person "
+                    "under a second label", repeats.size, repeats[:5].tolist())
     shard = Shard.parse(args.shard)
     device_name = args.device
     if device_name == "auto" and "LOCAL_RANK" in os.environ:

@@ -54,10 +54,10 @@ def run_pack(
         gallery_path = find_embeddings(gallery_path, flag="--gallery")
     gallery = load_embeddings(gallery_path, what="gallery") if gallery_path is not None else None
     if gallery is not None:
-        repeats, examples = duplicate_rows(gallery)
-        if repeats:  # harmless to the optimisation, but a sign the same image was embedded twice
-            log.warning("%d gallery row(s) repeat an earlier row exactly (e.g. rows %s): the same face embedded twice?",
-                        repeats, ", ".join(f"{a} and {b}" for a, b in examples))
+        repeats = np.flatnonzero(duplicate_rows(gallery))
+        if repeats.size:  # harmless to the optimisation, but a sign the same image was embedded twice
+            log.warning("%d gallery row(s) repeat an earlier row exactly, e.g. rows %s: the same face embedded twice?",
+                        repeats.size, repeats[:5].tolist())
     cfg = config.resolved(gallery)  # validate before touching the output folder
     check_checkpoint_every(checkpoint_every)
     device = resolve_device(cfg.device)
