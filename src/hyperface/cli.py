@@ -23,6 +23,7 @@ STAGE_CLI_MODULES = [
     "hyperface.training.cli",  # train
     "hyperface.evaluation.cli",  # evaluate
     "hyperface.report.cli",  # report
+    "hyperface.datasets.cli",  # dataset: info, --check, convert
     "hyperface.common.env_cli",  # env: not a stage; what this machine offers
 ]
 

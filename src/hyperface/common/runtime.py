@@ -6,13 +6,14 @@ import logging
 import os
 import random
 import sys
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _LOG_CONFIGURED = False
 
@@ -133,6 +134,31 @@ class _ProgressLog:
 
     def flush(self) -> None:
         pass
+
+
+def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, ``workers`` threads ahead of the consumer by at most ``window``
+    (decoding and encoding images release the GIL, so threads overlap them with the caller's work)."""
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hyperface-worker")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # on error or interrupt: drop queued work, don't wait for it
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class StopRequest:

@@ -27,19 +27,19 @@ Dataset = RecordIODataset | ImageFolderDataset
 
 
 def resolve_generated(path: str | os.PathLike) -> Path:
-    """A ``hyperface generate`` output folder stands for the dataset inside it: ``rec/`` when it was
-    written, else ``images/``. Any other path is returned as it is."""
+    """A ``hyperface generate`` or ``hyperface dataset convert`` output folder stands for the dataset
+    inside it: ``rec/`` when it was written, else ``images/``. Any other path is returned as it is."""
     path = Path(path)
-    if not path.is_dir() or run_stage(path) != "generate":
+    stage = run_stage(path) if path.is_dir() else ""
+    if stage not in ("generate", "convert"):
         return path
     for inner in (path / "rec", path / "images"):
         if (inner / "train.rec").is_file() or (inner.name == "images" and inner.is_dir()):
-            get_logger("hyperface.datasets").info("%s is a generate output folder: using %s", path, inner)
+            get_logger("hyperface.datasets").info("%s is a %s output folder: using %s", path, stage, inner)
             return inner
-    raise HyperfaceError(
-        f"{path} is a `hyperface generate` run without a finished dataset (no rec/ or images/ yet): "
-        "finish it with the same generate command and --resume (sharded runs: then --merge)"
-    )
+    how = ("the same generate command and --resume (sharded runs: then --merge)" if stage == "generate"
+           else "the same `hyperface dataset convert` command and --resume")
+    raise HyperfaceError(f"{path} is a `hyperface {stage}` run without a finished dataset (no rec/ or images/ yet): finish it with {how}")
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:

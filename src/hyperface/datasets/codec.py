@@ -10,6 +10,27 @@ import numpy as np
 from hyperface.common.errors import HyperfaceError, exception_summary
 
 
+#: File signatures of the image formats datasets hold, and the name each is known by.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def image_encoding(data: bytes | memoryview) -> str | None:
+    """The format encoded image bytes announce by their signature ("JPEG", "PNG", "GIF", "BMP", "TIFF",
+    "WebP"), or None. The signature only: whether the rest decodes is :func:`decode_image`'s question."""
+    head = bytes(data[:12])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
 class ImageTooLarge(HyperfaceError):
     """An image whose pixel count is over the decoding limit (``hyperface.MAX_IMAGE_PIXELS``)."""
 

@@ -10,19 +10,16 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.runtime import get_logger
-from hyperface.datasets.codec import check_rgb_uint8, decode_image, encode_image
+from hyperface.datasets.codec import check_rgb_uint8, decode_image, encode_image, image_encoding
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _extension_of(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:2] == b"BM":
-        return "bmp"
-    raise HyperfaceError("encoded image bytes are neither JPEG, PNG nor BMP")
+    extension = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp"}.get(image_encoding(data) or "")
+    if extension is None:
+        raise HyperfaceError("encoded image bytes are neither JPEG, PNG nor BMP")
+    return extension
 
 
 class ImageFolderWriter:

@@ -622,14 +622,20 @@ class RecordIOWriter:
     def __enter__(self) -> "RecordIOWriter":
         return self
 
+    def suspend(self) -> None:
+        """Release the files but keep the ``.tmp`` outputs, for ``RecordIOWriter(..., resume=True)``."""
+        if self._closed:
+            return
+        self.flush()
+        for handle in (self._rec, self._idx):
+            handle.close()
+        self._closed = True
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
         else:  # keep the .tmp files for resume=True, but release the handles
-            self.flush()
-            for handle in (self._rec, self._idx):
-                handle.close()
-            self._closed = True
+            self.suspend()
 
 
 __all__ = [

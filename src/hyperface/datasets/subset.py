@@ -65,6 +65,10 @@ class DatasetSubset:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.reader[int(self.indices[index])]
 
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        """The encoded image and its label, as the reader stores them."""
+        return self.reader.read_raw(int(self.indices[index]))
+
     def describe(self) -> dict[str, Any]:
         return {"identities": self.num_classes, "images": len(self), "per_identity": self.per_identity,
                 "of": {"identities": int(self.reader.num_classes), "images": len(self.reader)}}

@@ -30,25 +30,21 @@ import os
 import shutil
 import time
 import zipfile
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary, without_object_reprs
 from hyperface.common.io import atomic_write, escape_line, read_json, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
-from hyperface.common.runtime import get_logger, progress
+from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets.preview import spread_rows
 from hyperface.recognition.images import ImageSource, UnreadableImage
 from hyperface.recognition.preprocess import FacePreprocessor
 from hyperface.recognition.recognizers import Recognizer
 
-T = TypeVar("T")
-R = TypeVar("R")
 
 log = get_logger("hyperface.embed")
 
@@ -171,27 +167,6 @@ class EmbedResult:
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     # (gallery row, input index) of the faces shown in the preview: spread over the gallery
     preview_rows: list[tuple[int, int]] = field(default_factory=list)
-
-
-def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, ``workers`` threads ahead of the consumer by at most ``window``."""
-    if workers <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hyperface-decode")
-    pending: deque = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:  # on error or interrupt: drop queued work, don't wait for it
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fingerprint(source: ImageSource, settings: dict[str, Any]) -> str:
@@ -592,4 +567,4 @@ def _write_preview(paths: GalleryPaths, source: ImageSource, preprocessor: FaceP
         return False
 
 
-__all__ = ["EmbedResult", "GalleryPaths", "embed_images", "ordered_parallel_map"]
+__all__ = ["EmbedResult", "GalleryPaths", "embed_images"]

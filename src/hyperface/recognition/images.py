@@ -67,22 +67,11 @@ def _decode_with_pillow(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
 def _what_the_bytes_are(data: bytes) -> str:
     """What is wrong with undecodable image bytes, in words: corrupt data of a known format, or none."""
-    kind = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        kind = "WebP"
+    from hyperface.datasets.codec import image_encoding
+
+    kind = image_encoding(data)
     if kind is not None:
         return f"{kind} header but corrupt or truncated data, {len(data)} bytes"
     return f"no known image format, {len(data)} bytes starting {data[:8]!r}"

@@ -475,7 +475,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if empty_classes and is_main:  # each empty class still gets a centre (and its momentum) in the head
         log.warning(
             "%d of the dataset's %d classes have no image (labels are not consecutive): their class centres "
-            "take %.2f GB and only ever act as negatives; relabel the dataset 0..K-1 if that is not intended",
+            "take %.2f GB and only ever act as negatives; `hyperface dataset convert DATA --relabel --out NEW` "
+            "numbers the classes 0..K-1",
             empty_classes, num_classes, empty_classes * cfg.embedding_size * 4 * 2 / 1e9,
         )
     augment = {"none": AugmentConfig(flip=False), "flip": AugmentConfig(), "adaface": AugmentConfig.adaface(cfg.augment_p)}[cfg.augment]

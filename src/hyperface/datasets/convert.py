@@ -1,0 +1,286 @@
+"""Convert a face dataset between insightface RecordIO and image folders (``hyperface dataset convert``).
+
+What it is for: an image-folder set (DCFace, Vec2Face and most research releases) turned into the
+``train.rec`` insightface's trainers read, a ``.rec`` unpacked into folders to look at or to edit, a
+subset (first N identities, first K images each) cut out as its own dataset, or labels that skip
+numbers made consecutive (``relabel``), without loading the dataset into memory.
+
+Output folder, laid out like ``hyperface generate``'s (so ``train``, ``embed`` and ``report`` take
+the folder itself)::
+
+    OUT/rec/train.rec, train.idx, property     --format rec (or both)
+    OUT/images/<label:06d>/<index:04d>.jpg      --format folder (or both); built as images.tmp
+    OUT/classes.tsv                             label, source class (folder name or source label), images
+    OUT/manifest.json                           parameters, source checksum, counts (written last)
+    OUT/run.json                                what is being converted (checked on resume)
+
+Encoded JPEG/PNG bytes are copied as they are (``image_format="keep"``: lossless, no decoding);
+other formats, or an explicit ``jpg``/``png``, are decoded and encoded again in worker threads.
+Images are written identity by identity in label order. A kill loses at most the image being
+written: ``resume=True`` keeps every finished image (the RecordIO writer's own recovery, and the
+image files present) and continues after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import atomic_write, escape_line, prepare_output_dir, read_json, read_lines, remove_stale_temporaries, save_json
+from hyperface.common.manifest import Manifest, describe_changes
+from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
+from hyperface.datasets import open_dataset
+from hyperface.datasets.codec import decode_image, image_encoding
+from hyperface.datasets.image_folder import ImageFolderDataset, ImageFolderWriter
+from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity
+from hyperface.datasets.subset import DatasetSubset
+
+log = get_logger("hyperface.datasets")
+
+FORMATS = ("rec", "folder", "both")
+IMAGE_FORMATS = ("keep", "jpg", "png")
+RUN_FILE = "run.json"
+CLASSES_FILE = "classes.tsv"
+REJECTED_FILE = "rejected.tsv"
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """What to write: ``formats`` rec / folder / both; ``image_format`` keep (copy JPEG/PNG bytes) or
+    jpg / png (encode again, JPEG at ``quality``); ``relabel`` maps the labels that have images to
+    0..K-1 in order; ``identities`` / ``images_per_identity`` cut a subset first (see
+    :class:`~hyperface.datasets.subset.DatasetSubset`)."""
+
+    formats: str = "rec"
+    image_format: str = "keep"
+    quality: int = 95
+    relabel: bool = False
+    identities: int | None = None
+    images_per_identity: int | None = None
+    workers: int = 4
+    verify: bool = True  # decode every image, also those copied as bytes, and leave out what fails
+
+    def checked(self) -> "ConvertConfig":
+        if self.formats not in FORMATS:
+            raise HyperfaceError(f"unknown format {self.formats!r}: use {', '.join(FORMATS)}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise HyperfaceError(f"unknown image format {self.image_format!r}: use {', '.join(IMAGE_FORMATS)}")
+        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
+            raise HyperfaceError(f"JPEG quality must be an integer in 1..100, got {self.quality!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise HyperfaceError(f"workers must be at least 1, got {self.workers!r}")
+        return self
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    images: int  # in the new dataset
+    identities: int  # its num_classes
+    written: int  # by this call (the rest were there from an interrupted run)
+    copied: int  # of those, encoded bytes copied as they were
+    rejected: int  # unreadable source images left out (rejected.tsv)
+    seconds: float
+
+
+def _source_name(reader: Any, index: int) -> str:
+    """How the source names image ``index``: its path in the folder, or ``train.rec#i``."""
+    base = reader.reader if isinstance(reader, DatasetSubset) else reader
+    index = int(reader.indices[index]) if isinstance(reader, DatasetSubset) else index
+    return base.paths[index] if isinstance(base, ImageFolderDataset) else f"{base.rec_path.name}#{index}"
+
+
+def _read_rejected(path: Path) -> set[int]:
+    """Source images an interrupted run left out (the first field of each rejected.tsv line). A line
+    torn by a kill is cut off first, so the lines appended after it stay whole."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+    return {int(line.split("\t", 1)[0]) for line in read_lines(path) if line.split("\t", 1)[0].isdigit()}
+
+
+def _class_names(reader: Any) -> list[str]:
+    """The source's name for each label: its folder name, or the label itself."""
+    base = reader.reader if isinstance(reader, DatasetSubset) else reader
+    if isinstance(base, ImageFolderDataset):
+        return list(base.classes[: reader.num_classes])
+    return [str(label) for label in range(int(reader.num_classes))]
+
+
+def _check_run(out: Path, run: dict[str, Any], *, resume: bool) -> None:
+    path = out / RUN_FILE
+    if resume and path.exists():
+        changes = describe_changes(read_json(path), run)
+        if changes:
+            raise HyperfaceError(f"cannot --resume {out}: it converts with other settings ({changes}); use the same ones or --overwrite")
+    save_json(path, run)
+
+
+def convert_dataset(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    config: ConvertConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool | None = None,
+) -> ConvertResult:
+    """Write ``source`` (any dataset :func:`~hyperface.datasets.open_dataset` reads) to ``out`` in
+    the formats of ``config``; see the module docstring for the layout. Returns what was written."""
+    config = (config or ConvertConfig()).checked()
+    started = time.perf_counter()
+    reader: Any = open_dataset(source)
+    if config.identities is not None or config.images_per_identity is not None:
+        reader = DatasetSubset(reader, identities=config.identities, per_identity=config.images_per_identity)
+    labels = np.asarray(reader.labels, dtype=np.int64)
+    names = _class_names(reader)
+    present = np.unique(labels)
+    if config.relabel:
+        new_label = np.searchsorted(present, labels)
+        num_classes = int(present.size)
+        source_of = [names[int(label)] for label in present]
+    else:
+        new_label, num_classes, source_of = labels, int(reader.num_classes), names
+    if config.formats in ("rec", "both"):
+        check_recordio_capacity(labels.size, num_classes)  # before anything is written
+        if num_classes > present.size:
+            log.warning("%d of %d labels have no image: pass --relabel to number the %d that do 0..%d",
+                        num_classes - present.size, num_classes, present.size, present.size - 1)
+
+    out = prepare_output_dir(out, overwrite=overwrite, resume=resume, stage="convert", setup_files=(RUN_FILE,))
+    remove_stale_temporaries(out)
+    fingerprint = reader.fingerprint()
+    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("workers", "verify")}
+    _check_run(out, {"source_fingerprint": fingerprint, **params}, resume=resume)
+    if (out / "manifest.json").exists():
+        log.info("%s is already complete; nothing to resume", out)
+        facts = read_json(out / "manifest.json").get("counts") or {}
+        return ConvertResult(out, int(facts.get("images", 0)), int(facts.get("identities", 0)), 0, 0, int(facts.get("rejected", 0)), 0.0)
+
+    # identity by identity, in label order; within one, the source's order (stable sort)
+    order = np.argsort(new_label, kind="stable")
+    ordered_labels = new_label[order]
+
+    # A format finished in an earlier attempt (train.rec in place, images/ renamed) is kept as it is.
+    encode_as = config.image_format if config.image_format != "keep" else "jpg"  # for images not JPEG/PNG
+    rec = folder = None
+    if config.formats in ("rec", "both") and not (out / "rec" / "train.rec").exists():
+        rec = RecordIOWriter(out / "rec", resume=True, image_format=encode_as, quality=config.quality)
+    if config.formats in ("folder", "both") and not (out / "images").is_dir():
+        folder = ImageFolderWriter(out / "images.tmp", image_format=encode_as, quality=config.quality,
+                                   digits=max(6, len(str(num_classes - 1))))
+    in_rec = rec.label_counts if rec is not None else {}
+    in_folder: dict[int, int] = {}
+
+    def have(label: int) -> int:
+        """Images of ``label`` both writers already hold (each writes in order: a prefix)."""
+        if folder is not None and label not in in_folder:
+            in_folder[label] = len(folder.existing(label))
+        return min(in_rec.get(label, 0) if rec is not None else 1 << 62, in_folder[label] if folder is not None else 1 << 62)
+
+    # Unreadable images are left out and listed in rejected.tsv as they are found (before anything
+    # after them is written), so a resumed run knows which source images its written ones were.
+    rejected_path = out / REJECTED_FILE
+    rejected = _read_rejected(rejected_path)
+    bar = progress(total=int(order.size), desc="convert", unit="img", disable=None if show_progress is None else not show_progress)
+
+    def todo() -> Iterator[int]:
+        """Write positions k of the images not yet written; the rest only move the bar."""
+        slot: dict[int, int] = {}
+        for k in range(order.size):
+            label = int(ordered_labels[k])
+            if int(order[k]) in rejected:
+                bar.update(1)
+                continue
+            slot[label] = slot.get(label, -1) + 1
+            if slot[label] < have(label):
+                bar.update(1)
+            else:
+                yield k
+
+    lock = threading.Lock()  # read_raw shares one file handle: reads one at a time, decoding in parallel
+
+    def load(k: int) -> tuple[int, bytes | np.ndarray | None, bool, str]:
+        index = int(order[k])
+        with lock:
+            try:
+                data, _ = reader.read_raw(index)
+            except HyperfaceError as exc:
+                return k, None, False, str(exc)
+        copy = config.image_format == "keep" and image_encoding(data) in ("JPEG", "PNG")
+        try:
+            image = decode_image(data, what="image") if config.verify or not copy else None
+        except HyperfaceError as exc:
+            return k, None, False, str(exc)
+        return (k, data, True, "") if copy else (k, image, False, "")
+
+    written = copied = 0
+    next_slot: dict[int, int] = {}
+    try:
+        with open(rejected_path, "a", encoding="utf-8", errors="surrogateescape") as rejected_log:
+            if rejected_log.tell() == 0:
+                rejected_log.write("source_index\timage\treason\n")
+            for k, image, raw, problem in ordered_parallel_map(load, todo(), config.workers, window=8 * config.workers):
+                label, index = int(ordered_labels[k]), int(order[k])
+                bar.update(1)
+                if image is None:
+                    rejected_log.write(f"{index}\t{escape_line(_source_name(reader, index))}\t{escape_line(problem)}\n")
+                    rejected_log.flush()
+                    rejected.add(index)
+                    continue
+                slot = next_slot.setdefault(label, have(label))
+                next_slot[label] = slot + 1
+                if rec is not None and slot >= in_rec.get(label, 0):
+                    rec.add(image, label)
+                if folder is not None and slot >= in_folder[label]:
+                    folder.add(image, label, index=slot)
+                written += 1
+                copied += raw
+    except BaseException:
+        if rec is not None:
+            rec.suspend()  # its .tmp files stay for --resume
+        raise
+    finally:
+        bar.close()
+    if rejected:
+        log.warning("%d unreadable image(s) left out; %s lists them", len(rejected), rejected_path)
+    if rec is not None:
+        rec.close()
+    if folder is not None:
+        os.replace(out / "images.tmp", out / "images")
+    kept = np.ones(order.size, dtype=bool)
+    if rejected:
+        kept[np.isin(order, np.fromiter(rejected, dtype=np.int64))] = False
+    kept_labels = ordered_labels[kept]
+
+    with atomic_write(out / CLASSES_FILE, "w", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write("label\tsource\timages\n")
+        counts = np.bincount(kept_labels, minlength=num_classes)
+        handle.writelines(f"{label}\t{source_of[label]}\t{int(counts[label])}\n" for label in range(num_classes))
+    seconds = time.perf_counter() - started
+    manifest = Manifest(stage="convert", params=params, inputs={})
+    manifest.extra.update({
+        "source": {"path": str(Path(source).resolve()), "fingerprint": fingerprint,
+                   **({"subset": reader.describe()} if isinstance(reader, DatasetSubset) else {})},
+        "counts": {"images": int(kept_labels.size), "identities": num_classes, "rejected": len(rejected),
+                   "written": written, "copied": copied},
+        "outputs": [name for name, wanted in (("rec", "rec"), ("images", "folder")) if config.formats in (wanted, "both")]
+                   + [CLASSES_FILE] + ([REJECTED_FILE] if rejected else []),
+    })
+    manifest.time("convert", seconds)
+    manifest.write(out)
+    return ConvertResult(out, int(kept_labels.size), num_classes, written, copied, len(rejected), seconds)
+
+
+__all__ = ["ConvertConfig", "ConvertResult", "convert_dataset"]

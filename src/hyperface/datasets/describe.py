@@ -1,0 +1,182 @@
+"""What a face dataset holds, at a glance (``hyperface dataset info``): size, identities, images per
+identity, image sizes and encodings, and optionally a full check of every image.
+
+The summary reads only the index and a sample of images (seconds on millions); ``check=True`` reads
+and decodes every image, in worker threads, and finds images stored twice: the same bytes under two
+identities is label noise a trainer cannot see, under one identity a wasted sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
+from hyperface.datasets import open_dataset, resolve_generated
+from hyperface.datasets.codec import decode_image, image_encoding
+from hyperface.datasets.image_folder import ImageFolderDataset
+from hyperface.datasets.preview import contact_sheet, save_contact_sheet, spread_rows
+
+log = get_logger("hyperface.datasets")
+
+#: Images decoded for the summary's sizes and encodings, spread over the dataset.
+SAMPLE_IMAGES = 64
+#: Unreadable images and duplicate groups listed by name in a check (all are counted).
+EXAMPLES = 10
+
+
+def _name(reader: Any, index: int) -> str:
+    if isinstance(reader, ImageFolderDataset):
+        return reader.paths[index]
+    return f"{reader.rec_path.name}#{index}"
+
+
+def _counts_summary(counts: np.ndarray) -> dict[str, float]:
+    with_images = counts[counts > 0]
+    return {
+        "min": int(with_images.min()),
+        "median": float(np.median(with_images)),
+        "mean": round(float(with_images.mean()), 3),
+        "max": int(with_images.max()),
+    }
+
+
+def describe_dataset(
+    path: str | os.PathLike, *, check: bool = False, workers: int = 4, show_progress: bool | None = None
+) -> dict[str, Any]:
+    """Facts about the dataset at ``path`` (anything :func:`~hyperface.datasets.open_dataset` reads),
+    as plain data; ``check`` reads and decodes every image (see the module docstring)."""
+    resolved = resolve_generated(Path(path))
+    reader = open_dataset(resolved)
+    labels = np.asarray(reader.labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=int(reader.num_classes))
+    facts: dict[str, Any] = {
+        "path": str(Path(path)),
+        "format": "folder" if isinstance(reader, ImageFolderDataset) else "recordio",
+        "images": int(labels.size),
+        "identities": int(reader.num_classes),
+        "identities_with_images": int(np.count_nonzero(counts)),
+        "images_per_identity": _counts_summary(counts),
+        "fingerprint": reader.fingerprint(),
+    }
+    if resolved != Path(path):
+        facts["dataset"] = str(resolved)
+    if isinstance(reader, ImageFolderDataset):
+        facts["classes"] = {"first": reader.classes[0], "last": reader.classes[-1]}
+    else:
+        facts["layout"] = reader.layout
+        facts["bytes"] = reader.rec_path.stat().st_size
+        if reader.image_size is not None:
+            facts["property_image_size"] = list(reader.image_size)
+    sizes, encodings = Counter(), Counter()
+    for index in np.unique(np.linspace(0, labels.size - 1, min(SAMPLE_IMAGES, labels.size)).round().astype(np.int64)):
+        data, _ = reader.read_raw(int(index))
+        encodings[(image_encoding(data) or 'unknown').lower()] += 1
+        try:
+            height, width = decode_image(data).shape[:2]
+            sizes[f"{width}x{height}"] += 1
+        except HyperfaceError:
+            sizes["unreadable"] += 1
+    facts["sample"] = {"images": sum(encodings.values()), "sizes": dict(sizes.most_common()), "encodings": dict(encodings.most_common())}
+    if check:
+        facts["check"] = _check_every_image(reader, workers=workers, show_progress=show_progress)
+    return facts
+
+
+def _check_every_image(reader: Any, *, workers: int, show_progress: bool | None) -> dict[str, Any]:
+    lock = threading.Lock()  # readers share one file handle: read one at a time, decode in parallel
+
+    def check_one(index: int) -> tuple[int, bytes | None, str | None]:
+        try:
+            with lock:
+                data, _ = reader.read_raw(index)
+            decode_image(data)
+        except HyperfaceError as exc:
+            return index, None, str(exc)
+        return index, hashlib.blake2b(data, digest_size=16).digest(), None
+
+    labels = np.asarray(reader.labels)
+    unreadable: list[dict[str, Any]] = []
+    first_with: dict[bytes, int] = {}
+    groups: dict[int, list[int]] = {}  # first index -> the indices holding the same bytes
+    bar = progress(total=len(reader), desc="check", unit="img", disable=None if show_progress is None else not show_progress)
+    try:
+        for index, digest, problem in ordered_parallel_map(check_one, range(len(reader)), workers, window=8 * workers):
+            bar.update(1)
+            if digest is None:
+                unreadable.append({"image": _name(reader, index), "label": int(labels[index]), "reason": problem})
+            elif digest in first_with:
+                groups.setdefault(first_with[digest], [first_with[digest]]).append(index)
+            else:
+                first_with[digest] = index
+    finally:
+        bar.close()
+    across = [members for members in groups.values() if len(set(labels[members].tolist())) > 1]
+    return {
+        "unreadable": len(unreadable),
+        "unreadable_examples": unreadable[:EXAMPLES],
+        "duplicate_images": sum(len(members) - 1 for members in groups.values()),
+        "duplicate_groups_across_identities": len(across),
+        "duplicate_examples": [
+            [{"image": _name(reader, i), "label": int(labels[i])} for i in members]
+            for members in (across + [m for m in groups.values() if m not in across])[:EXAMPLES]
+        ],
+    }
+
+
+def format_description(facts: dict[str, Any]) -> str:
+    """The facts as the lines ``hyperface dataset info`` prints."""
+    per = facts["images_per_identity"]
+    lines = [
+        f"{facts['path']}: {facts['format']}" + (f" ({facts['layout']} layout)" if facts.get("layout") else "")
+        + (f", reading {facts['dataset']}" if facts.get("dataset") else ""),
+        f"  images      {facts['images']:,}",
+        f"  identities  {facts['identities']:,}" + (
+            f" ({facts['identities'] - facts['identities_with_images']:,} without images)"
+            if facts["identities_with_images"] != facts["identities"] else ""),
+        f"  per identity  min {per['min']}, median {per['median']:g}, mean {per['mean']:g}, max {per['max']}",
+    ]
+    sample = facts["sample"]
+    lines.append(f"  image sizes   {', '.join(f'{k} ({v})' for k, v in sample['sizes'].items())}   [a sample of {sample['images']}]")
+    lines.append(f"  encodings     {', '.join(f'{k} ({v})' for k, v in sample['encodings'].items())}")
+    if "bytes" in facts:
+        size = facts["bytes"]
+        lines.append(f"  size on disk  {size / 1e9:.2f} GB" if size >= 1e9 else f"  size on disk  {size / 1e6:.1f} MB")
+    if "classes" in facts:
+        lines.append(f"  class folders {facts['classes']['first']} .. {facts['classes']['last']}")
+    check = facts.get("check")
+    if check is not None:
+        lines.append(f"  check         {check['unreadable']:,} unreadable, {check['duplicate_images']:,} duplicate image(s), "
+                     f"{check['duplicate_groups_across_identities']:,} group(s) shared across identities")
+        lines += [f"    unreadable: {e['image']} (label {e['label']}): {e['reason']}" for e in check["unreadable_examples"]]
+        lines += ["    same bytes: " + ", ".join(f"{m['image']} (label {m['label']})" for m in group) for group in check["duplicate_examples"]]
+    return "\n".join(lines)
+
+
+def save_dataset_preview(path: str | os.PathLike, dataset: str | os.PathLike, *, rows: int = 8, columns: int = 8) -> Path:
+    """A contact sheet of ``rows`` identities spread over the dataset, ``columns`` images each."""
+    reader = open_dataset(dataset)
+    labels = np.asarray(reader.labels)
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], np.arange(int(reader.num_classes) + 1))
+    sheet_rows = []
+    for label in spread_rows(int(reader.num_classes), rows):
+        images = []
+        for index in order[starts[label] : starts[label + 1]][:columns]:
+            try:
+                images.append(reader[int(index)][0])
+            except HyperfaceError:
+                images.append(None)  # a dark tile: the check names it
+        sheet_rows.append((f"id {label}\n{starts[label + 1] - starts[label]} img", images))
+    save_contact_sheet(path, contact_sheet(sheet_rows, columns=columns))
+    return Path(path)
+
+
+__all__ = ["describe_dataset", "format_description", "save_dataset_preview"]

@@ -1,0 +1,182 @@
+"""`hyperface dataset info` and `hyperface dataset convert`: facts, checks, conversions, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hyperface.cli import main
+from hyperface.common.errors import HyperfaceError
+from hyperface.datasets import ImageFolderDataset, RecordIODataset, RecordIOWriter, open_dataset
+from hyperface.datasets.convert import ConvertConfig, convert_dataset
+from hyperface.datasets.describe import describe_dataset
+from hyperface.datasets.image_folder import ImageFolderWriter
+
+
+def _image(seed: int, size: tuple[int, int] = (24, 20)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Three named identities (3, 2, 4 files): JPEG and PNG, one unreadable file, one image stored
+    under two identities."""
+    root = tmp_path / "src"
+    layout = {"alice": ["a.jpg", "b.png", "c.jpg"], "bob": ["a.png", "b.jpg"], "carol": ["a.jpg", "b.jpg", "c.png", "d.jpg"]}
+    seed = 0
+    for name, files in layout.items():
+        (root / name).mkdir(parents=True)
+        for file in files:
+            seed += 1
+            ok, data = cv2.imencode(Path(file).suffix, _image(seed))
+            (root / name / file).write_bytes(data.tobytes())
+    (root / "carol" / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"not a jpeg")  # unreadable
+    (root / "bob" / "c.jpg").write_bytes((root / "alice" / "a.jpg").read_bytes())  # alice's image, as bob
+    return root
+
+
+def _raw(reader) -> list[tuple[bytes, int]]:
+    return [reader.read_raw(i) for i in range(len(reader))]
+
+
+def test_folder_to_rec_and_folder_copies_bytes_and_leaves_out_unreadable_images(folder, tmp_path):
+    out = tmp_path / "out"
+    result = convert_dataset(folder, out, ConvertConfig(formats="both"), show_progress=False)
+    source = ImageFolderDataset(folder)
+    readable = [(source.read_raw(i)[0], int(source.labels[i])) for i in range(len(source)) if source.paths[i] != "carol/b.jpg"]
+    assert (result.images, result.identities, result.rejected, result.copied) == (9, 3, 1, 9)
+    assert _raw(RecordIODataset(out / "rec")) == readable  # byte for byte, in the source's order
+    assert _raw(ImageFolderDataset(out / "images")) == readable
+    assert sorted(p.name for p in (out / "images" / "000000").iterdir()) == ["0000.jpg", "0001.png", "0002.jpg"]
+    assert (out / "classes.tsv").read_text().splitlines() == ["label\tsource\timages", "0\talice\t3", "1\tbob\t3", "2\tcarol\t3"]
+    rejected = (out / "rejected.tsv").read_text().splitlines()
+    assert rejected[0] == "source_index\timage\treason" and rejected[1].startswith("7\tcarol/b.jpg\t") and len(rejected) == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "convert" and manifest["counts"]["images"] == 9 and manifest["counts"]["rejected"] == 1
+    assert len(open_dataset(out)) == 9  # the output folder stands for its rec/, as train, embed and report read it
+
+
+def test_a_sparse_rec_relabelled_to_a_folder_keeps_the_mapping(tmp_path):
+    with RecordIOWriter(tmp_path / "sparse") as writer:
+        for label, seed in ((0, 1), (0, 2), (5, 3), (9, 4), (9, 5)):
+            writer.add(_image(seed), label)
+    assert RecordIODataset(tmp_path / "sparse").num_classes == 10
+    out = tmp_path / "dense"
+    result = convert_dataset(tmp_path / "sparse" / "train.rec", out, ConvertConfig(formats="folder", relabel=True), show_progress=False)
+    dense = ImageFolderDataset(out / "images")
+    assert result.identities == 3 and dense.labels.tolist() == [0, 0, 1, 2, 2]
+    assert [raw for raw, _ in _raw(dense)] == [raw for raw, _ in _raw(RecordIODataset(tmp_path / "sparse"))]
+    assert (out / "classes.tsv").read_text().splitlines()[1:] == ["0\t0\t2", "1\t5\t1", "2\t9\t2"]
+    assert not (out / "rejected.tsv").read_text().splitlines()[1:]
+
+
+def test_a_subset_re_encoded_as_png_keeps_the_pixels(folder, tmp_path):
+    out = tmp_path / "sub"
+    config = ConvertConfig(formats="rec", image_format="png", identities=2, images_per_identity=2)
+    result = convert_dataset(folder, out, config, show_progress=False)
+    converted, source = RecordIODataset(out / "rec"), ImageFolderDataset(folder)
+    assert result.images == 4 and converted.num_classes == 2 and result.copied == 0
+    expected = [source[i] for i in (0, 1, 3, 4)]  # alice a, b; bob a, b
+    for (image, label), (want, want_label) in zip((converted[i] for i in range(4)), expected):
+        assert label == want_label and np.array_equal(image, want)
+    assert all(raw[:8] == b"\x89PNG\r\n\x1a\n" for raw, _ in _raw(converted))
+
+
+@pytest.mark.parametrize("kill_after", [2, 5, 8])
+@pytest.mark.parametrize("formats", ["rec", "both"])
+def test_a_killed_conversion_resumes_to_the_same_files(folder, tmp_path, monkeypatch, kill_after, formats):
+    """Killed after n images (before and after the unreadable one): --resume ends byte for byte where
+    an uninterrupted run does, no image lost or written twice."""
+    config = ConvertConfig(formats=formats, workers=2)
+    convert_dataset(folder, tmp_path / "whole", config, show_progress=False)
+
+    calls = {"n": 0}
+    real_add = RecordIOWriter.add if formats == "rec" else ImageFolderWriter.add
+
+    def dying_add(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > kill_after:
+            raise KeyboardInterrupt
+        return real_add(self, *args, **kwargs)
+
+    target = RecordIOWriter if formats == "rec" else ImageFolderWriter
+    monkeypatch.setattr(target, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        convert_dataset(folder, tmp_path / "cut", config, show_progress=False)
+    monkeypatch.setattr(target, "add", real_add)
+    assert not (tmp_path / "cut" / "manifest.json").exists()
+    with pytest.raises(HyperfaceError, match="--resume"):
+        convert_dataset(folder, tmp_path / "cut", config, show_progress=False)
+    with pytest.raises(HyperfaceError, match="other settings"):
+        convert_dataset(folder, tmp_path / "cut", ConvertConfig(formats=formats, relabel=True), resume=True, show_progress=False)
+    result = convert_dataset(folder, tmp_path / "cut", config, resume=True, show_progress=False)
+    assert result.images == 9 and result.written == 9 - kill_after  # only what the kill left
+    for name in ("rec/train.rec", "rec/train.idx", "rec/property", "classes.tsv", "rejected.tsv"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    if formats == "both":
+        files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole" / "images").rglob("*.*"))
+        assert files == sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut" / "images").rglob("*.*"))
+        assert all((tmp_path / "cut" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes() for f in files)
+    again = convert_dataset(folder, tmp_path / "cut", config, resume=True, show_progress=False)
+    assert again.written == 0 and again.images == 9  # finished: nothing to do
+
+
+def test_info_counts_identities_sizes_unreadable_and_shared_images(folder):
+    facts = describe_dataset(folder, check=True, workers=2)
+    assert (facts["format"], facts["images"], facts["identities"]) == ("folder", 10, 3)
+    assert facts["images_per_identity"] == {"min": 3, "median": 3.0, "mean": 3.333, "max": 4}
+    assert facts["sample"]["encodings"] == {"jpeg": 7, "png": 3}
+    assert facts["sample"]["sizes"] == {"20x24": 9, "unreadable": 1}
+    check = facts["check"]
+    assert check["unreadable"] == 1 and check["unreadable_examples"][0]["image"] == "carol/b.jpg"
+    assert check["duplicate_images"] == 1 and check["duplicate_groups_across_identities"] == 1
+    assert [m["image"] for m in check["duplicate_examples"][0]] == ["alice/a.jpg", "bob/c.jpg"]
+
+
+def test_cli_info_json_preview_and_convert(folder, tmp_path, capsys):
+    preview = tmp_path / "preview.jpg"
+    assert main(["dataset", "info", str(folder), "--json", "--preview", str(preview)]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["identities"] == 3 and "check" not in facts
+    sheet = cv2.imread(str(preview))
+    assert sheet is not None and sheet.shape[0] == 3 * 112  # one row per identity (3 < 8)
+    out = tmp_path / "rec"
+    assert main(["dataset", "convert", str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert len(RecordIODataset(out / "rec")) == 9
+    assert main(["dataset", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "recordio (insightface layout)" in text and "images      9" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quality", "0"], "--quality must be in 1..100"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--identities", "0"], "--identities must be at least 1"),
+        (["--identities", "7"], "has 3 identities"),
+    ],
+)
+def test_cli_convert_refuses_bad_options_in_one_line(folder, tmp_path, capsys, args, message):
+    assert main(["dataset", "convert", str(folder), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_source_is_one_line(tmp_path, capsys):
+    assert main(["dataset", "info", str(tmp_path / "nowhere")]) == 2
+    assert "dataset not found" in capsys.readouterr().err
+
+
+def test_a_torn_rejected_line_is_cut_before_more_are_appended(tmp_path):
+    from hyperface.datasets.convert import _read_rejected
+
+    path = tmp_path / "rejected.tsv"
+    path.write_bytes(b"source_index\timage\treason\n3\ta.jpg\tbad\n1")  # killed while writing "12\t..."
+    assert _read_rejected(path) == {3}
+    assert path.read_bytes() == b"source_index\timage\treason\n3\ta.jpg\tbad\n"
