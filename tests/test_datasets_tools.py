@@ -180,3 +180,22 @@ def test_a_torn_rejected_line_is_cut_before_more_are_appended(tmp_path):
     path.write_bytes(b"source_index\timage\treason\n3\ta.jpg\tbad\n1")  # killed while writing "12\t..."
     assert _read_rejected(path) == {3}
     assert path.read_bytes() == b"source_index\timage\treason\n3\ta.jpg\tbad\n"
+
+
+def test_an_output_overlapping_the_source_is_refused(folder, tmp_path):
+    convert_dataset(folder, tmp_path / "c", show_progress=False)
+    for source, out in ((tmp_path / "c", tmp_path / "c"), (folder, folder / "rec"), (tmp_path / "c" / "rec", tmp_path / "c")):
+        with pytest.raises(HyperfaceError, match="overlap"):
+            convert_dataset(source, out, overwrite=True, show_progress=False)
+    assert len(open_dataset(tmp_path / "c")) == 9  # untouched
+
+
+def test_check_groups_every_copy_and_lists_label_noise_first(tmp_path):
+    a, b, c = (cv2.imencode(".png", _image(seed))[1].tobytes() for seed in (1, 2, 3))
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        for data, label in ((c, 0), (a, 0), (a, 0), (c, 0), (b, 1), (a, 2)):
+            writer.add(data, label)
+    check = describe_dataset(tmp_path / "rec", check=True, workers=1)["check"]
+    assert check["duplicate_images"] == 3 and check["duplicate_groups_across_identities"] == 1
+    groups = [[(m["image"], m["label"]) for m in group] for group in check["duplicate_examples"]]
+    assert groups == [[("train.rec#1", 0), ("train.rec#2", 0), ("train.rec#5", 2)], [("train.rec#0", 0), ("train.rec#3", 0)]]

@@ -140,6 +140,10 @@ def convert_dataset(
     the formats of ``config``; see the module docstring for the layout. Returns what was written."""
     config = (config or ConvertConfig()).checked()
     started = time.perf_counter()
+    source_path, out_path = Path(source).resolve(), Path(out).resolve()
+    if out_path == source_path or out_path in source_path.parents or source_path in out_path.parents:
+        # --overwrite would delete the source before it is read; a folder inside it would become a class
+        raise HyperfaceError(f"--out {out} and the source {source} overlap: write the converted set to a folder of its own")
     reader: Any = open_dataset(source)
     if config.identities is not None or config.images_per_identity is not None:
         reader = DatasetSubset(reader, identities=config.identities, per_identity=config.images_per_identity)
