@@ -307,3 +307,23 @@ def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
     assert ".tmp" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary left, nothing half-written
 
+
+
+def test_resume_never_claims_a_folder_hyperface_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    with pytest.raises(HyperfaceError, match="cannot --resume in .*mine: it holds files hyperface did not write"):
+        prepare_output_dir(mine, resume=True, stage="convert")
+    assert not (mine / RUN_MARKER).exists()  # not claimed, so a later --overwrite still refuses
+    with pytest.raises(HyperfaceError, match="refusing to --overwrite"):
+        prepare_output_dir(mine, overwrite=True, stage="convert")
+    assert (mine / "keep.txt").read_text() == "precious"
+
+
+def test_an_output_link_works_in_the_folder_it_names(tmp_path):
+    real = prepare_output_dir(tmp_path / "real", stage="convert")
+    (real / "result.txt").write_text("old")
+    (tmp_path / "link").symlink_to(real)
+    out = prepare_output_dir(tmp_path / "link", overwrite=True, stage="convert")
+    assert out == real.resolve() and (tmp_path / "link").is_symlink() and not (real / "result.txt").exists()

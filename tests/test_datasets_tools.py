@@ -71,7 +71,7 @@ def test_a_sparse_rec_relabelled_to_a_folder_keeps_the_mapping(tmp_path):
     assert result.identities == 3 and dense.labels.tolist() == [0, 0, 1, 2, 2]
     assert [raw for raw, _ in _raw(dense)] == [raw for raw, _ in _raw(RecordIODataset(tmp_path / "sparse"))]
     assert (out / "classes.tsv").read_text().splitlines()[1:] == ["0\t0\t2", "1\t5\t1", "2\t9\t2"]
-    assert not (out / "rejected.tsv").read_text().splitlines()[1:]
+    assert not (out / "rejected.tsv").exists()  # written with the first reject only
 
 
 def test_a_subset_re_encoded_as_png_keeps_the_pixels(folder, tmp_path):
@@ -199,3 +199,90 @@ def test_check_groups_every_copy_and_lists_label_noise_first(tmp_path):
     assert check["duplicate_images"] == 3 and check["duplicate_groups_across_identities"] == 1
     groups = [[(m["image"], m["label"]) for m in group] for group in check["duplicate_examples"]]
     assert groups == [[("train.rec#1", 0), ("train.rec#2", 0), ("train.rec#5", 2)], [("train.rec#0", 0), ("train.rec#3", 0)]]
+
+
+# --- from a bad-input audit -------------------------------------------------------------------------
+
+
+def test_a_kill_between_the_final_renames_is_completed_by_resume(folder, tmp_path):
+    out = tmp_path / "out"
+    convert_dataset(folder, out, show_progress=False)
+    whole = {name: (out / "rec" / name).read_bytes() for name in ("train.rec", "train.idx", "property")}
+    # the state a kill inside RecordIOWriter.close leaves: train.rec renamed, its index not yet
+    (out / "rec" / "train.idx").rename(out / "rec" / "train.idx.tmp")
+    (out / "manifest.json").unlink()
+    convert_dataset(folder, out, resume=True, show_progress=False)
+    assert {name: (out / "rec" / name).read_bytes() for name in whole} == whole
+    assert len(open_dataset(out)) == 9
+
+
+def test_labels_without_images_stay_aligned_in_every_format(folder, tmp_path):
+    (folder / "dave").mkdir()  # a trailing identity without images
+    (folder / "dave" / "notes.txt").write_text("no faces yet")
+    convert_dataset(folder, tmp_path / "o", ConvertConfig(formats="both"), show_progress=False)
+    rec, images = RecordIODataset(tmp_path / "o" / "rec"), ImageFolderDataset(tmp_path / "o" / "images")
+    assert rec.num_classes == images.num_classes == 4 and rec.labels.tolist() == images.labels.tolist()
+    assert (tmp_path / "o" / "rec" / "property").read_text().split(",")[0] == "4"
+    with RecordIOWriter(tmp_path / "sparse") as writer:
+        for label, seed in ((0, 1), (5, 2), (9, 3)):
+            writer.add(_image(seed), label)
+    convert_dataset(tmp_path / "sparse", tmp_path / "s", ConvertConfig(formats="folder"), show_progress=False)
+    assert ImageFolderDataset(tmp_path / "s" / "images").labels.tolist() == [0, 5, 9]  # empty folders keep the numbers
+
+
+def test_class_names_are_escaped_and_subset_rejects_name_the_source_index(folder, tmp_path):
+    (folder / "carol").rename(folder / "carol\tsmith")
+    convert_dataset(folder, tmp_path / "o", ConvertConfig(identities=3, images_per_identity=2), show_progress=False)
+    classes = (tmp_path / "o" / "classes.tsv").read_text().splitlines()
+    assert classes[3] == "2\tcarol\\tsmith\t1" and len(classes) == 4
+    rejected = (tmp_path / "o" / "rejected.tsv").read_text().splitlines()[1]
+    assert rejected.startswith("7\tcarol\\tsmith/b.jpg\t")  # the source's index, not the subset's position (4)
+
+
+def test_no_verify_copies_bytes_even_when_the_first_image_is_unreadable(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "0.jpg").write_bytes(b"\xff\xd8\xff" + b"garbage")
+    (tmp_path / "src" / "a" / "1.png").write_bytes(cv2.imencode(".png", _image(1, (30, 40)))[1].tobytes())
+    result = convert_dataset(tmp_path / "src", tmp_path / "o", ConvertConfig(verify=False), show_progress=False)
+    assert result.images == 2 and result.rejected == 0  # not decoded: copied as given
+    assert (tmp_path / "o" / "rec" / "property").read_text().strip() == "1,30,40"  # size from the readable one's header
+
+
+def test_damaged_files_are_one_clear_error(folder, tmp_path):
+    out = tmp_path / "o"
+    convert_dataset(folder, out, show_progress=False)
+    (out / "manifest.json").write_text('{"stage": "convert", "counts": 5}')
+    with pytest.raises(HyperfaceError, match="manifest.json is damaged"):
+        convert_dataset(folder, out, resume=True, show_progress=False)
+    (out / "rec" / "property").write_text("1000000000000,16,16\n")
+    with pytest.raises(HyperfaceError, match="more than RecordIO's float32 labels can number"):
+        RecordIODataset(out / "rec")
+    (out / "rec" / "property").write_text("3,0,16\n")
+    with pytest.raises(HyperfaceError, match="positive numbers"):
+        RecordIODataset(out / "rec")
+
+
+def test_info_counts_a_damaged_record_as_unreadable(tmp_path):
+    with RecordIOWriter(tmp_path / "rec") as writer:
+        for seed in range(4):
+            writer.add(_image(seed), 0)
+    dataset = RecordIODataset(tmp_path / "rec")
+    offset = int(dataset._offsets[2])
+    data = bytearray((tmp_path / "rec" / "train.rec").read_bytes())
+    data[offset : offset + 4] = b"XXXX"  # record 2's magic word
+    (tmp_path / "rec" / "train.rec").write_bytes(bytes(data))
+    facts = describe_dataset(tmp_path / "rec", check=True, workers=1)
+    assert facts["check"]["unreadable"] == 1 and facts["check"]["unreadable_examples"][0]["image"] == "train.rec#2"
+
+
+def test_preview_must_be_a_jpeg_outside_the_dataset(folder, tmp_path, capsys):
+    before = (folder / "alice" / "a.jpg").read_bytes()
+    assert main(["dataset", "info", str(folder), "--preview", str(folder / "alice" / "a.jpg")]) == 2
+    assert "inside the dataset" in capsys.readouterr().err and (folder / "alice" / "a.jpg").read_bytes() == before
+    assert main(["dataset", "info", str(folder), "--preview", str(tmp_path / "p.png")]) == 2
+    assert "give a .jpg path" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+
+
+def test_a_stray_rec_file_does_not_turn_an_image_folder_into_recordio(folder):
+    (folder / "notes.rec").write_text("not a dataset")
+    assert isinstance(open_dataset(folder), ImageFolderDataset)

@@ -588,7 +588,7 @@ def test_a_subset_of_identities_and_images_trains_on_exactly_those(synthetic, tm
     assert [c.shape[0] for c in centres] == [5]  # one class centre per identity of the subset
     with pytest.raises(HyperfaceError, match=r"different settings \(images_per_identity 4 -> 3\);"):
         train(TrainConfig(**{**base, "images_per_identity": 3, "max_steps": 3}, resume=True))  # the flag named, not the data
-    with pytest.raises(HyperfaceError, match="has 8 identities; cannot train on the first 9"):
+    with pytest.raises(HyperfaceError, match="has 8 identities, fewer than the 9 asked for"):
         train(TrainConfig(**{**base, "identities": 9, "out": str(tmp_path / "too-many")}))
     with pytest.raises(HyperfaceError, match="--images-per-identity must be >= 1"):
         train(TrainConfig(**{**base, "images_per_identity": 0, "out": str(tmp_path / "zero")}))

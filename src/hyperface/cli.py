@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if late:
             getattr(args, late).extend(names)
     args.argv, args.stage_parser = argv, stage_parser
+    _quiet_opencv()
     try:
         return int(args.func(args) or 0)
     except HyperfaceError as exc:
@@ -143,6 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hyperface {args.stage}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _quiet_opencv() -> None:
+    """OpenCV's own decoder warnings ("PNG input buffer is incomplete") repeat, on a line of their
+    own, what our errors and rejected lists already say: shown only with HYPERFACE_LOG=DEBUG. The
+    command line only: a program importing hyperface keeps its own OpenCV settings."""
+    import os
+
+    if os.environ.get("HYPERFACE_LOG", "").upper() == "DEBUG":
+        return
+    try:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except (ImportError, AttributeError):  # an OpenCV build without its logging module
+        pass
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:

@@ -233,6 +233,8 @@ def prepare_output_dir(
     - unwritable: error naming the folder.
     """
     out = Path(out)
+    if out.is_symlink():  # a link to a folder on a bigger disk: work in the folder it names
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     non_empty = out.is_dir() and any(out.iterdir())
@@ -240,6 +242,9 @@ def prepare_output_dir(
     if non_empty and stage and owner and owner != stage and (resume or not _holds_no_work(out, setup_files)):
         # One mistyped --out must not clear (or resume into) another stage's work, and no flag would help.
         raise HyperfaceError(f"output folder {out} holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
+    if non_empty and resume and not owner and not (out / RUN_MARKER).exists():
+        # resuming would claim the folder (its run marker), and a later --overwrite would then clear it
+        raise HyperfaceError(f"cannot --resume in {out}: it holds files hyperface did not write; choose another --out")
     if non_empty and not resume:
         if _holds_no_work(out, setup_files):
             log.info("reusing %s: an earlier attempt left it without results", out)

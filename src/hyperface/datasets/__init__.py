@@ -49,11 +49,16 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     if not path.exists():
         raise HyperfaceError(f"dataset not found: {path}")
     path = resolve_generated(path)
-    if path.is_file() or path.suffix == ".rec":
+    if path.is_file():
         if path.suffix not in (".rec", ".idx"):
             raise HyperfaceError(f"{path} is a file but not a .rec: give a .rec file or a dataset folder")
         return RecordIODataset(path.with_suffix(".rec"))
-    if (path / "train.rec").exists() or any(path.glob("*.rec")):
+    recs = [p for p in path.glob("*.rec") if p.is_file()]
+    # a .rec with its .idx, or with no class folders beside it (then the error names the missing .idx);
+    # a stray notes.rec among class folders does not make an image folder a RecordIO set
+    if (path / "train.rec").is_file() or any(r.with_suffix(".idx").is_file() for r in recs) or (
+        recs and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+    ):
         return RecordIODataset(path)
     if (path / "train.rec.tmp").exists():
         raise HyperfaceError(f"{path} holds an unfinished RecordIO dataset (train.rec.tmp): resume or rerun the writer")

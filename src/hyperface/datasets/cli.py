@@ -82,12 +82,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_info(args: argparse.Namespace) -> int:
     import json
 
-    from hyperface.common.errors import check_option
+    from hyperface.common.errors import HyperfaceError, check_option
     from hyperface.common.io import check_output_file
     from hyperface.datasets.describe import describe_dataset, format_description, save_dataset_preview
 
     check_option("--workers", args.workers, lambda v: v >= 1, "at least 1", integer=True)
+    for flag, value in (("DATA", args.data), ("--preview", args.preview)):
+        if value is not None and not value.strip():
+            raise HyperfaceError(f"{flag} is empty: give a path")
     if args.preview:
+        if not args.preview.lower().endswith((".jpg", ".jpeg")):
+            raise HyperfaceError(f"--preview {args.preview}: the contact sheet is a JPEG; give a .jpg path")
         check_output_file(args.preview, "--preview")
     facts = describe_dataset(args.data, check=args.check, workers=args.workers)
     if args.preview:
@@ -97,10 +102,13 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from hyperface.common.errors import check_option
+    from hyperface.common.errors import HyperfaceError, check_option
     from hyperface.common.runtime import get_logger
     from hyperface.datasets.convert import ConvertConfig, convert_dataset
 
+    for flag, value in (("SOURCE", args.source), ("--out", args.out)):
+        if not value.strip():
+            raise HyperfaceError(f"{flag} is empty: give a path")
     for flag, value in (("--identities", args.identities), ("--images-per-identity", args.images_per_identity)):
         if value is not None:
             check_option(flag, value, lambda v: v >= 1, "at least 1", integer=True)
@@ -111,6 +119,8 @@ def run_convert(args: argparse.Namespace) -> int:
                            verify=not args.no_verify)
     result = convert_dataset(args.source, args.out, config, resume=args.resume, overwrite=args.overwrite,
                              show_progress=False if args.no_progress else None)
+    if result.complete_before:
+        return 0  # convert_dataset said so
     resumed = result.images - result.written
     get_logger("hyperface.datasets").info(
         "%s: %d images of %d identities (%d written now, %d of them copied as encoded%s%s) in %.1f s", result.out,

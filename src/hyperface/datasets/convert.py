@@ -40,7 +40,7 @@ from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets import open_dataset
 from hyperface.datasets.codec import decode_image, image_encoding
 from hyperface.datasets.image_folder import ImageFolderDataset, ImageFolderWriter
-from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity
+from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity, finish_interrupted_close
 from hyperface.datasets.subset import DatasetSubset
 
 log = get_logger("hyperface.datasets")
@@ -89,12 +89,18 @@ class ConvertResult:
     copied: int  # of those, encoded bytes copied as they were
     rejected: int  # unreadable source images left out (rejected.tsv)
     seconds: float
+    complete_before: bool = False  # the folder held the finished conversion already
 
 
-def _source_name(reader: Any, index: int) -> str:
-    """How the source names image ``index``: its path in the folder, or ``train.rec#i``."""
+def _source_index(reader: Any, position: int) -> int:
+    """The source dataset's index of a reader's image ``position`` (they differ in a subset)."""
+    return int(reader.indices[position]) if isinstance(reader, DatasetSubset) else int(position)
+
+
+def _source_name(reader: Any, position: int) -> str:
+    """How the source names an image: its path in the folder, or ``train.rec#i``."""
     base = reader.reader if isinstance(reader, DatasetSubset) else reader
-    index = int(reader.indices[index]) if isinstance(reader, DatasetSubset) else index
+    index = _source_index(reader, position)
     return base.paths[index] if isinstance(base, ImageFolderDataset) else f"{base.rec_path.name}#{index}"
 
 
@@ -121,10 +127,23 @@ def _class_names(reader: Any) -> list[str]:
 def _check_run(out: Path, run: dict[str, Any], *, resume: bool) -> None:
     path = out / RUN_FILE
     if resume and path.exists():
-        changes = describe_changes(read_json(path), run)
+        saved = read_json(path)
+        if saved.get("source_fingerprint") != run["source_fingerprint"]:
+            raise HyperfaceError(f"cannot --resume {out}: its source has changed since (other images or labels); "
+                                 "convert the original, or start again with --overwrite")
+        changes = describe_changes(saved, run)
         if changes:
             raise HyperfaceError(f"cannot --resume {out}: it converts with other settings ({changes}); use the same ones or --overwrite")
     save_json(path, run)
+
+
+def _finished_counts(out: Path) -> dict[str, int]:
+    """The counts a finished conversion's manifest holds."""
+    facts = read_json(out / "manifest.json").get("counts")
+    try:
+        return {key: int(facts[key]) for key in ("images", "identities", "rejected")}
+    except (TypeError, KeyError, ValueError):
+        raise HyperfaceError(f"{out / 'manifest.json'} is damaged (no image counts); delete it and run again with --resume") from None
 
 
 def convert_dataset(
@@ -158,28 +177,29 @@ def convert_dataset(
         new_label, num_classes, source_of = labels, int(reader.num_classes), names
     if config.formats in ("rec", "both"):
         check_recordio_capacity(labels.size, num_classes)  # before anything is written
-        if num_classes > present.size:
-            log.warning("%d of %d labels have no image: pass --relabel to number the %d that do 0..%d",
-                        num_classes - present.size, num_classes, present.size, present.size - 1)
+    if num_classes > present.size:  # kept as empty classes (empty folders, empty identity records)
+        log.warning("%d of %d labels have no image: pass --relabel to number the %d that do 0..%d",
+                    num_classes - present.size, num_classes, present.size, present.size - 1)
 
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume, stage="convert", setup_files=(RUN_FILE,))
     remove_stale_temporaries(out)
     fingerprint = reader.fingerprint()
-    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("workers", "verify")}
+    params = {k: v for k, v in dataclasses.asdict(config).items() if k != "workers"}
     _check_run(out, {"source_fingerprint": fingerprint, **params}, resume=resume)
     if (out / "manifest.json").exists():
+        counts = _finished_counts(out)
         log.info("%s is already complete; nothing to resume", out)
-        facts = read_json(out / "manifest.json").get("counts") or {}
-        return ConvertResult(out, int(facts.get("images", 0)), int(facts.get("identities", 0)), 0, 0, int(facts.get("rejected", 0)), 0.0)
+        return ConvertResult(out, counts["images"], counts["identities"], 0, 0, counts["rejected"], 0.0, complete_before=True)
 
     # identity by identity, in label order; within one, the source's order (stable sort)
     order = np.argsort(new_label, kind="stable")
     ordered_labels = new_label[order]
 
-    # A format finished in an earlier attempt (train.rec in place, images/ renamed) is kept as it is.
+    # A format finished in an earlier attempt (train.rec and .idx in place, images/ renamed) is kept.
     encode_as = config.image_format if config.image_format != "keep" else "jpg"  # for images not JPEG/PNG
     rec = folder = None
-    if config.formats in ("rec", "both") and not (out / "rec" / "train.rec").exists():
+    finish_interrupted_close(out / "rec" / "train.rec")
+    if config.formats in ("rec", "both") and not ((out / "rec" / "train.rec").exists() and (out / "rec" / "train.idx").exists()):
         rec = RecordIOWriter(out / "rec", resume=True, image_format=encode_as, quality=config.quality)
     if config.formats in ("folder", "both") and not (out / "images").is_dir():
         folder = ImageFolderWriter(out / "images.tmp", image_format=encode_as, quality=config.quality,
@@ -196,7 +216,7 @@ def convert_dataset(
     # Unreadable images are left out and listed in rejected.tsv as they are found (before anything
     # after them is written), so a resumed run knows which source images its written ones were.
     rejected_path = out / REJECTED_FILE
-    rejected = _read_rejected(rejected_path)
+    rejected = _read_rejected(rejected_path)  # source indices
     bar = progress(total=int(order.size), desc="convert", unit="img", disable=None if show_progress is None else not show_progress)
 
     def todo() -> Iterator[int]:
@@ -204,7 +224,7 @@ def convert_dataset(
         slot: dict[int, int] = {}
         for k in range(order.size):
             label = int(ordered_labels[k])
-            if int(order[k]) in rejected:
+            if _source_index(reader, int(order[k])) in rejected:
                 bar.update(1)
                 continue
             slot[label] = slot.get(label, -1) + 1
@@ -231,47 +251,58 @@ def convert_dataset(
 
     written = copied = 0
     next_slot: dict[int, int] = {}
+    rejected_log = None  # rejected.tsv is created with the first reject
     try:
-        with open(rejected_path, "a", encoding="utf-8", errors="surrogateescape") as rejected_log:
-            if rejected_log.tell() == 0:
-                rejected_log.write("source_index\timage\treason\n")
-            for k, image, raw, problem in ordered_parallel_map(load, todo(), config.workers, window=8 * config.workers):
-                label, index = int(ordered_labels[k]), int(order[k])
-                bar.update(1)
-                if image is None:
-                    rejected_log.write(f"{index}\t{escape_line(_source_name(reader, index))}\t{escape_line(problem)}\n")
-                    rejected_log.flush()
-                    rejected.add(index)
-                    continue
-                slot = next_slot.setdefault(label, have(label))
-                next_slot[label] = slot + 1
-                if rec is not None and slot >= in_rec.get(label, 0):
-                    rec.add(image, label)
-                if folder is not None and slot >= in_folder[label]:
-                    folder.add(image, label, index=slot)
-                written += 1
-                copied += raw
+        for k, image, raw, problem in ordered_parallel_map(load, todo(), config.workers, window=8 * config.workers):
+            label, position = int(ordered_labels[k]), int(order[k])
+            bar.update(1)
+            if image is None:
+                if rejected_log is None:
+                    rejected_log = open(rejected_path, "a", encoding="utf-8", errors="surrogateescape")
+                    if rejected_log.tell() == 0:
+                        rejected_log.write("source_index\timage\treason\n")
+                index = _source_index(reader, position)
+                rejected_log.write(f"{index}\t{escape_line(_source_name(reader, position))}\t{escape_line(problem)}\n")
+                rejected_log.flush()
+                rejected.add(index)
+                continue
+            slot = next_slot.setdefault(label, have(label))
+            next_slot[label] = slot + 1
+            if rec is not None and slot >= in_rec.get(label, 0):
+                rec.add(image, label)
+            if folder is not None and slot >= in_folder[label]:
+                folder.add(image, label, index=slot)
+            written += 1
+            copied += raw
     except BaseException:
         if rec is not None:
             rec.suspend()  # its .tmp files stay for --resume
         raise
     finally:
         bar.close()
+        if rejected_log is not None:
+            rejected_log.close()
+    source_indices = reader.indices[order] if isinstance(reader, DatasetSubset) else order
+    kept = ~np.isin(source_indices, np.fromiter(rejected, dtype=np.int64, count=len(rejected)))
+    kept_labels = ordered_labels[kept]
+    if not kept_labels.size:
+        raise HyperfaceError(f"no image of {source} could be read ({len(rejected)} tried; {rejected_path} says why)")
     if rejected:
         log.warning("%d unreadable image(s) left out; %s lists them", len(rejected), rejected_path)
+    emptied = np.setdiff1d(np.unique(ordered_labels), kept_labels).size
+    if emptied:
+        log.warning("%d identit%s lost every image (unreadable): kept as empty classes", emptied, "y" if emptied == 1 else "ies")
     if rec is not None:
-        rec.close()
+        rec.close(num_classes=num_classes)  # identity records and property for every class, empty ones too
     if folder is not None:
+        for label in np.setdiff1d(np.arange(num_classes), kept_labels):  # empty folders keep the labels aligned
+            folder.folder(int(label)).mkdir(parents=True, exist_ok=True)
         os.replace(out / "images.tmp", out / "images")
-    kept = np.ones(order.size, dtype=bool)
-    if rejected:
-        kept[np.isin(order, np.fromiter(rejected, dtype=np.int64))] = False
-    kept_labels = ordered_labels[kept]
 
     with atomic_write(out / CLASSES_FILE, "w", encoding="utf-8", errors="surrogateescape") as handle:
         handle.write("label\tsource\timages\n")
         counts = np.bincount(kept_labels, minlength=num_classes)
-        handle.writelines(f"{label}\t{source_of[label]}\t{int(counts[label])}\n" for label in range(num_classes))
+        handle.writelines(f"{label}\t{escape_line(source_of[label])}\t{int(counts[label])}\n" for label in range(num_classes))
     seconds = time.perf_counter() - started
     manifest = Manifest(stage="convert", params=params, inputs={})
     manifest.extra.update({

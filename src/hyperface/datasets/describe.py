@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
+from hyperface.common.io import escape_line
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets import open_dataset, resolve_generated
 from hyperface.datasets.codec import decode_image, image_encoding
@@ -77,8 +78,13 @@ def describe_dataset(
             facts["property_image_size"] = list(reader.image_size)
     sizes, encodings = Counter(), Counter()
     for index in np.unique(np.linspace(0, labels.size - 1, min(SAMPLE_IMAGES, labels.size)).round().astype(np.int64)):
-        data, _ = reader.read_raw(int(index))
-        encodings[(image_encoding(data) or 'unknown').lower()] += 1
+        try:
+            data, _ = reader.read_raw(int(index))
+        except HyperfaceError:  # a damaged record: --check names it
+            sizes["unreadable"] += 1
+            encodings["unreadable"] += 1
+            continue
+        encodings[(image_encoding(data) or "unknown").lower()] += 1
         try:
             height, width = decode_image(data).shape[:2]
             sizes[f"{width}x{height}"] += 1
@@ -166,19 +172,32 @@ def format_description(facts: dict[str, Any]) -> str:
         size = facts["bytes"]
         lines.append(f"  size on disk  {size / 1e9:.2f} GB" if size >= 1e9 else f"  size on disk  {size / 1e6:.1f} MB")
     if "classes" in facts:
-        lines.append(f"  class folders {facts['classes']['first']} .. {facts['classes']['last']}")
+        lines.append(f"  class folders {escape_line(facts['classes']['first'])} .. {escape_line(facts['classes']['last'])}")
     check = facts.get("check")
     if check is not None:
         lines.append(f"  check         {check['unreadable']:,} unreadable, {check['duplicate_images']:,} duplicate image(s), "
                      f"{check['duplicate_groups_across_identities']:,} group(s) shared across identities")
-        lines += [f"    unreadable: {e['image']} (label {e['label']}): {e['reason']}" for e in check["unreadable_examples"]]
-        lines += ["    same bytes: " + ", ".join(f"{m['image']} (label {m['label']})" for m in group) for group in check["duplicate_examples"]]
+        # names as rejected.tsv writes them: a tab or newline in a file name does not break the lines
+        lines += [f"    unreadable: {escape_line(e['image'])} (label {e['label']}): {e['reason']}" for e in check["unreadable_examples"]]
+        lines += ["    same bytes: " + ", ".join(f"{escape_line(m['image'])} (label {m['label']})" for m in group)
+                  for group in check["duplicate_examples"]]
     return "\n".join(lines)
 
 
+def dataset_root(reader: Any) -> Path:
+    """The folder holding a dataset's files (an image folder's root, a .rec's folder)."""
+    return Path(reader.root if isinstance(reader, ImageFolderDataset) else reader.rec_path.parent)
+
+
 def save_dataset_preview(path: str | os.PathLike, dataset: str | os.PathLike, *, rows: int = 8, columns: int = 8) -> Path:
-    """A contact sheet of ``rows`` identities spread over the dataset, ``columns`` images each."""
+    """A contact sheet (JPEG) of ``rows`` identities spread over the dataset, ``columns`` images each."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jpg", ".jpeg"):
+        raise HyperfaceError(f"--preview {path}: the contact sheet is a JPEG; give a .jpg path")
     reader = open_dataset(dataset)
+    root = dataset_root(reader).resolve()
+    if root == path.resolve().parent or root in path.resolve().parents:
+        raise HyperfaceError(f"--preview {path} is inside the dataset ({root}): write it elsewhere, not among its files")
     labels = np.asarray(reader.labels)
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(int(reader.num_classes) + 1))

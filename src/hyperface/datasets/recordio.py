@@ -241,14 +241,16 @@ def read_idx(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_property(path: Path) -> tuple[int, int, int] | None:
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         fields = [int(v) for v in path.read_text().strip().split(",")]
-        if len(fields) != 3:
+        if len(fields) != 3 or min(fields) < 1:
             raise ValueError
-    except ValueError:
-        raise HyperfaceError(f"{path} must read 'num_classes,height,width' (e.g. 10000,112,112)") from None
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise HyperfaceError(f"{path} must read 'num_classes,height,width' with positive numbers (e.g. 10000,112,112)") from None
+    if fields[0] > FLOAT32_EXACT_LIMIT:  # labels are float32 in the records: no real dataset has more classes
+        raise HyperfaceError(f"{path} says {fields[0]} classes, more than RecordIO's float32 labels can number (2^24): it is damaged")
     return fields[0], fields[1], fields[2]
 
 
@@ -270,7 +272,9 @@ class RecordIODataset:
         if keys.size == 0:
             raise HyperfaceError(f"{self.idx_path} is empty: the dataset has no records")
         file_size = self.rec_path.stat().st_size
-        if int(offsets.max()) + _FRAME.size > file_size or int(offsets.min()) < 0:
+        if int(offsets.min()) < 0:
+            raise HyperfaceError(f"{self.idx_path} holds a negative offset: the index is damaged (rebuild it, or write the dataset again)")
+        if int(offsets.max()) + _FRAME.size > file_size:
             raise HyperfaceError(
                 f"{self.idx_path} points past the end of {self.rec_path} ({file_size} bytes): the .rec file is truncated"
             )
@@ -417,6 +421,31 @@ class RecordIODataset:
         return f"RecordIODataset({str(self.rec_path)!r}, images={len(self)}, classes={self.num_classes}, layout={self.layout})"
 
 
+def encoded_image_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from an encoded image's header, without decoding it; None if unreadable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # any unreadable header: the size is learnt from a later image
+        return None
+    return int(height), int(width)
+
+
+def finish_interrupted_close(rec_path: str | os.PathLike) -> bool:
+    """Complete a :meth:`RecordIOWriter.close` killed between its two renames (the finished ``.rec``
+    in place, its fsynced ``.idx`` still named ``.idx.tmp``). Returns whether there was one."""
+    rec_path = Path(rec_path)
+    idx_path, tmp_idx = rec_path.with_suffix(".idx"), rec_path.with_suffix(".idx.tmp")
+    if rec_path.is_file() and not idx_path.exists() and tmp_idx.is_file() and not rec_path.with_suffix(".rec.tmp").exists():
+        os.replace(tmp_idx, idx_path)
+        return True
+    return False
+
+
 class RecordIOWriter:
     """Stream images into ``out_dir/train.rec`` + ``train.idx`` (+ ``property``) in insightface's layout.
 
@@ -454,6 +483,8 @@ class RecordIOWriter:
         self._max_label = -1
         self._next_key = 1
         self._closed = False
+        if resume:
+            finish_interrupted_close(self.rec_path)
         if self.rec_path.exists() and not overwrite:
             raise HyperfaceError(
                 f"{self.rec_path} already exists (a finished dataset): choose another folder or pass overwrite=True"
@@ -494,7 +525,7 @@ class RecordIOWriter:
                         break
                     self._track(_scalar_label(header), key)
                     if self.image_size is None:
-                        self.image_size = decode_image(unpack_payload(read_record(handle, offset))[1]).shape[:2]
+                        self.image_size = encoded_image_size(unpack_payload(read_record(handle, offset))[1])
                 valid_lines.append(line + b"\n")
                 valid_end_rec = end
         if not valid_lines:
@@ -547,8 +578,8 @@ class RecordIOWriter:
             raise HyperfaceError(f"label {label} does not fit a float32 RecordIO label exactly (max 2^24 classes)")
         if isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
-            if self.image_size is None:
-                self.image_size = decode_image(data).shape[:2]
+            if self.image_size is None:  # from the header: the bytes are stored as given, not decoded
+                self.image_size = encoded_image_size(data)
         else:
             image = check_rgb_uint8(image)
             if self.image_size is None:
@@ -573,14 +604,16 @@ class RecordIOWriter:
         self._rec.flush()
         self._idx.flush()
 
-    def close(self) -> None:
-        """Write identity records and the header, then move the files to their final names."""
+    def close(self, num_classes: int | None = None) -> None:
+        """Write identity records and the header, then move the files to their final names.
+        ``num_classes``: when the last labels have no image, how many classes there are (identity
+        records and ``property`` cover them all); at least the highest label added + 1."""
         if self._closed:
             return
         if not self._ranges:
             self.abort()
             raise HyperfaceError("no images were added to the RecordIO dataset; nothing was written")
-        num_classes = max(self._ranges) + 1
+        num_classes = max(max(self._ranges) + 1, int(num_classes or 0))
         first_identity = self._next_key
         key = first_identity
         for label in range(num_classes):
@@ -598,14 +631,14 @@ class RecordIOWriter:
             os.fsync(handle.fileno())
             handle.close()
         # The .idx goes last: until it is in place (an old one is removed first) the dataset is
-        # visibly incomplete, so a kill here never leaves a new .rec beside an old index.
+        # visibly incomplete, so a kill here never leaves a new .rec beside an old index, and a kill
+        # between the two renames is completed by finish_interrupted_close (resume=True).
         from hyperface.common.io import save_bytes
 
         self.idx_path.unlink(missing_ok=True)
-        self.property_path.unlink(missing_ok=True)
-        os.replace(self._tmp_rec, self.rec_path)
         height, width = self.image_size or (112, 112)
         save_bytes(self.property_path, f"{num_classes},{height},{width}\n".encode())
+        os.replace(self._tmp_rec, self.rec_path)
         os.replace(self._tmp_idx, self.idx_path)
         self._closed = True
 
@@ -645,6 +678,8 @@ __all__ = [
     "RecordIOWriter",
     "FLOAT32_EXACT_LIMIT",
     "check_recordio_capacity",
+    "encoded_image_size",
+    "finish_interrupted_close",
     "frame_record",
     "pack_payload",
     "read_idx",

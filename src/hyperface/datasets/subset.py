@@ -32,7 +32,7 @@ class DatasetSubset:
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise HyperfaceError(f"{name} must be a positive integer, got {value!r}")
         if identities is not None and identities > classes:
-            raise HyperfaceError(f"the dataset has {classes} identities; cannot train on the first {identities}")
+            raise HyperfaceError(f"the dataset has {classes} identities, fewer than the {identities} asked for")
         keep = labels < identities if identities is not None else np.ones(labels.size, dtype=bool)
         if per_identity is not None:
             order = np.argsort(labels, kind="stable")  # index order within each identity
