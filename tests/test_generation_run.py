@@ -301,21 +301,21 @@ def test_merge_killed_midway_is_finished_by_a_rerun(tmp_path, monkeypatch):
         with pytest.raises(Killed):
             merge_parts(tmp_path / "o")
         monkeypatch.setattr(writer_class, "add", real_add)
-    # a kill inside the RecordIO writer's close: train.rec renamed into place, property and
-    # train.idx not yet (the rerun must rebuild it, not take train.rec for a finished dataset)
-    import hyperface.common.io as common_io
+    # a kill inside the RecordIO writer's close: train.rec renamed into place, train.idx not yet
+    # (the rerun must finish it, not take train.rec for a finished dataset)
+    import os
 
-    real_save_bytes = common_io.save_bytes
+    real_replace = os.replace
 
-    def die_at_property(path, data):
-        if Path(path).name == "property":
+    def die_before_the_index(src, dst):
+        if Path(dst).name == "train.idx":
             raise Killed
-        return real_save_bytes(path, data)
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(common_io, "save_bytes", die_at_property)
+    monkeypatch.setattr(os, "replace", die_before_the_index)
     with pytest.raises(Killed):
         merge_parts(tmp_path / "o")
-    monkeypatch.setattr(common_io, "save_bytes", real_save_bytes)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert (tmp_path / "o" / "rec" / "train.rec").exists() and not (tmp_path / "o" / "rec" / "train.idx").exists()
     (tmp_path / "o" / ".run.json.k1ll.tmp").write_text("{")  # a run killed while writing run.json
     merge_parts(tmp_path / "o")

@@ -95,10 +95,13 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return given
 
 
-def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> argparse.ArgumentParser:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices[stage]
+def _stage_parser(parser: argparse.ArgumentParser, *names: str | None) -> argparse.ArgumentParser:
+    """The parser of ``hyperface <stage> [<action>]``, so its errors name the command as typed."""
+    for name in names:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or name not in sub.choices:
+            break
+        parser = sub.choices[name]
     return parser
 
 
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 2
-    stage_parser = _stage_parser(parser, args.stage)
+    stage_parser = _stage_parser(parser, args.stage, getattr(args, "action", None))
     late = getattr(args, "late_positionals", None)  # a stage whose last positional may follow options
     if extra:
         unknown = [token for token in extra if token.startswith("-") and token != "--"]

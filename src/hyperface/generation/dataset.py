@@ -590,7 +590,7 @@ def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num
         final = out_dir / ("images" if kind == "folder" else "rec")
         outputs[kind] = str(final)
         # finished by an earlier merge: the folder is renamed into place whole; the RecordIO writer
-        # renames train.rec, then property, then train.idx, so train.idx marks a finished one
+        # writes property, renames train.rec, then train.idx, so train.idx marks a finished one
         if (kind == "folder" and final.is_dir()) or (kind == "rec" and (final / "train.idx").exists()):
             continue
         bar = progress(total=num_identities * k, desc=f"merge {kind}", unit="img", disable=None if show_progress is None else not show_progress)
