@@ -286,3 +286,24 @@ def test_preview_must_be_a_jpeg_outside_the_dataset(folder, tmp_path, capsys):
 def test_a_stray_rec_file_does_not_turn_an_image_folder_into_recordio(folder):
     (folder / "notes.rec").write_text("not a dataset")
     assert isinstance(open_dataset(folder), ImageFolderDataset)
+
+
+def test_several_sources_are_concatenated_with_shifted_labels(folder, tmp_path):
+    with RecordIOWriter(tmp_path / "second") as writer:
+        for label, seed in ((0, 11), (0, 12), (1, 13)):
+            writer.add(_image(seed), label)
+    out = tmp_path / "mixed"
+    result = convert_dataset([folder, tmp_path / "second" / "train.rec", tmp_path / "second"], out,
+                             ConvertConfig(formats="both"), show_progress=False)
+    assert (result.images, result.identities, result.rejected) == (9 + 3 + 3, 3 + 2 + 2, 1)
+    mixed = RecordIODataset(out / "rec")
+    second = _raw(RecordIODataset(tmp_path / "second"))
+    assert _raw(mixed)[9:12] == [(raw, label + 3) for raw, label in second]  # after the first set's 3 identities
+    assert _raw(mixed)[12:] == [(raw, label + 5) for raw, label in second]
+    classes = (out / "classes.tsv").read_text().splitlines()[1:]
+    assert classes == ["0\tsrc/alice\t3", "1\tsrc/bob\t3", "2\tsrc/carol\t3", "3\ttrain.rec/0\t2", "4\ttrain.rec/1\t1",
+                       "5\tsecond/0\t2", "6\tsecond/1\t1"]
+    assert (out / "rejected.tsv").read_text().splitlines()[1].startswith("7\tsrc/carol/b.jpg\t")
+    assert json.loads((out / "manifest.json").read_text())["source"]["parts"][1]["first_label"] == 3
+    with pytest.raises(HyperfaceError, match="other settings|has changed"):
+        convert_dataset([tmp_path / "second", folder], out, ConvertConfig(formats="both"), resume=True, show_progress=False)

@@ -18,6 +18,8 @@ examples:
   # the first 2,000 identities with 20 images each, as their own dataset; labels that skip made 0..K-1
   hyperface dataset convert runs/gen --identities 2000 --images-per-identity 20 --out data/hf-2k-20
   hyperface dataset convert data/sparse.rec --relabel --out data/dense
+  # several sets as one: the second's identities numbered after the first's (classes.tsv says whose)
+  hyperface dataset convert runs/hf10k data/dcface --out data/hf10k+dcface
   # killed? the same command with --resume keeps every finished image and continues
 
 convert writes OUT/rec/ (train.rec, train.idx, property) and/or OUT/images/<label>/<index>.jpg,
@@ -58,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "identity in label order, JPEG/PNG bytes copied unless --image-format asks to encode again.",
         epilog=EPILOG, formatter_class=HelpFormatter,
     )
-    convert.add_argument("source", metavar="SOURCE", help="image folder, RecordIO (.rec or its folder), or a generate/convert output folder")
+    convert.add_argument("source", metavar="SOURCE", nargs="+",
+                         help="image folder, RecordIO (.rec or its folder), or a generate/convert output folder; "
+                              "several are concatenated, their identities one after another (labels shifted)")
     convert.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (new or empty; see --resume/--overwrite)")
     convert.add_argument("--format", choices=("rec", "folder", "both"), default="rec", help="what to write (default: rec)")
     convert.add_argument("--image-format", choices=("keep", "jpg", "png"), default="keep",
@@ -106,7 +110,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from hyperface.common.runtime import get_logger
     from hyperface.datasets.convert import ConvertConfig, convert_dataset
 
-    for flag, value in (("SOURCE", args.source), ("--out", args.out)):
+    for flag, value in (*(("SOURCE", source) for source in args.source), ("--out", args.out)):
         if not value.strip():
             raise HyperfaceError(f"{flag} is empty: give a path")
     for flag, value in (("--identities", args.identities), ("--images-per-identity", args.images_per_identity)):

@@ -2,8 +2,9 @@
 
 What it is for: an image-folder set (DCFace, Vec2Face and most research releases) turned into the
 ``train.rec`` insightface's trainers read, a ``.rec`` unpacked into folders to look at or to edit, a
-subset (first N identities, first K images each) cut out as its own dataset, or labels that skip
-numbers made consecutive (``relabel``), without loading the dataset into memory.
+subset (first N identities, first K images each) cut out as its own dataset, labels that skip
+numbers made consecutive (``relabel``), or several sets mixed into one (their identities one after
+another), without loading any of them into memory.
 
 Output folder, laid out like ``hyperface generate``'s (so ``train``, ``embed`` and ``report`` take
 the folder itself)::
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -39,7 +40,8 @@ from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets import open_dataset
 from hyperface.datasets.codec import decode_image, image_encoding
-from hyperface.datasets.image_folder import ImageFolderDataset, ImageFolderWriter
+from hyperface.datasets.concat import ConcatDataset, unique_tags
+from hyperface.datasets.image_folder import ImageFolderWriter
 from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity, finish_interrupted_close
 from hyperface.datasets.subset import DatasetSubset
 
@@ -97,11 +99,6 @@ def _source_index(reader: Any, position: int) -> int:
     return int(reader.indices[position]) if isinstance(reader, DatasetSubset) else int(position)
 
 
-def _source_name(reader: Any, position: int) -> str:
-    """How the source names an image: its path in the folder, or ``train.rec#i``."""
-    base = reader.reader if isinstance(reader, DatasetSubset) else reader
-    index = _source_index(reader, position)
-    return base.paths[index] if isinstance(base, ImageFolderDataset) else f"{base.rec_path.name}#{index}"
 
 
 def _read_rejected(path: Path) -> set[int]:
@@ -114,14 +111,6 @@ def _read_rejected(path: Path) -> set[int]:
         with open(path, "r+b") as handle:
             handle.truncate(data.rfind(b"\n") + 1)
     return {int(line.split("\t", 1)[0]) for line in read_lines(path) if line.split("\t", 1)[0].isdigit()}
-
-
-def _class_names(reader: Any) -> list[str]:
-    """The source's name for each label: its folder name, or the label itself."""
-    base = reader.reader if isinstance(reader, DatasetSubset) else reader
-    if isinstance(base, ImageFolderDataset):
-        return list(base.classes[: reader.num_classes])
-    return [str(label) for label in range(int(reader.num_classes))]
 
 
 def _check_run(out: Path, run: dict[str, Any], *, resume: bool) -> None:
@@ -147,7 +136,7 @@ def _finished_counts(out: Path) -> dict[str, int]:
 
 
 def convert_dataset(
-    source: str | os.PathLike,
+    source: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     config: ConvertConfig | None = None,
     *,
@@ -155,19 +144,25 @@ def convert_dataset(
     overwrite: bool = False,
     show_progress: bool | None = None,
 ) -> ConvertResult:
-    """Write ``source`` (any dataset :func:`~hyperface.datasets.open_dataset` reads) to ``out`` in
-    the formats of ``config``; see the module docstring for the layout. Returns what was written."""
+    """Write ``source`` (any dataset :func:`~hyperface.datasets.open_dataset` reads, or several, one
+    after another: :class:`~hyperface.datasets.concat.ConcatDataset`) to ``out`` in the formats of
+    ``config``; see the module docstring for the layout. Returns what was written."""
     config = (config or ConvertConfig()).checked()
     started = time.perf_counter()
-    source_path, out_path = Path(source).resolve(), Path(out).resolve()
-    if out_path == source_path or out_path in source_path.parents or source_path in out_path.parents:
-        # --overwrite would delete the source before it is read; a folder inside it would become a class
-        raise HyperfaceError(f"--out {out} and the source {source} overlap: write the converted set to a folder of its own")
-    reader: Any = open_dataset(source)
+    sources = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(s) for s in source]
+    out_path = Path(out).resolve()
+    for source_path in (s.resolve() for s in sources):
+        if out_path == source_path or out_path in source_path.parents or source_path in out_path.parents:
+            # --overwrite would delete the source before it is read; a folder inside it would become a class
+            raise HyperfaceError(f"--out {out} and the source {source_path} overlap: write the converted set to a folder of its own")
+    if len(sources) == 1:
+        reader: Any = open_dataset(sources[0])
+    else:
+        reader = ConcatDataset([open_dataset(s) for s in sources], unique_tags([s.resolve().name for s in sources]))
     if config.identities is not None or config.images_per_identity is not None:
         reader = DatasetSubset(reader, identities=config.identities, per_identity=config.images_per_identity)
     labels = np.asarray(reader.labels, dtype=np.int64)
-    names = _class_names(reader)
+    names = reader.class_names()
     present = np.unique(labels)
     if config.relabel:
         new_label = np.searchsorted(present, labels)
@@ -262,7 +257,7 @@ def convert_dataset(
                     if rejected_log.tell() == 0:
                         rejected_log.write("source_index\timage\treason\n")
                 index = _source_index(reader, position)
-                rejected_log.write(f"{index}\t{escape_line(_source_name(reader, position))}\t{escape_line(problem)}\n")
+                rejected_log.write(f"{index}\t{escape_line(reader.image_name(position))}\t{escape_line(problem)}\n")
                 rejected_log.flush()
                 rejected.add(index)
                 continue
@@ -286,7 +281,7 @@ def convert_dataset(
     kept = ~np.isin(source_indices, np.fromiter(rejected, dtype=np.int64, count=len(rejected)))
     kept_labels = ordered_labels[kept]
     if not kept_labels.size:
-        raise HyperfaceError(f"no image of {source} could be read ({len(rejected)} tried; {rejected_path} says why)")
+        raise HyperfaceError(f"no image of {', '.join(map(str, sources))} could be read ({len(rejected)} tried; {rejected_path} says why)")
     if rejected:
         log.warning("%d unreadable image(s) left out; %s lists them", len(rejected), rejected_path)
     emptied = np.setdiff1d(np.unique(ordered_labels), kept_labels).size
@@ -306,8 +301,9 @@ def convert_dataset(
     seconds = time.perf_counter() - started
     manifest = Manifest(stage="convert", params=params, inputs={})
     manifest.extra.update({
-        "source": {"path": str(Path(source).resolve()), "fingerprint": fingerprint,
-                   **({"subset": reader.describe()} if isinstance(reader, DatasetSubset) else {})},
+        "source": {"paths": [str(s.resolve()) for s in sources], "fingerprint": fingerprint,
+                   **({"subset": reader.describe()} if isinstance(reader, DatasetSubset) else {}),
+                   **({"parts": reader.describe()} if isinstance(reader, ConcatDataset) else {})},
         "counts": {"images": int(kept_labels.size), "identities": num_classes, "rejected": len(rejected),
                    "written": written, "copied": copied},
         "outputs": [name for name, wanted in (("rec", "rec"), ("images", "folder")) if config.formats in (wanted, "both")]

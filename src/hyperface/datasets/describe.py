@@ -33,12 +33,6 @@ SAMPLE_IMAGES = 64
 EXAMPLES = 10
 
 
-def _name(reader: Any, index: int) -> str:
-    if isinstance(reader, ImageFolderDataset):
-        return reader.paths[index]
-    return f"{reader.rec_path.name}#{index}"
-
-
 def _counts_summary(counts: np.ndarray) -> dict[str, float]:
     with_images = counts[counts > 0]
     return {
@@ -120,7 +114,7 @@ def _check_every_image(reader: Any, *, workers: int, show_progress: bool | None)
             if digest is None:
                 readable[index] = False
                 if len(unreadable) < EXAMPLES:
-                    unreadable.append({"image": _name(reader, index), "label": int(labels[index]), "reason": problem})
+                    unreadable.append({"image": reader.image_name(index), "label": int(labels[index]), "reason": problem})
             else:
                 digests[index] = np.frombuffer(digest, dtype=np.uint64)
     finally:
@@ -147,7 +141,7 @@ def _check_every_image(reader: Any, *, workers: int, show_progress: bool | None)
         "duplicate_images": int((group_sizes - 1).sum()),
         "duplicate_groups_across_identities": int(across.sum()),
         "duplicate_examples": [
-            [{"image": _name(reader, int(i)), "label": int(labels[i])} for i in rows[groups[g] : groups[g] + group_sizes[g]]]
+            [{"image": reader.image_name(int(i)), "label": int(labels[i])} for i in rows[groups[g] : groups[g] + group_sizes[g]]]
             for g in shown
         ],
     }

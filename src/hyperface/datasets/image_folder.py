@@ -143,6 +143,14 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image_name(self, index: int) -> str:
+        """Image ``index``'s path in the folder (``class/file``)."""
+        return self.paths[index]
+
+    def class_names(self) -> list[str]:
+        """The folder name of each label."""
+        return list(self.classes)
+
     def read_raw(self, index: int) -> tuple[bytes, int]:
         path = self.root / self.paths[index]
         try:

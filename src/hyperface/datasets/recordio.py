@@ -365,6 +365,14 @@ class RecordIODataset:
     def __len__(self) -> int:
         return int(self._offsets.size)
 
+    def image_name(self, index: int) -> str:
+        """``train.rec#<index>``: how the embed index and the reports name a record."""
+        return f"{self.rec_path.name}#{index}"
+
+    def class_names(self) -> list[str]:
+        """Records have numbers, not names: each label's own number."""
+        return [str(label) for label in range(self.num_classes)]
+
     def _file(self) -> BinaryIO:
         if self._handle is None or self._handle_pid != os.getpid():
             self._handle = open(self.rec_path, "rb")

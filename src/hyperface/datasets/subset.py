@@ -65,6 +65,12 @@ class DatasetSubset:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.reader[int(self.indices[index])]
 
+    def image_name(self, index: int) -> str:
+        return self.reader.image_name(int(self.indices[index]))
+
+    def class_names(self) -> list[str]:
+        return self.reader.class_names()[: self.num_classes]
+
     def read_raw(self, index: int) -> tuple[bytes, int]:
         """The encoded image and its label, as the reader stores them."""
         return self.reader.read_raw(int(self.indices[index]))

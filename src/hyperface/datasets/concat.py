@@ -1,0 +1,83 @@
+"""Several datasets read as one, their identities side by side: the first dataset's labels, then the
+second's shifted past them, and so on. For mixing sets (HyperFace with DCFace, synthetic with real)
+into one training set with ``hyperface dataset convert A B --out AB``; nothing is copied until then.
+
+Identities are never merged across datasets: the same person in two of them becomes two classes, as
+it would in any concatenation of label spaces (``hyperface report`` can find such pairs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from hyperface.common.errors import HyperfaceError
+
+
+class ConcatDataset:
+    """``readers`` one after another; ``tags`` name them in image and class names (``tag/name``).
+    Same interface as the readers: ``labels``, ``num_classes``, ``fingerprint()``, ``len()``,
+    ``[i]``, ``read_raw(i)``, ``image_name(i)``, ``class_names()``."""
+
+    def __init__(self, readers: list[Any], tags: list[str]) -> None:
+        if not readers or len(readers) != len(tags):
+            raise HyperfaceError("concatenation needs one tag per dataset, and at least one dataset")
+        self.readers, self.tags = list(readers), list(tags)
+        self.class_offsets = np.cumsum([0] + [int(r.num_classes) for r in readers])
+        self.image_offsets = np.cumsum([0] + [len(r) for r in readers])
+        self.labels = np.concatenate(
+            [np.asarray(r.labels, dtype=np.int64) + offset for r, offset in zip(readers, self.class_offsets)]
+        )
+        self.num_classes = int(self.class_offsets[-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} images")
+        part = int(np.searchsorted(self.image_offsets, index, side="right")) - 1
+        return part, int(index - self.image_offsets[part])
+
+    def fingerprint(self) -> str:
+        """Each dataset's fingerprint, in order: another order is another dataset."""
+        text = "\0".join(["concat", *(r.fingerprint() for r in self.readers)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return int(self.image_offsets[-1])
+
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        part, local = self._locate(index)
+        data, label = self.readers[part].read_raw(local)
+        return data, int(label + self.class_offsets[part])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        part, local = self._locate(index)
+        image, label = self.readers[part][local]
+        return image, int(label + self.class_offsets[part])
+
+    def image_name(self, index: int) -> str:
+        part, local = self._locate(index)
+        return f"{self.tags[part]}/{self.readers[part].image_name(local)}"
+
+    def class_names(self) -> list[str]:
+        return [f"{tag}/{name}" for reader, tag in zip(self.readers, self.tags) for name in reader.class_names()]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"tag": tag, "images": len(reader), "identities": int(reader.num_classes), "first_label": int(offset)}
+            for reader, tag, offset in zip(self.readers, self.tags, self.class_offsets)
+        ]
+
+
+def unique_tags(names: list[str]) -> list[str]:
+    """Short names for datasets (their folder or file names), made unique with ``#2``, ``#3``."""
+    seen: dict[str, int] = {}
+    tags = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        tags.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return tags
+
+
+__all__ = ["ConcatDataset", "unique_tags"]
