@@ -359,7 +359,8 @@ def test_the_ijb_roc_panel_draws_the_reports_points(monkeypatch, tmp_path):
 
 
 def test_model_labels_name_the_run_and_step(tmp_path):
-    from hyperface.evaluation.runner import model_label, unique_labels
+    from hyperface.common.text import unique_labels
+    from hyperface.evaluation.runner import model_label
 
     step = tmp_path / "hf-r50" / "checkpoints" / "step-000000042"
     step.mkdir(parents=True)

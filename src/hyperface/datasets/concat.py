@@ -17,7 +17,8 @@ from hyperface.common.errors import HyperfaceError
 
 
 class ConcatDataset:
-    """``readers`` one after another; ``tags`` name them in image and class names (``tag/name``).
+    """``readers`` one after another; ``tags`` name them in image and class names (``tag/name``;
+    :func:`~hyperface.common.text.unique_labels` tells equal folder names apart).
     Same interface as the readers: ``labels``, ``num_classes``, ``fingerprint()``, ``len()``,
     ``[i]``, ``read_raw(i)``, ``image_name(i)``, ``class_names()``."""
 
@@ -70,14 +71,4 @@ class ConcatDataset:
         ]
 
 
-def unique_tags(names: list[str]) -> list[str]:
-    """Short names for datasets (their folder or file names), made unique with ``#2``, ``#3``."""
-    seen: dict[str, int] = {}
-    tags = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        tags.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return tags
-
-
-__all__ = ["ConcatDataset", "unique_tags"]
+__all__ = ["ConcatDataset"]

@@ -38,9 +38,10 @@ from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import atomic_write, escape_line, prepare_output_dir, read_json, read_lines, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
+from hyperface.common.text import unique_labels
 from hyperface.datasets import open_dataset
 from hyperface.datasets.codec import decode_image, image_encoding
-from hyperface.datasets.concat import ConcatDataset, unique_tags
+from hyperface.datasets.concat import ConcatDataset
 from hyperface.datasets.image_folder import ImageFolderWriter
 from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity, finish_interrupted_close
 from hyperface.datasets.subset import DatasetSubset
@@ -158,7 +159,7 @@ def convert_dataset(
     if len(sources) == 1:
         reader: Any = open_dataset(sources[0])
     else:
-        reader = ConcatDataset([open_dataset(s) for s in sources], unique_tags([s.resolve().name for s in sources]))
+        reader = ConcatDataset([open_dataset(s) for s in sources], unique_labels([s.resolve().name for s in sources]))
     if config.identities is not None or config.images_per_identity is not None:
         reader = DatasetSubset(reader, identities=config.identities, per_identity=config.images_per_identity)
     labels = np.asarray(reader.labels, dtype=np.int64)

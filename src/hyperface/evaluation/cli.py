@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.common.io import check_output_file, describe_input, save_json
     from hyperface.common.manifest import environment_versions
     from hyperface.common.runtime import get_logger
+    from hyperface.common.text import unique_labels
     from hyperface.evaluation.runner import (
-        evaluate_model, format_comparison, format_table, model_label, read_reports, unique_labels,
+        evaluate_model, format_comparison, format_table, model_label, read_reports,
     )
     from hyperface.recognition.recognizers import resolve_model_path
 

@@ -99,7 +99,7 @@ def labelled_uniquely(entries: Sequence[DatasetReport]) -> list[DatasetReport]:
     """The entries, a repeated label told apart: the second ``hf10k`` becomes ``hf10k (2)``."""
     from dataclasses import replace
 
-    from hyperface.evaluation.runner import unique_labels
+    from hyperface.common.text import unique_labels
 
     return [replace(e, label=label) for e, label in zip(entries, unique_labels([e.label for e in entries]))]
 
@@ -198,7 +198,7 @@ def comparability_notes(entries: Sequence[DatasetReport]) -> list[str]:
 
 def format_report_comparison(entries: Sequence[DatasetReport]) -> str:
     """The datasets as columns, one statistic a row, then the notes on what differs between them."""
-    from hyperface.evaluation.runner import side_by_side
+    from hyperface.common.text import side_by_side
 
     rows = comparison_rows(entries)
     models = [_model_name(e) for e in entries]
