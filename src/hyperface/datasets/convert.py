@@ -95,13 +95,6 @@ class ConvertResult:
     complete_before: bool = False  # the folder held the finished conversion already
 
 
-def _source_index(reader: Any, position: int) -> int:
-    """The source dataset's index of a reader's image ``position`` (they differ in a subset)."""
-    return int(reader.indices[position]) if isinstance(reader, DatasetSubset) else int(position)
-
-
-
-
 def _read_rejected(path: Path) -> set[int]:
     """Source images an interrupted run left out (the first field of each rejected.tsv line). A line
     torn by a kill is cut off first, so the lines appended after it stay whole."""
@@ -190,6 +183,8 @@ def convert_dataset(
     # identity by identity, in label order; within one, the source's order (stable sort)
     order = np.argsort(new_label, kind="stable")
     ordered_labels = new_label[order]
+    # rejected.tsv names images by their index in the source (a subset's positions are not that)
+    source_indices = reader.indices[order] if isinstance(reader, DatasetSubset) else order
 
     # A format finished in an earlier attempt (train.rec and .idx in place, images/ renamed) is kept.
     encode_as = config.image_format if config.image_format != "keep" else "jpg"  # for images not JPEG/PNG
@@ -220,7 +215,7 @@ def convert_dataset(
         slot: dict[int, int] = {}
         for k in range(order.size):
             label = int(ordered_labels[k])
-            if _source_index(reader, int(order[k])) in rejected:
+            if int(source_indices[k]) in rejected:
                 bar.update(1)
                 continue
             slot[label] = slot.get(label, -1) + 1
@@ -257,7 +252,7 @@ def convert_dataset(
                     rejected_log = open(rejected_path, "a", encoding="utf-8", errors="surrogateescape")
                     if rejected_log.tell() == 0:
                         rejected_log.write("source_index\timage\treason\n")
-                index = _source_index(reader, position)
+                index = int(source_indices[k])
                 rejected_log.write(f"{index}\t{escape_line(reader.image_name(position))}\t{escape_line(problem)}\n")
                 rejected_log.flush()
                 rejected.add(index)
@@ -278,7 +273,6 @@ def convert_dataset(
         bar.close()
         if rejected_log is not None:
             rejected_log.close()
-    source_indices = reader.indices[order] if isinstance(reader, DatasetSubset) else order
     kept = ~np.isin(source_indices, np.fromiter(rejected, dtype=np.int64, count=len(rejected)))
     kept_labels = ordered_labels[kept]
     if not kept_labels.size:
