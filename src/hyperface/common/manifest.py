@@ -84,8 +84,11 @@ class Manifest:
     def time(self, name: str, seconds: float) -> None:
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
 
-    def write(self, out_dir: str | os.PathLike, *, status: str = "complete", checksum_inputs: bool = True) -> Path:
-        path = Path(out_dir) / "manifest.json"
+    def write(self, out_dir: str | os.PathLike, *, status: str = "complete", checksum_inputs: bool = True,
+              name: str = "manifest.json") -> Path:
+        """Write ``out_dir/name`` (atomically); ``name`` for outputs that are files beside others
+        (``g.manifest.json`` beside ``g.npy``)."""
+        path = Path(out_dir) / name
         inputs = {}
         for name, value in self.inputs.items():
             if value is None:

@@ -28,6 +28,17 @@ source images, left out), run.json and manifest.json; `hyperface train`, `embed`
 """
 
 
+PAIRS_EPILOG = """\
+examples:
+  # held-out identities of a 10K-identity set: train on the first 9,000, verify on pairs of the rest
+  hyperface dataset pairs runs/gen --from-identity 9000 --out holdout.bin
+  hyperface train runs/gen --identities 9000 --val-bin lfw.bin holdout.bin --out runs/train
+  # how hard are a dataset's identities for a pretrained model?
+  hyperface dataset pairs data/dcface --out dcface-pairs.bin --seed 1
+  hyperface evaluate w600k_r50.onnx dcface-pairs.bin
+"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from hyperface.cli import HelpFormatter
 
@@ -82,6 +93,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     convert.set_defaults(func=run_convert)
 
+    pairs = actions.add_parser(
+        "pairs", help="a verification .bin (LFW's layout) from a dataset's identities, for train --val-bin and evaluate",
+        description="Sample genuine and impostor pairs from a dataset into insightface's verification .bin format: "
+                    "ten identity-disjoint folds, each half genuine (two images of one identity) and half impostor, "
+                    "no pair twice; the encoded images are copied as they are.",
+        epilog=PAIRS_EPILOG, formatter_class=HelpFormatter,
+    )
+    pairs.add_argument("data", metavar="DATA", help="image folder, RecordIO, or a generate/convert output folder")
+    pairs.add_argument("--out", "-o", required=True, metavar="FILE.bin", help="the .bin to write (with FILE.pairs.tsv and FILE.manifest.json beside it)")
+    pairs.add_argument("--pairs", type=int, default=6000, help="number of pairs, a multiple of 20 (default: 6000, as LFW)")
+    pairs.add_argument("--from-identity", type=int, default=0, metavar="S", help="first identity to draw from (default: 0)")
+    pairs.add_argument("--identities", type=int, metavar="K", help="draw from identities S..S+K-1 only (default: S to the last)")
+    pairs.add_argument("--seed", type=int, default=0, help="random seed of the draw (default: 0)")
+    pairs.add_argument("--overwrite", action="store_true", help="replace an existing FILE.bin")
+    pairs.set_defaults(func=run_pairs)
+
 
 def run_info(args: argparse.Namespace) -> int:
     import json
@@ -131,5 +158,42 @@ def run_convert(args: argparse.Namespace) -> int:
         result.images, result.identities, result.written, result.copied,
         f", {resumed} from the interrupted run" if resumed else "",
         f"; {result.rejected} unreadable left out, see rejected.tsv" if result.rejected else "", result.seconds,
+    )
+    return 0
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hyperface.common.errors import HyperfaceError, check_option
+    from hyperface.common.io import check_output_file
+    from hyperface.common.manifest import Manifest
+    from hyperface.common.runtime import get_logger
+    from hyperface.datasets import open_dataset
+    from hyperface.evaluation.pairs import make_verification_bin
+
+    check_option("--pairs", args.pairs, lambda v: v >= 20 and v % 20 == 0, "a positive multiple of 20 (10 folds, half genuine)", integer=True)
+    check_option("--from-identity", args.from_identity, lambda v: v >= 0, "at least 0", integer=True)
+    if args.identities is not None:
+        check_option("--identities", args.identities, lambda v: v >= 1, "at least 1", integer=True)
+    check_option("--seed", args.seed, lambda v: v >= 0, "a non-negative integer", integer=True)
+    out = Path(args.out)
+    if out.suffix != ".bin":
+        raise HyperfaceError(f"--out {out}: give a .bin path (e.g. holdout.bin)")
+    check_output_file(out, "--out")
+    if out.exists() and not args.overwrite:
+        raise HyperfaceError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    reader = open_dataset(args.data)
+    data_path = Path(args.data).resolve()
+    if data_path == out.resolve().parent or data_path in out.resolve().parents:
+        raise HyperfaceError(f"--out {out} is inside the dataset {args.data}: write it elsewhere, not among its files")
+    manifest = Manifest(stage="pairs", params={k: v for k, v in vars(args).items() if k in ("data", "out", "pairs", "from_identity", "identities", "seed")})
+    facts = make_verification_bin(reader, out, pairs=args.pairs, seed=args.seed, first_identity=args.from_identity,
+                                  identities=args.identities)
+    manifest.extra.update({"source": {"path": str(data_path), "fingerprint": reader.fingerprint()}, "counts": facts})
+    manifest.write(out.parent, name=out.stem + ".manifest.json")
+    get_logger("hyperface.datasets").info(
+        "%s: %d pairs (%d genuine) over %d identities %d..%d in %d identity-disjoint folds; %s lists them",
+        out, facts["pairs"], facts["genuine"], facts["identities_used"], *facts["identity_range"], facts["folds"], facts["listing"],
     )
     return 0

@@ -399,9 +399,8 @@ def embed_images(
             "fingerprint": _fingerprint(source, _result_settings(settings)),
         }
     )
-    # Manifest.write names its file manifest.json: write it in the parts folder, then move it to
-    # its place (manifest.json, or g.manifest.json for the file form) before the parts go.
-    os.replace(manifest.write(paths.parts), paths.manifest)
+    # in its place (manifest.json, or g.manifest.json for the file form) before the parts go
+    manifest.write(paths.manifest.parent, name=paths.manifest.name)
     shutil.rmtree(paths.parts)
     return result
 
