@@ -88,7 +88,7 @@ def test_cli_turns_path_errors_into_one_line_errors(monkeypatch, capsys):
     def buggy(args):
         raise OSError("an internal failure with no path")
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="hyperface report")  # as a stage's parser names itself
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     parser.set_defaults(func=fails, stage="report")
     assert cli.main([]) == 2

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HyperfaceError as exc:
-        print(f"hyperface {args.stage}: error: {exc}", file=sys.stderr)
+        print(f"{stage_parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `hyperface ... | head`: the reader left; not an error of ours
         import os
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         if exc.filename is None and exc.errno != errno.ENOSPC:
             raise  # not about a path the user gave: a bug, keep the traceback
         where = f": {exc.filename}" if exc.filename is not None else ""
-        print(f"hyperface {args.stage}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{stage_parser.prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hyperface {args.stage}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
+        print(f"{stage_parser.prog}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
 
 

@@ -102,9 +102,11 @@ def make_verification_bin(
     ``reader`` (a dataset reader), write them to ``out`` (.bin) and ``<out stem>.pairs.tsv`` (image
     names and same/different, one line per pair); return the facts for a manifest."""
     labels = np.asarray(reader.labels, dtype=np.int64)
-    last = int(reader.num_classes) if identities is None else first_identity + identities
-    if first_identity < 0 or last > int(reader.num_classes) or last <= first_identity:
-        raise HyperfaceError(f"identities {first_identity}..{last - 1} are not in the dataset's 0..{int(reader.num_classes) - 1}")
+    classes = int(reader.num_classes)
+    last = classes if identities is None else first_identity + identities
+    if not 0 <= first_identity < classes or last > classes:
+        asked = f"identities {first_identity}..{last - 1}" if identities is not None else f"identity {first_identity} onwards"
+        raise HyperfaceError(f"{asked} asked for, but the dataset has identities 0..{classes - 1}")
     chosen = np.flatnonzero((labels >= first_identity) & (labels < last))
     index_pairs, issame = sample_pairs(labels[chosen], pairs, seed=seed)
     index_pairs = chosen[index_pairs]
