@@ -307,3 +307,56 @@ def test_several_sources_are_concatenated_with_shifted_labels(folder, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["source"]["parts"][1]["first_label"] == 3
     with pytest.raises(HyperfaceError, match="other settings|has changed"):
         convert_dataset([tmp_path / "second", folder], out, ConvertConfig(formats="both"), resume=True, show_progress=False)
+
+
+# --- from a code review -----------------------------------------------------------------------------
+
+
+def test_both_outputs_store_the_same_bytes_encoded_once(folder, tmp_path, monkeypatch):
+    import hyperface.datasets.convert as convert_module
+
+    calls = []
+    real_encode = convert_module.encode_image
+    monkeypatch.setattr(convert_module, "encode_image", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    convert_dataset(folder, tmp_path / "o", ConvertConfig(formats="both", image_format="png", workers=2), show_progress=False)
+    assert len(calls) == 9  # one encode an image, not one a format
+    assert _raw(RecordIODataset(tmp_path / "o" / "rec")) == _raw(ImageFolderDataset(tmp_path / "o" / "images"))
+
+
+def test_image_size_of_reads_the_header_as_decoding_turns_it():
+    import io
+
+    from PIL import Image
+
+    from hyperface.datasets.codec import decode_image, image_size_of
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(buffer, "JPEG", exif=exif)
+    assert image_size_of(buffer.getvalue()) == decode_image(buffer.getvalue()).shape[:2] == (40, 20)
+    assert image_size_of(b"\xff\xd8\xffjunk") is None
+
+
+def test_index_digits_keep_long_identities_in_order(tmp_path):
+    writer = ImageFolderWriter(tmp_path / "f", index_digits=5)
+    writer.add(_image(1), 0, index=9999)
+    writer.add(_image(2), 0, index=10000)
+    assert [p.name for p in writer.existing(0)] == ["09999.jpg", "10000.jpg"]
+
+
+def test_info_prints_names_that_are_not_utf8_as_their_bytes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    odd = tmp_path / "src" / os.fsdecode(b"\xffodd")
+    odd.mkdir(parents=True)
+    (odd / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "src" / "b").mkdir()
+    (tmp_path / "src" / "b" / "a.png").write_bytes(cv2.imencode(".png", _image(1))[1].tobytes())
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "hyperface", "dataset", "info", str(tmp_path / "src"), "--check"],
+                          capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert b"\xffodd/a.png" in done.stdout and b"class folders b .. \xffodd" in done.stdout

@@ -370,6 +370,7 @@ def test_model_labels_name_the_run_and_step(tmp_path):
     (tmp_path / "w600k_r50.onnx").write_bytes(b"x")
     assert model_label(tmp_path / "w600k_r50.onnx") == "w600k_r50.onnx"
     assert unique_labels(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
+    assert unique_labels(["a", "a", "a (2)"]) == ["a", "a (3)", "a (2)"]  # never two the same
 
 
 def test_bins_may_follow_options_and_compare_lists_end_with_a_double_dash(tiny_backbone, tmp_path, capsys):

@@ -93,3 +93,15 @@ def test_cli_writes_a_bin_that_reads_back_and_evaluates(faces, tmp_path, capsys)
     assert "inside the dataset" in capsys.readouterr().err
     assert main(["dataset", "pairs", str(faces), "--out", str(tmp_path / "y.bin"), "--pairs", "30"]) == 2
     assert "--pairs must be a positive multiple of 20" in capsys.readouterr().err
+
+
+def test_unreadable_images_never_reach_the_bin(faces, tmp_path):
+    for identity in range(0, 30, 3):  # a broken file in every third identity
+        (faces / f"{identity:06d}" / "9.jpg").write_bytes(b"\xff\xd8\xff" + b"broken")
+    out = tmp_path / "p.bin"
+    assert main(["dataset", "pairs", str(faces), "--out", str(out), "--pairs", "200"]) == 0
+    images, issame = load_bin(out)  # every image decodes
+    assert images.shape[0] == 400 and issame.sum() == 100
+    left_out = json.loads((tmp_path / "p.manifest.json").read_text())["counts"]["unreadable_left_out"]
+    assert left_out and all(name.endswith("/9.jpg") for name in left_out)
+    assert "9.jpg" not in (tmp_path / "p.pairs.tsv").read_text()

@@ -90,13 +90,13 @@ class Manifest:
         (``g.manifest.json`` beside ``g.npy``)."""
         path = Path(out_dir) / name
         inputs = {}
-        for name, value in self.inputs.items():
+        for key, value in self.inputs.items():
             if value is None:
                 continue
             if isinstance(value, dict):  # already described (describe_input): not hashed again
-                inputs[name] = value
+                inputs[key] = value
             else:
-                inputs[name] = describe_input(value) if checksum_inputs else {"path": str(Path(value).resolve())}
+                inputs[key] = describe_input(value) if checksum_inputs else {"path": str(Path(value).resolve())}
         payload = {
             "stage": self.stage,
             "status": status,

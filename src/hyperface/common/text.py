@@ -6,12 +6,18 @@ from typing import Sequence
 
 
 def unique_labels(labels: Sequence[str]) -> list[str]:
-    """``labels`` with repeats told apart: the second ``hf-r50`` becomes ``hf-r50 (2)``."""
-    seen: dict[str, int] = {}
+    """``labels`` with repeats told apart: the second ``hf-r50`` becomes ``hf-r50 (2)`` (or the next
+    number free, so a label already named ``hf-r50 (2)`` keeps its name)."""
+    taken = set(labels)
+    seen: set[str] = set()
     out = []
     for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+        name, number = label, 1
+        while name in seen or (name != label and name in taken):  # taken: another label is called that
+            number += 1
+            name = f"{label} ({number})"
+        seen.add(name)
+        out.append(name)
     return out
 
 
@@ -25,4 +31,17 @@ def side_by_side(labels: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]
     return lines
 
 
-__all__ = ["side_by_side", "unique_labels"]
+def print_text(text: str) -> None:
+    """Print ``text`` with file names as they are on disk: a name that is not UTF-8 (held as
+    surrogates) goes out as its own bytes instead of failing on a strict UTF-8 stdout."""
+    import sys
+
+    try:
+        print(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape") + b"\n")
+        sys.stdout.buffer.flush()
+
+
+__all__ = ["print_text", "side_by_side", "unique_labels"]

@@ -106,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pairs.add_argument("--from-identity", type=int, default=0, metavar="S", help="first identity to draw from (default: 0)")
     pairs.add_argument("--identities", type=int, metavar="K", help="draw from identities S..S+K-1 only (default: S to the last)")
     pairs.add_argument("--seed", type=int, default=0, help="random seed of the draw (default: 0)")
-    pairs.add_argument("--overwrite", action="store_true", help="replace an existing FILE.bin")
+    pairs.add_argument("--overwrite", action="store_true", help="replace an existing FILE.bin (and its .pairs.tsv and .manifest.json)")
     pairs.set_defaults(func=run_pairs)
 
 
@@ -114,21 +114,20 @@ def run_info(args: argparse.Namespace) -> int:
     import json
 
     from hyperface.common.errors import HyperfaceError, check_option
-    from hyperface.common.io import check_output_file
-    from hyperface.datasets.describe import describe_dataset, format_description, save_dataset_preview
+    from hyperface.common.text import print_text
+    from hyperface.datasets import open_dataset
+    from hyperface.datasets.describe import check_preview_path, describe_dataset, format_description, save_dataset_preview
 
     check_option("--workers", args.workers, lambda v: v >= 1, "at least 1", integer=True)
     for flag, value in (("DATA", args.data), ("--preview", args.preview)):
         if value is not None and not value.strip():
             raise HyperfaceError(f"{flag} is empty: give a path")
-    if args.preview:
-        if not args.preview.lower().endswith((".jpg", ".jpeg")):
-            raise HyperfaceError(f"--preview {args.preview}: the contact sheet is a JPEG; give a .jpg path")
-        check_output_file(args.preview, "--preview")
+    if args.preview:  # all of it before a --check that may read millions of images
+        check_preview_path(args.preview, open_dataset(args.data))
     facts = describe_dataset(args.data, check=args.check, workers=args.workers)
     if args.preview:
         facts["preview"] = str(save_dataset_preview(args.preview, facts.get("dataset", args.data)))
-    print(json.dumps(facts, indent=2) if args.json else format_description(facts))
+    print_text(json.dumps(facts, indent=2) if args.json else format_description(facts))
     return 0
 
 
@@ -170,6 +169,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     from hyperface.common.manifest import Manifest
     from hyperface.common.runtime import get_logger
     from hyperface.datasets import open_dataset
+    from hyperface.datasets.describe import check_outside_dataset
     from hyperface.evaluation.pairs import make_verification_bin
 
     check_option("--pairs", args.pairs, lambda v: v >= 20 and v % 20 == 0, "a positive multiple of 20 (10 folds, half genuine)", integer=True)
@@ -181,18 +181,22 @@ def run_pairs(args: argparse.Namespace) -> int:
     if out.suffix != ".bin":
         raise HyperfaceError(f"--out {out}: give a .bin path (e.g. holdout.bin)")
     check_output_file(out, "--out")
-    if out.exists() and not args.overwrite:
-        raise HyperfaceError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    beside = [out, out.with_name(out.stem + ".pairs.tsv"), out.with_name(out.stem + ".manifest.json")]
+    existing = [path.name for path in beside if path.exists()]
+    if existing and not args.overwrite:
+        raise HyperfaceError(f"{', '.join(existing)} exist(s) in {out.parent}: pass --overwrite to replace, or choose another --out")
     reader = open_dataset(args.data)
+    check_outside_dataset(out, reader, "--out")
     data_path = Path(args.data).resolve()
-    if data_path == out.resolve().parent or data_path in out.resolve().parents:
-        raise HyperfaceError(f"--out {out} is inside the dataset {args.data}: write it elsewhere, not among its files")
     manifest = Manifest(stage="pairs", params={k: v for k, v in vars(args).items() if k in ("data", "out", "pairs", "from_identity", "identities", "seed")})
     facts = make_verification_bin(reader, out, pairs=args.pairs, seed=args.seed, first_identity=args.from_identity,
                                   identities=args.identities)
     manifest.extra.update({"source": {"path": str(data_path), "fingerprint": reader.fingerprint()}, "counts": facts})
     manifest.write(out.parent, name=out.stem + ".manifest.json")
-    get_logger("hyperface.datasets").info(
+    log = get_logger("hyperface.datasets")
+    if facts["unreadable_left_out"]:
+        log.warning("%d unreadable image(s) left out of the pairs (the manifest names them)", len(facts["unreadable_left_out"]))
+    log.info(
         "%s: %d pairs (%d genuine) over %d identities %d..%d in %d identity-disjoint folds; %s lists them",
         out, facts["pairs"], facts["genuine"], facts["identities_used"], *facts["identity_range"], facts["folds"], facts["listing"],
     )

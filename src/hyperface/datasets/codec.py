@@ -80,7 +80,18 @@ def check_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def image_size_of(data: bytes) -> tuple[int, int]:
-    """(height, width) of encoded image bytes."""
-    image = decode_image(data)
-    return int(image.shape[0]), int(image.shape[1])
+def image_size_of(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) of encoded image bytes as :func:`decode_image` returns them, read from the
+    header (EXIF orientation applied) without decoding the pixels; None when the header is unreadable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn: decoding swaps the sides
+                width, height = height, width
+    except Exception:  # any unreadable header: the caller learns the size elsewhere
+        return None
+    return int(height), int(width)

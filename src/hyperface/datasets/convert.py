@@ -15,8 +15,10 @@ the folder itself)::
     OUT/manifest.json                           parameters, source checksum, counts (written last)
     OUT/run.json                                what is being converted (checked on resume)
 
-Encoded JPEG/PNG bytes are copied as they are (``image_format="keep"``: lossless, no decoding);
-other formats, or an explicit ``jpg``/``png``, are decoded and encoded again in worker threads.
+Encoded JPEG/PNG bytes are copied as they are (``image_format="keep"``: lossless; decoded only to
+check them, which ``verify=False`` skips); other formats, or an explicit ``jpg``/``png``, are decoded
+and encoded again in worker threads, once for both outputs. Unreadable images are left out and
+listed in ``OUT/rejected.tsv``.
 Images are written identity by identity in label order. A kill loses at most the image being
 written: ``resume=True`` keeps every finished image (the RecordIO writer's own recovery, and the
 image files present) and continues after it.
@@ -40,7 +42,7 @@ from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.common.text import unique_labels
 from hyperface.datasets import open_dataset
-from hyperface.datasets.codec import decode_image, image_encoding
+from hyperface.datasets.codec import decode_image, encode_image, image_encoding
 from hyperface.datasets.concat import ConcatDataset
 from hyperface.datasets.image_folder import ImageFolderWriter
 from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity, finish_interrupted_close
@@ -193,16 +195,14 @@ def convert_dataset(
     if config.formats in ("rec", "both") and not ((out / "rec" / "train.rec").exists() and (out / "rec" / "train.idx").exists()):
         rec = RecordIOWriter(out / "rec", resume=True, image_format=encode_as, quality=config.quality)
     if config.formats in ("folder", "both") and not (out / "images").is_dir():
+        most = int(np.bincount(new_label).max())  # file names of one width sort in index order
         folder = ImageFolderWriter(out / "images.tmp", image_format=encode_as, quality=config.quality,
-                                   digits=max(6, len(str(num_classes - 1))))
-    in_rec = rec.label_counts if rec is not None else {}
-    in_folder: dict[int, int] = {}
-
-    def have(label: int) -> int:
-        """Images of ``label`` both writers already hold (each writes in order: a prefix)."""
-        if folder is not None and label not in in_folder:
-            in_folder[label] = len(folder.existing(label))
-        return min(in_rec.get(label, 0) if rec is not None else 1 << 62, in_folder[label] if folder is not None else 1 << 62)
+                                   digits=max(6, len(str(num_classes - 1))), index_digits=max(4, len(str(most - 1))))
+    def held(label: int) -> tuple[int, int]:
+        """Images of ``label`` the rec and the folder hold from an interrupted run (each writes in
+        order: a prefix). Asked before this run writes any image of the label."""
+        return (rec.images_of(label) if rec is not None else 1 << 62,
+                len(folder.existing(label)) if folder is not None else 1 << 62)
 
     # Unreadable images are left out and listed in rejected.tsv as they are found (before anything
     # after them is written), so a resumed run knows which source images its written ones were.
@@ -212,25 +212,27 @@ def convert_dataset(
 
     def todo() -> Iterator[int]:
         """Write positions k of the images not yet written; the rest only move the bar."""
-        slot: dict[int, int] = {}
+        label, slot, done = -1, 0, 0  # one label at a time: no per-identity tables at millions of them
         for k in range(order.size):
-            label = int(ordered_labels[k])
             if int(source_indices[k]) in rejected:
                 bar.update(1)
                 continue
-            slot[label] = slot.get(label, -1) + 1
-            if slot[label] < have(label):
+            if ordered_labels[k] != label:
+                label, slot = int(ordered_labels[k]), 0
+                done = min(held(label))
+            if slot < done:
                 bar.update(1)
             else:
                 yield k
+            slot += 1
 
-    lock = threading.Lock()  # read_raw shares one file handle: reads one at a time, decoding in parallel
+    lock = threading.Lock()  # read_raw shares one file handle: reads one at a time, the rest in parallel
 
-    def load(k: int) -> tuple[int, bytes | np.ndarray | None, bool, str]:
-        index = int(order[k])
+    def load(k: int) -> tuple[int, bytes | None, bool, str]:
+        """(k, the bytes both writers store, whether they are the source's own, why not readable)."""
         with lock:
             try:
-                data, _ = reader.read_raw(index)
+                data, _ = reader.read_raw(int(order[k]))
             except HyperfaceError as exc:
                 return k, None, False, str(exc)
         copy = config.image_format == "keep" and image_encoding(data) in ("JPEG", "PNG")
@@ -238,31 +240,35 @@ def convert_dataset(
             image = decode_image(data, what="image") if config.verify or not copy else None
         except HyperfaceError as exc:
             return k, None, False, str(exc)
-        return (k, data, True, "") if copy else (k, image, False, "")
+        if copy:
+            return k, data, True, ""
+        return k, encode_image(image, image_format=encode_as, quality=config.quality), False, ""  # once, here
 
     written = copied = 0
-    next_slot: dict[int, int] = {}
+    label, slot, rec_had, folder_had = -1, 0, 0, 0
     rejected_log = None  # rejected.tsv is created with the first reject
     try:
-        for k, image, raw, problem in ordered_parallel_map(load, todo(), config.workers, window=8 * config.workers):
-            label, position = int(ordered_labels[k]), int(order[k])
+        for k, data, raw, problem in ordered_parallel_map(load, todo(), config.workers, window=8 * config.workers):
             bar.update(1)
-            if image is None:
+            if data is None:
                 if rejected_log is None:
                     rejected_log = open(rejected_path, "a", encoding="utf-8", errors="surrogateescape")
                     if rejected_log.tell() == 0:
                         rejected_log.write("source_index\timage\treason\n")
                 index = int(source_indices[k])
-                rejected_log.write(f"{index}\t{escape_line(reader.image_name(position))}\t{escape_line(problem)}\n")
+                rejected_log.write(f"{index}\t{escape_line(reader.image_name(int(order[k])))}\t{escape_line(problem)}\n")
                 rejected_log.flush()
                 rejected.add(index)
                 continue
-            slot = next_slot.setdefault(label, have(label))
-            next_slot[label] = slot + 1
-            if rec is not None and slot >= in_rec.get(label, 0):
-                rec.add(image, label)
-            if folder is not None and slot >= in_folder[label]:
-                folder.add(image, label, index=slot)
+            if ordered_labels[k] != label:
+                label = int(ordered_labels[k])
+                rec_had, folder_had = held(label)
+                slot = min(rec_had, folder_had)
+            if rec is not None and slot >= rec_had:
+                rec.add(data, label)
+            if folder is not None and slot >= folder_had:
+                folder.add(data, label, index=slot)
+            slot += 1
             written += 1
             copied += raw
     except BaseException:
@@ -279,9 +285,11 @@ def convert_dataset(
         raise HyperfaceError(f"no image of {', '.join(map(str, sources))} could be read ({len(rejected)} tried; {rejected_path} says why)")
     if rejected:
         log.warning("%d unreadable image(s) left out; %s lists them", len(rejected), rejected_path)
-    emptied = np.setdiff1d(np.unique(ordered_labels), kept_labels).size
-    if emptied:
-        log.warning("%d identit%s lost every image (unreadable): kept as empty classes", emptied, "y" if emptied == 1 else "ies")
+    emptied = np.setdiff1d(np.unique(ordered_labels), kept_labels)
+    if emptied.size:
+        log.warning("%d identit%s lost every image (unreadable), kept as empty classes: %s", emptied.size,
+                    "y" if emptied.size == 1 else "ies", ", ".join(escape_line(source_of[int(label)]) for label in emptied[:5])
+                    + (f" and {emptied.size - 5} more" if emptied.size > 5 else ""))
     if rec is not None:
         rec.close(num_classes=num_classes)  # identity records and property for every class, empty ones too
     if folder is not None:

@@ -32,7 +32,9 @@ class ImageFolderWriter:
     the failure this guards against, and per-file fsync would dominate at millions of images.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, image_format: str = "jpg", quality: int = 95, digits: int = 6) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, *, image_format: str = "jpg", quality: int = 95, digits: int = 6, index_digits: int = 4
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.image_format = image_format.lower().lstrip(".").replace("jpeg", "jpg")
@@ -40,6 +42,7 @@ class ImageFolderWriter:
             raise HyperfaceError(f"unsupported image format {image_format!r}: use jpg or png")
         self.quality = quality
         self.digits = digits
+        self.index_digits = index_digits  # file names sort in index order only while they have equal widths
         self._next_index: dict[int, int] = {}
 
     def folder(self, label: int) -> Path:
@@ -71,7 +74,7 @@ class ImageFolderWriter:
         self._next_index[label] = max(self._next_index.get(label, 0), int(index) + 1)
         folder = self.folder(label)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{int(index):04d}.{extension}"
+        path = folder / f"{int(index):0{self.index_digits}d}.{extension}"
         # One name per image (one writer per folder): a rerun after a kill reuses it, so no
         # temporaries pile up, and none is carried along when a staging folder is renamed.
         tmp = folder / f".{path.name}.tmp"

@@ -32,7 +32,7 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.runtime import get_logger
-from hyperface.datasets.codec import check_rgb_uint8, decode_image, encode_image
+from hyperface.datasets.codec import check_rgb_uint8, decode_image, encode_image, image_size_of
 
 log = get_logger("hyperface.datasets")
 
@@ -429,20 +429,6 @@ class RecordIODataset:
         return f"RecordIODataset({str(self.rec_path)!r}, images={len(self)}, classes={self.num_classes}, layout={self.layout})"
 
 
-def encoded_image_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from an encoded image's header, without decoding it; None if unreadable."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception:  # any unreadable header: the size is learnt from a later image
-        return None
-    return int(height), int(width)
-
-
 def finish_interrupted_close(rec_path: str | os.PathLike) -> bool:
     """Complete a :meth:`RecordIOWriter.close` killed between its two renames (the finished ``.rec``
     in place, its fsynced ``.idx`` still named ``.idx.tmp``). Returns whether there was one."""
@@ -533,7 +519,7 @@ class RecordIOWriter:
                         break
                     self._track(_scalar_label(header), key)
                     if self.image_size is None:
-                        self.image_size = encoded_image_size(unpack_payload(read_record(handle, offset))[1])
+                        self.image_size = image_size_of(unpack_payload(read_record(handle, offset))[1])
                 valid_lines.append(line + b"\n")
                 valid_end_rec = end
         if not valid_lines:
@@ -566,6 +552,11 @@ class RecordIOWriter:
         self._ranges[label][1] = key + 1
 
     # -- writing -----------------------------------------------------------------------------------
+    def images_of(self, label: int) -> int:
+        """Images written so far for ``label``."""
+        start, end = self._ranges.get(int(label), (0, 0))
+        return end - start
+
     @property
     def label_counts(self) -> dict[int, int]:
         """Images written so far per label (after a resume: what survived the kill)."""
@@ -587,7 +578,7 @@ class RecordIOWriter:
         if isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
             if self.image_size is None:  # from the header: the bytes are stored as given, not decoded
-                self.image_size = encoded_image_size(data)
+                self.image_size = image_size_of(data)
         else:
             image = check_rgb_uint8(image)
             if self.image_size is None:
@@ -686,7 +677,6 @@ __all__ = [
     "RecordIOWriter",
     "FLOAT32_EXACT_LIMIT",
     "check_recordio_capacity",
-    "encoded_image_size",
     "finish_interrupted_close",
     "frame_record",
     "pack_payload",

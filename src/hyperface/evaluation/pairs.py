@@ -22,8 +22,8 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import atomic_write, escape_line
-
-FOLDS = 10
+from hyperface.datasets.codec import decode_image
+from hyperface.evaluation.verification import FOLDS
 
 
 def sample_pairs(labels: np.ndarray, pairs: int, *, seed: int = 0, folds: int = FOLDS) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +100,8 @@ def make_verification_bin(
 ) -> dict[str, Any]:
     """Sample pairs among identities ``first_identity .. first_identity + identities - 1`` of
     ``reader`` (a dataset reader), write them to ``out`` (.bin) and ``<out stem>.pairs.tsv`` (image
-    names and same/different, one line per pair); return the facts for a manifest."""
+    names and same/different, one line per pair); return the facts for a manifest. Every image in
+    the pairs decodes: one that does not is left out and the pairs are drawn again without it."""
     labels = np.asarray(reader.labels, dtype=np.int64)
     classes = int(reader.num_classes)
     last = classes if identities is None else first_identity + identities
@@ -108,9 +109,24 @@ def make_verification_bin(
         asked = f"identities {first_identity}..{last - 1}" if identities is not None else f"identity {first_identity} onwards"
         raise HyperfaceError(f"{asked} asked for, but the dataset has identities 0..{classes - 1}")
     chosen = np.flatnonzero((labels >= first_identity) & (labels < last))
-    index_pairs, issame = sample_pairs(labels[chosen], pairs, seed=seed)
-    index_pairs = chosen[index_pairs]
-    bins = [reader.read_raw(int(i))[0] for i in index_pairs.reshape(-1)]
+    unreadable: list[str] = []
+    while True:  # a drawn image that does not decode is left out and the pairs drawn again (same seed)
+        index_pairs, issame = sample_pairs(labels[chosen], pairs, seed=seed)
+        index_pairs = chosen[index_pairs]
+        encoded: dict[int, bytes] = {}
+        bad = []
+        for i in np.unique(index_pairs):
+            try:
+                data = reader.read_raw(int(i))[0]
+                decode_image(data)
+                encoded[int(i)] = data
+            except HyperfaceError:
+                bad.append(int(i))
+        if not bad:
+            break
+        unreadable += [reader.image_name(i) for i in bad]
+        chosen = np.setdiff1d(chosen, bad)
+    bins = [encoded[int(i)] for i in index_pairs.reshape(-1)]
     out = Path(out)
     write_bin(out, bins, issame)
     listing = out.with_name(out.stem + ".pairs.tsv")
@@ -120,7 +136,8 @@ def make_verification_bin(
                           for (a, b), same in zip(index_pairs, issame))
     used = np.unique(labels[index_pairs.reshape(-1)])
     return {"pairs": int(issame.size), "genuine": int(issame.sum()), "identities_used": int(used.size),
-            "identity_range": [first_identity, last - 1], "folds": FOLDS, "listing": listing.name}
+            "identity_range": [first_identity, last - 1], "folds": FOLDS, "listing": listing.name,
+            "unreadable_left_out": unreadable}
 
 
-__all__ = ["FOLDS", "make_verification_bin", "sample_pairs", "write_bin"]
+__all__ = ["make_verification_bin", "sample_pairs", "write_bin"]

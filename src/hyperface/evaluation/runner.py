@@ -11,7 +11,7 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.text import side_by_side
-from hyperface.evaluation.verification import VerificationResult, evaluate_bin
+from hyperface.evaluation.verification import FOLDS, VerificationResult, evaluate_bin
 
 
 def _benchmark_names(paths: Sequence[Path]) -> list[str]:
@@ -27,7 +27,7 @@ def evaluate_model(
     device: str = "auto",
     batch_size: int = 64,
     flip: bool = True,
-    nfolds: int = 10,
+    nfolds: int = FOLDS,
     ijb_root: str | os.PathLike | None = None,
     ijb_target: str = "IJBC",
     ijb_detector_score: bool = True,

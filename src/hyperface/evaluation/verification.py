@@ -26,6 +26,8 @@ import numpy as np
 from hyperface.common.errors import HyperfaceError, exception_summary
 from hyperface.datasets.codec import decode_image
 
+#: Folds of insightface's protocol (``KFold(10, shuffle=False)``).
+FOLDS = 10
 #: Distance thresholds insightface searches for the accuracy.
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 #: Finer grid insightface uses for VAL@FAR.
@@ -281,7 +283,7 @@ def _threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) ->
 
 
 def evaluate_embeddings(
-    embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10, *, far_target: float = 1e-3
+    embeddings: np.ndarray, issame: np.ndarray, nfolds: int = FOLDS, *, far_target: float = 1e-3
 ) -> VerificationResult:
     """insightface's 10-fold verification accuracy for already fused and L2-normalised embeddings.
 
@@ -378,7 +380,7 @@ def evaluate_images(
     *,
     batch_size: int = 64,
     flip: bool = True,
-    nfolds: int = 10,
+    nfolds: int = FOLDS,
 ) -> VerificationResult:
     """The protocol on already decoded pairs (``load_bin`` output): for periodic checks during training,
     decode a .bin once and call this every few thousand steps."""
@@ -394,7 +396,7 @@ def evaluate_bin(
     batch_size: int = 64,
     flip: bool = True,
     *,
-    nfolds: int = 10,
+    nfolds: int = FOLDS,
     image_size: int = 112,
 ) -> VerificationResult:
     """Run the full protocol on a .bin: ``embed_fn(uint8 (B,H,W,3) RGB) -> (B, D)`` raw or normalised features.
@@ -414,6 +416,7 @@ def evaluate_bin(
 
 __all__ = [
     "ACCURACY_THRESHOLDS",
+    "FOLDS",
     "HISTOGRAM_BINS",
     "VAL_THRESHOLDS",
     "VerificationResult",

@@ -41,9 +41,6 @@ from hyperface.training.losses import PartialFC, build_margin
 
 log = get_logger("hyperface.train")
 
-#: verification during training uses the community protocol's ten folds, as `hyperface evaluate` does
-VAL_FOLDS = 10
-
 #: Settings that must not change when a run is resumed, finished or not: the weights would not fit,
 #: or the resumed run would no longer be the one its config.json and manifest.json describe. What may
 #: change: run length limits (--max-steps), where and how fast it runs (--device, --workers, --amp,
@@ -450,13 +447,13 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         raise HyperfaceError(f"--val-bin file(s) not found: {', '.join(missing)}")
     val_sets: dict[str, tuple] = {}  # decoded once, before training: a bad file fails now, not after an epoch
     if is_main and cfg.val_bins:
-        from hyperface.evaluation.verification import load_bin
+        from hyperface.evaluation.verification import FOLDS, load_bin
 
         val_sets = {bin_path: load_bin(bin_path) for bin_path in cfg.val_bins}
         for bin_path, (_, issame) in val_sets.items():
-            if len(issame) < VAL_FOLDS:
+            if len(issame) < FOLDS:
                 raise HyperfaceError(
-                    f"--val-bin {bin_path} holds {len(issame)} pair(s): verification splits pairs into {VAL_FOLDS} "
+                    f"--val-bin {bin_path} holds {len(issame)} pair(s): verification splits pairs into {FOLDS} "
                     "folds, so it needs at least that many (LFW has 6,000)"
                 )
 
@@ -624,7 +621,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
 
             results = {}
             for bin_path in cfg.val_bins:
-                result = evaluate_images(embed, *val_sets[bin_path], nfolds=VAL_FOLDS, flip=True)
+                result = evaluate_images(embed, *val_sets[bin_path], flip=True)  # insightface's ten folds
                 results[Path(bin_path).stem] = float(result.accuracy)
             val_results.update(results)
             # 1-based, as the log prints it: the epoch this step belongs to (validation at an epoch's
