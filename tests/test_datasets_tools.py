@@ -360,3 +360,35 @@ def test_info_prints_names_that_are_not_utf8_as_their_bytes(tmp_path):
                           capture_output=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert b"\xffodd/a.png" in done.stdout and b"class folders b .. \xffodd" in done.stdout
+
+
+@pytest.mark.parametrize("formats", ["rec", "both"])
+def test_a_hard_kill_resumes_to_the_same_files(folder, tmp_path, formats):
+    """os._exit mid-run (no exception handler, no suspend): what a SIGKILL leaves behind."""
+    import os
+    import subprocess
+    import sys
+
+    config = ConvertConfig(formats=formats)
+    convert_dataset(folder, tmp_path / "whole", config, show_progress=False)
+    script = f"""
+import os
+from hyperface.datasets import ImageFolderWriter, RecordIOWriter
+from hyperface.datasets.convert import ConvertConfig, convert_dataset
+target = {"RecordIOWriter" if formats == "rec" else "ImageFolderWriter"}
+real, calls = target.add, []
+def add(self, *args, **kwargs):
+    calls.append(1)
+    result = real(self, *args, **kwargs)
+    if len(calls) == 5:
+        os._exit(9)
+    return result
+target.add = add
+convert_dataset({str(folder)!r}, {str(tmp_path / "cut")!r}, ConvertConfig(formats={formats!r}), show_progress=False)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=120)
+    assert done.returncode == 9, done.stderr.decode()[-2000:]
+    result = convert_dataset(folder, tmp_path / "cut", config, resume=True, show_progress=False)
+    assert result.images == 9 and result.written == 4
+    for name in ("rec/train.rec", "rec/train.idx", "rec/property", "classes.tsv", "rejected.tsv"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
