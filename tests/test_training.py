@@ -762,3 +762,24 @@ def test_stray_names_are_refused_by_stages_without_late_positionals(tmp_path, ca
     with pytest.raises(SystemExit):
         cli_main(["--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_several_datasets_train_as_one_through_the_cli(synthetic, tmp_path, capsys):
+    """`train A B`: B's identities after A's, no copy; the manifest names both; another order is other data."""
+    from hyperface.cli import main
+    from hyperface.datasets import RecordIODataset
+
+    run = tmp_path / "mix"
+    argv = ["train", str(synthetic["data"]), str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny",
+            "--embedding-size", "64", "--workers", "0", "--epochs", "1", "--batch-size", "32", "--max-steps", "2",
+            "--device", "cpu", "--checkpoint-every", "0"]
+    assert main(argv) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    classes = RecordIODataset(synthetic["data"]).num_classes
+    assert manifest["num_classes"] == 2 * classes
+    assert set(manifest["inputs"]) == {"data_0", "data_1"}
+    assert json.loads((run / "config.json").read_text())["data"] == [str(synthetic["data"])] * 2
+    capsys.readouterr()
+    assert main(["train", str(synthetic["data"]), "--out", str(run), "--resume", "--max-steps", "3"]) == 2
+    assert f"different settings (classes {2 * classes} -> {classes})" in capsys.readouterr().err  # one set is other data
+    assert main(["train", str(synthetic["data"]), str(synthetic["data"]), "--out", str(run), "--resume", "--max-steps", "3"]) == 0

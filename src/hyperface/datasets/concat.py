@@ -9,7 +9,9 @@ it would in any concatenation of label spaces (``hyperface report`` can find suc
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -71,4 +73,18 @@ class ConcatDataset:
         ]
 
 
-__all__ = ["ConcatDataset"]
+def open_datasets(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Any:
+    """One dataset (:func:`~hyperface.datasets.open_dataset`), or several read as one
+    :class:`ConcatDataset`, tagged by their folder or file names."""
+    from hyperface.common.text import unique_labels
+    from hyperface.datasets import open_dataset
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise HyperfaceError("no dataset given")
+    if len(paths) == 1:
+        return open_dataset(paths[0])
+    return ConcatDataset([open_dataset(p) for p in paths], unique_labels([Path(p).resolve().name for p in paths]))
+
+
+__all__ = ["ConcatDataset", "open_datasets"]

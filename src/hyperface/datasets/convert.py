@@ -40,10 +40,8 @@ from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import atomic_write, escape_line, prepare_output_dir, read_json, read_lines, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
-from hyperface.common.text import unique_labels
-from hyperface.datasets import open_dataset
 from hyperface.datasets.codec import decode_image, encode_image, image_encoding
-from hyperface.datasets.concat import ConcatDataset
+from hyperface.datasets.concat import ConcatDataset, open_datasets
 from hyperface.datasets.image_folder import ImageFolderWriter
 from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity, finish_interrupted_close
 from hyperface.datasets.subset import DatasetSubset
@@ -151,10 +149,7 @@ def convert_dataset(
         if out_path == source_path or out_path in source_path.parents or source_path in out_path.parents:
             # --overwrite would delete the source before it is read; a folder inside it would become a class
             raise HyperfaceError(f"--out {out} and the source {source_path} overlap: write the converted set to a folder of its own")
-    if len(sources) == 1:
-        reader: Any = open_dataset(sources[0])
-    else:
-        reader = ConcatDataset([open_dataset(s) for s in sources], unique_labels([s.resolve().name for s in sources]))
+    reader: Any = open_datasets(sources)
     if config.identities is not None or config.images_per_identity is not None:
         reader = DatasetSubset(reader, identities=config.identities, per_identity=config.images_per_identity)
     labels = np.asarray(reader.labels, dtype=np.int64)

@@ -27,6 +27,9 @@ examples:
       --partial-fc 0.3 --optimizer adamw --lr 1e-3 --weight-decay 0.1 --schedule poly --epochs 40 \\
       --warmup-epochs 4 --batch-size 512
 
+  # Two sets as one (identities of the second after the first's; nothing copied)
+  hyperface train runs/hf10k data/dcface --out runs/mix
+
   # Continue an interrupted run exactly where its last checkpoint left it:
   hyperface train DATA --out runs/train-r50 --resume
 
@@ -56,7 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("data", nargs="?", help="training dataset: RecordIO folder/.rec or image folder")
+    parser.add_argument("data", nargs="*", metavar="DATA",
+                        help="training dataset: RecordIO folder/.rec, image folder, or a generate/convert output folder; "
+                             "several are trained on as one, their identities one after another (no copy)")
     parser.add_argument("--out", required=True, help="run folder (with --export: the .pth or .onnx file to write)")
     parser.add_argument("--export", metavar="CKPT", help="export CKPT (run folder, checkpoint folder or weights file) to --out and exit")
 
@@ -178,7 +183,7 @@ def run_command(args: argparse.Namespace) -> int:
     from hyperface.training.trainer import TrainConfig, train
 
     config = TrainConfig(
-        data=args.data,
+        data=args.data[0] if len(args.data) == 1 else tuple(args.data),
         out=args.out,
         identities=args.identities,
         images_per_identity=args.images_per_identity,

@@ -62,7 +62,7 @@ class TrainConfig:
     wd 5e-4, 26 epochs with x0.1 steps at epochs 12/20/24, horizontal flip.
     """
 
-    data: str
+    data: str | tuple[str, ...]  # several: read as one, identities one after another (ConcatDataset)
     out: str
     identities: int | None = None  # train on identities 0..N-1 of the data only (ablations); None: all
     images_per_identity: int | None = None  # the first K images of each identity only; None: all
@@ -127,6 +127,10 @@ class TrainConfig:
             cfg.weight_decay = 5e-4 if self.optimizer == "sgd" else 0.05
         cfg.milestones = tuple(int(m) for m in self.milestones)
         cfg.val_bins = tuple(str(p) for p in self.val_bins)
+        data = [self.data] if isinstance(self.data, (str, os.PathLike)) else [str(p) for p in self.data]
+        if not data:
+            raise HyperfaceError("give the training dataset (DATA)")
+        cfg.data = str(data[0]) if len(data) == 1 else tuple(data)
         return cfg
 
     def _check_ranges(self) -> None:
@@ -427,7 +431,7 @@ def _ignore_sigint(worker_id: int) -> None:
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
     after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
-    from hyperface.datasets import open_dataset
+    from hyperface.datasets.concat import open_datasets
     from hyperface.recognition.backbones import create_backbone
 
     cfg = config.resolved()
@@ -458,7 +462,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 )
 
     # --- data ---------------------------------------------------------------------------------
-    reader = open_dataset(cfg.data)
+    reader = open_datasets(cfg.data)
     if cfg.identities is not None or cfg.images_per_identity is not None:
         from hyperface.datasets.subset import DatasetSubset
 
@@ -716,7 +720,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     # --- finish: export and manifest (rank 0) ----------------------------------------------------
     if is_main:
         ckpt.save_torch({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pth")
-        manifest = Manifest(stage="train", params=json.loads(json.dumps(asdict(cfg))), inputs={"data": cfg.data})
+        data_inputs = {"data": cfg.data} if isinstance(cfg.data, str) else {f"data_{i}": path for i, path in enumerate(cfg.data)}
+        manifest = Manifest(stage="train", params=json.loads(json.dumps(asdict(cfg))), inputs=data_inputs)
         manifest.started = started
         manifest.time("train", time.time() - started)
         manifest.extra.update(
