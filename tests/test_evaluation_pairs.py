@@ -105,3 +105,32 @@ def test_unreadable_images_never_reach_the_bin(faces, tmp_path):
     left_out = json.loads((tmp_path / "p.manifest.json").read_text())["counts"]["unreadable_left_out"]
     assert left_out and all(name.endswith("/9.jpg") for name in left_out)
     assert "9.jpg" not in (tmp_path / "p.pairs.tsv").read_text()
+
+
+def test_identities_with_one_image_do_not_starve_a_fold_of_genuine_pairs():
+    labels = np.r_[np.repeat(np.arange(20), 3), np.arange(20, 40)]  # 20 identities of 3 images, 20 of one
+    for seed in range(20):
+        pairs, issame = sample_pairs(labels, 40, seed=seed)
+        assert (labels[pairs[issame, 0]] == labels[pairs[issame, 1]]).all()
+
+
+def test_pairs_never_replace_another_tools_files(faces, tmp_path, capsys):
+    out = tmp_path / "emb.bin"
+    (tmp_path / "emb.manifest.json").write_text('{"stage": "embed"}')  # embed --out emb.npy writes this name
+    assert main(["dataset", "pairs", str(faces), "--out", str(out), "--pairs", "100", "--overwrite"]) == 2
+    assert "belongs to `hyperface embed`" in capsys.readouterr().err
+    assert json.loads((tmp_path / "emb.manifest.json").read_text()) == {"stage": "embed"} and not out.exists()
+    assert main(["dataset", "convert", str(faces), "--out", str(tmp_path / "conv")]) == 0
+    assert main(["dataset", "pairs", str(tmp_path / "conv"), "--out", str(tmp_path / "conv" / "p.bin"), "--pairs", "100"]) == 2
+    assert "inside the dataset" in capsys.readouterr().err  # a convert output folder is the dataset too
+
+
+def test_unreadable_images_are_named_when_too_few_remain(tmp_path, capsys):
+    root = tmp_path / "zeros"
+    for identity in range(25):
+        (root / f"{identity:03d}").mkdir(parents=True)
+        for j in range(2):
+            (root / f"{identity:03d}" / f"{j}.jpg").write_bytes(b"")
+    assert main(["dataset", "pairs", str(root), "--out", str(tmp_path / "z.bin"), "--pairs", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable image(s) were left out, e.g." in err and ".jpg" in err and not (tmp_path / "z.bin").exists()

@@ -783,3 +783,25 @@ def test_several_datasets_train_as_one_through_the_cli(synthetic, tmp_path, caps
     assert main(["train", str(synthetic["data"]), "--out", str(run), "--resume", "--max-steps", "3"]) == 2
     assert f"different settings (classes {2 * classes} -> {classes})" in capsys.readouterr().err  # one set is other data
     assert main(["train", str(synthetic["data"]), str(synthetic["data"]), "--out", str(run), "--resume", "--max-steps", "3"]) == 0
+
+
+def test_a_run_folder_inside_its_dataset_is_refused(tmp_path):
+    folder = tmp_path / "faces"
+    for label in range(3):
+        (folder / f"{label:03d}").mkdir(parents=True)
+        cv2.imwrite(str(folder / f"{label:03d}" / "0.png"), np.full((16, 16, 3), 40 * label, dtype=np.uint8))
+    with pytest.raises(HyperfaceError, match="overlap"):
+        train(TrainConfig(data=str(folder), out=str(folder / "run"), epochs=1, batch_size=2, device="cpu", **TINY))
+    assert sorted(p.name for p in folder.iterdir()) == ["000", "001", "002"]  # no new class folder
+
+
+def test_val_bins_with_the_same_name_are_both_reported(synthetic, tmp_path):
+    import shutil
+
+    (tmp_path / "other").mkdir()
+    twin = shutil.copy(synthetic["bin"], tmp_path / "other" / synthetic["bin"].name)
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, max_steps=2, device="cpu",
+                      val_every=2, val_bins=(str(synthetic["bin"]), str(twin)), **TINY))
+    verification = json.loads((run / "manifest.json").read_text())["verification"]
+    assert set(verification) == {"heldout", "heldout (2)"}

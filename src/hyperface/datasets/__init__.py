@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import run_stage
@@ -40,6 +41,21 @@ def resolve_generated(path: str | os.PathLike) -> Path:
     how = ("the same generate command and --resume (sharded runs: then --merge)" if stage == "generate"
            else "the same `hyperface dataset convert` command and --resume")
     raise HyperfaceError(f"{path} is a `hyperface {stage}` run without a finished dataset (no rec/ or images/ yet): finish it with {how}")
+
+
+def check_outside_datasets(out: str | os.PathLike, datasets: Sequence[str | os.PathLike], flag: str = "--out", *,
+                           folder: bool = False) -> None:
+    """Refuse an output inside a dataset's folder (a .rec's folder, an image folder, a generate or
+    convert output), where it would become a class, or be deleted with it; for a ``folder`` output,
+    also one that holds a dataset, which its ``--overwrite`` would delete before reading it."""
+    target = Path(out).resolve()
+    for data in datasets:
+        path = Path(data).resolve()
+        root = path if path.is_dir() else path.parent
+        if folder and (target == root or root in target.parents or target in root.parents):
+            raise HyperfaceError(f"{flag} {out} and the dataset {data} overlap: write the output to a folder of its own")
+        if not folder and root in target.parents:
+            raise HyperfaceError(f"{flag} {out} is inside the dataset {data}: write it elsewhere, not among its files")
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:
@@ -74,5 +90,6 @@ __all__ = [
     "decode_image",
     "encode_image",
     "open_dataset",
+    "check_outside_datasets",
     "resolve_generated",
 ]

@@ -115,7 +115,6 @@ def run_info(args: argparse.Namespace) -> int:
 
     from hyperface.common.errors import HyperfaceError, check_option
     from hyperface.common.text import print_text
-    from hyperface.datasets import open_dataset
     from hyperface.datasets.describe import check_preview_path, describe_dataset, format_description, save_dataset_preview
 
     check_option("--workers", args.workers, lambda v: v >= 1, "at least 1", integer=True)
@@ -123,7 +122,7 @@ def run_info(args: argparse.Namespace) -> int:
         if value is not None and not value.strip():
             raise HyperfaceError(f"{flag} is empty: give a path")
     if args.preview:  # all of it before a --check that may read millions of images
-        check_preview_path(args.preview, open_dataset(args.data))
+        check_preview_path(args.preview, args.data)
     facts = describe_dataset(args.data, check=args.check, workers=args.workers)
     if args.preview:
         facts["preview"] = str(save_dataset_preview(args.preview, facts.get("dataset", args.data)))
@@ -168,8 +167,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     from hyperface.common.io import check_output_file
     from hyperface.common.manifest import Manifest
     from hyperface.common.runtime import get_logger
-    from hyperface.datasets import open_dataset
-    from hyperface.datasets.describe import check_outside_dataset
+    from hyperface.common.io import read_json
+    from hyperface.datasets import check_outside_datasets, open_dataset
     from hyperface.evaluation.pairs import make_verification_bin
 
     check_option("--pairs", args.pairs, lambda v: v >= 20 and v % 20 == 0, "a positive multiple of 20 (10 folds, half genuine)", integer=True)
@@ -177,16 +176,28 @@ def run_pairs(args: argparse.Namespace) -> int:
     if args.identities is not None:
         check_option("--identities", args.identities, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--seed", args.seed, lambda v: v >= 0, "a non-negative integer", integer=True)
+    if not args.data.strip():
+        raise HyperfaceError("DATA is empty: give a path")
     out = Path(args.out)
-    if out.suffix != ".bin":
+    if out.suffix.lower() != ".bin":
         raise HyperfaceError(f"--out {out}: give a .bin path (e.g. holdout.bin)")
-    check_output_file(out, "--out")
-    beside = [out, out.with_name(out.stem + ".pairs.tsv"), out.with_name(out.stem + ".manifest.json")]
+    manifest_path = out.with_name(out.stem + ".manifest.json")
+    beside = [out, out.with_name(out.stem + ".pairs.tsv"), manifest_path]
+    for path in beside:  # all three writable files before any is written
+        check_output_file(path, "--out")
     existing = [path.name for path in beside if path.exists()]
     if existing and not args.overwrite:
         raise HyperfaceError(f"{', '.join(existing)} exist(s) in {out.parent}: pass --overwrite to replace, or choose another --out")
+    if manifest_path.exists():  # --overwrite replaces a pairs run's files, never another tool's manifest
+        try:
+            stage = read_json(manifest_path).get("stage")
+        except HyperfaceError:
+            stage = None
+        if stage != "pairs":
+            raise HyperfaceError(f"{manifest_path} belongs to {f'`hyperface {stage}`' if stage else 'another program'}: "
+                                 "choose another --out name")
+    check_outside_datasets(out, [args.data])
     reader = open_dataset(args.data)
-    check_outside_dataset(out, reader, "--out")
     data_path = Path(args.data).resolve()
     manifest = Manifest(stage="pairs", params={k: v for k, v in vars(args).items() if k in ("data", "out", "pairs", "from_identity", "identities", "seed")})
     facts = make_verification_bin(reader, out, pairs=args.pairs, seed=args.seed, first_identity=args.from_identity,

@@ -84,6 +84,13 @@ def open_datasets(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Any
         raise HyperfaceError("no dataset given")
     if len(paths) == 1:
         return open_dataset(paths[0])
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:  # allowed (an oversampling experiment?) but rarely meant
+        from hyperface.common.runtime import get_logger
+
+        get_logger("hyperface.datasets").warning(
+            "%s given more than once: its identities appear again under new labels", ", ".join(twice))
     return ConcatDataset([open_dataset(p) for p in paths], unique_labels([Path(p).resolve().name for p in paths]))
 
 

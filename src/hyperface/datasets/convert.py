@@ -40,6 +40,7 @@ from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import atomic_write, escape_line, prepare_output_dir, read_json, read_lines, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
+from hyperface.datasets import check_outside_datasets
 from hyperface.datasets.codec import decode_image, encode_image, image_encoding
 from hyperface.datasets.concat import ConcatDataset, open_datasets
 from hyperface.datasets.image_folder import ImageFolderWriter
@@ -144,11 +145,7 @@ def convert_dataset(
     config = (config or ConvertConfig()).checked()
     started = time.perf_counter()
     sources = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(s) for s in source]
-    out_path = Path(out).resolve()
-    for source_path in (s.resolve() for s in sources):
-        if out_path == source_path or out_path in source_path.parents or source_path in out_path.parents:
-            # --overwrite would delete the source before it is read; a folder inside it would become a class
-            raise HyperfaceError(f"--out {out} and the source {source_path} overlap: write the converted set to a folder of its own")
+    check_outside_datasets(out, sources, folder=True)
     reader: Any = open_datasets(sources)
     if config.identities is not None or config.images_per_identity is not None:
         reader = DatasetSubset(reader, identities=config.identities, per_identity=config.images_per_identity)

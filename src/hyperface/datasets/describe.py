@@ -20,7 +20,7 @@ import numpy as np
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.io import check_output_file, escape_line
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
-from hyperface.datasets import open_dataset, resolve_generated
+from hyperface.datasets import check_outside_datasets, open_dataset, resolve_generated
 from hyperface.datasets.codec import decode_image, image_encoding
 from hyperface.datasets.image_folder import ImageFolderDataset
 from hyperface.datasets.preview import contact_sheet, save_contact_sheet, spread_rows
@@ -178,31 +178,19 @@ def format_description(facts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def dataset_root(reader: Any) -> Path:
-    """The folder holding a dataset's files (an image folder's root, a .rec's folder)."""
-    return Path(reader.root if isinstance(reader, ImageFolderDataset) else reader.rec_path.parent)
-
-
-def check_outside_dataset(path: str | os.PathLike, reader: Any, flag: str) -> None:
-    """Refuse an output ``path`` among the files of the dataset ``reader`` reads."""
-    root, path = dataset_root(reader).resolve(), Path(path)
-    if root == path.resolve().parent or root in path.resolve().parents:
-        raise HyperfaceError(f"{flag} {path} is inside the dataset ({root}): write it elsewhere, not among its files")
-
-
-def check_preview_path(path: str | os.PathLike, reader: Any) -> None:
+def check_preview_path(path: str | os.PathLike, dataset: str | os.PathLike) -> None:
     """A contact sheet's path: a writable .jpg outside the dataset."""
     path = Path(path)
     if path.suffix.lower() not in (".jpg", ".jpeg"):
         raise HyperfaceError(f"--preview {path}: the contact sheet is a JPEG; give a .jpg path")
     check_output_file(path, "--preview")
-    check_outside_dataset(path, reader, "--preview")
+    check_outside_datasets(path, [dataset], "--preview")
 
 
 def save_dataset_preview(path: str | os.PathLike, dataset: str | os.PathLike, *, rows: int = 8, columns: int = 8) -> Path:
     """A contact sheet (JPEG) of ``rows`` identities spread over the dataset, ``columns`` images each."""
+    check_preview_path(path, dataset)
     reader = open_dataset(dataset)
-    check_preview_path(path, reader)
     labels = np.asarray(reader.labels)
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(int(reader.num_classes) + 1))
@@ -219,4 +207,4 @@ def save_dataset_preview(path: str | os.PathLike, dataset: str | os.PathLike, *,
     return Path(path)
 
 
-__all__ = ["check_outside_dataset", "check_preview_path", "describe_dataset", "dataset_root", "format_description", "save_dataset_preview"]
+__all__ = ["check_preview_path", "describe_dataset", "format_description", "save_dataset_preview"]

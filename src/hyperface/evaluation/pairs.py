@@ -39,6 +39,9 @@ def sample_pairs(labels: np.ndarray, pairs: int, *, seed: int = 0, folds: int = 
         raise HyperfaceError(f"{identities.size} identities are too few for {folds} identity-disjoint folds: "
                              f"need at least {2 * folds}")
     order = np.argsort(labels, kind="stable")
+    counts = np.searchsorted(labels[order], identities, side="right") - np.searchsorted(labels[order], identities)
+    # identities that can give a genuine pair are dealt first, so every fold gets its share of them
+    identities = identities[np.argsort(counts < 2, kind="stable")]
     starts = np.searchsorted(labels[order], identities)
     counts = np.searchsorted(labels[order], identities, side="right") - starts
     per_fold = pairs // (2 * folds)
@@ -70,6 +73,10 @@ def _genuine(rng, order, starts, counts, wanted: int, fold: int) -> list[tuple[i
 
 
 def _impostor(rng, order, starts, counts, wanted: int, fold: int) -> list[tuple[int, int]]:
+    total = int(counts.sum())
+    capacity = (total * total - int((counts.astype(np.int64) ** 2).sum())) // 2  # image pairs across identities
+    if capacity < wanted:
+        raise HyperfaceError(f"fold {fold + 1}: its identities allow {capacity} distinct impostor pairs, {wanted} are needed")
     seen: dict[tuple[int, int], None] = {}  # in draw order
     for _ in range(1000 * wanted):  # distinct pairs of distinct identities: plenty unless the fold is tiny
         if len(seen) == wanted:
@@ -111,7 +118,12 @@ def make_verification_bin(
     chosen = np.flatnonzero((labels >= first_identity) & (labels < last))
     unreadable: list[str] = []
     while True:  # a drawn image that does not decode is left out and the pairs drawn again (same seed)
-        index_pairs, issame = sample_pairs(labels[chosen], pairs, seed=seed)
+        try:
+            index_pairs, issame = sample_pairs(labels[chosen], pairs, seed=seed)
+        except HyperfaceError as exc:
+            if not unreadable:
+                raise
+            raise HyperfaceError(f"{exc} ({len(unreadable)} unreadable image(s) were left out, e.g. {unreadable[0]})") from None
         index_pairs = chosen[index_pairs]
         encoded: dict[int, bytes] = {}
         bad = []

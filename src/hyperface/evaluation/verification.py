@@ -114,7 +114,10 @@ def _unpickle(data: bytes, path: Path) -> Any:
             break
         except (UnicodeDecodeError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
             last_error = exc
-    raise HyperfaceError(f"{path} is not a readable verification .bin pickle ({exception_summary(last_error)})")
+    # a plain unpickling error means "not a pickle" here (a text file, an image), not "holds objects"
+    plain = type(last_error) is pickle.UnpicklingError and "truncated" not in str(last_error)
+    problem = f"not a pickle: {last_error}" if plain else exception_summary(last_error)
+    raise HyperfaceError(f"{path} is not a readable verification .bin pickle ({problem})")
 
 
 def _as_bytes(item: Any) -> bytes | None:

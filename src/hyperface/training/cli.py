@@ -179,6 +179,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise HyperfaceError("give the training dataset (DATA), or --export CKPT to convert a checkpoint")
+    if not all(path.strip() for path in args.data):
+        raise HyperfaceError("DATA is empty: give a path")
 
     from hyperface.training.trainer import TrainConfig, train
 

@@ -35,6 +35,7 @@ from hyperface.common.errors import HyperfaceError, check_option, exception_summ
 from hyperface.common.io import atomic_write, prepare_output_dir, remove_stale_temporaries
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, progress_enabled, resolve_device
+from hyperface.common.text import unique_labels
 from hyperface.training import checkpoint as ckpt
 from hyperface.training.data import AugmentConfig, ResumableSampler, TrainDataset, check_labels
 from hyperface.training.losses import PartialFC, build_margin
@@ -208,6 +209,7 @@ def _check_resume_settings(
         what.append(f"classes {meta['num_classes']} -> {num_classes}")
     elif meta.get("data_fingerprint", data_fingerprint) != data_fingerprint:  # older checkpoints lack it
         saved_data = meta.get("config", {}).get("data", "?")
+        saved_data = saved_data if isinstance(saved_data, str) else ", ".join(map(str, saved_data)) + ", in this order"
         what.append(f"the dataset's content differs from the one it trained on ({saved_data})")
     if what:
         raise HyperfaceError(
@@ -431,7 +433,8 @@ def _ignore_sigint(worker_id: int) -> None:
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
     after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
-    from hyperface.datasets.concat import open_datasets
+    from hyperface.datasets import check_outside_datasets
+    from hyperface.datasets.concat import ConcatDataset, open_datasets
     from hyperface.recognition.backbones import create_backbone
 
     cfg = config.resolved()
@@ -439,6 +442,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     rank, world, device = _init_distributed(cfg.device)
     is_main = rank == 0
     out = Path(cfg.out)
+    # a run folder inside an image folder would become one more class of it
+    check_outside_datasets(out, [cfg.data] if isinstance(cfg.data, str) else list(cfg.data), folder=True)
     if is_main:
         prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train", setup_files=("config.json",))
         # rank 0 alone writes these two folders' own files: any temporary left is a killed attempt's
@@ -450,10 +455,12 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if missing:  # fail now, not after the first epoch
         raise HyperfaceError(f"--val-bin file(s) not found: {', '.join(missing)}")
     val_sets: dict[str, tuple] = {}  # decoded once, before training: a bad file fails now, not after an epoch
+    val_names: list[str] = []
     if is_main and cfg.val_bins:
         from hyperface.evaluation.verification import FOLDS, load_bin
 
         val_sets = {bin_path: load_bin(bin_path) for bin_path in cfg.val_bins}
+        val_names = unique_labels([Path(bin_path).stem for bin_path in cfg.val_bins])  # two holdout.bin: holdout (2)
         for bin_path, (_, issame) in val_sets.items():
             if len(issame) < FOLDS:
                 raise HyperfaceError(
@@ -624,9 +631,9 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             from hyperface.evaluation.verification import evaluate_images
 
             results = {}
-            for bin_path in cfg.val_bins:
+            for bin_path, name in zip(cfg.val_bins, val_names):
                 result = evaluate_images(embed, *val_sets[bin_path], flip=True)  # insightface's ten folds
-                results[Path(bin_path).stem] = float(result.accuracy)
+                results[name] = float(result.accuracy)
             val_results.update(results)
             # 1-based, as the log prints it: the epoch this step belongs to (validation at an epoch's
             # end runs after the counter moved on, when step_in_epoch is back at 0)
@@ -728,6 +735,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             {
                 "steps": step, "epochs_done": epoch, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
                 "num_images": len(dataset), "data_subset": reader.describe() if hasattr(reader, "indices") else None,
+                **({"data_parts": parts.describe()} if isinstance(parts := getattr(reader, "reader", reader), ConcatDataset) else {}),
                 "data_fingerprint": data_fingerprint, "world_size": world, "device": str(device), "workers": workers,
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
                 "last_loss": last_loss, "verification": val_results,
