@@ -51,6 +51,8 @@ def check_outside_datasets(out: str | os.PathLike, datasets: Sequence[str | os.P
     target = Path(out).resolve()
     for data in datasets:
         path = Path(data).resolve()
+        if not path.exists():  # opening it says "not found"
+            continue
         root = path if path.is_dir() else path.parent
         if folder and (target == root or root in target.parents or target in root.parents):
             raise HyperfaceError(f"{flag} {out} and the dataset {data} overlap: write the output to a folder of its own")
