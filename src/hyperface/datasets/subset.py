@@ -49,10 +49,10 @@ class DatasetSubset:
         self.identities, self.per_identity = identities, per_identity
         if per_identity is not None:
             counts = np.bincount(self.labels, minlength=self.num_classes)
-            short = int(np.count_nonzero(counts < per_identity))
+            short, empty = int(np.count_nonzero(counts < per_identity)), int(np.count_nonzero(counts == 0))
             if short:
-                log.warning("%d of %d identities have fewer than %d images; they keep what they have",
-                            short, self.num_classes, per_identity)
+                log.warning("%d of %d identities have fewer than %d images%s; they keep what they have",
+                            short, self.num_classes, per_identity, f" ({empty} have none)" if empty else "")
 
     def fingerprint(self) -> str:
         """The whole dataset's fingerprint and the subset's bounds: another subset is other data."""
