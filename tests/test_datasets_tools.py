@@ -392,3 +392,20 @@ convert_dataset({str(folder)!r}, {str(tmp_path / "cut")!r}, ConvertConfig(format
     assert result.images == 9 and result.written == 4
     for name in ("rec/train.rec", "rec/train.idx", "rec/property", "classes.tsv", "rejected.tsv"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_outputs_beside_a_rec_file_are_fine_and_its_own_files_are_not(tmp_path):
+    from hyperface.datasets import check_outside_datasets
+
+    with RecordIOWriter(tmp_path / "data") as writer:
+        writer.add(_image(1), 0)
+    rec = tmp_path / "data" / "train.rec"
+    check_outside_datasets(tmp_path / "data" / "dense", [rec], folder=True)  # beside the file: fine
+    check_outside_datasets(tmp_path / "data" / "pairs.bin", [rec])
+    for out, folder in ((tmp_path / "data" / "train.idx", False), (tmp_path / "data" / "property", False), (tmp_path, True)):
+        with pytest.raises(HyperfaceError, match="inside the dataset|overlap"):
+            check_outside_datasets(out, [rec], folder=folder)
+    with pytest.raises(HyperfaceError, match="overlap"):  # the folder given: anything in it
+        check_outside_datasets(tmp_path / "data" / "dense", [tmp_path / "data"], folder=True)
+    result = convert_dataset(rec, tmp_path / "data" / "dense", ConvertConfig(relabel=True), show_progress=False)
+    assert result.images == 1

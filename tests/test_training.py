@@ -757,7 +757,7 @@ def test_explicit_options_as_argparse_reads_them():
 
 def test_stray_names_are_refused_by_stages_without_late_positionals(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli_main(["train", "data", "--out", str(tmp_path / "r"), "extra"])
+        cli_main(["pack", "-n", "5", "--dim", "3", "--out", str(tmp_path / "r"), "extra"])
     assert exit_.value.code == 2 and "unrecognized arguments: extra" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["--bogus"])
@@ -765,24 +765,32 @@ def test_stray_names_are_refused_by_stages_without_late_positionals(tmp_path, ca
 
 
 def test_several_datasets_train_as_one_through_the_cli(synthetic, tmp_path, capsys):
-    """`train A B`: B's identities after A's, no copy; the manifest names both; another order is other data."""
+    """`train A B`: B's identities after A's, no copy; the manifest names both and where B's labels
+    start; one set alone, or the two in another order, is other data."""
     from hyperface.cli import main
     from hyperface.datasets import RecordIODataset
 
+    second = tmp_path / "second"
+    for label in range(3):
+        (second / f"{label:03d}").mkdir(parents=True)
+        for j in range(4):
+            cv2.imwrite(str(second / f"{label:03d}" / f"{j}.png"), np.full((112, 112, 3), 30 * label + j, dtype=np.uint8))
     run = tmp_path / "mix"
-    argv = ["train", str(synthetic["data"]), str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny",
-            "--embedding-size", "64", "--workers", "0", "--epochs", "1", "--batch-size", "32", "--max-steps", "2",
+    first = str(synthetic["data"])
+    tiny = ["--arch", "r_tiny", "--embedding-size", "64", "--workers", "0", "--epochs", "1", "--batch-size", "32",
             "--device", "cpu", "--checkpoint-every", "0"]
-    assert main(argv) == 0
+    assert main(["train", first, "--out", str(run), *tiny, "--max-steps", "2", str(second)]) == 0  # DATA after options too
     manifest = json.loads((run / "manifest.json").read_text())
-    classes = RecordIODataset(synthetic["data"]).num_classes
-    assert manifest["num_classes"] == 2 * classes
+    classes = RecordIODataset(first).num_classes
+    assert manifest["num_classes"] == classes + 3 and manifest["data_parts"][1]["first_label"] == classes
     assert set(manifest["inputs"]) == {"data_0", "data_1"}
-    assert json.loads((run / "config.json").read_text())["data"] == [str(synthetic["data"])] * 2
+    assert json.loads((run / "config.json").read_text())["data"] == [first, str(second)]
     capsys.readouterr()
-    assert main(["train", str(synthetic["data"]), "--out", str(run), "--resume", "--max-steps", "3"]) == 2
-    assert f"different settings (classes {2 * classes} -> {classes})" in capsys.readouterr().err  # one set is other data
-    assert main(["train", str(synthetic["data"]), str(synthetic["data"]), "--out", str(run), "--resume", "--max-steps", "3"]) == 0
+    assert main(["train", first, "--out", str(run), "--resume", "--max-steps", "3"]) == 2
+    assert f"different settings (classes {classes + 3} -> {classes})" in capsys.readouterr().err  # one set is other data
+    assert main(["train", str(second), first, "--out", str(run), "--resume", "--max-steps", "3"]) == 2
+    assert "in this order" in capsys.readouterr().err
+    assert main(["train", first, str(second), "--out", str(run), "--resume", "--max-steps", "3"]) == 0
 
 
 def test_a_run_folder_inside_its_dataset_is_refused(tmp_path):
@@ -805,3 +813,14 @@ def test_val_bins_with_the_same_name_are_both_reported(synthetic, tmp_path):
                       val_every=2, val_bins=(str(synthetic["bin"]), str(twin)), **TINY))
     verification = json.loads((run / "manifest.json").read_text())["verification"]
     assert set(verification) == {"heldout", "heldout (2)"}
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(synthetic, tmp_path):
+    run = tmp_path / "run"
+    base = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, max_steps=1, device="cpu", **TINY)
+    train(TrainConfig(**base))
+    kept = sorted(p.name for p in run.iterdir())
+    for bad in ({"data": str(tmp_path / "typo")}, {"identities": 99}, {"val_bins": (str(tmp_path / "none.bin"),)}):
+        with pytest.raises(HyperfaceError):
+            train(TrainConfig(**{**base, **bad}, overwrite=True))
+        assert sorted(p.name for p in run.iterdir()) == kept  # refused before anything was cleared

@@ -45,18 +45,23 @@ def resolve_generated(path: str | os.PathLike) -> Path:
 
 def check_outside_datasets(out: str | os.PathLike, datasets: Sequence[str | os.PathLike], flag: str = "--out", *,
                            folder: bool = False) -> None:
-    """Refuse an output inside a dataset's folder (a .rec's folder, an image folder, a generate or
-    convert output), where it would become a class, or be deleted with it; for a ``folder`` output,
-    also one that holds a dataset, which its ``--overwrite`` would delete before reading it."""
+    """Refuse an output among a dataset's files: inside a dataset folder (an image folder, a RecordIO
+    folder, a generate or convert output), where it would become a class or be deleted with it, or
+    the dataset's own .rec/.idx/property; for a ``folder`` output, also one that holds the dataset,
+    which its ``--overwrite`` would delete before reading it. A .rec file given alone is just that
+    file: outputs beside it are fine."""
     target = Path(out).resolve()
     for data in datasets:
         path = Path(data).resolve()
         if not path.exists():  # opening it says "not found"
             continue
-        root = path if path.is_dir() else path.parent
-        if folder and (target == root or root in target.parents or target in root.parents):
+        if path.is_dir():
+            inside = target == path or path in target.parents
+        else:
+            inside = target in (path, path.with_suffix(".rec"), path.with_suffix(".idx"), path.parent / "property")
+        if folder and (inside or target in path.parents):
             raise HyperfaceError(f"{flag} {out} and the dataset {data} overlap: write the output to a folder of its own")
-        if not folder and root in target.parents:
+        if not folder and inside:
             raise HyperfaceError(f"{flag} {out} is inside the dataset {data}: write it elsewhere, not among its files")
 
 

@@ -73,9 +73,10 @@ class ConcatDataset:
         ]
 
 
-def open_datasets(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Any:
+def open_datasets(paths: str | os.PathLike | Sequence[str | os.PathLike], *, warn: bool = True) -> Any:
     """One dataset (:func:`~hyperface.datasets.open_dataset`), or several read as one
-    :class:`ConcatDataset`, tagged by their folder or file names."""
+    :class:`ConcatDataset`, tagged by their folder or file names. ``warn=False`` on all but one
+    process of a distributed run, so a warning is printed once."""
     from hyperface.common.text import unique_labels
     from hyperface.datasets import open_dataset
 
@@ -84,14 +85,22 @@ def open_datasets(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Any
         raise HyperfaceError("no dataset given")
     if len(paths) == 1:
         return open_dataset(paths[0])
-    resolved = [Path(p).resolve() for p in paths]
-    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
-    if twice:  # allowed (an oversampling experiment?) but rarely meant
+    readers = [open_dataset(p) for p in paths]
+    # the files actually read: a generate folder and its rec/train.rec are one dataset
+    files = [str(Path(getattr(r, "rec_path", None) or r.root).resolve()) for r in readers]
+    twice = sorted({path for path, given in zip(paths, files) if files.count(given) > 1}, key=str)
+    if twice and warn:  # allowed (an oversampling experiment?) but rarely meant
         from hyperface.common.runtime import get_logger
 
         get_logger("hyperface.datasets").warning(
-            "%s given more than once: its identities appear again under new labels", ", ".join(twice))
-    return ConcatDataset([open_dataset(p) for p in paths], unique_labels([Path(p).resolve().name for p in paths]))
+            "%s: the same dataset more than once: its identities appear again under new labels", ", ".join(map(str, twice)))
+    return ConcatDataset(readers, unique_labels([Path(p).resolve().name for p in paths]))
 
 
-__all__ = ["ConcatDataset", "open_datasets"]
+def concat_parts(reader: Any) -> list[dict[str, Any]] | None:
+    """Where each dataset's labels start in ``reader`` (a ConcatDataset, perhaps inside a subset)."""
+    base = getattr(reader, "reader", reader)  # DatasetSubset keeps the reader it cuts
+    return base.describe() if isinstance(base, ConcatDataset) else None
+
+
+__all__ = ["ConcatDataset", "concat_parts", "open_datasets"]

@@ -42,7 +42,7 @@ from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets import check_outside_datasets
 from hyperface.datasets.codec import decode_image, encode_image, image_encoding
-from hyperface.datasets.concat import ConcatDataset, open_datasets
+from hyperface.datasets.concat import concat_parts, open_datasets
 from hyperface.datasets.image_folder import ImageFolderWriter
 from hyperface.datasets.recordio import RecordIOWriter, check_recordio_capacity, finish_interrupted_close
 from hyperface.datasets.subset import DatasetSubset
@@ -298,7 +298,7 @@ def convert_dataset(
     manifest.extra.update({
         "source": {"paths": [str(s.resolve()) for s in sources], "fingerprint": fingerprint,
                    **({"subset": reader.describe()} if isinstance(reader, DatasetSubset) else {}),
-                   **({"parts": reader.describe()} if isinstance(reader, ConcatDataset) else {})},
+                   **({"parts": parts} if (parts := concat_parts(reader)) else {})},
         "counts": {"images": int(kept_labels.size), "identities": num_classes, "rejected": len(rejected),
                    "written": written, "copied": copied},
         "outputs": [name for name, wanted in (("rec", "rec"), ("images", "folder")) if config.formats in (wanted, "both")]

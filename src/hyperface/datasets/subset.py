@@ -25,7 +25,7 @@ class DatasetSubset:
     ``per_identity`` images in the reader's order (all when None). Same interface as the readers:
     ``labels``, ``num_classes``, ``fingerprint()``, ``len()`` and ``[i]``."""
 
-    def __init__(self, reader: Any, *, identities: int | None = None, per_identity: int | None = None):
+    def __init__(self, reader: Any, *, identities: int | None = None, per_identity: int | None = None, warn: bool = True):
         labels = np.asarray(reader.labels, dtype=np.int64)
         classes = int(reader.num_classes)
         for name, value in (("identities", identities), ("images per identity", per_identity)):
@@ -50,7 +50,7 @@ class DatasetSubset:
         if per_identity is not None:
             counts = np.bincount(self.labels, minlength=self.num_classes)
             short, empty = int(np.count_nonzero(counts < per_identity)), int(np.count_nonzero(counts == 0))
-            if short:
+            if short and warn:
                 log.warning("%d of %d identities have fewer than %d images%s; they keep what they have",
                             short, self.num_classes, per_identity, f" ({empty} have none)" if empty else "")
 

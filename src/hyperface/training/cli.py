@@ -129,7 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "batch, schedule, subset, ...) come from its config.json unless given again, and a value given "
                           "that differs is refused")
     run.add_argument("--overwrite", action="store_true", help="replace an earlier hyperface run in --out (with --export: the file --out names)")
-    parser.set_defaults(func=run_command)
+    parser.set_defaults(func=run_command, late_positionals="data")  # DATA may also follow the options
 
 
 def _with_run_settings(config, args: argparse.Namespace):

@@ -434,7 +434,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
     after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
     from hyperface.datasets import check_outside_datasets
-    from hyperface.datasets.concat import ConcatDataset, open_datasets
+    from hyperface.datasets.concat import concat_parts, open_datasets
     from hyperface.recognition.backbones import create_backbone
 
     cfg = config.resolved()
@@ -444,13 +444,16 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     out = Path(cfg.out)
     # a run folder inside an image folder would become one more class of it
     check_outside_datasets(out, [cfg.data] if isinstance(cfg.data, str) else list(cfg.data), folder=True)
-    if is_main:
-        prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train", setup_files=("config.json",))
-        # rank 0 alone writes these two folders' own files: any temporary left is a killed attempt's
-        for folder in (out, out / ckpt.CHECKPOINTS):
-            remove_stale_temporaries(folder)
-    _barrier(world)
 
+    # --- data, and everything else that can be refused, before --overwrite clears a finished run ---
+    reader = open_datasets(cfg.data, warn=is_main)
+    if cfg.identities is not None or cfg.images_per_identity is not None:
+        from hyperface.datasets.subset import DatasetSubset
+
+        reader = DatasetSubset(reader, identities=cfg.identities, per_identity=cfg.images_per_identity, warn=is_main)
+        if is_main:
+            log.info("training on %d identities x up to %s images: %d of the data's %d images", reader.num_classes,
+                     cfg.images_per_identity or "all", len(reader), len(reader.reader))
     missing = [p for p in cfg.val_bins if not Path(p).is_file()]
     if missing:  # fail now, not after the first epoch
         raise HyperfaceError(f"--val-bin file(s) not found: {', '.join(missing)}")
@@ -467,16 +470,13 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                     f"--val-bin {bin_path} holds {len(issame)} pair(s): verification splits pairs into {FOLDS} "
                     "folds, so it needs at least that many (LFW has 6,000)"
                 )
+    if is_main:
+        prepare_output_dir(out, overwrite=cfg.overwrite, resume=cfg.resume, stage="train", setup_files=("config.json",))
+        # rank 0 alone writes these two folders' own files: any temporary left is a killed attempt's
+        for folder in (out, out / ckpt.CHECKPOINTS):
+            remove_stale_temporaries(folder)
+    _barrier(world)
 
-    # --- data ---------------------------------------------------------------------------------
-    reader = open_datasets(cfg.data)
-    if cfg.identities is not None or cfg.images_per_identity is not None:
-        from hyperface.datasets.subset import DatasetSubset
-
-        reader = DatasetSubset(reader, identities=cfg.identities, per_identity=cfg.images_per_identity)
-        if is_main:
-            log.info("training on %d identities x up to %s images: %d of the data's %d images", reader.num_classes,
-                     cfg.images_per_identity or "all", len(reader), len(reader.reader))
     num_classes = int(reader.num_classes)
     data_fingerprint = reader.fingerprint()
     empty_classes = check_labels(reader.labels, num_classes)
@@ -735,7 +735,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             {
                 "steps": step, "epochs_done": epoch, "steps_per_epoch": steps_per_epoch, "num_classes": num_classes,
                 "num_images": len(dataset), "data_subset": reader.describe() if hasattr(reader, "indices") else None,
-                **({"data_parts": parts.describe()} if isinstance(parts := getattr(reader, "reader", reader), ConcatDataset) else {}),
+                **({"data_parts": parts} if (parts := concat_parts(reader)) else {}),
                 "data_fingerprint": data_fingerprint, "world_size": world, "device": str(device), "workers": workers,
                 "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
                 "last_loss": last_loss, "verification": val_results,
