@@ -465,22 +465,25 @@ def test_torchrun_ddp_shards_centres_resumes_and_matches_two_nodes(synthetic, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(extra: list[str]) -> subprocess.CompletedProcess:
-        # The port was free when picked but is not held: another program may take it before torchrun
-        # binds (seen once, on a loaded machine). Then, and only then, pick another and run again.
+        # A fresh port for every launch (the last one's store may still hold its port), and one more
+        # try when the port was taken between picking and binding (seen once, on a loaded machine).
         # Timeouts are generous: two processes share two cores with whatever else runs.
         for attempt in range(2):
-            done = subprocess.run(command + extra, env=env, capture_output=True, text=True, timeout=600)
-            if done.returncode == 0 or "address already in use" not in done.stderr.lower() or attempt:
-                return done
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 command[command.index("--master_port") + 1] = str(sock.getsockname()[1])
+            done = subprocess.run(command + extra, env=env, capture_output=True, text=True, timeout=600)
+            if done.returncode == 0 or "address already in use" not in done.stderr.lower() or attempt:
+                return done
         return done
 
+    def failure(done: subprocess.CompletedProcess) -> str:  # a rank's own error comes early, torchrun's summary last
+        return done.stderr if len(done.stderr) < 6000 else done.stderr[:3000] + "\n...\n" + done.stderr[-3000:]
+
     first = torchrun(["--max-steps", "5"])
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, failure(first)
     second = torchrun(["--resume"])
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, failure(second)
     assert second.stdout.count("trained 12 steps") == 1  # rank 0 only; 192 images / (2 x 16) x 2 epochs
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "complete" and manifest["resumed_from"]

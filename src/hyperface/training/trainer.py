@@ -454,6 +454,16 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         if is_main:
             log.info("training on %d identities x up to %s images: %d of the data's %d images", reader.num_classes,
                      cfg.images_per_identity or "all", len(reader), len(reader.reader))
+    num_classes = int(reader.num_classes)
+    data_fingerprint = reader.fingerprint()
+    empty_classes = check_labels(reader.labels, num_classes)
+    if empty_classes and is_main:  # each empty class still gets a centre (and its momentum) in the head
+        log.warning(
+            "%d of the dataset's %d classes have no image (labels are not consecutive): their class centres "
+            "take %.2f GB and only ever act as negatives; `hyperface dataset convert DATA --relabel --out NEW` "
+            "numbers the classes 0..K-1",
+            empty_classes, num_classes, empty_classes * cfg.embedding_size * 4 * 2 / 1e9,
+        )
     missing = [p for p in cfg.val_bins if not Path(p).is_file()]
     if missing:  # fail now, not after the first epoch
         raise HyperfaceError(f"--val-bin file(s) not found: {', '.join(missing)}")
@@ -477,16 +487,6 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             remove_stale_temporaries(folder)
     _barrier(world)
 
-    num_classes = int(reader.num_classes)
-    data_fingerprint = reader.fingerprint()
-    empty_classes = check_labels(reader.labels, num_classes)
-    if empty_classes and is_main:  # each empty class still gets a centre (and its momentum) in the head
-        log.warning(
-            "%d of the dataset's %d classes have no image (labels are not consecutive): their class centres "
-            "take %.2f GB and only ever act as negatives; `hyperface dataset convert DATA --relabel --out NEW` "
-            "numbers the classes 0..K-1",
-            empty_classes, num_classes, empty_classes * cfg.embedding_size * 4 * 2 / 1e9,
-        )
     augment = {"none": AugmentConfig(flip=False), "flip": AugmentConfig(), "adaface": AugmentConfig.adaface(cfg.augment_p)}[cfg.augment]
     dataset = TrainDataset(reader, augment=augment, seed=cfg.seed)
     sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world)
