@@ -150,6 +150,7 @@ def test_cli_info_json_preview_and_convert(folder, tmp_path, capsys):
     assert main(["dataset", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "recordio (insightface layout)" in text and "images      9" in text
+    assert "made by       hyperface convert (" in text  # from the output folder's manifest
 
 
 @pytest.mark.parametrize(

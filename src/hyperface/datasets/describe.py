@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import check_output_file, escape_line
+from hyperface.common.io import check_output_file, escape_line, read_json
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets import check_outside_datasets, open_dataset, resolve_generated
 from hyperface.datasets.codec import decode_image, image_encoding
@@ -61,8 +61,13 @@ def describe_dataset(
         "images_per_identity": _counts_summary(counts),
         "fingerprint": reader.fingerprint(),
     }
-    if resolved != Path(path):
+    if resolved != Path(path):  # a generate or convert output folder: what made it, from its manifest
         facts["dataset"] = str(resolved)
+        try:
+            made = read_json(Path(path) / "manifest.json")
+            facts["made_by"] = {key: made.get(key) for key in ("stage", "command", "finished")}
+        except (OSError, HyperfaceError):  # still running, or damaged: the dataset itself is what counts
+            pass
     if isinstance(reader, ImageFolderDataset):
         facts["classes"] = {"first": reader.classes[0], "last": reader.classes[-1]}
     else:
@@ -165,6 +170,10 @@ def format_description(facts: dict[str, Any]) -> str:
     if "bytes" in facts:
         size = facts["bytes"]
         lines.append(f"  size on disk  {size / 1e9:.2f} GB" if size >= 1e9 else f"  size on disk  {size / 1e6:.1f} MB")
+    made = facts.get("made_by")
+    if made:
+        when = str(made.get("finished") or "")[:16].replace("T", " ")
+        lines.append(f"  made by       hyperface {made.get('stage')}{f' ({when} UTC)' if when else ''}: {made.get('command')}")
     if "classes" in facts:
         lines.append(f"  class folders {escape_line(facts['classes']['first'])} .. {escape_line(facts['classes']['last'])}")
     check = facts.get("check")
