@@ -220,28 +220,33 @@ def convert_dataset(
 
     lock = threading.Lock()  # read_raw shares one file handle: reads one at a time, the rest in parallel
 
-    def load(k: int) -> tuple[int, bytes | None, bool, str]:
-        """(k, the bytes both writers store, whether they are the source's own, why not readable)."""
+    def load(k: int) -> tuple[int, bytes | None, bool, str, tuple[int, ...] | None]:
+        """(k, the bytes both writers store, whether they are the source's own, why not readable,
+        the decoded size when the image was decoded)."""
         with lock:
             try:
                 data, _ = reader.read_raw(int(order[k]))
             except HyperfaceError as exc:
-                return k, None, False, str(exc)
+                return k, None, False, str(exc), None
         copy = config.image_format == "keep" and image_encoding(data) in ("JPEG", "PNG")
         try:
             image = decode_image(data, what="image") if config.verify or not copy else None
         except HyperfaceError as exc:
-            return k, None, False, str(exc)
+            return k, None, False, str(exc), None
+        size = image.shape[:2] if image is not None else None
         if copy:
-            return k, data, True, ""
-        return k, encode_image(image, image_format=encode_as, quality=config.quality), False, ""  # once, here
+            return k, data, True, "", size
+        return k, encode_image(image, image_format=encode_as, quality=config.quality), False, "", size  # once, here
 
     written = copied = 0
+    sizes: set[tuple[int, ...]] = set()  # a few decoded image sizes: trainers batch one size only
     label, slot, rec_had, folder_had = -1, 0, 0, 0
     rejected_log = None  # rejected.tsv is created with the first reject
     try:
-        for k, data, raw, problem in ordered_parallel_map(load, todo(), config.workers, window=8 * config.workers):
+        for k, data, raw, problem, size in ordered_parallel_map(load, todo(), config.workers, window=8 * config.workers):
             bar.update(1)
+            if size is not None and len(sizes) < 8:
+                sizes.add(size)
             if data is None:
                 if rejected_log is None:
                     rejected_log = open(rejected_path, "a", encoding="utf-8", errors="surrogateescape")
@@ -277,6 +282,9 @@ def convert_dataset(
         raise HyperfaceError(f"no image of {', '.join(map(str, sources))} could be read ({len(rejected)} tried; {rejected_path} says why)")
     if rejected:
         log.warning("%d unreadable image(s) left out; %s lists them", len(rejected), rejected_path)
+    if len(sizes) > 1:  # RecordIO's property names one size, and trainers batch images of one size
+        log.warning("the images come in %s sizes (%s): resize them to one (e.g. 112x112) before training",
+                    "8 or more" if len(sizes) >= 8 else len(sizes), ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:4]))
     emptied = np.setdiff1d(np.unique(ordered_labels), kept_labels)
     if emptied.size:
         log.warning("%d identit%s lost every image (unreadable), kept as empty classes: %s", emptied.size,
