@@ -138,6 +138,12 @@ def test_metrics_plot_draws_what_the_log_holds(tmp_path, monkeypatch):
     np.testing.assert_allclose(lfw.get_ydata(), [60.0, 75.0])
     np.testing.assert_allclose(agedb.get_ydata(), [55.0])
     assert [t.get_text() for t in val_ax.get_legend().get_texts()] == ["lfw 75.00%", "agedb_30 55.00%"]
+    import os
+
+    odd = tmp_path / os.fsdecode(b"run-\xff")  # a run folder whose name is not UTF-8
+    odd.mkdir()
+    (odd / "metrics.jsonl").write_text(text)
+    assert plots.plot_metrics(odd) == odd / "metrics.png" and figures[-1]._suptitle.get_text().startswith("run-\ufffd")
     assert "step 8" in figures[0]._suptitle.get_text()
 
 

@@ -44,4 +44,10 @@ def print_text(text: str) -> None:
         sys.stdout.buffer.flush()
 
 
-__all__ = ["print_text", "side_by_side", "unique_labels"]
+def display_name(text: str) -> str:
+    """``text`` fit for a figure or a terminal that takes only valid Unicode: the bytes of a file
+    name that is not UTF-8 (held as surrogates) shown as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+__all__ = ["display_name", "print_text", "side_by_side", "unique_labels"]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.io import save_figure
+from hyperface.common.text import display_name
 
 PLOT_FILE = "metrics.png"
 
@@ -74,7 +75,7 @@ def plot_metrics(run: str | os.PathLike, path: str | os.PathLike | None = None) 
         ax.text(0.5, 0.5, "no verification sets\n(--val-bin lfw.bin ...)", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     last = train[-1] if train else {}
-    fig.suptitle(f"{run.name}: step {last.get('step', 0):,}, epoch {last.get('epoch', 0)}"
+    fig.suptitle(f"{display_name(run.name)}: step {last.get('step', 0):,}, epoch {last.get('epoch', 0)}"
                  + (f", loss {last['loss']:.3f}" if last.get("loss") is not None else ""))
     return save_figure(fig, Path(path) if path is not None else run / PLOT_FILE)
 
