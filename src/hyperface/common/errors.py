@@ -32,6 +32,13 @@ def check_option(
         raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
 
 
+def check_paths_given(*flagged: tuple[str, str | None]) -> None:
+    """Refuse an empty path argument (``""`` would silently mean the current folder); None is "not given"."""
+    for flag, value in flagged:
+        if value is not None and not value.strip():
+            raise HyperfaceError(f"{flag} is empty: give a path")
+
+
 def without_object_reprs(text: str) -> str:
     """``text`` without Python object reprs such as ``<_io.BytesIO object at 0x7f...>``."""
     return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text).strip()

@@ -113,14 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_info(args: argparse.Namespace) -> int:
     import json
 
-    from hyperface.common.errors import HyperfaceError, check_option
+    from hyperface.common.errors import check_option, check_paths_given
     from hyperface.common.text import print_text
     from hyperface.datasets.describe import check_preview_path, describe_dataset, format_description, save_dataset_preview
 
     check_option("--workers", args.workers, lambda v: v >= 1, "at least 1", integer=True)
-    for flag, value in (("DATA", args.data), ("--preview", args.preview)):
-        if value is not None and not value.strip():
-            raise HyperfaceError(f"{flag} is empty: give a path")
+    check_paths_given(("DATA", args.data), ("--preview", args.preview))
     if args.preview:  # all of it before a --check that may read millions of images
         check_preview_path(args.preview, args.data)
     facts = describe_dataset(args.data, check=args.check, workers=args.workers)
@@ -131,13 +129,11 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from hyperface.common.errors import HyperfaceError, check_option
+    from hyperface.common.errors import check_option, check_paths_given
     from hyperface.common.runtime import get_logger
     from hyperface.datasets.convert import ConvertConfig, convert_dataset
 
-    for flag, value in (*(("SOURCE", source) for source in args.source), ("--out", args.out)):
-        if not value.strip():
-            raise HyperfaceError(f"{flag} is empty: give a path")
+    check_paths_given(*(("SOURCE", source) for source in args.source), ("--out", args.out))
     for flag, value in (("--identities", args.identities), ("--images-per-identity", args.images_per_identity)):
         if value is not None:
             check_option(flag, value, lambda v: v >= 1, "at least 1", integer=True)
@@ -163,26 +159,24 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hyperface.common.errors import HyperfaceError, check_option
-    from hyperface.common.io import check_output_file
+    from hyperface.common.errors import HyperfaceError, check_option, check_paths_given
+    from hyperface.common.io import check_output_file, read_json
     from hyperface.common.manifest import Manifest
     from hyperface.common.runtime import get_logger
-    from hyperface.common.io import read_json
     from hyperface.datasets import check_outside_datasets, open_dataset
-    from hyperface.evaluation.pairs import make_verification_bin
+    from hyperface.evaluation.pairs import make_verification_bin, pairs_files
 
     check_option("--pairs", args.pairs, lambda v: v >= 20 and v % 20 == 0, "a positive multiple of 20 (10 folds, half genuine)", integer=True)
     check_option("--from-identity", args.from_identity, lambda v: v >= 0, "at least 0", integer=True)
     if args.identities is not None:
         check_option("--identities", args.identities, lambda v: v >= 1, "at least 1", integer=True)
     check_option("--seed", args.seed, lambda v: v >= 0, "a non-negative integer", integer=True)
-    if not args.data.strip():
-        raise HyperfaceError("DATA is empty: give a path")
+    check_paths_given(("DATA", args.data))
     out = Path(args.out)
     if out.suffix.lower() != ".bin":
         raise HyperfaceError(f"--out {out}: give a .bin path (e.g. holdout.bin)")
-    manifest_path = out.with_name(out.stem + ".manifest.json")
-    beside = [out, out.with_name(out.stem + ".pairs.tsv"), manifest_path]
+    beside = pairs_files(out)
+    manifest_path = beside[2]
     for path in beside:  # all three writable files before any is written
         check_output_file(path, "--out")
     existing = [path.name for path in beside if path.exists()]
@@ -203,7 +197,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     facts = make_verification_bin(reader, out, pairs=args.pairs, seed=args.seed, first_identity=args.from_identity,
                                   identities=args.identities)
     manifest.extra.update({"source": {"path": str(data_path), "fingerprint": reader.fingerprint()}, "counts": facts})
-    manifest.write(out.parent, name=out.stem + ".manifest.json")
+    manifest.write(out.parent, name=manifest_path.name)
     log = get_logger("hyperface.datasets")
     if facts["unreadable_left_out"]:
         log.warning("%d unreadable image(s) left out of the pairs (the manifest names them)", len(facts["unreadable_left_out"]))

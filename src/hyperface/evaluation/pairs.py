@@ -90,6 +90,12 @@ def _impostor(rng, order, starts, counts, wanted: int, fold: int) -> list[tuple[
     return list(seen)
 
 
+def pairs_files(out: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """The files a pairs run writes: ``F.bin``, ``F.pairs.tsv`` (one line per pair), ``F.manifest.json``."""
+    out = Path(out)
+    return out, out.with_name(out.stem + ".pairs.tsv"), out.with_name(out.stem + ".manifest.json")
+
+
 def write_bin(path: str | os.PathLike, bins: list[bytes], issame: np.ndarray) -> Path:
     """Write ``(bins, issame_list)`` as insightface's verification ``.bin`` pickle (atomically):
     encoded images 2i and 2i+1 form pair i. Plain bytes and bools only, so :func:`read_bin`'s
@@ -141,7 +147,7 @@ def make_verification_bin(
     bins = [encoded[int(i)] for i in index_pairs.reshape(-1)]
     out = Path(out)
     write_bin(out, bins, issame)
-    listing = out.with_name(out.stem + ".pairs.tsv")
+    listing = pairs_files(out)[1]
     with atomic_write(listing, "w", encoding="utf-8", errors="surrogateescape") as handle:
         handle.write("image_a\timage_b\tsame\n")
         handle.writelines(f"{escape_line(reader.image_name(int(a)))}\t{escape_line(reader.image_name(int(b)))}\t{int(same)}\n"
@@ -152,4 +158,4 @@ def make_verification_bin(
             "unreadable_left_out": unreadable}
 
 
-__all__ = ["make_verification_bin", "sample_pairs", "write_bin"]
+__all__ = ["make_verification_bin", "pairs_files", "sample_pairs", "write_bin"]

@@ -163,7 +163,7 @@ def _with_run_settings(config, args: argparse.Namespace):
 def run_command(args: argparse.Namespace) -> int:
     import os
 
-    from hyperface.common.errors import HyperfaceError
+    from hyperface.common.errors import HyperfaceError, check_paths_given
 
     if args.export:
         from pathlib import Path
@@ -179,8 +179,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise HyperfaceError("give the training dataset (DATA), or --export CKPT to convert a checkpoint")
-    if not all(path.strip() for path in args.data):
-        raise HyperfaceError("DATA is empty: give a path")
+    check_paths_given(*(("DATA", path) for path in args.data))
 
     from hyperface.training.trainer import TrainConfig, train
 
