@@ -211,6 +211,23 @@ def test_recordio_writer_resumes_after_kill(tmp_path):
         RecordIOWriter(tmp_path)
 
 
+def test_recordio_writer_labels_in_any_order_with_gaps_past_its_table(tmp_path):
+    """The label -> key-range table grows past its first 1024 labels; gaps stay empty identities."""
+    images = _images(5, seed=9)
+    writer = RecordIOWriter(tmp_path)
+    for image, label in zip(images, [3000, 3000, 7, 0, 0]):
+        writer.add(image, label)
+    assert writer.label_counts == {0: 2, 7: 1, 3000: 2}
+    assert writer.images_of(3000) == 2 and writer.images_of(5) == 0 and writer.images_of(10**6) == 0
+    with pytest.raises(HyperfaceError, match="already written"):
+        writer.add(images[0], 7)
+    writer.close(num_classes=3002)
+    dataset = RecordIODataset(tmp_path)
+    assert dataset.num_classes == 3002
+    assert sorted(dataset.labels.tolist()) == [0, 0, 7, 3000, 3000]
+    assert np.bincount(dataset.labels, minlength=3002)[[0, 7, 3000, 3001]].tolist() == [2, 1, 2, 0]
+
+
 def test_recordio_writer_loses_nothing_added_before_a_sigkill(tmp_path):
     """No flush() by the caller: a process killed outright keeps every record add() returned."""
     import signal
