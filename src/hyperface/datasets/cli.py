@@ -115,15 +115,11 @@ def run_info(args: argparse.Namespace) -> int:
 
     from hyperface.common.errors import check_option, check_paths_given
     from hyperface.common.text import print_text
-    from hyperface.datasets.describe import check_preview_path, describe_dataset, format_description, save_dataset_preview
+    from hyperface.datasets.describe import describe_dataset, format_description
 
     check_option("--workers", args.workers, lambda v: v >= 1, "at least 1", integer=True)
     check_paths_given(("DATA", args.data), ("--preview", args.preview))
-    if args.preview:  # all of it before a --check that may read millions of images
-        check_preview_path(args.preview, args.data)
-    facts = describe_dataset(args.data, check=args.check, workers=args.workers)
-    if args.preview:
-        facts["preview"] = str(save_dataset_preview(args.preview, facts.get("dataset", args.data)))
+    facts = describe_dataset(args.data, check=args.check, workers=args.workers, preview=args.preview)
     print_text(json.dumps(facts, indent=2) if args.json else format_description(facts))
     return 0
 

@@ -44,10 +44,18 @@ def _counts_summary(counts: np.ndarray) -> dict[str, float]:
 
 
 def describe_dataset(
-    path: str | os.PathLike, *, check: bool = False, workers: int = 4, show_progress: bool | None = None
+    path: str | os.PathLike,
+    *,
+    check: bool = False,
+    workers: int = 4,
+    show_progress: bool | None = None,
+    preview: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Facts about the dataset at ``path`` (anything :func:`~hyperface.datasets.open_dataset` reads),
-    as plain data; ``check`` reads and decodes every image (see the module docstring)."""
+    as plain data; ``check`` reads and decodes every image (see the module docstring); ``preview``
+    also saves a contact sheet there (:func:`save_dataset_preview`), from the same reader."""
+    if preview is not None:  # before a --check that may read millions of images
+        check_preview_path(preview, path)
     resolved = resolve_generated(Path(path))
     reader = open_dataset(resolved)
     labels = np.asarray(reader.labels, dtype=np.int64)
@@ -92,6 +100,8 @@ def describe_dataset(
     facts["sample"] = {"images": sum(encodings.values()), "sizes": dict(sizes.most_common()), "encodings": dict(encodings.most_common())}
     if check:
         facts["check"] = _check_every_image(reader, workers=workers, show_progress=show_progress)
+    if preview is not None:
+        facts["preview"] = str(save_dataset_preview(preview, reader))
     return facts
 
 
@@ -196,10 +206,14 @@ def check_preview_path(path: str | os.PathLike, dataset: str | os.PathLike) -> N
     check_outside_datasets(path, [dataset], "--preview")
 
 
-def save_dataset_preview(path: str | os.PathLike, dataset: str | os.PathLike, *, rows: int = 8, columns: int = 8) -> Path:
-    """A contact sheet (JPEG) of ``rows`` identities spread over the dataset, ``columns`` images each."""
-    check_preview_path(path, dataset)
-    reader = open_dataset(dataset)
+def save_dataset_preview(path: str | os.PathLike, dataset: Any, *, rows: int = 8, columns: int = 8) -> Path:
+    """A contact sheet (JPEG) of ``rows`` identities spread over the dataset, ``columns`` images each.
+    ``dataset``: a path, or a reader already open (:func:`~hyperface.datasets.open_dataset`)."""
+    if isinstance(dataset, (str, os.PathLike)):
+        check_preview_path(path, dataset)
+        reader = open_dataset(dataset)
+    else:
+        reader = dataset
     labels = np.asarray(reader.labels)
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(int(reader.num_classes) + 1))

@@ -128,11 +128,15 @@ class TrainConfig:
             cfg.weight_decay = 5e-4 if self.optimizer == "sgd" else 0.05
         cfg.milestones = tuple(int(m) for m in self.milestones)
         cfg.val_bins = tuple(str(p) for p in self.val_bins)
-        data = [self.data] if isinstance(self.data, (str, os.PathLike)) else [str(p) for p in self.data]
+        data = self.data_paths()
         if not data:
             raise HyperfaceError("give the training dataset (DATA)")
         cfg.data = str(data[0]) if len(data) == 1 else tuple(data)
         return cfg
+
+    def data_paths(self) -> list[str]:
+        """DATA as a list of paths (one set is stored as a str, several as a tuple)."""
+        return [str(self.data)] if isinstance(self.data, (str, os.PathLike)) else [str(p) for p in self.data]
 
     def _check_ranges(self) -> None:
         """Every numeric option within its valid range, or one error naming the flag."""
@@ -443,7 +447,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     is_main = rank == 0
     out = Path(cfg.out)
     # a run folder inside an image folder would become one more class of it
-    check_outside_datasets(out, [cfg.data] if isinstance(cfg.data, str) else list(cfg.data), folder=True)
+    check_outside_datasets(out, cfg.data_paths(), folder=True)
 
     # --- data, and everything else that can be refused, before --overwrite clears a finished run ---
     reader = open_datasets(cfg.data, warn=is_main)
@@ -727,7 +731,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     # --- finish: export and manifest (rank 0) ----------------------------------------------------
     if is_main:
         ckpt.save_torch({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, out / "backbone.pth")
-        data_inputs = {"data": cfg.data} if isinstance(cfg.data, str) else {f"data_{i}": path for i, path in enumerate(cfg.data)}
+        data_inputs = {"data": cfg.data} if isinstance(cfg.data, str) else {f"data_{i}": path for i, path in enumerate(cfg.data_paths())}
         manifest = Manifest(stage="train", params=json.loads(json.dumps(asdict(cfg))), inputs=data_inputs)
         manifest.started = started
         manifest.time("train", time.time() - started)
