@@ -426,3 +426,40 @@ def test_mixed_image_sizes_are_warned_about(folder, tmp_path):
     finally:
         logging.getLogger("hyperface").removeHandler(handler)
     assert any("the images come in 2 sizes (20x24, 40x48)" in m for m in messages)
+
+
+def _damaged_jpeg(seed: int = 7) -> bytes:
+    """A JPEG whose entropy-coded data is scrambled mid-way: OpenCV still decodes it (libjpeg warns)."""
+    ok, encoded = cv2.imencode(".jpg", np.kron(_image(seed, (12, 10)), np.ones((8, 8, 1), dtype=np.uint8)))
+    data = bytearray(encoded.tobytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+def test_a_damaged_jpeg_that_still_decodes_is_found_by_check_and_left_out_by_convert(folder, tmp_path):
+    from PIL import Image
+
+    from hyperface.datasets.codec import decode_image, jpeg_damage
+
+    damaged = _damaged_jpeg()
+    assert decode_image(damaged).shape == (96, 80, 3)  # what training's reader sees: an image
+    assert "Corrupt JPEG data" in jpeg_damage(damaged)
+    with pytest.raises(HyperfaceError, match="damaged JPEG"):
+        decode_image(damaged, what="x.jpg", strict=True)
+    clean = _image(3, (40, 32))
+    for mode, options in (("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})):
+        buffer = __import__("io").BytesIO()
+        Image.fromarray(clean).convert(mode).save(buffer, "JPEG", **options)
+        assert jpeg_damage(buffer.getvalue()) is None, (mode, options)
+        assert decode_image(buffer.getvalue(), strict=True).shape == (40, 32, 3)
+
+    (folder / "alice" / "c.jpg").write_bytes(damaged)
+    check = describe_dataset(folder, check=True, workers=2)["check"]
+    assert check["unreadable"] == 2
+    assert {e["image"]: "damaged JPEG" in e["reason"] for e in check["unreadable_examples"]} == {"alice/c.jpg": True, "carol/b.jpg": False}
+    result = convert_dataset(folder, tmp_path / "out", ConvertConfig(), show_progress=False)
+    rejected = (tmp_path / "out" / "rejected.tsv").read_text().splitlines()[1:]
+    assert result.rejected == 2 and [line.split("\t")[1] for line in rejected] == ["alice/c.jpg", "carol/b.jpg"]
+    unchecked = convert_dataset(folder, tmp_path / "raw", ConvertConfig(verify=False), show_progress=False)
+    assert unchecked.rejected == 0 and damaged in [data for data, _ in _raw(open_dataset(tmp_path / "raw"))]

@@ -20,7 +20,7 @@ OPTIONAL = {
     "transformers": "generate (Arc2Face's CLIP text encoder)",
     "tensorboard": "train's TensorBoard log (optional)",
 }
-REQUIRED = ("torch", "numpy", "safetensors", "opencv-python-headless", "pillow", "matplotlib", "scipy", "tqdm")
+REQUIRED = ("torch", "numpy", "safetensors", "opencv-python-headless", "simplejpeg", "pillow", "matplotlib", "scipy", "tqdm")
 
 
 def _version(distribution: str) -> str | None:

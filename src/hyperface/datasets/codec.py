@@ -35,11 +35,35 @@ class ImageTooLarge(HyperfaceError):
     """An image whose pixel count is over the decoding limit (``hyperface.MAX_IMAGE_PIXELS``)."""
 
 
-def decode_image(data: bytes | memoryview | np.ndarray, *, what: str = "image") -> np.ndarray:
-    """Decode JPEG/PNG/BMP bytes to an RGB uint8 (H, W, 3) array; HyperfaceError if undecodable."""
+def jpeg_damage(data: bytes | memoryview) -> str | None:
+    """libjpeg's complaint about JPEG bytes that still decode (damaged entropy-coded data, a missing
+    end marker), or None. OpenCV and Pillow decode such files without telling the caller: libjpeg
+    only prints a warning and fills in what it could not read. simplejpeg's strict mode raises it."""
+    import simplejpeg
+
+    data = bytes(data)
+    try:
+        simplejpeg.decode_jpeg(data, strict=True)
+        return None
+    except ValueError as exc:
+        try:  # a JPEG simplejpeg cannot read at all (not a warning): OpenCV's decode decides
+            simplejpeg.decode_jpeg(data, strict=False)
+        except ValueError:
+            return None
+        return exception_summary(exc, 120)
+
+
+def decode_image(data: bytes | memoryview | np.ndarray, *, what: str = "image", strict: bool = False) -> np.ndarray:
+    """Decode JPEG/PNG/BMP bytes to an RGB uint8 (H, W, 3) array; HyperfaceError if undecodable.
+    ``strict``: also refuse a JPEG that decodes only with libjpeg's warnings (:func:`jpeg_damage`;
+    a second decode, for checks rather than training)."""
     buffer = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
     if buffer.size == 0:
         raise HyperfaceError(f"{what} is empty (0 bytes); the file is truncated or was not written completely")
+    if strict and image_encoding(buffer[:12].tobytes()) == "JPEG":
+        damage = jpeg_damage(buffer.tobytes())
+        if damage is not None:
+            raise HyperfaceError(f"{what} is a damaged JPEG that decodes only in part (libjpeg: {damage})")
     try:
         bgr = _cv2.imdecode(buffer, _cv2.IMREAD_COLOR)
     except _cv2.error as exc:

@@ -230,7 +230,7 @@ def convert_dataset(
                 return k, None, False, str(exc), None
         copy = config.image_format == "keep" and image_encoding(data) in ("JPEG", "PNG")
         try:
-            image = decode_image(data, what="image") if config.verify or not copy else None
+            image = decode_image(data, what="image", strict=config.verify) if config.verify or not copy else None
         except HyperfaceError as exc:
             return k, None, False, str(exc), None
         size = image.shape[:2] if image is not None else None

@@ -112,7 +112,7 @@ def _check_every_image(reader: Any, *, workers: int, show_progress: bool | None)
         try:
             with lock:
                 data, _ = reader.read_raw(index)
-            decode_image(data)
+            decode_image(data, strict=True)
         except HyperfaceError as exc:
             return index, None, str(exc)
         return index, hashlib.blake2b(data, digest_size=16).digest(), None
