@@ -254,13 +254,21 @@ def test_plot_and_compare_mistakes_fail_before_the_evaluation(tiny_backbone, tmp
     (tmp_path / "notes.json").write_text("not json")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "nothr.json").write_text(json.dumps({"results": {"lfw": {"accuracy": 0.9, "similarity_histogram": {"genuine": [1], "impostor": [1]}}}}))
+    (tmp_path / "text_tar.json").write_text(json.dumps({"ijb": {"target": "IJBC", "tar_at_far": {"1e-05": "a"}}}))
+    (tmp_path / "no_rank.json").write_text(json.dumps({"results": {"lfw": {"accuracy": 0.9}}, "ijb": {
+        "target": "IJBC", "tar_at_far": {}, "identification": {"rank": {}}}}))
     for extra, message in ((["--plot", str(tmp_path / "eval.txt")], "ending in .png"),
                            (["--plot", str(tmp_path)], "is a folder"),
                            (["--compare", str(tmp_path / "gone.json")], "no such file"),
                            (["--compare", str(tmp_path / "notes.json")], "not a readable JSON report"),
                            (["--compare", str(tmp_path / "list.json")], "not a `hyperface evaluate --json` report"),
                            (["--compare", str(tmp_path / "nothr.json")], "similarity histogram without a threshold"),
-                           (["--compare", str(tmp_path / "list.json"), str(tmp_path / "lfw.bin")], "put the BIN files before --compare")):
+                           (["--compare", str(tmp_path / "list.json"), str(tmp_path / "lfw.bin")], "put the BIN files before --compare"),
+                           (["--compare", str(tmp_path / "text_tar.json")], "not a number (ValueError"),
+                           (["--compare", str(tmp_path / "no_rank.json")], "not a number (KeyError: '1')"),
+                           (["--json", str(model_path)], "is the model"),
+                           (["--json", str(tmp_path / "nothr.json"), "--compare", str(tmp_path / "nothr.json")], "is a --compare report"),
+                           (["--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "p.png")], "is --json")):
         assert main(["evaluate", str(model_path), missing, *extra]) == 2
         assert message in capsys.readouterr().err, extra
 
@@ -426,3 +434,26 @@ def test_ijb_tar_at_a_far_no_impostor_pair_reaches_is_starred():
     text = format_table({"ijb": ijb})
     assert " 100.00*" in text and "90.00*" not in text  # 1e-2 x 600 = 6 impostor pairs: measured
     assert "* FAR below 1 / 600 impostor pairs: not measured" in text
+
+
+def test_outputs_never_replace_inputs_and_a_bad_later_set_fails_before_any_embedding(tiny_backbone, tmp_path, capsys):
+    from hyperface.evaluation.runner import evaluate_model
+
+    _, model_path = tiny_backbone
+    write_noisy_pairs_bin(tmp_path / "good.bin", 20, seed=1)
+    write_noisy_pairs_bin(tmp_path / "small.bin", 4, seed=2)
+    before = (tmp_path / "good.bin").read_bytes()
+    assert main(["evaluate", str(model_path), str(tmp_path / "good.bin"), "--json", str(tmp_path / "good.bin")]) == 2
+    assert "is a benchmark file" in capsys.readouterr().err and (tmp_path / "good.bin").read_bytes() == before
+    embedded = []
+
+    def counting(images):
+        embedded.append(len(images))
+        return images.reshape(len(images), -1)[:, :16].astype(np.float32)
+
+    with pytest.raises(Exception, match=r"small.bin: 4 pairs, fewer than the 10 folds"):
+        evaluate_model(counting, [tmp_path / "good.bin", tmp_path / "small.bin"])
+    assert embedded == []
+    with pytest.raises(Exception, match="issame_list must be a flat list"):
+        (tmp_path / "flat.bin").write_bytes(pickle.dumps(([b"x"] * 4, [[True], [False]])))
+        evaluate_model(counting, [tmp_path / "flat.bin"])

@@ -227,8 +227,10 @@ def test_ijb_meta_errors(tmp_path):
         read_ijb_meta(tmp_path, "IJBC")
     folder, _ = _write_release(tmp_path, identities=2, templates_per_id=1, faces_per_template=1)
     (folder / "loose_crop" / "2.png").unlink()
-    with pytest.raises(HyperfaceError, match="cannot read IJB image"):
-        evaluate_ijb(_pixel_embed, folder, "IJBC")
+    embedded = []
+    with pytest.raises(HyperfaceError, match=r"1 of the 2 faces .* e\.g\. 2\.png"):  # found before any embedding
+        evaluate_ijb(lambda images: embedded.append(len(images)) or _pixel_embed(images), folder, "IJBC")
+    assert embedded == []
     lines = (folder / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines()
     (folder / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(reversed(lines)) + "\n")
     with pytest.raises(HyperfaceError, match="same order"):
@@ -340,8 +342,12 @@ def test_identification_ties_duplicates_and_ijbb_lists(tmp_path):
     templates = np.array([10, 11, 20, 21, 22])
     lists = {"gallery": (np.array([10, 11]), np.array([1, 2])), "probe": (np.array([20, 21, 22]), np.array([1, 2, 1]))}
     out = identification_scores(feats, templates, lists)
-    # non-mated scores: 0, 0, 0.707; ceil(3 x 0.1) = 1 -> threshold 0.707; mated 1, 1, 0.707: strictly above -> 2 of 3
-    assert out["tpir_at_fpir"]["1e-01"] == pytest.approx(2 / 3) and out["rank"]["1"] == 1.0
+    # non-mated scores: 0, 0, 0.707; ceil(3 x 0.1) = 1 -> threshold 0.707; mated 1, 1, 0.707: strictly above -> 2 of 3.
+    # Probe 2's mate ties with the other gallery template: a tie ranks against the probe (rank 2)
+    assert out["tpir_at_fpir"]["1e-01"] == pytest.approx(2 / 3) and out["rank"]["1"] == pytest.approx(2 / 3)
+    assert out["rank"]["5"] == 1.0
+    collapsed = identification_scores(np.ones((5, 2)) / np.sqrt(2), templates, lists)  # every score equal
+    assert collapsed["rank"]["1"] == 0.0 and collapsed["tpir_at_fpir"]["1e-01"] == 0.0
     dup = {**lists, "gallery": (np.array([10, 11]), np.array([1, 1]))}
     with pytest.raises(HyperfaceError, match="probe subject 1 has 2 gallery templates"):
         identification_scores(feats, templates, dup)
@@ -361,3 +367,51 @@ def test_star_marks_only_fars_below_one_impostor_pair():
            "num_images": 1, "auc": 0.9, "num_impostor_pairs": 100}
     text = format_table({"ijb": ijb})
     assert "90.00*" not in text and "80.00*" in text  # 1e-2 x 100 = exactly one pair: measured
+
+
+def test_release_mistakes_are_found_before_any_face_is_embedded(tmp_path):
+    folder, _ = _write_release(tmp_path, identities=2, templates_per_id=2, faces_per_template=1)
+    meta = folder / "meta"
+    files = {name: (meta / name).read_text() for name in
+             ("ijbc_template_pair_label.txt", "ijbc_name_5pts_score.txt", "ijbc_face_tid_mid.txt", "ijbc_1N_probe_mixed.csv")}
+    embedded = []
+
+    def counting(images):
+        embedded.append(len(images))
+        return _pixel_embed(images)
+
+    def fails(match, identification=False):
+        with pytest.raises(HyperfaceError, match=match):
+            evaluate_ijb(counting, folder, "IJBC", identification=identification)
+        assert embedded == []
+        for name, text in files.items():
+            (meta / name).write_text(text)
+
+    (meta / "ijbc_template_pair_label.txt").write_text(files["ijbc_template_pair_label.txt"] + "1000 1001 2\n")
+    fails(r"pair 7 has label 2")
+    (meta / "ijbc_template_pair_label.txt").write_text(files["ijbc_template_pair_label.txt"] + "1000 4242 0\n")
+    fails(r"pair 7 names template 4242, which has no faces")
+    lines = files["ijbc_name_5pts_score.txt"].splitlines()
+    (meta / "ijbc_name_5pts_score.txt").write_text("\n".join([lines[0] + " 0.5", *lines[1:]]) + "\n")
+    fails(r"name_5pts_score.txt line 1: expected 12 columns, got 13")
+    lines = files["ijbc_face_tid_mid.txt"].splitlines()
+    (meta / "ijbc_face_tid_mid.txt").write_text("\n".join([*lines[:2], lines[2].replace(" 1010 ", " 10x0 "), *lines[3:]]) + "\n")
+    fails(r"face_tid_mid.txt line 3: a non-numeric value")
+    (meta / "ijbc_1N_probe_mixed.csv").write_text(files["ijbc_1N_probe_mixed.csv"] + "777,500,x.png,x\n")
+    fails(r"1:N probe list names templates without faces", identification=True)
+    (meta / "ijbc_1N_probe_mixed.csv").write_text(files["ijbc_1N_probe_mixed.csv"] + "1000,999,1.png,x\n")
+    fails(r"probe subject 999 has 0 gallery templates", identification=True)
+    evaluate_ijb(counting, folder, "IJBC", identification=True)  # the restored release runs
+    assert sum(embedded) == 2 * 4
+
+
+def test_nan_features_stop_the_ijb_run_with_the_image_named(tmp_path):
+    folder, _ = _write_release(tmp_path, identities=2, templates_per_id=2, faces_per_template=2)
+
+    def one_nan(images):
+        feats = _pixel_embed(images)
+        feats[-1, 3] = np.nan  # the last face of each batch, as an fp16 overflow would
+        return feats
+
+    with pytest.raises(HyperfaceError, match=r"features for IJB image 4\.png \(1 of a batch of 4\) are NaN/inf"):
+        evaluate_ijb(one_nan, folder, "IJBC", batch_size=4)

@@ -117,6 +117,10 @@ def test_verification_statistics():
     threshold = separable["eer_threshold"]
     assert (gen >= threshold).all() and not (imp >= threshold).any()
     assert separable["tar_at_far"]["0.0001"]["tar"] == 1.0
+    # a hand case a thinned ROC gets wrong (it drops the crossing: 0.10): FRR 0.2 -> 0.2 while FAR
+    # 0 -> 1/3 across thresholds 0.8 -> 0.3; they meet 60 % of the way, at 0.2
+    hand = verification_stats(np.array([-0.3, 0.8, 1.5, 1.6, 3.6]), np.array([0.1, 0.2, 0.3]))
+    assert hand["eer"] == pytest.approx(0.2) and hand["eer_threshold"] == 0.3
     same = verification_stats(rng.normal(0, 1, 20_000), rng.normal(0, 1, 20_000))
     assert same["eer"] == pytest.approx(0.5, abs=0.02)
     assert abs(same["d_prime"]) < 0.05
@@ -453,6 +457,9 @@ def test_compare_reports_bad_input(tmp_path, capsys):
     np.save(tmp_path / "emb" / "gallery.npy", unit(np.ones((2, 4))))
     (tmp_path / "broken.json").write_text("{\"num_images\": 3")
     (tmp_path / "other.json").write_text(json.dumps({"results": {}}))
+    text_mean = json.loads((tmp_path / "b" / "report.json").read_text())
+    text_mean["intra_class"]["image_to_centroid_cosine"]["mean"] = "x"
+    (tmp_path / "text_mean.json").write_text(json.dumps(text_mean))
     old = json.loads((tmp_path / "b" / "report.json").read_text())
     old.pop("histograms")  # a report written before reports kept them: in the table, not the figure
     (tmp_path / "old").mkdir()
@@ -463,6 +470,7 @@ def test_compare_reports_bad_input(tmp_path, capsys):
         (["--compare", a, str(tmp_path / "missing"), "--out", o], "no such file or folder"),
         (["--compare", a, str(tmp_path / "broken.json"), "--out", o], "not a readable JSON report"),
         (["--compare", a, str(tmp_path / "other.json"), "--out", o], "no num_images"),
+        (["--compare", a, str(tmp_path / "text_mean.json"), "--out", o], "missing or not a number (ValueError"),
         (["--compare", a, "--out", o], "needs two reports or more"),
         (["--compare", a, b, "--identities", "x.npy", "--out", o], "--identities describe(s) a dataset"),
         (["--compare", a, b, "--out", a, "--overwrite"], "is also a --compare report"),

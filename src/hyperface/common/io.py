@@ -166,12 +166,24 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> None:
+def check_output_file(
+    path: str | os.PathLike, flag: str, inputs: Sequence[tuple[str, str | os.PathLike | None]] = ()
+) -> None:
     """Refuse, before any work, an output file path that cannot be written: a folder, a parent that
-    is a file, or a folder without write permission (the nearest existing one is checked)."""
+    is a file, or a folder without write permission (the nearest existing one is checked); and one
+    that is one of ``inputs`` ((what it is, path) pairs: the model, a benchmark file), or an
+    existing file inside an input folder, which writing it would destroy."""
     path = Path(path)
     if path.is_dir():
         raise HyperfaceError(f"{flag} {path} is a folder; give a file path such as {path / 'results.json'}")
+    target = path.resolve()
+    for what, source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if target == source or (source.is_dir() and target.is_relative_to(source) and target.exists()):
+            where = "is" if target == source else "lies inside"
+            raise HyperfaceError(f"{flag} {path} {where} {what} ({source}): it would be overwritten; write to another file")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

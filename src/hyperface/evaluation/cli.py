@@ -106,19 +106,19 @@ def run(args: argparse.Namespace) -> int:
     check_option("--folds", args.folds, lambda v: v >= 2, "at least 2", integer=True)
     if args.ijb_1n and not args.ijb:
         raise HyperfaceError("--ijb-1n needs --ijb DIR (the IJB release folder)")
-    # found out now, not after the evaluation
+    # found out now, not after the evaluation; neither output may replace an input
+    inputs = [("the model", resolve_model_path(args.model)), *(("a benchmark file", b) for b in args.bins),
+              ("the --ijb folder", args.ijb), *(("a --compare report", c) for c in args.compare)]
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", inputs)
     if args.plot:
         from hyperface.evaluation.plots import PLOT_FORMATS
 
-        check_output_file(args.plot, "--plot")
+        check_output_file(args.plot, "--plot", [*inputs, ("--json", args.json)])
         if Path(args.plot).suffix.lstrip(".").lower() not in PLOT_FORMATS:
             raise HyperfaceError(f"--plot {args.plot}: give a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
     if args.cache and not args.ijb:
         raise HyperfaceError("--cache keeps IJB features: it needs --ijb DIR")
-    if args.json and any(Path(c).resolve() == Path(args.json).resolve() for c in args.compare if Path(c).exists()):
-        raise HyperfaceError(f"--json {args.json} is also a --compare report: it would be overwritten; write to another file")
     own_label = model_label(args.model)
     others = read_reports(args.compare, own_label=own_label)
     started = time.time()
@@ -137,13 +137,8 @@ def run(args: argparse.Namespace) -> int:
         ijb_identification=args.ijb_1n,
     )
     print(format_table(report))
-    labels = unique_labels([own_label, *(label for label, _ in others)])
-    reports = list(zip(labels, [report, *(other for _, other in others)]))
-    if others:
-        print()
-        print(format_comparison(reports))
     if args.json:
-        report = {
+        saved = {
             "stage": "evaluate",
             **report,
             # paths and SHA-256s: which weights and which benchmark files gave these numbers
@@ -152,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
             "wall_seconds": round(time.time() - started, 3),
             "versions": environment_versions(),
         }
-        save_json(args.json, report)
+        save_json(args.json, saved)
         get_logger("evaluate").info("wrote %s", args.json)
+    labels = unique_labels([own_label, *(label for label, _ in others)])
+    reports = list(zip(labels, [report, *(other for _, other in others)]))
+    if others:
+        print()
+        print(format_comparison(reports))
     if args.plot:  # after --json: a long evaluation's numbers are on disk whatever the plot does
         from hyperface.common.errors import exception_summary
         from hyperface.evaluation.plots import plot_evaluation

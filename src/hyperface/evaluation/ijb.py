@@ -85,7 +85,18 @@ def _ijb_folder(root: Path, target: str) -> Path:
     )
 
 
-def _read_columns(path: Path, min_columns: int) -> list[list[str]]:
+def _numbers(rows: list[list[str]], columns: slice, cast: type, path: Path) -> list[list[Any]]:
+    """``cast`` of ``columns`` of every row, or an error naming the file and the line."""
+    out = []
+    for number, row in enumerate(rows, 1):
+        try:
+            out.append([cast(v) for v in row[columns]])
+        except ValueError:
+            raise HyperfaceError(f"{path} line {number}: a non-numeric value where a number belongs ({' '.join(row)[:80]})") from None
+    return out
+
+
+def _read_columns(path: Path, min_columns: int, max_columns: int | None = None) -> list[list[str]]:
     if not path.is_file():
         raise HyperfaceError(f"IJB meta file not found: {path}")
     rows = []
@@ -97,8 +108,9 @@ def _read_columns(path: Path, min_columns: int) -> list[list[str]]:
                 raise HyperfaceError(f"{path} line {number} is not text (UTF-8): the meta file is damaged") from None
             if not fields:
                 continue
-            if len(fields) < min_columns:
-                raise HyperfaceError(f"{path} line {number}: expected at least {min_columns} columns, got {len(fields)}")
+            if len(fields) < min_columns or (max_columns is not None and len(fields) > max_columns):
+                expected = f"at least {min_columns}" if max_columns is None else f"{min_columns}" if max_columns == min_columns else f"{min_columns}-{max_columns}"
+                raise HyperfaceError(f"{path} line {number}: expected {expected} columns, got {len(fields)}")
             rows.append(fields)
     if not rows:
         raise HyperfaceError(f"{path} is empty")
@@ -111,8 +123,12 @@ def _read_pairs(path: Path) -> np.ndarray:
     parser runs only to name the line a damaged file goes wrong at."""
     if not path.is_file():
         raise HyperfaceError(f"IJB meta file not found: {path}")
+    import warnings
+
     try:
-        pairs = np.loadtxt(path, dtype=np.int64, usecols=(0, 1, 2), ndmin=2, encoding="utf-8")
+        with warnings.catch_warnings():  # an empty file: NumPy warns, then we say it plainly below
+            warnings.simplefilter("ignore", UserWarning)
+            pairs = np.loadtxt(path, dtype=np.int64, usecols=(0, 1, 2), ndmin=2, encoding="utf-8")
     except (ValueError, UnicodeDecodeError):
         rows = _read_columns(path, 3)
         try:
@@ -123,6 +139,10 @@ def _read_pairs(path: Path) -> np.ndarray:
         raise HyperfaceError(f"{path}: cannot read it as lines of three integers (template, template, label)") from None
     if pairs.shape[0] == 0:
         raise HyperfaceError(f"{path} is empty")
+    labels = pairs[:, 2]
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if bad.size:
+        raise HyperfaceError(f"{path}: pair {int(bad[0]) + 1} has label {int(labels[bad[0]])}; labels are 1 (same subject) or 0")
     return pairs
 
 
@@ -134,28 +154,26 @@ def read_ijb_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
     folder = _ijb_folder(Path(root), target)
     prefix = target.lower()
     meta = folder / "meta"
-    tid_mid = _read_columns(meta / f"{prefix}_face_tid_mid.txt", 3)
-    landmark_rows = _read_columns(meta / f"{prefix}_name_5pts_score.txt", 12)
+    tid_mid_file, scores_file = meta / f"{prefix}_face_tid_mid.txt", meta / f"{prefix}_name_5pts_score.txt"
+    tid_mid = _read_columns(tid_mid_file, 3)
+    # name, five (x, y) landmarks, faceness: exactly 12 (insightface reshapes columns 1..-1 to 5 x 2)
+    landmark_rows = _read_columns(scores_file, 12, 12)
     pair_array = _read_pairs(meta / f"{prefix}_template_pair_label.txt")
     if len(tid_mid) != len(landmark_rows):
         raise HyperfaceError(
             f"{meta}: {len(tid_mid)} faces in {prefix}_face_tid_mid.txt but {len(landmark_rows)} in {prefix}_name_5pts_score.txt"
         )
-    try:
-        names = [row[0] for row in landmark_rows]
-        for number, (row, name) in enumerate(zip(tid_mid, names), 1):
-            if row[0] != name:
-                raise HyperfaceError(
-                    f"{meta}: line {number} names {row[0]} in {prefix}_face_tid_mid.txt but {name} in "
-                    f"{prefix}_name_5pts_score.txt; the two files must list the faces in the same order"
-                )
-        landmarks = np.asarray([[float(v) for v in row[1:11]] for row in landmark_rows], dtype=np.float32).reshape(-1, 5, 2)
-        faceness = np.asarray([float(row[-1]) for row in landmark_rows], dtype=np.float32)
-        templates = np.asarray([int(row[1]) for row in tid_mid], dtype=np.int64)
-        medias = np.asarray([int(row[2]) for row in tid_mid], dtype=np.int64)
-    except ValueError as exc:
-        raise HyperfaceError(f"{meta}: a meta file holds a non-numeric value where a number belongs ({exc})") from None
-    scores_file = meta / f"{prefix}_name_5pts_score.txt"
+    names = [row[0] for row in landmark_rows]
+    for number, (row, name) in enumerate(zip(tid_mid, names), 1):
+        if row[0] != name:
+            raise HyperfaceError(
+                f"{meta}: line {number} names {row[0]} in {prefix}_face_tid_mid.txt but {name} in "
+                f"{prefix}_name_5pts_score.txt; the two files must list the faces in the same order"
+            )
+    scored = np.asarray(_numbers(landmark_rows, slice(1, 12), float, scores_file), dtype=np.float32)
+    landmarks, faceness = scored[:, :10].reshape(-1, 5, 2), np.ascontiguousarray(scored[:, 10])
+    ids = np.asarray(_numbers(tid_mid, slice(1, 3), int, tid_mid_file), dtype=np.int64)
+    templates, medias = ids[:, 0], ids[:, 1]
     for values, what in ((landmarks.reshape(len(names), -1), "landmark"), (faceness[:, None], "faceness score")):
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():  # NaN scores would weight every image by NaN and turn every TAR into noise
@@ -222,6 +240,12 @@ def ijb_image_features(
             feats = np.asarray(embed_fn(batch), dtype=np.float32)
             if flip:
                 feats = feats + np.asarray(embed_fn(np.ascontiguousarray(batch[:, :, ::-1, :])), dtype=np.float32)
+            broken = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+            if broken.size:  # NaN scores compare false: every TAR and rank would be quietly wrong
+                raise HyperfaceError(
+                    f"the model's features for IJB image {meta.image_names[start + int(broken[0])]} "
+                    f"({broken.size} of a batch of {stop - start}) are NaN/inf: check the model (for fp16 models, try fp32)"
+                )
             if features is None:
                 features = np.empty((count, feats.shape[1]), dtype=np.float32)
             features[start:stop] = feats
@@ -327,15 +351,28 @@ def read_identification_lists(root: str | os.PathLike, target: str = "IJBC") -> 
     return {"gallery": gallery, "probe": _read_subject_list(meta / f"{prefix}_1N_probe_mixed.csv")}
 
 
-def _chosen_templates(template_feats: np.ndarray, unique_templates: np.ndarray, templates: np.ndarray,
-                      subjects: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The features (from :func:`template_features`) and subject ids of the templates a 1:N list names."""
+def _template_rows(unique_templates: np.ndarray, templates: np.ndarray, subjects: np.ndarray,
+                   what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in ``unique_templates`` (sorted) and subject ids of the templates a 1:N list names."""
     chosen, first = np.unique(templates, return_index=True)
     index = np.minimum(np.searchsorted(unique_templates, chosen), unique_templates.size - 1)
     missing = unique_templates[index] != chosen
     if missing.any():
         raise HyperfaceError(f"the 1:N {what} list names templates without faces in the release, e.g. {chosen[missing][:5].tolist()}")
-    return template_feats[index], subjects[first]
+    return index, subjects[first]
+
+
+def _mates(gallery_ids: np.ndarray, probe_ids: np.ndarray) -> np.ndarray:
+    """For each probe, the row of its subject's one gallery template (the 1:N protocol's mate)."""
+    order = np.argsort(gallery_ids, kind="stable")
+    left = np.searchsorted(gallery_ids[order], probe_ids, side="left")
+    count = np.searchsorted(gallery_ids[order], probe_ids, side="right") - left
+    wrong = np.flatnonzero(count != 1)
+    if wrong.size:
+        subject = int(probe_ids[wrong[0]])
+        raise HyperfaceError(f"probe subject {subject} has {int(count[wrong[0]])} gallery templates "
+                             f"({wrong.size} probes like it); the 1:N protocol needs exactly one")
+    return order[left]
 
 
 def identification_scores(
@@ -347,14 +384,10 @@ def identification_scores(
     of :data:`FPIR_TARGETS`, read its way: the threshold is the ``ceil(FPIR x probes)``-th highest
     score of all non-mated probe-gallery pairs, and TPIR the share of probes whose mated score is
     above it. Probes are scored in chunks, keeping only the highest non-mated scores."""
-    gallery, gallery_ids = _chosen_templates(template_feats, unique_templates, *lists["gallery"], "gallery")
-    probes, probe_ids = _chosen_templates(template_feats, unique_templates, *lists["probe"], "probe")
-    mates = np.empty(probe_ids.size, dtype=np.int64)
-    for i, subject in enumerate(probe_ids):
-        where = np.flatnonzero(gallery_ids == subject)
-        if where.size != 1:
-            raise HyperfaceError(f"probe subject {subject} has {where.size} gallery templates; the 1:N protocol needs exactly one")
-        mates[i] = where[0]
+    gallery_rows, gallery_ids = _template_rows(unique_templates, *lists["gallery"], "gallery")
+    probe_rows, probe_ids = _template_rows(unique_templates, *lists["probe"], "probe")
+    mates = _mates(gallery_ids, probe_ids)
+    gallery, probes = template_feats[gallery_rows], template_feats[probe_rows]
     keep = int(math.ceil(probe_ids.size * max(FPIR_TARGETS)))
     mated = np.empty(probe_ids.size, dtype=np.float64)
     better = np.empty(probe_ids.size, dtype=np.int64)
@@ -364,7 +397,9 @@ def identification_scores(
         rows = np.arange(sims.shape[0])
         own = mates[start : start + chunk]
         mated[start : start + sims.shape[0]] = sims[rows, own]
-        better[start : start + sims.shape[0]] = (sims > sims[rows, own][:, None]).sum(axis=1)
+        # gallery templates scoring at least the mate's score rank before it: ties count against the
+        # probe, so a collapsed model (every score equal) ranks last, not first
+        better[start : start + sims.shape[0]] = (sims >= sims[rows, own][:, None]).sum(axis=1) - 1
         sims[rows, own] = -np.inf
         flat = sims.reshape(-1)
         pool = np.concatenate([highest, flat if flat.size <= keep else np.partition(flat, flat.size - keep)[-keep:]])
@@ -427,6 +462,52 @@ def _read_roc(labels: np.ndarray, scores: np.ndarray, far_targets=FAR_TARGETS) -
     return result, auc, roc
 
 
+@dataclass
+class IJBInputs:
+    """An IJB release read and checked (:func:`prepare_ijb`): everything but the pixels."""
+
+    target: str
+    meta: IJBMeta
+    lists: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # 1:N gallery and probes
+
+
+def _missing_images(meta: IJBMeta) -> list[str]:
+    """The face crops the meta files name that are not in ``loose_crop/`` (one listing of the folder)."""
+    try:
+        present = set(os.listdir(meta.image_dir))
+    except OSError as exc:
+        raise HyperfaceError(f"cannot list the IJB image folder {meta.image_dir} ({exc.strerror or exc})") from None
+    return [name for name in meta.image_names
+            if not (name in present if "/" not in name else (meta.image_dir / name).is_file())]
+
+
+def prepare_ijb(root: str | os.PathLike, target: str = "IJBC", *, identification: bool = False) -> IJBInputs:
+    """Read an IJB release and check all of it but the pixels: the meta files, that every template a
+    pair (or a 1:N list) names has faces, that each probe has one gallery mate, that every face crop
+    is there. Seconds, and before a model loads: a release mistake found after hours of embedding
+    would throw the hours away."""
+    target = target.upper()
+    meta = read_ijb_meta(root, target)
+    unique_templates = np.unique(meta.templates)
+    pair_file = meta.image_dir.parent / "meta" / f"{target.lower()}_template_pair_label.txt"
+    for ids in (meta.pair_t1, meta.pair_t2):
+        orphan = np.flatnonzero(~np.isin(ids, unique_templates))
+        if orphan.size:
+            raise HyperfaceError(f"{pair_file}: pair {int(orphan[0]) + 1} names template {int(ids[orphan[0]])}, which has no faces "
+                                 f"in {target.lower()}_face_tid_mid.txt ({orphan.size} pairs like it)")
+    lists = None
+    if identification:
+        lists = read_identification_lists(root, target)
+        _, gallery_ids = _template_rows(unique_templates, *lists["gallery"], "gallery")
+        _, probe_ids = _template_rows(unique_templates, *lists["probe"], "probe")
+        _mates(gallery_ids, probe_ids)
+    missing = _missing_images(meta)
+    if missing:
+        raise HyperfaceError(f"{len(missing)} of the {len(meta.image_names)} faces the meta files name are not in "
+                             f"{meta.image_dir}, e.g. {', '.join(missing[:3])}; is the release complete (loose_crop/)?")
+    return IJBInputs(target, meta, lists)
+
+
 def evaluate_ijb(
     embed_fn: EmbedFn,
     root: str | os.PathLike,
@@ -439,13 +520,15 @@ def evaluate_ijb(
     image_size: int = 112,
     cache_dir: str | os.PathLike | None = None,
     identification: bool = False,
+    inputs: IJBInputs | None = None,
 ) -> IJBResult:
     """IJB-B/C 1:1 verification of ``embed_fn`` (raw features of aligned RGB uint8 faces), and with
     ``identification`` 1:N identification on the same features; ``cache_dir``: see
-    :func:`ijb_image_features`."""
+    :func:`ijb_image_features`; ``inputs``: the release as :func:`prepare_ijb` already read it."""
     target = target.upper()
-    meta = read_ijb_meta(root, target)
-    lists = read_identification_lists(root, target) if identification else None  # a missing list fails before embedding
+    if inputs is None or inputs.target != target or (identification and inputs.lists is None):
+        inputs = prepare_ijb(root, target, identification=identification)  # every release mistake before embedding
+    meta, lists = inputs.meta, (inputs.lists if identification else None)
     features = ijb_image_features(embed_fn, meta, batch_size=batch_size, flip=flip, image_size=image_size, cache_dir=cache_dir)
     if not use_norm_score:
         features = _normalize_rows(features)
@@ -473,12 +556,14 @@ __all__ = [
     "CACHE_BLOCK",
     "FAR_TARGETS",
     "FPIR_TARGETS",
+    "IJBInputs",
     "IJBMeta",
     "IJBResult",
     "evaluate_ijb",
     "identification_scores",
     "ijb_image_features",
     "pair_scores",
+    "prepare_ijb",
     "read_identification_lists",
     "read_ijb_meta",
     "roc_curve",

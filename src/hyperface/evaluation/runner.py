@@ -52,6 +52,20 @@ def evaluate_model(
         )
     if not paths and ijb_root is None:
         raise HyperfaceError("nothing to evaluate: give at least one .bin verification set or --ijb DIR")
+    # every input read and checked before the model loads: a mistake in the last input must not throw
+    # away the evaluation of the ones before it
+    from hyperface.evaluation.verification import read_bin
+
+    for path in paths:
+        issame = read_bin(path)[1]
+        if issame.size < nfolds:
+            raise HyperfaceError(f"{path}: {issame.size} pairs, fewer than the {nfolds} folds of the protocol (--folds)")
+        del issame
+    ijb_inputs = None
+    if ijb_root is not None:
+        from hyperface.evaluation.ijb import prepare_ijb
+
+        ijb_inputs = prepare_ijb(ijb_root, ijb_target, identification=ijb_identification)
     model_info: dict[str, Any]
     if callable(model):
         embed_fn = model
@@ -89,7 +103,7 @@ def evaluate_model(
             cache = Path(cache_dir) if callable(model) else Path(cache_dir) / _ijb_cache_key(model, ijb_root, ijb_target, flip)
         ijb = evaluate_ijb(
             embed_fn, ijb_root, ijb_target, batch_size=batch_size, flip=flip, use_detector_score=ijb_detector_score,
-            cache_dir=cache, identification=ijb_identification,
+            cache_dir=cache, identification=ijb_identification, inputs=ijb_inputs,
         )
         report["ijb"] = ijb.to_dict()
         timings[ijb.target] = round(time.perf_counter() - start, 3)
@@ -163,6 +177,11 @@ def read_reports(paths: Sequence[str | os.PathLike], *, own_label: str | None = 
         if not isinstance(report, dict) or not (isinstance(report.get("results"), dict) or isinstance(report.get("ijb"), dict)):
             raise HyperfaceError(f"--compare {path}: not a `hyperface evaluate --json` report (no results or ijb in it)")
         problem = _report_problem(report)
+        if problem is None:  # the table, tried now on this report alone: any field it trips over is named here
+            try:
+                format_comparison([(name, report)])
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                problem = f"a field the comparison table reads is missing or not a number ({type(exc).__name__}: {exc})"
         if problem:
             raise HyperfaceError(f"--compare {path}: {problem}; give a report written by `hyperface evaluate --json`")
         reports.append((name if names.count(name) == 1 and name != own_label else str(path), report))

@@ -159,7 +159,10 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     if any(b is None for b in bins):
         bad = next(i for i, b in enumerate(bins) if b is None)
         raise HyperfaceError(f"{path}: bins[{bad}] is a {type(raw_bins[bad]).__name__}, not encoded image bytes")
-    issame = [_as_bool(v) for v in np.asarray(raw_issame, dtype=object).reshape(-1)] if len(raw_issame) else []
+    issame_array = np.asarray(raw_issame, dtype=object)
+    if issame_array.ndim != 1:
+        raise HyperfaceError(f"{path}: issame_list must be a flat list of booleans, got shape {issame_array.shape}")
+    issame = [_as_bool(v) for v in issame_array] if len(raw_issame) else []
     if any(v is None for v in issame):
         raise HyperfaceError(f"{path}: issame_list must hold only booleans")
     if len(issame) == 0 or len(bins) != 2 * len(issame):

@@ -9,6 +9,7 @@ dataset: the notes under the table say where the reports differ in model, thresh
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,10 @@ def _report_file(path: Path) -> Path:
     return path
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _report_problem(report: Any) -> str | None:
     """What the table would trip over in a report read from disk (None: nothing)."""
     if not isinstance(report, dict):
@@ -65,10 +70,14 @@ def _report_problem(report: Any) -> str | None:
     histograms = report.get("histograms")
     if histograms is not None:
         bins = histograms.get("bins") if isinstance(histograms, dict) else None
-        if not isinstance(bins, int) or any(
-            not isinstance(counts, list) or len(counts) != bins for name, counts in histograms.items() if name not in ("bins", "range")
+        if not isinstance(bins, int) or bins < 1 or any(
+            not isinstance(counts, list) or len(counts) != bins or not all(_is_number(c) for c in counts)
+            for name, counts in histograms.items() if name not in ("bins", "range")
         ):
             return "its histograms do not all have the stated number of bins"
+        span = histograms.get("range", [-1.0, 1.0])
+        if not (isinstance(span, list) and len(span) == 2 and all(_is_number(v) for v in span) and span[0] < span[1]):
+            return "its histograms' range is not two increasing numbers"
     return None
 
 
@@ -91,7 +100,13 @@ def read_dataset_reports(paths: Sequence[str | os.PathLike]) -> list[DatasetRepo
         except (OSError, HyperfaceError):  # damaged: only the reference-set note needs it
             manifest = {}
         label = file.parent.name if file.name == REPORT_FILE else file.stem
-        entries.append(DatasetReport(label or str(file), report, manifest, file))
+        entry = DatasetReport(label or str(file), report, manifest, file)
+        try:  # the table, tried now on this report alone: a field it trips over is named before any work
+            format_report_comparison([entry])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise HyperfaceError(f"--compare {given}: a field the comparison table reads is missing or not a number "
+                                 f"({type(exc).__name__}: {exc}); give a report written by `hyperface report`") from None
+        entries.append(entry)
     return labelled_uniquely(entries)
 
 

@@ -140,6 +140,25 @@ def pair_cosines(embeddings: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16
     return out
 
 
+def equal_error_rate(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
+    """(EER, its threshold): where FAR (impostors at or above a threshold) meets FRR (genuine pairs
+    below it), over every distinct score (not a thinned ROC, which can drop the crossing), the rate
+    interpolated linearly between the two thresholds around the crossing."""
+    scores = np.r_[genuine, impostor].astype(np.float64)
+    is_genuine = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
+    order = np.argsort(-scores, kind="stable")
+    scores, is_genuine = scores[order], is_genuine[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # the last row of each distinct score
+    far = np.r_[0.0, np.cumsum(~is_genuine)[last] / max(len(impostor), 1)]
+    frr = np.r_[1.0, 1.0 - np.cumsum(is_genuine)[last] / max(len(genuine), 1)]
+    thresholds = np.r_[np.inf, scores[last]]
+    gap = far - frr  # rises from -1 to +1 as the threshold falls
+    i = int(np.argmax(gap >= 0))
+    alpha = 0.0 if gap[i] == gap[i - 1] else -gap[i - 1] / (gap[i] - gap[i - 1])
+    eer = far[i - 1] + alpha * (far[i] - far[i - 1])
+    return float(eer), float(thresholds[i] if alpha >= 0.5 else thresholds[i - 1] if np.isfinite(thresholds[i - 1]) else thresholds[i])
+
+
 def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1e-4, 1e-3, 1e-2)) -> dict[str, Any]:
     """EER, TAR at FAR and d' from genuine / impostor cosine samples.
 
@@ -148,7 +167,7 @@ def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1
     """
     labels = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
     fpr, tpr, thresholds = roc_curve(labels, np.r_[genuine, impostor])
-    k = int(np.argmin(np.abs(fpr - (1 - tpr))))
+    eer, eer_threshold = equal_error_rate(genuine, impostor)
     tar = {}
     for target in far_targets:
         if target * len(impostor) >= 10:
@@ -162,8 +181,8 @@ def verification_stats(genuine: np.ndarray, impostor: np.ndarray, far_targets=(1
         "genuine_cosine": summary(genuine),
         "impostor_cosine": summary(impostor),
         "d_prime": float((genuine.mean() - impostor.mean()) / max(spread, 1e-12)),
-        "eer": float((fpr[k] + 1 - tpr[k]) / 2),
-        "eer_threshold": float(thresholds[k]),
+        "eer": eer,
+        "eer_threshold": eer_threshold,
         "tar_at_far": tar,
     }
 
