@@ -854,3 +854,29 @@ def test_between_d_plus_1_and_2d_points_the_cross_polytope_is_kept():
     assert packing_metrics(result.points)["min_angle_deg"] == pytest.approx(90.0, abs=1e-4)
     with pytest.raises(HyperfaceError, match="at most 2d"):
         orthoplex_init(17, 8, np.random.default_rng(0))
+
+
+def test_a_stop_after_the_last_checkpoint_resumes_to_the_same_bits(tmp_path, capsys, monkeypatch):
+    """Killed or stopped while the metrics or files are written (after the final checkpoint): the
+    resume must not polish the polished points again, and SIGTERM there is a clean exit 130."""
+    from hyperface.packing import pipeline
+
+    base = ["--identities", "100", "--dim", "32", "--steps", "100", "--seed", "1", "--device", "cpu", "--no-plot"]
+    assert run_cli(*base, "--out", str(tmp_path / "a")) == 0
+    original = pipeline.packing_report
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would, outside pack's own loops
+        time.sleep(1.0)  # the handler raises here, in the main thread
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "packing_report", terminated)
+    capsys.readouterr()
+    assert run_cli(*base, "--out", str(tmp_path / "b")) == 130
+    assert "interrupted; rerun with --resume to continue" in capsys.readouterr().err
+    assert (tmp_path / "b" / "checkpoint.pt").is_file() and not (tmp_path / "b" / "identities.npy").exists()
+    monkeypatch.setattr(pipeline, "packing_report", original)
+    assert run_cli(*base, "--out", str(tmp_path / "b"), "--temperature-end", "0.5", "--resume") == 2
+    assert "(temperature_end 0.02 -> 0.5)" in capsys.readouterr().err  # a setting that shapes the result
+    assert run_cli(*base, "--out", str(tmp_path / "b"), "--resume") == 0
+    assert (tmp_path / "a" / "identities.npy").read_bytes() == (tmp_path / "b" / "identities.npy").read_bytes()

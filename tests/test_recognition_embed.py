@@ -194,7 +194,9 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
     for i, face in enumerate(faces):
         _write(tmp_path / "src" / f"{i}.png", face)
     _write(tmp_path / "src" / "zz_corrupt.png", grey_image(4, 4))  # too small: rejected
-    args = [tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "3", "--batch-size", "2"]
+    model = tmp_path / "model.pth"
+    model.write_bytes(models["pth"].read_bytes())
+    args = [tmp_path / "src", "--model", model, "--aligned", "--chunk-size", "3", "--batch-size", "2"]
 
     assert _embed(*args, "--out", tmp_path / "clean" / "g.npy") == 0
 
@@ -225,6 +227,10 @@ def test_embed_resumes_after_kill(tmp_path, models, monkeypatch, capsys):
     assert _embed(*args, "--out", out, "--resume") == 2
     assert "other images" in capsys.readouterr().err
     (tmp_path / "src" / "6b.png").rename(tmp_path / "src" / "6.png")
+    save_backbone(make_tiny_iresnet(seed=6), model)  # another model at the same path: not resumed into the run
+    assert _embed(*args, "--out", out, "--resume") == 2
+    assert "recognizer.sha256" in capsys.readouterr().err
+    model.write_bytes(models["pth"].read_bytes())
 
     def counting_embed(self, images):
         calls["rows"] = calls.get("rows", 0) + len(images)

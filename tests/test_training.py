@@ -307,6 +307,10 @@ def test_resume_of_a_finished_run_checks_settings_and_keeps_its_manifest(synthet
     assert again.nothing_to_do and again.steps == done.steps and again.last_loss == pytest.approx(done.last_loss)
     assert (run / "manifest.json").read_bytes() == manifest
     assert (run / "backbone.pth").read_bytes() == backbone
+    # ArcFace's own margin and scale named explicitly are the same settings; another margin is not
+    assert train(TrainConfig(**base, margin_m=0.5, margin_s=64.0, resume=True)).nothing_to_do
+    with pytest.raises(HyperfaceError, match=r"margin_m 0.5 -> 0.45"):
+        train(TrainConfig(**base, margin_m=0.45, resume=True))
 
 
 @pytest.mark.parametrize(
@@ -833,3 +837,17 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(synthetic, tmp_
         with pytest.raises(HyperfaceError):
             train(TrainConfig(**{**base, **bad}, overwrite=True))
         assert sorted(p.name for p in run.iterdir()) == kept  # refused before anything was cleared
+
+
+def test_an_empty_latest_pointer_names_the_newest_checkpoint_to_write_into_it(tmp_path):
+    from hyperface.training.checkpoint import latest_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    for step in ("step-000000010", "step-000000020"):
+        (folder / step).mkdir(parents=True)
+        (folder / step / "meta.json").write_text("{}")
+    (folder / "latest").write_text("")
+    with pytest.raises(HyperfaceError, match=r"latest is empty or damaged .*: write step-000000020 into it"):
+        latest_checkpoint(tmp_path)
+    (folder / "latest").write_text("step-000000010\n")
+    assert latest_checkpoint(tmp_path) == folder / "step-000000010"

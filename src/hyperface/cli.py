@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             getattr(args, late).extend(names)
     args.argv, args.stage_parser = argv, stage_parser
     _quiet_opencv()
+    previous_sigterm = _sigterm_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except HyperfaceError as exc:
@@ -147,6 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{stage_parser.prog}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+    finally:
+        if previous_sigterm is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s stop) as Ctrl-C for the whole command, not only inside the
+    loops that checkpoint (they take both signals themselves): a stop while the last files are
+    written is then the same clean exit 130 with its --resume hint, not a silent 143. Returns the
+    handler it replaced, or None where it left SIGTERM alone (not the main thread; a program
+    calling ``main`` with its own handler)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _quiet_opencv() -> None:

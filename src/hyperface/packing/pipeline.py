@@ -14,7 +14,9 @@ from hyperface.common.io import duplicate_rows, file_sha256, load_embeddings, pr
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
-from hyperface.packing.solver import CHECKPOINT_NAME, PackConfig, check_checkpoint_every, config_key, pack, resume_mismatch
+from hyperface.packing.solver import (
+    CHECKPOINT_NAME, PackConfig, check_checkpoint_every, config_key, pack, resume_mismatch, same_settings,
+)
 
 log = get_logger("hyperface.packing")
 
@@ -68,7 +70,7 @@ def run_pack(
             # A finished run with other settings is not the run asked for: say so, don't return it.
             params, now = previous.get("params") or {}, config_key(cfg)
             before = {k: params[k] for k in now if k in params}  # keys an older version did not record: unknown
-            if before != {k: now[k] for k in before}:
+            if not same_settings(before, now):
                 raise resume_mismatch(out, before, {k: now[k] for k in before})
             saved_gallery = (previous.get("inputs") or {}).get("gallery") or {}
             now_gallery = file_sha256(gallery_path) if gallery_path is not None else None

@@ -484,9 +484,18 @@ def advance(bar: Any, amount: float) -> None:
 
 
 def config_key(cfg: PackConfig) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed."""
-    keys = ("num_identities", "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts", "symmetry")
+    """What must match for a checkpoint to be resumed: every setting the result depends on (not
+    the device: a run may move to another one)."""
+    keys = ("num_identities", "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts", "symmetry",
+            "step_angle", "step_floor", "temperature_start", "temperature_end", "neighbors", "refresh_every", "batch_size",
+            "gallery_candidates", "polish_steps", "compute_dtype")
     return {k: getattr(cfg, k) for k in keys}
+
+
+def same_settings(stored: dict[str, Any], now: dict[str, Any]) -> bool:
+    """``stored`` (a checkpoint's or manifest's :func:`config_key`) matches ``now``; a key an older
+    version did not store is not held against the run."""
+    return all(stored[k] == v for k, v in now.items() if k in stored)
 
 
 def pack(
@@ -525,8 +534,9 @@ def pack(
             raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exception_summary(exc)}); remove it or use --overwrite") from exc
         if not isinstance(state, dict) or "config_key" not in state or "restart" not in state:
             raise HyperfaceError(f"{ckpt_path} is not a hyperface pack checkpoint; remove it or use --overwrite")
-        if state["config_key"] != config_key(cfg):
-            raise resume_mismatch(ckpt_path.parent, state["config_key"], config_key(cfg))
+        if not same_settings(state["config_key"], config_key(cfg)):
+            now = config_key(cfg)
+            raise resume_mismatch(ckpt_path.parent, state["config_key"], {k: now[k] for k in state["config_key"] if k in now})
         log.info("resuming restart %d at step %d", state["restart"], (state["run"] or {}).get("step", 0))
 
     stop = StopRequest(log)
@@ -679,6 +689,9 @@ def _pack_once(
     objective = _Objective(cfg, gallery_t, dtype, generator)
     step, elapsed, history = 0, 0.0, []
     best_points, best_score, best_step = points.detach().clone(), math.inf, 0
+    # a run killed after its last checkpoint (while its metrics or files were written): best_points
+    # is already polished and chosen; polishing it again would not give the uninterrupted run's bits
+    finished = bool(state.get("finished", False)) if state is not None else False
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
@@ -686,12 +699,12 @@ def _pack_once(
         generator.set_state(state["generator"])
         objective.reference_cos = float(state["reference_cos"])
 
-    def run_state() -> dict[str, Any]:
+    def run_state(done: bool = False) -> dict[str, Any]:
         return {
             "points": points.detach().cpu(), "optimizer": optimizer.state_dict(), "step": step,
             "elapsed": elapsed, "history": history, "best_points": best_points.cpu(),
             "best_score": best_score, "best_step": best_step, "generator": generator.get_state(),
-            "reference_cos": objective.reference_cos,
+            "reference_cos": objective.reference_cos, "finished": done,
         }
 
     budget = cfg.time_budget / cfg.restarts if cfg.time_budget is not None else None
@@ -749,9 +762,11 @@ def _pack_once(
                 raise KeyboardInterrupt  # the step is complete: the handler below checkpoints it
 
         final = points.detach()
-        if cfg.mode == "stochastic":  # batch maxima are not global: keep the last iterate
+        if finished:
+            final = best_points
+        elif cfg.mode == "stochastic":  # batch maxima are not global: keep the last iterate
             best_points, best_step = final, step
-        if polishing:
+        if polishing and not finished:
             save(run_state())  # the polish keeps no checkpoints: a kill during it resumes from here
             temperature, _ = anneal_schedule(cfg, 1.0, dim)
             start = best_points if best_score < math.inf else final
@@ -774,7 +789,7 @@ def _pack_once(
     final_exact = _exact_score(objective, final)
     if final_exact <= best_exact:
         best_points, best_exact, best_step = final, final_exact, step
-    save(run_state())
+    save(run_state(done=True))
     result = PackResult(points=best_points.float().cpu().numpy(), config=cfg, history=history,
                         steps_done=step, seconds=elapsed + polish_seconds, best_step=best_step, restart=restart)
     return result, best_exact

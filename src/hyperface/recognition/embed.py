@@ -408,9 +408,14 @@ def embed_images(
 def _resume_settings(recognizer: Recognizer, preprocessor: FacePreprocessor, chunk_size: int, count: int) -> dict[str, Any]:
     """What must match for a resume to continue a run (batch size, device and workers may change),
     as JSON stores it (so a plan or manifest read back compares equal)."""
+    from hyperface.common.io import file_sha256
+
     model_settings = {k: v for k, v in recognizer.describe().items() if k not in ("batch_size", "device", "providers")}
     if model_settings.get("path"):
-        model_settings["path"] = str(Path(model_settings["path"]).resolve())
+        model_path = Path(model_settings["path"]).resolve()
+        model_settings["path"] = str(model_path)
+        if model_path.is_file():  # the weights, not only their name: a re-export at the same path is another model
+            model_settings["sha256"] = file_sha256(model_path)
     settings = {
         "recognizer": model_settings,
         "preprocess": {k: v for k, v in preprocessor.describe().items() if k != "detector"},
@@ -419,7 +424,8 @@ def _resume_settings(recognizer: Recognizer, preprocessor: FacePreprocessor, chu
     }
     if preprocessor.mode == "detect":  # the detector's file and the settings that decide which faces are found
         detector = {k: v for k, v in preprocessor.detector.describe().items() if k not in ("device", "kind")}
-        settings["preprocess"]["detector"] = detector | {"path": str(Path(preprocessor.detector.path).resolve())}
+        detector_path = Path(preprocessor.detector.path).resolve()
+        settings["preprocess"]["detector"] = detector | {"path": str(detector_path), "sha256": file_sha256(detector_path)}
     return json.loads(json.dumps(settings, default=str))
 
 

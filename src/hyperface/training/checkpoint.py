@@ -72,7 +72,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     pointer = folder / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text(encoding="utf-8").strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    steps = sorted(p.name for p in folder.glob("step-*") if (p / "meta.json").is_file())
+    if not name or any(c in name for c in "/\\\n"):
+        hint = f"write {steps[-1]} into it (the newest checkpoint there)" if steps else f"delete {pointer} to start over"
+        raise HyperfaceError(f"{pointer} is empty or damaged (it names the newest step-N folder): {hint}")
     path = folder / name
     if not (path / "meta.json").is_file():
         raise HyperfaceError(f"{pointer} names {name}, which is missing or incomplete; delete {pointer} to start over")

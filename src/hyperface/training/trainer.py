@@ -193,6 +193,16 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _margin_value(key: str, value: float | None, loss: str) -> float | None:
+    """``margin_s``/``margin_m`` as the run uses it: None stands for the loss's default."""
+    if value is not None:
+        return value
+    try:
+        return float(getattr(build_margin(loss), key.removeprefix("margin_")))
+    except (HyperfaceError, AttributeError):  # an unknown loss is refused elsewhere
+        return None
+
+
 def _check_resume_settings(
     out: Path, meta: dict[str, Any], cfg: TrainConfig, *, world: int, num_classes: int, data_fingerprint: str
 ) -> None:
@@ -203,8 +213,11 @@ def _check_resume_settings(
     defaults = TrainConfig(data="", out="")
     fixed = (*_RESUME_FIXED, *_SUBSET_FIELDS)
     saved = {k: meta["config"].get(k, _plain(getattr(defaults, k))) for k in fixed}
-    changed = [k for k in fixed if saved[k] != _plain(getattr(cfg, k))]
-    what = [describe_changes({k: saved[k] for k in changed}, {k: _plain(getattr(cfg, k)) for k in changed})] if changed else []
+    now = {k: _plain(getattr(cfg, k)) for k in fixed}
+    for key in ("margin_s", "margin_m"):  # unset means the loss's own value: `--margin-m 0.5` with ArcFace is no change
+        saved[key], now[key] = (_margin_value(key, value, loss) for value, loss in ((saved[key], saved["loss"]), (now[key], now["loss"])))
+    changed = [k for k in fixed if saved[k] != now[k]]
+    what = [describe_changes({k: saved[k] for k in changed}, {k: now[k] for k in changed})] if changed else []
     if meta["world_size"] != world:
         what.append(f"world size {meta['world_size']} -> {world}")
     if any(k in _SUBSET_FIELDS for k in changed):
@@ -428,10 +441,12 @@ def train_step(
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which checkpoints and stops cleanly."""
+    """DataLoader workers leave Ctrl-C to the main process, which checkpoints and stops cleanly, and
+    die of SIGTERM as processes do (the CLI turns it into KeyboardInterrupt in the main process only)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
