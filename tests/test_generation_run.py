@@ -605,7 +605,11 @@ def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
         (None, ["--min-similarity", "0.4"], "fr-model"),
         (None, ["--resolution", "0"], "--resolution must be between 8 and 4096"),
         (None, ["--resolution", "2000000"], "--resolution must be between 8 and 4096"),
-        (None, ["--seed", "-1"], "--seed must be a non-negative integer"),
+        (None, ["--seed", "-1"], "--seed must be an integer from 0 to"),
+        (None, ["--seed", str(2**64)], "--seed must be an integer from 0 to 9223372036854775807"),
+        (None, ["--shard", "0/2", "--overwrite"], "--overwrite with several shards"),
+        (None, ["--align", "detect", "--detector", "nowhere.onnx"], "--detector file not found"),
+        (None, ["--lcm-lora", "NOT_A_LORA"], "holds no LoRA tensors"),
         (None, ["--guidance", "nan"], "--guidance must be a finite number"),
         (None, ["--guidance", "0.5"], "--guidance must be >= 1"),
         (None, ["--perturbation-scale", "nan"], "--perturbation-scale must be a finite number"),
@@ -621,6 +625,11 @@ def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, a
     if "--sd15-missing" in flags:
         common[common.index("--sd15") + 1] = str(tmp_path / "nowhere")
         flags = []
+    if "NOT_A_LORA" in flags:  # a full UNet file given as the LoRA: refused from its header, before any hashing
+        from safetensors.numpy import save_file
+
+        save_file({"conv_in.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "unet.safetensors"))
+        flags = [str(tmp_path / "unet.safetensors") if f == "NOT_A_LORA" else f for f in flags]
     assert main(["generate", str(ids), *common, "-k", "1", "--out", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -675,3 +684,88 @@ def test_the_filter_scores_a_render_the_model_cannot_embed_as_cosine_0(cli_input
     monkeypatch.setattr(Recognizer, "features", nan_for_the_second)
     got = cosine_to_references(embed_fn, crops, references)
     assert got[1] == 0.0 and np.allclose(got[[0, 2]], expected[[0, 2]], atol=1e-6)
+
+
+def _hold_lock_in_another_process(lock_file: Path):
+    """A second process holding a shard's lock, as a running shard does (flock is per process)."""
+    import subprocess
+    import sys
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; h = open(sys.argv[1], 'a+b'); fcntl.flock(h, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(60)", str(lock_file)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_running_shard_blocks_its_twin_other_settings_and_the_merge(tmp_path):
+    identities = random_identities(4, seed=3)
+    config = GenerationConfig(images_per_identity=1, seed=1)
+    out = tmp_path / "o"
+    generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
+    (out / "parts" / "shard-00000-of-00002" / "journal.jsonl").write_bytes(b"")  # as if shard 0 had only just started
+    holder = _hold_lock_in_another_process(out / "parts" / "shard-00000-of-00002" / "lock")
+    try:
+        with pytest.raises(HyperfaceError, match=r"another process is rendering shard 0/2"):
+            generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
+        other = GenerationConfig(images_per_identity=1, seed=2)  # nothing journaled yet, but shard 0 runs: refused
+        with pytest.raises(HyperfaceError, match=r"being rendered by other shards \(shard-00000-of-00002\) with other settings"):
+            generate_dataset(PaintedGenerator(), identities, out, other, shard=Shard(1, 2), aligner=keep_as_is, show_progress=False)
+        generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is, show_progress=False)
+        with pytest.raises(HyperfaceError, match=r"still rendering into .* \(shard-00000-of-00002\)"):
+            merge_parts(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
+    assert merge_parts(out)["num_images"] == 4
+
+
+def test_a_part_rendered_with_other_settings_is_refused_by_the_merge_and_its_resume(tmp_path):
+    identities = random_identities(4, seed=4)
+    config = GenerationConfig(images_per_identity=1, seed=1)
+    out = tmp_path / "o"
+    for index in range(2):
+        generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(index, 2), aligner=keep_as_is, show_progress=False)
+    settings = out / "parts" / "shard-00001-of-00002" / "settings.json"
+    recorded = json.loads(settings.read_text())
+    assert recorded["config"]["seed"] == 1 and "batch_size" not in recorded["config"]
+    recorded["config"]["seed"] = 2  # what a shard that raced the others with --seed 2 would have left
+    settings.write_text(json.dumps(recorded))
+    with pytest.raises(HyperfaceError, match=r"shard-00001-of-00002 was rendered with other settings \(config\.seed 1 -> 2\)"):
+        merge_parts(out)
+    with pytest.raises(HyperfaceError, match=r"holds images rendered with other settings \(config\.seed 2 -> 1\)"):
+        generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is, show_progress=False)
+
+
+def test_run_json_is_written_by_exactly_one_of_two_writers(tmp_path):
+    from hyperface.common.io import save_json_if_absent
+
+    assert save_json_if_absent(tmp_path / "sub" / "run.json", {"seed": 1}) is True
+    assert save_json_if_absent(tmp_path / "sub" / "run.json", {"seed": 2}) is False
+    assert json.loads((tmp_path / "sub" / "run.json").read_text()) == {"seed": 1}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["run.json"]  # no temporary left
+
+
+def test_a_merged_run_without_its_parts_refuses_other_settings(tmp_path):
+    identities = random_identities(3, seed=5)
+    out = tmp_path / "o"
+    config = GenerationConfig(images_per_identity=1, seed=1)
+    generate_dataset(PaintedGenerator(), identities, out, config, aligner=keep_as_is, keep_parts=False, show_progress=False)
+    assert not (out / "parts").exists()
+    other = GenerationConfig(images_per_identity=2, seed=7)
+    with pytest.raises(HyperfaceError, match=r"other settings \(.*images_per_identity 1 -> 2"):
+        generate_dataset(PaintedGenerator(), identities, out, other, aligner=keep_as_is, resume=True, show_progress=False)
+    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
+
+
+def test_nan_pixels_stop_the_render_with_the_cause_named(monkeypatch):
+    import torch
+
+    generator = session_tiny_generator()
+    monkeypatch.setattr(generator, "_vae_decode", lambda chunk, return_dict=False: (torch.full((chunk.shape[0], 3, 8, 8), float("nan")),))
+    with pytest.raises(HyperfaceError, match=r"NaN/inf pixels for 2 of 2 images: fp16 overflow"):
+        generator.decode(torch.zeros(2, 4, 4, 4))

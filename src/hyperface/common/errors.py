@@ -32,6 +32,15 @@ def check_option(
         raise HyperfaceError(f"{flag} must be {rule}, got {value!r}")
 
 
+#: The largest seed every stage accepts: torch.manual_seed takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value: Any, flag: str = "--seed", maximum: int = MAX_SEED) -> None:
+    """A seed every generator takes (0 .. 2^63 - 1): a larger one failed deep in torch with an overflow."""
+    check_option(flag, value, lambda v: 0 <= v <= maximum, f"an integer from 0 to {maximum}", integer=True)
+
+
 def check_paths_given(*flagged: tuple[str, str | None]) -> None:
     """Refuse an empty path argument (``""`` would silently mean the current folder); None is "not given"."""
     for flag, value in flagged:

@@ -101,6 +101,36 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
         handle.write(text + "\n")
 
 
+def save_json_if_absent(path: str | os.PathLike, obj: Any) -> bool:
+    """:func:`save_json`, but only where no file is: of two processes doing this at once exactly
+    one writes (the file is complete before its name appears). Returns whether this call wrote it."""
+    path = Path(path)
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: an exclusive create, written in place
+            try:
+                with open(path, "x", encoding="utf-8") as handle:
+                    handle.write(text)
+                return True
+            except FileExistsError:
+                return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def save_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_write(path, "wb") as handle:
         handle.write(data)

@@ -155,7 +155,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hyperface.common.errors import HyperfaceError, check_option, check_paths_given
+    from hyperface.common.errors import HyperfaceError, check_option, check_paths_given, check_seed
     from hyperface.common.io import check_output_file, read_json
     from hyperface.common.manifest import Manifest
     from hyperface.common.runtime import get_logger
@@ -166,7 +166,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     check_option("--from-identity", args.from_identity, lambda v: v >= 0, "at least 0", integer=True)
     if args.identities is not None:
         check_option("--identities", args.identities, lambda v: v >= 1, "at least 1", integer=True)
-    check_option("--seed", args.seed, lambda v: v >= 0, "a non-negative integer", integer=True)
+    check_seed(args.seed)
     check_paths_given(("DATA", args.data))
     out = Path(args.out)
     if out.suffix.lower() != ".bin":

@@ -678,6 +678,13 @@ class Arc2FaceGenerator:
             if self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             pixels = self._vae_decode(chunk, return_dict=False)[0][:count].float()
+            finite = torch.isfinite(pixels).flatten(1).all(1).cpu()  # NaN would clamp to a black image, silently
+            if not bool(finite.all()):
+                raise HyperfaceError(
+                    f"the generator produced NaN/inf pixels for {int((~finite).sum())} of {count} images: fp16 overflow "
+                    "(try --dtype fp32) or NaN in the weights (the UNet, VAE or --lcm-lora file); the identities "
+                    "finished so far are kept"
+                )
             pixels = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(images)

@@ -138,10 +138,10 @@ def run(args: argparse.Namespace) -> int:
         raise HyperfaceError(f"missing {', '.join(missing)}: see `hyperface generate --help`")
     if args.min_similarity is not None and not args.fr_model:
         raise HyperfaceError("--min-similarity needs --fr-model (Arc2Face's arcface.onnx)")
-    from hyperface.common.errors import check_option
+    from hyperface.common.errors import check_option, check_seed
 
     # numbers found wrong now, not after minutes of loading models (or as a 16 TB allocation)
-    check_option("--seed", args.seed, lambda v: v >= 0, "a non-negative integer", integer=True)
+    check_seed(args.seed)
     check_option("--resolution", args.resolution, lambda v: 8 <= v <= 4096, "between 8 and 4096 pixels (SD1.5: 512)", integer=True)
     if args.guidance is not None:
         check_option("--guidance", args.guidance, lambda v: v >= 1, ">= 1 (1 turns classifier-free guidance off)", finite=True)
@@ -212,8 +212,17 @@ def run(args: argparse.Namespace) -> int:
     settings = settings.resolved()
     paths = find_arc2face_files(args.arc2face, args.sd15)
     fr_model = resolve_model_path(args.fr_model) if args.fr_model else None  # a run folder or checkpoints/latest, too
-    if args.lcm_lora and not Path(args.lcm_lora).is_file():
-        raise HyperfaceError(f"--lcm-lora file not found: {args.lcm_lora}")
+    if args.lcm_lora:
+        from hyperface.generation.lora import check_lora_file
+
+        check_lora_file(args.lcm_lora)  # its header: before hashing and loading gigabytes of weights
+    if args.detector and not Path(args.detector).is_file():
+        raise HyperfaceError(f"--detector file not found: {args.detector} (det_10g.onnx from insightface's buffalo_l pack)")
+    if shard.count > 1 and args.overwrite:
+        raise HyperfaceError("--overwrite with several shards would let each rank delete the others' work: empty --out once "
+                             "yourself (or choose another), then start the shards")
+    if args.max_attempts is not None and args.min_similarity is None:
+        log.warning("--max-attempts only matters with --min-similarity: without a filter every render is kept (K per identity)")
     models: dict = {}
 
     def describe_models() -> dict:
@@ -230,11 +239,14 @@ def run(args: argparse.Namespace) -> int:
                 "sd15": files_sha256(files["sd15"], Path(args.sd15)),
                 "fr_model": file_sha256(fr_model) if fr_model else None,
                 "lcm_lora": file_sha256(args.lcm_lora) if args.lcm_lora else None,
+                # --align detect: whose crops (only then, so runs without a detector compare as before)
+                **({"detector": file_sha256(args.detector)} if args.detector else {}),
             },
             "model_paths": {
                 "arc2face": str(Path(args.arc2face).resolve()), "sd15": str(Path(args.sd15).resolve()),
                 "fr_model": str(fr_model.resolve()) if fr_model else None,
                 "lcm_lora": str(Path(args.lcm_lora).resolve()) if args.lcm_lora else None,
+                **({"detector": str(Path(args.detector).resolve())} if args.detector else {}),
             },
         })
         return models

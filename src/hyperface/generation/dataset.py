@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import array_sha256, read_json, remove_stale_temporaries, save_json
+from hyperface.common.io import array_sha256, read_json, remove_stale_temporaries, save_json, save_json_if_absent
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.generation.base import IdentityGenerator
@@ -413,30 +413,97 @@ def render_shard(
 # ----------------------------------------------------------------------------------------------
 
 
+#: A shard's lock (``parts/<shard>/lock``) and its record of the settings it renders with.
+LOCK_FILE, SHARD_SETTINGS_FILE = "lock", "settings.json"
+#: Locks this process holds, by part folder (a second flock of the same file would block on itself).
+_HELD_LOCKS: dict[str, Any] = {}
+
+
+def comparable_settings(facts: dict[str, Any], saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must agree between two renders of one dataset. The same identities and weights may come
+    from other paths (they are compared by content); the batch size changes images only by float
+    rounding (the same batch size gives the same bits), so it may change on resume. Weights an older
+    ``saved`` run did not record: unknown."""
+    skip = {"identities_path", "model_paths"} | ({"weights"} if saved is not None and "weights" not in saved else set())
+    facts = json.loads(json.dumps({k: v for k, v in facts.items() if k not in skip}))
+    facts.get("config", {}).pop("batch_size", None)
+    return facts
+
+
+def claim_shard(out_dir: Path, shard: Shard) -> None:
+    """Hold ``parts/<shard>/lock``: an OS lock the kernel drops when the process ends (a kill
+    included), so a second process on the same shard (a requeued job while the first still runs) is
+    refused instead of interleaving its journal. A no-op where ``fcntl`` is missing (Windows)."""
+    folder = out_dir / PARTS_DIR / shard.name
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+b")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise HyperfaceError(
+            f"another process is rendering shard {shard.index}/{shard.count} into {out_dir}: wait for it, or stop "
+            "it and rerun with --resume"
+        ) from None
+    _HELD_LOCKS[key] = handle
+
+
+def release_shard(out_dir: Path, shard: Shard) -> None:
+    handle = _HELD_LOCKS.pop(str((out_dir / PARTS_DIR / shard.name).resolve()), None)
+    if handle is not None:
+        handle.close()
+
+
+def running_shards(out_dir: Path) -> list[str]:
+    """Part folders whose lock another process holds (shards rendering now)."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    running = []
+    for lock in sorted((out_dir / PARTS_DIR).glob(f"*/{LOCK_FILE}")):
+        if str(lock.parent.resolve()) in _HELD_LOCKS:
+            continue
+        with open(lock, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                running.append(lock.parent.name)
+    return running
+
+
+def _dataset_written(out_dir: Path) -> bool:
+    """Whether a merge has written (part of) the dataset: its images are not to be re-rendered differently."""
+    return (out_dir / "manifest.json").is_file() or (out_dir / "images").is_dir() or (out_dir / "rec" / "train.idx").exists()
+
+
 def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
-    """Store what this output folder generates; on resume, refuse different settings."""
+    """Store what this output folder generates; on resume and for every shard, refuse different settings."""
     path = out_dir / RUN_FILE
-    if path.exists():
+    if path.exists() or not save_json_if_absent(path, run):  # two shards starting together: one writes it
 
         saved = read_json(path)
-
-        def comparable(facts: dict) -> dict:
-            # The same identities and weights may come from other paths (they are compared by
-            # content), and the batch size does not change any image (each depends only on its own
-            # seed), so none of these blocks a resume. Weights an older version did not record: unknown.
-            skip = {"identities_path", "model_paths"} | ({"weights"} if "weights" not in saved else set())
-            facts = json.loads(json.dumps({k: v for k, v in facts.items() if k not in skip}))
-            facts.get("config", {}).pop("batch_size", None)
-            return facts
-
-        changes = describe_changes(comparable(saved), comparable(run))
-        if changes and not _parts_hold_work(out_dir):
+        changes = describe_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
+        blockers = running_shards(out_dir)
+        if changes and not _parts_hold_work(out_dir) and not blockers and not _dataset_written(out_dir):
             # Nothing rendered under the old settings yet (e.g. the models failed to load and were
-            # re-downloaded): the new settings simply take their place, shards and --resume alike.
+            # re-downloaded) and no shard running: the new settings take their place.
             log.info("%s: no images rendered yet, so run.json takes the new settings (%s)", out_dir, changes)
             save_json(path, run)
             return
         if changes:
+            if blockers and not _parts_hold_work(out_dir):
+                raise HyperfaceError(
+                    f"{out_dir} is being rendered by other shards ({', '.join(blockers)}) with other settings ({changes}); "
+                    "start every shard with the same settings"
+                )
             where = ""
             if saved.get("weights") != run.get("weights") and saved.get("model_paths"):
                 where = f" (its models came from {', '.join(f'{k} {v}' for k, v in saved['model_paths'].items() if v)})"
@@ -446,6 +513,24 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
             )
         return
     save_json(path, run)
+
+
+def check_shard_settings(out_dir: Path, shard: Shard, run: dict[str, Any]) -> None:
+    """Record in the shard's folder the settings it renders with; refuse to add to images it holds
+    from other settings (which only a race of shards with other settings could have left)."""
+    folder = out_dir / PARTS_DIR / shard.name
+    path = folder / SHARD_SETTINGS_FILE
+    now = comparable_settings(run)
+    if path.is_file() and (folder / "journal.jsonl").is_file() and (folder / "journal.jsonl").stat().st_size > 0:
+        before = read_json(path)
+        changes = describe_changes(before, now)
+        if changes:
+            raise HyperfaceError(
+                f"{folder} holds images rendered with other settings ({changes}) than {out_dir / RUN_FILE}: delete that "
+                "folder and render the shard again"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json(path, now)
 
 
 def _parts_hold_work(out_dir: Path) -> bool:
@@ -519,6 +604,19 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     formats = formats or run.get("format", "both")
     if formats not in FORMATS:
         raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
+    running = running_shards(out_dir)
+    if running:
+        raise HyperfaceError(f"shards are still rendering into {out_dir} ({', '.join(running)}): merge once they are done")
+    expected = comparable_settings(run, run)
+    for settings_file in sorted((out_dir / PARTS_DIR).glob(f"*/{SHARD_SETTINGS_FILE}")):
+        journal = settings_file.parent / "journal.jsonl"
+        if journal.is_file() and journal.stat().st_size > 0:
+            changes = describe_changes(expected, comparable_settings(read_json(settings_file), run))
+            if changes:
+                raise HyperfaceError(
+                    f"{settings_file.parent} was rendered with other settings ({changes}) than {out_dir / RUN_FILE}: one "
+                    "dataset never mixes two; delete that folder and render its shard again with the run's settings"
+                )
     found = _collect_parts(out_dir, num_identities)
     missing = [i for i in range(num_identities) if i not in found]
     if missing:
@@ -724,7 +822,9 @@ def open_run(
         "align": align_mode,
         **((run_info() if callable(run_info) else run_info) or {}),
     }
+    claim_shard(out_dir, shard)  # before run.json: a running shard's settings are never replaced
     write_or_check_run(out_dir, run)
+    check_shard_settings(out_dir, shard, run)
     return out_dir, run
 
 
@@ -763,12 +863,15 @@ def generate_dataset(
         overwrite=overwrite, identities_path=identities_path, run_info=run_info,
     )
     started = time.time()
-    summary = render_shard(
-        generator, embeddings, out_dir, config, shard=shard, aligner=aligner, embed_fn=embed_fn,
-        on_identity_done=on_identity_done, show_progress=show_progress,
-    )
-    part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary}, started=started)
-    part_manifest.write(out_dir / PARTS_DIR / shard.name, checksum_inputs=False)
+    try:
+        summary = render_shard(
+            generator, embeddings, out_dir, config, shard=shard, aligner=aligner, embed_fn=embed_fn,
+            on_identity_done=on_identity_done, show_progress=show_progress,
+        )
+        part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary}, started=started)
+        part_manifest.write(out_dir / PARTS_DIR / shard.name, checksum_inputs=False)
+    finally:
+        release_shard(out_dir, shard)
     if merge if merge is not None else shard.count == 1:
         summary["dataset"] = merge_parts(out_dir, formats=formats, keep_parts=keep_parts, show_progress=show_progress)
     return summary
@@ -779,6 +882,7 @@ __all__ = [
     "LOW_ACCEPTANCE",
     "acceptance_line",
     "acceptance_warning",
+    "claim_shard",
     "GenerationConfig",
     "Shard",
     "ShardPart",

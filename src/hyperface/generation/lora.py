@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hyperface.common.errors import HyperfaceError
+from hyperface.common.errors import HyperfaceError, exception_summary
 
 LCM_LORA_SOURCE = "the Hugging Face repo latent-consistency/lcm-lora-sdv1-5 (pytorch_lora_weights.safetensors)"
 
@@ -94,17 +94,33 @@ def _group_lora_tensors(state: dict, module_names: dict[str, str]) -> dict[str, 
     return groups
 
 
-def fuse_lora_into_unet(unet, path: str | Path, *, scale: float = 1.0) -> int:
-    """Add the LoRA in ``path`` to ``unet``'s weights in place; return the number of layers changed."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def check_lora_file(path: str | Path) -> Path:
+    """The cheap checks of a LoRA file, from its header alone (the CLI runs them before hashing and
+    loading any weights): it is there, a readable .safetensors, and holds LoRA tensors."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise HyperfaceError(f"--lcm-lora file not found: {path}; download it from {LCM_LORA_SOURCE}")
     if path.suffix != ".safetensors":
         raise HyperfaceError(f"--lcm-lora must be a .safetensors file, got {path.name}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise HyperfaceError(f"cannot read LoRA file {path} ({exception_summary(exc)}); re-download it from {LCM_LORA_SOURCE}") from exc
+    if not any("lora" in key.lower() for key in keys):
+        raise HyperfaceError(f"{path} holds no LoRA tensors ({len(keys)} other tensors); give a UNet LoRA such as {LCM_LORA_SOURCE}")
+    return path
+
+
+def fuse_lora_into_unet(unet, path: str | Path, *, scale: float = 1.0) -> int:
+    """Add the LoRA in ``path`` to ``unet``'s weights in place; return the number of layers changed."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = check_lora_file(path)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -136,4 +152,4 @@ def fuse_lora_into_unet(unet, path: str | Path, *, scale: float = 1.0) -> int:
     return touched
 
 
-__all__ = ["LCM_LORA_SOURCE", "fuse_lora_into_unet"]
+__all__ = ["LCM_LORA_SOURCE", "check_lora_file", "fuse_lora_into_unet"]

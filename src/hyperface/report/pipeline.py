@@ -149,9 +149,9 @@ def run_report(
         raise HyperfaceError(f"--unique-threshold must be a cosine in [-1, 1], got {unique_threshold}")
     if genuine_pairs < 0 or impostor_pairs < 0:
         raise HyperfaceError("pair counts must be >= 0")
-    from hyperface.common.errors import check_option
+    from hyperface.common.errors import check_seed
 
-    check_option("--seed", seed, lambda v: v >= 0, "a non-negative integer", integer=True)
+    check_seed(seed)
     emb = load_embeddings(embeddings, what="embeddings", mapped=True)  # embed's unit rows stay on disk
     items = reader = None  # each row's image in the dataset, when the rows came from one
     if labels is not None:
