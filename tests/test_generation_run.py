@@ -503,6 +503,15 @@ def test_cli_shards_then_merge(cli_inputs, tmp_path):
     folder = ImageFolderDataset(out / "images")
     assert len(folder) == 4 and sorted(folder.labels.tolist()) == [0, 1, 2, 3]
     assert len(RecordIODataset(out / "rec")) == 4
+    # a rec-only run merged again as both, then as a folder only: every format on disk stays listed
+    rec_only = tmp_path / "rec-only"
+    for index in range(2):
+        assert main(["generate", str(root / "ids.npy"), *common, "-k", "1", "--format", "rec", "--out", str(rec_only),
+                     "--shard", f"{index}/2"]) == 0
+    assert main(["generate", "--merge", "--out", str(rec_only)]) == 0 and not (rec_only / "images").exists()
+    assert main(["generate", "--merge", "--format", "both", "--out", str(rec_only)]) == 0 and (rec_only / "images").is_dir()
+    assert main(["generate", "--merge", "--format", "folder", "--out", str(rec_only)]) == 0
+    assert set(json.loads((rec_only / "manifest.json").read_text())["outputs"]) >= {"folder", "rec"}
 
 
 def test_cli_shards_must_share_the_weights_and_mistakes_fail_before_loading(cli_inputs, tmp_path, monkeypatch, capsys):

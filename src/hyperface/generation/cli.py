@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--arc2face", help="local Arc2Face folder (holds encoder/ and arc2face/)")
     parser.add_argument("--sd15", help="local Stable Diffusion 1.5 folder (holds vae/, tokenizer/, scheduler/)")
     parser.add_argument("-k", "--images-per-identity", type=int, default=50, help="images kept per identity (default: 50)")
-    parser.add_argument("--format", choices=("folder", "rec", "both"), default="both", help="dataset format (default: both)")
+    parser.add_argument("--format", choices=("folder", "rec", "both"), default=None,
+                        help="dataset format (default: both; with --merge, the run's own format)")
     parser.add_argument("--seed", type=int, default=0, help="global seed; image = f(seed, identity, index) (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per UNet batch, across identities (default: 16; on an H100, 64 measured "
                              "1.85-2.0x Arc2Face's 4-per-call recipe, 2.2-2.9x with --channels-last --compile --fuse-qkv)")
@@ -131,11 +132,12 @@ def run(args: argparse.Namespace) -> int:
             log.warning("%s", warning)
 
     if args.merge:
-        report_dataset(merge_parts(args.out, formats=None if args.format == "both" else args.format, keep_parts=args.keep_parts), "merged")
+        report_dataset(merge_parts(args.out, formats=args.format, keep_parts=args.keep_parts), "merged")
         return 0
     missing = [flag for flag, value in (("IDENTITIES.npy", args.identities), ("--arc2face", args.arc2face), ("--sd15", args.sd15)) if not value]
     if missing:
         raise HyperfaceError(f"missing {', '.join(missing)}: see `hyperface generate --help`")
+    args.format = args.format or "both"
     if args.min_similarity is not None and not args.fr_model:
         raise HyperfaceError("--min-similarity needs --fr-model (Arc2Face's arcface.onnx)")
     from hyperface.common.errors import check_option, check_seed

@@ -638,6 +638,9 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
                 "`hyperface generate --merge`"
             ) from exc
         raise
+    for kind, final in (("folder", out_dir / "images"), ("rec", out_dir / "rec")):  # formats an earlier merge wrote stay listed
+        if kind not in outputs and (final.is_dir() if kind == "folder" else (final / "train.idx").exists()):
+            outputs[kind] = str(final)
     stats = acceptance_statistics(found, num_identities, run)
     save_json(out_dir / "acceptance.json", stats)
     try:  # a picture to look at: it must not cost the merge
