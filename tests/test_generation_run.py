@@ -731,6 +731,17 @@ def test_a_running_shard_blocks_its_twin_other_settings_and_the_merge(tmp_path):
         holder.wait()
     generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
     assert merge_parts(out)["num_images"] == 4
+    single = tmp_path / "single"  # a one-shard job that has rendered nothing yet is not cleared under it
+    (single / "parts" / "shard-00000-of-00001").mkdir(parents=True)
+    (single / ".hyperface-run").write_text("generate\n")
+    holder = _hold_lock_in_another_process(single / "parts" / "shard-00000-of-00001" / "lock")
+    try:
+        with pytest.raises(HyperfaceError, match=r"another process is generating into .*single"):
+            generate_dataset(PaintedGenerator(), identities, single, config, aligner=keep_as_is, overwrite=True, show_progress=False)
+        assert (single / "parts" / "shard-00000-of-00001" / "lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_part_rendered_with_other_settings_is_refused_by_the_merge_and_its_resume(tmp_path):

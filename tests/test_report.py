@@ -485,7 +485,7 @@ def test_compare_reports_bad_input(tmp_path, capsys):
     np.save(tmp_path / "e.npy", unit(np.random.default_rng(0).standard_normal((6, 8))))
     np.save(tmp_path / "l.npy", np.array([0, 0, 1, 1, 2, 2]))
     assert main(["report", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "l.npy"), "--seed", "-1", "--out", o]) == 2
-    assert "--seed must be a non-negative integer" in capsys.readouterr().err
+    assert "--seed must be an integer from 0 to" in capsys.readouterr().err
     assert main(["report", "--compare", str(tmp_path / "a"), str(tmp_path / "old"), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "comparison.png").exists()  # drawn from the report that has histograms
     assert "old" in capsys.readouterr().out

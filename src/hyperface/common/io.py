@@ -330,12 +330,16 @@ def _manifest_stage(folder: Path) -> str:
 
 
 def _holds_no_work(out: Path, setup_files: Sequence[str]) -> bool:
-    """True for a folder hyperface made whose only files are its marker, setup files or empty files."""
+    """True for a folder hyperface made whose only files are its marker, setup files (names relative
+    to ``out``, glob patterns allowed) or empty files."""
+    import fnmatch
+
     if not (out / RUN_MARKER).is_file():
         return False
-    allowed = {RUN_MARKER, *setup_files}
+    allowed = (RUN_MARKER, *setup_files)
     for path in out.rglob("*"):
-        if path.is_symlink() or (path.is_file() and path.relative_to(out).as_posix() not in allowed and path.stat().st_size > 0):
+        if path.is_symlink() or (path.is_file() and path.stat().st_size > 0
+                                 and not any(fnmatch.fnmatchcase(path.relative_to(out).as_posix(), pattern) for pattern in allowed)):
             return False
     return True
 

@@ -437,7 +437,12 @@ def claim_shard(out_dir: Path, shard: Shard) -> None:
     folder = out_dir / PARTS_DIR / shard.name
     key = str(folder.resolve())
     if key in _HELD_LOCKS:
-        return
+        try:  # still the file on disk (a cleared folder took it away: lock a new one)
+            if os.fstat(_HELD_LOCKS[key].fileno()).st_ino == os.stat(folder / LOCK_FILE).st_ino:
+                return
+        except OSError:
+            pass
+        _HELD_LOCKS.pop(key).close()
     try:
         import fcntl
     except ImportError:
@@ -814,8 +819,14 @@ def open_run(
 
         if not (out_dir / RUN_MARKER).exists():
             raise HyperfaceError(f"output folder {out_dir} is not empty and was not written by hyperface; choose another --out")
+    if out_dir.is_dir() and not (resume or shard.count > 1):  # not cleared (--overwrite, a failed attempt) under a running job
+        busy = running_shards(out_dir)
+        if busy:
+            raise HyperfaceError(f"another process is generating into {out_dir} ({', '.join(busy)}): wait for it, or stop "
+                                 "it and rerun with --resume")
     # Several ranks share one --out: only a single-shard run insists on an empty folder.
-    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate", setup_files=("run.json",))
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate",
+                                 setup_files=(RUN_FILE, f"{PARTS_DIR}/*/{SHARD_SETTINGS_FILE}"))
     run = {
         "num_identities": int(embeddings.shape[0]),
         "embeddings_sha256": array_sha256(embeddings),
