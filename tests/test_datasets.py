@@ -510,3 +510,19 @@ def test_image_folder_fingerprint_follows_names_and_labels(tmp_path):
     assert ImageFolderDataset(tmp_path).fingerprint() != before  # another file name
     (tmp_path / "000001" / "d.png").rename(tmp_path / "000001" / os.fsdecode(b"\xe9.png"))  # not UTF-8
     assert len(ImageFolderDataset(tmp_path).fingerprint()) == 64
+
+
+def test_a_resume_cuts_a_record_with_a_negative_label(tmp_path):
+    images = _images(3, seed=11)
+    writer = RecordIOWriter(tmp_path)
+    writer.add(images[0], 0)
+    writer.add(images[1], 1)
+    writer.flush()
+    with open(tmp_path / "train.rec.tmp", "ab") as rec, open(tmp_path / "train.idx.tmp", "a") as idx:
+        offset = rec.tell()
+        rec.write(frame_record(pack_payload(-1.0, encode_image(images[2]), id=3)))  # not a record this writer makes
+        idx.write(f"3\t{offset}\n")
+    resumed = RecordIOWriter(tmp_path, resume=True)
+    assert resumed.label_counts == {0: 1, 1: 1} and resumed.num_images == 2
+    resumed.close()
+    assert RecordIODataset(tmp_path).labels.tolist() == [0, 1]

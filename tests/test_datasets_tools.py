@@ -463,3 +463,19 @@ def test_a_damaged_jpeg_that_still_decodes_is_found_by_check_and_left_out_by_con
     assert result.rejected == 2 and [line.split("\t")[1] for line in rejected] == ["alice/c.jpg", "carol/b.jpg"]
     unchecked = convert_dataset(folder, tmp_path / "raw", ConvertConfig(verify=False), show_progress=False)
     assert unchecked.rejected == 0 and damaged in [data for data, _ in _raw(open_dataset(tmp_path / "raw"))]
+
+
+def test_the_strict_check_never_unpacks_an_image_over_the_pixel_limit(monkeypatch):
+    import simplejpeg
+
+    from hyperface.datasets.codec import jpeg_damage
+
+    damaged = _damaged_jpeg()
+    assert jpeg_damage(damaged) is not None
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", str(96 * 80 - 1))  # this 96 x 80 image is now "too large"
+
+    def unpacked(*args, **kwargs):
+        raise AssertionError("decoded past the pixel limit")
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", unpacked)
+    assert jpeg_damage(damaged) is None  # left to OpenCV's decode, which refuses it by its header

@@ -789,3 +789,54 @@ def test_nan_pixels_stop_the_render_with_the_cause_named(monkeypatch):
     monkeypatch.setattr(generator, "_vae_decode", lambda chunk, return_dict=False: (torch.full((chunk.shape[0], 3, 8, 8), float("nan")),))
     with pytest.raises(HyperfaceError, match=r"NaN/inf pixels for 2 of 2 images: fp16 overflow"):
         generator.decode(torch.zeros(2, 4, 4, 4))
+
+
+def test_shard_locks_survive_probes_file_systems_without_locks_and_refusals(tmp_path, monkeypatch):
+    import fcntl
+
+    from hyperface.generation.dataset import claim_shard, open_run, release_shard, running_shards
+
+    identities = random_identities(2, seed=9)
+    config = GenerationConfig(images_per_identity=1, seed=1)
+    real_flock, failures = fcntl.flock, []
+
+    def busy_three_times(handle, operation):  # another process's running_shards() probe, three times over
+        if operation & fcntl.LOCK_EX and len(failures) < 3:
+            failures.append(operation)
+            raise BlockingIOError(errno.EWOULDBLOCK, "busy")
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", busy_three_times)
+    claim_shard(tmp_path / "a", Shard(0, 1))
+    assert len(failures) == 3 and str((tmp_path / "a" / "parts" / "shard-00000-of-00001").resolve()) in dataset_module._HELD_LOCKS
+    release_shard(tmp_path / "a", Shard(0, 1))
+
+    def no_locks_here(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks_here)  # NFS without lockd: run, unlocked, not refused
+    claim_shard(tmp_path / "b", Shard(0, 1))
+    assert running_shards(tmp_path / "b") == []
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+
+    # a refused start leaves no lock behind in a process that lives on (a notebook)
+    out = tmp_path / "c"
+    generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
+    with pytest.raises(HyperfaceError, match="other settings"):
+        open_run(out, identities, GenerationConfig(images_per_identity=1, seed=2), embedding_dim=512, shard=Shard(1, 2))
+    assert not any(key.startswith(str(out.resolve())) for key in dataset_module._HELD_LOCKS)
+
+
+def test_a_run_from_before_a_fingerprinted_file_resumes(tmp_path):
+    identities = random_identities(2, seed=10)
+    config = GenerationConfig(images_per_identity=1, seed=1)
+    out = tmp_path / "o"
+    generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is,
+                     run_info={"weights": {"arc2face": "a"}}, show_progress=False)
+    # the version that also fingerprints the detector, on a run made before it did
+    generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is,
+                     run_info={"weights": {"arc2face": "a", "detector": "d"}}, show_progress=False)
+    with pytest.raises(HyperfaceError, match=r"weights\.arc2face"):
+        generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is,
+                         run_info={"weights": {"arc2face": "b"}}, show_progress=False)
+    assert merge_parts(out)["num_images"] == 2

@@ -579,3 +579,38 @@ def test_embed_resume_embeds_a_damaged_chunk_again(tmp_path, models, monkeypatch
     assert _embed(*args, "--out", tmp_path / "again" / "g.npy", "--resume") == 2
     err = capsys.readouterr().err
     assert "plan.json is damaged: not valid JSON" in err and "Traceback" not in err
+
+
+def test_runs_made_before_model_checksums_still_resume(tmp_path, models, monkeypatch):
+    """Plans and manifests of the version before model SHA-256s were recorded: partial and finished
+    runs resume with the same model (its checksum unknown then, its path compared as before)."""
+    from hyperface.recognition import embed as embed_module
+    from hyperface.recognition.recognizers import Recognizer
+
+    for i, face in enumerate(random_faces(5, seed=41)):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    args = [tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "2", "--batch-size", "2"]
+    real_settings, real_embed = embed_module._resume_settings, Recognizer.embed_valid
+
+    def settings_without_checksums(*a, **k):
+        settings = real_settings(*a, **k)
+        settings["recognizer"].pop("sha256")
+        return settings
+
+    calls = []
+
+    def dies_in_chunk_2(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_embed(self, images)
+
+    monkeypatch.setattr(embed_module, "_resume_settings", settings_without_checksums)
+    monkeypatch.setattr(Recognizer, "embed_valid", dies_in_chunk_2)
+    assert _embed(*args, "--out", tmp_path / "partial" / "g.npy") == 130
+    monkeypatch.setattr(Recognizer, "embed_valid", real_embed)
+    assert _embed(*args, "--out", tmp_path / "finished" / "g.npy") == 0
+    monkeypatch.setattr(embed_module, "_resume_settings", real_settings)
+    assert _embed(*args, "--out", tmp_path / "partial" / "g.npy", "--resume") == 0
+    assert _embed(*args, "--out", tmp_path / "finished" / "g.npy", "--resume") == 0
+    assert np.array_equal(np.load(tmp_path / "partial" / "g.npy"), np.load(tmp_path / "finished" / "g.npy"))

@@ -119,13 +119,13 @@ def save_json_if_absent(path: str | os.PathLike, obj: Any) -> bool:
             return True
         except FileExistsError:
             return False
-        except OSError:  # a file system without hard links: an exclusive create, written in place
+        except OSError:  # no hard links here: claim the name exclusively, then move the full file onto it
             try:
-                with open(path, "x", encoding="utf-8") as handle:
-                    handle.write(text)
-                return True
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
             except FileExistsError:
                 return False
+            os.replace(tmp, path)  # a reader sees the empty claim or the whole file, never a part of it
+            return True
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -42,6 +42,14 @@ def jpeg_damage(data: bytes | memoryview) -> str | None:
     import simplejpeg
 
     data = bytes(data)
+    try:  # the size first: an image over the pixel limit is OpenCV's to refuse, never unpacked here
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+    except ValueError:
+        return None
+    from hyperface import MAX_IMAGE_PIXELS
+
+    if height * width > int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)):
+        return None
     try:
         simplejpeg.decode_jpeg(data, strict=True)
         return None

@@ -458,6 +458,8 @@ class _LabelRanges:
         return 0 <= label < len(self._first) and self._first[label] >= 0
 
     def start(self, label: int, key: int) -> None:
+        if label < 0:  # NumPy would take it from the end of the table
+            raise HyperfaceError(f"labels must be non-negative integers, got {label}")
         if label >= len(self._first):
             size = max(label + 1, 2 * len(self._first), 1024)
             first = np.full(size, -1, dtype=np.int64)
@@ -558,7 +560,13 @@ class RecordIOWriter:
                 if key > 0:
                     if not has_image:  # an identity record from an interrupted close: rebuilt at close
                         break
-                    self._track(_scalar_label(header), key)
+                    try:
+                        label = _scalar_label(header)
+                    except HyperfaceError:
+                        break
+                    if label < 0:  # not a record this writer made: damage, cut here
+                        break
+                    self._track(label, key)
                     if self.image_size is None:
                         self.image_size = image_size_of(unpack_payload(read_record(handle, offset))[1])
                 valid_lines.append(line + b"\n")

@@ -218,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         from hyperface.generation.lora import check_lora_file
 
         check_lora_file(args.lcm_lora)  # its header: before hashing and loading gigabytes of weights
+    if args.detector and args.align != "detect":
+        raise HyperfaceError(f"--detector is only used with --align detect (got --align {args.align})")
     if args.detector and not Path(args.detector).is_file():
         raise HyperfaceError(f"--detector file not found: {args.detector} (det_10g.onnx from insightface's buffalo_l pack)")
     if shard.count > 1 and args.overwrite:

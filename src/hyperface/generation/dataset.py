@@ -417,6 +417,8 @@ def render_shard(
 LOCK_FILE, SHARD_SETTINGS_FILE = "lock", "settings.json"
 #: Locks this process holds, by part folder (a second flock of the same file would block on itself).
 _HELD_LOCKS: dict[str, Any] = {}
+#: flock's errors that mean "another process holds it" (anything else: the file system has no locks).
+_LOCK_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 def comparable_settings(facts: dict[str, Any], saved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -427,6 +429,9 @@ def comparable_settings(facts: dict[str, Any], saved: dict[str, Any] | None = No
     skip = {"identities_path", "model_paths"} | ({"weights"} if saved is not None and "weights" not in saved else set())
     facts = json.loads(json.dumps({k: v for k, v in facts.items() if k not in skip}))
     facts.get("config", {}).pop("batch_size", None)
+    if saved is not None and isinstance(facts.get("weights"), dict) and isinstance(saved.get("weights"), dict):
+        for key in set(facts["weights"]) - set(saved["weights"]):  # a file an older version did not fingerprint
+            facts["weights"].pop(key)
     return facts
 
 
@@ -449,14 +454,23 @@ def claim_shard(out_dir: Path, shard: Shard) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / LOCK_FILE, "a+b")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise HyperfaceError(
-            f"another process is rendering shard {shard.index}/{shard.count} into {out_dir}: wait for it, or stop "
-            "it and rerun with --resume"
-        ) from None
+    for attempt in range(20):  # another process's running_shards() probe holds it for microseconds
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in _LOCK_HELD:  # no locks on this file system (NFS without lockd, some FUSE)
+                log.warning("cannot lock %s (%s): two processes on one shard will not be told apart", folder / LOCK_FILE,
+                            exc.strerror or exc)
+                handle.close()
+                return
+            if attempt == 19:
+                handle.close()
+                raise HyperfaceError(
+                    f"another process is rendering shard {shard.index}/{shard.count} into {out_dir}: wait for it, or "
+                    "stop it and rerun with --resume"
+                ) from None
+            time.sleep(0.05)
     _HELD_LOCKS[key] = handle
 
 
@@ -479,8 +493,11 @@ def running_shards(out_dir: Path) -> list[str]:
         with open(lock, "rb") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                running.append(lock.parent.name)
+            except OSError as exc:
+                if exc.errno in _LOCK_HELD:
+                    running.append(lock.parent.name)
+                else:  # no locks on this file system: nothing can be told
+                    return []
     return running
 
 
@@ -601,6 +618,9 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     out_dir = Path(out_dir)
     if not (out_dir / RUN_FILE).exists():
         raise HyperfaceError(f"{out_dir} holds no generation run ({RUN_FILE} missing); give the --out of `hyperface generate`")
+    running = running_shards(out_dir)
+    if running:
+        raise HyperfaceError(f"shards are still rendering into {out_dir} ({', '.join(running)}): merge once they are done")
     # The merge's own files, and run.json's from a run killed while writing it (every rank writes
     # run.json at its start, so only the merge, which runs alone, may sweep it).
     remove_stale_temporaries(out_dir, ("acceptance.json", "manifest.json", SAMPLES_FILE, RUN_FILE))
@@ -609,9 +629,6 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     formats = formats or run.get("format", "both")
     if formats not in FORMATS:
         raise HyperfaceError(f"--format must be one of {', '.join(FORMATS)}, got {formats!r}")
-    running = running_shards(out_dir)
-    if running:
-        raise HyperfaceError(f"shards are still rendering into {out_dir} ({', '.join(running)}): merge once they are done")
     expected = comparable_settings(run, run)
     for settings_file in sorted((out_dir / PARTS_DIR).glob(f"*/{SHARD_SETTINGS_FILE}")):
         journal = settings_file.parent / "journal.jsonl"
@@ -837,8 +854,12 @@ def open_run(
         **((run_info() if callable(run_info) else run_info) or {}),
     }
     claim_shard(out_dir, shard)  # before run.json: a running shard's settings are never replaced
-    write_or_check_run(out_dir, run)
-    check_shard_settings(out_dir, shard, run)
+    try:
+        write_or_check_run(out_dir, run)
+        check_shard_settings(out_dir, shard, run)
+    except BaseException:
+        release_shard(out_dir, shard)  # refused: the shard is not ours to hold (an API caller's process lives on)
+        raise
     return out_dir, run
 
 
@@ -884,10 +905,10 @@ def generate_dataset(
         )
         part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary}, started=started)
         part_manifest.write(out_dir / PARTS_DIR / shard.name, checksum_inputs=False)
+        if merge if merge is not None else shard.count == 1:  # still holding the shard: no second process merges too
+            summary["dataset"] = merge_parts(out_dir, formats=formats, keep_parts=keep_parts, show_progress=show_progress)
     finally:
         release_shard(out_dir, shard)
-    if merge if merge is not None else shard.count == 1:
-        summary["dataset"] = merge_parts(out_dir, formats=formats, keep_parts=keep_parts, show_progress=show_progress)
     return summary
 
 

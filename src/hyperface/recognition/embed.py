@@ -254,7 +254,8 @@ def embed_images(
     if resume and paths.manifest.exists() and paths.embeddings.exists() and not paths.parts.exists():
         manifest = read_json(paths.manifest)
         result_settings = _result_settings(settings)
-        _check_finished_run(paths, manifest, result_settings, _fingerprint(source, result_settings))
+        legacy = _fingerprint(source, _as_recorded(result_settings, manifest.get("settings") or {}))
+        _check_finished_run(paths, manifest, result_settings, _fingerprint(source, result_settings), legacy)
         log.info("%s is already complete; nothing to resume", paths.embeddings)
         counts = manifest.get("counts", {})
         return EmbedResult(paths, counts.get("embedded", 0), counts.get("rejected", 0),
@@ -265,6 +266,10 @@ def embed_images(
     plan_path = paths.parts / PLAN_FILE
     if plan_path.exists():
         plan = read_json(plan_path)  # damaged: one error naming it (--overwrite starts again)
+        if plan.get("fingerprint") != fingerprint and plan.get("fingerprint") == _fingerprint(
+            source, _as_recorded(settings, plan.get("settings") or {})
+        ):
+            fingerprint = plan["fingerprint"]  # a plan an older version wrote, without the model checksums
         if plan.get("fingerprint") != fingerprint:
             raise HyperfaceError(
                 f"cannot --resume the partial run in {paths.parts}: "
@@ -429,6 +434,18 @@ def _resume_settings(recognizer: Recognizer, preprocessor: FacePreprocessor, chu
     return json.loads(json.dumps(settings, default=str))
 
 
+def _as_recorded(settings: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the model checksums an older version did not record in ``recorded``
+    (its plan or manifest), so its runs still resume; their paths are compared as before."""
+    out = json.loads(json.dumps(settings))
+    if "sha256" not in (recorded.get("recognizer") or {}):
+        out.get("recognizer", {}).pop("sha256", None)
+    detector = (out.get("preprocess") or {}).get("detector")
+    if detector is not None and "sha256" not in (((recorded.get("preprocess") or {}).get("detector")) or {}):
+        detector.pop("sha256", None)
+    return out
+
+
 def _result_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that decide a finished run's files (the chunk size only matters while it runs)."""
     return {k: v for k, v in settings.items() if k != "chunk_size"}
@@ -441,10 +458,13 @@ def _what_differs(before: dict[str, Any], after: dict[str, Any]) -> str:
     return "it was made from other images (the same number of inputs, but other names or order)"
 
 
-def _check_finished_run(paths: GalleryPaths, manifest: dict[str, Any], settings: dict[str, Any], fingerprint: str) -> None:
-    """Refuse ``--resume`` on a complete run when the images or settings changed since it ran."""
+def _check_finished_run(
+    paths: GalleryPaths, manifest: dict[str, Any], settings: dict[str, Any], fingerprint: str, legacy_fingerprint: str | None = None
+) -> None:
+    """Refuse ``--resume`` on a complete run when the images or settings changed since it ran
+    (``legacy_fingerprint``: the same without what an older version did not record)."""
     if "fingerprint" in manifest:
-        if manifest["fingerprint"] == fingerprint:
+        if manifest["fingerprint"] in (fingerprint, legacy_fingerprint):
             return
         what = _what_differs(manifest.get("settings") or {}, settings)
     else:  # a manifest from before settings were recorded: compare what it does state
@@ -458,7 +478,7 @@ def _check_finished_run(paths: GalleryPaths, manifest: dict[str, Any], settings:
         if before["recognizer"].get("path"):
             before["recognizer"]["path"] = str(Path(before["recognizer"]["path"]).resolve())
         after = {
-            "recognizer": settings["recognizer"],
+            "recognizer": {k: v for k, v in settings["recognizer"].items() if k != "sha256"},  # not recorded then
             "preprocess": {k: v for k, v in settings["preprocess"].items() if k != "detector"},
             "count": settings["count"],
         }

@@ -452,15 +452,15 @@ def _ignore_sigint(worker_id: int) -> None:
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run; see :class:`TrainConfig`. ``on_step(step, info)`` is called
     after every optimiser step with ``{"epoch", "lr", "loss"}`` (loss as a detached tensor)."""
-    # Under torchrun the process group this call starts is also ended here, finished or failed: a
-    # gloo group left to the interpreter's exit can abort the process (SIGABRT, "terminate called
-    # without an active exception") after a successful run, and NCCL warns about it.
+    # Under torchrun the process group this call starts is also ended here when the run ends well:
+    # a gloo group left to the interpreter's exit can abort the process (SIGABRT, "terminate called
+    # without an active exception") after a successful run, and NCCL warns about it. Not after a
+    # failure: peers may sit in a collective that an NCCL destroy would wait on; torchrun ends them.
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    try:
-        return _train(config, on_step)
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    result = _train(config, on_step)
+    if owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
