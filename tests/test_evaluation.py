@@ -321,3 +321,16 @@ def test_evaluate_bin_matches_independent_pipeline(tmp_path):
     plain = _pixel_embed(stacked)
     plain /= np.linalg.norm(plain, axis=1, keepdims=True)
     assert no_flip.accuracy == pytest.approx(_reference_accuracy(plain, issame)[0], abs=1e-9)
+
+
+def test_val_is_not_reported_for_a_set_of_one_kind_of_pair():
+    from hyperface.evaluation.runner import format_table
+    from hyperface.evaluation.verification import evaluate_embeddings
+
+    rng = np.random.default_rng(5)
+    embeddings = rng.standard_normal((40, 8))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    result = evaluate_embeddings(embeddings, np.ones(20, dtype=bool))  # insightface divides by zero here
+    assert result.val is None and result.val_std is None and result.far is None and 0 < result.accuracy <= 1
+    line = format_table({"results": {"all_same": result.to_dict()}}).splitlines()[1]
+    assert line.split()[-1] == "-"

@@ -315,6 +315,8 @@ def evaluate_embeddings(
         val, far = _val_far(dist[test], issame[test], np.asarray([threshold]))
         vals.append(float(val[0]))
         fars.append(float(far[0]))
+    # VAL@FAR needs both kinds of pair (insightface divides by zero without): "-" in the table
+    measurable = bool(issame.any() and (~issame).any())
     return VerificationResult(
         accuracy=float(np.mean(fold_accuracies)),
         std=float(np.std(fold_accuracies)),
@@ -322,9 +324,9 @@ def evaluate_embeddings(
         num_pairs=int(dist.size),
         fold_accuracies=fold_accuracies,
         fold_thresholds=fold_thresholds,
-        val=float(np.mean(vals)),
-        val_std=float(np.std(vals)),
-        far=float(np.mean(fars)),
+        val=float(np.mean(vals)) if measurable else None,
+        val_std=float(np.std(vals)) if measurable else None,
+        far=float(np.mean(fars)) if measurable else None,
         far_target=far_target,
         similarity_histogram=similarity_histogram(1 - dist / 2, issame),
     )
