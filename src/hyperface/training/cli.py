@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the fc layer (default: 0)")
     model.add_argument("--loss", default="arcface", choices=("arcface", "cosface", "adaface"), help="margin (default: arcface; s=64, m=0.5 / 0.4 / 0.4)")
     model.add_argument("--margin-s", type=float, help="override the scale s (default 64)")
-    model.add_argument("--margin-m", type=float, help="override the margin m")
+    model.add_argument("--margin-m", type=float, help="override the margin m (default: 0.5 ArcFace, 0.4 CosFace and AdaFace)")
     model.add_argument("--margin-gradient", choices=("exact", "straight-through"), default="exact",
                        help="ArcFace only: exact (the formula's gradient, the ArcFace paper's code; default) or "
                             "straight-through (current insightface arcface_torch: margin added under no_grad)")
@@ -114,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC memory format (default: on for CUDA)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     speed.add_argument("--workers", type=int, help="DataLoader worker processes per GPU (default: min(8, cores per process - 1); 0 = load in the main process)")
-    speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process, LOCAL_RANK)")
+    speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process, LOCAL_RANK; default: auto)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--val-bin", nargs="+", default=[], metavar="BIN", help="verification .bin files (insightface format) evaluated during training")
