@@ -840,3 +840,65 @@ def test_a_run_from_before_a_fingerprinted_file_resumes(tmp_path):
         generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is,
                          run_info={"weights": {"arc2face": "b"}}, show_progress=False)
     assert merge_parts(out)["num_images"] == 2
+
+
+def test_one_merge_at_a_time(tmp_path):
+    identities = random_identities(2, seed=11)
+    out = tmp_path / "o"
+    for index in range(2):
+        generate_dataset(PaintedGenerator(), identities, out, GenerationConfig(images_per_identity=1, seed=1),
+                         shard=Shard(index, 2), aligner=keep_as_is, show_progress=False)
+    holder = _hold_lock_in_another_process(out / "parts" / "merge.lock")
+    try:
+        with pytest.raises(HyperfaceError, match="another process is merging"):
+            merge_parts(out)
+        assert not (out / "images").exists() and not (out / "images.tmp").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert merge_parts(out)["num_images"] == 2
+
+
+def test_shards_restarted_together_wait_for_the_one_replacing_a_failed_attempts_run_json(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    identities = random_identities(2, seed=12)
+    config = GenerationConfig(images_per_identity=1, seed=1)
+    generate_dataset(PaintedGenerator(), identities, tmp_path / "model", config, shard=Shard(0, 2), aligner=keep_as_is,
+                     show_progress=False)
+    out = tmp_path / "o"  # a failed attempt with --seed 7: run.json, nothing rendered
+    generate_dataset(PaintedGenerator(), identities, out, GenerationConfig(images_per_identity=1, seed=7),
+                     shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
+    shutil.rmtree(out / "parts")
+    (out / "parts" / "shard-00000-of-00002").mkdir(parents=True)
+    # shard 0, corrected, holds its lock and replaces run.json half a second later
+    replacer = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, shutil, sys, time; h = open(sys.argv[1], 'a+b'); fcntl.flock(h, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(0.5); shutil.copy(sys.argv[2], sys.argv[3]); time.sleep(30)",
+         str(out / "parts" / "shard-00000-of-00002" / "lock"), str(tmp_path / "model" / "run.json"), str(out / "run.json")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert replacer.stdout.readline().strip() == "held"
+        generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is, show_progress=False)
+    finally:
+        replacer.kill()
+        replacer.wait()
+    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
+
+
+def test_cli_a_rank_requeued_after_the_merge_renders_nothing(cli_inputs, tmp_path):
+    root, common, _ = cli_inputs
+    out = tmp_path / "out"
+    for index in range(2):
+        assert main(["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(out), "--shard", f"{index}/2"]) == 0
+    assert main(["generate", "--merge", "--no-keep-parts", "--out", str(out)]) == 0
+    assert main(["generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(out), "--shard", "0/2", "--resume"]) == 0
+    assert not list((out / "parts").glob("*/images.bin"))  # nothing rendered again
+    before = (out / "manifest.json").read_bytes()
+    assert main(["generate", "--merge", "--out", str(out)]) == 0  # merged already: nothing to do, nothing rewritten
+    assert (out / "manifest.json").read_bytes() == before and len(RecordIODataset(out / "rec")) == 4
+    (out / "images").rename(tmp_path / "images-elsewhere")
+    assert main(["generate", "--merge", "--format", "folder", "--out", str(out)]) == 2  # nothing left to build it from

@@ -290,7 +290,7 @@ def prepare_output_dir(
     if non_empty and not resume:
         if _holds_no_work(out, setup_files):
             log.info("reusing %s: an earlier attempt left it without results", out)
-            shutil.rmtree(out)
+            _remove_tree(out)
         elif not overwrite:
             again = "--resume to continue the run there, " if resumable else ""
             raise HyperfaceError(f"output folder {out} is not empty: pass {again}--overwrite to replace it, or choose another --out")
@@ -310,6 +310,15 @@ def prepare_output_dir(
     except OSError as exc:
         raise HyperfaceError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
     return out
+
+
+def _remove_tree(folder: Path) -> None:
+    """``shutil.rmtree``, where files another process removes at the same moment are no error."""
+    def gone_already(function, path, exc_info) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(folder, onerror=gone_already)
 
 
 def run_stage(folder: str | os.PathLike) -> str:

@@ -262,8 +262,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     finished = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
-    if shard.count == 1 and finished.get("stage") == "generate" and finished.get("status") == "complete":
-        # the same settings (open_run checked run.json): nothing to render, no model to load
+    if finished.get("stage") == "generate" and finished.get("status") == "complete":
+        # the same settings (open_run checked run.json): nothing to render, no model to load; a rank
+        # requeued after the merge (its parts deleted by --no-keep-parts) renders nothing again
         log.info("%s already holds the finished dataset (%d images); nothing to resume", out_dir, finished.get("num_images", 0))
         return 0
 

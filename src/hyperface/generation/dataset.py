@@ -415,6 +415,7 @@ def render_shard(
 
 #: A shard's lock (``parts/<shard>/lock``) and its record of the settings it renders with.
 LOCK_FILE, SHARD_SETTINGS_FILE = "lock", "settings.json"
+MERGE_LOCK_FILE = "merge.lock"  # in parts/: one merge at a time
 #: Locks this process holds, by part folder (a second flock of the same file would block on itself).
 _HELD_LOCKS: dict[str, Any] = {}
 #: flock's errors that mean "another process holds it" (anything else: the file system has no locks).
@@ -452,8 +453,14 @@ def claim_shard(out_dir: Path, shard: Shard) -> None:
         import fcntl
     except ImportError:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+b")
+    for attempt in range(3):  # another process clearing a failed attempt's folder may remove it meanwhile
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(folder / LOCK_FILE, "a+b")
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     for attempt in range(20):  # another process's running_shards() probe holds it for microseconds
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -511,9 +518,13 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
     path = out_dir / RUN_FILE
     if path.exists() or not save_json_if_absent(path, run):  # two shards starting together: one writes it
 
-        saved = read_json(path)
-        changes = describe_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
-        blockers = running_shards(out_dir)
+        for _ in range(20):  # shards restarted together: a running one may be replacing a failed attempt's run.json
+            saved = read_json(path)
+            changes = describe_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
+            blockers = running_shards(out_dir)
+            if not (changes and blockers and not _parts_hold_work(out_dir)):
+                break
+            time.sleep(0.1)
         if changes and not _parts_hold_work(out_dir) and not blockers and not _dataset_written(out_dir):
             # Nothing rendered under the old settings yet (e.g. the models failed to load and were
             # re-downloaded) and no shard running: the new settings take their place.
@@ -618,6 +629,29 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     out_dir = Path(out_dir)
     if not (out_dir / RUN_FILE).exists():
         raise HyperfaceError(f"{out_dir} holds no generation run ({RUN_FILE} missing); give the --out of `hyperface generate`")
+    with _merge_lock(out_dir):
+        return _merge_parts(out_dir, formats=formats, keep_parts=keep_parts, show_progress=show_progress)
+
+
+@contextlib.contextmanager
+def _merge_lock(out_dir: Path):
+    """One merge at a time in a folder: two would write the same temporaries (``parts/merge.lock``)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    (out_dir / PARTS_DIR).mkdir(exist_ok=True)
+    with open(out_dir / PARTS_DIR / MERGE_LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _LOCK_HELD:
+                raise HyperfaceError(f"another process is merging {out_dir}: wait for it (its result is the same)") from None
+        yield
+
+
+def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_progress: bool | None) -> dict[str, Any]:
     running = running_shards(out_dir)
     if running:
         raise HyperfaceError(f"shards are still rendering into {out_dir} ({', '.join(running)}): merge once they are done")
@@ -639,6 +673,17 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
                     f"{settings_file.parent} was rendered with other settings ({changes}) than {out_dir / RUN_FILE}: one "
                     "dataset never mixes two; delete that folder and render its shard again with the run's settings"
                 )
+    finished = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
+    if finished.get("status") == "complete" and finished.get("stage") == "generate" and not _parts_hold_work(out_dir):
+        on_disk = {"folder": (out_dir / "images").is_dir(), "rec": (out_dir / "rec" / "train.idx").exists()}
+        lacking = [kind for kind in {"folder": ["folder"], "rec": ["rec"], "both": ["folder", "rec"]}[formats] if not on_disk[kind]]
+        if lacking:
+            raise HyperfaceError(f"{out_dir} was merged without the {' and '.join(lacking)} format and its parts are gone "
+                                 f"(--no-keep-parts): make it from the set itself, `hyperface dataset convert {out_dir} "
+                                 f"--format {lacking[0]} --out NEW`")
+        log.info("%s is merged already and its parts are gone (--no-keep-parts): nothing to merge", out_dir)
+        return {"outputs": finished.get("outputs", {}), "num_identities": num_identities,
+                "num_images": finished.get("num_images", num_identities * k), "acceptance": finished.get("acceptance", {})}
     found = _collect_parts(out_dir, num_identities)
     missing = [i for i in range(num_identities) if i not in found]
     if missing:
