@@ -720,9 +720,6 @@ def test_a_running_shard_blocks_its_twin_other_settings_and_the_merge(tmp_path):
     try:
         with pytest.raises(HyperfaceError, match=r"another process is rendering shard 0/2"):
             generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
-        other = GenerationConfig(images_per_identity=1, seed=2)  # nothing journaled yet, but shard 0 runs: refused
-        with pytest.raises(HyperfaceError, match=r"being rendered by other shards \(shard-00000-of-00002\) with other settings"):
-            generate_dataset(PaintedGenerator(), identities, out, other, shard=Shard(1, 2), aligner=keep_as_is, show_progress=False)
         generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is, show_progress=False)
         with pytest.raises(HyperfaceError, match=r"still rendering into .* \(shard-00000-of-00002\)"):
             merge_parts(out)
@@ -848,7 +845,7 @@ def test_one_merge_at_a_time(tmp_path):
     for index in range(2):
         generate_dataset(PaintedGenerator(), identities, out, GenerationConfig(images_per_identity=1, seed=1),
                          shard=Shard(index, 2), aligner=keep_as_is, show_progress=False)
-    holder = _hold_lock_in_another_process(out / "parts" / "merge.lock")
+    holder = _hold_lock_in_another_process(out / ".merge.lock")
     try:
         with pytest.raises(HyperfaceError, match="another process is merging"):
             merge_parts(out)
@@ -902,3 +899,22 @@ def test_cli_a_rank_requeued_after_the_merge_renders_nothing(cli_inputs, tmp_pat
     assert (out / "manifest.json").read_bytes() == before and len(RecordIODataset(out / "rec")) == 4
     (out / "images").rename(tmp_path / "images-elsewhere")
     assert main(["generate", "--merge", "--format", "folder", "--out", str(out)]) == 2  # nothing left to build it from
+
+
+def test_a_shard_whose_run_json_another_shard_replaced_stops_before_writing(tmp_path):
+    """Nothing rendered yet, so a shard started with other settings takes run.json; one already
+    rendering with the old settings stops at its first commit, its renders not kept."""
+    identities = random_identities(4, seed=13)
+    out = tmp_path / "o"
+    old, new = GenerationConfig(images_per_identity=1, seed=1), GenerationConfig(images_per_identity=1, seed=2)
+    generate_dataset(PaintedGenerator(), identities, tmp_path / "model", new, aligner=keep_as_is, show_progress=False)
+    replacement = (tmp_path / "model" / "run.json").read_text()
+
+    class RacedGenerator(PaintedGenerator):
+        def generate(self, embeddings, seeds):
+            (out / "run.json").write_text(replacement)  # shard 1 started with --seed 2 meanwhile
+            return super().generate(embeddings, seeds)
+
+    with pytest.raises(HyperfaceError, match=r"another shard replaced .*run.json with other settings \(config\.seed 1 -> 2\)"):
+        generate_dataset(RacedGenerator(), identities, out, old, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
+    assert (out / "parts" / "shard-00000-of-00002" / "journal.jsonl").read_bytes() == b""

@@ -313,10 +313,15 @@ def prepare_output_dir(
 
 
 def _remove_tree(folder: Path) -> None:
-    """``shutil.rmtree``, where files another process removes at the same moment are no error."""
+    """``shutil.rmtree``, where another process clearing the same folder at the same moment is no
+    error: files it removed first, or the folder it already made again (its own, left alone)."""
+    import errno as errno_codes
+
     def gone_already(function, path, exc_info) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
+        exc = exc_info[1]
+        if isinstance(exc, FileNotFoundError) or (function is os.rmdir and getattr(exc, "errno", None) == errno_codes.ENOTEMPTY):
+            return
+        raise exc
 
     shutil.rmtree(folder, onerror=gone_already)
 

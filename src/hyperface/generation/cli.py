@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         generate_dataset,
         merge_parts,
         open_run,
+        release_shard,
     )
 
     def report_dataset(dataset: dict, verb: str) -> None:
@@ -261,38 +262,44 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, overwrite=args.overwrite, identities_path=identities_path, run_info=describe_models,
     )
 
-    finished = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
-    if finished.get("stage") == "generate" and finished.get("status") == "complete":
-        # the same settings (open_run checked run.json): nothing to render, no model to load; a rank
-        # requeued after the merge (its parts deleted by --no-keep-parts) renders nothing again
-        log.info("%s already holds the finished dataset (%d images); nothing to resume", out_dir, finished.get("num_images", 0))
+    def render() -> int:  # the rest, once --out is claimed
+        finished = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
+        if finished.get("stage") == "generate" and finished.get("status") == "complete":
+            # the same settings (open_run checked run.json): nothing to render, no model to load; a rank
+            # requeued after the merge (its parts deleted by --no-keep-parts) renders nothing again
+            log.info("%s already holds the finished dataset (%d images); nothing to resume", out_dir, finished.get("num_images", 0))
+            return 0
+
+        aligner = make_aligner(args.align, detector=args.detector)
+        embed_fn, fr_info = (None, None)
+        if args.fr_model:
+            embed_fn, fr_info = load_embed_fn(fr_model, device=str(device), embedding_dim=IDENTITY_DIM)  # before the generator
+        generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device)
+        log.info(
+            "generating %d identities x %d images (shard %d/%d) on %s: %s",
+            embeddings.shape[0], config.images_per_identity, shard.index, shard.count, device, generator.params,
+        )
+        summary = generate_dataset(  # --out is claimed and run.json checked above: continue in it
+            generator, embeddings, out_dir, config,
+            formats=args.format, shard=shard, aligner=aligner, align_mode=args.align, embed_fn=embed_fn,
+            resume=True, identities_path=identities_path, run_info=models, keep_parts=args.keep_parts,
+        )
+        log.info(
+            "shard %s: rendered %d images this run in %.1f s (%s renders/s)",
+            summary["shard"], summary["rendered_this_run"], summary["seconds_this_run"], summary["renders_per_second"],
+        )
+        if fr_info:
+            log.info("quality filter: %s", fr_info)
+        if "dataset" in summary:
+            report_dataset(summary["dataset"], "wrote")
+        else:
+            log.info(
+                "shard %s done (%d identities); once every shard is done run: hyperface generate --merge --out %s",
+                summary["shard"], summary["identities_done"], args.out,
+            )
         return 0
 
-    aligner = make_aligner(args.align, detector=args.detector)
-    embed_fn, fr_info = (None, None)
-    if args.fr_model:
-        embed_fn, fr_info = load_embed_fn(fr_model, device=str(device), embedding_dim=IDENTITY_DIM)  # before the generator
-    generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device)
-    log.info(
-        "generating %d identities x %d images (shard %d/%d) on %s: %s",
-        embeddings.shape[0], config.images_per_identity, shard.index, shard.count, device, generator.params,
-    )
-    summary = generate_dataset(  # --out is claimed and run.json checked above: continue in it
-        generator, embeddings, out_dir, config,
-        formats=args.format, shard=shard, aligner=aligner, align_mode=args.align, embed_fn=embed_fn,
-        resume=True, identities_path=identities_path, run_info=models, keep_parts=args.keep_parts,
-    )
-    log.info(
-        "shard %s: rendered %d images this run in %.1f s (%s renders/s)",
-        summary["shard"], summary["rendered_this_run"], summary["seconds_this_run"], summary["renders_per_second"],
-    )
-    if fr_info:
-        log.info("quality filter: %s", fr_info)
-    if "dataset" in summary:
-        report_dataset(summary["dataset"], "wrote")
-    else:
-        log.info(
-            "shard %s done (%d identities); once every shard is done run: hyperface generate --merge --out %s",
-            summary["shard"], summary["identities_done"], args.out,
-        )
-    return 0
+    try:  # open_run holds the shard's lock: let it go on every way out (main() may run in-process)
+        return render()
+    finally:
+        release_shard(out_dir, shard)

@@ -268,8 +268,10 @@ def render_shard(
     on_identity_done: Callable[[int], None] | None = None,
     show_progress: bool | None = None,
     overlap: bool = True,
+    before_commit: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Render this shard's unfinished identities into ``out_dir/parts/<shard>``; return its summary.
+    ``before_commit`` runs before each journal write and may raise to stop (run.json replaced).
 
     With ``overlap`` (the default) one batch is aligned, encoded and filtered on a helper thread while
     the generator renders the next, so the GPU does not wait for the detector, the FR model or the
@@ -346,6 +348,8 @@ def render_shard(
             else:  # only the best K rejects can ever fill the quota: keep no more
                 state.rejected = sorted([*state.rejected, record], key=lambda r: -r[1])[:k]
         finished = [_retire(active.pop(i), config) for i in [i for i, s in active.items() if s.done(k, limit)]]
+        if finished and before_commit is not None:
+            before_commit()
         part.commit(finished)
         bar.update(sum(len(blobs) for _, blobs in finished))
         bar.set_postfix(renders=rendered, refresh=False)
@@ -415,7 +419,7 @@ def render_shard(
 
 #: A shard's lock (``parts/<shard>/lock``) and its record of the settings it renders with.
 LOCK_FILE, SHARD_SETTINGS_FILE = "lock", "settings.json"
-MERGE_LOCK_FILE = "merge.lock"  # in parts/: one merge at a time
+MERGE_LOCK_FILE, RUN_LOCK_FILE = ".merge.lock", ".run.lock"  # one merge at a time; one run.json decision at a time
 #: Locks this process holds, by part folder (a second flock of the same file would block on itself).
 _HELD_LOCKS: dict[str, Any] = {}
 #: flock's errors that mean "another process holds it" (anything else: the file system has no locks).
@@ -497,7 +501,11 @@ def running_shards(out_dir: Path) -> list[str]:
     for lock in sorted((out_dir / PARTS_DIR).glob(f"*/{LOCK_FILE}")):
         if str(lock.parent.resolve()) in _HELD_LOCKS:
             continue
-        with open(lock, "rb") as handle:
+        try:
+            handle = open(lock, "rb")
+        except FileNotFoundError:  # its folder removed meanwhile (--no-keep-parts, a cleared attempt)
+            continue
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as exc:
@@ -513,39 +521,43 @@ def _dataset_written(out_dir: Path) -> bool:
     return (out_dir / "manifest.json").is_file() or (out_dir / "images").is_dir() or (out_dir / "rec" / "train.idx").exists()
 
 
-def write_or_check_run(out_dir: Path, run: dict[str, Any]) -> None:
-    """Store what this output folder generates; on resume and for every shard, refuse different settings."""
-    path = out_dir / RUN_FILE
-    if path.exists() or not save_json_if_absent(path, run):  # two shards starting together: one writes it
-
-        for _ in range(20):  # shards restarted together: a running one may be replacing a failed attempt's run.json
+def write_or_check_run(out_dir: Path, run: dict[str, Any], shard: Shard | None = None) -> None:
+    """Store what this output folder generates; on resume and for every shard, refuse different
+    settings. One process at a time decides (``.run.lock``), and with ``shard`` records in its part
+    folder the settings it renders with, in the same turn."""
+    with _folder_lock(out_dir, RUN_LOCK_FILE):
+        path = out_dir / RUN_FILE
+        if path.exists() or not save_json_if_absent(path, run):
             saved = read_json(path)
             changes = describe_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
-            blockers = running_shards(out_dir)
-            if not (changes and blockers and not _parts_hold_work(out_dir)):
-                break
-            time.sleep(0.1)
-        if changes and not _parts_hold_work(out_dir) and not blockers and not _dataset_written(out_dir):
-            # Nothing rendered under the old settings yet (e.g. the models failed to load and were
-            # re-downloaded) and no shard running: the new settings take their place.
-            log.info("%s: no images rendered yet, so run.json takes the new settings (%s)", out_dir, changes)
-            save_json(path, run)
-            return
-        if changes:
-            if blockers and not _parts_hold_work(out_dir):
+            if changes and not _parts_hold_work(out_dir) and not _dataset_written(out_dir):
+                # Nothing rendered under the old settings yet (a failed attempt, models re-downloaded):
+                # the new settings take their place. A shard still starting with the old ones stops at
+                # its first commit (run.json is checked before each), so no dataset mixes the two.
+                log.info("%s: no images rendered yet, so run.json takes the new settings (%s)", out_dir, changes)
+                save_json(path, run)
+            elif changes:
+                where = ""
+                if saved.get("weights") != run.get("weights") and saved.get("model_paths"):
+                    where = f" (its models came from {', '.join(f'{k} {v}' for k, v in saved['model_paths'].items() if v)})"
                 raise HyperfaceError(
-                    f"{out_dir} is being rendered by other shards ({', '.join(blockers)}) with other settings ({changes}); "
-                    "start every shard with the same settings"
+                    f"{out_dir} holds a run with other settings ({changes}){where}; rerun with the same settings "
+                    "to resume, or choose another --out"
                 )
-            where = ""
-            if saved.get("weights") != run.get("weights") and saved.get("model_paths"):
-                where = f" (its models came from {', '.join(f'{k} {v}' for k, v in saved['model_paths'].items() if v)})"
-            raise HyperfaceError(
-                f"{out_dir} holds a run with other settings ({changes}){where}; rerun with the same settings "
-                "to resume, or choose another --out"
-            )
-        return
-    save_json(path, run)
+        if shard is not None:
+            check_shard_settings(out_dir, shard, run)
+
+
+def check_run_unchanged(out_dir: Path, run: dict[str, Any]) -> None:
+    """Raise if ``run.json`` no longer holds ``run``'s settings: another shard replaced them (nothing
+    was rendered yet) while this one started; called before each journal write."""
+    saved = read_json(out_dir / RUN_FILE)
+    changes = describe_changes(comparable_settings(run, saved), comparable_settings(saved, saved))
+    if changes:
+        raise HyperfaceError(
+            f"another shard replaced {out_dir / RUN_FILE} with other settings ({changes}) before this one wrote any "
+            "image: start every shard with the same settings (this shard's renders were not kept)"
+        )
 
 
 def check_shard_settings(out_dir: Path, shard: Shard, run: dict[str, Any]) -> None:
@@ -556,7 +568,7 @@ def check_shard_settings(out_dir: Path, shard: Shard, run: dict[str, Any]) -> No
     now = comparable_settings(run)
     if path.is_file() and (folder / "journal.jsonl").is_file() and (folder / "journal.jsonl").stat().st_size > 0:
         before = read_json(path)
-        changes = describe_changes(before, now)
+        changes = describe_changes(before, comparable_settings(run, before))  # a file it did not fingerprint: not held against it
         if changes:
             raise HyperfaceError(
                 f"{folder} holds images rendered with other settings ({changes}) than {out_dir / RUN_FILE}: delete that "
@@ -629,25 +641,26 @@ def merge_parts(out_dir: str | Path, *, formats: str | None = None, keep_parts: 
     out_dir = Path(out_dir)
     if not (out_dir / RUN_FILE).exists():
         raise HyperfaceError(f"{out_dir} holds no generation run ({RUN_FILE} missing); give the --out of `hyperface generate`")
-    with _merge_lock(out_dir):
+    with _folder_lock(out_dir, MERGE_LOCK_FILE, busy=f"another process is merging {out_dir}: wait for it (its result is the same)"):
         return _merge_parts(out_dir, formats=formats, keep_parts=keep_parts, show_progress=show_progress)
 
 
 @contextlib.contextmanager
-def _merge_lock(out_dir: Path):
-    """One merge at a time in a folder: two would write the same temporaries (``parts/merge.lock``)."""
+def _folder_lock(out_dir: Path, name: str, *, busy: str | None = None):
+    """Hold ``out_dir/name`` (an flock) for the block: waiting for it, or, with ``busy``, refusing
+    with that message while another process holds it. Outside ``parts/``, which --no-keep-parts
+    deletes. No lock where ``fcntl`` is missing or the file system has none."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    (out_dir / PARTS_DIR).mkdir(exist_ok=True)
-    with open(out_dir / PARTS_DIR / MERGE_LOCK_FILE, "a+b") as handle:
+    with open(out_dir / name, "a+b") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except OSError as exc:
-            if exc.errno in _LOCK_HELD:
-                raise HyperfaceError(f"another process is merging {out_dir}: wait for it (its result is the same)") from None
+            if exc.errno in _LOCK_HELD and busy:
+                raise HyperfaceError(busy) from None
         yield
 
 
@@ -865,7 +878,9 @@ def open_run(
     """Claim ``out_dir`` for a run and store (or, on resume and for every shard, check) its
     ``run.json``. Cheap: the CLI calls it before loading any model, so a wrong --out or a changed
     setting fails in a second, not after minutes of loading. ``run_info`` may be a function (e.g.
-    hashing the weights), called only once the folder is known to be usable. Returns (folder, run facts)."""
+    hashing the weights), called only once the folder is known to be usable. Returns (folder, run facts).
+    The shard's lock (:func:`claim_shard`) is held from here until :func:`generate_dataset` ends;
+    a caller that stops after ``open_run`` releases it with :func:`release_shard`."""
     from hyperface.common.io import prepare_output_dir, validate_embeddings
     from hyperface.datasets.recordio import check_recordio_capacity
 
@@ -900,8 +915,7 @@ def open_run(
     }
     claim_shard(out_dir, shard)  # before run.json: a running shard's settings are never replaced
     try:
-        write_or_check_run(out_dir, run)
-        check_shard_settings(out_dir, shard, run)
+        write_or_check_run(out_dir, run, shard)
     except BaseException:
         release_shard(out_dir, shard)  # refused: the shard is not ours to hold (an API caller's process lives on)
         raise
@@ -947,6 +961,7 @@ def generate_dataset(
         summary = render_shard(
             generator, embeddings, out_dir, config, shard=shard, aligner=aligner, embed_fn=embed_fn,
             on_identity_done=on_identity_done, show_progress=show_progress,
+            before_commit=lambda: check_run_unchanged(out_dir, run),
         )
         part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary}, started=started)
         part_manifest.write(out_dir / PARTS_DIR / shard.name, checksum_inputs=False)
@@ -969,6 +984,7 @@ __all__ = [
     "generate_dataset",
     "merge_parts",
     "open_run",
+    "release_shard",
     "render_shard",
     "write_or_check_run",
 ]

@@ -230,6 +230,7 @@ def run_command(args: argparse.Namespace) -> int:
         config = _with_run_settings(config, args)
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the job
+        _leave_torchrun_rank()
         return 0
     epochs = f"{result.epochs_done} epoch{'' if result.epochs_done == 1 else 's'}"
     summary = f"trained {result.steps} steps ({epochs}) -> {result.out}/backbone.pth"
@@ -240,7 +241,26 @@ def run_command(args: argparse.Namespace) -> int:
     if result.val:
         summary += "; " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
     print(summary)
+    _leave_torchrun_rank()
     return 0
+
+
+def _leave_torchrun_rank() -> None:
+    """A torchrun rank whose training ended well exits here, without the interpreter's teardown:
+    gloo's threads can still hold tensors then and abort the process (SIGABRT, "terminate called
+    without an active exception", pytorch/pytorch#179291), turning a finished run into a failed job.
+    Every file is written and closed by now; a single process (no torchrun) returns as usual."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 # The CLI contract names the handler ``run``.

@@ -459,6 +459,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     result = _train(config, on_step)
     if owns_group and dist.is_initialized():
+        dist.barrier()  # every rank done with its collectives before any group goes
         dist.destroy_process_group()
     return result
 
