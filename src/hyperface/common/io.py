@@ -263,13 +263,15 @@ def prepare_output_dir(
     stage: str = "",
     setup_files: Sequence[str] = (),
     resumable: bool = True,
+    clear_unfinished: bool = True,
 ) -> Path:
     """Create ``out`` for a run, refusing to mix a new run into an old one.
 
     - empty or missing: created;
     - left by an attempt of hyperface that failed before doing any work (the run marker, the stage's
       ``setup_files``, empty files and folders only): cleared and reused, so the corrected command
-      just runs again;
+      just runs again (kept as it is with ``clear_unfinished=False``, for stages whose setup files
+      other processes may be using at that moment);
     - non-empty otherwise: error, unless ``resume`` (keep it) or ``overwrite`` (clear it, only if
       hyperface wrote it: the run marker must be there);
     - unwritable: error naming the folder.
@@ -290,7 +292,8 @@ def prepare_output_dir(
     if non_empty and not resume:
         if _holds_no_work(out, setup_files):
             log.info("reusing %s: an earlier attempt left it without results", out)
-            _remove_tree(out)
+            if clear_unfinished:
+                _remove_tree(out)
         elif not overwrite:
             again = "--resume to continue the run there, " if resumable else ""
             raise HyperfaceError(f"output folder {out} is not empty: pass {again}--overwrite to replace it, or choose another --out")

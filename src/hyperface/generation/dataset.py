@@ -268,10 +268,10 @@ def render_shard(
     on_identity_done: Callable[[int], None] | None = None,
     show_progress: bool | None = None,
     overlap: bool = True,
-    before_commit: Callable[[], None] | None = None,
+    commit_guard: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, Any]:
     """Render this shard's unfinished identities into ``out_dir/parts/<shard>``; return its summary.
-    ``before_commit`` runs before each journal write and may raise to stop (run.json replaced).
+    Each journal write runs inside ``commit_guard()`` (which may raise to stop: run.json replaced).
 
     With ``overlap`` (the default) one batch is aligned, encoded and filtered on a helper thread while
     the generator renders the next, so the GPU does not wait for the detector, the FR model or the
@@ -348,9 +348,8 @@ def render_shard(
             else:  # only the best K rejects can ever fill the quota: keep no more
                 state.rejected = sorted([*state.rejected, record], key=lambda r: -r[1])[:k]
         finished = [_retire(active.pop(i), config) for i in [i for i, s in active.items() if s.done(k, limit)]]
-        if finished and before_commit is not None:
-            before_commit()
-        part.commit(finished)
+        with commit_guard() if finished and commit_guard is not None else contextlib.nullcontext():
+            part.commit(finished)
         bar.update(sum(len(blobs) for _, blobs in finished))
         bar.set_postfix(renders=rendered, refresh=False)
         if on_identity_done is not None:
@@ -548,9 +547,18 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any], shard: Shard | None =
             check_shard_settings(out_dir, shard, run)
 
 
+@contextlib.contextmanager
+def run_unchanged(out_dir: Path, run: dict[str, Any]):
+    """Hold ``.run.lock`` around a journal write, after checking that ``run.json`` still holds
+    ``run``'s settings: the check and the write are one step for a shard deciding run.json."""
+    with _folder_lock(out_dir, RUN_LOCK_FILE):
+        check_run_unchanged(out_dir, run)
+        yield
+
+
 def check_run_unchanged(out_dir: Path, run: dict[str, Any]) -> None:
     """Raise if ``run.json`` no longer holds ``run``'s settings: another shard replaced them (nothing
-    was rendered yet) while this one started; called before each journal write."""
+    was rendered yet) while this one started."""
     saved = read_json(out_dir / RUN_FILE)
     changes = describe_changes(comparable_settings(run, saved), comparable_settings(saved, saved))
     if changes:
@@ -902,8 +910,10 @@ def open_run(
             raise HyperfaceError(f"another process is generating into {out_dir} ({', '.join(busy)}): wait for it, or stop "
                                  "it and rerun with --resume")
     # Several ranks share one --out: only a single-shard run insists on an empty folder.
+    # A failed attempt's folder is reused in place, not cleared: another copy of this command may be
+    # starting in it at this moment (its lock and run.json decide which one runs).
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate",
-                                 setup_files=(RUN_FILE, f"{PARTS_DIR}/*/{SHARD_SETTINGS_FILE}"))
+                                 setup_files=(RUN_FILE, f"{PARTS_DIR}/*/{SHARD_SETTINGS_FILE}"), clear_unfinished=False)
     run = {
         "num_identities": int(embeddings.shape[0]),
         "embeddings_sha256": array_sha256(embeddings),
@@ -961,7 +971,7 @@ def generate_dataset(
         summary = render_shard(
             generator, embeddings, out_dir, config, shard=shard, aligner=aligner, embed_fn=embed_fn,
             on_identity_done=on_identity_done, show_progress=show_progress,
-            before_commit=lambda: check_run_unchanged(out_dir, run),
+            commit_guard=lambda: run_unchanged(out_dir, run),
         )
         part_manifest = Manifest(stage="generate-shard", params={**run, "shard": summary["shard"]}, extra={"summary": summary}, started=started)
         part_manifest.write(out_dir / PARTS_DIR / shard.name, checksum_inputs=False)
