@@ -4,7 +4,8 @@ Each line checks that both forms give the same answer, then prints their times a
   1. a cyclic code's pair statistics: from its orbit representatives vs the all-pairs pass;
   2. duplicate gallery rows: row hashes vs np.unique(axis=0);
   3. per-class sums for the report: chunked index_add_ vs np.add.at;
-  4. the IJB template-pair file: NumPy's C reader vs the line parser.
+  4. the IJB template-pair file: NumPy's C reader vs the line parser;
+  5. RecordIOWriter's label -> key-range table: two int64 arrays vs a dict of lists (peak memory).
 
     python benchmarks/scale.py                 # about 1-2 minutes on 2 cores
     python benchmarks/scale.py --points 100000 # the all-pairs pass grows as N^2: minutes more
@@ -94,12 +95,47 @@ def ijb_pairs(pairs: int, rng: np.random.Generator) -> None:
     line("IJB template-pair file", t_ours, t_dense, f"{pairs} lines (IJB-C has 15.7M)")
 
 
+def label_table(labels: int) -> None:
+    """RecordIOWriter's label -> key-range table: peak memory (tracemalloc), not time."""
+    import tracemalloc
+
+    from hyperface.datasets.recordio import _LabelRanges
+
+    def peak(fill) -> tuple[object, float]:
+        tracemalloc.start()
+        table = fill()
+        result = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+        return table, result
+
+    def arrays():
+        table = _LabelRanges()
+        for label in range(labels):
+            table.start(label, 5 * label + 1)
+            table.extend(label, 5 * label + 6)
+        return table
+
+    def dict_of_lists():  # what the writer kept before
+        table: dict[int, list[int]] = {}
+        for label in range(labels):
+            table[label] = [5 * label + 1, 5 * label + 1]
+            table[label][1] = 5 * label + 6
+        return table
+
+    ours, mb_ours = peak(arrays)
+    dense, mb_dense = peak(dict_of_lists)
+    assert ours.counts() == {label: end - start for label, (start, end) in dense.items()}
+    print(f"{'RecordIO label table (memory)':<34} ours {mb_ours:8.1f} MB  baseline {mb_dense:8.1f} MB  "
+          f"{mb_dense / max(mb_ours, 1e-9):8.1f}x   {labels} identities")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=20_000, help="cyclic code size (default 20,000)")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--rows", type=int, default=200_000, help="gallery / embedding rows (default 200,000)")
     ap.add_argument("--pairs", type=int, default=2_000_000, help="IJB pair lines (default 2M)")
+    ap.add_argument("--labels", type=int, default=2_000_000, help="identities in the RecordIO label table (default 2M)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -108,6 +144,7 @@ def main() -> None:
     duplicates(args.rows, args.dim, rng)
     class_sums(args.rows, args.dim, args.rows // 50, rng)
     ijb_pairs(args.pairs, rng)
+    label_table(args.labels)
 
 
 if __name__ == "__main__":
