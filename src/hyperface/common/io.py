@@ -94,18 +94,23 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def _json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON text every file we write holds (NaN/inf as null)."""
+    return json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n"
+
+
 def save_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (NaN/inf are written as null)."""
-    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False)
+    text = _json_text(obj)
     with atomic_write(path, "w") as handle:
-        handle.write(text + "\n")
+        handle.write(text)
 
 
 def save_json_if_absent(path: str | os.PathLike, obj: Any) -> bool:
     """:func:`save_json`, but only where no file is: of two processes doing this at once exactly
     one writes (the file is complete before its name appears). Returns whether this call wrote it."""
     path = Path(path)
-    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n"
+    text = _json_text(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         acceptance_line,
         acceptance_warning,
         generate_dataset,
+        finished_run,
         merge_parts,
         open_run,
         release_shard,
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.io import duplicate_rows, file_sha256, files_sha256, load_embeddings, read_json
+    from hyperface.common.io import duplicate_rows, file_sha256, files_sha256, load_embeddings
     from hyperface.common.runtime import resolve_device, seed_everything
     from hyperface.generation.arc2face import (
         Arc2FaceGenerator,
@@ -263,8 +264,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def render() -> int:  # the rest, once --out is claimed
-        finished = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
-        if finished.get("stage") == "generate" and finished.get("status") == "complete":
+        finished = finished_run(out_dir)
+        if finished:
             # the same settings (open_run checked run.json): nothing to render, no model to load; a rank
             # requeued after the merge (its parts deleted by --no-keep-parts) renders nothing again
             log.info("%s already holds the finished dataset (%d images); nothing to resume", out_dir, finished.get("num_images", 0))

@@ -47,7 +47,10 @@ from hyperface.generation.variation import Perturbation, image_seed
 
 log = get_logger("hyperface.generation")
 
-FORMATS = ("folder", "rec", "both")
+#: The final formats each --format value asks for, and where each one lives in --out.
+FORMAT_KINDS = {"folder": ("folder",), "rec": ("rec",), "both": ("folder", "rec")}
+FORMATS = tuple(FORMAT_KINDS)
+KIND_FOLDERS = {"folder": "images", "rec": "rec"}
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.jpg"  # a contact sheet of the result, written by the merge
@@ -515,9 +518,22 @@ def running_shards(out_dir: Path) -> list[str]:
     return running
 
 
+def finished_formats(out_dir: Path) -> dict[str, bool]:
+    """Which final formats a merge has finished in ``out_dir``: the image folder is renamed into
+    place whole; the RecordIO writer writes property, renames train.rec, then train.idx, so train.idx
+    marks a finished one."""
+    return {"folder": (out_dir / "images").is_dir(), "rec": (out_dir / "rec" / "train.idx").exists()}
+
+
+def finished_run(out_dir: Path) -> dict[str, Any]:
+    """The manifest of a generate run whose merge completed, or {}."""
+    manifest = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
+    return manifest if manifest.get("stage") == "generate" and manifest.get("status") == "complete" else {}
+
+
 def _dataset_written(out_dir: Path) -> bool:
     """Whether a merge has written (part of) the dataset: its images are not to be re-rendered differently."""
-    return (out_dir / "manifest.json").is_file() or (out_dir / "images").is_dir() or (out_dir / "rec" / "train.idx").exists()
+    return (out_dir / "manifest.json").is_file() or any(finished_formats(out_dir).values())
 
 
 def write_or_check_run(out_dir: Path, run: dict[str, Any], shard: Shard | None = None) -> None:
@@ -694,10 +710,10 @@ def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_p
                     f"{settings_file.parent} was rendered with other settings ({changes}) than {out_dir / RUN_FILE}: one "
                     "dataset never mixes two; delete that folder and render its shard again with the run's settings"
                 )
-    finished = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
-    if finished.get("status") == "complete" and finished.get("stage") == "generate" and not _parts_hold_work(out_dir):
-        on_disk = {"folder": (out_dir / "images").is_dir(), "rec": (out_dir / "rec" / "train.idx").exists()}
-        lacking = [kind for kind in {"folder": ["folder"], "rec": ["rec"], "both": ["folder", "rec"]}[formats] if not on_disk[kind]]
+    finished = finished_run(out_dir)
+    if finished and not _parts_hold_work(out_dir):
+        on_disk = finished_formats(out_dir)
+        lacking = [kind for kind in FORMAT_KINDS[formats] if not on_disk[kind]]
         if lacking:
             raise HyperfaceError(f"{out_dir} was merged without the {' and '.join(lacking)} format and its parts are gone "
                                  f"(--no-keep-parts): make it from the set itself, `hyperface dataset convert {out_dir} "
@@ -716,7 +732,7 @@ def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_p
     if bad:
         raise HyperfaceError(f"identities {bad[:5]} have a number of images other than {k}: the parts are inconsistent")
     started = time.time()
-    wanted = {"folder": ["folder"], "rec": ["rec"], "both": ["folder", "rec"]}[formats]
+    wanted = list(FORMAT_KINDS[formats])
     try:
         outputs = _write_formats(out_dir, run, found, wanted, num_identities, k, show_progress)
     except OSError as exc:
@@ -726,9 +742,9 @@ def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_p
                 "`hyperface generate --merge`"
             ) from exc
         raise
-    for kind, final in (("folder", out_dir / "images"), ("rec", out_dir / "rec")):  # formats an earlier merge wrote stay listed
-        if kind not in outputs and (final.is_dir() if kind == "folder" else (final / "train.idx").exists()):
-            outputs[kind] = str(final)
+    for kind, done in finished_formats(out_dir).items():  # formats an earlier merge wrote stay listed
+        if done and kind not in outputs:
+            outputs[kind] = str(out_dir / KIND_FOLDERS[kind])
     stats = acceptance_statistics(found, num_identities, run)
     save_json(out_dir / "acceptance.json", stats)
     try:  # a picture to look at: it must not cost the merge
@@ -775,12 +791,11 @@ def _write_formats(out_dir: Path, run: dict, found: dict, wanted: list[str], num
     from hyperface.datasets import ImageFolderWriter, RecordIOWriter
 
     outputs: dict[str, str] = {}
+    done = finished_formats(out_dir)
     for kind in wanted:
-        final = out_dir / ("images" if kind == "folder" else "rec")
+        final = out_dir / KIND_FOLDERS[kind]
         outputs[kind] = str(final)
-        # finished by an earlier merge: the folder is renamed into place whole; the RecordIO writer
-        # writes property, renames train.rec, then train.idx, so train.idx marks a finished one
-        if (kind == "folder" and final.is_dir()) or (kind == "rec" and (final / "train.idx").exists()):
+        if done[kind]:  # finished by an earlier merge
             continue
         bar = progress(total=num_identities * k, desc=f"merge {kind}", unit="img", disable=None if show_progress is None else not show_progress)
         if kind == "folder":
@@ -988,6 +1003,7 @@ __all__ = [
     "acceptance_line",
     "acceptance_warning",
     "claim_shard",
+    "finished_run",
     "GenerationConfig",
     "Shard",
     "ShardPart",
