@@ -160,9 +160,12 @@ def make_reference(components, args, device, dtype):
 
 #: Variant options -> what they switch on. "autotune" is torch.compile's max-autotune mode (with
 #: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs;
+#: "cd_tune" the default compile mode with inductor's coordinate-descent tuning of its generated
+#: (normalisation, elementwise) kernels and 1x1 convolutions as matmuls (process-wide once set);
 #: "cudnn_attn" / "flash_attn" / "efficient_attn" are ``--attention cudnn`` / ``flash`` / ``efficient``: SDPA
 #: tries that kernel first (head dim 40 at SD1.5's first level is padded by flash attention).
-VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cudnn_attn", "flash_attn", "efficient_attn")
+VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cd_tune", "cudnn_attn", "flash_attn",
+                   "efficient_attn")
 
 #: `hyperface generate --attention` for each attention option of a variant.
 ATTENTION_OPTIONS = {"cudnn_attn": "cudnn", "flash_attn": "flash", "efficient_attn": "efficient"}
@@ -184,24 +187,32 @@ def variant_settings(options: set[str]) -> dict:
     mode = "max-autotune" if "autotune" in options else "max-autotune-no-cudagraphs" if "autotune_nocg" in options else "default"
     return {
         "channels_last": "channels_last" in options,
-        "compile": bool(options & {"compile", "autotune", "autotune_nocg"}),
+        "compile": bool(options & {"compile", "autotune", "autotune_nocg", "cd_tune"}),
         "compile_mode": mode,
         "fuse_qkv": "fuse_qkv" in options,
         "attention": next((ATTENTION_OPTIONS[o] for o in sorted(options) if o in ATTENTION_OPTIONS), "auto"),
     }
 
 
-def bench_hyperface(components, args, device, variant: str) -> float:
+def bench_hyperface(components, args, device, variant: str, record: dict | None = None) -> float:
     from hyperface.generation.arc2face import Arc2FaceGenerator, Arc2FaceSettings
 
     options, batch = parse_variant(variant, args.batch_size)
     settings = Arc2FaceSettings(steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, **variant_settings(options))
+    if "cd_tune" in options:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+        inductor_config.conv_1x1_as_mm = True
     if settings.compile:
         # Every variant compiles its own graphs: dynamo caches compiled frames on the shared modules'
         # code, and an earlier variant's graph (another SDPA kernel choice, say) must not be reused.
         torch._dynamo.reset()
     generator = Arc2FaceGenerator(components, settings, device=device)
-    rate = _profile_generator(generator, settings, device, batch) if args.profile else _time_generator(generator, settings, args, device, batch)
+    if args.profile:
+        rate = _profile_generator(generator, settings, device, batch, record if record is not None else {})
+    else:
+        rate = _time_generator(generator, settings, args, device, batch)
     if settings.channels_last:  # leave the shared modules as they were
         components.unet.to(memory_format=torch.contiguous_format)
         components.vae.to(memory_format=torch.contiguous_format)
@@ -279,9 +290,10 @@ def sdpa_eligibility(device, dtype, batch: int) -> None:
             print(f"    why not: {str(warning.message).strip()[:200]}")
 
 
-def _profile_generator(generator, settings, device, batch: int) -> float:
+def _profile_generator(generator, settings, device, batch: int, record: dict) -> float:
     """One batch under torch.profiler (after the warm-up): device time by kernel category and the top
-    kernels. Returns the profiled batch's images per second (profiling overhead included)."""
+    kernels, printed and put in ``record``. Returns the profiled batch's images per second (profiling
+    overhead included)."""
     from torch.profiler import ProfilerActivity, profile
 
     identities = random_identities(2 * batch, seed=2)
@@ -313,7 +325,34 @@ def _profile_generator(generator, settings, device, batch: int) -> float:
     print("  attention kernels (which SDPA kernel ran): " + "; ".join(f"{name[:80]} {ms:.0f} ms" for ms, name in attention))
     if generator._cudagraphs:
         print("  (CUDA graphs: kernels replayed inside a graph may not be attributed)")
+    record.update({"total_ms": total, "wall_s": elapsed, "categories_ms": by_category,
+                   "attention_kernels_ms": {name: ms for ms, name in attention},
+                   "top_kernels_ms": dict(sorted(times.items(), key=lambda kv: -kv[1])[:40])})
     return batch / elapsed
+
+
+def best_profiled_variant(path: Path) -> str:
+    """The variant of a --profile --json file whose batch took the least device time, compiled."""
+    import json
+
+    profiles = json.loads(path.read_text())["profiles"]
+    done = {v: p for v, p in profiles.items() if "total_ms" in p}
+    if not done:
+        raise SystemExit(f"no finished profile in {path}")
+    best = min(done, key=lambda v: done[v]["total_ms"] / parse_variant(v, 1)[1])
+    for variant, p in done.items():
+        print(f"{variant}: {p['total_ms']:.0f} ms a batch; attention {p['categories_ms'].get('attention', 0):.0f} ms",
+              file=sys.stderr)
+    options, batch = parse_variant(best, 1)
+    return "+".join(sorted(options | {"compile"})) + f"@{batch}"
+
+
+def write_json(path: Path | None, figures: dict) -> None:
+    if path is not None:
+        import json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=1, default=float) + "\n")
 
 
 def main() -> None:
@@ -334,7 +373,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: profile one batch of each variant (device time by kernel category, top "
                              "kernels); the reference is not run")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the figures here (profiles by variant, or rates, reference rounds and ratios)")
+    parser.add_argument("--best-of", type=Path, default=None, metavar="PROFILE_JSON",
+                        help="print the profiled variant whose batch took the least device time, with compile added, "
+                             "and exit (benchmarks/gpu_session.sh gen-probe)")
     args = parser.parse_args()
+    if args.best_of is not None:
+        print(best_profiled_variant(args.best_of))
+        return
 
     from hyperface.common.runtime import resolve_device
     from hyperface.generation.arc2face import resolve_dtype
@@ -353,6 +400,8 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
 
     components = sd15_sized_components(args.small, device, dtype)
+    facts = {"name": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+             "dtype": str(dtype), "steps": args.steps, "resolution": args.resolution, "small": args.small}
     print(
         f"device={device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}) dtype={dtype} "
         f"models={'small' if args.small else 'SD1.5-sized'} steps={args.steps} guidance={args.guidance} "
@@ -364,10 +413,14 @@ def main() -> None:
                 sdpa_eligibility(device, dtype, args.batch_size)
             except (AttributeError, RuntimeError, TypeError) as exc:
                 print(f"  (SDPA eligibility check unavailable: {exc})")
+        profiles = {}
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
             print(f"hyperface {variant} (batch {parse_variant(variant, args.batch_size)[1]}):", flush=True)
-            rate = bench_hyperface(components, args, device, variant)
+            profiles[variant] = {}
+            rate = bench_hyperface(components, args, device, variant, profiles[variant])
+            profiles[variant]["img_per_s_profiled"] = rate
             print(f"  {rate:.3f} img/s while profiled", flush=True)
+            write_json(args.json, {"device": facts, "profiles": profiles})  # after each: a later variant may not finish
         return
     time_reference = make_reference(components, args, device, dtype)
     # The reference recipe is partly bound by the host (small batches: Python and kernel launches), so
@@ -376,7 +429,7 @@ def main() -> None:
     # two reference rounds around it.
     references = [time_reference()]
     print(f"reference (1 identity x 4 images per pipeline call): {references[0]:.3f} img/s", flush=True)
-    results = {}
+    results, rates = {}, {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         rate = bench_hyperface(components, args, device, variant)
         print(f"hyperface {variant} (batch {parse_variant(variant, args.batch_size)[1]} across identities): "
@@ -384,6 +437,8 @@ def main() -> None:
         references.append(time_reference())
         print(f"reference again: {references[-1]:.3f} img/s", flush=True)
         results[variant] = rate / (0.5 * (references[-2] + references[-1]))
+        rates[variant] = rate
+        write_json(args.json, {"device": facts, "references": references, "rates": rates, "ratios": results})
     spread = (max(references) - min(references)) / min(references)
     print(f"reference rounds: {', '.join(f'{r:.3f}' for r in references)} img/s (spread {100 * spread:.0f}%)")
     for variant, ratio in results.items():

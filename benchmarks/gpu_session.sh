@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one go, for a session that has a GPU for a few minutes.
 #
-#   benchmarks/gpu_session.sh [gen] [gen-profile] [gen-pipeline] [gen-autotune] [train] [pack] [pack10k] [embed]
+#   benchmarks/gpu_session.sh [gen] [gen-probe] [gen-profile] [gen-pipeline] [gen-autotune] [train] [pack] [pack10k] [embed]
 #   (default: gen train pack)
 #
 # Each part has its own time limit, so one slow or broken part cannot eat the others' time; logs
 # and JSON go to $OUT (default runs/gpu). Wheels in .whl/ (e.g. diffusers, when the machine lacks
 # it) are installed to /tmp/site first. Runs from the repository root without installing hyperface.
 #
-# A session has about 15 minutes of device time and 10 per call. Most wanted first (2026-11-27, after
-# the H100 session that found cuDNN attention no faster and max-autotune too slow to compile):
-#   call 1: gen-profile  (about 5 min, timeout_s 420: where a batch's device time goes, and which SDPA
-#                         kernel each --attention choice really runs; eager and compiled)
+# A session has about 15 minutes of device time and 10 per call, and a machine's start takes one or
+# two: in practice one call. Most wanted first (2026-11-27, after the H100 session that found cuDNN
+# attention no faster and max-autotune too slow to compile):
+#   call 1: gen-probe    (about 6 min, timeout_s 560: which SDPA kernel each --attention choice runs and
+#                         where a batch's device time goes, then the best one compiled and timed)
+#   or:     gen-profile  (about 5 min, timeout_s 420: the profile alone, a compiled variant included)
 #   call 2: gen-pipeline (about 3 min, timeout_s 240: the whole generate loop, post-processing
 #                         overlapped with rendering vs sequential, filter's FR model on the CPU)
 #           then gen     (about 5 min, timeout_s 420: the ratio, reference timed around each variant)
@@ -51,6 +53,16 @@ for part in "${parts[@]}"; do
       # variants show the attention kernels (SDPA's choice does not depend on compiling).
       run 400 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile \
         --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+cudnn_attn@64,channels_last+fuse_qkv+efficient_attn@64,channels_last+compile+fuse_qkv@64 ;;
+    gen-probe)
+      # One call, profile then timing (about 6 min, timeout_s 560): the eager profile of three attention
+      # choices (which SDPA kernel runs, device time by kernel category), then the compiled sampler
+      # timed against the reference with the attention choice whose batch took the least device time,
+      # plus coordinate-descent tuning of inductor's generated kernels (norms, elementwise).
+      run 200 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile --json "$OUT/generate-profile.json" \
+        --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+cudnn_attn@64
+      best=$("$PY" benchmarks/generate.py --best-of "$OUT/generate-profile.json" 2>>"$OUT/generate-profile.log" || echo channels_last+fuse_qkv@64)
+      run 340 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 --json "$OUT/generate.json" \
+        --variants "${best%@*}+cd_tune@${best##*@}" ;;
     gen-pipeline)
       # Eager sampler (no compile: the loop's scheduling is what is measured), r50 filter on the CPU.
       run 220 "$OUT/generate-pipeline.log" "$PY" benchmarks/generate_pipeline.py --device cuda ;;
@@ -73,6 +85,6 @@ for part in "${parts[@]}"; do
       run 120 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --budget 30 --out "$OUT/pack10k" ;;
     embed)
       run 90 "$OUT/embed.log" "$PY" benchmarks/embed.py --device cuda ;;
-    *) echo "unknown part $part (gen, gen-profile, gen-pipeline, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
+    *) echo "unknown part $part (gen, gen-probe, gen-profile, gen-pipeline, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
   esac
 done
