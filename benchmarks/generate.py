@@ -161,11 +161,13 @@ def make_reference(components, args, device, dtype):
 #: Variant options -> what they switch on. "autotune" is torch.compile's max-autotune mode (with
 #: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs;
 #: "cd_tune" the default compile mode with inductor's coordinate-descent tuning of its generated
-#: (normalisation, elementwise) kernels and 1x1 convolutions as matmuls (process-wide once set);
+#: (normalisation, elementwise) kernels and 1x1 convolutions as matmuls (compiling took over 5
+#: minutes on an H100); "mm1x1" only the latter, 1x1 convolutions as matmuls (both process-wide once
+#: set, so put them last);
 #: "cudnn_attn" / "flash_attn" / "efficient_attn" are ``--attention cudnn`` / ``flash`` / ``efficient``: SDPA
 #: tries that kernel first (head dim 40 at SD1.5's first level is padded by flash attention).
-VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cd_tune", "cudnn_attn", "flash_attn",
-                   "efficient_attn")
+VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cd_tune", "mm1x1", "cudnn_attn",
+                   "flash_attn", "efficient_attn")
 
 #: `hyperface generate --attention` for each attention option of a variant.
 ATTENTION_OPTIONS = {"cudnn_attn": "cudnn", "flash_attn": "flash", "efficient_attn": "efficient"}
@@ -187,7 +189,7 @@ def variant_settings(options: set[str]) -> dict:
     mode = "max-autotune" if "autotune" in options else "max-autotune-no-cudagraphs" if "autotune_nocg" in options else "default"
     return {
         "channels_last": "channels_last" in options,
-        "compile": bool(options & {"compile", "autotune", "autotune_nocg", "cd_tune"}),
+        "compile": bool(options & {"compile", "autotune", "autotune_nocg", "cd_tune", "mm1x1"}),
         "compile_mode": mode,
         "fuse_qkv": "fuse_qkv" in options,
         "attention": next((ATTENTION_OPTIONS[o] for o in sorted(options) if o in ATTENTION_OPTIONS), "auto"),
@@ -199,11 +201,11 @@ def bench_hyperface(components, args, device, variant: str, record: dict | None 
 
     options, batch = parse_variant(variant, args.batch_size)
     settings = Arc2FaceSettings(steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, **variant_settings(options))
-    if "cd_tune" in options:
+    if options & {"cd_tune", "mm1x1"}:
         import torch._inductor.config as inductor_config
 
-        inductor_config.coordinate_descent_tuning = True
         inductor_config.conv_1x1_as_mm = True
+        inductor_config.coordinate_descent_tuning = "cd_tune" in options or inductor_config.coordinate_descent_tuning
     if settings.compile:
         # Every variant compiles its own graphs: dynamo caches compiled frames on the shared modules'
         # code, and an earlier variant's graph (another SDPA kernel choice, say) must not be reused.
@@ -242,9 +244,12 @@ def _time_generator(generator, settings, args, device, batch: int) -> float:
     return done / (time.perf_counter() - started)
 
 
-#: Kernel (CUDA) or operator (CPU) name patterns -> where the time goes, first match wins; attention
-#: first, since cuDNN's attention kernels are also "fprop" kernels.
+#: Kernel (CUDA) or operator (CPU) name patterns -> where the time goes, first match wins. Inductor's
+#: generated kernels first: their names list the operators they fused ("triton_poi_fused_clone_
+#: convolution_native_group_norm_silu" is a normalisation, not a convolution); then attention, since
+#: cuDNN's attention kernels are also "fprop" kernels.
 KERNEL_CATEGORIES = (
+    ("fused by inductor", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
     ("convolution", ("conv", "fprop", "implicit_gemm", "winograd")),
     ("matmul", ("gemm", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear")),
@@ -331,22 +336,6 @@ def _profile_generator(generator, settings, device, batch: int, record: dict) ->
     return batch / elapsed
 
 
-def best_profiled_variant(path: Path) -> str:
-    """The variant of a --profile --json file whose batch took the least device time, compiled."""
-    import json
-
-    profiles = json.loads(path.read_text())["profiles"]
-    done = {v: p for v, p in profiles.items() if "total_ms" in p}
-    if not done:
-        raise SystemExit(f"no finished profile in {path}")
-    best = min(done, key=lambda v: done[v]["total_ms"] / parse_variant(v, 1)[1])
-    for variant, p in done.items():
-        print(f"{variant}: {p['total_ms']:.0f} ms a batch; attention {p['categories_ms'].get('attention', 0):.0f} ms",
-              file=sys.stderr)
-    options, batch = parse_variant(best, 1)
-    return "+".join(sorted(options | {"compile"})) + f"@{batch}"
-
-
 def write_json(path: Path | None, figures: dict) -> None:
     if path is not None:
         import json
@@ -368,20 +357,14 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="base",
         help="comma list; each is base or options joined by + (channels_last, compile, fuse_qkv, autotune, "
-             "autotune_nocg, cudnn_attn, flash_attn, efficient_attn), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
+             "autotune_nocg, cd_tune, mm1x1, cudnn_attn, flash_attn, efficient_attn), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
     )
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: profile one batch of each variant (device time by kernel category, top "
                              "kernels); the reference is not run")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the figures here (profiles by variant, or rates, reference rounds and ratios)")
-    parser.add_argument("--best-of", type=Path, default=None, metavar="PROFILE_JSON",
-                        help="print the profiled variant whose batch took the least device time, with compile added, "
-                             "and exit (benchmarks/gpu_session.sh gen-probe)")
     args = parser.parse_args()
-    if args.best_of is not None:
-        print(best_profiled_variant(args.best_of))
-        return
 
     from hyperface.common.runtime import resolve_device
     from hyperface.generation.arc2face import resolve_dtype

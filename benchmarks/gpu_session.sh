@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one go, for a session that has a GPU for a few minutes.
 #
-#   benchmarks/gpu_session.sh [gen] [gen-probe] [gen-profile] [gen-pipeline] [gen-autotune] [train] [pack] [pack10k] [embed]
+#   benchmarks/gpu_session.sh [gen] [gen-profile] [gen-pipeline] [gen-autotune] [train] [pack] [pack10k] [embed]
 #   (default: gen train pack)
 #
 # Each part has its own time limit, so one slow or broken part cannot eat the others' time; logs
@@ -9,14 +9,14 @@
 # it) are installed to /tmp/site first. Runs from the repository root without installing hyperface.
 #
 # A session has about 15 minutes of device time and 10 per call, and a machine's start takes one or
-# two: in practice one call. Most wanted first (2026-11-27, after the H100 session that found cuDNN
-# attention no faster and max-autotune too slow to compile):
-#   call 1: gen-probe    (about 6 min, timeout_s 560: which SDPA kernel each --attention choice runs and
-#                         where a batch's device time goes, then the best one compiled and timed)
-#   or:     gen-profile  (about 5 min, timeout_s 420: the profile alone, a compiled variant included)
-#   call 2: gen-pipeline (about 3 min, timeout_s 240: the whole generate loop, post-processing
+# two: in practice one long call, then a short one on the still-warm machine. Most wanted first
+# (2026-11-27, after the H100 session whose profile showed torch already runs cuDNN's Hopper
+# attention by default and the compiled sampler's device time split into convolutions, attention,
+# matmuls and inductor's fused norm/activation kernels, about a quarter each):
+#   call 1: gen          (about 8 min, timeout_s 540: the ratio, the compiled sampler against the same
+#                         with 1x1 convolutions as matmuls; reference timed around each)
+#           gen-pipeline (about 3 min, timeout_s 240: the whole generate loop, post-processing
 #                         overlapped with rendering vs sequential, filter's FR model on the CPU)
-#           then gen     (about 5 min, timeout_s 420: the ratio, reference timed around each variant)
 #   later sessions: pack (the cyclic code on a GPU), pack10k, embed
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
@@ -44,25 +44,16 @@ for part in "${parts[@]}"; do
   case $part in
     gen)
       # Compiling the SD1.5-sized UNet and VAE decoder takes about two minutes; the reference is timed
-      # before the first variant and after each (about 40 s a round on an H100). Add a variant the profile
-      # points to (e.g. channels_last+compile+fuse_qkv+cudnn_attn@64) and raise the limit by ~3 min.
-      run 400 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 \
-        --variants channels_last+compile+fuse_qkv@64 ;;
+      # before the first variant and after each (about 40 s a round on an H100), so each variant costs
+      # about 3.5 minutes. mm1x1 is process-wide once set: keep it last.
+      run 520 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 --json "$OUT/generate.json" \
+        --variants channels_last+compile+fuse_qkv@64,channels_last+fuse_qkv+mm1x1@64 ;;
     gen-profile)
-      # No reference and no timing: one profiled batch per variant after its warm-up. The eager
-      # variants show the attention kernels (SDPA's choice does not depend on compiling).
-      run 400 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile \
-        --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+cudnn_attn@64,channels_last+fuse_qkv+efficient_attn@64,channels_last+compile+fuse_qkv@64 ;;
-    gen-probe)
-      # One call, profile then timing (about 6 min, timeout_s 560): the eager profile of three attention
-      # choices (which SDPA kernel runs, device time by kernel category), then the compiled sampler
-      # timed against the reference with the attention choice whose batch took the least device time,
-      # plus coordinate-descent tuning of inductor's generated kernels (norms, elementwise).
-      run 200 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile --json "$OUT/generate-profile.json" \
-        --variants channels_last+fuse_qkv@64,channels_last+fuse_qkv+cudnn_attn@64,channels_last+cudnn_attn@64
-      best=$("$PY" benchmarks/generate.py --best-of "$OUT/generate-profile.json" 2>>"$OUT/generate-profile.log" || echo channels_last+fuse_qkv@64)
-      run 340 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 --json "$OUT/generate.json" \
-        --variants "${best%@*}+cd_tune@${best##*@}" ;;
+      # No reference and no timing: one profiled batch per variant after its warm-up (about 2.5 min
+      # for the compiled one on an H100). Eager profiles mislead: channels_last without compile
+      # spends a quarter of the device time converting layouts.
+      run 300 "$OUT/generate-profile.log" "$PY" benchmarks/generate.py --device cuda --profile --json "$OUT/generate-profile.json" \
+        --variants channels_last+compile+fuse_qkv@64 ;;
     gen-pipeline)
       # Eager sampler (no compile: the loop's scheduling is what is measured), r50 filter on the CPU.
       run 220 "$OUT/generate-pipeline.log" "$PY" benchmarks/generate_pipeline.py --device cuda ;;
@@ -85,6 +76,6 @@ for part in "${parts[@]}"; do
       run 120 "$OUT/pack.log" "$PY" benchmarks/pack.py --device cuda --budget 30 --out "$OUT/pack10k" ;;
     embed)
       run 90 "$OUT/embed.log" "$PY" benchmarks/embed.py --device cuda ;;
-    *) echo "unknown part $part (gen, gen-probe, gen-profile, gen-pipeline, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
+    *) echo "unknown part $part (gen, gen-profile, gen-pipeline, gen-autotune, train, pack, pack10k, embed)"; exit 2 ;;
   esac
 done
