@@ -162,12 +162,13 @@ def make_reference(components, args, device, dtype):
 #: CUDA graphs and diffusers' inductor flags); "autotune_nocg" the same without CUDA graphs;
 #: "cd_tune" the default compile mode with inductor's coordinate-descent tuning of its generated
 #: (normalisation, elementwise) kernels and 1x1 convolutions as matmuls (compiling took over 5
-#: minutes on an H100); "mm1x1" only the latter, 1x1 convolutions as matmuls (both process-wide once
-#: set, so put them last);
+#: minutes on an H100); "mm1x1" only the latter, 1x1 convolutions as matmuls; "freeze" inductor's
+#: freezing (weights folded in as constants, convolution weights in their best layout) (all three
+#: process-wide once set, so put them last);
 #: "cudnn_attn" / "flash_attn" / "efficient_attn" are ``--attention cudnn`` / ``flash`` / ``efficient``: SDPA
 #: tries that kernel first (head dim 40 at SD1.5's first level is padded by flash attention).
-VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cd_tune", "mm1x1", "cudnn_attn",
-                   "flash_attn", "efficient_attn")
+VARIANT_OPTIONS = ("channels_last", "compile", "fuse_qkv", "autotune", "autotune_nocg", "cd_tune", "mm1x1", "freeze",
+                   "cudnn_attn", "flash_attn", "efficient_attn")
 
 #: `hyperface generate --attention` for each attention option of a variant.
 ATTENTION_OPTIONS = {"cudnn_attn": "cudnn", "flash_attn": "flash", "efficient_attn": "efficient"}
@@ -189,7 +190,7 @@ def variant_settings(options: set[str]) -> dict:
     mode = "max-autotune" if "autotune" in options else "max-autotune-no-cudagraphs" if "autotune_nocg" in options else "default"
     return {
         "channels_last": "channels_last" in options,
-        "compile": bool(options & {"compile", "autotune", "autotune_nocg", "cd_tune", "mm1x1"}),
+        "compile": bool(options & {"compile", "autotune", "autotune_nocg", "cd_tune", "mm1x1", "freeze"}),
         "compile_mode": mode,
         "fuse_qkv": "fuse_qkv" in options,
         "attention": next((ATTENTION_OPTIONS[o] for o in sorted(options) if o in ATTENTION_OPTIONS), "auto"),
@@ -201,11 +202,12 @@ def bench_hyperface(components, args, device, variant: str, record: dict | None 
 
     options, batch = parse_variant(variant, args.batch_size)
     settings = Arc2FaceSettings(steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, **variant_settings(options))
-    if options & {"cd_tune", "mm1x1"}:
+    if options & {"cd_tune", "mm1x1", "freeze"}:
         import torch._inductor.config as inductor_config
 
-        inductor_config.conv_1x1_as_mm = True
+        inductor_config.conv_1x1_as_mm = bool(options & {"cd_tune", "mm1x1"}) or inductor_config.conv_1x1_as_mm
         inductor_config.coordinate_descent_tuning = "cd_tune" in options or inductor_config.coordinate_descent_tuning
+        inductor_config.freezing = "freeze" in options or inductor_config.freezing
     if settings.compile:
         # Every variant compiles its own graphs: dynamo caches compiled frames on the shared modules'
         # code, and an earlier variant's graph (another SDPA kernel choice, say) must not be reused.
@@ -357,7 +359,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="base",
         help="comma list; each is base or options joined by + (channels_last, compile, fuse_qkv, autotune, "
-             "autotune_nocg, cd_tune, mm1x1, cudnn_attn, flash_attn, efficient_attn), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
+             "autotune_nocg, cd_tune, mm1x1, freeze, cudnn_attn, flash_attn, efficient_attn), with an optional @BATCH (e.g. base,base@64,channels_last+compile+fuse_qkv@64)",
     )
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: profile one batch of each variant (device time by kernel category, top "

@@ -14,7 +14,8 @@
 # attention by default and the compiled sampler's device time split into convolutions, attention,
 # matmuls and inductor's fused norm/activation kernels, about a quarter each):
 #   call 1: gen          (about 8 min, timeout_s 540: the ratio, the compiled sampler against the same
-#                         with 1x1 convolutions as matmuls; reference timed around each)
+#                         with 1x1 convolutions as matmuls and inductor's freezing; reference timed
+#                         around each)
 #           gen-pipeline (about 3 min, timeout_s 240: the whole generate loop, post-processing
 #                         overlapped with rendering vs sequential, filter's FR model on the CPU)
 #   later sessions: pack (the cyclic code on a GPU), pack10k, embed
@@ -45,9 +46,11 @@ for part in "${parts[@]}"; do
     gen)
       # Compiling the SD1.5-sized UNet and VAE decoder takes about two minutes; the reference is timed
       # before the first variant and after each (about 40 s a round on an H100), so each variant costs
-      # about 3.5 minutes. mm1x1 is process-wide once set: keep it last.
+      # about 3.5 minutes. mm1x1 (1x1 convolutions as matmuls) and freeze (inductor's freezing:
+      # weights as constants, convolution weights in their best layout) are process-wide once set:
+      # keep them last.
       run 520 "$OUT/generate.log" "$PY" benchmarks/generate.py --device cuda --images 128 --json "$OUT/generate.json" \
-        --variants channels_last+compile+fuse_qkv@64,channels_last+fuse_qkv+mm1x1@64 ;;
+        --variants channels_last+compile+fuse_qkv@64,channels_last+fuse_qkv+mm1x1+freeze@64 ;;
     gen-profile)
       # No reference and no timing: one profiled batch per variant after its warm-up (about 2.5 min
       # for the compiled one on an H100). Eager profiles mislead: channels_last without compile
