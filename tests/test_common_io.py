@@ -150,55 +150,48 @@ def test_embeddings_with_huge_or_tiny_finite_values_are_normalised_not_zeroed():
         validate_embeddings(np.where(np.arange(6)[:, None] == 3, 0, rows).astype(np.float32))
 
 
-def test_without_a_terminal_progress_becomes_periodic_log_lines(monkeypatch):
-    import logging
+def test_without_a_terminal_progress_becomes_periodic_log_lines(monkeypatch, hyperface_log):
     import time
 
     from hyperface.common.runtime import progress
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("hyperface").addHandler(handler)
+    records = hyperface_log
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
     monkeypatch.delenv("HYPERFACE_PROGRESS", raising=False)
     monkeypatch.setenv("HYPERFACE_PROGRESS_SECONDS", "0.05")
-    try:
-        bar = progress(total=6, desc="generate 0/1", unit="img")
-        for _ in range(6):
-            time.sleep(0.03)
-            bar.update(1)
-        bar.close()
-        lines = [r.getMessage() for r in records]
-        assert lines and all(line.startswith("generate 0/1: ") and "left" in line for line in lines)
-        assert lines[-1].startswith("generate 0/1: 6/6 img (100%)") and "\r" not in "".join(lines)
-        assert len(lines) == len({line.split(",")[0] for line in lines})  # the closing refresh is not repeated
-        records.clear()
-        for _ in progress(iter(range(3)), desc="stream", unit="rec"):  # no total: no percentage, no time left
-            time.sleep(0.06)
-        assert records and all(r.getMessage().startswith("stream: ") and "left" not in r.getMessage() for r in records)
-        records.clear()
-        from hyperface.packing.solver import budget_progress
+    bar = progress(total=6, desc="generate 0/1", unit="img")
+    for _ in range(6):
+        time.sleep(0.03)
+        bar.update(1)
+    bar.close()
+    lines = [r.getMessage() for r in records]
+    assert lines and all(line.startswith("generate 0/1: ") and "left" in line for line in lines)
+    assert lines[-1].startswith("generate 0/1: 6/6 img (100%)") and "\r" not in "".join(lines)
+    assert len(lines) == len({line.split(",")[0] for line in lines})  # the closing refresh is not repeated
+    records.clear()
+    for _ in progress(iter(range(3)), desc="stream", unit="rec"):  # no total: no percentage, no time left
+        time.sleep(0.06)
+    assert records and all(r.getMessage().startswith("stream: ") and "left" not in r.getMessage() for r in records)
+    records.clear()
+    from hyperface.packing.solver import budget_progress
 
-        bar = budget_progress(None, 0.3, 0.0, desc="pack")  # a time budget: the caller's counter, no bar
-        for _ in range(3):
-            time.sleep(0.06)
-            bar.update(0.1)
-        bar.close()
-        assert records and all(r.getMessage().startswith("pack: ") and "/0.3 s" in r.getMessage() for r in records)
-        assert not any("|" in r.getMessage() for r in records)
-        records.clear()
-        monkeypatch.setenv("HYPERFACE_PROGRESS_SECONDS", "soon")
-        for _ in progress(range(2), desc="bad"):
-            pass
-        assert any("not a number of seconds" in r.getMessage() for r in records)
-        records.clear()
-        monkeypatch.setenv("HYPERFACE_PROGRESS", "0")  # explicitly quiet: no bar, no lines
-        for _ in progress(range(3), desc="quiet"):
-            time.sleep(0.06)
-        assert records == []
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
+    bar = budget_progress(None, 0.3, 0.0, desc="pack")  # a time budget: the caller's counter, no bar
+    for _ in range(3):
+        time.sleep(0.06)
+        bar.update(0.1)
+    bar.close()
+    assert records and all(r.getMessage().startswith("pack: ") and "/0.3 s" in r.getMessage() for r in records)
+    assert not any("|" in r.getMessage() for r in records)
+    records.clear()
+    monkeypatch.setenv("HYPERFACE_PROGRESS_SECONDS", "soon")
+    for _ in progress(range(2), desc="bad"):
+        pass
+    assert any("not a number of seconds" in r.getMessage() for r in records)
+    records.clear()
+    monkeypatch.setenv("HYPERFACE_PROGRESS", "0")  # explicitly quiet: no bar, no lines
+    for _ in progress(range(3), desc="quiet"):
+        time.sleep(0.06)
+    assert records == []
 
 
 def test_unit_float32_embeddings_can_stay_on_disk(tmp_path):

@@ -350,7 +350,7 @@ def test_keys_past_float32_exactness_take_each_images_own_label(tmp_path):
     assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [0, 0, 1, 1]))
 
 
-def test_image_whose_header_disagrees_with_its_identity_record_keeps_its_own_label(tmp_path):
+def test_image_whose_header_disagrees_with_its_identity_record_keeps_its_own_label(tmp_path, hyperface_log):
     # Identity ranges (1, 3), (3, 5) but image 2's own header says class 0 and image 3's says 7:
     # `labels` counts classes from the identity records (one header each); reading an image returns
     # its own header's label, as insightface's MXFaceDataset does, and the mismatch is logged once.
@@ -363,21 +363,9 @@ def test_image_whose_header_disagrees_with_its_identity_record_keeps_its_own_lab
     assert dataset.labels.tolist() == [1, 1, 1, 1]
     import logging
 
-    class Collect(logging.Handler):  # hyperface's loggers do not propagate: listen on them directly
-        def __init__(self):
-            super().__init__(logging.WARNING)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    handler = Collect()
-    logging.getLogger("hyperface").addHandler(handler)
-    try:
-        assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [1, 0, 1, 7]))
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
-    warnings = [m for m in handler.messages if "own header" in m]
+    hyperface_log.clear()  # what reading logs, not opening
+    assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [1, 0, 1, 7]))
+    warnings = [r.getMessage() for r in hyperface_log if r.levelno >= logging.WARNING and "own header" in r.getMessage()]
     assert len(warnings) == 1 and "image 1 is labelled 0 in its own header" in warnings[0]
 
 

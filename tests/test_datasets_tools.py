@@ -412,19 +412,14 @@ def test_outputs_beside_a_rec_file_are_fine_and_its_own_files_are_not(tmp_path):
     assert result.images == 1
 
 
-def test_mixed_image_sizes_are_warned_about(folder, tmp_path):
+def test_mixed_image_sizes_are_warned_about(folder, tmp_path, hyperface_log):
     import logging
 
     with RecordIOWriter(tmp_path / "big") as writer:
         writer.add(_image(5, (48, 40)), 0)
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("hyperface").addHandler(handler)
-    try:
-        convert_dataset([folder, tmp_path / "big"], tmp_path / "o", show_progress=False)
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
+    hyperface_log.clear()
+    convert_dataset([folder, tmp_path / "big"], tmp_path / "o", show_progress=False)
+    messages = [r.getMessage() for r in hyperface_log if r.levelno >= logging.WARNING]
     assert any("the images come in 2 sizes (20x24, 40x48)" in m for m in messages)
 
 

@@ -181,10 +181,8 @@ def test_the_table_marks_a_val_whose_far_missed_the_target():
     assert lines[-1] == "* FAR reached instead of 1e-3 (too few impostor pairs per fold): tiny 0.1"
 
 
-def test_plot_and_compare_overlay_earlier_reports(tiny_backbone, tmp_path, capsys, monkeypatch):
+def test_plot_and_compare_overlay_earlier_reports(tiny_backbone, tmp_path, capsys, monkeypatch, hyperface_log):
     """--plot draws each model's histograms per set; --compare prints earlier --json reports beside this one."""
-    import logging
-
     import cv2
 
     from hyperface.evaluation import plots
@@ -223,18 +221,12 @@ def test_plot_and_compare_overlay_earlier_reports(tiny_backbone, tmp_path, capsy
     # a report from before histograms were kept: left out of its panels, with a warning, not an error
     del a["results"]["lfw"]["similarity_histogram"]
     (tmp_path / "old.json").write_text(json.dumps(a))
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("hyperface").addHandler(handler)
-    try:
-        assert main(["evaluate", str(tmp_path / "other"), str(tmp_path / "lfw.bin"), "--device", "cpu",
-                     "--plot", str(tmp_path / "eval.pdf"), "--compare", str(tmp_path / "old.json")]) == 0
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
+    hyperface_log.clear()
+    assert main(["evaluate", str(tmp_path / "other"), str(tmp_path / "lfw.bin"), "--device", "cpu",
+                 "--plot", str(tmp_path / "eval.pdf"), "--compare", str(tmp_path / "old.json")]) == 0
     assert (tmp_path / "eval.pdf").read_bytes().startswith(b"%PDF")
     assert len(figures[1].axes[0].patches) == 2
-    assert any("old has no score histogram for lfw" in r.getMessage() for r in records)
+    assert any("old has no score histogram for lfw" in r.getMessage() for r in hyperface_log)
 
     # a report of the same model (same label): told apart in the table, its own colour in the plot
     (tmp_path / "again").mkdir()

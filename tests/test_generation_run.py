@@ -579,26 +579,19 @@ def test_cli_a_failed_model_load_does_not_pin_run_json(cli_inputs, tmp_path, cap
     assert run["weights"]["fr_model"] == file_sha256(fr_model) and run["fr_model"] == fr_model.name
 
 
-def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path):
+def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path, hyperface_log):
     import logging
 
     root, common, fr_model = cli_inputs
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("hyperface").addHandler(handler)
     ids = np.load(root / "ids.npy")
     ids[3] = ids[1]  # one person twice: rendered as asked, with a warning
     np.save(tmp_path / "ids.npy", ids)
-    try:
-        argv = ["generate", str(tmp_path / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "out"),
-                "--fr-model", str(fr_model), "--min-similarity", "0.99", "--max-attempts", "2", "--format", "rec"]
-        assert main(argv) == 0
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
+    argv = ["generate", str(tmp_path / "ids.npy"), *common, "-k", "1", "--out", str(tmp_path / "out"),
+            "--fr-model", str(fr_model), "--min-similarity", "0.99", "--max-attempts", "2", "--format", "rec"]
+    assert main(argv) == 0
     stats = json.loads((tmp_path / "out" / "acceptance.json").read_text())["summary"]
     assert stats["acceptance_rate"] == 0.0 and stats["images_filled_below_threshold"] == 4
-    messages = [(r.levelno, r.getMessage()) for r in records]
+    messages = [(r.levelno, r.getMessage()) for r in hyperface_log]
     assert any(level == logging.INFO and "0.0% cleared --min-similarity 0.99" in text and "8 renders" in text for level, text in messages)
     assert any(level == logging.WARNING and "is --fr-model the FR model" in text for level, text in messages)
     assert any(level == logging.WARNING and "1 identity row(s) repeat an earlier row exactly, e.g. rows [3]" in text

@@ -340,7 +340,7 @@ def test_cli_writes_a_complete_run_folder(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 10
 
 
-def test_cli_with_gallery_reports_gallery_proximity(tmp_path):
+def test_cli_with_gallery_reports_gallery_proximity(tmp_path, hyperface_log):
     import logging
 
     gallery = tmp_path / "gallery.npy"
@@ -348,15 +348,9 @@ def test_cli_with_gallery_reports_gallery_proximity(tmp_path):
     rows[400] = rows[3]  # the same face embedded twice: a warning, not a failure
     np.save(gallery, rows)
     out = tmp_path / "run"
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("hyperface").addHandler(handler)
-    try:
-        assert run_cli("--identities", "100", "--gallery", str(gallery), "--reg-weight", "1",
-                       "--steps", "50", "--out", str(out)) == 0
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
+    assert run_cli("--identities", "100", "--gallery", str(gallery), "--reg-weight", "1",
+                   "--steps", "50", "--out", str(out)) == 0
+    messages = [r.getMessage() for r in hyperface_log if r.levelno >= logging.WARNING]
     assert any("1 gallery row(s) repeat an earlier row exactly, e.g. rows [400]" in m for m in messages)
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 < metrics["gallery_similarity"]["mean"] <= 1.0

@@ -465,24 +465,15 @@ def test_an_image_the_model_cannot_embed_is_rejected_not_fatal(tmp_path, models,
     assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--out", tmp_path / "broken") == 2
 
 
-def test_ffhq_crop_of_an_aligned_crop_warns_once():
-    import logging
-
+def test_ffhq_crop_of_an_aligned_crop_warns_once(hyperface_log):
     from hyperface.recognition.preprocess import FacePreprocessor
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("hyperface").addHandler(handler)
-    try:
-        preprocess = FacePreprocessor("ffhq")
-        preprocess.process(np.zeros((512, 512, 3), np.uint8))  # what the crop is for: no warning
-        assert records == []
-        for _ in range(3):
-            preprocess.process(np.zeros((112, 112, 3), np.uint8))
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
-    assert len(records) == 1 and "use --aligned" in records[0].getMessage()
+    preprocess = FacePreprocessor("ffhq")
+    preprocess.process(np.zeros((512, 512, 3), np.uint8))  # what the crop is for: no warning
+    assert hyperface_log == []
+    for _ in range(3):
+        preprocess.process(np.zeros((112, 112, 3), np.uint8))
+    assert len(hyperface_log) == 1 and "use --aligned" in hyperface_log[0].getMessage()
 
 
 def test_a_model_given_as_a_run_folder_is_recorded_as_its_weights_file(tmp_path, models):

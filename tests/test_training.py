@@ -356,35 +356,24 @@ def test_cli_refuses_bad_numbers_before_touching_the_run_folder(synthetic, tmp_p
         assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def _train_log_lines(synthetic, run, monkeypatch, progress_env: str) -> list[str]:
-    import logging
-
+def _train_log_lines(synthetic, run, monkeypatch, hyperface_log, progress_env: str) -> list[str]:
     monkeypatch.setenv("HYPERFACE_PROGRESS", progress_env)
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Collect()
-    logging.getLogger("hyperface").addHandler(handler)
-    try:
-        train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=2, batch_size=32, max_steps=4,
-                          device="cpu", **{**TINY, "log_every": 1}))
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
-    return [line for line in records if line.startswith("step ") and " loss " in line]
+    hyperface_log.clear()  # this run's lines only
+    train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=2, batch_size=32, max_steps=4,
+                      device="cpu", **{**TINY, "log_every": 1}))
+    messages = [r.getMessage() for r in hyperface_log]
+    return [line for line in messages if line.startswith("step ") and " loss " in line]
 
 
-def test_loss_is_logged_every_log_every_steps_when_there_is_no_progress_bar(synthetic, tmp_path, monkeypatch):
-    lines = _train_log_lines(synthetic, tmp_path / "batch-job", monkeypatch, "0")
+def test_loss_is_logged_every_log_every_steps_when_there_is_no_progress_bar(synthetic, tmp_path, monkeypatch, hyperface_log):
+    lines = _train_log_lines(synthetic, tmp_path / "batch-job", monkeypatch, hyperface_log, "0")
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"], lines
     for line in lines:
         assert "epoch 1/2" in line and " lr " in line and "img/s" in line and " eta " in line, line
     losses = _losses(tmp_path / "batch-job")
     assert float(lines[0].split("loss ")[1].split()[0]) == pytest.approx(losses[0], abs=1e-4)
     # On a terminal (forced here) the progress bar shows the loss instead: no log lines.
-    assert _train_log_lines(synthetic, tmp_path / "terminal", monkeypatch, "1") == []
+    assert _train_log_lines(synthetic, tmp_path / "terminal", monkeypatch, hyperface_log, "1") == []
 
 
 def test_cli_train_and_export_round_trip_through_recognizer_loader(synthetic, tmp_path):
@@ -707,26 +696,17 @@ def test_cli_passes_the_new_training_options_and_resume_checks_them(synthetic, t
     assert "batch_size 8 -> 16" in capsys.readouterr().err
 
 
-def test_metrics_png_redraws_during_training_and_a_plot_failure_is_only_a_warning(synthetic, tmp_path, monkeypatch):
-    import logging
-
+def test_metrics_png_redraws_during_training_and_a_plot_failure_is_only_a_warning(synthetic, tmp_path, monkeypatch, hyperface_log):
     from hyperface.training import plots
     from hyperface.training.trainer import MetricsLog
 
     calls = []
     monkeypatch.setattr(MetricsLog, "DRAW_EVERY_SECONDS", 0.0)
     monkeypatch.setattr(plots, "plot_metrics", lambda run, path=None: calls.append(run) or (_ for _ in ()).throw(RuntimeError("no fonts")))
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("hyperface").addHandler(handler)
-    try:
-        result = train(TrainConfig(data=str(synthetic["data"]), out=str(tmp_path / "run"), epochs=1, batch_size=32,
-                                   max_steps=4, device="cpu", **{**TINY, "log_every": 1}))
-    finally:
-        logging.getLogger("hyperface").removeHandler(handler)
+    result = train(TrainConfig(data=str(synthetic["data"]), out=str(tmp_path / "run"), epochs=1, batch_size=32,
+                               max_steps=4, device="cpu", **{**TINY, "log_every": 1}))
     assert result.steps == 4 and len(calls) >= 5  # after each logged step and once more at the end
-    assert any("could not draw metrics.png: no fonts" in r.getMessage() for r in records)
+    assert any("could not draw metrics.png: no fonts" in r.getMessage() for r in hyperface_log)
 
 
 def test_grad_accum_steps_see_batch_times_k_and_resume_exactly(synthetic, tmp_path, monkeypatch):

@@ -116,9 +116,7 @@ def test_images_of_other_sizes_are_resized():
     assert TrainDataset(reader, augment=AugmentConfig(flip=False))[0][0].shape == (3, 112, 112)
 
 
-def test_an_unreadable_image_is_replaced_by_the_next_sample(tmp_path):
-    import logging
-
+def test_an_unreadable_image_is_replaced_by_the_next_sample(tmp_path, hyperface_log):
     from hyperface.datasets import ImageFolderWriter, open_dataset
 
     writer = ImageFolderWriter(tmp_path / "data", image_format="png")
@@ -128,14 +126,9 @@ def test_an_unreadable_image_is_replaced_by_the_next_sample(tmp_path):
     reader = open_dataset(tmp_path / "data")
     (tmp_path / "data" / "000000" / "0002.png").write_bytes(b"not an image")  # sample 1
     dataset = TrainDataset(reader, augment=AugmentConfig(flip=False))
-    warnings = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("hyperface.train").addHandler(handler)
-    try:
-        image, label = dataset[1]
-    finally:
-        logging.getLogger("hyperface.train").removeHandler(handler)
+    hyperface_log.clear()
+    image, label = dataset[1]
+    warnings = [r.getMessage() for r in hyperface_log if r.name == "hyperface.train"]
     assert label == 1 and np.array_equal(image.numpy().transpose(1, 2, 0), _image(3))  # sample 2, its label
     assert any("sample 1 is unreadable" in w for w in warnings)
     for path in (tmp_path / "data").rglob("*.png"):
