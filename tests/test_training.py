@@ -636,6 +636,22 @@ def test_grad_accum_takes_batch_size_times_k_images_per_step(synthetic, tmp_path
         train(TrainConfig(**{**base, "batch_size": 100, "out": str(tmp_path / "big")}))
 
 
+def test_compiled_channels_last_training_matches_eager_and_saves_plain_weights(synthetic, tmp_path):
+    """--compile --channels-last on the CPU (the r_tiny network once crashed there: torch's backward of
+    an 8-channel convolution): the same losses as the eager run to rounding, and the saved backbone
+    has the model's own key names (no torch.compile prefix), so it loads anywhere."""
+    from hyperface.recognition import load_recognizer
+
+    base = dict(data=str(synthetic["data"]), epochs=1, batch_size=16, max_steps=2, device="cpu", seed=3, **TINY)
+    train(TrainConfig(**base, out=str(tmp_path / "eager")))
+    train(TrainConfig(**base, out=str(tmp_path / "compiled"), compile=True, channels_last=True))
+    np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-3)
+    saved = load_safetensors(latest_checkpoint(tmp_path / "compiled") / "backbone.safetensors")
+    assert saved.keys() == iresnet("r_tiny", embedding_size=64).state_dict().keys()
+    faces = (np.random.default_rng(0).random((2, 112, 112, 3)) * 255).astype(np.uint8)
+    assert np.isfinite(load_recognizer(tmp_path / "compiled" / "backbone.pth").embed(faces)).all()
+
+
 def test_mobilefacenet_trains_exports_and_loads_back(synthetic, tmp_path):
     from hyperface.recognition import load_recognizer
 
