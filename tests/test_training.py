@@ -9,6 +9,7 @@ same identities form a verification .bin evaluated with the insightface protocol
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -532,6 +533,157 @@ def test_sigterm_checkpoints_the_current_step_then_stops(synthetic, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     resumed = train(TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", resume=True, **TINY))
     assert resumed.steps == CLASSES * TRAIN_PER_CLASS // 32
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers_checkpoints_and_resumes(synthetic, tmp_path):
+    """Slurm's scancel and time limit signal every process of the job: the DataLoader workers leave
+    the SIGTERM to the main process, which checkpoints the current step and exits 130 (a worker dying
+    of it once made the checkpoint fail with "DataLoader worker killed by signal")."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "hyperface", "train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny",
+            "--embedding-size", "64", "--epochs", "30", "--max-steps", "20", "--batch-size", "8", "--workers", "2",
+            "--device", "cpu", "--log-every", "1", "--checkpoint-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYPERFACE_PROGRESS": "0"}
+    job = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_losses(run) if (run / "metrics.jsonl").is_file() else []) < 3:
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGTERM)  # the main process and both workers, as Slurm does
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, output
+    assert "killed by signal" not in output and "stopped by a signal at step" in output
+    stopped = int(latest_checkpoint(run).name.split("-")[1])
+    assert 3 <= stopped < 20 and len(_losses(run)) == stopped  # the step under way when the signal came
+    resumed = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {stopped}" in resumed.stderr and len(_losses(run)) == 20
+
+
+def test_loader_workers_still_end_when_their_own_process_ends_them(tmp_path):
+    """A worker ignores an outside SIGTERM but not its parent's: multiprocessing ends persistent
+    workers with SIGTERM at exit, and a process whose loader was never closed must still exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import torch\n"
+        "from hyperface.training.trainer import _leave_signals_to_main\n"
+        "loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True,\n"
+        "                                     worker_init_fn=_leave_signals_to_main)\n"
+        "it = iter(loader); next(it)\n"
+        "import multiprocessing; multiprocessing.active_children()  # the workers are alive\n"
+        "LEAK = (loader, it)\n"
+        "print('done', flush=True)\n"
+    )
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0 and "done" in finished.stdout, finished.stderr
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(synthetic, tmp_path):
+    """An absurd learning rate: the loss goes NaN. Training stops with a clear error instead of
+    running on, and never saves (so never prunes for) a checkpoint of NaN weights."""
+    from hyperface.training.checkpoint import load_safetensors as load
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=4, batch_size=32, device="cpu",
+                      **{**TINY, "checkpoint_every": 1, "log_every": 1}, lr=1e6, clip_grad_norm=0.0)
+    with pytest.raises(HyperfaceError, match="training diverged.*NaN/inf by step") as caught:
+        train(cfg)
+    kept = sorted((run / "checkpoints").glob("step-*"))
+    assert kept and all(torch.isfinite(t).all() for path in kept for t in load(path / "backbone.safetensors").values())
+    assert latest_checkpoint(run).name in str(caught.value)
+    for line in (run / "metrics.jsonl").read_text().splitlines():  # strict JSON: no bare NaN written
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+    assert not (run / "manifest.json").exists() and not (run / "backbone.pth").exists()
+
+
+def test_resume_keeps_the_run_s_checkpointing_and_verification(synthetic, tmp_path, hyperface_log):
+    """`train DATA --out RUN --resume` alone keeps how the run checkpoints, verifies and logs (not
+    only what shapes the weights): a run that keeps every checkpoint is not pruned to two."""
+    run = tmp_path / "run"
+    common = ["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",
+              "--epochs", "2", "--batch-size", "32", "--workers", "0", "--device", "cpu"]
+    assert cli_main([*common, "--max-steps", "4", "--keep-checkpoints", "0", "--checkpoint-every", "2",
+                     "--val-bin", str(synthetic["bin"]), "--val-every", "4"]) == 0
+    assert cli_main([*common, "--max-steps", "8", "--resume"]) == 0
+    assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))] == [f"step-{k:09d}" for k in (2, 4, 6, 8)]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val" in r] == [4, 8]
+    assert json.loads((run / "manifest.json").read_text())["verification"]  # the resumed run verified too
+
+
+def test_resume_without_a_run_warns_that_it_starts_one(synthetic, tmp_path, hyperface_log):
+    run = tmp_path / "typo"
+    assert cli_main(["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",
+                     "--batch-size", "32", "--max-steps", "1", "--workers", "0", "--device", "cpu", "--resume"]) == 0
+    warned = [r.getMessage() for r in hyperface_log if r.levelno == logging.WARNING and "--resume" in r.getMessage()]
+    assert len(warned) == 1 and "holds no run yet" in warned[0] and "arch r_tiny" in warned[0]
+
+
+def test_a_kill_during_verification_verifies_that_step_on_resume(synthetic, tmp_path, monkeypatch):
+    """A checkpoint is published before its verification runs; a kill in between must not lose the
+    verification (nor leave a complete manifest without it)."""
+    import hyperface.evaluation.verification as verification
+
+    run = tmp_path / "run"
+    cfg = dict(data=str(synthetic["data"]), out=str(run), epochs=1, batch_size=32, device="cpu", val_bins=(str(synthetic["bin"]),), **TINY)
+    real = verification.evaluate_images
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verification, "evaluate_images", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg))
+    assert latest_checkpoint(run).name == "step-000000006" and not (run / "manifest.json").exists()
+    monkeypatch.setattr(verification, "evaluate_images", real)
+    resumed = train(TrainConfig(**cfg, resume=True))
+    assert resumed.val and json.loads((run / "manifest.json").read_text())["verification"] == resumed.val
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val" in r] == [6]
+
+
+def test_a_resumed_run_drops_the_stale_export_of_its_earlier_stop(synthetic, tmp_path):
+    """`--max-steps` writes backbone.pth; once the run goes on, `evaluate RUN` must not take that
+    older file over the newer checkpoints."""
+    from hyperface.recognition.recognizers import resolve_model_path
+
+    run = tmp_path / "run"
+    cfg = dict(data=str(synthetic["data"]), out=str(run), epochs=2, batch_size=32, device="cpu", **TINY)
+    train(TrainConfig(**cfg, max_steps=2))
+    assert resolve_model_path(run) == run / "backbone.pth"
+
+    def stop_at_4(step: int, info: dict) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**cfg, "checkpoint_every": 1}, resume=True), on_step=stop_at_4)
+    assert not (run / "backbone.pth").exists()
+    assert resolve_model_path(run) == latest_checkpoint(run) / "backbone.safetensors"
+
+
+def test_pruning_never_counts_a_half_written_checkpoint_as_kept(tmp_path):
+    from hyperface.training.checkpoint import prune_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    for step, complete in ((3, True), (6, True), (8, False)):
+        (folder / f"step-{step:09d}").mkdir(parents=True)
+        if complete:
+            (folder / f"step-{step:09d}" / "meta.json").write_text("{}")
+    prune_checkpoints(folder, folder / "step-000000006", keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000000003", "step-000000006"]
 
 
 def test_pruning_never_leaves_a_partial_checkpoint_and_finishes_after_a_kill(tmp_path, monkeypatch):

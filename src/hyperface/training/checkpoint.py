@@ -103,15 +103,18 @@ def publish_checkpoint(run_dir: str | os.PathLike, path: Path, meta: dict[str, A
 
 
 def prune_checkpoints(folder: Path, latest: Path, keep: int) -> None:
-    """Keep ``latest`` and the newest ``keep - 1`` other step folders (``keep`` 0: all). Each old one
-    is renamed out of the ``step-*`` names first, so a kill mid-delete never leaves a partial folder
-    that looks like a checkpoint; leftovers of such kills are deleted here."""
+    """Keep ``latest`` and the newest ``keep - 1`` other complete step folders (``keep`` 0: all).
+    A folder without meta.json is a save a kill cut short: never one of those kept, deleted here
+    (its step is replayed). Each doomed one is renamed out of the ``step-*`` names first, so a kill
+    mid-delete never leaves a partial folder that looks like a checkpoint; leftovers of such kills
+    are deleted here."""
     for leftover in folder.glob(".deleting-step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    if keep <= 0:
-        return
-    steps = sorted(p for p in folder.glob("step-*") if p.is_dir() and p != latest)
-    for old in steps[: max(0, len(steps) - (keep - 1))]:
+    others = [p for p in folder.glob("step-*") if p.is_dir() and p != latest]
+    partial = [p for p in others if not (p / "meta.json").is_file()]
+    steps = sorted(p for p in others if p not in partial)
+    doomed_steps = steps[: max(0, len(steps) - (keep - 1))] if keep > 0 else []
+    for old in partial + doomed_steps:
         doomed = old.with_name(f".deleting-{old.name}")
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)

@@ -140,24 +140,37 @@ def _with_run_settings(config, args: argparse.Namespace):
 
     from hyperface.cli import explicit_dests
     from hyperface.common.runtime import get_logger
-    from hyperface.training.trainer import _RESUME_FIXED, _SUBSET_FIELDS
+    from hyperface.training.trainer import _RESUME_FIXED, _SUBSET_FIELDS, _plain
 
     from hyperface.common.io import read_json
 
+    log = get_logger("hyperface.train")
     if not (Path(args.out) / "config.json").is_file():
-        return config  # no run there (or not ours): train() says so
+        # A requeued job may pass --resume from its first start; a mistyped --out lands here too.
+        log.warning("--resume: %s holds no run yet (no config.json): starting a new run with this command's "
+                    "settings (arch %s, %d epochs, batch %d)", args.out, config.arch, config.epochs, config.batch_size)
+        return config
     saved = read_json(Path(args.out) / "config.json")  # damaged: say so, not "arch 'r_tiny' -> 'r50'"
     given = explicit_dests(args.stage_parser, getattr(args, "argv", []))
     taken = {}
-    for name in (*_RESUME_FIXED, *_SUBSET_FIELDS):
-        if name in saved and name not in given and saved[name] != getattr(config, name):
+    for name in (*_RESUME_FIXED, *_SUBSET_FIELDS, *_RESUME_KEPT):
+        if name in saved and _CLI_DESTS.get(name, name) not in given and saved[name] != _plain(getattr(config, name)):
             value = saved[name]
             taken[name] = tuple(value) if isinstance(value, list) else value
+    missing = [path for path in taken.get("val_bins", ()) if not Path(path).is_file()]
+    if missing:  # the run's verification files moved: resume without them rather than refuse
+        log.warning("--resume: the run's --val-bin %s not found; resuming without (pass --val-bin again)", ", ".join(missing))
+        taken["val_bins"] = tuple(path for path in taken["val_bins"] if path not in missing)
     if taken:
-        get_logger("hyperface.train").info(
-            "resuming with the run's settings from config.json: %s", ", ".join(f"{k} {v}" for k, v in taken.items())
-        )
+        log.info("resuming with the run's settings from config.json: %s", ", ".join(f"{k} {v}" for k, v in taken.items()))
     return dataclasses.replace(config, **taken)
+
+
+#: Bookkeeping a resumed run keeps from its config.json unless given again (unlike _RESUME_FIXED, a
+#: new value is taken, not refused): verification, checkpointing and logging as the run began.
+_RESUME_KEPT = ("val_bins", "val_every", "checkpoint_every", "keep_checkpoints", "log_every")
+#: TrainConfig fields whose command-line option has another dest.
+_CLI_DESTS = {"val_bins": "val_bin"}
 
 
 def run_command(args: argparse.Namespace) -> int:

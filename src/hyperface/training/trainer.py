@@ -246,6 +246,24 @@ def _finished_manifest(out: Path, step: int) -> dict[str, Any] | None:
     return manifest
 
 
+def _verification_at(out: Path, step: int | None) -> dict[str, float] | None:
+    """The verification results metrics.jsonl holds for ``step`` (None: the last before any), or None.
+    Every rank reads it (the run folder is shared), so all decide alike whether to verify again."""
+    found = None
+    try:
+        lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("val"), dict) and (step is None or row.get("step") == step):
+            found = row["val"]
+    return found
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(round(max(0.0, seconds)))
     hours, rest = divmod(seconds, 3600)
@@ -440,13 +458,58 @@ def train_step(
     return total
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which checkpoints and stops cleanly, and
-    die of SIGTERM as processes do (the CLI turns it into KeyboardInterrupt in the main process only)."""
+def _diverged(step: int, kept: Path | None) -> HyperfaceError:
+    """The error for a loss or weights gone NaN/inf (nothing of them is saved)."""
+    newest = f"the newest checkpoint kept, {kept.name}, holds the last finite weights" if kept else "no checkpoint was saved"
+    return HyperfaceError(
+        f"training diverged: the loss or the weights became NaN/inf by step {step}; they were not saved, and "
+        f"{newest}. Lower --lr or keep --clip-grad-norm above 0, and start again with --overwrite"
+    )
+
+
+def _all_finite(tensors, world: int, device: torch.device) -> bool:
+    """Whether every tensor is finite, on every rank (one sync; ranks agree, so all stop together)."""
+    flag = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(device=device, dtype=torch.float32).reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _leave_signals_to_main(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and an outside SIGTERM to the main process, which finishes the
+    step, checkpoints and stops. Slurm (scancel, the time limit) signals every process of the job: a
+    worker dying of it would make the main process fail mid-checkpoint ("DataLoader worker killed by
+    signal"). A SIGTERM from the main process itself (multiprocessing ending its workers at exit)
+    still ends the worker, as one whose parent died ends on its own."""
     import signal
+    import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell apart (macOS): die of it, as before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by the thread below only
+
+    def watch() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent and os.getppid() == parent:
+            pass  # an outside SIGTERM: the main process has one too and stops the run
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)  # die of it, as the parent expects
+
+    threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
+
+
+def _end_loader_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stop the loader's persistent workers now, the orderly way. After an error or a stop by signal
+    the traceback keeps the iterator alive, and multiprocessing would end the workers at exit with
+    SIGTERM, which torch then reports as "DataLoader worker killed by signal"."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own teardown (private, hence the care)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
 
 
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
@@ -622,11 +685,28 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
     embed = make_embed_fn(backbone, device, amp_dtype, channels_last)
     val_results: dict[str, float] = {}
     last_saved = step if resumed_from is not None else -1
+    verified_at_resume: dict[str, float] | None = None
+    if resumed_from is not None:
+        # A checkpoint is published before its verification runs: a kill in between must not lose it.
+        verified_at_resume = _verification_at(out, step)
+        val_results.update(verified_at_resume or _verification_at(out, None) or {})
+        if is_main and step < stop_at and (out / "backbone.pth").is_file():
+            # the export of an earlier stop (--max-steps): stale once training goes on, and `evaluate RUN`
+            # would take it over the newer checkpoints
+            (out / "backbone.pth").unlink()
+            log.info("removed %s/backbone.pth of the earlier stop; until this run ends, its newest weights are in %s/",
+                     out, ckpt.CHECKPOINTS)
 
     def save(epoch_: int, step_in_epoch_: int) -> None:
         nonlocal last_saved
         if step == last_saved:
             return
+        # Never a checkpoint of diverged weights: it would prune the last finite ones. The loss of the
+        # steps since the last log, and the state itself (inf gradients can leave a finite loss, and
+        # BatchNorm's running statistics overflow before the weights do).
+        window_loss = running_loss if running_count else torch.zeros((), device=device)
+        if not _all_finite([window_loss, *backbone.state_dict().values(), *head.state_dict().values()], world, device):
+            raise _diverged(step, ckpt.latest_checkpoint(out))
         path = out / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
         if is_main:
             path.mkdir(parents=True, exist_ok=True)
@@ -673,6 +753,12 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
             log.info("step %d verification: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         _barrier(world)
 
+    verification_due = (cfg.val_every and step % cfg.val_every == 0) or (step_in_epoch == 0 and not cfg.val_every)
+    if resumed_from is not None and step > 0 and cfg.val_bins and verification_due and verified_at_resume is None:
+        if is_main:
+            log.info("step %d was checkpointed but not verified (stopped in between): verifying it now", step)
+        validate()
+
     # --- the loop -------------------------------------------------------------------------------
     # without a terminal the loop logs its own lines every --log-every steps (loss, lr, img/s, eta)
     bar = progress(total=stop_at, desc="train", unit="step", initial=step, disable=not (is_main and progress_enabled()))
@@ -695,7 +781,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
         num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_leave_signals_to_main,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -723,6 +809,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
                     on_step(step, {"epoch": epoch, "lr": lr, "loss": loss})
                 if step % max(1, cfg.log_every) == 0 or step == stop_at or step_in_epoch == steps_per_epoch:
                     last_loss = float(running_loss) / running_count  # one sync per log interval
+                    if not math.isfinite(last_loss):
+                        raise _diverged(step, ckpt.latest_checkpoint(out))
                     elapsed = max(1e-9, time.time() - window_start)
                     metrics.write(step, epoch=epoch + 1, loss=last_loss, lr=lr, images_per_s=window_images / elapsed)
                     bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
@@ -752,6 +840,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
                 if epoch_done or step >= stop_at:
                     break  # the next epoch re-iterates the loader (and none past the last step)
     finally:
+        _end_loader_workers(loader)
         stop.restore()
         bar.close()
         metrics.draw()  # also after a kill by signal or an error: the curves up to the last logged step
