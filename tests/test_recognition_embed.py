@@ -605,3 +605,26 @@ def test_runs_made_before_model_checksums_still_resume(tmp_path, models, monkeyp
     assert _embed(*args, "--out", tmp_path / "partial" / "g.npy", "--resume") == 0
     assert _embed(*args, "--out", tmp_path / "finished" / "g.npy", "--resume") == 0
     assert np.array_equal(np.load(tmp_path / "partial" / "g.npy"), np.load(tmp_path / "finished" / "g.npy"))
+
+
+def test_a_corrected_rerun_reuses_what_an_attempt_that_embedded_nothing_left(tmp_path, models, capsys, hyperface_log):
+    (tmp_path / "wrong" / "a.jpg").parent.mkdir(parents=True)
+    (tmp_path / "wrong" / "a.jpg").write_bytes(b"junk")  # e.g. the wrong folder: every input rejected
+    for i, face in enumerate(random_faces(3, seed=14)):
+        _write(tmp_path / "right" / f"{i}.png", face)
+    model = ["--model", models["pth"], "--aligned"]
+    assert _embed(tmp_path / "right", *model, "--out", tmp_path / "clean") == 0
+    for out, flags in ((tmp_path / "zz", ()), (tmp_path / "g.npy", ()), (tmp_path / "resumed", ("--resume",))):
+        assert _embed(tmp_path / "wrong", *model, "--out", out) == 2
+        assert "all 1 inputs were rejected" in capsys.readouterr().err
+        paths = GalleryPaths.from_out(out)
+        assert len(_read_lines(paths.rejected)) == 2 and not list(paths.parts.glob("chunk_*"))  # the list stays, to read
+        hyperface_log.clear()
+        assert _embed(tmp_path / "right", *model, "--out", out, *flags) == 0, capsys.readouterr().err
+        assert any("an earlier attempt there embedded no image" in r.getMessage() for r in hyperface_log)
+        np.testing.assert_array_equal(np.load(paths.embeddings), np.load(tmp_path / "clean" / "gallery.npy"))
+        assert _read_lines(paths.rejected) == ["path\treason"] and not paths.parts.exists()
+        # a finished embed is protected as before
+        assert _embed(tmp_path / "wrong", *model, "--out", out) == 2
+        assert "already holds" in capsys.readouterr().err
+        np.testing.assert_array_equal(np.load(paths.embeddings), np.load(tmp_path / "clean" / "gallery.npy"))
