@@ -628,3 +628,23 @@ def test_a_corrected_rerun_reuses_what_an_attempt_that_embedded_nothing_left(tmp
         assert _embed(tmp_path / "wrong", *model, "--out", out) == 2
         assert "already holds" in capsys.readouterr().err
         np.testing.assert_array_equal(np.load(paths.embeddings), np.load(tmp_path / "clean" / "gallery.npy"))
+
+
+def test_fp16_is_refused_where_it_would_do_nothing(tmp_path, models, capsys):
+    """fp16 is CUDA autocast of a PyTorch trunk: on the CPU, or for an ONNX model, it would change
+    nothing while the manifest said fp16, so it is refused before anything is written."""
+    _write(tmp_path / "src" / "0.png", random_faces(1, seed=15)[0])
+    import torch
+
+    cases = [(models["pth"], "cpu", "--fp16 needs a CUDA device"), (models["onnx"], "cpu", "--fp16 is for PyTorch models")]
+    if not torch.cuda.is_available():
+        cases.append((models["pth"], "auto", "--fp16 needs a CUDA device"))  # auto is the CPU here
+    for model, device, message in cases:
+        out = tmp_path / f"{model.suffix[1:]}-{device}"
+        assert main(["embed", str(tmp_path / "src"), "--model", str(model), "--aligned", "--fp16", "--device", device,
+                     "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(HyperfaceError, match="needs a CUDA device"):
+        load_recognizer(models["pth"], device="cpu", fp16=True)
+    assert load_recognizer(models["pth"], device="cpu").describe()["fp16"] is False  # what the manifest records
