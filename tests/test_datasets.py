@@ -514,3 +514,55 @@ def test_a_resume_cuts_a_record_with_a_negative_label(tmp_path):
     assert resumed.label_counts == {0: 1, 1: 1} and resumed.num_images == 2
     resumed.close()
     assert RecordIODataset(tmp_path).labels.tolist() == [0, 1]
+
+
+def _encoded_in_every_format(size: int = 64, seed: int = 9) -> dict[str, tuple[np.ndarray, bytes]]:
+    """One image per extension of IMAGE_EXTENSIONS, as cv2.imencode writes it (PGM is grey), with
+    the pixels it encodes. 64 px: OpenJPEG refuses to encode much smaller images."""
+    import cv2
+
+    from hyperface.datasets.codec import IMAGE_EXTENSIONS
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for ext in IMAGE_EXTENSIONS:
+        rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        if ext == ".pgm":
+            rgb[:] = rgb[..., :1]
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        ok, data = cv2.imencode(ext, bgr[..., 0] if ext == ".pgm" else bgr)
+        assert ok, ext
+        out[ext] = (rgb, data.tobytes())
+    return out
+
+
+def test_every_image_extension_is_one_opencv_decodes_and_every_stage_lists_the_same():
+    from hyperface.datasets import codec, image_folder
+    from hyperface.datasets.codec import decode_image, image_encoding
+    from hyperface.recognition import images
+
+    assert images.IMAGE_EXTENSIONS is codec.IMAGE_EXTENSIONS and image_folder.IMAGE_EXTENSIONS is codec.IMAGE_EXTENSIONS
+    lossless = {".png", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"}
+    for ext, (rgb, data) in _encoded_in_every_format().items():
+        decoded = decode_image(data, what=ext)  # OpenCV alone: the datasets' decoder
+        assert decoded.shape == rgb.shape, ext
+        if ext in lossless:
+            np.testing.assert_array_equal(decoded, rgb, err_msg=ext)
+        assert image_encoding(data) is not None, ext  # dataset info names its encoding
+
+
+def test_an_image_folder_holds_the_files_embed_reads(tmp_path):
+    """`embed` and the image-folder reader (report, train, dataset info) take the same files."""
+    from hyperface.recognition.images import open_image_source
+
+    files = _encoded_in_every_format()
+    for k, (ext, (_rgb, data)) in enumerate(files.items()):
+        folder = tmp_path / "data" / f"{k % 3:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{k:04d}{ext.upper() if k % 2 else ext}").write_bytes(data)
+    (tmp_path / "data" / "000000" / "notes.txt").write_text("not an image")
+    dataset = ImageFolderDataset(tmp_path / "data")
+    source = open_image_source(tmp_path / "data")
+    assert len(dataset) == len(files) and [source.name(i) for i in range(len(source))] == dataset.paths
+    for i in range(len(dataset)):
+        assert dataset[i][0].shape == (64, 64, 3), dataset.paths[i]

@@ -474,3 +474,29 @@ def test_the_strict_check_never_unpacks_an_image_over_the_pixel_limit(monkeypatc
 
     monkeypatch.setattr(simplejpeg, "decode_jpeg", unpacked)
     assert jpeg_damage(damaged) is None  # left to OpenCV's decode, which refuses it by its header
+
+
+def test_tiff_and_gif_sources_are_re_encoded_for_recordio_and_come_back(tmp_path):
+    """RecordIO readers (insightface's) decode JPEG/PNG: other formats are encoded again, never copied."""
+    from hyperface.datasets.codec import decode_image, image_encoding
+
+    root = tmp_path / "src"
+    smooth = np.linspace(0, 255, 32 * 32 * 3).reshape(32, 32, 3).astype(np.uint8)  # JPEG keeps it within a few levels
+    blocks = np.kron(np.array([[[255, 0, 0], [0, 0, 255]], [[0, 255, 0], [255, 255, 255]]], np.uint8), np.ones((16, 16, 1), np.uint8))
+    sources = {"000000/a.tif": smooth, "000000/b.png": _image(1, (32, 32)), "000001/a.gif": blocks}  # a GIF has 256 colours
+    for name, rgb in sources.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        ok, data = cv2.imencode(Path(name).suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        (root / name).write_bytes(data.tobytes())
+    result = convert_dataset(root, tmp_path / "rec", show_progress=False)
+    assert (result.images, result.rejected, result.copied) == (3, 0, 1)  # only the PNG's bytes copied
+    rec = RecordIODataset(tmp_path / "rec" / "rec")
+    assert [image_encoding(rec.read_raw(i)[0]) for i in range(3)] == ["JPEG", "PNG", "JPEG"]
+    assert rec.read_raw(1)[0] == (root / "000000" / "b.png").read_bytes()
+    back = convert_dataset(tmp_path / "rec", tmp_path / "back", ConvertConfig(formats="folder"), show_progress=False)
+    folder = ImageFolderDataset(tmp_path / "back" / "images")
+    assert back.images == 3 and folder.paths == ["000000/0000.jpg", "000000/0001.png", "000001/0000.jpg"]
+    assert folder.labels.tolist() == [0, 0, 1]
+    for i, name in enumerate(sources):  # the pixels the source file holds (a GIF's palette quantises)
+        assert np.abs(folder[i][0].astype(np.int16) - decode_image((root / name).read_bytes())).mean() < 6, name
+        assert folder.read_raw(i)[0] == rec.read_raw(i)[0]  # the rec's JPEG/PNG bytes copied back

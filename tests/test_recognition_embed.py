@@ -605,3 +605,46 @@ def test_runs_made_before_model_checksums_still_resume(tmp_path, models, monkeyp
     assert _embed(*args, "--out", tmp_path / "partial" / "g.npy", "--resume") == 0
     assert _embed(*args, "--out", tmp_path / "finished" / "g.npy", "--resume") == 0
     assert np.array_equal(np.load(tmp_path / "partial" / "g.npy"), np.load(tmp_path / "finished" / "g.npy"))
+
+
+def test_a_corrected_rerun_reuses_what_an_attempt_that_embedded_nothing_left(tmp_path, models, capsys, hyperface_log):
+    (tmp_path / "wrong" / "a.jpg").parent.mkdir(parents=True)
+    (tmp_path / "wrong" / "a.jpg").write_bytes(b"junk")  # e.g. the wrong folder: every input rejected
+    for i, face in enumerate(random_faces(3, seed=14)):
+        _write(tmp_path / "right" / f"{i}.png", face)
+    model = ["--model", models["pth"], "--aligned"]
+    assert _embed(tmp_path / "right", *model, "--out", tmp_path / "clean") == 0
+    for out, flags in ((tmp_path / "zz", ()), (tmp_path / "g.npy", ()), (tmp_path / "resumed", ("--resume",))):
+        assert _embed(tmp_path / "wrong", *model, "--out", out) == 2
+        assert "all 1 inputs were rejected" in capsys.readouterr().err
+        paths = GalleryPaths.from_out(out)
+        assert len(_read_lines(paths.rejected)) == 2 and not list(paths.parts.glob("chunk_*"))  # the list stays, to read
+        hyperface_log.clear()
+        assert _embed(tmp_path / "right", *model, "--out", out, *flags) == 0, capsys.readouterr().err
+        assert any("an earlier attempt there embedded no image" in r.getMessage() for r in hyperface_log)
+        np.testing.assert_array_equal(np.load(paths.embeddings), np.load(tmp_path / "clean" / "gallery.npy"))
+        assert _read_lines(paths.rejected) == ["path\treason"] and not paths.parts.exists()
+        # a finished embed is protected as before
+        assert _embed(tmp_path / "wrong", *model, "--out", out) == 2
+        assert "already holds" in capsys.readouterr().err
+        np.testing.assert_array_equal(np.load(paths.embeddings), np.load(tmp_path / "clean" / "gallery.npy"))
+
+
+def test_fp16_is_refused_where_it_would_do_nothing(tmp_path, models, capsys):
+    """fp16 is CUDA autocast of a PyTorch trunk: on the CPU, or for an ONNX model, it would change
+    nothing while the manifest said fp16, so it is refused before anything is written."""
+    _write(tmp_path / "src" / "0.png", random_faces(1, seed=15)[0])
+    import torch
+
+    cases = [(models["pth"], "cpu", "--fp16 needs a CUDA device"), (models["onnx"], "cpu", "--fp16 is for PyTorch models")]
+    if not torch.cuda.is_available():
+        cases.append((models["pth"], "auto", "--fp16 needs a CUDA device"))  # auto is the CPU here
+    for model, device, message in cases:
+        out = tmp_path / f"{model.suffix[1:]}-{device}"
+        assert main(["embed", str(tmp_path / "src"), "--model", str(model), "--aligned", "--fp16", "--device", device,
+                     "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(HyperfaceError, match="needs a CUDA device"):
+        load_recognizer(models["pth"], device="cpu", fp16=True)
+    assert load_recognizer(models["pth"], device="cpu").describe()["fp16"] is False  # what the manifest records

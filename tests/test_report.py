@@ -480,3 +480,18 @@ def test_compare_reports_bad_input(tmp_path, capsys):
     assert main(["report", "--compare", str(tmp_path / "a"), str(tmp_path / "old"), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "comparison.png").exists()  # drawn from the report that has histograms
     assert "old" in capsys.readouterr().out
+
+
+def test_report_finds_every_image_embed_took_whatever_its_format(tmp_path):
+    import cv2
+
+    faces = random_faces(4, seed=8)
+    for k, (face, ext) in enumerate(zip(faces, [".gif", ".tif", ".png", ".ppm"])):
+        (tmp_path / "data" / f"{k // 2:06d}").mkdir(parents=True, exist_ok=True)
+        ok, data = cv2.imencode(ext, cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
+        (tmp_path / "data" / f"{k // 2:06d}" / f"{k}{ext}").write_bytes(data.tobytes())
+    model = save_backbone(make_tiny_iresnet(), tmp_path / "backbone.pth")
+    assert main(["embed", str(tmp_path / "data"), "--model", str(model), "--aligned", "--out", str(tmp_path / "emb"),
+                 "--no-progress", "--workers", "1"]) == 0
+    labels, _ = labels_for_embeddings(tmp_path / "emb" / "gallery.npy")
+    assert labels.tolist() == [0, 0, 1, 1]

@@ -425,6 +425,22 @@ def test_bad_inputs_are_clear_errors(synthetic, tmp_path):
         export_backbone(_tiny_checkpoint(tmp_path), tmp_path / "m.bin")
 
 
+def test_export_to_pt_is_the_state_dict_pth_is_and_embed_loads_it(tmp_path, capsys):
+    from hyperface.recognition import load_recognizer
+
+    checkpoint = _tiny_checkpoint(tmp_path)
+    assert cli_main(["train", "--export", str(checkpoint), "--out", str(tmp_path / "model.pt")]) == 0
+    export_backbone(checkpoint, tmp_path / "model.pth")
+    pt, pth = (torch.load(tmp_path / name, weights_only=True) for name in ("model.pt", "model.pth"))
+    assert pt.keys() == pth.keys() and all(torch.equal(pt[k], pth[k]) for k in pt)
+    images = np.stack([_face_like(k, np.random.default_rng(k)) for k in range(3)])
+    np.testing.assert_array_equal(load_recognizer(tmp_path / "model.pt").embed(images),
+                                  load_recognizer(tmp_path / "model.pth").embed(images))
+    # another suffix is refused by name before the checkpoint is read (this one does not exist)
+    assert cli_main(["train", "--export", str(tmp_path / "missing"), "--out", str(tmp_path / "model.bin")]) == 2
+    assert "export to a .pth or .pt (insightface state dict) or .onnx file" in capsys.readouterr().err
+
+
 def _tiny_checkpoint(tmp_path: Path) -> Path:
     from hyperface.training.checkpoint import save_safetensors
 

@@ -354,14 +354,18 @@ def _manifest_stage(folder: Path) -> str:
 def _holds_no_work(out: Path, setup_files: Sequence[str]) -> bool:
     """True for a folder hyperface made whose only files are its marker, setup files (names relative
     to ``out``, glob patterns allowed) or empty files."""
+    return (out / RUN_MARKER).is_file() and files_hold_no_work(out, out.rglob("*"), (RUN_MARKER, *setup_files))
+
+
+def files_hold_no_work(root: Path, paths: Iterable[Path], setup_files: Sequence[str]) -> bool:
+    """True when ``paths`` (under ``root``) are only folders, empty files and ``setup_files`` (names
+    relative to ``root``, glob patterns allowed): what an attempt that failed before finishing any
+    work leaves, which the corrected command may clear without --overwrite. Any link is work."""
     import fnmatch
 
-    if not (out / RUN_MARKER).is_file():
-        return False
-    allowed = (RUN_MARKER, *setup_files)
-    for path in out.rglob("*"):
+    for path in paths:
         if path.is_symlink() or (path.is_file() and path.stat().st_size > 0
-                                 and not any(fnmatch.fnmatchcase(path.relative_to(out).as_posix(), pattern) for pattern in allowed)):
+                                 and not any(fnmatch.fnmatchcase(path.relative_to(root).as_posix(), pattern) for pattern in setup_files)):
             return False
     return True
 
@@ -535,6 +539,7 @@ __all__ = [
     "duplicate_rows",
     "escape_line",
     "file_sha256",
+    "files_hold_no_work",
     "load_embeddings",
     "prepare_output_dir",
     "read_json",

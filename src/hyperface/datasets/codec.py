@@ -9,6 +9,11 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary
 
+#: File name extensions of the images every stage reads (image-folder datasets, ``hyperface embed``
+#: folders and list files): the formats :func:`decode_image` (``cv2.imdecode``) decodes, each
+#: checked by encoding an image with ``cv2.imencode`` and decoding it (tests/test_datasets.py).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm", ".jp2")
+
 
 #: File signatures of the image formats datasets hold, and the name each is known by.
 _SIGNATURES = (
@@ -19,15 +24,20 @@ _SIGNATURES = (
     (b"BM", "BMP"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),  # a bare codestream (.j2k)
 )
 
 
 def image_encoding(data: bytes | memoryview) -> str | None:
     """The format encoded image bytes announce by their signature ("JPEG", "PNG", "GIF", "BMP", "TIFF",
-    "WebP"), or None. The signature only: whether the rest decodes is :func:`decode_image`'s question."""
+    "WebP", "PNM", "JPEG 2000"), or None. The signature only: whether the rest decodes is
+    :func:`decode_image`'s question."""
     head = bytes(data[:12])
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
+    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") and head[2:3].isspace():
+        return "PNM"  # PBM / PGM / PPM, text or binary
     return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
@@ -62,7 +72,7 @@ def jpeg_damage(data: bytes | memoryview) -> str | None:
 
 
 def decode_image(data: bytes | memoryview | np.ndarray, *, what: str = "image", strict: bool = False) -> np.ndarray:
-    """Decode JPEG/PNG/BMP bytes to an RGB uint8 (H, W, 3) array; HyperfaceError if undecodable.
+    """Decode image bytes (a format of :data:`IMAGE_EXTENSIONS`) to an RGB uint8 (H, W, 3) array; HyperfaceError if undecodable.
     ``strict``: also refuse a JPEG that decodes only with libjpeg's warnings (:func:`jpeg_damage`;
     a second decode, for checks rather than training)."""
     buffer = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)

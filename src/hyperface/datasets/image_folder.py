@@ -10,9 +10,7 @@ import numpy as np
 
 from hyperface.common.errors import HyperfaceError
 from hyperface.common.runtime import get_logger
-from hyperface.datasets.codec import check_rgb_uint8, decode_image, encode_image, image_encoding
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from hyperface.datasets.codec import IMAGE_EXTENSIONS, check_rgb_uint8, decode_image, encode_image, image_encoding
 
 
 def _extension_of(data: bytes) -> str:
@@ -170,4 +168,4 @@ class ImageFolderDataset:
         return f"ImageFolderDataset({str(self.root)!r}, images={len(self)}, classes={self.num_classes})"
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageFolderWriter"]
+__all__ = ["ImageFolderDataset", "ImageFolderWriter"]

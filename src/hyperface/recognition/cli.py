@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=4, help="threads decoding/aligning images (default: 4)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--flip", action="store_true", help="add the mirrored face's features before normalising")
-    parser.add_argument("--fp16", action="store_true", help="PyTorch models on CUDA: autocast the trunk to fp16")
+    parser.add_argument("--fp16", action="store_true", help="PyTorch models on CUDA: autocast the trunk to fp16 (refused on the CPU and for ONNX models)")
     parser.add_argument("--bgr", action="store_true", help="the model was trained on BGR input (insightface/Arc2Face models are RGB; AdaFace IR networks "
                              "are recognised by their keys and fed BGR without this flag)")
     parser.add_argument("--det-threshold", type=float, default=0.5, help="detector score threshold (default: 0.5)")

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary, without_object_reprs
-from hyperface.common.io import atomic_write, escape_line, read_json, remove_stale_temporaries, save_json
+from hyperface.common.io import atomic_write, escape_line, files_hold_no_work, read_json, remove_stale_temporaries, save_json
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets.preview import spread_rows
@@ -177,11 +177,15 @@ def _fingerprint(source: ImageSource, settings: dict[str, Any]) -> str:
 
 
 def check_output(paths: GalleryPaths, *, resume: bool) -> None:
-    """Raise unless ``paths`` is free, or holds an embed run and ``resume`` is set."""
-    _prepare(paths, resume=resume, overwrite=False)
+    """Raise unless ``paths`` is free, holds only what a failed attempt left (cleared when the run
+    starts), or holds an embed run and ``resume`` is set."""
+    _prepare(paths, resume=resume, overwrite=False, clear=False)
 
 
-def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
+def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool, clear: bool = True) -> None:
+    """Make ``paths`` ready for a run: free, kept for ``resume``, or cleared (``overwrite``, or what
+    an attempt that embedded nothing left: the corrected command runs without a flag). ``clear``
+    False only checks."""
     if paths.manifest.exists():
         try:
             stage = read_json(paths.manifest).get("stage")
@@ -206,6 +210,12 @@ def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
             f"{foreign[0]} exists and was not written by `hyperface embed` (no {paths.manifest.name} beside it"
             f"{'; it is a folder' if foreign[0].is_dir() else ''}): choose another --out"
         )
+    if not foreign and _holds_no_work(paths, existing):  # nothing to resume, nothing to protect
+        if clear:
+            log.info("reusing %s: an earlier attempt there embedded no image", paths.embeddings)
+            for p in existing:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
     if overwrite:
         for p in existing:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -221,6 +231,15 @@ def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool) -> None:
         f"{paths.embeddings.parent} already holds {names}: pass --resume to continue that run, "
         "--overwrite to replace it, or choose another --out"
     )
+
+
+def _holds_no_work(paths: GalleryPaths, existing: list[Path]) -> bool:
+    """True when the outputs at ``paths`` are an attempt's that embedded no image: no gallery, no
+    manifest, no chunk; the plan, an empty index and the rejected list of a run that failed with
+    every input rejected (its chunks are removed then) hold nothing to resume."""
+    found = existing + (list(paths.parts.rglob("*")) if paths.parts.is_dir() and not paths.parts.is_symlink() else [])
+    setup = (f"{paths.parts.name}/{PLAN_FILE}", paths.rejected.name)
+    return files_hold_no_work(paths.embeddings.parent, found, setup)
 
 
 def embed_images(
@@ -364,6 +383,8 @@ def embed_images(
     result.chunks_computed = len(todo)
     result.seconds = time.time() - started
     if result.embedded == 0:
+        for k in range(n_chunks):  # nothing to resume: the corrected command reuses --out without a flag
+            paths.chunk(k).unlink(missing_ok=True)
         raise HyperfaceError(
             f"no image could be embedded: all {result.rejected} inputs were rejected "
             f"({_top_reasons(result.rejected_reasons)}); see {paths.rejected}"

@@ -16,10 +16,7 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, without_object_reprs
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm", ".jp2"}
-)
+from hyperface.datasets.codec import IMAGE_EXTENSIONS  # the datasets' list: what embed reads, report finds
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list", ".csv", ".tsv"})
 
 
@@ -216,7 +213,7 @@ def open_image_source(path: str | os.PathLike) -> ImageSource:
             extra = f" ({source.ignored} other files ignored)" if source.ignored else ""
             raise HyperfaceError(
                 f"no images in folder {path}{extra}; expected files ending in "
-                f"{', '.join(sorted(IMAGE_EXTENSIONS))}"
+                f"{', '.join(IMAGE_EXTENSIONS)}"
             )
     elif path.suffix.lower() in LIST_SUFFIXES:
         source = _read_list_file(path)
@@ -235,7 +232,6 @@ def open_image_source(path: str | os.PathLike) -> ImageSource:
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "FileListSource",
     "ImageSource",
     "RecordSource",

@@ -529,13 +529,23 @@ def load_recognizer(
         channel_order: the order the model was trained on; None: the file's own convention (insightface,
             Arc2Face and iResNet files RGB, as insightface feeds cv2 images with swapRB=True; AdaFace
             networks BGR, as its ``inference.py``). :meth:`Recognizer.embed` always takes RGB.
-        fp16: PyTorch only: CUDA autocast for the trunk.
+        fp16: PyTorch only: CUDA autocast for the trunk; refused for ONNX models and off CUDA, where
+            it would do nothing (checked before the weights load).
 
     Returns:
         A :class:`Recognizer`; ``embed(uint8 (N,112,112,3) RGB) -> float32 (N,D)`` unit rows.
     """
     path = resolve_model_path(path)
     suffix = path.suffix.lower()
+    if fp16 and suffix in ONNX_SUFFIXES:
+        raise HyperfaceError(f"--fp16 is for PyTorch models (CUDA autocast); the ONNX model {path.name} runs in the "
+                             "precision it was exported in: drop --fp16")
+    if fp16 and suffix in TORCH_SUFFIXES:
+        from hyperface.common.runtime import resolve_device
+
+        if resolve_device("auto" if device is None else str(device)).type != "cuda":
+            raise HyperfaceError("--fp16 needs a CUDA device (PyTorch autocasts to fp16 on CUDA only); "
+                                 "drop --fp16 to embed on the CPU, or pass --device cuda on a machine with a GPU")
     if suffix in ONNX_SUFFIXES:
         if arch is not None:
             raise HyperfaceError("--arch applies to PyTorch iResNet files, not to ONNX models")

@@ -173,18 +173,22 @@ def load_backbone(path: str | os.PathLike):
 def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17) -> Path:
     """Export a trained backbone as insightface ``backbone.pth`` (state dict) or ONNX.
 
-    - ``.pth``: ``torch.save(model.state_dict())`` with insightface arcface_torch key names, so
-      insightface's ``get_model(name).load_state_dict(torch.load(path))`` loads it.
+    - ``.pth`` (or ``.pt``, the same file): ``torch.save(model.state_dict())`` with insightface
+      arcface_torch key names, so insightface's ``get_model(name).load_state_dict(torch.load(path))``
+      loads it, and so does ``hyperface embed --model``.
     - ``.onnx``: input ``data`` float32 (N, 3, 112, 112) RGB normalised ``(x - 127.5) / 127.5``
       with a dynamic batch dimension, output ``embedding`` (N, 512) un-normalised, as
       arcface_torch's ``torch2onnx.py`` exports.
     """
     out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".pth", ".pt", ".onnx"):  # before the checkpoint loads
+        raise HyperfaceError(f"--out {out}: export to a .pth or .pt (insightface state dict) or .onnx file")
     model, _ = load_backbone(checkpoint)
     model = model.eval().float().to(memory_format=torch.contiguous_format)
-    if out.suffix == ".pth":
+    if suffix in (".pth", ".pt"):
         save_torch({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out)
-    elif out.suffix == ".onnx":
+    else:
         dummy = torch.zeros(1, 3, 112, 112)
         # The TorchScript exporter (dynamo=False) needs no onnxscript and gives the plain graph
         # insightface tools expect; silence its deprecation notice.
@@ -201,8 +205,6 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, *, op
                 opset_version=opset,
                 do_constant_folding=True,
             )
-    else:
-        raise HyperfaceError(f"--out {out}: export to a .pth (insightface state dict) or .onnx file")
     return out
 
 

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("data", nargs="*", metavar="DATA",
                         help="training dataset: RecordIO folder/.rec, image folder, or a generate/convert output folder; "
                              "several are trained on as one, their identities one after another (no copy)")
-    parser.add_argument("--out", required=True, help="run folder (with --export: the .pth or .onnx file to write)")
+    parser.add_argument("--out", required=True, help="run folder (with --export: the .pth/.pt or .onnx file to write)")
     parser.add_argument("--export", metavar="CKPT", help="export CKPT (run folder, checkpoint folder or weights file) to --out and exit")
 
     model = parser.add_argument_group("model and loss")
