@@ -353,7 +353,9 @@ def test_keys_past_float32_exactness_take_each_images_own_label(tmp_path):
 def test_image_whose_header_disagrees_with_its_identity_record_keeps_its_own_label(tmp_path, hyperface_log):
     # Identity ranges (1, 3), (3, 5) but image 2's own header says class 0 and image 3's says 7:
     # `labels` counts classes from the identity records (one header each); reading an image returns
-    # its own header's label, as insightface's MXFaceDataset does, and the mismatch is logged once.
+    # its own header's label, as insightface's MXFaceDataset does, and the mismatch is logged once;
+    # a header label outside the classes (7 of 2) would fail training hours in: the identity
+    # record's class is used, with a warning.
     images = [encode_image(image) for image in _images(4, seed=8)]
     records = [_hand_payload([5.0, 7.0], b"")]
     records += [_hand_payload(label, data, id_=key) for key, (label, data) in enumerate(zip([1, 0, 1, 7], images), start=1)]
@@ -364,9 +366,10 @@ def test_image_whose_header_disagrees_with_its_identity_record_keeps_its_own_lab
     import logging
 
     hyperface_log.clear()  # what reading logs, not opening
-    assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [1, 0, 1, 7]))
+    assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [1, 0, 1, 1]))
     warnings = [r.getMessage() for r in hyperface_log if r.levelno >= logging.WARNING and "own header" in r.getMessage()]
-    assert len(warnings) == 1 and "image 1 is labelled 0 in its own header" in warnings[0]
+    assert len(warnings) == 2 and "image 1 is labelled 0 in its own header" in warnings[0]
+    assert "image 3 is labelled 7 in its own header, outside the dataset's classes 0..1: using its identity record's class 1" in warnings[1]
 
 
 def test_recordio_capacity_is_checked_before_writing(tmp_path):

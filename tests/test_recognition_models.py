@@ -96,6 +96,12 @@ def test_training_checkpoint_layouts(models, faces, tmp_path):
         load_recognizer(models["pth"], arch="r50")
 
 
+@pytest.mark.parametrize("arch", ["mbf", "vit_t", "ir_50", "r51"])
+def test_an_arch_of_another_family_on_iresnet_weights_names_what_the_weights_are(models, arch):
+    with pytest.raises(HyperfaceError, match=f"the weights are an iResNet 'r_tiny', not '{arch}': drop --arch or pass --arch r_tiny"):
+        load_recognizer(models["pth"], arch=arch)
+
+
 def test_missing_and_wrong_models(models, tmp_path):
     with pytest.raises(HyperfaceError, match=r"not found: .*nowhere\.onnx.*buffalo_l.*FoivosPar/Arc2Face"):
         load_recognizer(tmp_path / "nowhere.onnx")

@@ -495,3 +495,21 @@ def test_report_finds_every_image_embed_took_whatever_its_format(tmp_path):
                  "--no-progress", "--workers", "1"]) == 0
     labels, _ = labels_for_embeddings(tmp_path / "emb" / "gallery.npy")
     assert labels.tolist() == [0, 0, 1, 1]
+
+
+def test_embeddings_of_an_image_list_or_a_flat_folder_point_to_labels(tmp_path):
+    """Embeddings of an image list or a folder without class sub-folders carry no identities: the
+    error says to give them with --labels, instead of "dataset not found" for a file that exists."""
+    import cv2
+
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for k, face in enumerate(random_faces(3, seed=9)):
+        cv2.imwrite(str(flat / f"{k}.png"), cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
+    (tmp_path / "faces.lst").write_text("".join(f"{flat / f'{k}.png'}\n" for k in range(3)))
+    model = save_backbone(make_tiny_iresnet(), tmp_path / "backbone.pth")
+    for source, what in ((tmp_path / "faces.lst", "the image list"), (flat, "a folder without class sub-folders")):
+        out = tmp_path / f"emb-{source.stem}"
+        assert main(["embed", str(source), "--model", str(model), "--aligned", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+        with pytest.raises(HyperfaceError, match=f"{what}.*--labels LABELS.npy"):
+            labels_for_embeddings(out / "gallery.npy")

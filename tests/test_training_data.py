@@ -111,9 +111,14 @@ def test_label_problems_are_refused():
         TrainDataset(ListReader([], [], 3))
 
 
-def test_images_of_other_sizes_are_resized():
+def test_images_of_other_sizes_are_resized_with_a_warning(hyperface_log):
     reader = ListReader([_image(0, size=128)], [0], 1)
     assert TrainDataset(reader, augment=AugmentConfig(flip=False))[0][0].shape == (3, 112, 112)
+    warned = [r.getMessage() for r in hyperface_log if "resized" in r.getMessage()]
+    assert len(warned) == 1 and "are 128x128 (the first one read), not 112x112" in warned[0]
+    hyperface_log.clear()
+    TrainDataset(ListReader([_image(0)], [0], 1))
+    assert not [r for r in hyperface_log if "resized" in r.getMessage()]
 
 
 def test_an_unreadable_image_is_replaced_by_the_next_sample(tmp_path, hyperface_log):

@@ -387,6 +387,12 @@ class RecordIODataset:
         what = f"{self.rec_path.name} image {index}"
         header, data = unpack_payload(read_record(self._file(), offset, what=what), what=what)
         label = _scalar_label(header, what)
+        if not 0 <= label < self.num_classes:
+            # outside the classes the identity records (or the property file) size: a trainer would fail
+            # on it hours in; the identity record's class is the one that fits
+            log.warning("%s is labelled %d in its own header, outside the dataset's classes 0..%d: using its identity "
+                        "record's class %d", what, label, self.num_classes - 1, int(self.labels[index]))
+            return bytes(data), int(self.labels[index])
         if label != self.labels[index] and not self._warned_label_mismatch:
             # `labels` (one header per identity, fast on millions of images) sized the classes; the
             # image's own header is what insightface trains on, so that is what is returned.

@@ -259,9 +259,9 @@ def iresnet_from_state_dict(
     info = describe_state_dict(state_dict)
     inferred = infer_arch_or_none(state_dict)
     name = arch if arch is not None else (inferred or infer_arch(state_dict))  # infer_arch names the layout it cannot place
-    model = iresnet(name, embedding_size=info["embedding_size"], fp16=fp16)
-    if arch is not None and inferred is not None and inferred != canonical_arch(arch):
+    if arch is not None and inferred is not None and inferred != canonical_arch(arch):  # before building: --arch mbf too
         raise HyperfaceError(f"the weights are an iResNet {inferred!r}, not {arch!r}: drop --arch or pass --arch {inferred}")
+    model = iresnet(name, embedding_size=info["embedding_size"], fp16=fp16)
     return load_state_strict(model, state_dict, f"iResNet {name!r} (inferred: {inferred})")
 
 

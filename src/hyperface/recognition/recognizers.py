@@ -385,11 +385,17 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
     import torch
 
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise HyperfaceError(
+                f"cannot read {path} as a safetensors file ({exception_summary(exc, 200)}): the file is truncated or "
+                "damaged (copy it again), or not a safetensors file"
+            ) from exc
+    try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         lightning = (

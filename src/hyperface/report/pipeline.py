@@ -90,13 +90,21 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
         if rows.size and (rows.min() < 0 or rows.max() >= len(rec)):
             raise HyperfaceError(f"{index} names record {int(rows.max())} but {dataset} has {len(rec)} records: wrong --dataset?")
         return rec.labels[rows], dataset, rows, rec
-    folder = ImageFolderDataset(dataset)
+    no_identities = "which names no identities: give each row's identity with --labels LABELS.npy (one integer a row)"
+    if dataset.is_file():  # an image list (embed's list input): its lines carry no labels
+        raise HyperfaceError(f"{embeddings_path} was embedded from the image list {dataset}, {no_identities}")
+    try:
+        folder = ImageFolderDataset(dataset)
+    except HyperfaceError as exc:
+        if "no class sub-folders" not in str(exc):
+            raise
+        raise HyperfaceError(f"{embeddings_path} was embedded from {dataset}, a folder without class sub-folders, {no_identities}") from exc
     item_of = {path: i for i, path in enumerate(folder.paths)}
     missing = [n for n in names if n not in item_of]
     if missing:
         raise HyperfaceError(
             f"{len(missing)} embedded image(s) are not in the image folder {dataset} (e.g. {missing[0]!r}): "
-            "embed the dataset's root folder, or pass the right --dataset"
+            "embed the dataset's root folder, pass the right --dataset, or give the labels with --labels LABELS.npy"
         )
     items = np.asarray([item_of[n] for n in names], dtype=np.int64)
     return folder.labels[items], dataset, items, folder

@@ -142,6 +142,14 @@ class TrainDataset(Dataset):
         self.num_classes = int(reader.num_classes)
         if len(reader) == 0:
             raise HyperfaceError("the training dataset is empty: it holds no images")
+        first = np.asarray(self._read(0)[0])
+        if first.ndim == 3 and first.shape[:2] != (self.image_size, self.image_size):
+            # Unaligned renders (generate --align none) train, resized, into a poor model: say so once.
+            log.warning(
+                "the training images are %dx%d (the first one read), not %dx%d: each is resized, which is no "
+                "substitute for alignment; train on aligned %d px face crops (hyperface generate aligns by default)",
+                first.shape[1], first.shape[0], self.image_size, self.image_size, self.image_size,
+            )
 
     def __len__(self) -> int:
         return len(self.reader)
