@@ -911,3 +911,38 @@ def test_a_shard_whose_run_json_another_shard_replaced_stops_before_writing(tmp_
     with pytest.raises(HyperfaceError, match=r"another shard replaced .*run.json with other settings \(config\.seed 1 -> 2\)"):
         generate_dataset(RacedGenerator(), identities, out, old, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
     assert (out / "parts" / "shard-00000-of-00002" / "journal.jsonl").read_bytes() == b""
+
+
+def test_cli_a_merged_set_records_its_rendering_command_and_formats(cli_inputs, tmp_path, monkeypatch, capsys):
+    """`dataset info` on a sharded set names the command that rendered it (its parts are gone after
+    --no-keep-parts), the merge as "merged by", and params.format the formats on disk."""
+    import sys
+
+    root, common, _ = cli_inputs
+    out = tmp_path / "out"
+
+    def run(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["hyperface", *argv])
+        return main(list(argv))
+
+    renders = [["generate", str(root / "ids.npy"), *common, "-k", "1", "--format", "rec", "--out", str(out), "--shard", f"{i}/2"]
+               for i in range(2)]
+    assert all(run(*argv) == 0 for argv in renders)
+    merge = ["generate", "--merge", "--format", "both", "--no-keep-parts", "--out", str(out)]
+    assert run(*merge) == 0 and not (out / "parts").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == " ".join(["hyperface", *renders[0]])
+    assert manifest["render_commands"] == [" ".join(["hyperface", *argv]) for argv in renders]
+    assert manifest["merged_by"] == " ".join(["hyperface", *merge])
+    assert manifest["params"]["format"] == "both" and json.loads((out / "run.json").read_text())["format"] == "rec"
+    capsys.readouterr()
+    assert main(["dataset", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--shard 0/2\n" in text and "made by       hyperface generate (" in text
+    made_by = next(line for line in text.splitlines() if "made by" in line)
+    assert "--merge" not in made_by and "merged by     hyperface generate --merge --format both" in text
+    # a one-shard run merges in its own process: its command is what made it, and nothing says "merged by"
+    single = tmp_path / "single"
+    assert run("generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(single)) == 0
+    manifest = json.loads((single / "manifest.json").read_text())
+    assert "merged_by" not in manifest and "render_commands" not in manifest and "--merge" not in manifest["command"]

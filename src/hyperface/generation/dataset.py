@@ -29,6 +29,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -752,17 +753,29 @@ def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_p
         outputs["samples"] = str(out_dir / SAMPLES_FILE)
     except (HyperfaceError, OSError) as exc:
         log.warning("%s not written: %s", SAMPLES_FILE, exc)
-    manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
-    shards = []
+    on_disk = {kind for kind, done in finished_formats(out_dir).items() if done}
+    # params.format: the formats on disk now (a `--merge --format both` of a rec run is "both")
+    params = {**run, "format": next((name for name, kinds in FORMAT_KINDS.items() if set(kinds) == on_disk), formats)}
+    manifest = Manifest(stage="generate", params=params, inputs={"identities": run.get("identities_path")})
+    shards, commands = [], []
     for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):
         part = read_json(part_manifest)
         summary = part.get("summary", {})
         shards.append(summary)
+        if part.get("command") and part["command"] not in commands:
+            commands.append(part["command"])
         manifest.time("render_last_run", float(summary.get("seconds_this_run") or 0.0))
         with contextlib.suppress(TypeError, ValueError):  # the run began when its first shard (last) started
             manifest.started = min(manifest.started, datetime.datetime.fromisoformat(part["started"]).timestamp())
     manifest.time("merge", time.time() - started)
     manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"], "shards": shards})
+    if commands:  # what made the dataset is the rendering command (shard 0's), not `--merge`; parts/ may go
+        merge_command = " ".join(sys.argv)
+        manifest.command = commands[0]
+        if len(commands) > 1:
+            manifest.extra["render_commands"] = commands
+        if merge_command not in commands:
+            manifest.extra["merged_by"] = merge_command
     manifest.write(out_dir)  # the identities file's SHA-256 (as pack's and report's manifests record it)
     if not keep_parts:
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
