@@ -443,6 +443,43 @@ def comparable_settings(facts: dict[str, Any], saved: dict[str, Any] | None = No
     return facts
 
 
+#: run.json's config fields as the flags that set them, for refusals that name what changed.
+CONFIG_FLAGS = {"images_per_identity": "-k/--images-per-identity", "seed": "--seed", "min_similarity": "--min-similarity",
+                "max_attempts": "--max-attempts", "image_format": "--image-format"}
+PERTURBATION_FLAGS = {"kind": "--perturbation", "scale": "--perturbation-scale"}
+
+
+def describe_run_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """:func:`describe_changes` of two runs' :func:`comparable_settings`, naming the flags that set
+    them (``-k/--images-per-identity 2 -> 3``). ``max_attempts`` is named only where a side set it:
+    its default (K, 2K with a filter) follows -k, which is the change to name then."""
+
+    def derived(config: dict[str, Any]) -> bool:
+        k = config.get("images_per_identity")
+        if not isinstance(k, int):
+            return False
+        return config.get("max_attempts") == (2 * k if config.get("min_similarity") is not None else k)
+
+    def flags(facts: dict[str, Any], drop: set[str]) -> dict[str, Any]:
+        facts = dict(facts)
+        config = facts.pop("config") if isinstance(facts.get("config"), dict) else {}
+        for key, value in config.items():
+            if key in drop:
+                continue
+            if key == "perturbation" and isinstance(value, dict):
+                facts.update({PERTURBATION_FLAGS.get(k, f"--perturbation {k}"): v for k, v in value.items()})
+            else:
+                facts[CONFIG_FLAGS.get(key, f"config.{key}")] = value
+        for key in ("format", "align"):  # set by --format and --align
+            if key in facts:
+                facts[f"--{key}"] = facts.pop(key)
+        return facts
+
+    configs = [facts.get("config") if isinstance(facts.get("config"), dict) else {} for facts in (before, after)]
+    drop = {"max_attempts"} if all(derived(config) for config in configs) else set()
+    return describe_changes(flags(before, drop), flags(after, drop))
+
+
 def claim_shard(out_dir: Path, shard: Shard) -> None:
     """Hold ``parts/<shard>/lock``: an OS lock the kernel drops when the process ends (a kill
     included), so a second process on the same shard (a requeued job while the first still runs) is
@@ -545,7 +582,7 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any], shard: Shard | None =
         path = out_dir / RUN_FILE
         if path.exists() or not save_json_if_absent(path, run):
             saved = read_json(path)
-            changes = describe_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
+            changes = describe_run_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
             if changes and not _parts_hold_work(out_dir) and not _dataset_written(out_dir):
                 # Nothing rendered under the old settings yet (a failed attempt, models re-downloaded):
                 # the new settings take their place. A shard still starting with the old ones stops at
@@ -577,7 +614,7 @@ def check_run_unchanged(out_dir: Path, run: dict[str, Any]) -> None:
     """Raise if ``run.json`` no longer holds ``run``'s settings: another shard replaced them (nothing
     was rendered yet) while this one started."""
     saved = read_json(out_dir / RUN_FILE)
-    changes = describe_changes(comparable_settings(run, saved), comparable_settings(saved, saved))
+    changes = describe_run_changes(comparable_settings(run, saved), comparable_settings(saved, saved))
     if changes:
         raise HyperfaceError(
             f"another shard replaced {out_dir / RUN_FILE} with other settings ({changes}) before this one wrote any "
@@ -593,7 +630,7 @@ def check_shard_settings(out_dir: Path, shard: Shard, run: dict[str, Any]) -> No
     now = comparable_settings(run)
     if path.is_file() and (folder / "journal.jsonl").is_file() and (folder / "journal.jsonl").stat().st_size > 0:
         before = read_json(path)
-        changes = describe_changes(before, comparable_settings(run, before))  # a file it did not fingerprint: not held against it
+        changes = describe_run_changes(before, comparable_settings(run, before))  # a file it did not fingerprint: not held against it
         if changes:
             raise HyperfaceError(
                 f"{folder} holds images rendered with other settings ({changes}) than {out_dir / RUN_FILE}: delete that "
@@ -705,7 +742,7 @@ def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_p
     for settings_file in sorted((out_dir / PARTS_DIR).glob(f"*/{SHARD_SETTINGS_FILE}")):
         journal = settings_file.parent / "journal.jsonl"
         if journal.is_file() and journal.stat().st_size > 0:
-            changes = describe_changes(expected, comparable_settings(read_json(settings_file), run))
+            changes = describe_run_changes(expected, comparable_settings(read_json(settings_file), run))
             if changes:
                 raise HyperfaceError(
                     f"{settings_file.parent} was rendered with other settings ({changes}) than {out_dir / RUN_FILE}: one "
