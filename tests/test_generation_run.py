@@ -981,3 +981,45 @@ def test_run_changes_name_max_attempts_only_where_it_was_set():
     assert describe_run_changes(settings(images_per_identity=2, perturbation=Perturbation("noise", 0.1)),
                                 {**settings(images_per_identity=2), "format": "both"}) == \
         "--format 'rec' -> 'both', --perturbation 'noise' -> 'angle', --perturbation-scale 0.1 -> 10.0"
+
+
+class RecordingBar:
+    """A stand-in for common.runtime.progress's bar: what the runner told it, when."""
+
+    def __init__(self, total=None, desc="", unit="it", **kwargs):
+        self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, 0, {}
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, refresh=True, **values):
+        self.postfix = values
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_the_progress_bar_counts_images_as_they_render(monkeypatch, tmp_path, filtered):
+    """Not only when an identity finishes: a first batch shows at once (img/s, time left), each identity
+    counts its first K renders, so the bar ends at N x K with a filter too; the postfix counts identities."""
+    bars: list[RecordingBar] = []
+    monkeypatch.setattr(dataset_module, "progress", lambda **kwargs: bars.append(RecordingBar(**kwargs)) or bars[-1])
+    seen = []  # (bar count, postfix) at the start of each render call: what the previous batches showed
+
+    class Watched(PaintedGenerator):
+        def generate(self, embeddings, seeds):
+            seen.append((bars[0].n, dict(bars[0].postfix)))
+            return super().generate(embeddings, seeds)
+
+    generator = Watched()
+    filters = dict(min_similarity=0.5, max_attempts=8) if filtered else {}
+    config = GenerationConfig(images_per_identity=4, seed=5, batch_size=3, **filters)
+    generate_dataset(generator, random_identities(3, seed=3), tmp_path / "o", config, aligner=keep_as_is,
+                     embed_fn=generator.embed if filtered else None, formats="rec", merge=False)
+    bar = bars[0]
+    assert (bar.total, bar.unit, bar.desc) == (12, "img", "generate 0/1")
+    assert seen[1] == (3, {"identities": "0/3", "renders": 3})  # 3 images of identity 0 rendered, none finished
+    assert all(b <= a for (b, _), (a, _) in zip(seen, seen[1:])) and all(n <= 12 for n, _ in seen)
+    assert bar.n == 12 and bar.postfix == {"identities": "3/3", "renders": generator.rendered}
+    assert generator.rendered > 12 if filtered else generator.rendered == 12

@@ -231,6 +231,7 @@ class _IdentityState:
     rejected: list = field(default_factory=list)
     no_face: int = 0
     in_flight: int = 0  # rendered or being rendered, not yet aligned and filtered
+    shown: int = 0  # its renders the progress bar counted: at most K, its share of the total
 
     def done(self, k: int, limit: int) -> bool:
         return self.in_flight == 0 and (len(self.accepted) >= k or self.next_index >= limit)
@@ -295,8 +296,12 @@ def render_shard(
     mine = shard.identities(embeddings.shape[0])
     todo = [i for i in mine if i not in done]
     k, limit, batch_size = config.images_per_identity, config.attempts_limit, config.batch_size
+    # The bar counts images as they are rendered (img/s, time left), not as identities finish: each
+    # identity's first K renders (every identity renders at least K; with a filter, the renders past K
+    # show in the postfix's count), so it ends at N x K. The postfix counts finished identities.
     bar = progress(total=len(mine) * k, desc=f"generate {shard.index}/{shard.count}", unit="img", disable=None if show_progress is None else not show_progress)
     bar.update((len(mine) - len(todo)) * k)
+    identities_done = len(mine) - len(todo)
     pending = iter(todo)
     active: "OrderedDict[int, _IdentityState]" = OrderedDict()
     exhausted = False
@@ -343,6 +348,7 @@ def render_shard(
 
     def settle(items: list[tuple[_IdentityState, int]], processed: list, similarity: np.ndarray) -> None:
         """Keep or reject one processed batch, then retire and commit the identities it completes."""
+        nonlocal identities_done
         for (state, index), (stored, no_face), sim in zip(items, processed, similarity):
             state.in_flight -= 1
             state.no_face += int(no_face)
@@ -354,8 +360,8 @@ def render_shard(
         finished = [_retire(active.pop(i), config) for i in [i for i, s in active.items() if s.done(k, limit)]]
         with commit_guard() if finished and commit_guard is not None else contextlib.nullcontext():
             part.commit(finished)
-        bar.update(sum(len(blobs) for _, blobs in finished))
-        bar.set_postfix(renders=rendered, refresh=False)
+        identities_done += len(finished)
+        bar.set_postfix(identities=f"{identities_done}/{len(mine)}", renders=rendered, refresh=False)
         if on_identity_done is not None:
             for entry, _ in finished:
                 on_identity_done(entry["identity"])
@@ -379,6 +385,13 @@ def render_shard(
                 if len(images) != len(items):
                     raise HyperfaceError(f"the generator returned {len(images)} images for a batch of {len(items)}")
                 rendered += len(images)
+                shown = 0
+                for state, _ in items:
+                    if state.shown < k:
+                        state.shown += 1
+                        shown += 1
+                bar.set_postfix(identities=f"{identities_done}/{len(mine)}", renders=rendered, refresh=False)
+                bar.update(shown)
             if processing is not None:
                 (batch, result), processing = processing, None
                 settle(batch, *result.result())
