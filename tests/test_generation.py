@@ -326,6 +326,18 @@ def test_channels_last_without_compile_warns(models, hyperface_log):
     assert not [r for r in hyperface_log if "--channels-last" in r.getMessage()]
 
 
+def test_a_resolution_other_than_the_unets_warns_naming_both(models, hyperface_log):
+    """The tiny UNet's sample_size 16 x the VAE's scale factor 2 = 32 px (Arc2Face: 64 x 8 = 512)."""
+    components = load_arc2face_components(models.arc2face_dir, models.sd15_dir)
+    Arc2FaceGenerator(components, Arc2FaceSettings(steps=1, resolution=64))
+    warned = [r.getMessage() for r in hyperface_log if r.levelno == logging.WARNING and "--resolution" in r.getMessage()]
+    assert warned == ["--resolution 64 is not the 32 px the UNet was trained at (VAE scale factor 2 x UNet sample_size 16): it "
+                      "renders, but slower or off-distribution (worse faces); use --resolution 32 unless you mean it"]
+    hyperface_log.clear()
+    Arc2FaceGenerator(components, Arc2FaceSettings(steps=1, resolution=models.resolution))
+    assert not [r for r in hyperface_log if "--resolution" in r.getMessage()]
+
+
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(HyperfaceError, match="compile mode"):
         Arc2FaceSettings(compile=True, compile_mode="fastest").resolved()

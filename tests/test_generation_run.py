@@ -399,7 +399,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     config = GenerationConfig(images_per_identity=1, seed=1)
     generate_dataset(PaintedGenerator(), identities, tmp_path / "o", config, aligner=keep_as_is, show_progress=False)
     other = GenerationConfig(images_per_identity=1, seed=2)
-    with pytest.raises(HyperfaceError, match=r"other settings \(config\.seed 1 -> 2\)"):
+    with pytest.raises(HyperfaceError, match=r"other settings \(--seed 1 -> 2\)"):
         generate_dataset(PaintedGenerator(), identities, tmp_path / "o", other, aligner=keep_as_is, resume=True, show_progress=False)
     with pytest.raises(HyperfaceError, match="embeddings_sha256"):
         generate_dataset(PaintedGenerator(), identities[::-1].copy(), tmp_path / "o", config, aligner=keep_as_is, resume=True, show_progress=False)
@@ -615,6 +615,8 @@ def test_cli_warns_when_the_filter_rejects_most_renders(cli_inputs, tmp_path, hy
         (None, ["--guidance", "nan"], "--guidance must be a finite number"),
         (None, ["--guidance", "0.5"], "--guidance must be >= 1"),
         (None, ["--perturbation-scale", "nan"], "--perturbation-scale must be a finite number"),
+        (None, ["EMBED_GALLERY"], "is a `hyperface embed` gallery (embeddings of real faces), not packed identities: make "
+                                  "identities from it with `hyperface pack --identities N --gallery"),
     ],
 )
 def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, array, flags, message):
@@ -632,6 +634,12 @@ def test_cli_bad_inputs_fail_with_one_clear_line(cli_inputs, tmp_path, capsys, a
 
         save_file({"conv_in.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "unet.safetensors"))
         flags = [str(tmp_path / "unet.safetensors") if f == "NOT_A_LORA" else f for f in flags]
+    if "EMBED_GALLERY" in flags:  # `hyperface embed --out runs/gallery` given where packed identities go
+        ids = tmp_path / "gallery"
+        ids.mkdir()
+        np.save(ids / "gallery.npy", np.load(root / "ids.npy"))
+        (ids / "manifest.json").write_text('{"stage": "embed", "status": "complete"}')
+        flags = []
     assert main(["generate", str(ids), *common, "-k", "1", "--out", str(tmp_path / "o"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -745,9 +753,9 @@ def test_a_part_rendered_with_other_settings_is_refused_by_the_merge_and_its_res
     assert recorded["config"]["seed"] == 1 and "batch_size" not in recorded["config"]
     recorded["config"]["seed"] = 2  # what a shard that raced the others with --seed 2 would have left
     settings.write_text(json.dumps(recorded))
-    with pytest.raises(HyperfaceError, match=r"shard-00001-of-00002 was rendered with other settings \(config\.seed 1 -> 2\)"):
+    with pytest.raises(HyperfaceError, match=r"shard-00001-of-00002 was rendered with other settings \(--seed 1 -> 2\)"):
         merge_parts(out)
-    with pytest.raises(HyperfaceError, match=r"holds images rendered with other settings \(config\.seed 2 -> 1\)"):
+    with pytest.raises(HyperfaceError, match=r"holds images rendered with other settings \(--seed 2 -> 1\)"):
         generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(1, 2), aligner=keep_as_is, show_progress=False)
 
 
@@ -767,7 +775,7 @@ def test_a_merged_run_without_its_parts_refuses_other_settings(tmp_path):
     generate_dataset(PaintedGenerator(), identities, out, config, aligner=keep_as_is, keep_parts=False, show_progress=False)
     assert not (out / "parts").exists()
     other = GenerationConfig(images_per_identity=2, seed=7)
-    with pytest.raises(HyperfaceError, match=r"other settings \(.*images_per_identity 1 -> 2"):
+    with pytest.raises(HyperfaceError, match=r"other settings \(--seed 1 -> 7, -k/--images-per-identity 1 -> 2\)"):
         generate_dataset(PaintedGenerator(), identities, out, other, aligner=keep_as_is, resume=True, show_progress=False)
     assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
 
@@ -908,6 +916,110 @@ def test_a_shard_whose_run_json_another_shard_replaced_stops_before_writing(tmp_
             (out / "run.json").write_text(replacement)  # shard 1 started with --seed 2 meanwhile
             return super().generate(embeddings, seeds)
 
-    with pytest.raises(HyperfaceError, match=r"another shard replaced .*run.json with other settings \(config\.seed 1 -> 2\)"):
+    with pytest.raises(HyperfaceError, match=r"another shard replaced .*run.json with other settings \(--seed 1 -> 2\)"):
         generate_dataset(RacedGenerator(), identities, out, old, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
     assert (out / "parts" / "shard-00000-of-00002" / "journal.jsonl").read_bytes() == b""
+
+
+def test_cli_a_merged_set_records_its_rendering_command_and_formats(cli_inputs, tmp_path, monkeypatch, capsys):
+    """`dataset info` on a sharded set names the command that rendered it (its parts are gone after
+    --no-keep-parts), the merge as "merged by", and params.format the formats on disk."""
+    import sys
+
+    root, common, _ = cli_inputs
+    out = tmp_path / "out"
+
+    def run(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["hyperface", *argv])
+        return main(list(argv))
+
+    renders = [["generate", str(root / "ids.npy"), *common, "-k", "1", "--format", "rec", "--out", str(out), "--shard", f"{i}/2"]
+               for i in range(2)]
+    assert all(run(*argv) == 0 for argv in renders)
+    merge = ["generate", "--merge", "--format", "both", "--no-keep-parts", "--out", str(out)]
+    assert run(*merge) == 0 and not (out / "parts").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == " ".join(["hyperface", *renders[0]])
+    assert manifest["render_commands"] == [" ".join(["hyperface", *argv]) for argv in renders]
+    assert manifest["merged_by"] == " ".join(["hyperface", *merge])
+    assert manifest["params"]["format"] == "both" and json.loads((out / "run.json").read_text())["format"] == "rec"
+    capsys.readouterr()
+    assert main(["dataset", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--shard 0/2\n" in text and "made by       hyperface generate (" in text
+    made_by = next(line for line in text.splitlines() if "made by" in line)
+    assert "--merge" not in made_by and "merged by     hyperface generate --merge --format both" in text
+    # a one-shard run merges in its own process: its command is what made it, and nothing says "merged by"
+    single = tmp_path / "single"
+    assert run("generate", str(root / "ids.npy"), *common, "-k", "1", "--out", str(single)) == 0
+    manifest = json.loads((single / "manifest.json").read_text())
+    assert "merged_by" not in manifest and "render_commands" not in manifest and "--merge" not in manifest["command"]
+
+
+def test_cli_resume_with_another_k_names_the_flag_not_its_derived_max_attempts(cli_inputs, tmp_path, capsys):
+    root, common, _ = cli_inputs
+    argv = ["generate", str(root / "ids.npy"), *common, "--out", str(tmp_path / "o")]
+    assert main([*argv, "-k", "2"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "-k", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (-k/--images-per-identity 2 -> 3)" in err and "max_attempts" not in err and "Traceback" not in err
+
+
+def test_run_changes_name_max_attempts_only_where_it_was_set():
+    from hyperface.generation.dataset import comparable_settings, describe_run_changes
+
+    def settings(**config) -> dict:
+        run = {"config": GenerationConfig(**config).describe(), "format": "rec", "align": "ffhq"}
+        return comparable_settings(run, run)
+
+    filtered = {"min_similarity": 0.5}
+    assert describe_run_changes(settings(images_per_identity=2, **filtered), settings(images_per_identity=3, **filtered)) == \
+        "-k/--images-per-identity 2 -> 3"  # max_attempts 4 -> 6 followed -k
+    assert describe_run_changes(settings(images_per_identity=2, max_attempts=5, **filtered),
+                                settings(images_per_identity=3, **filtered)) == "--max-attempts 5 -> 6, -k/--images-per-identity 2 -> 3"
+    assert describe_run_changes(settings(images_per_identity=2, perturbation=Perturbation("noise", 0.1)),
+                                {**settings(images_per_identity=2), "format": "both"}) == \
+        "--format 'rec' -> 'both', --perturbation 'noise' -> 'angle', --perturbation-scale 0.1 -> 10.0"
+
+
+class RecordingBar:
+    """A stand-in for common.runtime.progress's bar: what the runner told it, when."""
+
+    def __init__(self, total=None, desc="", unit="it", **kwargs):
+        self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, 0, {}
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, refresh=True, **values):
+        self.postfix = values
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_the_progress_bar_counts_images_as_they_render(monkeypatch, tmp_path, filtered):
+    """Not only when an identity finishes: a first batch shows at once (img/s, time left), each identity
+    counts its first K renders, so the bar ends at N x K with a filter too; the postfix counts identities."""
+    bars: list[RecordingBar] = []
+    monkeypatch.setattr(dataset_module, "progress", lambda **kwargs: bars.append(RecordingBar(**kwargs)) or bars[-1])
+    seen = []  # (bar count, postfix) at the start of each render call: what the previous batches showed
+
+    class Watched(PaintedGenerator):
+        def generate(self, embeddings, seeds):
+            seen.append((bars[0].n, dict(bars[0].postfix)))
+            return super().generate(embeddings, seeds)
+
+    generator = Watched()
+    filters = dict(min_similarity=0.5, max_attempts=8) if filtered else {}
+    config = GenerationConfig(images_per_identity=4, seed=5, batch_size=3, **filters)
+    generate_dataset(generator, random_identities(3, seed=3), tmp_path / "o", config, aligner=keep_as_is,
+                     embed_fn=generator.embed if filtered else None, formats="rec", merge=False)
+    bar = bars[0]
+    assert (bar.total, bar.unit, bar.desc) == (12, "img", "generate 0/1")
+    assert seen[1] == (3, {"identities": "0/3", "renders": 3})  # 3 images of identity 0 rendered, none finished
+    assert all(b <= a for (b, _), (a, _) in zip(seen, seen[1:])) and all(n <= 12 for n, _ in seen)
+    assert bar.n == 12 and bar.postfix == {"identities": "3/3", "renders": generator.rendered}
+    assert generator.rendered > 12 if filtered else generator.rendered == 12

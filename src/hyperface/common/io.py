@@ -287,7 +287,7 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     non_empty = out.is_dir() and any(out.iterdir())
-    owner = run_stage(out) or _manifest_stage(out)
+    owner = output_stage(out)
     if non_empty and stage and owner and owner != stage and (resume or not _holds_no_work(out, setup_files)):
         # One mistyped --out must not clear (or resume into) another stage's work, and no flag would help.
         raise HyperfaceError(f"output folder {out} holds a `hyperface {owner}` run, not a {stage} run; choose another --out")
@@ -340,6 +340,11 @@ def run_stage(folder: str | os.PathLike) -> str:
         return (Path(folder) / RUN_MARKER).read_text(encoding="utf-8").split("\n", 1)[0].strip()
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def output_stage(folder: str | os.PathLike) -> str:
+    """The stage that made an output folder: its run marker's, else its manifest's ("" for neither)."""
+    return run_stage(folder) or _manifest_stage(Path(folder))
 
 
 def _manifest_stage(folder: Path) -> str:

@@ -80,6 +80,7 @@ class Manifest:
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None  # what made the output; default: this process's command line
 
     def time(self, name: str, seconds: float) -> None:
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
@@ -100,7 +101,7 @@ class Manifest:
         payload = {
             "stage": self.stage,
             "status": status,
-            "command": " ".join(sys.argv),
+            "command": self.command or " ".join(sys.argv),
             "started": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).isoformat(),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "wall_seconds": round(time.time() - self.started, 3),

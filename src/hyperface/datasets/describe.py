@@ -74,6 +74,8 @@ def describe_dataset(
         try:
             made = read_json(Path(path) / "manifest.json")
             facts["made_by"] = {key: made.get(key) for key in ("stage", "command", "finished")}
+            if made.get("merged_by"):  # a sharded generate's `--merge` (command: what rendered it)
+                facts["made_by"]["merged_by"] = made["merged_by"]
         except (OSError, HyperfaceError):  # still running, or damaged: the dataset itself is what counts
             pass
     if isinstance(reader, ImageFolderDataset):
@@ -184,6 +186,8 @@ def format_description(facts: dict[str, Any]) -> str:
     if made:
         when = str(made.get("finished") or "")[:16].replace("T", " ")
         lines.append(f"  made by       hyperface {made.get('stage')}{f' ({when} UTC)' if when else ''}: {made.get('command')}")
+        if made.get("merged_by"):  # a sharded generate: the shards rendered it, this command merged them
+            lines.append(f"  merged by     {made['merged_by']}")
     if "classes" in facts:
         lines.append(f"  class folders {escape_line(facts['classes']['first'])} .. {escape_line(facts['classes']['last'])}")
     check = facts.get("check")

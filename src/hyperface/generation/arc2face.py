@@ -524,6 +524,12 @@ class Arc2FaceGenerator:
         multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         if self.resolution % multiple:
             raise HyperfaceError(f"--resolution must be a multiple of {multiple}, got {self.resolution}")
+        sample_size = self.unet.config.sample_size
+        if isinstance(sample_size, int) and self.resolution != self.vae_scale_factor * sample_size:
+            native = self.vae_scale_factor * sample_size  # 8 x 64 = 512 for Arc2Face
+            log.warning("--resolution %d is not the %d px the UNet was trained at (VAE scale factor %d x UNet sample_size %d): "
+                        "it renders, but slower or off-distribution (worse faces); use --resolution %d unless you mean it",
+                        self.resolution, native, self.vae_scale_factor, sample_size, native)
         if self.settings.lcm_lora is not None:
             from hyperface.generation.lora import fuse_lora_into_unet
 

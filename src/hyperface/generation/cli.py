@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.io import duplicate_rows, file_sha256, files_sha256, load_embeddings
+    from hyperface.common.io import duplicate_rows, file_sha256, files_sha256, load_embeddings, output_stage
     from hyperface.common.runtime import resolve_device, seed_everything
     from hyperface.generation.arc2face import (
         Arc2FaceGenerator,
@@ -170,6 +170,12 @@ def run(args: argparse.Namespace) -> int:
     from hyperface.generation.variation import Perturbation
 
     if Path(args.identities).is_dir():  # a `hyperface pack` output folder
+        if output_stage(args.identities) == "embed" and not (Path(args.identities) / "identities.npy").exists():
+            raise HyperfaceError(
+                f"{args.identities} is a `hyperface embed` gallery (embeddings of real faces), not packed identities: make "
+                f"identities from it with `hyperface pack --identities N --gallery {args.identities} --out DIR`, then "
+                "generate from DIR"
+            )
         args.identities = str(Path(args.identities) / "identities.npy")
     embeddings = load_embeddings(args.identities, what="identity embeddings", dim=IDENTITY_DIM, require_unit=True)
     repeats = duplicate_rows(embeddings).nonzero()[0]

@@ -29,6 +29,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -230,6 +231,7 @@ class _IdentityState:
     rejected: list = field(default_factory=list)
     no_face: int = 0
     in_flight: int = 0  # rendered or being rendered, not yet aligned and filtered
+    shown: int = 0  # its renders the progress bar counted: at most K, its share of the total
 
     def done(self, k: int, limit: int) -> bool:
         return self.in_flight == 0 and (len(self.accepted) >= k or self.next_index >= limit)
@@ -294,8 +296,12 @@ def render_shard(
     mine = shard.identities(embeddings.shape[0])
     todo = [i for i in mine if i not in done]
     k, limit, batch_size = config.images_per_identity, config.attempts_limit, config.batch_size
+    # The bar counts images as they are rendered (img/s, time left), not as identities finish: each
+    # identity's first K renders (every identity renders at least K; with a filter, the renders past K
+    # show in the postfix's count), so it ends at N x K. The postfix counts finished identities.
     bar = progress(total=len(mine) * k, desc=f"generate {shard.index}/{shard.count}", unit="img", disable=None if show_progress is None else not show_progress)
     bar.update((len(mine) - len(todo)) * k)
+    identities_done = len(mine) - len(todo)
     pending = iter(todo)
     active: "OrderedDict[int, _IdentityState]" = OrderedDict()
     exhausted = False
@@ -342,6 +348,7 @@ def render_shard(
 
     def settle(items: list[tuple[_IdentityState, int]], processed: list, similarity: np.ndarray) -> None:
         """Keep or reject one processed batch, then retire and commit the identities it completes."""
+        nonlocal identities_done
         for (state, index), (stored, no_face), sim in zip(items, processed, similarity):
             state.in_flight -= 1
             state.no_face += int(no_face)
@@ -353,8 +360,8 @@ def render_shard(
         finished = [_retire(active.pop(i), config) for i in [i for i, s in active.items() if s.done(k, limit)]]
         with commit_guard() if finished and commit_guard is not None else contextlib.nullcontext():
             part.commit(finished)
-        bar.update(sum(len(blobs) for _, blobs in finished))
-        bar.set_postfix(renders=rendered, refresh=False)
+        identities_done += len(finished)
+        bar.set_postfix(identities=f"{identities_done}/{len(mine)}", renders=rendered, refresh=False)
         if on_identity_done is not None:
             for entry, _ in finished:
                 on_identity_done(entry["identity"])
@@ -378,6 +385,13 @@ def render_shard(
                 if len(images) != len(items):
                     raise HyperfaceError(f"the generator returned {len(images)} images for a batch of {len(items)}")
                 rendered += len(images)
+                shown = 0
+                for state, _ in items:
+                    if state.shown < k:
+                        state.shown += 1
+                        shown += 1
+                bar.set_postfix(identities=f"{identities_done}/{len(mine)}", renders=rendered, refresh=False)
+                bar.update(shown)
             if processing is not None:
                 (batch, result), processing = processing, None
                 settle(batch, *result.result())
@@ -440,6 +454,43 @@ def comparable_settings(facts: dict[str, Any], saved: dict[str, Any] | None = No
         for key in set(facts["weights"]) - set(saved["weights"]):  # a file an older version did not fingerprint
             facts["weights"].pop(key)
     return facts
+
+
+#: run.json's config fields as the flags that set them, for refusals that name what changed.
+CONFIG_FLAGS = {"images_per_identity": "-k/--images-per-identity", "seed": "--seed", "min_similarity": "--min-similarity",
+                "max_attempts": "--max-attempts", "image_format": "--image-format"}
+PERTURBATION_FLAGS = {"kind": "--perturbation", "scale": "--perturbation-scale"}
+
+
+def describe_run_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """:func:`describe_changes` of two runs' :func:`comparable_settings`, naming the flags that set
+    them (``-k/--images-per-identity 2 -> 3``). ``max_attempts`` is named only where a side set it:
+    its default (K, 2K with a filter) follows -k, which is the change to name then."""
+
+    def derived(config: dict[str, Any]) -> bool:
+        k = config.get("images_per_identity")
+        if not isinstance(k, int):
+            return False
+        return config.get("max_attempts") == (2 * k if config.get("min_similarity") is not None else k)
+
+    def flags(facts: dict[str, Any], drop: set[str]) -> dict[str, Any]:
+        facts = dict(facts)
+        config = facts.pop("config") if isinstance(facts.get("config"), dict) else {}
+        for key, value in config.items():
+            if key in drop:
+                continue
+            if key == "perturbation" and isinstance(value, dict):
+                facts.update({PERTURBATION_FLAGS.get(k, f"--perturbation {k}"): v for k, v in value.items()})
+            else:
+                facts[CONFIG_FLAGS.get(key, f"config.{key}")] = value
+        for key in ("format", "align"):  # set by --format and --align
+            if key in facts:
+                facts[f"--{key}"] = facts.pop(key)
+        return facts
+
+    configs = [facts.get("config") if isinstance(facts.get("config"), dict) else {} for facts in (before, after)]
+    drop = {"max_attempts"} if all(derived(config) for config in configs) else set()
+    return describe_changes(flags(before, drop), flags(after, drop))
 
 
 def claim_shard(out_dir: Path, shard: Shard) -> None:
@@ -544,7 +595,7 @@ def write_or_check_run(out_dir: Path, run: dict[str, Any], shard: Shard | None =
         path = out_dir / RUN_FILE
         if path.exists() or not save_json_if_absent(path, run):
             saved = read_json(path)
-            changes = describe_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
+            changes = describe_run_changes(comparable_settings(saved, saved), comparable_settings(run, saved))
             if changes and not _parts_hold_work(out_dir) and not _dataset_written(out_dir):
                 # Nothing rendered under the old settings yet (a failed attempt, models re-downloaded):
                 # the new settings take their place. A shard still starting with the old ones stops at
@@ -576,7 +627,7 @@ def check_run_unchanged(out_dir: Path, run: dict[str, Any]) -> None:
     """Raise if ``run.json`` no longer holds ``run``'s settings: another shard replaced them (nothing
     was rendered yet) while this one started."""
     saved = read_json(out_dir / RUN_FILE)
-    changes = describe_changes(comparable_settings(run, saved), comparable_settings(saved, saved))
+    changes = describe_run_changes(comparable_settings(run, saved), comparable_settings(saved, saved))
     if changes:
         raise HyperfaceError(
             f"another shard replaced {out_dir / RUN_FILE} with other settings ({changes}) before this one wrote any "
@@ -592,7 +643,7 @@ def check_shard_settings(out_dir: Path, shard: Shard, run: dict[str, Any]) -> No
     now = comparable_settings(run)
     if path.is_file() and (folder / "journal.jsonl").is_file() and (folder / "journal.jsonl").stat().st_size > 0:
         before = read_json(path)
-        changes = describe_changes(before, comparable_settings(run, before))  # a file it did not fingerprint: not held against it
+        changes = describe_run_changes(before, comparable_settings(run, before))  # a file it did not fingerprint: not held against it
         if changes:
             raise HyperfaceError(
                 f"{folder} holds images rendered with other settings ({changes}) than {out_dir / RUN_FILE}: delete that "
@@ -704,7 +755,7 @@ def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_p
     for settings_file in sorted((out_dir / PARTS_DIR).glob(f"*/{SHARD_SETTINGS_FILE}")):
         journal = settings_file.parent / "journal.jsonl"
         if journal.is_file() and journal.stat().st_size > 0:
-            changes = describe_changes(expected, comparable_settings(read_json(settings_file), run))
+            changes = describe_run_changes(expected, comparable_settings(read_json(settings_file), run))
             if changes:
                 raise HyperfaceError(
                     f"{settings_file.parent} was rendered with other settings ({changes}) than {out_dir / RUN_FILE}: one "
@@ -752,17 +803,29 @@ def _merge_parts(out_dir: Path, *, formats: str | None, keep_parts: bool, show_p
         outputs["samples"] = str(out_dir / SAMPLES_FILE)
     except (HyperfaceError, OSError) as exc:
         log.warning("%s not written: %s", SAMPLES_FILE, exc)
-    manifest = Manifest(stage="generate", params=run, inputs={"identities": run.get("identities_path")})
-    shards = []
+    on_disk = {kind for kind, done in finished_formats(out_dir).items() if done}
+    # params.format: the formats on disk now (a `--merge --format both` of a rec run is "both")
+    params = {**run, "format": next((name for name, kinds in FORMAT_KINDS.items() if set(kinds) == on_disk), formats)}
+    manifest = Manifest(stage="generate", params=params, inputs={"identities": run.get("identities_path")})
+    shards, commands = [], []
     for part_manifest in sorted((out_dir / PARTS_DIR).glob("*/manifest.json")):
         part = read_json(part_manifest)
         summary = part.get("summary", {})
         shards.append(summary)
+        if part.get("command") and part["command"] not in commands:
+            commands.append(part["command"])
         manifest.time("render_last_run", float(summary.get("seconds_this_run") or 0.0))
         with contextlib.suppress(TypeError, ValueError):  # the run began when its first shard (last) started
             manifest.started = min(manifest.started, datetime.datetime.fromisoformat(part["started"]).timestamp())
     manifest.time("merge", time.time() - started)
     manifest.extra.update({"outputs": outputs, "num_images": num_identities * k, "acceptance": stats["summary"], "shards": shards})
+    if commands:  # what made the dataset is the rendering command (shard 0's), not `--merge`; parts/ may go
+        merge_command = " ".join(sys.argv)
+        manifest.command = commands[0]
+        if len(commands) > 1:
+            manifest.extra["render_commands"] = commands
+        if merge_command not in commands:
+            manifest.extra["merged_by"] = merge_command
     manifest.write(out_dir)  # the identities file's SHA-256 (as pack's and report's manifests record it)
     if not keep_parts:
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
