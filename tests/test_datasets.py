@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import struct
 
@@ -569,3 +570,19 @@ def test_an_image_folder_holds_the_files_embed_reads(tmp_path):
     assert len(dataset) == len(files) and [source.name(i) for i in range(len(source))] == dataset.paths
     for i in range(len(dataset)):
         assert dataset[i][0].shape == (64, 64, 3), dataset.paths[i]
+
+
+@pytest.mark.parametrize("stage, hint", [("train", "give the dataset it trained on"), ("pack", "hyperface generate"),
+                                         ("embed", "hyperface report"), ("report", "the dataset the report describes")])
+def test_another_stage_s_output_given_as_a_dataset_says_what_it_is(tmp_path, stage, hint):
+    from hyperface.common.io import RUN_MARKER
+    from hyperface.datasets import open_dataset
+
+    marked, manifested = tmp_path / "marked", tmp_path / "manifested"
+    for folder in (marked, manifested):
+        (folder / "000000").mkdir(parents=True)  # would otherwise pass for an (empty) image folder
+    (marked / RUN_MARKER).write_text(f"{stage}\n")
+    (manifested / "manifest.json").write_text(json.dumps({"stage": stage}))
+    for folder in (marked, manifested):
+        with pytest.raises(HyperfaceError, match=f"is a `hyperface {stage}` output, not an image dataset: .*{hint}"):
+            open_dataset(folder)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import run_stage
+from hyperface.common.io import output_stage
 from hyperface.common.runtime import get_logger
 from hyperface.datasets.codec import decode_image, encode_image
 from hyperface.datasets.image_folder import ImageFolderDataset, ImageFolderWriter
@@ -27,11 +27,23 @@ from hyperface.datasets.recordio import RecordIODataset, RecordIOWriter
 Dataset = RecordIODataset | ImageFolderDataset
 
 
+#: Our other stages' output folders, which a dataset path is sometimes given by mistake: what to give.
+_NOT_DATASETS = {
+    "train": "give the dataset it trained on (its config.json names it); to use the model, pass the folder to "
+             "`hyperface evaluate` or `embed --model`",
+    "pack": "it holds identity embeddings: render a dataset from them with `hyperface generate`",
+    "embed": "it holds embeddings: `hyperface report` reads them; give the image dataset they came from",
+    "report": "give the dataset the report describes",
+}
+
+
 def resolve_generated(path: str | os.PathLike) -> Path:
     """A ``hyperface generate`` or ``hyperface dataset convert`` output folder stands for the dataset
     inside it: ``rec/`` when it was written, else ``images/``. Any other path is returned as it is."""
     path = Path(path)
-    stage = run_stage(path) if path.is_dir() else ""
+    stage = output_stage(path) if path.is_dir() else ""
+    if stage in _NOT_DATASETS:
+        raise HyperfaceError(f"{path} is a `hyperface {stage}` output, not an image dataset: {_NOT_DATASETS[stage]}")
     if stage not in ("generate", "convert"):
         return path
     for inner in (path / "rec", path / "images"):
