@@ -94,6 +94,17 @@ def test_evaluate_cli_errors(tiny_backbone, tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_bin_given_twice_is_evaluated_once(tiny_backbone, tmp_path, capsys, hyperface_log):
+    _, model_path = tiny_backbone
+    write_noisy_pairs_bin(tmp_path / "lfw.bin", 20, seed=1, noise=30)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", str(model_path), str(tmp_path / "lfw.bin"), str(tmp_path / "." / "lfw.bin"),
+                 "--json", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["accuracy"]) == ["lfw"] and len(report["inputs"]["bins"]) == 1
+    assert any("more than once" in r.getMessage() for r in hyperface_log)
+
+
 def test_evaluate_onnx_export_agrees_with_backbone(tiny_backbone, tmp_path):
     """The same network as an ONNX file (insightface's torch2onnx signature) gives the same report."""
     import warnings

@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
             raise HyperfaceError(f"--plot {args.plot}: give a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}")
     if args.cache and not args.ijb:
         raise HyperfaceError("--cache keeps IJB features: it needs --ijb DIR")
+    distinct = list(dict.fromkeys(Path(b).resolve() for b in args.bins))
+    if len(distinct) < len(args.bins):  # one file twice would be evaluated twice for one row of the table
+        get_logger("hyperface.evaluate").warning("a .bin file was given more than once: each is evaluated once")
+        args.bins = [next(b for b in args.bins if Path(b).resolve() == path) for path in distinct]
     own_label = model_label(args.model)
     others = read_reports(args.compare, own_label=own_label)
     started = time.time()
