@@ -368,6 +368,7 @@ def test_image_whose_header_disagrees_with_its_identity_record_keeps_its_own_lab
 
     hyperface_log.clear()  # what reading logs, not opening
     assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, [1, 0, 1, 1]))
+    assert dataset.read_raw(3) == (images[3], 1)  # again: no second warning (a trainer reads it every epoch)
     warnings = [r.getMessage() for r in hyperface_log if r.levelno >= logging.WARNING and "own header" in r.getMessage()]
     assert len(warnings) == 2 and "image 1 is labelled 0 in its own header" in warnings[0]
     assert "image 3 is labelled 7 in its own header, outside the dataset's classes 0..1: using its identity record's class 1" in warnings[1]

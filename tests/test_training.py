@@ -606,20 +606,25 @@ def test_loader_workers_still_end_when_their_own_process_ends_them(tmp_path):
     assert finished.returncode == 0 and "done" in finished.stdout, finished.stderr
 
 
-def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(synthetic, tmp_path):
+@pytest.mark.parametrize("every", [{"checkpoint_every": 1, "log_every": 1},
+                                   {"checkpoint_every": 1, "log_every": 50, "val_every": 1}])
+def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(synthetic, tmp_path, every):
     """An absurd learning rate: the loss goes NaN. Training stops with a clear error instead of
-    running on, and never saves (so never prunes for) a checkpoint of NaN weights."""
+    running on, and never saves (so never prunes for) a checkpoint of NaN weights; also when a
+    verification comes before the next loss log."""
     from hyperface.training.checkpoint import load_safetensors as load
 
     run = tmp_path / "run"
+    val = {"val_bins": (str(synthetic["bin"]),)} if "val_every" in every else {}
     cfg = TrainConfig(data=str(synthetic["data"]), out=str(run), epochs=4, batch_size=32, device="cpu",
-                      **{**TINY, "checkpoint_every": 1, "log_every": 1}, lr=1e6, clip_grad_norm=0.0)
+                      **{**TINY, **every}, **val, lr=1e6, clip_grad_norm=0.0)
     with pytest.raises(HyperfaceError, match="training diverged.*NaN/inf by step") as caught:
         train(cfg)
     kept = sorted((run / "checkpoints").glob("step-*"))
     assert kept and all(torch.isfinite(t).all() for path in kept for t in load(path / "backbone.safetensors").values())
     assert latest_checkpoint(run).name in str(caught.value)
-    for line in (run / "metrics.jsonl").read_text().splitlines():  # strict JSON: no bare NaN written
+    metrics = run / "metrics.jsonl"  # (none yet when the first log step was not reached)
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:  # strict JSON: no bare NaN written
         json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
     assert not (run / "manifest.json").exists() and not (run / "backbone.pth").exists()
 
@@ -700,6 +705,59 @@ def test_pruning_never_counts_a_half_written_checkpoint_as_kept(tmp_path):
             (folder / f"step-{step:09d}" / "meta.json").write_text("{}")
     prune_checkpoints(folder, folder / "step-000000006", keep=2)
     assert sorted(p.name for p in folder.iterdir()) == ["step-000000003", "step-000000006"]
+
+
+def test_a_loader_worker_stuck_in_a_read_ends_on_its_owner_s_sigterm_whatever_the_start_method(tmp_path):
+    """The owner's SIGTERM (torch's worker shutdown, multiprocessing at exit) ends a worker that does
+    not stop by itself, with fork and with forkserver (Python 3.14's default), where the worker's
+    parent is the fork server, not the owner."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import functools, os, sys, time\n"
+        "import torch\n"
+        "from hyperface.training.trainer import _leave_signals_to_main\n"
+        "class Slow(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i):\n"
+        "        if i >= 2: time.sleep(60)  # stuck in a slow read\n"
+        "        return i\n"
+        "if __name__ == '__main__':\n"
+        "    loader = torch.utils.data.DataLoader(Slow(), batch_size=2, num_workers=1, persistent_workers=True,\n"
+        "        worker_init_fn=functools.partial(_leave_signals_to_main, owner=os.getpid()), multiprocessing_context=sys.argv[1])\n"
+        "    it = iter(loader); next(it)\n"
+        "    worker = it._workers[0]\n"
+        "    worker.terminate()\n"
+        "    try:\n"
+        "        worker.join(10)\n"
+        "    except RuntimeError:  # torch's SIGCHLD handler: 'worker killed by signal', as it was\n"
+        "        worker.join(10)\n"
+        "    print('alive' if worker.is_alive() else 'ended', flush=True)\n"
+    )
+    for method in ("fork", "forkserver"):
+        done = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().endswith("ended"), (method, done.stdout, done.stderr[-2000:])
+
+
+def test_a_second_sigterm_is_the_same_stop_and_a_second_ctrl_c_aborts():
+    """Under Slurm + torchrun a rank gets SIGTERM twice (Slurm's, then the agent's): still one clean
+    stop at the step's end; a second Ctrl-C is the user insisting."""
+    import os
+    import signal
+
+    from hyperface.common.runtime import StopRequest
+
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
 
 
 def test_pruning_never_leaves_a_partial_checkpoint_and_finishes_after_a_kill(tmp_path, monkeypatch):

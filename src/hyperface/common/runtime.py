@@ -163,8 +163,9 @@ def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
 
 class StopRequest:
     """SIGTERM / first Ctrl-C: the long loops finish their current step, checkpoint it and stop (a
-    second Ctrl-C aborts at once). Under DDP the ranks agree through :meth:`agreed` (a collective on
-    every rank). Use from the main thread; :meth:`restore` puts the previous handlers back."""
+    second Ctrl-C aborts at once; a second SIGTERM does not: under Slurm + torchrun a rank gets one
+    from Slurm and one from torchrun's agent). Under DDP the ranks agree through :meth:`agreed` (a
+    collective on every rank). Use from the main thread; :meth:`restore` puts the previous handlers back."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         import signal
@@ -178,7 +179,11 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        import signal
+
         if self.requested:
+            if signum == signal.SIGTERM:
+                return  # the same request again (Slurm and torchrun's agent both send one)
             raise KeyboardInterrupt
         self.requested = True
         self._log.warning("stop requested: finishing this step and writing a checkpoint (Ctrl-C again to abort)")

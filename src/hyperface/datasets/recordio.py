@@ -268,6 +268,7 @@ class RecordIODataset:
         self._handle: BinaryIO | None = None
         self._handle_pid: int | None = None
         self._warned_label_mismatch = False
+        self._warned_label_outside = False
         keys, offsets = read_idx(self.idx_path)
         if keys.size == 0:
             raise HyperfaceError(f"{self.idx_path} is empty: the dataset has no records")
@@ -390,8 +391,11 @@ class RecordIODataset:
         if not 0 <= label < self.num_classes:
             # outside the classes the identity records (or the property file) size: a trainer would fail
             # on it hours in; the identity record's class is the one that fits
-            log.warning("%s is labelled %d in its own header, outside the dataset's classes 0..%d: using its identity "
-                        "record's class %d", what, label, self.num_classes - 1, int(self.labels[index]))
+            if not self._warned_label_outside:
+                self._warned_label_outside = True
+                log.warning("%s is labelled %d in its own header, outside the dataset's classes 0..%d: using its identity "
+                            "record's class %d (further such images are not logged)", what, label, self.num_classes - 1,
+                            int(self.labels[index]))
             return bytes(data), int(self.labels[index])
         if label != self.labels[index] and not self._warned_label_mismatch:
             # `labels` (one header per identity, fast on millions of images) sized the classes; the

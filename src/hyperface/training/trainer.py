@@ -18,6 +18,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -462,7 +463,8 @@ def _diverged(step: int, kept: Path | None) -> HyperfaceError:
     """The error for a loss or weights gone NaN/inf (nothing of them is saved)."""
     newest = f"the newest checkpoint kept, {kept.name}, holds the last finite weights" if kept else "no checkpoint was saved"
     return HyperfaceError(
-        f"training diverged: the loss or the weights became NaN/inf by step {step}; they were not saved, and "
+        f"training diverged: the loss, the weights or the model's outputs became NaN/inf by step {step}; they were "
+        "not saved, and "
         f"{newest}. Lower --lr or keep --clip-grad-norm above 0, and start again with --overwrite"
     )
 
@@ -475,7 +477,7 @@ def _all_finite(tensors, world: int, device: torch.device) -> bool:
     return bool(flag.item() > 0)
 
 
-def _leave_signals_to_main(worker_id: int) -> None:
+def _leave_signals_to_main(worker_id: int, owner: int | None = None) -> None:
     """DataLoader workers leave Ctrl-C and an outside SIGTERM to the main process, which finishes the
     step, checkpoints and stops. Slurm (scancel, the time limit) signals every process of the job: a
     worker dying of it would make the main process fail mid-checkpoint ("DataLoader worker killed by
@@ -485,16 +487,17 @@ def _leave_signals_to_main(worker_id: int) -> None:
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell apart (macOS): die of it, as before
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        return
-    parent = os.getppid()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
+    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell apart (macOS): die of it, as before
+        return
+    # The process that owns the loader (given: with forkserver or spawn the parent is another process)
+    owner = owner if owner is not None else os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # taken by the thread below only
 
     def watch() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent and os.getppid() == parent:
-            pass  # an outside SIGTERM: the main process has one too and stops the run
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != owner:
+            pass  # an outside SIGTERM: the main process has one too and stops the run (torch's watchdog
+            # ends this worker if the owner dies)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.kill(os.getpid(), signal.SIGTERM)  # die of it, as the parent expects
 
@@ -739,12 +742,20 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
     def validate() -> None:
         if not cfg.val_bins:
             return
+        # diverged weights embed as NaN: say that, not "embeddings contain NaN" (every rank checks alike)
+        if not _all_finite([*backbone.state_dict().values()], world, device):
+            raise _diverged(step, ckpt.latest_checkpoint(out))
         if is_main:
             from hyperface.evaluation.verification import evaluate_images
 
             results = {}
             for bin_path, name in zip(cfg.val_bins, val_names):
-                result = evaluate_images(embed, *val_sets[bin_path], flip=True)  # insightface's ten folds
+                try:
+                    result = evaluate_images(embed, *val_sets[bin_path], flip=True)  # insightface's ten folds
+                except HyperfaceError as exc:  # finite weights can still overflow to NaN features
+                    if "NaN/inf" in str(exc):
+                        raise _diverged(step, ckpt.latest_checkpoint(out)) from exc
+                    raise
                 results[name] = float(result.accuracy)
             val_results.update(results)
             # 1-based, as the log prints it: the epoch this step belongs to (validation at an epoch's
@@ -781,7 +792,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
         num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        worker_init_fn=_leave_signals_to_main,
+        worker_init_fn=functools.partial(_leave_signals_to_main, owner=os.getpid()),
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
