@@ -513,3 +513,6 @@ def test_embeddings_of_an_image_list_or_a_flat_folder_point_to_labels(tmp_path):
         assert main(["embed", str(source), "--model", str(model), "--aligned", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
         with pytest.raises(HyperfaceError, match=f"{what}.*--labels LABELS.npy"):
             labels_for_embeddings(out / "gallery.npy")
+    (tmp_path / "train.rec").write_bytes(b"")
+    with pytest.raises(HyperfaceError, match="name image files, but .*train.rec is a RecordIO file"):
+        labels_for_embeddings(out / "gallery.npy", tmp_path / "train.rec")

@@ -91,7 +91,10 @@ def embedded_items(embeddings_path: str | os.PathLike, dataset: str | os.PathLik
             raise HyperfaceError(f"{index} names record {int(rows.max())} but {dataset} has {len(rec)} records: wrong --dataset?")
         return rec.labels[rows], dataset, rows, rec
     no_identities = "which names no identities: give each row's identity with --labels LABELS.npy (one integer a row)"
-    if dataset.is_file():  # an image list (embed's list input): its lines carry no labels
+    if dataset.is_file() and dataset.suffix.lower() in (".rec", ".idx"):
+        raise HyperfaceError(f"the rows of {embeddings_path} name image files, but {dataset} is a RecordIO file: pass "
+                             "the image folder they came from with --dataset, or the labels with --labels LABELS.npy")
+    if dataset.is_file():  # an image list (embed's list input) or one image: no labels in it
         raise HyperfaceError(f"{embeddings_path} was embedded from the image list {dataset}, {no_identities}")
     try:
         folder = ImageFolderDataset(dataset)
