@@ -8,6 +8,7 @@ same identities form a verification .bin evaluated with the insightface protocol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -705,6 +706,69 @@ def test_pruning_never_counts_a_half_written_checkpoint_as_kept(tmp_path):
             (folder / f"step-{step:09d}" / "meta.json").write_text("{}")
     prune_checkpoints(folder, folder / "step-000000006", keep=2)
     assert sorted(p.name for p in folder.iterdir()) == ["step-000000003", "step-000000006"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc), parents first."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop(0))
+        todo += children.get(found[-1], [])
+    return found
+
+
+def test_slurm_style_sigterm_to_every_process_of_a_torchrun_job_checkpoints_every_rank(synthetic, tmp_path):
+    """scancel under torchrun: SIGTERM to the agent, both ranks and their loader workers at once. Each
+    rank also gets the agent's own SIGTERM: still one clean stop, every rank at the same step, which
+    is checkpointed (it was an abort: the second SIGTERM counted as a second Ctrl-C)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = tmp_path / "ddp"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "hyperface", "train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",
+         "--epochs", "50", "--max-steps", "400", "--batch-size", "8", "--workers", "1", "--device", "cpu",
+         "--log-every", "4", "--checkpoint-every", "0"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HYPERFACE_PROGRESS": "0"}, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(_losses(run)) >= 2):
+            time.sleep(0.1)
+        # every process of the job, as Slurm does (torchrun puts each rank in a session of its own):
+        # the ranks and their workers, then the agent, which sends each rank a second SIGTERM
+        for pid in _descendants(job.pid)[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    stopped = [line for line in output.splitlines() if "stopped by a signal at step" in line]
+    assert len(stopped) == 2 and "killed by signal" not in output, output[-3000:]
+    step = int(stopped[0].split("at step ")[1].split()[0])
+    assert step % 4 == 0 and latest_checkpoint(run).name == f"step-{step:09d}"  # the ranks agreed at a log step
+    assert {p.name for p in latest_checkpoint(run).iterdir()} >= {"head-rank0.safetensors", "head-rank1.safetensors"}
 
 
 def test_a_loader_worker_stuck_in_a_read_ends_on_its_owner_s_sigterm_whatever_the_start_method(tmp_path):
