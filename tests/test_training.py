@@ -645,6 +645,36 @@ def test_resume_keeps_the_run_s_checkpointing_and_verification(synthetic, tmp_pa
     assert json.loads((run / "manifest.json").read_text())["verification"]  # the resumed run verified too
 
 
+def test_resume_replaces_a_kept_setting_given_again_and_drops_a_vanished_val_bin(synthetic, tmp_path, hyperface_log):
+    import shutil
+
+    run, holdout = tmp_path / "run", tmp_path / "holdout.bin"
+    shutil.copy(synthetic["bin"], holdout)
+    common = ["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",
+              "--epochs", "2", "--batch-size", "32", "--workers", "0", "--device", "cpu", "--checkpoint-every", "1"]
+    assert cli_main([*common, "--max-steps", "2", "--keep-checkpoints", "0", "--val-bin", str(holdout)]) == 0
+    holdout.unlink()
+    assert cli_main([*common, "--max-steps", "5", "--keep-checkpoints", "2", "--resume"]) == 0
+    assert len(list((run / "checkpoints").glob("step-*"))) == 2  # the new value, not the run's 0
+    warned = [r.getMessage() for r in hyperface_log if r.levelno == logging.WARNING and "--val-bin" in r.getMessage()]
+    assert len(warned) == 1 and "holdout.bin not found; resuming without" in warned[0]
+
+
+def test_nan_features_in_a_verification_are_reported_as_divergence(synthetic, tmp_path, monkeypatch):
+    """Finite weights can still overflow to NaN features: the verification's error becomes the
+    divergence error (step, newest finite checkpoint, what to do), not 'embeddings contain NaN'."""
+    import hyperface.evaluation.verification as verification
+
+    def nan_features(*args, **kwargs):
+        raise HyperfaceError("embeddings contain NaN/inf: check the model")
+
+    monkeypatch.setattr(verification, "evaluate_images", nan_features)
+    cfg = TrainConfig(data=str(synthetic["data"]), out=str(tmp_path / "run"), epochs=1, batch_size=32, device="cpu",
+                      val_bins=(str(synthetic["bin"]),), **{**TINY, "val_every": 2, "checkpoint_every": 2})
+    with pytest.raises(HyperfaceError, match="training diverged: .*by step 2; .*step-000000002"):
+        train(cfg)
+
+
 def test_resume_without_a_run_warns_that_it_starts_one(synthetic, tmp_path, hyperface_log):
     run = tmp_path / "typo"
     assert cli_main(["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64",

@@ -543,10 +543,10 @@ class Arc2FaceGenerator:
             self._set_fast_attention()
         if self.settings.channels_last:
             if not self.settings.compile:
-                # Measured on an H100: the eager sampler converts layouts around every GroupNorm (a
-                # quarter of the GPU time), 10% slower than without; compiled, the layout pays off.
+                # Measured: eager, GroupNorm converts layouts around itself (a quarter of the H100's
+                # time in its profile; 10% slower on an H200); compiled, the layout pays off.
                 log.warning("--channels-last without --compile slows the sampler (eager GroupNorm converts layouts; "
-                            "measured 10%% slower on an H100/H200): use it with --compile")
+                            "measured 10%% slower on an H200): use it with --compile")
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self._unet_forward = self.unet

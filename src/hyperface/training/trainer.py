@@ -461,7 +461,7 @@ def train_step(
 
 def _diverged(step: int, kept: Path | None) -> HyperfaceError:
     """The error for a loss or weights gone NaN/inf (nothing of them is saved)."""
-    newest = f"the newest checkpoint kept, {kept.name}, holds the last finite weights" if kept else "no checkpoint was saved"
+    newest = f"the newest checkpoint kept, {kept.name}, holds the last finite weights" if kept else "no checkpoint was saved before"
     return HyperfaceError(
         f"training diverged: the loss, the weights or the model's outputs became NaN/inf by step {step}; they were "
         "not saved, and "
