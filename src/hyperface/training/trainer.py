@@ -247,21 +247,21 @@ def _finished_manifest(out: Path, step: int) -> dict[str, Any] | None:
     return manifest
 
 
-def _verification_at(out: Path, step: int | None) -> dict[str, float] | None:
-    """The verification results metrics.jsonl holds for ``step`` (None: the last before any), or None.
-    Every rank reads it (the run folder is shared), so all decide alike whether to verify again."""
-    found = None
+def _verifications(out: Path) -> dict[int, dict[str, float]]:
+    """The verification results metrics.jsonl holds, by step. Every rank reads it (the run folder is
+    shared), so all decide alike whether to verify again on resume."""
+    found: dict[int, dict[str, float]] = {}
     try:
         lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     except OSError:
-        return None
+        return found
     for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("val"), dict) and (step is None or row.get("step") == step):
-            found = row["val"]
+        if isinstance(row, dict) and isinstance(row.get("val"), dict) and isinstance(row.get("step"), int):
+            found[row["step"]] = row["val"]
     return found
 
 
@@ -464,8 +464,7 @@ def _diverged(step: int, kept: Path | None) -> HyperfaceError:
     newest = f"the newest checkpoint kept, {kept.name}, holds the last finite weights" if kept else "no checkpoint was saved before"
     return HyperfaceError(
         f"training diverged: the loss, the weights or the model's outputs became NaN/inf by step {step}; they were "
-        "not saved, and "
-        f"{newest}. Lower --lr or keep --clip-grad-norm above 0, and start again with --overwrite"
+        f"not saved, and {newest}. Lower --lr or keep --clip-grad-norm above 0, and start again with --overwrite"
     )
 
 
@@ -688,11 +687,11 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
     embed = make_embed_fn(backbone, device, amp_dtype, channels_last)
     val_results: dict[str, float] = {}
     last_saved = step if resumed_from is not None else -1
-    verified_at_resume: dict[str, float] | None = None
+    verified = _verifications(out) if resumed_from is not None else {}
+    earlier = [s for s in verified if s <= step]
+    if earlier:  # the manifest of a resumed run reports the latest verification
+        val_results.update(verified[max(earlier)])
     if resumed_from is not None:
-        # A checkpoint is published before its verification runs: a kill in between must not lose it.
-        verified_at_resume = _verification_at(out, step)
-        val_results.update(verified_at_resume or _verification_at(out, None) or {})
         if is_main and step < stop_at and (out / "backbone.pth").is_file():
             # the export of an earlier stop (--max-steps): stale once training goes on, and `evaluate RUN`
             # would take it over the newer checkpoints
@@ -765,7 +764,8 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
         _barrier(world)
 
     verification_due = (cfg.val_every and step % cfg.val_every == 0) or (step_in_epoch == 0 and not cfg.val_every)
-    if resumed_from is not None and step > 0 and cfg.val_bins and verification_due and verified_at_resume is None:
+    # A checkpoint is published before its verification runs: a kill in between must not lose it.
+    if resumed_from is not None and step > 0 and cfg.val_bins and verification_due and step not in verified:
         if is_main:
             log.info("step %d was checkpointed but not verified (stopped in between): verifying it now", step)
         validate()
