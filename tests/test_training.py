@@ -658,6 +658,9 @@ def test_resume_replaces_a_kept_setting_given_again_and_drops_a_vanished_val_bin
     assert len(list((run / "checkpoints").glob("step-*"))) == 2  # the new value, not the run's 0
     warned = [r.getMessage() for r in hyperface_log if r.levelno == logging.WARNING and "--val-bin" in r.getMessage()]
     assert len(warned) == 1 and "holdout.bin not found; resuming without" in warned[0]
+    shutil.copy(synthetic["bin"], holdout)  # back, but `--val-bin` with no file says: no verification
+    assert cli_main([*common, "--max-steps", "6", "--val-every", "1", "--val-bin", "--resume"]) == 0
+    assert not [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
 
 
 def test_nan_features_in_a_verification_are_reported_as_divergence(synthetic, tmp_path, monkeypatch):

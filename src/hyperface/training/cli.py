@@ -117,7 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process, LOCAL_RANK; default: auto)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--val-bin", nargs="+", default=[], metavar="BIN", help="verification .bin files (insightface format) evaluated during training")
+    run.add_argument("--val-bin", nargs="*", default=[], metavar="BIN",
+                     help="verification .bin files (insightface format) evaluated during training; with no file, none "
+                          "(a --resume otherwise keeps the run's)")
     run.add_argument("--val-every", type=int, default=0, help="verify every N steps (default: 0 = every epoch)")
     run.add_argument("--checkpoint-every", type=int, default=2000, help="checkpoint every N steps, besides every epoch (default: 2000; 0 = epochs only)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default: 2; 0 = keep all)")
