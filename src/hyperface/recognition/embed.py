@@ -210,15 +210,13 @@ def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool, clear: bool 
             f"{foreign[0]} exists and was not written by `hyperface embed` (no {paths.manifest.name} beside it"
             f"{'; it is a folder' if foreign[0].is_dir() else ''}): choose another --out"
         )
-    if not foreign and _holds_no_work(paths, existing):  # nothing to resume, nothing to protect
+    reuse = not foreign and _holds_no_work(paths, existing)  # nothing to resume, nothing to protect
+    if reuse or overwrite:
         if clear:
-            log.info("reusing %s: an earlier attempt there embedded no image", paths.embeddings)
+            if reuse:
+                log.info("reusing %s: an earlier attempt there embedded no image", paths.embeddings)
             for p in existing:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        return
-    if overwrite:
-        for p in existing:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
         return
     if resume:
         # this run's own names only: galleries can share a folder
