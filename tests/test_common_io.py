@@ -320,3 +320,20 @@ def test_an_output_link_works_in_the_folder_it_names(tmp_path):
     (tmp_path / "link").symlink_to(real)
     out = prepare_output_dir(tmp_path / "link", overwrite=True, stage="convert")
     assert out == real.resolve() and (tmp_path / "link").is_symlink() and not (real / "result.txt").exists()
+
+
+def test_safetensors_reader_round_trips_and_names_a_damaged_or_missing_file(tmp_path):
+    import torch
+
+    from hyperface.common.io import load_safetensors
+    from hyperface.training.checkpoint import save_safetensors
+
+    path = tmp_path / "weights.safetensors"
+    save_safetensors({"w": torch.arange(6.0).reshape(2, 3)}, path)
+    assert torch.equal(load_safetensors(path)["w"], torch.arange(6.0).reshape(2, 3))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 8])  # a copy cut short
+    with pytest.raises(HyperfaceError, match=r"weights\.safetensors as a safetensors file .*: fetch it again"):
+        load_safetensors(path, hint="fetch it again")
+    with pytest.raises(HyperfaceError, match="file not found: .*missing.safetensors"):
+        load_safetensors(tmp_path / "missing.safetensors")

@@ -524,6 +524,22 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
+def load_safetensors(
+    path: str | os.PathLike, device: Any = "cpu", *, hint: str = "the file is truncated or damaged (copy it again), or not a safetensors file"
+) -> dict[str, Any]:
+    """All tensors of a .safetensors file (no pickle involved); a missing or damaged file is a one-line
+    error ending in ``hint`` (what to do about it)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise HyperfaceError(f"file not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types (SafetensorError, a Rust panic's)
+        raise HyperfaceError(f"cannot read {path} as a safetensors file ({exception_summary(exc, 200)}): {hint}") from exc
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON object hyperface (or a model folder) keeps, e.g. a manifest or run.json; a damaged file is
     one HyperfaceError naming it, not a traceback. A missing file raises FileNotFoundError as usual."""
@@ -538,6 +554,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = [
+    "load_safetensors",
     "RUN_MARKER",
     "atomic_path",
     "atomic_write",

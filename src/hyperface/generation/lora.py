@@ -117,14 +117,11 @@ def check_lora_file(path: str | Path) -> Path:
 def fuse_lora_into_unet(unet, path: str | Path, *, scale: float = 1.0) -> int:
     """Add the LoRA in ``path`` to ``unet``'s weights in place; return the number of layers changed."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+
+    from hyperface.common.io import load_safetensors
 
     path = check_lora_file(path)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise HyperfaceError(f"cannot read LoRA file {path} ({exc}); re-download it from {LCM_LORA_SOURCE}") from exc
+    state = load_safetensors(path, hint=f"re-download it from {LCM_LORA_SOURCE}")
     modules = dict(unet.named_modules())
     underscored = {name.replace(".", "_"): name for name in modules if name}
     groups = _group_lora_tensors(_map_sgm_names(state, unet.config), underscored)

@@ -386,15 +386,9 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
+        from hyperface.common.io import load_safetensors
 
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise HyperfaceError(
-                f"cannot read {path} as a safetensors file ({exception_summary(exc, 200)}): the file is truncated or "
-                "damaged (copy it again), or not a safetensors file"
-            ) from exc
+        return load_safetensors(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from hyperface.common.errors import HyperfaceError, exception_summary
-from hyperface.common.io import atomic_path, atomic_write, read_json, save_json
+from hyperface.common.io import atomic_path, atomic_write, load_safetensors, read_json, save_json
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -37,15 +37,6 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(plain, tmp, metadata=metadata)
-
-
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise HyperfaceError(f"cannot read {path}: not a valid safetensors file ({exc})") from exc
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
