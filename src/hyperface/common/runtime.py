@@ -164,8 +164,8 @@ def ordered_parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
 class StopRequest:
     """SIGTERM / first Ctrl-C: the long loops finish their current step, checkpoint it and stop (a
     second Ctrl-C aborts at once; a second SIGTERM does not: under Slurm + torchrun a rank gets one
-    from Slurm and one from torchrun's agent). Under DDP the ranks agree through :meth:`agreed` (a
-    collective on every rank). Use from the main thread; :meth:`restore` puts the previous handlers back."""
+    from Slurm and one from torchrun's agent). Under DDP the ranks agree through :meth:`agreed`
+    (a collective every step, on every rank). Use from the main thread; :meth:`restore` puts the previous handlers back."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         import signal
@@ -174,6 +174,7 @@ class StopRequest:
         self.requested = False
         self._log = logger or get_logger("hyperface")
         self._previous: dict[int, Any] = {}
+        self._pending: list[tuple[Any, Any]] = []  # agreed's reductions in flight
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -188,8 +189,15 @@ class StopRequest:
         self.requested = True
         self._log.warning("stop requested: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
 
+    #: how many calls of :meth:`agreed` a request takes to be seen by every rank
+    LAG = 2
+
     def agreed(self, world: int, device: Any) -> bool:
-        """Whether any rank was asked to stop (``world`` > 1 needs an initialised process group)."""
+        """Call once per step on every rank: whether the ranks agree to stop now. Each call starts a
+        one-number all-reduce of this rank's request and reads the one started :attr:`LAG` calls
+        before, so every rank reads the same answer at the same step, a request stops the job within
+        ``LAG + 1`` steps (torchrun's agent SIGKILLs 30 s after its SIGTERM), and on a GPU the host
+        never waits for the step it has just queued, only for one that is long done."""
         if world == 1:
             return self.requested
         import torch
@@ -197,7 +205,20 @@ class StopRequest:
 
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        if flag.device.type == "cuda":
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = flag, None
+        self._pending.append((host, done))
+        if len(self._pending) <= self.LAG:
+            return False
+        host, done = self._pending.pop(0)
+        if done is not None:
+            done.synchronize()
+        return bool(host.item() > 0)
 
     def restore(self) -> None:
         import signal

@@ -844,7 +844,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
                     paused = time.time()
                     validate()
                     window_start += time.time() - paused  # images/s is training's: verification time left out
-                if stop.requested if world == 1 else (step % max(1, cfg.log_every) == 0 and stop.agreed(world, device)):
+                if stop.agreed(world, device):  # every step: ranks agree within StopRequest.LAG + 1 steps
                     save(epoch, step_in_epoch)
                     log.info("stopped by a signal at step %d after writing its checkpoint; rerun with --resume", step)
                     raise KeyboardInterrupt
