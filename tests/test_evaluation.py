@@ -153,7 +153,36 @@ def test_threshold_at_far_agrees_with_scipys_spline_on_random_curves():
         thresholds = np.arange(far.size, dtype=np.float64) * 0.01
         spline = interpolate.BSpline(np.r_[far[0], far, far[-1]], thresholds, 1)
         for target in np.r_[far, rng.uniform(0, far.max(), 3)]:
-            assert _threshold_at_far(far, thresholds, float(target)) == pytest.approx(float(spline(target)), abs=1e-12)
+            assert _threshold_at_far(far, thresholds, float(target)) == float(spline(target))  # to the last bit
+
+
+def test_val_threshold_is_the_splines_to_the_last_bit():
+    """insightface's interp1d('slinear') threshold is a spline value; linear interpolation written
+    another way rounds differently (in about a third of LFW-sized folds), and a pair sitting exactly
+    on the spline's threshold then lands on its other side. Fold B's FAR steps from 0 to 1/3 at
+    0.7613, so at FAR 0.3 the spline gives 0.7618999999999999 (not 0.7619), and a genuine pair of
+    fold A has exactly that distance: insightface does not accept it (fold A: VAL 1/2, not 2/2)."""
+    from scipy.interpolate import BSpline
+
+    on_the_threshold = 0.8728688332160794  # its square rounds to the spline's threshold
+    fold_a = [on_the_threshold, np.sqrt(0.05), np.sqrt(3.9), np.sqrt(3.95)]
+    fold_b = [np.sqrt(0.05), np.sqrt(3.3415), np.sqrt(0.7613), np.sqrt(3.3357)]
+    issame = np.array([True, True, False, False, True, False, False, False])
+    emb = np.zeros((16, 1))
+    emb[1::2, 0] = fold_a + fold_b
+    dist = np.sum(np.square(emb[0::2] - emb[1::2]), 1)
+    grid = np.arange(0, 4, 0.001)
+
+    def spline_threshold(d, same):  # insightface's calculate_val on one training fold
+        far = np.array([np.sum(np.less(d[~same], t)) / np.sum(~same) for t in grid])
+        return float(BSpline(np.r_[far[0], far, far[-1]], grid, 1)(0.3))
+
+    trained_on_b, trained_on_a = spline_threshold(dist[4:], issame[4:]), spline_threshold(dist[:4], issame[:4])
+    assert dist[0] == trained_on_b == 0.7618999999999999
+    vals = [np.mean(np.less(dist[:4][issame[:4]], trained_on_b)), np.mean(np.less(dist[4:][issame[4:]], trained_on_a))]
+    assert vals == [0.5, 1.0]
+    result = evaluate_embeddings(emb, issame, nfolds=2, far_target=0.3)
+    assert (result.val, result.val_std) == (0.75, 0.25)
 
 
 def test_kfold_is_contiguous_like_sklearn():

@@ -269,23 +269,24 @@ def _val_far(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> tu
 def _threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) -> float:
     # insightface fits scipy interp1d(far, thresholds, 'slinear'): a degree-1 B-spline through the
     # (FAR, threshold) points in FAR order (knots r_[x0, x, x_last]), which recent SciPy refuses
-    # because FAR values repeat. The same function without SciPy: a target between two FAR values
-    # interpolates between the last threshold with the lower FAR and the first with the higher; a
-    # target equal to a FAR value gives the LAST threshold with that FAR (where the spline's interval
-    # lookup lands), except the largest FAR when it repeats, where the spline's empty last interval
-    # gives 0 (never at 1e-3: the largest FAR is 1); 0 if no FAR reaches the target.
-    reach = np.flatnonzero(far >= target)
-    if reach.size == 0:
+    # because FAR values repeat. The same function without SciPy, evaluated with the spline's own
+    # arithmetic (de Boor for degree 1), so the threshold agrees to the last bit: plain linear
+    # interpolation rounds differently in about a third of LFW-sized folds. The interval is the last
+    # one whose left FAR is <= target: a target between two FAR values interpolates between the last
+    # threshold with the lower FAR and the first with the higher; a target equal to a FAR value gives
+    # (to within rounding) the LAST threshold with that FAR, except the largest FAR when it repeats,
+    # where the spline's empty last interval gives 0 (never at 1e-3: the largest FAR is 1); 0 if no
+    # FAR reaches the target.
+    if far.size == 0 or not far.max() >= target:
         return 0.0
-    j = int(reach[0])
-    if far[j] == target:
-        if target == far[-1] and far.size > 1 and far[-2] == far[-1]:
-            return 0.0
-        return float(thresholds[int(np.flatnonzero(far == target)[-1])])
-    if j == 0:  # a target below every FAR (FAR at threshold 0 is 0, so only a negative one)
+    if target < far[0] or far.size == 1:  # a target below every FAR (only a negative one): the first threshold
         return float(thresholds[0])
-    w = (target - far[j - 1]) / (far[j] - far[j - 1])
-    return float(thresholds[j - 1] + w * (thresholds[j] - thresholds[j - 1]))
+    i = min(int(np.searchsorted(far, target, side="right")) - 1, far.size - 2)
+    lo, hi = float(far[i]), float(far[i + 1])
+    if hi == lo:
+        return 0.0
+    w = 1.0 / (hi - lo)
+    return float(thresholds[i] * (w * (hi - target)) + thresholds[i + 1] * (w * (target - lo)))
 
 
 def evaluate_embeddings(
