@@ -147,6 +147,54 @@ def _write_release(root, *, identities=6, templates_per_id=2, faces_per_template
     return folder, crops
 
 
+def test_ijb_crops_are_insightfaces_bit_for_bit(tmp_path):
+    """Loose crops of rotated, scaled faces with fractional landmarks, aligned as insightface's IJB
+    scripts do (re-typed below: float32 landmarks and a float32 template built from the 96x112 points,
+    scikit-image's fit, warpAffine of the BGR image, then RGB). A float64 fit, or the 112x112 template
+    (one float32 step off at the right mouth corner), changes a few pixels of nearly every crop."""
+    import cv2
+    from skimage.transform import SimilarityTransform
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "IJBC"
+    (folder / "meta").mkdir(parents=True)
+    (folder / "loose_crop").mkdir()
+    centred = np.array([[-17.7, -20.3], [17.5, -20.5], [0.0, -0.3], [-14.5, 20.4], [14.7, 20.2]])
+    lines = []
+    for i in range(8):
+        height, width = (int(v) for v in rng.integers(150, 260, 2))
+        coarse = rng.integers(0, 256, (height // 6, width // 6, 3)).astype(np.uint8)
+        bgr = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+        angle, scale = rng.uniform(-0.5, 0.5), rng.uniform(0.9, 2.5)
+        rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        points = centred @ rotation.T + [width / 2, height / 2] + rng.normal(0, 1.5, (5, 2))
+        cv2.imwrite(str(folder / "loose_crop" / f"{i}.png"), bgr)
+        lines.append(f"{i}.png " + " ".join(f"{v:.3f}" for v in points.reshape(-1)) + f" {rng.uniform(0.5, 1):.4f}")
+    (folder / "meta" / "ijbc_name_5pts_score.txt").write_text("\n".join(lines) + "\n")
+    (folder / "meta" / "ijbc_face_tid_mid.txt").write_text("".join(f"{i}.png {i // 2} {i}\n" for i in range(8)))
+    (folder / "meta" / "ijbc_template_pair_label.txt").write_text("0 1 0\n2 3 0\n")
+    crops = []
+
+    def capture(images):
+        crops.append(images.copy())
+        return np.ones((len(images), 4), dtype=np.float32)
+
+    ijb_image_features(capture, read_ijb_meta(folder, "IJBC"), batch_size=3, flip=False)
+    template = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
+                        dtype=np.float32)
+    template[:, 0] += 8.0
+    for crop, line in zip(np.concatenate(crops), lines):
+        fields = line.split()
+        landmarks = np.array([float(v) for v in fields[1:-1]], dtype=np.float32).reshape(5, 2)
+        if hasattr(SimilarityTransform, "from_estimate"):
+            fit = SimilarityTransform.from_estimate(landmarks, template)
+        else:  # pragma: no cover - older scikit-image
+            fit = SimilarityTransform()
+            fit.estimate(landmarks, template)
+        warped = cv2.warpAffine(cv2.imread(str(folder / "loose_crop" / fields[0])), fit.params[0:2, :], (112, 112), borderValue=0.0)
+        np.testing.assert_array_equal(crop, cv2.cvtColor(warped, cv2.COLOR_BGR2RGB))
+
+
 def _insightface_1n(probe_feats, gallery_feats, mask):
     """insightface ijb_1n.py's evaluation(), as loops: ranks by argsort, FPIR by the k-th largest negative."""
     import heapq

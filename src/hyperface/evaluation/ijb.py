@@ -9,7 +9,8 @@ Input: the standard release folder (``IJB_release/IJBC``)::
 
 Protocol (insightface's default test mode N1 D1 F1):
 
-1. each face is aligned to 112x112 with its five landmarks; its feature is the model's raw output for
+1. each face is aligned to 112x112 with its five landmarks (:func:`align_ijb_face`: the crops of
+   insightface's IJB scripts, bit for bit with the same scikit-image and OpenCV); its feature is the model's raw output for
    the face plus that of its horizontal mirror (F1), left un-normalised (N1) and multiplied by the
    detector's faceness score (D1);
 2. within a template, faces of the same media (frames of one video) are averaged, and the media
@@ -197,6 +198,37 @@ def read_ijb_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
 #: Faces per cached block of features (``cache_dir``): a kill loses at most this many.
 CACHE_BLOCK = 8192
 
+#: The 5-point template insightface's IJB scripts (``eval_ijbc.py``, ``ijb_11.py``, ``ijb_onnx.py``)
+#: align to: the 96x112 ArcFace points in float32, moved 8 px right in float32. It is
+#: ``ARCFACE_TEMPLATE`` but for the right mouth corner's x, one float32 step (7.6e-6 px) larger.
+IJB_TEMPLATE = np.array(
+    [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]], dtype=np.float32
+) + np.float32([8.0, 0.0])
+
+
+def align_ijb_face(image_rgb: np.ndarray, landmarks5: np.ndarray, size: int = 112, *, what: str = "an IJB face") -> np.ndarray:
+    """A loose crop aligned exactly as insightface's IJB scripts align it: scikit-image's similarity
+    fit of the float32 landmarks onto :data:`IJB_TEMPLATE`, computed in float32 as theirs is (their
+    landmarks and template are float32; ``recognition.align_face`` fits in float64), then
+    ``cv2.warpAffine`` (bilinear, black border). ``align_face``'s crops differ from these by one grey
+    level in about five pixels of most faces."""
+    import cv2
+    from skimage.transform import SimilarityTransform
+
+    from hyperface.recognition.alignment import arcface_template
+
+    src = np.asarray(landmarks5, dtype=np.float32)
+    dst = IJB_TEMPLATE if size == 112 else arcface_template(size).astype(np.float32)
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        tform = SimilarityTransform.from_estimate(src, dst)
+        ok = bool(tform)
+    else:  # pragma: no cover - older scikit-image
+        tform = SimilarityTransform()
+        ok = tform.estimate(src, dst)
+    if not ok or not np.isfinite(tform.params).all():
+        raise HyperfaceError(f"cannot align {what}: no similarity transform fits its landmarks (are they all the same point?)")
+    return cv2.warpAffine(np.ascontiguousarray(image_rgb), tform.params[:2], (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
+
 
 def ijb_image_features(
     embed_fn: EmbedFn,
@@ -219,14 +251,13 @@ def ijb_image_features(
     import cv2
 
     from hyperface.common.runtime import progress
-    from hyperface.recognition.alignment import align_face
 
     def load(i: int) -> np.ndarray:
         path = meta.image_dir / meta.image_names[i]
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
             raise HyperfaceError(f"cannot read IJB image {path} (missing or not an image)")
-        return align_face(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), meta.landmarks[i], size=image_size)
+        return align_ijb_face(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), meta.landmarks[i], size=image_size, what=f"IJB image {path}")
 
     count = len(meta.image_names)
     features: np.ndarray | None = None
@@ -559,6 +590,8 @@ __all__ = [
     "IJBInputs",
     "IJBMeta",
     "IJBResult",
+    "IJB_TEMPLATE",
+    "align_ijb_face",
     "evaluate_ijb",
     "identification_scores",
     "ijb_image_features",

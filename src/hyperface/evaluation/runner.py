@@ -119,7 +119,8 @@ def _ijb_cache_key(model: str | os.PathLike, root: str | os.PathLike, target: st
     from hyperface.recognition.recognizers import resolve_model_path
 
     meta = _ijb_folder(Path(root), target.upper()) / "meta"
-    parts = [file_sha256(resolve_model_path(model)), target.upper(), f"flip={flip}"]
+    # align=: features cached before the crops became insightface's float32 fit are not reused
+    parts = [file_sha256(resolve_model_path(model)), target.upper(), f"flip={flip}", "align=insightface-ijb-float32"]
     parts += [file_sha256(p) for p in sorted(meta.glob(f"{target.lower()}_*.txt"))]
     return f"{target.upper()}-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
