@@ -1023,3 +1023,26 @@ def test_the_progress_bar_counts_images_as_they_render(monkeypatch, tmp_path, fi
     assert all(b <= a for (b, _), (a, _) in zip(seen, seen[1:])) and all(n <= 12 for n, _ in seen)
     assert bar.n == 12 and bar.postfix == {"identities": "3/3", "renders": generator.rendered}
     assert generator.rendered > 12 if filtered else generator.rendered == 12
+
+
+def test_a_resolution_is_checked_before_the_weights_load_and_warned_once(cli_inputs, tmp_path, monkeypatch, capsys, hyperface_log):
+    """--resolution off the UNet's grid is refused, and one off its native size warned about, from the
+    config files: before minutes of loading SD1.5-sized weights, and only once for the whole run."""
+    import hyperface.generation.arc2face as arc2face
+
+    root, common, _ = cli_inputs
+    ids = str(root / "ids.npy")
+    assert main(["generate", ids, *common, "-k", "1", "--out", str(tmp_path / "odd"), "--resolution", "34"]) == 2
+    assert "--resolution must be a multiple of 4, got 34" in capsys.readouterr().err
+
+    def no_loading(*args, **kwargs):
+        raise HyperfaceError("weights loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(arc2face, "load_arc2face_components", no_loading)
+        assert main(["generate", ids, *common, "-k", "1", "--out", str(tmp_path / "big"), "--resolution", "64"]) == 2
+    assert "weights loaded" in capsys.readouterr().err
+    assert [r.getMessage()[:46] for r in hyperface_log if "--resolution" in r.getMessage()] == ["--resolution 64 is not the 32 px the UNet was "]
+    hyperface_log.clear()
+    assert main(["generate", ids, *common, "-k", "1", "--out", str(tmp_path / "run"), "--resolution", "64", "--format", "rec"]) == 0
+    assert len([r for r in hyperface_log if "--resolution" in r.getMessage()]) == 1

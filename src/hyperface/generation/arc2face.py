@@ -161,6 +161,29 @@ def find_arc2face_files(arc2face_dir: str | Path, sd15_dir: str | Path) -> Arc2F
     )
 
 
+def check_resolution(resolution: int, unet_config: Any, vae_config: Any, *, warn: bool = True) -> None:
+    """Refuse a ``--resolution`` the UNet cannot take and warn about one it was not trained at.
+    Takes the configs (dicts from config.json, or the models' ``.config``), so the command line
+    checks before loading any weights."""
+
+    def get(config: Any, key: str) -> Any:
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    vae_levels, unet_levels = get(vae_config, "block_out_channels"), get(unet_config, "block_out_channels")
+    if not vae_levels or not unet_levels:
+        return  # an unusual config: the model's own error, if any, comes at the first render
+    scale = 2 ** (len(vae_levels) - 1)
+    multiple = scale * 2 ** (len(unet_levels) - 1)
+    if resolution % multiple:
+        raise HyperfaceError(f"--resolution must be a multiple of {multiple}, got {resolution}")
+    sample_size = get(unet_config, "sample_size")
+    if warn and isinstance(sample_size, int) and resolution != scale * sample_size:
+        native = scale * sample_size  # 8 x 64 = 512 for Arc2Face
+        log.warning("--resolution %d is not the %d px the UNet was trained at (VAE scale factor %d x UNet sample_size %d): "
+                    "it renders, but slower or off-distribution (worse faces); use --resolution %d unless you mean it",
+                    resolution, native, scale, sample_size, native)
+
+
 def _read_config(path: Path, source: str) -> dict[str, Any]:
     try:
         return read_json(path)
@@ -507,7 +530,12 @@ class Arc2FaceGenerator:
 
     embedding_dim = IDENTITY_DIM
 
-    def __init__(self, components: Arc2FaceComponents, settings: Arc2FaceSettings | None = None, *, device: Any = "cpu"):
+    def __init__(
+        self, components: Arc2FaceComponents, settings: Arc2FaceSettings | None = None, *, device: Any = "cpu",
+        warn_resolution: bool = True,
+    ):
+        """``warn_resolution=False``: the caller has warned about a non-native resolution already
+        (:func:`check_resolution` on the config files, as the command line does before loading)."""
         import torch
 
         self.settings = (settings or Arc2FaceSettings()).resolved()
@@ -521,15 +549,7 @@ class Arc2FaceGenerator:
         self.dtype = self.unet.dtype
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = int(self.settings.resolution)
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if self.resolution % multiple:
-            raise HyperfaceError(f"--resolution must be a multiple of {multiple}, got {self.resolution}")
-        sample_size = self.unet.config.sample_size
-        if isinstance(sample_size, int) and self.resolution != self.vae_scale_factor * sample_size:
-            native = self.vae_scale_factor * sample_size  # 8 x 64 = 512 for Arc2Face
-            log.warning("--resolution %d is not the %d px the UNet was trained at (VAE scale factor %d x UNet sample_size %d): "
-                        "it renders, but slower or off-distribution (worse faces); use --resolution %d unless you mean it",
-                        self.resolution, native, self.vae_scale_factor, sample_size, native)
+        check_resolution(self.resolution, self.unet.config, self.vae.config, warn=warn_resolution)
         if self.settings.lcm_lora is not None:
             from hyperface.generation.lora import fuse_lora_into_unet
 
@@ -571,12 +591,13 @@ class Arc2FaceGenerator:
         settings: Arc2FaceSettings | None = None,
         *,
         device: Any = "auto",
+        warn_resolution: bool = True,
     ) -> "Arc2FaceGenerator":
         device = resolve_device(device) if isinstance(device, str) else device
         settings = (settings or Arc2FaceSettings()).resolved()
         dtype = resolve_dtype(settings.dtype, device)
         components = load_arc2face_components(arc2face_dir, sd15_dir, device=device, dtype=dtype)
-        return cls(components, settings, device=device)
+        return cls(components, settings, device=device, warn_resolution=warn_resolution)
 
     def _set_fast_attention(self) -> None:
         """PyTorch SDPA (flash / memory-efficient kernels on GPU) in every UNet and VAE attention."""
@@ -743,6 +764,7 @@ __all__ = [
     "SCHEDULERS",
     "SD15_SOURCE",
     "attention_preference",
+    "check_resolution",
     "find_arc2face_files",
     "load_arc2face_components",
     "make_scheduler",

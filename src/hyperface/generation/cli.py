@@ -154,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from hyperface.common.io import duplicate_rows, file_sha256, files_sha256, load_embeddings, output_stage
+    from hyperface.common.io import duplicate_rows, file_sha256, files_sha256, load_embeddings, output_stage, read_json
     from hyperface.common.runtime import resolve_device, seed_everything
     from hyperface.generation.arc2face import (
         Arc2FaceGenerator,
         IDENTITY_DIM,
         Arc2FaceSettings,
+        check_resolution,
         find_arc2face_files,
         resolve_dtype,
         sampler_facts,
@@ -222,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     # on --resume, a shard with other weights), so a mistake fails before minutes of model loading.
     settings = settings.resolved()
     paths = find_arc2face_files(args.arc2face, args.sd15)
+    check_resolution(settings.resolution, read_json(paths.unet / "config.json"), read_json(paths.vae / "config.json"))  # warned here, not after loading
     fr_model = resolve_model_path(args.fr_model) if args.fr_model else None  # a run folder or checkpoints/latest, too
     if args.lcm_lora:
         from hyperface.generation.lora import check_lora_file
@@ -282,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         embed_fn, fr_info = (None, None)
         if args.fr_model:
             embed_fn, fr_info = load_embed_fn(fr_model, device=str(device), embedding_dim=IDENTITY_DIM)  # before the generator
-        generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device)
+        generator = Arc2FaceGenerator.from_pretrained(args.arc2face, args.sd15, settings, device=device, warn_resolution=False)
         log.info(
             "generating %d identities x %d images (shard %d/%d) on %s: %s",
             embeddings.shape[0], config.images_per_identity, shard.index, shard.count, device, generator.params,
