@@ -113,12 +113,60 @@ def test_letterbox_is_insightfaces(scrfd, height, width, rows, cols):
     assert scale == rows / height
 
 
+def _insightface_template(size: int) -> np.ndarray:
+    """insightface's ``estimate_norm`` template, re-stated: float32 ``arcface_dst * ratio``, then
+    ``dst[:, 0] += diff_x`` in place (float32) for the 128-based sizes."""
+    if size % 112 == 0:
+        ratio, diff_x = size / 112.0, 0.0
+    else:
+        ratio = size / 128.0
+        diff_x = 8.0 * ratio
+    dst = ARCFACE_TEMPLATE * ratio
+    dst[:, 0] += diff_x
+    return dst
+
+
+def _insightface_norm_crop(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """insightface's ``face_align.norm_crop``, re-stated: scikit-image's similarity fit of the
+    landmarks as given (SCRFD's are float32) onto the float32 template, then ``cv2.warpAffine``."""
+    from skimage.transform import SimilarityTransform
+
+    dst = _insightface_template(size)
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        matrix = SimilarityTransform.from_estimate(landmarks, dst).params[0:2, :]
+    else:  # pragma: no cover - older scikit-image
+        tform = SimilarityTransform()
+        tform.estimate(landmarks, dst)
+        matrix = tform.params[0:2, :]
+    return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+
+
 def test_templates_for_other_crop_sizes_follow_insightface():
     from hyperface.recognition.alignment import arcface_template
 
     np.testing.assert_allclose(arcface_template(224), ARCFACE_TEMPLATE * 2)
     np.testing.assert_allclose(arcface_template(128), ARCFACE_TEMPLATE + [8.0, 0.0])
     np.testing.assert_allclose(arcface_template(256), ARCFACE_TEMPLATE * 2 + [16.0, 0.0])
+    for size in (112, 128, 160, 224, 256):  # and to the bit: float32, rounded where insightface rounds
+        template = arcface_template(size)
+        assert template.dtype == np.float32
+        np.testing.assert_array_equal(template, _insightface_template(size))
+
+
+@pytest.mark.parametrize("size", [112, 128])
+def test_detected_landmarks_are_aligned_as_insightfaces_norm_crop(size):
+    # SCRFD's landmarks are float32 and so is insightface's template: scikit-image then fits in
+    # float32. A float64 fit moves the matrix by ~1e-5 px, which changes a grey level here and there.
+    rng = np.random.default_rng(5)
+    photo = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (0, 0), 1.5)
+    float64_fit_differs = 0
+    for _ in range(12):
+        forward = _similarity(rng.uniform(0.8, 3.0), rng.uniform(-30.0, 30.0), *rng.uniform([80, 60], [400, 250]))
+        landmarks = (_apply(forward, ARCFACE_TEMPLATE.astype(np.float64)) + rng.normal(0, 2, (5, 2))).astype(np.float32)
+        expected = _insightface_norm_crop(photo, landmarks, size)
+        np.testing.assert_array_equal(align_face(photo, landmarks, size=size), expected)
+        float64_fit_differs += not np.array_equal(align_face(photo, landmarks.astype(np.float64), size=size), expected)
+    assert float64_fit_differs > 0  # the check can tell the two fits apart
 
 
 @pytest.mark.parametrize("shape,order", [((160, 160), None), ((200, 320), None), ((320, 320), [6, 0, 4, 8, 1, 5, 2, 7, 3])])
@@ -188,6 +236,27 @@ def test_face_preprocessor_modes(scrfd):
     assert FacePreprocessor("ffhq").process(np.zeros((8, 8, 3), np.uint8))[1].startswith("image too small")
     with pytest.raises(HyperfaceError, match="--detector"):
         FacePreprocessor("detect")
+
+
+def test_detect_mode_is_arc2faces_largest_face_aligned_by_norm_crop(scrfd):
+    # Arc2Face: faces = sorted(app.get(img), key=bbox area)[-1]; of two boxes of one size (same
+    # stride, same score) that is the later in detection order (highest score first, then anchor order).
+    detector = load_detector(scrfd)
+    image = cv2.GaussianBlur(np.random.default_rng(2).integers(0, 256, (160, 160, 3), dtype=np.uint8), (0, 0), 1.0)
+    plant_face(image, 16, row=1, col=1)
+    plant_face(image, 16, row=5, col=4)
+    faces = detector.detect(image)
+    assert len(faces) == 2 and faces[0].score == faces[1].score
+    areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces]
+    assert areas[0] == areas[1]
+    chosen = detector.largest(image)
+    np.testing.assert_array_equal(chosen.box, faces[1].box)
+    np.testing.assert_array_equal(chosen.box, expected_face(16, 5, 4)[0])
+    # and it is aligned from the detector's float32 landmarks as insightface aligns it
+    assert chosen.landmarks.dtype == np.float32
+    crop, reason = FacePreprocessor("detect", detector=detector).process(image)
+    assert reason is None
+    np.testing.assert_array_equal(crop, _insightface_norm_crop(image, chosen.landmarks))
 
 
 def test_detector_errors(tmp_path, scrfd):

@@ -129,6 +129,7 @@ def test_embed_with_detector_and_list_file(tmp_path, models):
     assert rejected == ["photos/missing.jpg\tunreadable: file not found", "photos/empty_scene.png\tno face detected"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["preprocess"]["mode"] == "detect" and manifest["recognizer"]["flip"] is True
+    assert "norm_crop" in manifest["preprocess"]["alignment"]  # a resume of a run aligned otherwise is refused
     # the embedding is the flip-fused one of the face aligned from the planted landmarks
     _, landmarks = expected_face(16, 3, 4, scale=0.5)
     expected = load_recognizer(models["onnx"], flip=True).embed(align_face(with_face, landmarks)[None])

@@ -65,6 +65,39 @@ def test_onnx_matches_pytorch(models, faces, variant):
     np.testing.assert_allclose(emb, load_recognizer(models["pth"]).embed(faces), atol=2e-4)
 
 
+def _insightface_get_feat(path, face_rgb: np.ndarray) -> np.ndarray:
+    """insightface's ``ArcFaceONNX.get_feat`` on one aligned face, re-stated: the BGR image (as cv2
+    loads it) through ``cv2.dnn.blobFromImages(1/127.5, mean 127.5, swapRB=True)`` into the graph."""
+    import cv2
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    blob = cv2.dnn.blobFromImages([np.ascontiguousarray(face_rgb[..., ::-1])], 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True)
+    return session.run(None, {session.get_inputs()[0].name: blob})[0]
+
+
+def test_onnx_features_and_embeddings_are_insightfaces_to_the_bit(models, faces):
+    # FaceAnalysis (and so Arc2Face) embeds one face at a time through ArcFaceONNX.get_feat; the
+    # blob's float32 arithmetic is OpenCV's (most releases multiply by 1/127.5 rounded to float32,
+    # which differs from (x - 127.5) / 127.5 in the last bit for 126 of the 256 grey levels).
+    rec = load_recognizer(models["onnx"], batch_size=1)
+    expected = np.concatenate([_insightface_get_feat(models["onnx"], face) for face in faces])
+    np.testing.assert_array_equal(rec.features(faces), expected)
+    # rows are Face.normed_embedding: embedding / numpy.linalg.norm(embedding), in float32
+    np.testing.assert_array_equal(rec.embed(faces), np.stack([f / np.linalg.norm(f) for f in expected]))
+    assert "blobFromImages" in rec.describe()["normalisation"]
+    # evaluate feeds ONNX models as arcface_torch's onnx_ijbc.py: numpy's (x - 127.5) / 127.5
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(models["onnx"]), providers=["CPUExecutionProvider"])
+    divided = (faces.transpose(0, 3, 1, 2).astype(np.float32) - 127.5) / 127.5
+    np.testing.assert_array_equal(
+        load_recognizer(models["onnx"], onnx_input="divide").features(faces), session.run(None, {"input.1": divided})[0]
+    )
+    with pytest.raises(HyperfaceError, match="input scaling"):
+        load_recognizer(models["onnx"], onnx_input="mean-std")
+
+
 def test_flip_fusion_and_bgr_convention(models, faces):
     plain = load_recognizer(models["onnx"])
     flipped = load_recognizer(models["onnx"], flip=True)

@@ -209,9 +209,9 @@ IJB_TEMPLATE = np.array(
 def align_ijb_face(image_rgb: np.ndarray, landmarks5: np.ndarray, size: int = 112, *, what: str = "an IJB face") -> np.ndarray:
     """A loose crop aligned exactly as insightface's IJB scripts align it: scikit-image's similarity
     fit of the float32 landmarks onto :data:`IJB_TEMPLATE`, computed in float32 as theirs is (their
-    landmarks and template are float32; ``recognition.align_face`` fits in float64), then
-    ``cv2.warpAffine`` (bilinear, black border). ``align_face``'s crops differ from these by one grey
-    level in about five pixels of most faces."""
+    landmarks and template are float32), then ``cv2.warpAffine`` (bilinear, black border).
+    ``recognition.align_face`` fits onto ``ARCFACE_TEMPLATE`` instead (``norm_crop``'s); its crops differ
+    from these by one grey level in a few pixels of most faces."""
     import cv2
     from skimage.transform import SimilarityTransform
 

@@ -75,8 +75,9 @@ def evaluate_model(
         from hyperface.recognition import load_recognizer
 
         resolved = str(resolve_device(device))
-        # flip=False: the protocol adds the mirror's raw features itself, before normalising
-        recognizer = load_recognizer(model, arch=arch, device=resolved, flip=False, batch_size=batch_size)
+        # flip=False: the protocol adds the mirror's raw features itself, before normalising;
+        # onnx_input="divide": ONNX models are fed as arcface_torch's onnx_ijbc.py feeds them
+        recognizer = load_recognizer(model, arch=arch, device=resolved, flip=False, batch_size=batch_size, onnx_input="divide")
         embed_fn = recognizer.features
         model_info = {"path": str(Path(model).resolve()), **recognizer.describe()}
     results: dict[str, VerificationResult] = {}

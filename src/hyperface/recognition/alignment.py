@@ -5,7 +5,10 @@ in image pixel coordinates (x, y), "left" meaning the left side of the image (th
 This is the order SCRFD predicts and the ArcFace template uses.
 
 The transform is scikit-image's least-squares similarity (Umeyama) fit, the warp OpenCV's
-``warpAffine``, the same pairing insightface's ``face_align.norm_crop`` uses.
+``warpAffine``, the same pairing insightface's ``face_align.norm_crop`` uses. Like theirs, the fit runs
+in the precision of the points it is given: SCRFD's landmarks are float32 and so is the template, so a
+detected face is fitted in float32, as insightface fits it (a float64 fit moves the matrix by ~1e-5 px,
+enough to change a grey level in a few pixels of most crops).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ ARCFACE_TEMPLATE = np.array(
 def estimate_similarity(landmarks5: np.ndarray, template: np.ndarray | None = None) -> np.ndarray:
     """2x3 similarity matrix (rotation, uniform scale, translation) mapping ``landmarks5`` onto ``template``.
 
-    Least-squares fit over the 5 points; ``template`` defaults to :data:`ARCFACE_TEMPLATE`.
+    Least-squares fit over the 5 points; ``template`` defaults to :data:`ARCFACE_TEMPLATE`. float32
+    points onto a float32 template are fitted in float32 (scikit-image computes in its inputs'
+    precision: insightface's ``estimate_norm`` on SCRFD's landmarks); anything else in float64.
     """
     from skimage.transform import SimilarityTransform
 
     src = _check_landmarks(landmarks5)
-    dst = ARCFACE_TEMPLATE if template is None else np.asarray(template, dtype=np.float64)
+    dst = ARCFACE_TEMPLATE if template is None else _as_float(np.asarray(template))
     if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
         tform = SimilarityTransform.from_estimate(src, dst)
         ok = bool(tform)
@@ -48,11 +53,14 @@ def estimate_similarity(landmarks5: np.ndarray, template: np.ndarray | None = No
 
 
 def arcface_template(size: int = 112) -> np.ndarray:
-    """The ArcFace 5-point template for a ``size`` x ``size`` crop (insightface ``estimate_norm``)."""
+    """The ArcFace 5-point template for a ``size`` x ``size`` crop, float32, computed as insightface's
+    ``estimate_norm`` computes it (scaled, then moved right, each step rounded to float32)."""
     if size % 112 == 0:
-        return ARCFACE_TEMPLATE * (size / 112.0)
+        return ARCFACE_TEMPLATE * np.float32(size / 112.0)
     ratio = size / 128.0
-    return ARCFACE_TEMPLATE * ratio + np.array([8.0 * ratio, 0.0])
+    template = ARCFACE_TEMPLATE * np.float32(ratio)
+    template[:, 0] += np.float32(8.0 * ratio)
+    return template
 
 
 def align_face(image_rgb: np.ndarray, landmarks5: np.ndarray, size: int = 112) -> np.ndarray:
@@ -60,7 +68,8 @@ def align_face(image_rgb: np.ndarray, landmarks5: np.ndarray, size: int = 112) -
 
     Other sizes follow insightface's ``estimate_norm``: a multiple of 112 scales the template (224: a
     2x crop, same framing); otherwise it is scaled by size/128 and moved right by 8 * size/128 (the
-    128 px convention some recognizers use).
+    128 px convention some recognizers use). float32 landmarks (the detector's) give insightface's
+    ``norm_crop`` bit for bit: the fit runs in float32 as theirs does (see :func:`estimate_similarity`).
     """
     import cv2
 
@@ -112,11 +121,18 @@ def crop_ffhq(image_rgb: np.ndarray, size: int = 112) -> np.ndarray:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     image = image[top : top + side, left : left + side]
-    return align_face(image, ffhq_template(side), size=size)
+    # float64 points: this fixed crop has no insightface counterpart, and keeps the fit it always had
+    return align_face(image, ffhq_template(side).astype(np.float64), size=size)
+
+
+def _as_float(points: np.ndarray) -> np.ndarray:
+    """float32 points stay float32 (scikit-image then fits in float32, as insightface's float32 data
+    does); any other type becomes float64."""
+    return points if points.dtype == np.float32 else points.astype(np.float64)
 
 
 def _check_landmarks(landmarks5: np.ndarray) -> np.ndarray:
-    lm = np.asarray(landmarks5, dtype=np.float64)
+    lm = _as_float(np.asarray(landmarks5))
     if lm.shape != (5, 2) or not np.isfinite(lm).all():
         raise HyperfaceError(f"expected 5 finite (x, y) landmarks, shape (5, 2); got {lm.shape}")
     return lm

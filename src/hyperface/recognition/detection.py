@@ -233,9 +233,14 @@ class Detector:
         return [Face(box=boxes[i].astype(np.float32), score=float(scores[i]), landmarks=kps[i].astype(np.float32)) for i in keep]
 
     def largest(self, image_rgb: np.ndarray) -> Face | None:
-        """The detected face with the largest box, or None."""
+        """The detected face with the largest box, or None.
+
+        Arc2Face's rule (its README and demo, on insightface's faces): ``sorted(faces, key=area)[-1]``
+        with the area ``(x2 - x1) * (y2 - y1)`` of the float32 box, so among boxes of equal area the
+        last in detection order wins, as there.
+        """
         faces = self.detect(image_rgb)
-        return max(faces, key=lambda f: f.area) if faces else None
+        return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))[-1] if faces else None
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,7 @@
 """From a decoded photo to the aligned 112x112 face a recognizer takes, in one of three modes.
 
-- ``detect``: SCRFD finds faces and landmarks; the largest face is aligned to the ArcFace template.
-  For arbitrary photos.
+- ``detect``: SCRFD finds faces and landmarks; the largest face is aligned to the ArcFace template,
+  as insightface's ``norm_crop`` aligns it, bit for bit. For arbitrary photos.
 - ``aligned``: the image already is an ArcFace-aligned crop (112x112, or a square multiple such as
   224, which is resized).
 - ``ffhq``: the image is a face-centred FFHQ-style generator output (StyleGAN, Arc2Face; any
@@ -21,6 +21,12 @@ MODES = ("detect", "aligned", "ffhq")
 
 #: Reason strings written to the rejected list.
 NO_FACE = "no face detected"
+
+#: How detect mode picks and aligns a face (stated in the manifest; a resume compares it).
+DETECT_ALIGNMENT = (
+    "the largest box (Arc2Face's rule: float32 area, the last of equal areas) aligned as insightface's "
+    "norm_crop (float32 landmarks, float32 similarity fit)"
+)
 
 
 class FacePreprocessor:
@@ -82,8 +88,9 @@ class FacePreprocessor:
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"mode": self.mode, "size": self.size}
         if self.detector is not None and self.mode == "detect":
+            info["alignment"] = DETECT_ALIGNMENT
             info["detector"] = self.detector.describe()
         return info
 
 
-__all__ = ["FacePreprocessor", "MODES", "NO_FACE"]
+__all__ = ["DETECT_ALIGNMENT", "FacePreprocessor", "MODES", "NO_FACE"]

@@ -82,6 +82,7 @@ class Recognizer:
             "embedding_size": self.embedding_size,
             "flip": self.flip,
             "batch_size": self.batch_size,
+            "l2_normalisation": L2_RULE,
         }
 
     # -- public API ---------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class Recognizer:
         at least ``model_fault_batch`` images without one is the model's fault, not the images': an
         error, as from :meth:`embed` (a smaller batch may be one odd image)."""
         feats = self.features(images)
-        # float64: squaring large float32 features (e.g. fp16-trained heads) must not overflow to inf
+        # float64 to judge: squaring large float32 features (e.g. fp16-trained heads) must not overflow to inf
         norms = np.linalg.norm(feats.astype(np.float64), axis=1)
         good = np.isfinite(norms) & (norms >= 1e-12)
         if not good.any() and len(norms) >= model_fault_batch:
@@ -121,7 +122,10 @@ class Recognizer:
                 f"the recognizer returned NaN/inf or all-zero features for all {len(norms)} image(s) of a batch; "
                 "check the model file and, for fp16, try fp32"
             )
-        return (feats[good] / norms[good, None]).astype(np.float32), good
+        units = np.zeros((int(good.sum()), feats.shape[1]), dtype=np.float32)
+        for row, i in enumerate(np.flatnonzero(good)):
+            units[row] = unit_row(feats[i])
+        return units, good
 
     __call__ = embed
 
@@ -155,6 +159,21 @@ class Recognizer:
     def __repr__(self) -> str:
         info = ", ".join(f"{k}={v}" for k, v in self.describe().items() if k not in ("input",))
         return f"{type(self).__name__}({info})"
+
+
+def unit_row(feature: np.ndarray) -> np.ndarray:
+    """One float32 feature divided by its L2 norm exactly as insightface's ``Face.normed_embedding``
+    computes it: ``numpy.linalg.norm`` of the 1-d float32 row (a float32 dot product), then a float32
+    division. A norm that overflows float32 (features above ~1e18) is taken in float64 instead."""
+    feature = np.ascontiguousarray(feature, dtype=np.float32)
+    norm = np.linalg.norm(feature)
+    if not np.isfinite(norm) or norm <= 0:
+        return (feature / np.linalg.norm(feature.astype(np.float64))).astype(np.float32)
+    return feature / norm
+
+
+#: Recognizer.describe()'s statement of how rows are L2-normalised (a resume compares it).
+L2_RULE = "each row / numpy.linalg.norm(row) in float32 (insightface Face.normed_embedding)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,12 +248,32 @@ def graph_normalises_input(model) -> bool:
     return seen == {"shift", "scale"}
 
 
+#: How an ONNX recognizer's input is scaled: ``blob``, insightface's ``ArcFaceONNX.get_feat`` (what
+#: FaceAnalysis and Arc2Face run): ``cv2.dnn.blobFromImages(faces, 1/127.5, size, 127.5)``, whose
+#: float32 arithmetic depends on the OpenCV release (most multiply by 1/127.5 rounded to float32,
+#: 4.10 divides), so it is read from the installed OpenCV; ``divide``: numpy's float32
+#: ``(x - 127.5) / 127.5``, as arcface_torch's ``onnx_ijbc.py`` feeds ONNX models.
+ONNX_INPUTS = ("blob", "divide")
+
+
+def opencv_blob_values(mean: float, std: float) -> np.ndarray:
+    """float32 (256,): what ``cv2.dnn.blobFromImages(images, 1 / std, size, (mean,) * 3)`` makes of each
+    grey level with the installed OpenCV (its mean and scale act on each value alone, so a table
+    indexed by the pixels reproduces the blob exactly)."""
+    import cv2
+
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    values = cv2.dnn.blobFromImage(ramp, 1.0 / std, (256, 1), (mean, mean, mean))[0, 0, 0]
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
 class OnnxRecognizer(Recognizer):
     """An ONNX face recognizer run by onnxruntime (insightface packs, Arc2Face's arcface.onnx).
 
-    Input convention: aligned RGB faces; the graph gets float32 NCHW ``(x - 127.5) / 127.5``, or raw
-    0..255 values when the graph normalises inside (see :func:`graph_normalises_input`). A graph with
-    a fixed batch size (e.g. 1) is run in chunks of that size.
+    Input convention: aligned RGB faces; the graph gets float32 NCHW ``(x - 127.5) / 127.5`` computed
+    as insightface's ``ArcFaceONNX.get_feat`` computes it (``input_scaling="blob"``, see :data:`ONNX_INPUTS`),
+    or raw 0..255 values when the graph normalises inside (see :func:`graph_normalises_input`). A graph
+    with a fixed batch size (e.g. 1) is run in chunks of that size.
     """
 
     def __init__(
@@ -246,9 +285,14 @@ class OnnxRecognizer(Recognizer):
         batch_size: int = 64,
         channel_order: str = "RGB",
         num_threads: int | None = None,
+        input_scaling: str = "blob",
     ):
         super().__init__(flip=flip, batch_size=batch_size, channel_order=channel_order)
         import onnx
+
+        if input_scaling not in ONNX_INPUTS:
+            raise HyperfaceError(f"ONNX input scaling must be one of {', '.join(ONNX_INPUTS)}, got {input_scaling!r}")
+        self.input_scaling = input_scaling
 
         self.path = Path(path)
         try:
@@ -257,6 +301,12 @@ class OnnxRecognizer(Recognizer):
             raise HyperfaceError(f"{self.path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
         self.normalises_inside = graph_normalises_input(model)
         del model
+        # insightface's ArcFaceONNX: mean 0, std 1 for graphs that normalise inside, else 127.5 / 127.5
+        self._pixel_values = (
+            np.arange(256, dtype=np.float32) if self.normalises_inside
+            else opencv_blob_values(127.5, 127.5) if input_scaling == "blob"
+            else (np.arange(256, dtype=np.float32) - 127.5) / np.float32(127.5)
+        )
 
         self.session, self.device = open_onnx_session(self.path, device, num_threads)
         self.providers = self.session.get_providers()
@@ -305,9 +355,7 @@ class OnnxRecognizer(Recognizer):
         return batch
 
     def _session_run(self, batch_nchw_uint8: np.ndarray) -> np.ndarray:
-        x = batch_nchw_uint8.astype(np.float32)
-        if not self.normalises_inside:
-            x = (x - 127.5) / 127.5
+        x = self._pixel_values[batch_nchw_uint8]  # per grey level: the blob's values (see __init__)
         if self.channels_last:
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         return self.session.run([self.output_name], {self.input_name: x})[0]
@@ -326,7 +374,10 @@ class OnnxRecognizer(Recognizer):
             "path": str(self.path),
             "device": self.device,
             "providers": self.providers,
-            "normalisation": "raw 0..255 (graph normalises inside)" if self.normalises_inside else "(x - 127.5) / 127.5",
+            "normalisation": "raw 0..255 (graph normalises inside)" if self.normalises_inside else (
+                "(x - 127.5) / 127.5 as cv2.dnn.blobFromImages computes it (insightface ArcFaceONNX.get_feat)"
+                if self.input_scaling == "blob" else "(x - 127.5) / 127.5 (numpy float32 division)"
+            ),
             "fixed_batch": self.fixed_batch,
             **super().describe(),
         }
@@ -515,6 +566,7 @@ def load_recognizer(
     channel_order: str | None = None,
     fp16: bool = False,
     num_threads: int | None = None,
+    onnx_input: str = "blob",
 ) -> Recognizer:
     """Build a face recognizer from a model file.
 
@@ -531,6 +583,8 @@ def load_recognizer(
             networks BGR, as its ``inference.py``). :meth:`Recognizer.embed` always takes RGB.
         fp16: PyTorch only: CUDA autocast for the trunk; refused for ONNX models and off CUDA, where
             it would do nothing (checked before the weights load).
+        onnx_input: ONNX only: ``blob`` (insightface's ArcFaceONNX / FaceAnalysis arithmetic, with the
+            installed OpenCV) or ``divide`` (arcface_torch's onnx_ijbc.py); see :data:`ONNX_INPUTS`.
 
     Returns:
         A :class:`Recognizer`; ``embed(uint8 (N,112,112,3) RGB) -> float32 (N,D)`` unit rows.
@@ -550,7 +604,8 @@ def load_recognizer(
         if arch is not None:
             raise HyperfaceError("--arch applies to PyTorch iResNet files, not to ONNX models")
         return OnnxRecognizer(
-            path, device=device, flip=flip, batch_size=batch_size, channel_order=channel_order or "RGB", num_threads=num_threads
+            path, device=device, flip=flip, batch_size=batch_size, channel_order=channel_order or "RGB", num_threads=num_threads,
+            input_scaling=onnx_input,
         )
     if suffix in TORCH_SUFFIXES:
         from hyperface.recognition.backbones import backbone_from_state_dict
@@ -566,13 +621,17 @@ def load_recognizer(
 
 
 __all__ = [
+    "L2_RULE",
     "MODEL_SOURCES",
+    "ONNX_INPUTS",
     "OnnxRecognizer",
     "Recognizer",
     "TorchRecognizer",
     "graph_normalises_input",
     "load_recognizer",
     "load_torch_state_dict",
+    "opencv_blob_values",
     "resolve_model_path",
     "select_backbone_state_dict",
+    "unit_row",
 ]
