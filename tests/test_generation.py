@@ -22,7 +22,10 @@ from hyperface.generation.arc2face import (
     Arc2FaceSettings,
     find_arc2face_files,
     load_arc2face_components,
+    lcm_timesteps,
     make_scheduler,
+    sampler_facts,
+    set_timesteps,
 )
 from hyperface.generation.base import IdentityGenerator
 from hyperface.generation.lora import fuse_lora_into_unet
@@ -406,6 +409,90 @@ def test_dpm_solver_is_the_one_arc2face_sampled_with(generator):
     assert scheduler.config.algorithm_type == "dpmsolver++" and scheduler.config.solver_order == 2
     assert scheduler.config.final_sigmas_type == "sigma_min" and float(scheduler.sigmas[-1]) > 0
     assert scheduler.timesteps.tolist()[:2] == [999, 959] and scheduler.timesteps.tolist()[-1] == 40
+
+
+def test_lcm_timesteps_are_arc2faces_lcm_lora_recipe(generator):
+    """Arc2Face published its LCM-LoRA recipe with diffusers 0.23.0 pinned, whose LCMScheduler takes
+    every (50 // steps)-th of the 50 distilled timesteps from 999 down; diffusers >= 0.27 spreads them
+    evenly ([999, 759, 499, 259] for 4 steps), which would change every fast-mode image from 3 steps on."""
+    published = {  # diffusers 0.23.0's LCMScheduler.set_timesteps(steps) with SD1.5's config
+        1: [999], 2: [999, 499], 3: [999, 679, 359], 4: [999, 759, 519, 279],
+        8: [999, 879, 759, 639, 519, 399, 279, 159], 50: list(range(999, 0, -20)),
+    }
+    for steps, timesteps in published.items():
+        scheduler = make_scheduler("lcm", generator.scheduler_config)
+        set_timesteps(scheduler, "lcm", steps)
+        assert scheduler.timesteps.tolist() == timesteps == lcm_timesteps(scheduler.config, steps)
+    with pytest.raises(HyperfaceError, match="at most 50 steps"):
+        lcm_timesteps(make_scheduler("lcm", generator.scheduler_config).config, 51)
+    dpm = make_scheduler("dpm", generator.scheduler_config)
+    set_timesteps(dpm, "dpm", 25)
+    assert dpm.timesteps.tolist()[:2] == [999, 959]  # other schedulers: their own spacing
+    # a resume of a fast-mode run made with the other spacing is refused (DPM runs compare as before)
+    assert sampler_facts(Arc2FaceSettings(lcm_lora="x.safetensors"), torch.float16)["lcm_timesteps"] == "diffusers 0.23.0"
+    assert "lcm_timesteps" not in sampler_facts(Arc2FaceSettings(), torch.float16)
+
+
+def _pipeline_renders(generator, identity, seed, steps, guidance, scheduler, timesteps=None):
+    """Arc2Face's recipe: diffusers' StableDiffusionPipeline on the same modules, the identity written
+    into the vocabulary row of "id" of a copy of the text encoder (prompt_embeds), the empty negative
+    prompt encoded by the pipeline itself, one image from a CPU generator seeded with ``seed``."""
+    from diffusers import StableDiffusionPipeline
+
+    encoder = generator.prompt_encoder
+    row_model = copy.deepcopy(generator.text_encoder)
+    with torch.no_grad():
+        row_model.get_input_embeddings().weight[encoder.id_token] = torch.nn.functional.pad(
+            torch.from_numpy(identity / np.linalg.norm(identity)), (0, 768 - 512))
+        prompt_embeds = row_model(input_ids=encoder.prompt_ids).last_hidden_state
+    pipeline = StableDiffusionPipeline(vae=generator.vae, text_encoder=generator.text_encoder, tokenizer=generator.tokenizer,
+                                       unet=generator.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    schedule = {"timesteps": timesteps} if timesteps is not None else {"num_inference_steps": steps}
+    with torch.no_grad():
+        pixels = pipeline(prompt_embeds=prompt_embeds, guidance_scale=guidance, num_images_per_prompt=1, output_type="np",
+                          generator=torch.Generator("cpu").manual_seed(seed), **schedule).images[0]
+    return (pixels * 255).round().astype(int)  # diffusers' numpy_to_pil
+
+
+def _close_to(got, expected):
+    difference = np.abs(got.astype(int) - expected)
+    # float rounding can move a pixel across a half grey level; truncating instead of rounding would
+    # move half of them
+    assert difference.max() <= 1 and difference.mean() < 0.01, (difference.max(), difference.mean())
+
+
+def test_images_are_diffusers_pipeline_images_with_arc2faces_recipe(models, generator, tmp_path):
+    """Seed for seed, ours == StableDiffusionPipeline(prompt_embeds=..., generator=CPU generator):
+    latents, CFG on [empty prompt; identity], DPM-Solver++, VAE decode, rounding to uint8. Then the
+    fast mode: LCM-LoRA, guidance 1, LCMScheduler made from the DPM-Solver's config, as Arc2Face's
+    README does, on the timesteps of its recipe (diffusers 0.23.0), with LCM's noise between steps."""
+    identities = random_identities(2, seed=31)
+    seeds = [5, 2**40 + 7]
+    ours = generator.generate_array(identities, seeds)
+    for i in range(2):
+        scheduler = make_scheduler("dpm", generator.scheduler_config)
+        _close_to(ours[i], _pipeline_renders(generator, identities[i], seeds[i], generator.settings.steps, 3.0, scheduler))
+
+    from diffusers import LCMScheduler
+
+    lora_path = tmp_path / "pytorch_lora_weights.safetensors"
+    components = load_arc2face_components(models.arc2face_dir, models.sd15_dir)
+    write_kohya_lora(lora_path, components.unet)
+    lcm = Arc2FaceGenerator(components, Arc2FaceSettings(lcm_lora=lora_path, resolution=models.resolution))
+    assert (lcm.settings.steps, lcm.settings.guidance_scale) == (4, 1.0)
+    timesteps = []
+    handle = lcm.unet.register_forward_hook(lambda module, args, out: timesteps.append(int(args[1])))
+    try:
+        fast = lcm.generate_array(identities, seeds)
+    finally:
+        handle.remove()
+    recipe = [999, 759, 519, 279]
+    assert timesteps == recipe  # one UNet forward a step for the batch (no unconditional branch)
+    readme = LCMScheduler.from_config(make_scheduler("dpm", lcm.scheduler_config).config)
+    for i in range(2):
+        _close_to(fast[i], _pipeline_renders(lcm, identities[i], seeds[i], 4, 1.0, LCMScheduler.from_config(readme.config), recipe))
 
 
 def test_every_scheduler_builds_from_sd15_config(generator):

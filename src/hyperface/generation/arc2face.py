@@ -500,11 +500,35 @@ def make_scheduler(name: str, base_config: dict):
     if name == "dpm-sde":
         overrides["algorithm_type"] = "sde-dpmsolver++"
     if name in ("dpm", "dpm-sde"):
-        # Arc2Face's images come from diffusers 0.22 (its pinned version), whose DPM-Solver ends at
-        # sigma_min with a second-order step; newer diffusers end at sigma 0 with a first-order one.
-        # "sigma_min" reproduces 0.22's timesteps and updates exactly.
+        # Arc2Face was published with diffusers 0.22.0 pinned (0.23.0 from its LCM-LoRA update), whose
+        # DPM-Solver ends at sigma_min with a second-order step; diffusers >= 0.27 (Arc2Face's 2025 pin
+        # 0.29.2 among them) end at sigma 0 with a first-order one by default. "sigma_min" reproduces
+        # 0.22's and 0.23's timesteps and updates exactly.
         overrides["final_sigmas_type"] = "sigma_min"
     return cls.from_config(base_config, **overrides)
+
+
+def lcm_timesteps(config: Any, steps: int) -> list[int]:
+    """LCM's timesteps for ``steps`` steps as diffusers 0.23.0 chose them, the version Arc2Face pinned
+    when it published its LCM-LoRA recipe: of the distillation schedule (k - 1, 2k - 1, ..., 999, with
+    k = 1000 // 50), every ``50 // steps``-th from the last. diffusers >= 0.27 spreads them evenly
+    instead: 4 steps are [999, 759, 499, 259] there, [999, 759, 519, 279] in Arc2Face's recipe (2 steps
+    agree: [999, 499])."""
+    original = int(config["original_inference_steps"])
+    if steps > original:
+        raise HyperfaceError(f"--steps {steps} with LCM: the LCM-LoRA was distilled on {original} timesteps, so at "
+                             f"most {original} steps (it is made for 2-8)")
+    k = int(config["num_train_timesteps"]) // original
+    distilled = np.arange(1, original + 1) * k - 1
+    return [int(t) for t in distilled[:: -(original // steps)][:steps]]
+
+
+def set_timesteps(scheduler: Any, name: str, steps: int, device: Any = None) -> None:
+    """``scheduler.set_timesteps(steps)``, LCM's spaced as in Arc2Face's recipe (:func:`lcm_timesteps`)."""
+    if name == "lcm":
+        scheduler.set_timesteps(timesteps=lcm_timesteps(scheduler.config, steps), device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
 
 
 def sampler_facts(settings: Arc2FaceSettings, dtype: Any) -> dict[str, Any]:
@@ -517,6 +541,9 @@ def sampler_facts(settings: Arc2FaceSettings, dtype: Any) -> dict[str, Any]:
         "guidance_scale": s.guidance_scale,
         "resolution": s.resolution,
         "dtype": str(dtype).replace("torch.", ""),
+        # LCM's spacing became Arc2Face's (diffusers 0.23.0's) after runs were made without it: a
+        # resume of such a run is refused, naming this
+        **({"lcm_timesteps": "diffusers 0.23.0"} if s.scheduler == "lcm" else {}),
     }
 
 
@@ -580,8 +607,8 @@ class Arc2FaceGenerator:
             compile_kwargs = {} if mode == "default" else {"mode": mode}
             self._unet_forward = torch.compile(self.unet, **compile_kwargs)
             self._vae_decode = torch.compile(self.vae.decode, **compile_kwargs)
-        # Make the scheduler once up front so a bad name fails before any work.
-        make_scheduler(self.settings.scheduler, self.scheduler_config)
+        # Make the scheduler once up front so a bad name or step count fails before any work.
+        set_timesteps(make_scheduler(self.settings.scheduler, self.scheduler_config), self.settings.scheduler, self.settings.steps)
 
     @classmethod
     def from_pretrained(
@@ -674,7 +701,7 @@ class Arc2FaceGenerator:
             else:
                 prompt = cond
             scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
-            scheduler.set_timesteps(settings.steps, device=self.device)
+            set_timesteps(scheduler, settings.scheduler, settings.steps, device=self.device)
             latents, generators = self.initial_latents(seeds)
             latents = latents.to(self.device) * scheduler.init_noise_sigma
             step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -766,8 +793,10 @@ __all__ = [
     "attention_preference",
     "check_resolution",
     "find_arc2face_files",
+    "lcm_timesteps",
     "load_arc2face_components",
     "make_scheduler",
     "resolve_dtype",
+    "set_timesteps",
     "tune_inductor_for_unets",
 ]
