@@ -213,21 +213,16 @@ def align_ijb_face(image_rgb: np.ndarray, landmarks5: np.ndarray, size: int = 11
     ``recognition.align_face`` fits onto ``ARCFACE_TEMPLATE`` instead (``norm_crop``'s); its crops differ
     from these by one grey level in a few pixels of most faces."""
     import cv2
-    from skimage.transform import SimilarityTransform
 
-    from hyperface.recognition.alignment import arcface_template
+    from hyperface.recognition.alignment import arcface_template, estimate_similarity
 
-    src = np.asarray(landmarks5, dtype=np.float32)
-    dst = IJB_TEMPLATE if size == 112 else arcface_template(size).astype(np.float32)
-    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
-        tform = SimilarityTransform.from_estimate(src, dst)
-        ok = bool(tform)
-    else:  # pragma: no cover - older scikit-image
-        tform = SimilarityTransform()
-        ok = tform.estimate(src, dst)
-    if not ok or not np.isfinite(tform.params).all():
-        raise HyperfaceError(f"cannot align {what}: no similarity transform fits its landmarks (are they all the same point?)")
-    return cv2.warpAffine(np.ascontiguousarray(image_rgb), tform.params[:2], (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    src = np.asarray(landmarks5, dtype=np.float32)  # float32 points onto a float32 template: a float32 fit
+    dst = IJB_TEMPLATE if size == 112 else arcface_template(size)
+    try:
+        matrix = estimate_similarity(src, dst)
+    except HyperfaceError as exc:
+        raise HyperfaceError(f"cannot align {what}: {exc}") from None
+    return cv2.warpAffine(np.ascontiguousarray(image_rgb), matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
 
 
 def ijb_image_features(
