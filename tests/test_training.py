@@ -332,6 +332,7 @@ def test_resume_of_a_finished_run_checks_settings_and_keeps_its_manifest(synthet
         ("weight_decay", -5e-4, "--weight-decay"),
         ("momentum", 1.5, "--momentum"),
         ("gamma", 0.0, "--gamma"),
+        ("poly_power", 0.0, "--poly-power"),
         ("warmup_epochs", -1.0, "--warmup-epochs"),
         ("warmup_epochs", 30.0, "--warmup-epochs"),
         ("clip_grad_norm", -1.0, "--clip-grad-norm"),
@@ -453,14 +454,71 @@ def _tiny_checkpoint(tmp_path: Path) -> Path:
 def test_learning_rate_schedules():
     cfg = TrainConfig(data="", out="", lr=0.1, warmup_epochs=1, milestones=(3, 5)).resolved()
     lrs = [learning_rate(s, cfg, steps_per_epoch=10, total_steps=60) for s in range(60)]
-    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warmup
+    # linear warmup from 0, one step behind PolyScheduler's formula (two steps at 0), the base lr at step 11
+    assert lrs[:3] == [0.0, 0.0, pytest.approx(0.01)] and lrs[10] == pytest.approx(0.09) and lrs[11] == pytest.approx(0.1)
     assert lrs[29] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.01) and lrs[50] == pytest.approx(0.001)
     poly = TrainConfig(data="", out="", schedule="poly", lr=0.1).resolved()
     values = [learning_rate(s, poly, steps_per_epoch=10, total_steps=60) for s in range(60)]
-    assert values[0] == pytest.approx(0.1) and all(b < a for a, b in zip(values, values[1:]))
-    assert values[30] == pytest.approx(0.1 * 0.5**2)
+    assert values[0] == values[1] == pytest.approx(0.1) and all(b < a for a, b in zip(values[1:], values[2:]))
+    assert values[31] == pytest.approx(0.1 * 0.5**2)
+    linear = TrainConfig(data="", out="", schedule="poly", lr=0.1, poly_power=1.0).resolved()
+    assert learning_rate(31, linear, steps_per_epoch=10, total_steps=60) == pytest.approx(0.1 * 0.5)
     adamw = TrainConfig(data="", out="", optimizer="adamw").resolved()
     assert adamw.lr == 1e-3 and adamw.weight_decay == 0.05
+
+
+class _PolyScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """insightface arcface_torch's lr_scheduler.PolyScheduler, as it reads (torch 2.13 no longer takes
+    the verbose=False it passes to the base class)."""
+
+    def __init__(self, optimizer, base_lr, max_steps, warmup_steps, last_epoch=-1):
+        self.base_lr = base_lr
+        self.warmup_lr_init = 0.0001
+        self.max_steps = max_steps
+        self.warmup_steps = warmup_steps
+        self.power = 2
+        super().__init__(optimizer, -1)
+        self.last_epoch = last_epoch
+
+    def get_warmup_lr(self):
+        alpha = float(self.last_epoch) / float(self.warmup_steps)
+        return [self.base_lr * alpha for _ in self.optimizer.param_groups]
+
+    def get_lr(self):
+        if self.last_epoch == -1:
+            return [self.warmup_lr_init for _ in self.optimizer.param_groups]
+        if self.last_epoch < self.warmup_steps:
+            return self.get_warmup_lr()
+        alpha = pow(1 - float(self.last_epoch - self.warmup_steps) / float(self.max_steps - self.warmup_steps), self.power)
+        return [self.base_lr * alpha for _ in self.optimizer.param_groups]
+
+
+def _arcface_torch_step_lrs(base: float, passes_per_epoch: int, epochs: int, warmup_epochs: int, gradient_acc: int) -> list[float]:
+    """The lr of each optimiser step of train_v2.py's loop: PolyScheduler stepped after every forward
+    pass, the optimiser every gradient_acc-th."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.grad = torch.zeros(1)
+    optimizer = torch.optim.SGD([param], lr=base, momentum=0.9)
+    scheduler = _PolyScheduler(optimizer, base_lr=base, max_steps=passes_per_epoch * epochs,
+                               warmup_steps=passes_per_epoch * warmup_epochs)
+    used = []
+    for global_step in range(1, passes_per_epoch * epochs + 1):
+        if global_step % gradient_acc == 0:
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+        scheduler.step()
+    return used
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # train_v2.py's order with gradient_acc > 1
+@pytest.mark.parametrize("warmup_epochs, grad_accum", [(1, 1), (0, 1), (2, 1), (1, 2), (2, 4)])
+def test_poly_schedule_is_arcface_torch_s_poly_scheduler_step_for_step(warmup_epochs, grad_accum):
+    steps_per_epoch, epochs = 10, 6
+    theirs = _arcface_torch_step_lrs(0.1, steps_per_epoch * grad_accum, epochs, warmup_epochs, grad_accum)
+    cfg = TrainConfig(data="", out="", lr=0.1, schedule="poly", warmup_epochs=warmup_epochs, epochs=epochs,
+                      grad_accum=grad_accum).resolved()
+    ours = [learning_rate(s, cfg, steps_per_epoch, steps_per_epoch * epochs) for s in range(steps_per_epoch * epochs)]
+    assert ours == theirs  # every lr, to the bit
 
 
 def test_torchrun_ddp_shards_centres_resumes_and_matches_two_nodes(synthetic, tmp_path):
@@ -1020,10 +1078,11 @@ def test_cli_passes_the_new_training_options_and_resume_checks_them(synthetic, t
     run = tmp_path / "run"
     args = ["train", str(synthetic["data"]), "--out", str(run), "--arch", "r_tiny", "--embedding-size", "64", "--workers", "0",
             "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--grad-accum", "2", "--interclass-filtering", "0.4",
-            "--identities", "6", "--images-per-identity", "10", "--max-steps", "2"]
+            "--identities", "6", "--images-per-identity", "10", "--schedule", "poly", "--poly-power", "1", "--max-steps", "2"]
     assert cli_main(args) == 0
     config = json.loads((run / "config.json").read_text())
     assert (config["grad_accum"], config["interclass_filtering"], config["identities"], config["images_per_identity"]) == (2, 0.4, 6, 10)
+    assert (config["schedule"], config["poly_power"]) == ("poly", 1.0)
     capsys.readouterr()
     changed = [a if a != "0.4" else "0.3" for a in args]
     assert cli_main([*changed[:-1], "3", "--resume"]) == 2

@@ -101,10 +101,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     optim.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 SGD, 1e-3 AdamW)")
     optim.add_argument("--weight-decay", type=float, help="default: 5e-4 SGD, 0.05 AdamW")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    optim.add_argument("--schedule", default="step", choices=("step", "poly"), help="after warmup: x gamma at the milestones, or polynomial (power 2) to 0 (default: step)")
+    optim.add_argument("--schedule", default="step", choices=("step", "poly"), help="after warmup: x gamma at the milestones, or polynomial (--poly-power) to 0 (default: step)")
+    optim.add_argument("--poly-power", type=float, default=2.0,
+                       help="power of the poly schedule (default: 2, arcface_torch's PolyScheduler; 1 = linear, what its "
+                            "later train_v2.py gets from PolynomialLRWarmup's default)")
     optim.add_argument("--milestones", type=int, nargs="+", default=[12, 20, 24], help="epochs where the step schedule decays (default: 12 20 24)")
     optim.add_argument("--gamma", type=float, default=0.1, help="step decay factor (default: 0.1)")
-    optim.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup length in epochs (default: 0)")
+    optim.add_argument("--warmup-epochs", type=float, default=0.0,
+                       help="linear warmup from 0, in epochs, timed as arcface_torch's PolyScheduler (default: 0)")
     optim.add_argument("--clip-grad-norm", type=float, default=5.0, help="clip the backbone gradient norm (default: 5; 0 = off)")
     optim.add_argument("--augment", default="flip", choices=("none", "flip", "adaface"), help="flip, or AdaFace's crop/low-res/photometric set plus flip (default: flip)")
     optim.add_argument("--augment-p", type=float, default=0.2, help="probability of each AdaFace augmentation (default: 0.2)")
@@ -222,6 +226,7 @@ def run_command(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         milestones=tuple(args.milestones),
         gamma=args.gamma,
+        poly_power=args.poly_power,
         warmup_epochs=args.warmup_epochs,
         clip_grad_norm=args.clip_grad_norm,
         augment=args.augment,

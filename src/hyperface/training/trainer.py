@@ -84,7 +84,7 @@ class TrainConfig:
     schedule: str = "step"  # step | poly
     milestones: tuple[int, ...] = (12, 20, 24)  # epochs, for the step schedule
     gamma: float = 0.1
-    poly_power: float = 2.0
+    poly_power: float = 2.0  # arcface_torch PolyScheduler's; its later PolynomialLRWarmup, as train_v2 calls it, decays linearly (1)
     warmup_epochs: float = 0.0
     amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; none on CPU) | bf16 | fp16 | none
     channels_last: bool | None = None  # None: on for CUDA
@@ -153,7 +153,7 @@ class TrainConfig:
             ("--grad-accum", self.grad_accum, True, lambda v: v >= 1, ">= 1 (1 = no accumulation)"),
             ("--momentum", self.momentum, False, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
             ("--gamma", self.gamma, False, lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
-            ("poly_power", self.poly_power, False, lambda v: v > 0, "> 0"),
+            ("--poly-power", self.poly_power, False, lambda v: v > 0, "> 0"),
             ("--warmup-epochs", self.warmup_epochs, False, lambda v: 0.0 <= v <= self.epochs, f"in [0, --epochs {self.epochs}]"),
             ("--clip-grad-norm", self.clip_grad_norm, False, lambda v: v >= 0, ">= 0 (0 = off)"),
             ("--augment-p", self.augment_p, False, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
@@ -272,15 +272,27 @@ def _format_eta(seconds: float) -> str:
 
 
 def learning_rate(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """LR at ``step`` (0-based): linear warmup, then step decay at the milestones or polynomial decay."""
+    """LR of optimiser step ``step`` (0-based): linear warmup from 0, then step decay at the milestones
+    or polynomial decay, with arcface_torch's ``PolyScheduler`` timing.
+
+    ``train_v2.py`` steps that scheduler after every forward pass, and its constructor sets
+    ``last_epoch`` back to -1 after the first ``step()``, so forward pass p (1-based) trains at the
+    schedule's value for pass ``max(0, p - 2)``: a warmup of W steps starts with two steps at lr 0 and
+    reaches the base lr at step W + 1 (0-based), and the polynomial decay runs one step behind its formula.
+    Counted here in forward passes (``--grad-accum K``: step k ends pass K(k+1), as there), with
+    PolyScheduler's own arithmetic, so every lr equals its float. The step schedule's milestones
+    fall on epoch boundaries, as AdaFace's epoch-wise ``MultiStepLR``.
+    """
     base = float(cfg.lr)
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if step < warmup:
-        return base * (step + 1) / warmup
+    accum = max(1, int(cfg.grad_accum))
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch)) * accum  # in forward passes
+    position = max(0, accum * (step + 1) - 2)  # the scheduler's last_epoch when this step's optimiser.step() runs
+    if position < warmup:
+        return base * (float(position) / float(warmup))
     if cfg.schedule == "step":
         passed = sum(step >= m * steps_per_epoch for m in cfg.milestones)
         return base * cfg.gamma**passed
-    progress_ = (step - warmup) / max(1, total_steps - warmup)
+    progress_ = float(position - warmup) / float(max(1, total_steps * accum - warmup))
     return base * max(0.0, 1.0 - progress_) ** cfg.poly_power
 
 
