@@ -337,6 +337,41 @@ def test_dataloader_workers_read_lazily(tmp_path):
     assert torch.cat([b[1] for b in batches]).tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_reads_insightface_rec_builder_property_with_image_count_line(tmp_path):
+    # insightface's own writer (python-package insightface/data/rec_builder.py, RecBuilder.close)
+    # writes "num_classes,height,width" and then the image count on a second line; keys from 0,
+    # no header record (arcface_torch's MXFaceDataset reads every key).
+    images = [encode_image(image) for image in _images(3, seed=11)]
+    _write_hand_rec(tmp_path, [_hand_payload(label, data, id_=k) for k, (label, data) in enumerate(zip([0, 1, 1], images))])
+    (tmp_path / "property").write_text("2,16,18\n3\n")
+    dataset = RecordIODataset(tmp_path)
+    assert dataset.layout == "plain" and dataset.num_classes == 2 and dataset.image_size == (16, 18)
+    assert [dataset.read_raw(i) for i in range(3)] == list(zip(images, [0, 1, 1]))
+    for damaged in ("2,16,18\nthree\n", "2,16,18\n3\n4\n", "2,16\n3\n"):
+        (tmp_path / "property").write_text(damaged)
+        with pytest.raises(HyperfaceError, match="num_classes,height,width"):
+            RecordIODataset(tmp_path)
+
+
+@pytest.mark.parametrize("header", ["k_and_classes", "one_value", "identity_records_missing"])
+def test_header_record_without_identity_records_reads_each_images_label(tmp_path, header):
+    # MXFaceDataset reads only record 0's first value K (images 1..K-1). Third-party converters write
+    # record 0 as (K, num_classes) with no identity records; others leave the identity records out.
+    images = [encode_image(image) for image in _images(4, seed=12)]
+    labels = [0, 0, 2, 1]
+    head = {"k_and_classes": [5.0, 3.0], "one_value": [5.0], "identity_records_missing": [5.0, 8.0]}[header]
+    records = [_hand_payload(head, b"")] + [_hand_payload(label, data, id_=k) for k, (label, data) in enumerate(zip(labels, images), start=1)]
+    _write_hand_rec(tmp_path, records)
+    dataset = RecordIODataset(tmp_path)
+    assert dataset.layout == "insightface" and dataset.labels.tolist() == labels and dataset.num_classes == 3
+    assert [dataset.read_raw(i) for i in range(4)] == list(zip(images, labels))
+    # an image record the header promises is still required
+    lines = (tmp_path / "train.idx").read_text().splitlines()
+    (tmp_path / "train.idx").write_text("\n".join(line for line in lines if not line.startswith("3\t")) + "\n")
+    with pytest.raises(HyperfaceError, match=r"lacks image records \[3\]"):
+        RecordIODataset(tmp_path)
+
+
 def test_keys_past_float32_exactness_take_each_images_own_label(tmp_path):
     # A Glint360K-sized file keeps keys > 2^24 in float32 labels, where odd keys round to even: the
     # identity ranges can no longer be trusted (they would shift labels between neighbours).

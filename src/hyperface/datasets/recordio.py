@@ -15,8 +15,10 @@ On-disk format (dmlc-core recordio, as ``mx.recordio.MXIndexedRecordIO`` reads i
   ``(first image key, end image key)`` (end exclusive). A ``property`` file holds
   ``num_classes,height,width``.
 
-:class:`RecordIODataset` also reads the plain layout other tools write (``im2rec``: no header or
-identity records, every record an image, scalar ``flag=0`` label).
+:class:`RecordIODataset` also reads the plain layout other tools write (``im2rec``, insightface's
+``RecBuilder``, DCFace: no header or identity records, every record an image, in ``.idx`` order), and
+a header record 0 without identity records (images ``1..K-1``, each image's own label: all that
+arcface_torch's ``MXFaceDataset`` reads of it).
 """
 
 from __future__ import annotations
@@ -241,14 +243,21 @@ def read_idx(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_property(path: Path) -> tuple[int, int, int] | None:
+    """``num_classes,height,width`` from a ``property`` file. insightface's ``RecBuilder``
+    (python-package ``insightface/data/rec_builder.py``) writes the image count on a second line:
+    a second line holding one number is accepted (and not used)."""
     if not path.exists():
         return None
     try:
-        fields = [int(v) for v in path.read_text().strip().split(",")]
-        if len(fields) != 3 or min(fields) < 1:
+        lines = path.read_text().strip().splitlines()
+        fields = [int(v) for v in lines[0].split(",")]
+        if len(fields) != 3 or min(fields) < 1 or len(lines) > 2 or (len(lines) == 2 and int(lines[1]) < 0):
             raise ValueError
-    except (ValueError, OSError, UnicodeDecodeError):
-        raise HyperfaceError(f"{path} must read 'num_classes,height,width' with positive numbers (e.g. 10000,112,112)") from None
+    except (ValueError, IndexError, OSError, UnicodeDecodeError):
+        raise HyperfaceError(
+            f"{path} must read 'num_classes,height,width' with positive numbers (e.g. 10000,112,112), "
+            "optionally followed by a line with the image count (insightface's RecBuilder)"
+        ) from None
     if fields[0] > FLOAT32_EXACT_LIMIT:  # labels are float32 in the records: no real dataset has more classes
         raise HyperfaceError(f"{path} says {fields[0]} classes, more than RecordIO's float32 labels can number (2^24): it is damaged")
     return fields[0], fields[1], fields[2]
@@ -322,36 +331,53 @@ class RecordIODataset:
         return "plain", [offset_of[int(k)] for k in keys], labels
 
     def _index_insightface(self, handle: BinaryIO, header0: IRHeader, offset_of: dict[int, int]):
+        """Images ``1..K-1`` (K = record 0's first label value, all arcface_torch's ``MXFaceDataset``
+        reads) and their labels: from one image header per identity record when records
+        ``K..M-1`` are identity ranges tiling the images, else from every image's own header (a
+        header written as ``(K, num_classes)`` with no identity records, as some third-party
+        converters do, or identity records missing or damaged: MXFaceDataset trains on those too)."""
         name = self.rec_path.name
-        first_identity, end_identity = (_whole(v, f"{name} header record 0") for v in header0.label[:2])
-        if not 1 <= first_identity <= end_identity:
-            raise HyperfaceError(f"{name} header record 0 has an invalid identity range {header0.label.tolist()}")
-        missing = [k for k in range(1, end_identity) if k not in offset_of]
+        first_identity = _whole(header0.label[0], f"{name} header record 0")
+        if first_identity < 1:
+            raise HyperfaceError(f"{name} header record 0 has an invalid first identity record {first_identity} (must be >= 1)")
+        missing = [k for k in range(1, first_identity) if k not in offset_of]
         if missing:
             raise HyperfaceError(
-                f"{self.idx_path} lacks records {missing[:5]} that header record 0 promises: the dataset is incomplete"
+                f"{self.idx_path} lacks image records {missing[:5]} that header record 0 promises: the dataset is incomplete"
             )
         image_offsets = [offset_of[k] for k in range(1, first_identity)]
-        labels = np.full(first_identity - 1, -1, dtype=np.int64)
-        expected_start = 1
-        for key in range(first_identity, end_identity):
-            identity, _ = _read_header(handle, offset_of[key], what=f"{name} identity record {key}")
-            if identity.flag < 2:
-                raise HyperfaceError(f"{name} identity record {key} has no (first, end) image range: the dataset is corrupt")
-            start, end = (_whole(v, f"{name} identity record {key}") for v in identity.label[:2])
-            if start != expected_start or end < start or end > first_identity:
-                labels = None  # identity ranges do not tile the images: fall back to every image's own header
-                break
-            if end > start:
-                first_image, _ = _read_header(handle, offset_of[start], what=f"{name} record {start}")
-                labels[start - 1 : end - 1] = _scalar_label(first_image, f"{name} record {start}")
-            expected_start = end
-        if labels is None or expected_start != first_identity:
+        end_identity = _whole(header0.label[1], f"{name} header record 0") if header0.flag >= 2 else None
+        labels = self._identity_labels(handle, first_identity, end_identity, offset_of)
+        if labels is None:
+            log.info("%s: header record 0 is %s, without identity records that tile images 1..%d: reading every "
+                     "image's own label", name, header0.label.tolist(), first_identity - 1)
             labels = np.asarray(
                 [_scalar_label(_read_header(handle, offset_of[k], what=f"{name} record {k}")[0], f"{name} record {k}") for k in range(1, first_identity)],
                 dtype=np.int64,
             )
         return image_offsets, labels
+
+    def _identity_labels(self, handle: BinaryIO, first_identity: int, end_identity: int | None,
+                         offset_of: dict[int, int]) -> np.ndarray | None:
+        """Labels of images ``1..first_identity-1`` from identity records ``first..end-1`` (one image
+        header each), or None when those are not identity ranges tiling the images in order."""
+        name = self.rec_path.name
+        if end_identity is None or end_identity < first_identity or any(k not in offset_of for k in range(first_identity, end_identity)):
+            return None
+        labels = np.full(first_identity - 1, -1, dtype=np.int64)
+        expected_start = 1
+        for key in range(first_identity, end_identity):
+            identity, has_image = _read_header(handle, offset_of[key], what=f"{name} identity record {key}")
+            if identity.flag < 2 or has_image:
+                return None
+            start, end = (_whole(v, f"{name} identity record {key}") for v in identity.label[:2])
+            if start != expected_start or end < start or end > first_identity:
+                return None
+            if end > start:
+                first_image, _ = _read_header(handle, offset_of[start], what=f"{name} record {start}")
+                labels[start - 1 : end - 1] = _scalar_label(first_image, f"{name} record {start}")
+            expected_start = end
+        return labels if expected_start == first_identity else None
 
     # -- access --------------------------------------------------------------------------------
     def fingerprint(self) -> str:
