@@ -109,6 +109,27 @@ def test_small_sets_use_every_pair_once():
     assert len(some) == 3 and set(map(tuple, some.tolist())) <= set(map(tuple, genuine.tolist()))
 
 
+def test_sampled_genuine_pairs_are_uniform_over_pairs_whatever_the_class_sizes():
+    """Sampled pairs estimate what enumerating every pair gives: an identity of n images holds
+    n(n - 1)/2 genuine pairs. (Drawing the first image uniformly weighted it by n instead: here a
+    genuine mean of 0.45 and an EER of 33 % sampled against 0.89 and 0.5 % enumerated.)"""
+    rng = np.random.default_rng(0)
+    loose = unit(rng.standard_normal((200, 64)))  # 100 identities of 2 unrelated images: 100 pairs
+    tight = unit(unit(rng.standard_normal((1, 64))) + 0.05 * rng.standard_normal((200, 64)))  # 1 of 200: 19,900 pairs
+    emb, labels = np.r_[loose, tight], np.r_[np.repeat(np.arange(100), 2), np.full(200, 100)]
+    exact = dataset_stats(emb, labels).report["verification"]  # 79,800 pairs in all: enumerated
+    assert exact["genuine_pairs"] == 20_000
+    sampled = dataset_stats(emb, labels, genuine_pairs=20_000, impostor_pairs=20_000).report["verification"]
+    assert sampled["genuine_cosine"]["mean"] == pytest.approx(exact["genuine_cosine"]["mean"], abs=0.01)
+    assert sampled["eer"] == pytest.approx(exact["eer"], abs=0.003)
+    # and pair by pair: each of the 985 pairs of uneven classes drawn about equally often
+    labels = np.r_[np.repeat(np.arange(5), [1, 2, 5, 9, 40]), 5 + np.arange(1000)]  # 1,057 rows: sampled
+    genuine, _ = sample_pairs(Classes.of(labels), 200_000, 0, np.random.default_rng(2))
+    per_pair = np.unique(np.sort(genuine, axis=1), axis=0, return_counts=True)[1]
+    expected = 200_000 / (1 + 10 + 36 + 780)  # 242 draws a pair (the 2-image identity's one pair got 7,100)
+    assert len(per_pair) == 827 and 0.7 * expected < per_pair.min() and per_pair.max() < 1.3 * expected
+
+
 def test_verification_statistics():
     rng = np.random.default_rng(0)
     gen, imp = rng.uniform(0.6, 0.9, 1000), rng.uniform(-0.2, 0.3, 100_000)
@@ -314,6 +335,25 @@ def test_report_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_dataset_stats_refuses_non_finite_inputs():
+    """The CLI's loaders refuse NaN rows; called directly, a NaN row must not turn into numbers
+    (it made its identity vanish from the intra-class summary, every nearest-identity cosine NaN,
+    and a NaN reference row reported 0 leaked identities)."""
+    emb, labels, centres = clustered(6, 5)
+    bad = emb.copy()
+    bad[np.flatnonzero(labels == 4)[0], 3] = np.nan
+    with pytest.raises(HyperfaceError, match="NaN/inf values in rows of 1 identities \\(labels 4\\)"):
+        dataset_stats(bad, labels, genuine_pairs=10, impostor_pairs=10)
+    reference = np.r_[centres, unit(np.ones((3, 32)))]
+    reference[7, 0] = np.nan
+    with pytest.raises(HyperfaceError, match="reference has NaN/inf values \\(row 7\\)"):
+        dataset_stats(emb, labels, reference=reference, genuine_pairs=10, impostor_pairs=10)
+    identities = centres.copy()
+    identities[2, 5] = np.inf
+    with pytest.raises(HyperfaceError, match="identities have NaN/inf values in row\\(s\\) \\[2\\]"):
+        dataset_stats(emb, labels, identities=identities, genuine_pairs=10, impostor_pairs=10)
 
 
 def test_report_reads_a_reference_folder_and_warns_about_surplus_identities(tmp_path, hyperface_log):

@@ -92,8 +92,10 @@ def rowwise_cosines(embeddings: np.ndarray, table: np.ndarray, index: np.ndarray
 
 
 def sample_pairs(classes: Classes, num_genuine: int, num_impostor: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Row pairs (k, 2): genuine pairs (two different images of one identity, uniform over images
-    of identities with >= 2 images) and impostor pairs (uniform over rows, labels differ).
+    """Row pairs (k, 2): genuine pairs (two different images of one identity) and impostor pairs
+    (two images of different identities), each drawn uniformly over all pairs of its kind, with
+    replacement: the distributions a verification over every pair of the set has, whatever the
+    class sizes (an identity with n images holds n(n - 1)/2 genuine pairs).
 
     A set with no more pairs in all than asked for in all is enumerated instead: every pair once
     (a random subset of one kind if it has more than asked), so a small set is described exactly,
@@ -113,7 +115,10 @@ def sample_pairs(classes: Classes, num_genuine: int, num_impostor: int, rng: np.
     eligible = np.flatnonzero(classes.counts[classes.inverse] >= 2)
     genuine = np.zeros((0, 2), dtype=np.int64)
     if num_genuine > 0 and eligible.size:
-        first = eligible[rng.integers(0, eligible.size, num_genuine)]
+        # uniform over ordered pairs: the first image weighted by how many others its identity has
+        # (n - 1), the second uniform among those, so each pair has probability 1 / sum n(n - 1)
+        others = np.cumsum(classes.counts[classes.inverse[eligible]] - 1)
+        first = eligible[np.searchsorted(others, rng.integers(0, others[-1], num_genuine), side="right")]
         c = classes.inverse[first]
         position = np.empty(n, dtype=np.int64)
         position[classes.order] = np.arange(n) - np.repeat(classes.starts, classes.counts)
@@ -325,6 +330,8 @@ def check_report_inputs(
                 f"identities have dimension {identities.shape[1]} but the embeddings {embeddings.shape[1]}: "
                 "embed the dataset with the FR model the identities live in (e.g. Arc2Face's arcface.onnx)"
             )
+        if not np.isfinite(identities).all():
+            raise HyperfaceError(f"identities have NaN/inf values in row(s) {np.flatnonzero(~np.isfinite(identities).all(axis=1))[:5].tolist()}")
         if classes.labels.min() < 0 or classes.labels.max() >= len(identities):
             raise HyperfaceError(
                 f"labels run {classes.labels.min()}..{classes.labels.max()} but there are {len(identities)} identities: "
@@ -362,6 +369,10 @@ def dataset_stats(
     classes = check_report_inputs(embeddings, labels, identities=identities, reference=reference)
     rng = np.random.default_rng(seed)
     centroids, intra = class_centroids(embeddings, classes)
+    broken = np.flatnonzero(~np.isfinite(centroids).all(axis=1))  # a NaN/inf row spoils its class sum: no extra pass
+    if broken.size:
+        raise HyperfaceError(f"embeddings have NaN/inf values in rows of {broken.size} identities (labels "
+                             f"{', '.join(str(int(classes.labels[c])) for c in broken[:5])}{', ...' if broken.size > 5 else ''})")
     to_centroid = rowwise_cosines(embeddings, centroids, classes.inverse)
     # one pass: each identity's nearest others give both its nearest and the closest pairs overall
     top_sims, top_index = nearest(centroids, centroids, k=min(REPORTED_EXTREMES, len(centroids) - 1), exclude_self=True, device=device)
@@ -407,6 +418,8 @@ def dataset_stats(
     if reference is not None:
         sims, index = nearest(centroids, reference, device=device)
         sims, index = sims[:, 0], index[:, 0]
+        if not np.isfinite(sims).all():  # a NaN row is every identity's top match: "0 leaked" otherwise
+            raise HyperfaceError(f"reference has NaN/inf values (row {int(index[~np.isfinite(sims)][0])})")
         stats.leakage, stats.leakage_index = sims, index
         above = sims >= leak_threshold
         report["leakage"] = {
