@@ -556,3 +556,25 @@ def test_embeddings_of_an_image_list_or_a_flat_folder_point_to_labels(tmp_path):
     (tmp_path / "train.rec").write_bytes(b"")
     with pytest.raises(HyperfaceError, match="name image files, but .*train.rec is a RecordIO file"):
         labels_for_embeddings(out / "gallery.npy", tmp_path / "train.rec")
+
+
+def test_the_plot_keeps_values_below_its_usual_range(tmp_path):
+    """Histograms start at -0.3 unless something plotted is lower: then at that value (an identity
+    whose two images point apart, intra -1, used to drop out of report.png)."""
+    from hyperface.report.plots import histogram_bins, plot_report
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((40, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(20), 2)
+    emb[1] = -emb[0]  # identity 0: two opposite images
+    stats = dataset_stats(emb, labels, genuine_pairs=10, impostor_pairs=10)
+    assert stats.intra_mean[0] == pytest.approx(-1.0, abs=1e-5)
+    bins = histogram_bins(stats)
+    assert bins[0] <= -1.0 and bins[-1] == pytest.approx(1.0) and np.allclose(np.diff(bins), 0.01)
+    from types import SimpleNamespace
+
+    usual = SimpleNamespace(impostor=np.array([-0.2, 0.1]), genuine=np.array([0.6]), intra_mean=np.array([np.nan, 0.7]),
+                            nearest_identity=np.array([0.2]), target_similarity=None, leakage=None)
+    assert histogram_bins(usual)[0] == pytest.approx(-0.3) and len(histogram_bins(usual)) == 131
+    assert plot_report(tmp_path / "report.png", stats).is_file()

@@ -10,6 +10,15 @@ from hyperface.common.io import save_figure
 from hyperface.report.stats import DatasetStats
 
 
+def histogram_bins(stats: DatasetStats) -> np.ndarray:
+    """Bins 0.01 wide from -0.3 (or lower, down to the smallest value plotted, so none drops out of
+    the picture) to 1."""
+    shown = [stats.impostor, stats.genuine, stats.intra_mean, stats.nearest_identity, stats.target_similarity, stats.leakage]
+    lows = [float(np.min(a[np.isfinite(a)])) for a in shown if a is not None and np.isfinite(a).any()]
+    low = min([-0.3, *lows])
+    return np.linspace(-30, 100, 131) / 100 if low >= -0.3 else np.arange(np.floor(low * 100), 101) / 100
+
+
 def plot_report(path: str | Path, stats: DatasetStats) -> Path:
     import matplotlib
 
@@ -18,7 +27,7 @@ def plot_report(path: str | Path, stats: DatasetStats) -> Path:
 
     report = stats.report
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
-    bins = np.linspace(-0.3, 1.0, 131)
+    bins = histogram_bins(stats)
 
     ax = axes[0, 0]
     if len(stats.impostor):
