@@ -57,6 +57,16 @@ def test_known_optima_are_reached(num, dim, expected):
     assert abs(min_angle(result.points) - expected) < 0.01
 
 
+def test_polish_reaches_two_antipodal_points():
+    """N = 2 is the simplex of two points: 180 degrees. The polish starts from float32 rows whose norms
+    are 1 +- 1e-7; unnormalised, their cosine (-1.0000001) beat every unit candidate of the line
+    search, so the polish never moved (179.976 deg at d = 512)."""
+    result = pack(PackConfig(2, 512, steps=1000, seed=0))
+    x = result.points.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert math.degrees(math.acos(max(-1.0, float(x[0] @ x[1])))) > 179.999
+
+
 def test_24_cell_with_restarts():
     result = pack(PackConfig(24, 4, steps=3000, restarts=8, seed=0))
     assert abs(min_angle(result.points) - 60.0) < 0.01

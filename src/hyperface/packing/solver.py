@@ -433,6 +433,10 @@ def _polish(
     value); raises KeyboardInterrupt once ``stop.requested``; ``on_step(seconds)`` after each step.
     """
     x = x.double() if x.shape[0] <= 256 else x.float()
+    # Unit rows in the polish's own precision: float32 rows have norms 1 +- 1e-7, and every
+    # candidate below is normalised, so an unnormalised start can score below any unit point
+    # (N = 2: cos -1.0000001) and no step passes the line search.
+    x = x / x.norm(dim=1, keepdim=True)
     if deadline is not None and time.perf_counter() >= deadline:
         return x.float()
     eta = 1.0
