@@ -238,6 +238,24 @@ def test_steps_runs_are_deterministic(symmetry):
     assert not np.array_equal(a.points, c.points)
 
 
+def test_one_candidate_is_scored_once(monkeypatch):
+    """--steps 0 (and --mode stochastic) end with one candidate: one exact all-pairs pass, not two
+    (each is minutes at N = 200,000 on a CPU), and the same result."""
+    from hyperface.packing import solver
+
+    calls = []
+    real = solver._exact_score
+    monkeypatch.setattr(solver, "_exact_score", lambda objective, x: calls.append(1) or real(objective, x))
+    result = pack(PackConfig(50, 16, steps=0, seed=3))
+    assert len(calls) == 1 and result.best_step == 0
+    from hyperface.packing.init import initial_points
+
+    np.testing.assert_array_equal(result.points, initial_points("random", 50, 16, np.random.default_rng(3)))
+    calls.clear()
+    pack(PackConfig(50, 16, steps=5, mode="stochastic", batch_size=10, polish_steps=0))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("mode", ["exact", "neighbors", "stochastic"])
 def test_every_mode_improves_far_beyond_random(mode):
     num, dim = 600, 32
@@ -473,6 +491,37 @@ def test_cli_refuses_out_of_range_options(tmp_path, capsys, args, message):
     assert code == 2
     assert err.strip() == f"hyperface pack: error: {message}"  # one line: the flag, its range, the value
     assert not out.exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError("Unable to allocate 76.3 GiB for an array with shape (20000000, 512) and data type float64"),
+     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40960000000 bytes. Error code 12")],
+)
+def test_cli_out_of_memory_is_one_line_naming_the_size(tmp_path, capsys, monkeypatch, error):
+    """Too many identities for the machine: numpy's MemoryError or torch's allocator error, not a traceback."""
+    from hyperface.packing import solver
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(solver, "initial_points", no_memory)
+    code = run_cli("--identities", "20000000", "--dim", "512", "--symmetry", "none", "--steps", "1", "--out", str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "not enough memory to pack 20000000 identities in 512-d" in err and "38.1 GiB a copy" in err
+    assert str(error).split(":")[0] in err
+
+
+def test_cli_other_runtime_errors_keep_their_traceback(tmp_path, monkeypatch):
+    from hyperface.packing import solver
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch in a kernel")
+
+    monkeypatch.setattr(solver, "initial_points", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_cli("--identities", "20", "--dim", "8", "--symmetry", "none", "--steps", "1", "--out", str(tmp_path / "run"))
 
 
 def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_path, capsys):
