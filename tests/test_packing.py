@@ -597,6 +597,16 @@ def test_cli_takes_embeds_output_folder_as_gallery(tmp_path, capsys):
     assert not (tmp_path / "run2").exists()
 
 
+def test_cli_says_when_the_gallery_folder_is_an_unfinished_embed_run(tmp_path, capsys):
+    folder = tmp_path / "embedded"  # `hyperface embed ... --out embedded`, killed: chunks, no gallery.npy yet
+    (folder / "gallery.parts").mkdir(parents=True)
+    np.savez(folder / "gallery.parts" / "chunk_000000.npz", embeddings=anisotropic_gallery(10, 16), rows=np.arange(10))
+    assert run_cli("--identities", "5", "--gallery", str(folder), "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "has not finished" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_refuses_unwritable_and_file_outputs(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
