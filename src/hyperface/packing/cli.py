@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     space = p.add_mutually_exclusive_group(required=True)
     space.add_argument("--dim", "-d", type=int, metavar="D", help="embedding dimension (pure packing, no gallery)")
     space.add_argument("--gallery", metavar="G.npy", help="(M, d) face embeddings: initial points and regulariser "
-                                                          "(a .npy, or the folder `hyperface embed` wrote)")
+                                                          "(a .npy, or the folder `hyperface embed` wrote; any float "
+                                                          "dtype, rows are L2-normalised on load)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty or new)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, metavar="K", help="optimisation steps (default 1000; 0 writes the starting points unoptimised, with their metrics: "
