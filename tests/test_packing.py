@@ -567,6 +567,31 @@ def test_resume_with_another_gallery_is_refused_mid_run_and_after_it(tmp_path, c
     assert run_cli(*base, "--gallery", str(tmp_path / "g.npy"), "--resume") == 0
 
 
+def test_resume_of_a_checkpoint_the_chosen_solver_cannot_read_is_one_line(tmp_path, capsys):
+    """A checkpoint from before --symmetry (its config_key has no symmetry) meets auto's cyclic choice,
+    or a payload without the solver's fields: one line saying what to do, not a KeyError traceback."""
+    out = tmp_path / "run"
+    pack(PackConfig(400, 16, steps=3, symmetry="none", polish_steps=0), checkpoint_dir=out)  # leaves checkpoint.pt
+    (out / ".hyperface-run").write_text("pack\n")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config_key"]["symmetry"]  # as an older hyperface wrote it
+    torch.save(state, out / "checkpoint.pt")
+    args = ["--identities", "400", "--dim", "16", "--steps", "3", "--polish-steps", "0", "--no-plot", "--out", str(out), "--resume"]
+    assert run_cli(*args) == 2  # 400 >= 12 x 16: auto picks the cyclic solver
+    err = capsys.readouterr().err
+    assert "add --symmetry none to continue it" in err and len(err.strip().splitlines()) == 1
+    assert run_cli(*args, "--symmetry", "none") == 0
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".hyperface-run").write_text("pack\n")
+    torch.save({"config_key": {}, "restart": 0}, other / "checkpoint.pt")
+    capsys.readouterr()
+    assert run_cli("--identities", "40", "--dim", "8", "--steps", "3", "--out", str(other), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot be continued" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_resume_into_another_stages_finished_folder_is_refused(tmp_path, capsys):
     from hyperface.common.io import prepare_output_dir
 

@@ -538,6 +538,20 @@ def pack(
             raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exception_summary(exc)}); remove it or use --overwrite") from exc
         if not isinstance(state, dict) or "config_key" not in state or "restart" not in state:
             raise HyperfaceError(f"{ckpt_path} is not a hyperface pack checkpoint; remove it or use --overwrite")
+        # what the chosen solver reads back; a checkpoint from before --symmetry existed has no
+        # symmetry in its config_key, so the settings check alone lets it reach the other solver
+        needs = ("run", "best_reps", "best_cos", "best_info") if cfg.symmetry == "cyclic" else (
+            "run", "best_points", "best_score", "best_restart", "best_steps", "best_history")
+        missing = [key for key in needs if key not in state]
+        other = "none" if cfg.symmetry == "cyclic" else "cyclic"
+        if missing and "symmetry" not in state["config_key"] and ("best_points" if other == "none" else "best_reps") in state:
+            raise HyperfaceError(f"{ckpt_path} is a --symmetry {other} run (an older hyperface chose it for these "
+                                 f"settings): add --symmetry {other} to continue it")
+        if missing:
+            raise HyperfaceError(
+                f"{ckpt_path} cannot be continued as a --symmetry {cfg.symmetry} run (it lacks {', '.join(missing)}: "
+                "another solver or another version of hyperface wrote it); pack again with --overwrite"
+            )
         if not same_settings(state["config_key"], config_key(cfg)):
             now = config_key(cfg)
             raise resume_mismatch(ckpt_path.parent, state["config_key"], {k: now[k] for k in state["config_key"] if k in now})
