@@ -327,7 +327,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert np.array_equal(resumed.points, reference.points)
 
     # only what changed is named, not the whole configuration
-    with pytest.raises(HyperfaceError, match=r"other settings \(seed 3 -> 4, steps 80 -> 81\); use the same settings"):
+    with pytest.raises(HyperfaceError, match=r"other settings \(--seed 3 -> 4, --steps 80 -> 81\); use the same settings"):
         pack(PackConfig(150, 24, steps=81, seed=4), checkpoint_dir=tmp_path, resume=True)
 
 
@@ -532,7 +532,7 @@ def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_p
     assert run_cli(*base, "--seed", "3", "--resume") == 2
     err = capsys.readouterr().err
     assert err.strip() == (f"hyperface pack: error: cannot --resume {out}: it was started with other settings "
-                           "(seed 0 -> 3); use the same settings or --overwrite")
+                           "(--seed 0 -> 3); use the same settings or --overwrite")
     assert run_cli(*base, "--resume") == 0  # the same settings: nothing to do
     (out / "identities.npy").unlink()  # the result lost after the run finished: no checkpoint is left
     capsys.readouterr()
@@ -978,6 +978,6 @@ def test_a_stop_after_the_last_checkpoint_resumes_to_the_same_bits(tmp_path, cap
     assert (tmp_path / "b" / "checkpoint.pt").is_file() and not (tmp_path / "b" / "identities.npy").exists()
     monkeypatch.setattr(pipeline, "packing_report", original)
     assert run_cli(*base, "--out", str(tmp_path / "b"), "--temperature-end", "0.5", "--resume") == 2
-    assert "(temperature_end 0.02 -> 0.5)" in capsys.readouterr().err  # a setting that shapes the result
+    assert "(--temperature-end 0.02 -> 0.5)" in capsys.readouterr().err  # a setting that shapes the result
     assert run_cli(*base, "--out", str(tmp_path / "b"), "--resume") == 0
     assert (tmp_path / "a" / "identities.npy").read_bytes() == (tmp_path / "b" / "identities.npy").read_bytes()

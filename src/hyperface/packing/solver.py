@@ -82,10 +82,20 @@ def check_checkpoint_every(seconds: float) -> None:
     check_option("--checkpoint-every", seconds, lambda v: v > 0, "a positive number of seconds")
 
 
+#: The option that sets each :func:`config_key` field (step_floor and gallery_candidates have none).
+CONFIG_FLAGS = {"num_identities": "--identities", **{key: "--" + key.replace("_", "-") for key in (
+    "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts", "symmetry", "step_angle",
+    "temperature_start", "temperature_end", "neighbors", "refresh_every", "batch_size", "polish_steps", "compute_dtype")}}
+
+
 def resume_mismatch(where: str | Path, before: dict[str, Any], after: dict[str, Any]) -> HyperfaceError:
-    """The error for ``--resume`` with settings other than the run's, naming only what changed."""
+    """The error for ``--resume`` with settings other than the run's, naming only what changed, by
+    the option that sets it (``--seed 0 -> 3``)."""
+    def flags(settings: dict[str, Any]) -> dict[str, Any]:
+        return {CONFIG_FLAGS.get(key, key): value for key, value in settings.items()}
+
     return HyperfaceError(
-        f"cannot --resume {where}: it was started with other settings ({describe_changes(before, after)}); "
+        f"cannot --resume {where}: it was started with other settings ({describe_changes(flags(before), flags(after))}); "
         "use the same settings or --overwrite"
     )
 
