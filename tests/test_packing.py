@@ -101,6 +101,18 @@ def test_random_expectation_matches_reference_and_simulation():
     assert np.mean(simulated) == pytest.approx(random_min_angle_deg(2000, 64), abs=1.0)
 
 
+def test_random_expectation_resolves_small_angles_in_low_dimensions():
+    """N points uniform on a circle: the smallest of the N gaps has mean 360 / N^2 degrees. The cosine
+    grid of old stopped at ~0.13 degree (d = 2, N = 1000: 0.128 instead of 0.00036)."""
+    assert random_min_angle_deg(1000, 2) == pytest.approx(360 / 1000**2, rel=0.01)
+    rng = np.random.default_rng(1)
+    simulated = []
+    for _ in range(20):
+        x = rng.standard_normal((300, 3))
+        simulated.append(min_angle(x / np.linalg.norm(x, axis=1, keepdims=True)))
+    assert np.mean(simulated) == pytest.approx(random_min_angle_deg(300, 3), rel=0.15)
+
+
 # --- initialisations -----------------------------------------------------------------------------
 
 
