@@ -89,6 +89,16 @@ def test_levenshtein_bound_matches_reference_values():
     assert levenshtein_bound_deg(4, 3) == pytest.approx(109.4712, abs=1e-4)
 
 
+def test_levenshtein_bound_in_low_dimensions_beats_the_area_bound():
+    """In 3-d the LP needs polynomials of degree ~ 2 sqrt(N): at degree 12, N = 300 gave 20.9 degrees,
+    weaker than the caps' area bound (N caps of radius a/2 fit on the sphere: 13.24)."""
+    area = 2 * math.degrees(math.acos(1 - 2 / 300))
+    bound = levenshtein_bound_deg(300, 3)
+    assert bound < area
+    result = pack(PackConfig(300, 3, steps=300, seed=0))
+    assert 10.0 < min_angle(result.points) < bound  # still a bound: above a real packing
+
+
 def test_random_expectation_matches_reference_and_simulation():
     assert random_min_angle_deg(10_000, 512) == pytest.approx(75.9, abs=0.05)
     assert random_min_angle_deg(100_000, 512) == pytest.approx(74.0, abs=0.05)
