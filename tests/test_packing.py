@@ -57,6 +57,16 @@ def test_known_optima_are_reached(num, dim, expected):
     assert abs(min_angle(result.points) - expected) < 0.01
 
 
+def test_polish_reaches_two_antipodal_points():
+    """N = 2 is the simplex of two points: 180 degrees. The polish starts from float32 rows whose norms
+    are 1 +- 1e-7; unnormalised, their cosine (-1.0000001) beat every unit candidate of the line
+    search, so the polish never moved (179.976 deg at d = 512)."""
+    result = pack(PackConfig(2, 512, steps=1000, seed=0))
+    x = result.points.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert math.degrees(math.acos(max(-1.0, float(x[0] @ x[1])))) > 179.999
+
+
 def test_24_cell_with_restarts():
     result = pack(PackConfig(24, 4, steps=3000, restarts=8, seed=0))
     assert abs(min_angle(result.points) - 60.0) < 0.01
@@ -79,6 +89,16 @@ def test_levenshtein_bound_matches_reference_values():
     assert levenshtein_bound_deg(4, 3) == pytest.approx(109.4712, abs=1e-4)
 
 
+def test_levenshtein_bound_in_low_dimensions_beats_the_area_bound():
+    """In 3-d the LP needs polynomials of degree ~ 2 sqrt(N): at degree 12, N = 300 gave 20.9 degrees,
+    weaker than the caps' area bound (N caps of radius a/2 fit on the sphere: 13.24)."""
+    area = 2 * math.degrees(math.acos(1 - 2 / 300))
+    bound = levenshtein_bound_deg(300, 3)
+    assert bound < area
+    result = pack(PackConfig(300, 3, steps=300, seed=0))
+    assert 10.0 < min_angle(result.points) < bound  # still a bound: above a real packing
+
+
 def test_random_expectation_matches_reference_and_simulation():
     assert random_min_angle_deg(10_000, 512) == pytest.approx(75.9, abs=0.05)
     assert random_min_angle_deg(100_000, 512) == pytest.approx(74.0, abs=0.05)
@@ -89,6 +109,18 @@ def test_random_expectation_matches_reference_and_simulation():
         x = rng.standard_normal((2000, 64))
         simulated.append(min_angle(x / np.linalg.norm(x, axis=1, keepdims=True)))
     assert np.mean(simulated) == pytest.approx(random_min_angle_deg(2000, 64), abs=1.0)
+
+
+def test_random_expectation_resolves_small_angles_in_low_dimensions():
+    """N points uniform on a circle: the smallest of the N gaps has mean 360 / N^2 degrees. The cosine
+    grid of old stopped at ~0.13 degree (d = 2, N = 1000: 0.128 instead of 0.00036)."""
+    assert random_min_angle_deg(1000, 2) == pytest.approx(360 / 1000**2, rel=0.01)
+    rng = np.random.default_rng(1)
+    simulated = []
+    for _ in range(20):
+        x = rng.standard_normal((300, 3))
+        simulated.append(min_angle(x / np.linalg.norm(x, axis=1, keepdims=True)))
+    assert np.mean(simulated) == pytest.approx(random_min_angle_deg(300, 3), rel=0.15)
 
 
 # --- initialisations -----------------------------------------------------------------------------
@@ -228,6 +260,24 @@ def test_steps_runs_are_deterministic(symmetry):
     assert not np.array_equal(a.points, c.points)
 
 
+def test_one_candidate_is_scored_once(monkeypatch):
+    """--steps 0 (and --mode stochastic) end with one candidate: one exact all-pairs pass, not two
+    (each is minutes at N = 200,000 on a CPU), and the same result."""
+    from hyperface.packing import solver
+
+    calls = []
+    real = solver._exact_score
+    monkeypatch.setattr(solver, "_exact_score", lambda objective, x: calls.append(1) or real(objective, x))
+    result = pack(PackConfig(50, 16, steps=0, seed=3))
+    assert len(calls) == 1 and result.best_step == 0
+    from hyperface.packing.init import initial_points
+
+    np.testing.assert_array_equal(result.points, initial_points("random", 50, 16, np.random.default_rng(3)))
+    calls.clear()
+    pack(PackConfig(50, 16, steps=5, mode="stochastic", batch_size=10, polish_steps=0))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("mode", ["exact", "neighbors", "stochastic"])
 def test_every_mode_improves_far_beyond_random(mode):
     num, dim = 600, 32
@@ -299,7 +349,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert np.array_equal(resumed.points, reference.points)
 
     # only what changed is named, not the whole configuration
-    with pytest.raises(HyperfaceError, match=r"other settings \(seed 3 -> 4, steps 80 -> 81\); use the same settings"):
+    with pytest.raises(HyperfaceError, match=r"other settings \(--seed 3 -> 4, --steps 80 -> 81\); use the same settings"):
         pack(PackConfig(150, 24, steps=81, seed=4), checkpoint_dir=tmp_path, resume=True)
 
 
@@ -465,6 +515,37 @@ def test_cli_refuses_out_of_range_options(tmp_path, capsys, args, message):
     assert not out.exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError("Unable to allocate 76.3 GiB for an array with shape (20000000, 512) and data type float64"),
+     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40960000000 bytes. Error code 12")],
+)
+def test_cli_out_of_memory_is_one_line_naming_the_size(tmp_path, capsys, monkeypatch, error):
+    """Too many identities for the machine: numpy's MemoryError or torch's allocator error, not a traceback."""
+    from hyperface.packing import solver
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(solver, "initial_points", no_memory)
+    code = run_cli("--identities", "20000000", "--dim", "512", "--symmetry", "none", "--steps", "1", "--out", str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "not enough memory to pack 20000000 identities in 512-d" in err and "38.1 GiB a copy" in err
+    assert str(error).split(":")[0] in err
+
+
+def test_cli_other_runtime_errors_keep_their_traceback(tmp_path, monkeypatch):
+    from hyperface.packing import solver
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch in a kernel")
+
+    monkeypatch.setattr(solver, "initial_points", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_cli("--identities", "20", "--dim", "8", "--symmetry", "none", "--steps", "1", "--out", str(tmp_path / "run"))
+
+
 def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["--identities", "40", "--dim", "8", "--steps", "20", "--no-plot", "--out", str(out)]
@@ -473,7 +554,7 @@ def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_p
     assert run_cli(*base, "--seed", "3", "--resume") == 2
     err = capsys.readouterr().err
     assert err.strip() == (f"hyperface pack: error: cannot --resume {out}: it was started with other settings "
-                           "(seed 0 -> 3); use the same settings or --overwrite")
+                           "(--seed 0 -> 3); use the same settings or --overwrite")
     assert run_cli(*base, "--resume") == 0  # the same settings: nothing to do
     (out / "identities.npy").unlink()  # the result lost after the run finished: no checkpoint is left
     capsys.readouterr()
@@ -508,6 +589,31 @@ def test_resume_with_another_gallery_is_refused_mid_run_and_after_it(tmp_path, c
     assert run_cli(*base, "--gallery", str(tmp_path / "g.npy"), "--resume") == 0
 
 
+def test_resume_of_a_checkpoint_the_chosen_solver_cannot_read_is_one_line(tmp_path, capsys):
+    """A checkpoint from before --symmetry (its config_key has no symmetry) meets auto's cyclic choice,
+    or a payload without the solver's fields: one line saying what to do, not a KeyError traceback."""
+    out = tmp_path / "run"
+    pack(PackConfig(400, 16, steps=3, symmetry="none", polish_steps=0), checkpoint_dir=out)  # leaves checkpoint.pt
+    (out / ".hyperface-run").write_text("pack\n")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config_key"]["symmetry"]  # as an older hyperface wrote it
+    torch.save(state, out / "checkpoint.pt")
+    args = ["--identities", "400", "--dim", "16", "--steps", "3", "--polish-steps", "0", "--no-plot", "--out", str(out), "--resume"]
+    assert run_cli(*args) == 2  # 400 >= 12 x 16: auto picks the cyclic solver
+    err = capsys.readouterr().err
+    assert "add --symmetry none to continue it" in err and len(err.strip().splitlines()) == 1
+    assert run_cli(*args, "--symmetry", "none") == 0
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".hyperface-run").write_text("pack\n")
+    torch.save({"config_key": {}, "restart": 0}, other / "checkpoint.pt")
+    capsys.readouterr()
+    assert run_cli("--identities", "40", "--dim", "8", "--steps", "3", "--out", str(other), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot be continued" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_resume_into_another_stages_finished_folder_is_refused(tmp_path, capsys):
     from hyperface.common.io import prepare_output_dir
 
@@ -536,6 +642,16 @@ def test_cli_takes_embeds_output_folder_as_gallery(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a folder without gallery.npy" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run2").exists()
+
+
+def test_cli_says_when_the_gallery_folder_is_an_unfinished_embed_run(tmp_path, capsys):
+    folder = tmp_path / "embedded"  # `hyperface embed ... --out embedded`, killed: chunks, no gallery.npy yet
+    (folder / "gallery.parts").mkdir(parents=True)
+    np.savez(folder / "gallery.parts" / "chunk_000000.npz", embeddings=anisotropic_gallery(10, 16), rows=np.arange(10))
+    assert run_cli("--identities", "5", "--gallery", str(folder), "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "has not finished" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_refuses_unwritable_and_file_outputs(tmp_path, capsys):
@@ -718,6 +834,19 @@ def test_cyclic_smooth_max_equals_the_dense_objective_and_its_gradient(monkeypat
     assert torch.allclose(ours, dense.grad, atol=1e-10)  # a constant shift leaves the gradient alone
 
 
+def test_cyclic_blocks_stay_small_on_a_cpu():
+    """256 MiB blocks are fresh mmap'd memory on every evaluation on a CPU: at N = 200,000, d = 512
+    faulting them in took 2.2 of 3.0 s an evaluation (0.67 s with 2^20-entry blocks)."""
+    from hyperface.packing import cyclic
+
+    num_reps, dim = 391, 512  # N = 200,000
+    blocks = cyclic._blocks(num_reps, dim, torch.device("cpu"))
+    assert blocks[0][0] == 0 and blocks[-1][1] == num_reps
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert max(k1 - k0 for k0, k1 in blocks) * num_reps * dim <= 1 << 20
+    assert len(cyclic._blocks(num_reps, dim, "cuda")) == 2  # the GPU keeps big blocks (launches, not pages, cost there)
+
+
 def test_symmetry_auto_picks_cyclic_only_for_dense_pure_packing():
     gallery = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -871,6 +1000,6 @@ def test_a_stop_after_the_last_checkpoint_resumes_to_the_same_bits(tmp_path, cap
     assert (tmp_path / "b" / "checkpoint.pt").is_file() and not (tmp_path / "b" / "identities.npy").exists()
     monkeypatch.setattr(pipeline, "packing_report", original)
     assert run_cli(*base, "--out", str(tmp_path / "b"), "--temperature-end", "0.5", "--resume") == 2
-    assert "(temperature_end 0.02 -> 0.5)" in capsys.readouterr().err  # a setting that shapes the result
+    assert "(--temperature-end 0.02 -> 0.5)" in capsys.readouterr().err  # a setting that shapes the result
     assert run_cli(*base, "--out", str(tmp_path / "b"), "--resume") == 0
     assert (tmp_path / "a" / "identities.npy").read_bytes() == (tmp_path / "b" / "identities.npy").read_bytes()

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     space = p.add_mutually_exclusive_group(required=True)
     space.add_argument("--dim", "-d", type=int, metavar="D", help="embedding dimension (pure packing, no gallery)")
     space.add_argument("--gallery", metavar="G.npy", help="(M, d) face embeddings: initial points and regulariser "
-                                                          "(a .npy, or the folder `hyperface embed` wrote)")
+                                                          "(a .npy, or the folder `hyperface embed` wrote; any float "
+                                                          "dtype, rows are L2-normalised on load)")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (must be empty or new)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, metavar="K", help="optimisation steps (default 1000; 0 writes the starting points unoptimised, with their metrics: "
@@ -91,6 +92,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def out_of_memory(exc: BaseException, args: argparse.Namespace) -> BaseException:
+    """A failed allocation as one line that says what to change; any other error as it was.
+
+    numpy raises MemoryError, torch a RuntimeError ("can't allocate memory" on a CPU,
+    torch.OutOfMemoryError on a GPU). The unconstrained solver keeps about six N x d float32 arrays
+    (points, gradient, Adam's two moments, the best iterate, a temporary)."""
+    from pathlib import Path
+
+    import torch
+
+    from hyperface.common.errors import HyperfaceError, exception_summary
+    from hyperface.packing.solver import CHECKPOINT_NAME
+
+    text = str(exc)
+    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return exc
+    size = f"{args.identities} identities" + (f" in {args.dim}-d" if args.dim else "")
+    each = f"; {args.identities} x {args.dim} float32 is {args.identities * args.dim * 4 / 2**30:.1f} GiB a copy" if args.dim else ""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = first if isinstance(exc, MemoryError) and first else exception_summary(exc) if first else type(exc).__name__
+    checkpoint = Path(args.out) / CHECKPOINT_NAME
+    again = f"; --resume continues from {checkpoint}" if checkpoint.is_file() else ""
+    return HyperfaceError(
+        f"not enough memory to pack {size} ({detail}){each}: pack fewer identities, or use a machine "
+        f"(or --device) with more memory{again}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from hyperface.packing.metrics import format_metrics
     from hyperface.packing.pipeline import run_pack
@@ -117,15 +147,18 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         symmetry=args.symmetry,
     )
-    metrics = run_pack(
-        config,
-        args.out,
-        gallery_path=args.gallery,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        checkpoint_every=args.checkpoint_every,
-        plot=not args.no_plot,
-    )
+    try:
+        metrics = run_pack(
+            config,
+            args.out,
+            gallery_path=args.gallery,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            plot=not args.no_plot,
+        )
+    except (MemoryError, RuntimeError) as exc:
+        raise out_of_memory(exc, args) from exc
     print(format_metrics(metrics))
     print(f"identities: {args.out}/identities.npy ({metrics['num_identities']} x {metrics['dim']})")
     return 0

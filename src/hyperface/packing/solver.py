@@ -82,10 +82,20 @@ def check_checkpoint_every(seconds: float) -> None:
     check_option("--checkpoint-every", seconds, lambda v: v > 0, "a positive number of seconds")
 
 
+#: The option that sets each :func:`config_key` field (step_floor and gallery_candidates have none).
+CONFIG_FLAGS = {"num_identities": "--identities", **{key: "--" + key.replace("_", "-") for key in (
+    "dim", "init", "reg_weight", "seed", "mode", "steps", "time_budget", "restarts", "symmetry", "step_angle",
+    "temperature_start", "temperature_end", "neighbors", "refresh_every", "batch_size", "polish_steps", "compute_dtype")}}
+
+
 def resume_mismatch(where: str | Path, before: dict[str, Any], after: dict[str, Any]) -> HyperfaceError:
-    """The error for ``--resume`` with settings other than the run's, naming only what changed."""
+    """The error for ``--resume`` with settings other than the run's, naming only what changed, by
+    the option that sets it (``--seed 0 -> 3``)."""
+    def flags(settings: dict[str, Any]) -> dict[str, Any]:
+        return {CONFIG_FLAGS.get(key, key): value for key, value in settings.items()}
+
     return HyperfaceError(
-        f"cannot --resume {where}: it was started with other settings ({describe_changes(before, after)}); "
+        f"cannot --resume {where}: it was started with other settings ({describe_changes(flags(before), flags(after))}); "
         "use the same settings or --overwrite"
     )
 
@@ -433,6 +443,10 @@ def _polish(
     value); raises KeyboardInterrupt once ``stop.requested``; ``on_step(seconds)`` after each step.
     """
     x = x.double() if x.shape[0] <= 256 else x.float()
+    # Unit rows in the polish's own precision: float32 rows have norms 1 +- 1e-7, and every
+    # candidate below is normalised, so an unnormalised start can score below any unit point
+    # (N = 2: cos -1.0000001) and no step passes the line search.
+    x = x / x.norm(dim=1, keepdim=True)
     if deadline is not None and time.perf_counter() >= deadline:
         return x.float()
     eta = 1.0
@@ -534,6 +548,20 @@ def pack(
             raise HyperfaceError(f"cannot read checkpoint {ckpt_path} ({exception_summary(exc)}); remove it or use --overwrite") from exc
         if not isinstance(state, dict) or "config_key" not in state or "restart" not in state:
             raise HyperfaceError(f"{ckpt_path} is not a hyperface pack checkpoint; remove it or use --overwrite")
+        # what the chosen solver reads back; a checkpoint from before --symmetry existed has no
+        # symmetry in its config_key, so the settings check alone lets it reach the other solver
+        needs = ("run", "best_reps", "best_cos", "best_info") if cfg.symmetry == "cyclic" else (
+            "run", "best_points", "best_score", "best_restart", "best_steps", "best_history")
+        missing = [key for key in needs if key not in state]
+        other = "none" if cfg.symmetry == "cyclic" else "cyclic"
+        if missing and "symmetry" not in state["config_key"] and ("best_points" if other == "none" else "best_reps") in state:
+            raise HyperfaceError(f"{ckpt_path} is a --symmetry {other} run (an older hyperface chose it for these "
+                                 f"settings): add --symmetry {other} to continue it")
+        if missing:
+            raise HyperfaceError(
+                f"{ckpt_path} cannot be continued as a --symmetry {cfg.symmetry} run (it lacks {', '.join(missing)}: "
+                "another solver or another version of hyperface wrote it); pack again with --overwrite"
+            )
         if not same_settings(state["config_key"], config_key(cfg)):
             now = config_key(cfg)
             raise resume_mismatch(ckpt_path.parent, state["config_key"], {k: now[k] for k in state["config_key"] if k in now})
@@ -784,11 +812,16 @@ def _pack_once(
     finally:
         bar.close()
 
-    # Score the candidates exactly (float32, all pairs) and keep the better.
-    best_exact = _exact_score(objective, best_points)
-    final_exact = _exact_score(objective, final)
-    if final_exact <= best_exact:
-        best_points, best_exact, best_step = final, final_exact, step
+    # Score the candidates exactly (float32, all pairs) and keep the better. Often they are one
+    # (--steps 0, --mode stochastic, a resumed finished run): one all-pairs pass, not two (at
+    # N = 200,000, d = 512 on a CPU each is minutes).
+    if torch.equal(best_points.float(), final.float()):
+        best_points, best_exact, best_step = final, _exact_score(objective, final), step
+    else:
+        best_exact = _exact_score(objective, best_points)
+        final_exact = _exact_score(objective, final)
+        if final_exact <= best_exact:
+            best_points, best_exact, best_step = final, final_exact, step
     save(run_state(done=True))
     result = PackResult(points=best_points.float().cpu().numpy(), config=cfg, history=history,
                         steps_done=step, seconds=elapsed + polish_seconds, best_step=best_step, restart=restart)

@@ -136,7 +136,13 @@ def find_embeddings(path: str | os.PathLike, *, flag: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
-    embeddings = GalleryPaths.from_out(path).embeddings
+    paths = GalleryPaths.from_out(path)
+    embeddings = paths.embeddings
+    if not embeddings.is_file() and paths.parts.is_dir():  # an embed run killed or still running
+        raise HyperfaceError(
+            f"{flag} {path}: its `hyperface embed` run has not finished ({paths.parts.name}/ holds the chunks "
+            f"done so far, {embeddings.name} is written at the end): run the same embed command with --resume, then this one"
+        )
     if not embeddings.is_file():
         raise HyperfaceError(
             f"{flag} {path} is a folder without {embeddings.name}: give the .npy that `hyperface embed` "
