@@ -337,3 +337,60 @@ def test_safetensors_reader_round_trips_and_names_a_damaged_or_missing_file(tmp_
         load_safetensors(path, hint="fetch it again")
     with pytest.raises(HyperfaceError, match="file not found: .*missing.safetensors"):
         load_safetensors(tmp_path / "missing.safetensors")
+
+
+_HOLD_FOLDER = """
+import sys, time
+from hyperface.common.io import prepare_output_dir
+prepare_output_dir(sys.argv[1], stage="pack", resume=True)
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_folder_another_process_is_writing_into_is_refused_and_kept(tmp_path):
+    """The same command started twice (a requeued job while the first still runs): the second is
+    refused, --overwrite included, and deletes nothing; once the first process ends (a kill too),
+    the folder is free."""
+    import subprocess
+    import sys
+
+    out = prepare_output_dir(tmp_path / "run", stage="pack", exclusive=False)
+    (out / "checkpoint.pt").write_bytes(b"work")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_FOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        for flags in ({"resume": True}, {"overwrite": True}):
+            with pytest.raises(HyperfaceError, match="another process is writing into .*run now"):
+                prepare_output_dir(out, stage="pack", **flags)
+        assert (out / "checkpoint.pt").read_bytes() == b"work"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prepare_output_dir(out, stage="pack", resume=True) == out  # the kernel dropped the dead holder's lock
+
+
+def test_a_stage_lets_go_of_its_folder_when_it_returns(tmp_path):
+    import subprocess
+    import sys
+
+    from hyperface.common.io import releases_output_locks
+
+    @releases_output_locks
+    def stage(fail: bool) -> None:
+        prepare_output_dir(tmp_path / "run", stage="pack", resume=True)
+        if fail:
+            raise HyperfaceError("bad input")
+
+    check = [sys.executable, "-c", "import sys; from hyperface.common.io import prepare_output_dir; "
+             "prepare_output_dir(sys.argv[1], stage='pack', resume=True)", str(tmp_path / "run")]
+    prepare_output_dir(tmp_path / "run", stage="pack")  # held by this process, outside any stage
+    assert subprocess.run(check, capture_output=True, text=True).returncode != 0
+    from hyperface.common import io as common_io
+
+    common_io._HELD_OUTPUTS.pop(str((tmp_path / "run").resolve())).close()
+    stage(False)
+    assert subprocess.run(check, capture_output=True, text=True).returncode == 0
+    with pytest.raises(HyperfaceError, match="bad input"):
+        stage(True)
+    assert subprocess.run(check, capture_output=True, text=True).returncode == 0

@@ -269,6 +269,7 @@ def prepare_output_dir(
     setup_files: Sequence[str] = (),
     resumable: bool = True,
     clear_unfinished: bool = True,
+    exclusive: bool = True,
 ) -> Path:
     """Create ``out`` for a run, refusing to mix a new run into an old one.
 
@@ -279,13 +280,18 @@ def prepare_output_dir(
       other processes may be using at that moment);
     - non-empty otherwise: error, unless ``resume`` (keep it) or ``overwrite`` (clear it, only if
       hyperface wrote it: the run marker must be there);
-    - unwritable: error naming the folder.
+    - unwritable: error naming the folder;
+    - ``exclusive``: held by another process (its run marker locked): error. The lock is this
+      process's until the stage's entry point returns (see :func:`releases_output_locks`); stages
+      whose processes share a folder (generate's shards) lock their own parts instead.
     """
     out = Path(out)
     if out.is_symlink():  # a link to a folder on a bigger disk: work in the folder it names
         out = out.resolve()
     if out.exists() and not out.is_dir():
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
+    if exclusive and (out / RUN_MARKER).is_file():
+        _lock_output(out)  # before anything is cleared or resumed
     non_empty = out.is_dir() and any(out.iterdir())
     owner = output_stage(out)
     if non_empty and stage and owner and owner != stage and (resume or not _holds_no_work(out, setup_files)):
@@ -315,9 +321,67 @@ def prepare_output_dir(
         with open(probe, "a", encoding="utf-8") as handle:
             if stage and probe.stat().st_size == 0:
                 handle.write(stage + "\n")
+        if exclusive:
+            _lock_output(out)
     except OSError as exc:
         raise HyperfaceError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
     return out
+
+
+#: Output folders this process holds the lock of (``prepare_output_dir(exclusive=True)``), by path.
+_HELD_OUTPUTS: dict[str, IO[Any]] = {}
+
+
+def _lock_output(out: Path) -> None:
+    """Hold an exclusive OS lock (flock) on ``out``'s run marker until :func:`releases_output_locks`
+    lets it go or the process ends (a kill included: the kernel drops it), so a second process on the
+    same folder (the command started twice, a requeued job while the first still runs) is refused
+    instead of interleaving checkpoints. No lock where ``fcntl`` is missing or the file system has none."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    import errno as errno_codes
+
+    marker, key = out / RUN_MARKER, str(out.resolve())
+    held = _HELD_OUTPUTS.get(key)
+    if held is not None:
+        try:  # still the marker on disk (an --overwrite made a new one: lock that)
+            if os.fstat(held.fileno()).st_ino == os.stat(marker).st_ino:
+                return
+        except OSError:
+            pass
+        _HELD_OUTPUTS.pop(key).close()
+    handle = open(marker, "a", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        if exc.errno in (errno_codes.EWOULDBLOCK, errno_codes.EAGAIN, errno_codes.EACCES):
+            raise HyperfaceError(
+                f"another process is writing into {out} now (the same command started twice, or a requeued job "
+                "while the first still runs): wait for it or stop it, then rerun; or choose another --out"
+            ) from None
+        log.warning("cannot lock %s (%s): a second process on this folder would not be refused", marker, exc.strerror or exc)
+        return
+    _HELD_OUTPUTS[key] = handle
+
+
+def releases_output_locks(function):
+    """Decorator for a stage's entry point: the output locks it took are let go when it returns or
+    fails, so the folder is free for the next run (in this process or another)."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD_OUTPUTS)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for key in set(_HELD_OUTPUTS) - before:
+                _HELD_OUTPUTS.pop(key).close()
+
+    return wrapper
 
 
 def _remove_tree(folder: Path) -> None:
@@ -554,6 +618,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = [
+    "releases_output_locks",
     "load_safetensors",
     "RUN_MARKER",
     "atomic_path",

@@ -37,7 +37,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import atomic_write, escape_line, prepare_output_dir, read_json, read_lines, remove_stale_temporaries, save_json
+from hyperface.common.io import (
+    atomic_write, escape_line, prepare_output_dir, read_json, read_lines, releases_output_locks, remove_stale_temporaries, save_json,
+)
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets import check_outside_datasets
@@ -130,6 +132,7 @@ def _finished_counts(out: Path) -> dict[str, int]:
         raise HyperfaceError(f"{out / 'manifest.json'} is damaged (no image counts); delete it and run again with --resume") from None
 
 
+@releases_output_locks
 def convert_dataset(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,

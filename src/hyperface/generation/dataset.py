@@ -990,7 +990,7 @@ def open_run(
     # Several ranks share one --out: only a single-shard run insists on an empty folder.
     # A failed attempt's folder is reused in place, not cleared: another copy of this command may be
     # starting in it at this moment (its lock and run.json decide which one runs).
-    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate",
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite and shard.count == 1, resume=resume or shard.count > 1, stage="generate", exclusive=False,
                                  setup_files=(RUN_FILE, f"{PARTS_DIR}/*/{SHARD_SETTINGS_FILE}"), clear_unfinished=False)
     run = {
         "num_identities": int(embeddings.shape[0]),

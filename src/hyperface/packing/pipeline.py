@@ -10,7 +10,10 @@ from typing import Any
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import duplicate_rows, file_sha256, load_embeddings, prepare_output_dir, read_json, remove_stale_temporaries, save_json, save_npy
+from hyperface.common.io import (
+    duplicate_rows, file_sha256, load_embeddings, prepare_output_dir, read_json, releases_output_locks, remove_stale_temporaries,
+    save_json, save_npy,
+)
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
@@ -27,6 +30,7 @@ PLOT_FILE = "pack.png"
 REPRESENTATIVES_FILE = "representatives.npy"
 
 
+@releases_output_locks
 def run_pack(
     config: PackConfig,
     out_dir: str | Path,

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import atomic_write, read_json
+from hyperface.common.io import atomic_write, read_json, releases_output_locks
 from hyperface.report.pipeline import REPORT_FILE
 
 COMPARISON_TABLE = "comparison.txt"
@@ -290,6 +290,7 @@ def write_comparison(out_dir: str | os.PathLike, entries: Sequence[DatasetReport
     return written
 
 
+@releases_output_locks
 def compare_reports(entries: Sequence[DatasetReport], out_dir: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
     """Only the comparison of earlier reports: ``out_dir`` gets comparison.txt, comparison.png and a manifest."""
     from hyperface.common.io import prepare_output_dir

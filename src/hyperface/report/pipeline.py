@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary
-from hyperface.common.io import atomic_write, load_embeddings, prepare_output_dir, read_json, read_lines, save_json
+from hyperface.common.io import atomic_write, load_embeddings, prepare_output_dir, read_json, read_lines, releases_output_locks, save_json
 from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device
 from hyperface.packing.pipeline import load_identities
@@ -129,6 +129,7 @@ def load_labels(path: str | os.PathLike) -> np.ndarray:
     return labels
 
 
+@releases_output_locks
 def run_report(
     embeddings: str | os.PathLike,
     out_dir: str | os.PathLike,

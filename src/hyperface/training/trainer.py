@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hyperface.common.errors import HyperfaceError, check_option, exception_summary
-from hyperface.common.io import atomic_write, prepare_output_dir, remove_stale_temporaries
+from hyperface.common.io import atomic_write, prepare_output_dir, releases_output_locks, remove_stale_temporaries
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import StopRequest, get_logger, progress, progress_enabled, resolve_device
 from hyperface.common.text import unique_labels
@@ -541,6 +541,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     return result
 
 
+@releases_output_locks
 def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
     from hyperface.datasets import check_outside_datasets
     from hyperface.datasets.concat import concat_parts, open_datasets
