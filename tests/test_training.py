@@ -203,10 +203,16 @@ def test_resume_refuses_changed_settings(synthetic, tmp_path):
         train(TrainConfig(**{**base, "lr": 0.5}, resume=True))
     with pytest.raises(HyperfaceError, match="margin_gradient 'exact' -> 'straight-through'"):
         train(TrainConfig(**{**base, "margin_gradient": "straight-through"}, resume=True))
-    # a checkpoint from before --margin-gradient existed resumes: the setting had its default then
+    with pytest.raises(HyperfaceError, match="head_init 'normal' -> 'unit'"):
+        train(TrainConfig(**{**base, "head_init": "unit"}, resume=True))
+    with pytest.raises(HyperfaceError, match="bn_weight_decay True -> False"):
+        train(TrainConfig(**{**base, "bn_weight_decay": False}, resume=True))
+    # a checkpoint from before --margin-gradient, --head-init or --bn-weight-decay existed resumes:
+    # each setting had its default then
     meta_path = latest_checkpoint(run) / "meta.json"
     meta = json.loads(meta_path.read_text())
-    del meta["config"]["margin_gradient"]
+    for key in ("margin_gradient", "head_init", "bn_weight_decay"):
+        del meta["config"][key]
     meta_path.write_text(json.dumps(meta))
     assert train(TrainConfig(**{**base, "max_steps": 3}, resume=True)).steps == 3
     with pytest.raises(HyperfaceError, match="--margin-gradient straight-through is for --loss arcface"):
@@ -1233,3 +1239,92 @@ def test_an_empty_latest_pointer_names_the_newest_checkpoint_to_write_into_it(tm
         latest_checkpoint(tmp_path)
     (folder / "latest").write_text("step-000000010\n")
     assert latest_checkpoint(tmp_path) == folder / "step-000000010"
+
+
+def _adaface_split_parameters(module: torch.nn.Module):
+    """AdaFace's Trainer.split_parameters (mk-minchul/AdaFace, train_val.py), re-typed."""
+    params_decay, params_no_decay = [], []
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            params_no_decay.extend([*m.parameters()])
+        elif len(list(m.children())) == 0:
+            params_decay.extend([*m.parameters()])
+    assert len(list(module.parameters())) == len(params_decay) + len(params_no_decay)
+    return params_decay, params_no_decay
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_no_bn_weight_decay_groups_parameters_as_adafaces_configure_optimizers(optimizer):
+    from hyperface.recognition.backbones import create_backbone
+    from hyperface.training.trainer import build_head, build_optimizer
+
+    cfg = TrainConfig(data="d", out="o", arch="r_tiny", embedding_size=64, optimizer=optimizer, bn_weight_decay=False).resolved()
+    backbone = create_backbone("r_tiny", embedding_size=64)
+    head = build_head(cfg, 10, 0, 1)
+    groups = build_optimizer(cfg, backbone, head).param_groups
+    # AdaFace: SGD([{params: paras_wo_bn + [head.kernel], weight_decay: 5e-4}, {params: paras_only_bn}]),
+    # the second at the optimiser's default weight decay, 0 (frozen parameters are never stepped: left out here)
+    decay, no_decay = _adaface_split_parameters(backbone)
+    trainable = lambda params: [id(p) for p in params if p.requires_grad]  # noqa: E731
+    assert [trainable(g["params"]) for g in groups] == [trainable([*decay, head.weight]), trainable(no_decay)]
+    assert [g["weight_decay"] for g in groups] == [cfg.weight_decay, 0.0] and cfg.weight_decay > 0
+    owner = {id(p): type(m).__name__ for m in backbone.modules() for p in m.parameters(recurse=False)}
+    assert {owner[id(p)] for p in groups[1]["params"]} == {"BatchNorm2d", "BatchNorm1d"}
+    assert {owner.get(id(p), "head") for p in groups[0]["params"]} == {"Conv2d", "Linear", "PReLU", "head"}
+    # the default: one group, every trainable parameter decayed (arcface_torch)
+    default = build_optimizer(TrainConfig(**{**vars(cfg), "bn_weight_decay": True}), backbone, head).param_groups
+    assert len(default) == 1 and default[0]["weight_decay"] == cfg.weight_decay
+    assert trainable(default[0]["params"]) == trainable([*backbone.parameters(), head.weight])
+    # and a step with zero gradients leaves BatchNorm alone and shrinks the rest
+    opt = build_optimizer(cfg, backbone, head)
+    before = {id(p): p.detach().clone() for g in groups for p in g["params"]}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(torch.equal(p, before[id(p)]) for p in opt.param_groups[1]["params"])
+    assert all(not torch.equal(p, before[id(p)]) for p in opt.param_groups[0]["params"] if p.abs().sum() > 0)
+    with pytest.raises(HyperfaceError, match="unknown --head-init 'xavier': use normal or unit"):
+        TrainConfig(data="d", out="o", head_init="xavier").resolved()
+    with pytest.raises(HyperfaceError, match=r"bn_weight_decay \(--bn-weight-decay, --no-bn-weight-decay\) must be True or False, got .false."):
+        TrainConfig(data="d", out="o", bn_weight_decay="false").resolved()
+
+
+def test_no_bn_weight_decay_follows_the_batchnorm_class_only_on_a_vit():
+    from hyperface.recognition.backbones import create_backbone
+    from hyperface.training.trainer import batchnorm_parameters
+
+    vit = create_backbone("vit_tiny", embedding_size=64)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    # the feature head's two BatchNorm1d; LayerNorm (norm1, norm2, norm), pos_embed and mask_token still decay
+    exempt = sorted(names[id(p)] for p in batchnorm_parameters(vit))
+    assert exempt == ["feature.1.bias", "feature.1.weight", "feature.3.bias", "feature.3.weight"]
+    assert "blocks.0.norm1.weight" in names.values() and "pos_embed" in names.values()
+
+
+def test_head_init_unit_and_no_bn_weight_decay_train_resume_exactly_and_are_kept(synthetic, tmp_path, capsys):
+    base = ["train", str(synthetic["data"]), "--arch", "r_tiny", "--embedding-size", "64", "--workers", "0", "--device", "cpu",
+            "--epochs", "1", "--batch-size", "16", "--loss", "adaface", "--checkpoint-every", "2", "--log-every", "1",
+            "--head-init", "unit", "--no-bn-weight-decay"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert cli_main([*base, "--out", str(whole), "--max-steps", "4"]) == 0
+    config = json.loads((whole / "config.json").read_text())
+    assert (config["head_init"], config["bn_weight_decay"]) == ("unit", False)
+    params = json.loads((whole / "manifest.json").read_text())["params"]
+    assert (params["head_init"], params["bn_weight_decay"]) == ("unit", False)
+    state = torch.load(latest_checkpoint(whole) / "state-rank0.pt", weights_only=True)
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [5e-4, 0.0]
+    # stopped at step 2, resumed with neither flag (config.json's are taken): the same weights as in one go
+    assert cli_main([*base, "--out", str(run), "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", str(synthetic["data"]), "--out", str(run), "--resume", "--device", "cpu", "--workers", "0",
+                     "--max-steps", "4"]) == 0
+    # (given the defaults, normal and on, the resume would have been refused: see below)
+    whole_state, run_state = (torch.load(r / "backbone.pth", weights_only=True) for r in (whole, run))
+    assert all(torch.equal(whole_state[k], run_state[k]) for k in whole_state)
+    # given again with another value: refused like every setting that shapes the run
+    for flag, change in (("--head-init=normal", "head_init 'unit' -> 'normal'"),
+                         ("--bn-weight-decay", "bn_weight_decay False -> True")):
+        assert cli_main(["train", str(synthetic["data"]), "--out", str(run), "--resume", "--device", "cpu", "--workers", "0",
+                         "--max-steps", "5", flag]) == 2
+        assert change in capsys.readouterr().err

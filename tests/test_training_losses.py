@@ -18,6 +18,7 @@ from hyperface.training.losses import (
     PartialFC,
     build_margin,
     class_shard,
+    init_centres,
 )
 
 
@@ -261,6 +262,56 @@ def test_partial_fc_sample_count_follows_arcface_torch():
     # partial_fc_v2: num_sample = int(rate * num_local), rounded down (ceil would give 29 and 124).
     assert PartialFC(CosFaceMargin(), 8, 100, sample_rate=0.29).num_sample == 28
     assert PartialFC(CosFaceMargin(), 8, 1000, sample_rate=0.1234).num_sample == 123
+
+
+def test_unit_head_init_is_adafaces_kernel_init_and_normal_stays_arcface_torchs():
+    # AdaFace's head.py, re-typed: kernel (embedding, classes) = uniform(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5),
+    # applied here to the very draws init_centres makes (it lays the centres out as rows).
+    torch.manual_seed(3)
+    uniform = torch.empty(40, 512).uniform_(-1.0, 1.0)
+    adaface_kernel = uniform.t().clone().renorm_(2, 1, 1e-5).mul_(1e5)
+    torch.manual_seed(3)
+    unit = init_centres(40, 512, "unit")
+    torch.testing.assert_close(unit, adaface_kernel.t(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(40), rtol=0, atol=1e-6)
+    assert not torch.equal(unit, F.normalize(torch.randn(40, 512)))  # not a normal draw normalised
+    torch.manual_seed(3)
+    assert torch.equal(init_centres(40, 512, "unit"), unit)  # the same seed, the same centres
+    # the default is unchanged: arcface_torch's N(0, 0.01), norm ~0.01 sqrt(512) = 0.23
+    torch.manual_seed(3)
+    normal = PartialFC(CosFaceMargin(), 512, 40).weight.detach()
+    torch.manual_seed(3)
+    assert torch.equal(normal, torch.normal(0.0, 0.01, (40, 512)))
+    assert 0.2 < float(normal.norm(dim=1).mean()) < 0.26
+    torch.manual_seed(3)
+    assert torch.equal(PartialFC(CosFaceMargin(), 512, 40, init="unit").weight.detach(), unit)
+    torch.manual_seed(3)
+    assert torch.equal(ClassifierHead(CosFaceMargin(), 512, 40, init="unit").weight.detach(), unit)
+    with pytest.raises(HyperfaceError, match="unknown --head-init 'xavier'"):
+        PartialFC(CosFaceMargin(), 512, 40, init="xavier")
+
+
+def test_unit_head_init_on_partial_fc_shards_like_the_normal_one():
+    """Each rank's shard is drawn from the seed and its rank, as with the normal init: reproducible,
+    unit-norm, and no two ranks start with the same centres. (Neither init makes the shards of a
+    two-rank run a split of the one-process head: each rank draws its own.)"""
+    from hyperface.training import TrainConfig
+    from hyperface.training.trainer import build_head
+
+    def shards(init: str, seed: int = 0) -> list[torch.Tensor]:
+        cfg = TrainConfig(data="d", out="o", embedding_size=16, head_init=init, seed=seed)
+        return [build_head(cfg, 11, rank, 2).weight.detach() for rank in range(2)]
+
+    unit = shards("unit")
+    assert [tuple(w.shape) for w in unit] == [(6, 16), (5, 16)]  # class_shard(11, r, 2)
+    for weight in unit:
+        torch.testing.assert_close(weight.norm(dim=1), torch.ones(len(weight)), rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(unit, shards("unit")))  # reproducible from the seed
+    assert not torch.equal(unit[0][:5], unit[1])  # the ranks' shards are drawn apart
+    assert not torch.equal(unit[0], shards("unit", seed=1)[0])
+    normal = shards("normal")
+    assert not torch.equal(normal[0][:5], normal[1])  # the normal init's shards: the same scheme
+    assert float(normal[0].norm(dim=1).max()) < 0.1
 
 
 def test_class_shards_cover_all_classes_once():

@@ -163,6 +163,27 @@ class AdaFaceMargin(nn.Module):
         return f"s={self.s}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}"
 
 
+#: How the class centres start (``hyperface train --head-init``).
+HEAD_INITS = ("normal", "unit")
+
+
+def init_centres(num_classes: int, embedding_size: int, init: str = "normal") -> torch.Tensor:
+    """A ``(num_classes, embedding_size)`` tensor of starting class centres, drawn from torch's
+    global RNG (seed it first).
+
+    ``normal``: N(0, 0.01) entries, as arcface_torch's partial FC (a centre's norm is about
+    ``0.01 * sqrt(embedding_size)``, 0.23 at 512). ``unit``: AdaFace's head, whose kernel is
+    ``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)``: entries uniform in [-1, 1), each centre then
+    scaled to L2 norm 1 (renorm's scaling to 1e-5 and back, as a division by the norm).
+    """
+    if init not in HEAD_INITS:
+        raise HyperfaceError(f"unknown --head-init {init!r}: choose one of {', '.join(HEAD_INITS)}")
+    if init == "normal":
+        return torch.normal(0.0, 0.01, (num_classes, embedding_size))
+    centres = torch.empty(num_classes, embedding_size).uniform_(-1.0, 1.0)
+    return centres.div_(centres.norm(dim=1, keepdim=True))
+
+
 #: ArcFace's gradient through the margin: the formula's own, or arcface_torch's straight-through.
 MARGIN_GRADIENTS = ("exact", "straight-through")
 
@@ -192,10 +213,10 @@ class ClassifierHead(nn.Module):
     plain baseline loop.
     """
 
-    def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int):
+    def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int, *, init: str = "normal"):
         super().__init__()
         self.margin = margin
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        self.weight = nn.Parameter(init_centres(num_classes, embedding_size, init))
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         norms = embeddings.float().norm(dim=1)
@@ -289,6 +310,9 @@ class PartialFC(nn.Module):
             taken for the same identity under another label: its logit is set to cosine 0 with no
             gradient (arcface_torch's ``interclass_filtering_threshold``; for sets with duplicated
             or colliding identities). 0 (default) = off.
+        init: how this rank's centres start, from torch's global RNG (:func:`init_centres`):
+            ``normal`` (arcface_torch's, default) or ``unit`` (AdaFace's unit-norm centres). The
+            trainer seeds that RNG per rank, so the shards differ and each is reproducible.
 
     ``forward(embeddings, labels, generator=None) -> loss``: ``embeddings`` are this rank's
     un-normalised features (B, D), ``labels`` global class ids (B,). Under DDP both are all-gathered
@@ -309,6 +333,7 @@ class PartialFC(nn.Module):
         rank: int | None = None,
         world_size: int | None = None,
         interclass_filtering: float = 0.0,
+        init: str = "normal",
     ):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -328,7 +353,7 @@ class PartialFC(nn.Module):
         self.class_start, self.num_local = class_shard(self.num_classes, self.rank, self.world_size)
         self.sample_rate = float(sample_rate)
         self.num_sample = max(1, int(self.sample_rate * self.num_local))  # partial_fc_v2's int(), rounds down
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, self.embedding_size)))
+        self.weight = nn.Parameter(init_centres(self.num_local, self.embedding_size, init))
 
     def sample(
         self, local_labels: torch.Tensor, generator: torch.Generator | None = None
@@ -384,6 +409,7 @@ class PartialFC(nn.Module):
 
 
 __all__ = [
+    "HEAD_INITS",
     "MARGINS",
     "MARGIN_GRADIENTS",
     "AdaFaceMargin",
@@ -393,4 +419,5 @@ __all__ = [
     "PartialFC",
     "build_margin",
     "class_shard",
+    "init_centres",
 ]

@@ -39,7 +39,7 @@ from hyperface.common.runtime import StopRequest, get_logger, progress, progress
 from hyperface.common.text import unique_labels
 from hyperface.training import checkpoint as ckpt
 from hyperface.training.data import AugmentConfig, ResumableSampler, TrainDataset, check_labels
-from hyperface.training.losses import PartialFC, build_margin
+from hyperface.training.losses import HEAD_INITS, PartialFC, build_margin
 
 log = get_logger("hyperface.train")
 
@@ -51,6 +51,7 @@ _RESUME_FIXED = (
     "arch", "embedding_size", "dropout", "loss", "margin_s", "margin_m", "margin_gradient", "partial_fc", "epochs", "batch_size",
     "optimizer", "lr", "weight_decay", "momentum", "schedule", "milestones", "gamma", "poly_power",
     "warmup_epochs", "clip_grad_norm", "augment", "augment_p", "seed", "interclass_filtering", "grad_accum",
+    "head_init", "bn_weight_decay",
 )
 #: The data subset a run trains on: part of its data, compared through the data fingerprint.
 _SUBSET_FIELDS = ("identities", "images_per_identity")
@@ -81,6 +82,7 @@ class TrainConfig:
     lr: float | None = None  # None: 0.1 for SGD, 1e-3 for AdamW
     momentum: float = 0.9
     weight_decay: float | None = None  # None: 5e-4 for SGD, 0.05 for AdamW
+    bn_weight_decay: bool = True  # False: BatchNorm parameters get none (AdaFace's split_parameters)
     schedule: str = "step"  # step | poly
     milestones: tuple[int, ...] = (12, 20, 24)  # epochs, for the step schedule
     gamma: float = 0.1
@@ -91,6 +93,7 @@ class TrainConfig:
     compile: bool = False
     clip_grad_norm: float = 5.0  # on the backbone, as arcface_torch; 0 disables
     partial_fc: float = 1.0  # sample rate of class centres (1.0 = full softmax)
+    head_init: str = "normal"  # class centres: normal N(0, 0.01) (arcface_torch) | unit (AdaFace: unit-norm)
     interclass_filtering: float = 0.0  # > 0: non-target centres above this cosine get logit 0 (arcface_torch)
     augment: str = "flip"  # none | flip | adaface
     augment_p: float = 0.2  # probability of each AdaFace augmentation
@@ -117,6 +120,11 @@ class TrainConfig:
             raise HyperfaceError(f"unknown --amp {self.amp!r}: use auto, bf16, fp16 or none")
         if self.augment not in ("none", "flip", "adaface"):
             raise HyperfaceError(f"unknown --augment {self.augment!r}: use none, flip or adaface")
+        if self.head_init not in HEAD_INITS:
+            raise HyperfaceError(f"unknown --head-init {self.head_init!r}: use normal or unit")
+        if not isinstance(self.bn_weight_decay, (bool, np.bool_)):  # a "false" string would read as true
+            raise HyperfaceError(f"bn_weight_decay (--bn-weight-decay, --no-bn-weight-decay) must be True or False, "
+                                 f"got {self.bn_weight_decay!r}")
         from hyperface.recognition.backbones import canonical_arch, check_arch
 
         check_arch(self.arch, dropout=self.dropout)  # an unknown --arch fails here, before any output
@@ -128,6 +136,7 @@ class TrainConfig:
         if cfg.weight_decay is None:
             cfg.weight_decay = 5e-4 if self.optimizer == "sgd" else 0.05
         cfg.milestones = tuple(int(m) for m in self.milestones)
+        cfg.bn_weight_decay = bool(self.bn_weight_decay)
         cfg.val_bins = tuple(str(p) for p in self.val_bins)
         data = self.data_paths()
         if not data:
@@ -294,6 +303,40 @@ def learning_rate(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps
         return base * cfg.gamma**passed
     progress_ = float(position - warmup) / float(max(1, total_steps * accum - warmup))
     return base * max(0.0, 1.0 - progress_) ** cfg.poly_power
+
+
+def build_head(cfg: TrainConfig, num_classes: int, rank: int, world: int) -> PartialFC:
+    """This rank's partial-FC head (its shard of the class centres, on the CPU). Its centres start
+    as ``cfg.head_init`` says, from the global RNG seeded with (seed, rank): reproducible from the
+    seed, and every rank's shard drawn apart from the others' (with one process it is all of them)."""
+    torch.manual_seed(cfg.seed * 1009 + 17 + rank)
+    margin = build_margin(cfg.loss, s=cfg.margin_s, m=cfg.margin_m, gradient=cfg.margin_gradient)
+    return PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.partial_fc, rank=rank, world_size=world,
+                     interclass_filtering=cfg.interclass_filtering, init=cfg.head_init)
+
+
+def batchnorm_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module``'s BatchNorm layers: those of every sub-module that is a
+    ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, their lazy forms),
+    AdaFace's ``split_parameters`` rule (train_val.py). LayerNorm, GroupNorm, InstanceNorm and PReLU
+    are not among them."""
+    return [p for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters(recurse=False)]
+
+
+def build_optimizer(cfg: TrainConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over the trainable backbone parameters and the head's centres, all
+    with ``cfg.weight_decay`` (arcface_torch), or with ``bn_weight_decay=False`` in two groups as
+    AdaFace's ``configure_optimizers``: the BatchNorm parameters (:func:`batchnorm_parameters`) at
+    weight decay 0, every other parameter, the centres included, at ``cfg.weight_decay``."""
+    params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if not cfg.bn_weight_decay:
+        exempt = {id(p) for p in batchnorm_parameters(backbone)}
+        groups = [{"params": [p for p in params if id(p) not in exempt]},
+                  {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -618,15 +661,9 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    torch.manual_seed(cfg.seed * 1009 + 17 + rank)
-    margin = build_margin(cfg.loss, s=cfg.margin_s, m=cfg.margin_m, gradient=cfg.margin_gradient)
-    head = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.partial_fc, rank=rank, world_size=world,
-                     interclass_filtering=cfg.interclass_filtering).to(device)
-    params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = build_head(cfg, num_classes, rank, world).to(device)
+    margin = head.margin
+    optimizer = build_optimizer(cfg, backbone, head)
     amp_dtype = _amp_dtype(cfg.amp, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -895,4 +932,7 @@ def _train(config: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] |
     return TrainResult(out=out, steps=step, epochs_done=epoch, last_loss=last_loss, val=val_results)
 
 
-__all__ = ["TrainConfig", "TrainResult", "learning_rate", "make_embed_fn", "train", "train_step"]
+__all__ = [
+    "TrainConfig", "TrainResult", "batchnorm_parameters", "build_head", "build_optimizer", "learning_rate", "make_embed_fn", "train",
+    "train_step",
+]
