@@ -333,6 +333,54 @@ def test_time_budget_progress_bar_counts_tenths_of_the_real_budget(monkeypatch, 
     assert float(shown[-1][0]) >= 1.0  # it advances through the run, polish included
 
 
+@pytest.mark.parametrize("symmetry", ["none", "cyclic"])
+def test_a_step_that_takes_the_whole_time_budget_is_one_warning_and_a_progress_line_at_once(monkeypatch, hyperface_log, symmetry):
+    """N = 50,000, d = 512, --symmetry none on a CPU: one step took 49 s of a 5 s budget, with no word
+    of it, and a log (no terminal) showed nothing for the first minute. A fake clock makes each step
+    take 49 s here; fast steps (the cyclic solver's ~1000 a second) get neither line."""
+    import logging
+
+    from hyperface.common import runtime
+    from hyperface.packing import cyclic, solver
+
+    monkeypatch.setattr(runtime, "progress_enabled", lambda: False)  # a batch job's log, not a terminal
+    monkeypatch.delenv("HYPERFACE_PROGRESS_SECONDS", raising=False)  # a line a minute
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    step_seconds = [49.0]
+    if symmetry == "none":
+        real = solver._Objective.gradient
+
+        def gradient(self, *args):
+            clock[0] += step_seconds[0]
+            return real(self, *args)
+
+        monkeypatch.setattr(solver._Objective, "gradient", gradient)
+    else:
+        real_smooth_max = cyclic.smooth_max
+
+        def smooth_max(*args, **kwargs):
+            clock[0] += step_seconds[0]
+            return real_smooth_max(*args, **kwargs)
+
+        monkeypatch.setattr(cyclic, "smooth_max", smooth_max)
+    result = pack(PackConfig(300, 16, time_budget=5.0, symmetry=symmetry))
+    assert result.steps_done == 1
+    warnings = [r.getMessage() for r in hyperface_log if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("the first optimisation step took 49.0 s (N = 300, d = 16, on cpu), 980% of the 5.0 s "
+                                  "--time-budget: 1 step fits, and the optimisation will take about 49.0 s, not 5.0 s")
+    assert "a GPU (--device cuda)" in warnings[0] and "a larger --time-budget (about" in warnings[0]
+    # pure packing of N >= 12 d with --symmetry none: auto would have made it a cyclic code
+    assert ("--symmetry auto" in warnings[0]) == (symmetry == "none")
+    assert [r for r in hyperface_log if r.name == "hyperface.progress"]  # after the first step, not a minute later
+
+    hyperface_log.clear()
+    step_seconds[0] = 0.01  # 500 steps in the budget: the fast path says nothing more than before
+    assert pack(PackConfig(300, 16, time_budget=5.0, symmetry=symmetry, polish_steps=0)).steps_done >= 250
+    assert not [r for r in hyperface_log if r.levelno >= logging.WARNING or r.name == "hyperface.progress"]
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     config = PackConfig(150, 24, steps=80, seed=3)
     reference = pack(config)

@@ -46,7 +46,7 @@ import torch
 from hyperface.common.errors import HyperfaceError, check_option, exception_summary
 from hyperface.common.io import array_sha256, atomic_write
 from hyperface.common.manifest import describe_changes
-from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
+from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device, show_progress_now
 from hyperface.packing.geometry import TILE_ELEMENTS, tiled_topk
 from hyperface.packing.init import check_init, initial_points
 
@@ -75,6 +75,13 @@ BF16_MIN_ABS_COSINE = 0.01
 POLISH_SHARE = 0.25
 #: Largest --seed: restarts add 1,000,003 per restart, and torch seeds must fit in 64 bits.
 MAX_SEED = 2**62
+#: A first step that takes this share of Adam's part of a --time-budget or more (fewer than 10 steps
+#: fit; N = 50,000, d = 512, --symmetry none on a CPU: one step took 49 s of a 5 s budget) is warned
+#: about: the budget is read between steps, so the run overruns it by up to a step.
+SLOW_STEP_SHARE = 0.1
+#: A first step this slow (seconds) logs a progress line at once where there is no terminal, instead
+#: of after $HYPERFACE_PROGRESS_SECONDS (and a step that ends after them).
+EARLY_PROGRESS_SECONDS = 1.0
 
 
 def check_checkpoint_every(seconds: float) -> None:
@@ -492,6 +499,40 @@ def budget_progress(steps: int | None, seconds: float | None, done: float, desc:
                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}{postfix}]")
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 100 else f"{value:.0f} s"
+
+
+def report_first_step(bar: Any, seconds: float, cfg: PackConfig, *, adam_budget: float | None, device: torch.device,
+                      cyclic_hint: bool = False) -> None:
+    """Call once, after the first optimisation step of a run (``seconds`` long): a slow step shows
+    the progress line at once (see :data:`EARLY_PROGRESS_SECONDS`), and one that takes a large share
+    of the --time-budget (:data:`SLOW_STEP_SHARE` of ``adam_budget``, Adam's part of one restart's
+    budget; None: no warning) is one warning: how long a step takes, how long the optimisation will really take (the
+    budget is read between steps), and what would help (``cyclic_hint``: --symmetry auto would pick a
+    cyclic orbit code for these settings)."""
+    if seconds >= EARLY_PROGRESS_SECONDS:
+        show_progress_now(bar)
+    if cfg.time_budget is None or adam_budget is None or seconds < SLOW_STEP_SHARE * adam_budget:
+        return
+    budget = cfg.time_budget / cfg.restarts
+    steps = max(1, math.ceil(adam_budget / seconds))  # Adam steps while its share is not spent
+    expected = max(budget, steps * seconds)
+    share = adam_budget / budget  # Adam's part: the rest is the polish's
+    restarts = f" (each of the {cfg.restarts} restarts)" if cfg.restarts > 1 else ""
+    fits = f"{steps} step fits" if steps == 1 else f"about {steps} steps fit"
+    overrun = (f", and the optimisation will take about {_seconds(expected)}{restarts}, not {_seconds(budget)}: "
+               "the budget is checked between steps" if expected > 1.05 * budget else "")
+    hints = (["--symmetry auto (a cyclic orbit code for these settings: steps about d times cheaper)"] if cyclic_hint else []) + (
+        ["a GPU (--device cuda)"] if device.type == "cpu" else []) + [
+        f"a larger --time-budget (about {_seconds(100 * seconds / share * cfg.restarts)} for 100 steps)"]
+    log.warning(
+        "the first optimisation step took %s (N = %d, d = %d, on %s), %.0f%% of the %s --time-budget%s: %s%s; "
+        "for a better packing use %s", _seconds(seconds), cfg.num_identities, cfg.dim, device, 100 * seconds / budget,
+        _seconds(budget), restarts, fits, overrun, ", or ".join(hints),
+    )
+
+
 def advance(bar: Any, amount: float) -> None:
     """Advance ``bar`` without passing its total (a budget's last step ends a little past it)."""
     bar.update(min(amount, max(0.0, bar.total - bar.n)))
@@ -628,7 +669,7 @@ def _pack_restarts(
 
         run_state = state["run"] if state is not None and restart == first else None
         result, score = _pack_once(cfg, gallery, gallery_t, device, dtype, restart, run_state, save,
-                                   checkpoint_every, log_every, callback, stop)
+                                   checkpoint_every, log_every, callback, stop, warn_slow=restart == first)
         if score < best_score:
             best, best_score = result, score
         if cfg.restarts > 1:
@@ -673,6 +714,7 @@ def _pack_cyclic_restarts(
             seed=cfg.seed + 1_000_003 * restart, device=device,
             state=state["run"] if state is not None and restart == first else None,
             save=save, checkpoint_every=checkpoint_every, log_every=log_every, callback=callback, stop=stop,
+            warn_slow=restart == first,
         )
         if run["max_cosine"] < best_cos:
             best_reps, best_cos = run["representatives"], run["max_cosine"]
@@ -703,8 +745,10 @@ def _pack_once(
     log_every: int | None,
     callback: Callable[[dict[str, float]], None] | None,
     stop: Any = None,
+    warn_slow: bool = True,
 ) -> tuple[PackResult, float]:
-    """One optimisation from one start; returns (best iterate, its exact score)."""
+    """One optimisation from one start; returns (best iterate, its exact score). ``warn_slow``: warn
+    when a step takes much of the budget (see :func:`report_first_step`; once a run, not per restart)."""
     num, dim = cfg.num_identities, int(cfg.dim)  # type: ignore[arg-type]
     seed = cfg.seed + 1_000_003 * restart
     generator = torch.Generator().manual_seed(seed)
@@ -750,6 +794,10 @@ def _pack_once(
                           desc="pack" + (f" {restart + 1}/{cfg.restarts}" if cfg.restarts > 1 else ""))
     last_save, last_log = time.perf_counter(), elapsed
     polish_seconds = 0.0
+    first_step = True
+    # pure packing that --symmetry auto would have made a cyclic orbit code: --symmetry none was asked for
+    cyclic_hint = (gallery is None and cfg.symmetry == "none" and cfg.init == "random" and cfg.mode == "exact"
+                   and num >= CYCLIC_MIN_POINTS_PER_DIM * dim)
     try:
         while fraction() < 1.0:
             t0 = time.perf_counter()
@@ -783,6 +831,10 @@ def _pack_once(
                 if callback is not None:
                     callback(entry)
             advance(bar, 1 if cfg.steps else dt)
+            if first_step:
+                first_step = False
+                report_first_step(bar, dt, cfg, adam_budget=adam_budget if warn_slow else None, device=device,
+                                  cyclic_hint=cyclic_hint)
             if time.perf_counter() - last_save >= checkpoint_every:
                 save(run_state())
                 last_save = time.perf_counter()
