@@ -425,6 +425,10 @@ def test_cli_writes_a_complete_run_folder(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["params"]["num_identities"] == 64
     assert "torch" in manifest["versions"]
+    # the options as given (null, auto) and beside them what they came to in this run
+    assert manifest["params"]["polish_steps"] is None and manifest["params"]["compute_dtype"] == "auto"
+    assert manifest["resolved"] == {"device": "cpu", "compute_dtype": metrics["compute_dtype"], "polish_steps": 300}
+    assert metrics["compute_dtype"] in ("float32", "bfloat16")
     assert (out / "pack.png").stat().st_size > 10_000
     assert not (out / "checkpoint.pt").exists()
     # an occupied folder is refused, --resume of a finished run is a no-op, --overwrite redoes it
@@ -947,6 +951,10 @@ def test_cli_cyclic_run_writes_its_representatives(tmp_path):
     assert reps.shape == (13, 16) and identities.shape == (200, 16)
     assert np.allclose(identities[16 * 2 + 5], np.roll(reps[2], 5), atol=1e-6)
     assert metrics["min_angle_deg"] == pytest.approx(min_angle(identities), abs=1e-3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["polish_steps"] is None and manifest["params"]["compute_dtype"] == "auto"
+    assert manifest["resolved"] == {"device": "cpu", "compute_dtype": "float32 (Adam), float64 (L-BFGS polish)", "lbfgs_polish": True}
+    assert metrics["compute_dtype"] == manifest["resolved"]["compute_dtype"]
 
 
 def test_cyclic_time_budget_stops_inside_an_lbfgs_stage(monkeypatch):

@@ -18,7 +18,7 @@ from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
 from hyperface.packing.solver import (
-    CHECKPOINT_NAME, PackConfig, check_checkpoint_every, config_key, pack, resume_mismatch, same_settings,
+    CHECKPOINT_NAME, PackConfig, check_checkpoint_every, config_key, pack, resolved_settings, resume_mismatch, same_settings,
 )
 
 log = get_logger("hyperface.packing")
@@ -48,7 +48,8 @@ def run_pack(
     - ``history.json``    the min angle during optimisation
     - ``representatives.npy``  with ``symmetry="cyclic"``: the (ceil(N/d), d) orbit representatives
     - ``pack.png``        convergence and nearest-neighbour angle histogram
-    - ``manifest.json``   parameters, versions, input checksums, timings (written last)
+    - ``manifest.json``   parameters, versions, input checksums, timings (written last); ``resolved``:
+      what the settings left to the run came to (see :func:`~hyperface.packing.solver.resolved_settings`)
 
     ``gallery_path`` is a .npy file or the folder ``hyperface embed`` wrote (its gallery.npy).
     A killed run leaves ``checkpoint.pt``; ``resume=True`` continues it. Returns the metrics.
@@ -128,6 +129,8 @@ def run_pack(
 
         plot_packing(out / PLOT_FILE, result.history, nn_angles, metrics, gallery_sims)
     manifest.extra["device"] = str(device)  # "auto" resolved
+    # params keep --compute-dtype, --polish-steps and --device as given ("auto", null): what they came to
+    manifest.extra["resolved"] = resolved_settings(cfg, device)
     manifest.extra["outputs"] = [IDENTITIES_FILE, METRICS_FILE, HISTORY_FILE] + ([PLOT_FILE] if plot else []) + (
         [REPRESENTATIVES_FILE] if result.representatives is not None else [])
     manifest.write(out)

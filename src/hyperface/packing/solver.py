@@ -63,8 +63,12 @@ GALLERY_REG_WEIGHT = 0.3
 #: d = 512: 87.03 vs 86.89 deg in 60 s); at N/d <= 9 the unconstrained solver is as good or better.
 CYCLIC_MIN_POINTS_PER_DIM = 12
 CHECKPOINT_NAME = "checkpoint.pt"
-#: Up to this many identities the run ends with an exact polish (see :func:`_polish`).
+#: Up to this many identities the run ends with an exact polish (see :func:`_polish`) ...
 POLISH_AUTO_MAX = 2048
+#: ... of this many steps, unless --polish-steps says otherwise.
+POLISH_AUTO_STEPS = 300
+#: The cyclic solver's precision, whatever --compute-dtype says (it is the unconstrained solver's option).
+CYCLIC_PRECISION = "float32 (Adam), float64 (L-BFGS polish)"
 #: Below this temperature (in units of 1/sqrt(d)) GEMMs run in float32 whatever compute_dtype says.
 BF16_MIN_TEMPERATURE = 0.01
 #: ... and while the max cosine is this close to 0 (N up to a few d: simplex, cross-polytope), where
@@ -538,6 +542,26 @@ def advance(bar: Any, amount: float) -> None:
     bar.update(min(amount, max(0.0, bar.total - bar.n)))
 
 
+def _polish_steps(cfg: PackConfig) -> int:
+    """The unconstrained solver's exact polish steps for a resolved ``cfg``: --polish-steps, by default
+    POLISH_AUTO_STEPS up to POLISH_AUTO_MAX identities; none for --mode stochastic or --steps 0 (the
+    start, untouched)."""
+    steps = cfg.polish_steps if cfg.polish_steps is not None else (POLISH_AUTO_STEPS if cfg.num_identities <= POLISH_AUTO_MAX else 0)
+    return steps if cfg.mode != "stochastic" and cfg.steps != 0 else 0
+
+
+def resolved_settings(cfg: PackConfig, device: torch.device) -> dict[str, Any]:
+    """What the settings a resolved ``cfg`` still leaves to the run come to on ``device``: the device,
+    the matrix products' precision (``compute_dtype``: the GEMM dtype --compute-dtype picks; the cyclic
+    solver's own precision whatever the option) and the polish (``polish_steps``, or for a cyclic code
+    ``lbfgs_polish``). The manifest records them beside the given values, and ``--resume`` compares
+    ``compute_dtype`` through them."""
+    if cfg.symmetry == "cyclic":
+        return {"device": str(device), "compute_dtype": CYCLIC_PRECISION, "lbfgs_polish": cfg.polish_steps != 0}
+    dtype = str(choose_compute_dtype(cfg.compute_dtype, device)).replace("torch.", "")
+    return {"device": str(device), "compute_dtype": dtype, "polish_steps": _polish_steps(cfg)}
+
+
 def config_key(cfg: PackConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed: every setting the result depends on (not
     the device: a run may move to another one)."""
@@ -728,7 +752,7 @@ def _pack_cyclic_restarts(
     return PackResult(
         points=expand_orbits(best_reps, num), config=cfg, history=best_info["history"], steps_done=best_info["steps"],
         seconds=best_info["seconds"], best_step=best_info["steps"], restart=best_info["restart"],
-        compute_dtype="float32 (Adam), float64 (L-BFGS polish)", representatives=best_reps.numpy(),
+        compute_dtype=CYCLIC_PRECISION, representatives=best_reps.numpy(),
     )
 
 
@@ -780,8 +804,8 @@ def _pack_once(
         }
 
     budget = cfg.time_budget / cfg.restarts if cfg.time_budget is not None else None
-    polish_steps = cfg.polish_steps if cfg.polish_steps is not None else (300 if num <= POLISH_AUTO_MAX else 0)
-    polishing = polish_steps > 0 and cfg.mode != "stochastic" and cfg.steps != 0  # --steps 0: the start, untouched
+    polish_steps = _polish_steps(cfg)
+    polishing = polish_steps > 0
     # The polish is part of the optimisation, so of the budget: Adam leaves it its share.
     adam_budget = budget * (1.0 - POLISH_SHARE) if budget is not None and polishing else budget
 
