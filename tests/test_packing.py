@@ -615,6 +615,51 @@ def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_p
     assert run_cli(*base, "--overwrite") == 0 and (out / "identities.npy").is_file()
 
 
+@pytest.mark.parametrize("symmetry", ["none", "cyclic"])
+def test_resume_compares_compute_dtype_as_resolved_on_the_device(tmp_path, capsys, monkeypatch, symmetry):
+    """--compute-dtype auto that picks float32 is float32: resuming with either is the same run. auto
+    that picks bfloat16 where the run had float32 (another device, here a CPU said to have bf16) is a
+    change, named with what auto picked on each side. The cyclic solver uses no --compute-dtype."""
+    from hyperface.packing import solver
+
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: False)  # auto: float32 on this CPU
+    config = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry)
+    reference = pack(config)
+
+    def stop_at_step_30(entry):
+        if entry["step"] >= 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1e9, log_every=1, callback=stop_at_step_30)
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: True)  # as on a machine where auto picks bfloat16
+    explicit = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, compute_dtype="bfloat16")
+    if symmetry == "none":
+        with pytest.raises(HyperfaceError, match=re.escape("other settings (--compute-dtype auto (float32 on cpu) -> "
+                                                           "auto (bfloat16 on cpu)); use the same settings")):
+            pack(config, checkpoint_dir=tmp_path / "ckpt", resume=True)
+        with pytest.raises(HyperfaceError, match=re.escape("(--compute-dtype auto (float32 on cpu) -> bfloat16)")):
+            pack(explicit, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    else:  # the cyclic solver's precision is its own: nothing changed
+        assert np.array_equal(pack(explicit, checkpoint_dir=tmp_path / "ckpt", resume=True).points, reference.points)
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: False)
+    as_float32 = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, compute_dtype="float32")
+    assert np.array_equal(pack(as_float32, checkpoint_dir=tmp_path / "ckpt", resume=True).points, reference.points)
+
+    # a finished run, through the command line: the manifest's resolved compute_dtype
+    out = tmp_path / "run"
+    base = ["--identities", "150", "--dim", "24", "--steps", "20", "--symmetry", symmetry, "--no-plot", "--out", str(out)]
+    assert run_cli(*base) == 0
+    assert run_cli(*base, "--compute-dtype", "float32", "--resume") == 0  # already complete: nothing to do
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: True)
+    capsys.readouterr()
+    assert run_cli(*base, "--resume") == (2 if symmetry == "none" else 0)
+    if symmetry == "none":
+        assert capsys.readouterr().err.strip() == (
+            f"hyperface pack: error: cannot --resume {out}: it was started with other settings "
+            "(--compute-dtype auto (float32 on cpu) -> auto (bfloat16 on cpu)); use the same settings or --overwrite")
+
+
 def test_resume_with_another_gallery_is_refused_mid_run_and_after_it(tmp_path, capsys):
     gallery = anisotropic_gallery(120, 8)
     config = PackConfig(40, steps=60, seed=1)

@@ -571,10 +571,45 @@ def config_key(cfg: PackConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def same_settings(stored: dict[str, Any], now: dict[str, Any]) -> bool:
-    """``stored`` (a checkpoint's or manifest's :func:`config_key`) matches ``now``; a key an older
-    version did not store is not held against the run."""
-    return all(stored[k] == v for k, v in now.items() if k in stored)
+class _Shown(str):
+    """A value a resume error shows as written (:func:`describe_changes` shows values by repr)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def settings_changes(
+    stored: dict[str, Any], now: dict[str, Any], stored_resolved: dict[str, Any] | None = None,
+    now_resolved: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(before, after): the settings of ``now`` (a :func:`config_key`) that differ from ``stored`` (a
+    checkpoint's or finished run's); both empty when the run may continue. A key an older version
+    did not store is not held against the run. ``compute_dtype`` is compared as resolved on each
+    run's device (``*_resolved``: :func:`resolved_settings`) where both sides have it: ``auto`` that
+    picks float32 is ``float32``, and ``auto`` on a device where it picks another dtype is a change,
+    shown as ``auto (float32 on cpu) -> auto (bfloat16 on cuda)``."""
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    resolved = (stored_resolved or {}).get("compute_dtype") and (now_resolved or {}).get("compute_dtype") and (
+        stored.get("symmetry") == now.get("symmetry"))  # another solver: the symmetry is the change to name
+    for key, value in now.items():
+        if key not in stored:
+            continue
+        old = stored[key]
+        if key == "compute_dtype" and resolved:
+            if stored_resolved["compute_dtype"] == now_resolved["compute_dtype"]:  # type: ignore[index]
+                continue
+            old, value = _dtype_shown(old, stored_resolved), _dtype_shown(value, now_resolved)  # type: ignore[arg-type]
+        elif old == value:
+            continue
+        before[key], after[key] = old, value
+    return before, after
+
+
+def _dtype_shown(given: Any, resolved: dict[str, Any]) -> _Shown:
+    if given != "auto":
+        return _Shown(given)
+    return _Shown(f"auto ({resolved['compute_dtype']} on {resolved.get('device', 'an unknown device')})")
 
 
 def pack(
@@ -602,6 +637,7 @@ def pack(
     check_checkpoint_every(checkpoint_every)
     device = resolve_device(cfg.device)
     dtype = choose_compute_dtype(cfg.compute_dtype, device)
+    resolved = resolved_settings(cfg, device)
     gallery_t = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(device) if gallery is not None else None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
@@ -627,9 +663,9 @@ def pack(
                 f"{ckpt_path} cannot be continued as a --symmetry {cfg.symmetry} run (it lacks {', '.join(missing)}: "
                 "another solver or another version of hyperface wrote it); pack again with --overwrite"
             )
-        if not same_settings(state["config_key"], config_key(cfg)):
-            now = config_key(cfg)
-            raise resume_mismatch(ckpt_path.parent, state["config_key"], {k: now[k] for k in state["config_key"] if k in now})
+        before, after = settings_changes(state["config_key"], config_key(cfg), state.get("resolved"), resolved)
+        if before:
+            raise resume_mismatch(ckpt_path.parent, before, after)
         log.info("resuming restart %d at step %d", state["restart"], (state["run"] or {}).get("step", 0))
 
     stop = StopRequest(log)
@@ -660,6 +696,7 @@ def _pack_restarts(
     best_score = math.inf
     first = 0
     gallery_sha = array_sha256(gallery) if gallery is not None else None
+    resolved = resolved_settings(cfg, device)  # --compute-dtype auto is compared on --resume as what it picked
     if state is not None:
         # the checkpoint was regularised towards one gallery: continuing towards another is another run
         if state.get("gallery_sha256", gallery_sha) != gallery_sha:  # checkpoints before this field: unknown
@@ -679,6 +716,7 @@ def _pack_restarts(
                 return
             payload = {
                 "config_key": config_key(cfg),
+                "resolved": resolved,
                 "gallery_sha256": gallery_sha,
                 "restart": restart,
                 "run": run_state,
@@ -718,6 +756,7 @@ def _pack_cyclic_restarts(
     from hyperface.packing.cyclic import expand_orbits, pack_cyclic
 
     num = cfg.num_identities
+    resolved = resolved_settings(cfg, device)
     best_reps, best_cos, best_info = None, math.inf, {}
     first = 0
     if state is not None:
@@ -728,7 +767,7 @@ def _pack_cyclic_restarts(
         def save(run_state: dict[str, Any] | None, restart: int = restart) -> None:
             if ckpt_path is None:
                 return
-            payload = {"config_key": config_key(cfg), "restart": restart, "run": run_state,
+            payload = {"config_key": config_key(cfg), "resolved": resolved, "restart": restart, "run": run_state,
                        "best_reps": best_reps, "best_cos": best_cos, "best_info": best_info}
             with atomic_write(ckpt_path, "wb") as handle:
                 torch.save(payload, handle)
