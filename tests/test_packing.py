@@ -1011,7 +1011,12 @@ def test_cyclic_time_budget_stops_inside_an_lbfgs_stage(monkeypatch):
     config = PackConfig(200, 16, time_budget=1.0, symmetry="cyclic").resolved(None)
     run = cyclic.pack_cyclic(config, time_budget=1.0, seed=0, device=torch.device("cpu"))
     assert 0 < run["adam_steps"] and run["polish_stages"] < cyclic.POLISH_MAX_STAGES
-    assert run["history"][-1]["seconds"] <= 1.0
+    # the stage cut short is on the curve (pack.png's used to stop at the last whole stage), at the end of the budget
+    last = run["history"][-1]
+    assert last["phase"] == "polish" and last["partial"] is True and last["stage"] == run["polish_stages"] + 1
+    assert run["history"][-2]["seconds"] < last["seconds"] <= 1.01
+    assert last["min_angle_deg"] == pytest.approx(math.degrees(math.acos(run["max_cosine"])), abs=1e-4)
+    assert all(not entry.get("partial") and entry["seconds"] <= 1.0 for entry in run["history"][:-1])
     points = run["points"]
     assert points.shape == (200, 16) and np.allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
     gram = points.astype(np.float64) @ points.T

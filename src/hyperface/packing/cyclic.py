@@ -215,7 +215,8 @@ def pack_cyclic(
 
     Adam runs ``cfg.steps`` steps, or ``ADAM_SHARE`` of ``time_budget`` (one restart's share), with
     the unconstrained solver's schedule; then, unless ``cfg.polish_steps == 0``, L-BFGS stages
-    (float64) run until they converge or the budget is spent. ``save(state)`` is called every
+    (float64) run until they converge or the budget is spent (a stage the budget cuts short is in
+    the history too, marked ``partial``). ``save(state)`` is called every
     ``checkpoint_every`` seconds, after each polish stage and on Ctrl-C; passing that ``state``
     back continues the run (bit-identically with ``steps``). Deterministic for a seed and device
     with ``steps``. Once ``stop.requested`` (SIGTERM, Ctrl-C), saves and raises KeyboardInterrupt
@@ -325,6 +326,9 @@ def pack_cyclic(
             if out_of_time:
                 if cos < best_cos:
                     best_cos, best = cos, candidate.float()
+                # on the curve too, to the end of the budget: the angle the run keeps (a stage cut short
+                # can stop on a line-search trial point, worse than its start)
+                record("polish", best_cos, polish_temperature, stage=stages + 1, partial=True)
                 break
             # All state first, then report: an interrupt inside the callback saves a consistent state.
             stages += 1
