@@ -333,6 +333,54 @@ def test_time_budget_progress_bar_counts_tenths_of_the_real_budget(monkeypatch, 
     assert float(shown[-1][0]) >= 1.0  # it advances through the run, polish included
 
 
+@pytest.mark.parametrize("symmetry", ["none", "cyclic"])
+def test_a_step_that_takes_the_whole_time_budget_is_one_warning_and_a_progress_line_at_once(monkeypatch, hyperface_log, symmetry):
+    """N = 50,000, d = 512, --symmetry none on a CPU: one step took 49 s of a 5 s budget, with no word
+    of it, and a log (no terminal) showed nothing for the first minute. A fake clock makes each step
+    take 49 s here; fast steps (the cyclic solver's ~1000 a second) get neither line."""
+    import logging
+
+    from hyperface.common import runtime
+    from hyperface.packing import cyclic, solver
+
+    monkeypatch.setattr(runtime, "progress_enabled", lambda: False)  # a batch job's log, not a terminal
+    monkeypatch.delenv("HYPERFACE_PROGRESS_SECONDS", raising=False)  # a line a minute
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    step_seconds = [49.0]
+    if symmetry == "none":
+        real = solver._Objective.gradient
+
+        def gradient(self, *args):
+            clock[0] += step_seconds[0]
+            return real(self, *args)
+
+        monkeypatch.setattr(solver._Objective, "gradient", gradient)
+    else:
+        real_smooth_max = cyclic.smooth_max
+
+        def smooth_max(*args, **kwargs):
+            clock[0] += step_seconds[0]
+            return real_smooth_max(*args, **kwargs)
+
+        monkeypatch.setattr(cyclic, "smooth_max", smooth_max)
+    result = pack(PackConfig(300, 16, time_budget=5.0, symmetry=symmetry))
+    assert result.steps_done == 1
+    warnings = [r.getMessage() for r in hyperface_log if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("the first optimisation step took 49.0 s (N = 300, d = 16, on cpu), 980% of the 5.0 s "
+                                  "--time-budget: 1 step fits, and the optimisation will take about 49.0 s, not 5.0 s")
+    assert "a GPU (--device cuda)" in warnings[0] and "a larger --time-budget (about" in warnings[0]
+    # pure packing of N >= 12 d with --symmetry none: auto would have made it a cyclic code
+    assert ("--symmetry auto" in warnings[0]) == (symmetry == "none")
+    assert [r for r in hyperface_log if r.name == "hyperface.progress"]  # after the first step, not a minute later
+
+    hyperface_log.clear()
+    step_seconds[0] = 0.01  # 500 steps in the budget: the fast path says nothing more than before
+    assert pack(PackConfig(300, 16, time_budget=5.0, symmetry=symmetry, polish_steps=0)).steps_done >= 250
+    assert not [r for r in hyperface_log if r.levelno >= logging.WARNING or r.name == "hyperface.progress"]
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     config = PackConfig(150, 24, steps=80, seed=3)
     reference = pack(config)
@@ -377,6 +425,10 @@ def test_cli_writes_a_complete_run_folder(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["params"]["num_identities"] == 64
     assert "torch" in manifest["versions"]
+    # the options as given (null, auto) and beside them what they came to in this run
+    assert manifest["params"]["polish_steps"] is None and manifest["params"]["compute_dtype"] == "auto"
+    assert manifest["resolved"] == {"device": "cpu", "compute_dtype": metrics["compute_dtype"], "polish_steps": 300}
+    assert metrics["compute_dtype"] in ("float32", "bfloat16")
     assert (out / "pack.png").stat().st_size > 10_000
     assert not (out / "checkpoint.pt").exists()
     # an occupied folder is refused, --resume of a finished run is a no-op, --overwrite redoes it
@@ -561,6 +613,51 @@ def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_p
     assert run_cli(*base, "--resume") == 2
     assert "finished run but identities.npy is gone" in capsys.readouterr().err
     assert run_cli(*base, "--overwrite") == 0 and (out / "identities.npy").is_file()
+
+
+@pytest.mark.parametrize("symmetry", ["none", "cyclic"])
+def test_resume_compares_compute_dtype_as_resolved_on_the_device(tmp_path, capsys, monkeypatch, symmetry):
+    """--compute-dtype auto that picks float32 is float32: resuming with either is the same run. auto
+    that picks bfloat16 where the run had float32 (another device, here a CPU said to have bf16) is a
+    change, named with what auto picked on each side. The cyclic solver uses no --compute-dtype."""
+    from hyperface.packing import solver
+
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: False)  # auto: float32 on this CPU
+    config = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry)
+    reference = pack(config)
+
+    def stop_at_step_30(entry):
+        if entry["step"] >= 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1e9, log_every=1, callback=stop_at_step_30)
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: True)  # as on a machine where auto picks bfloat16
+    explicit = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, compute_dtype="bfloat16")
+    if symmetry == "none":
+        with pytest.raises(HyperfaceError, match=re.escape("other settings (--compute-dtype auto (float32 on cpu) -> "
+                                                           "auto (bfloat16 on cpu)); use the same settings")):
+            pack(config, checkpoint_dir=tmp_path / "ckpt", resume=True)
+        with pytest.raises(HyperfaceError, match=re.escape("(--compute-dtype auto (float32 on cpu) -> bfloat16)")):
+            pack(explicit, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    else:  # the cyclic solver's precision is its own: nothing changed
+        assert np.array_equal(pack(explicit, checkpoint_dir=tmp_path / "ckpt", resume=True).points, reference.points)
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: False)
+    as_float32 = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, compute_dtype="float32")
+    assert np.array_equal(pack(as_float32, checkpoint_dir=tmp_path / "ckpt", resume=True).points, reference.points)
+
+    # a finished run, through the command line: the manifest's resolved compute_dtype
+    out = tmp_path / "run"
+    base = ["--identities", "150", "--dim", "24", "--steps", "20", "--symmetry", symmetry, "--no-plot", "--out", str(out)]
+    assert run_cli(*base) == 0
+    assert run_cli(*base, "--compute-dtype", "float32", "--resume") == 0  # already complete: nothing to do
+    monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: True)
+    capsys.readouterr()
+    assert run_cli(*base, "--resume") == (2 if symmetry == "none" else 0)
+    if symmetry == "none":
+        assert capsys.readouterr().err.strip() == (
+            f"hyperface pack: error: cannot --resume {out}: it was started with other settings "
+            "(--compute-dtype auto (float32 on cpu) -> auto (bfloat16 on cpu)); use the same settings or --overwrite")
 
 
 def test_resume_with_another_gallery_is_refused_mid_run_and_after_it(tmp_path, capsys):
@@ -899,6 +996,10 @@ def test_cli_cyclic_run_writes_its_representatives(tmp_path):
     assert reps.shape == (13, 16) and identities.shape == (200, 16)
     assert np.allclose(identities[16 * 2 + 5], np.roll(reps[2], 5), atol=1e-6)
     assert metrics["min_angle_deg"] == pytest.approx(min_angle(identities), abs=1e-3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["polish_steps"] is None and manifest["params"]["compute_dtype"] == "auto"
+    assert manifest["resolved"] == {"device": "cpu", "compute_dtype": "float32 (Adam), float64 (L-BFGS polish)", "lbfgs_polish": True}
+    assert metrics["compute_dtype"] == manifest["resolved"]["compute_dtype"]
 
 
 def test_cyclic_time_budget_stops_inside_an_lbfgs_stage(monkeypatch):
@@ -910,7 +1011,12 @@ def test_cyclic_time_budget_stops_inside_an_lbfgs_stage(monkeypatch):
     config = PackConfig(200, 16, time_budget=1.0, symmetry="cyclic").resolved(None)
     run = cyclic.pack_cyclic(config, time_budget=1.0, seed=0, device=torch.device("cpu"))
     assert 0 < run["adam_steps"] and run["polish_stages"] < cyclic.POLISH_MAX_STAGES
-    assert run["history"][-1]["seconds"] <= 1.0
+    # the stage cut short is on the curve (pack.png's used to stop at the last whole stage), at the end of the budget
+    last = run["history"][-1]
+    assert last["phase"] == "polish" and last["partial"] is True and last["stage"] == run["polish_stages"] + 1
+    assert run["history"][-2]["seconds"] < last["seconds"] <= 1.01
+    assert last["min_angle_deg"] == pytest.approx(math.degrees(math.acos(run["max_cosine"])), abs=1e-4)
+    assert all(not entry.get("partial") and entry["seconds"] <= 1.0 for entry in run["history"][:-1])
     points = run["points"]
     assert points.shape == (200, 16) and np.allclose(np.linalg.norm(points, axis=1), 1.0, atol=1e-5)
     gram = points.astype(np.float64) @ points.T

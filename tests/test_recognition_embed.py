@@ -649,3 +649,95 @@ def test_fp16_is_refused_where_it_would_do_nothing(tmp_path, models, capsys):
     with pytest.raises(HyperfaceError, match="needs a CUDA device"):
         load_recognizer(models["pth"], device="cpu", fp16=True)
     assert load_recognizer(models["pth"], device="cpu").describe()["fp16"] is False  # what the manifest records
+
+
+_EMBED_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from hyperface.cli import main
+from hyperface.recognition.recognizers import Recognizer
+
+go, args = Path(sys.argv[1]), sys.argv[2:]
+real, calls = Recognizer.embed_valid, []
+
+def embed_valid(self, images):
+    calls.append(len(images))
+    if len(calls) == 2:  # chunk 0 is saved: hold the run here until the test says go
+        print("holding", flush=True)
+        while not go.exists():
+            time.sleep(0.05)
+    return real(self, images)
+
+Recognizer.embed_valid = embed_valid
+sys.exit(main(["embed", *args]))
+"""
+
+
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_the_same_embed_started_twice_is_refused_and_deletes_nothing(tmp_path, models, capsys, form):
+    """Two processes embedding into one gallery used to interleave their chunk files. The second is
+    refused (--resume and --overwrite too) while the first runs, nothing of the first's is touched,
+    and once the first ends the gallery is free; no lock file is left beside the gallery."""
+    import subprocess
+    import sys
+
+    for i, face in enumerate(random_faces(6, seed=31)):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    out = tmp_path / "gallery" / ("g.npy" if form == "file" else "run")
+    paths = GalleryPaths.from_out(out)
+    args = [str(tmp_path / "src"), "--model", str(models["pth"]), "--aligned", "--chunk-size", "2", "--batch-size", "2",
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    go = tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", _EMBED_AND_WAIT, str(go), *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "gallery").rglob("*") if p.is_file()}
+        assert paths.chunk(0).relative_to(tmp_path) in before
+        for flags in ((), ("--resume",), ("--overwrite",)):
+            capsys.readouterr()
+            assert main(["embed", *args[:-3], *flags, "--no-progress", "--device", "cpu"]) == 2
+            err = capsys.readouterr().err
+            assert f"another process is writing into {paths.embeddings} now" in err and len(err.strip().splitlines()) == 1
+        after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "gallery").rglob("*") if p.is_file()}
+        assert after == before
+    finally:
+        go.touch()
+        first.wait(timeout=120)
+    assert first.returncode == 0
+    assert paths.embeddings.is_file() and not paths.parts.exists()
+    names = sorted(p.name for p in paths.embeddings.parent.iterdir())
+    assert ".hyperface-run" not in names and not [n for n in names if n.startswith(".")]  # nothing stray beside it
+    assert main(["embed", *args[:-3], "--resume", "--no-progress", "--device", "cpu"]) == 0  # complete: nothing to do
+    assert main(["embed", *args[:-3], "--overwrite", "--no-progress", "--device", "cpu"]) == 0  # free again
+
+
+def test_embed_lets_go_of_its_gallery_when_it_returns(tmp_path, models, monkeypatch):
+    """A run stopped by Ctrl-C (or failing) in this process leaves the gallery to the next process."""
+    import subprocess
+    import sys
+
+    from hyperface.common import io as common_io
+    from hyperface.recognition.recognizers import Recognizer
+
+    for i, face in enumerate(random_faces(4, seed=32)):
+        _write(tmp_path / "src" / f"{i}.png", face)
+    real, calls = Recognizer.embed_valid, []
+
+    def dies_in_chunk_1(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(Recognizer, "embed_valid", dies_in_chunk_1)
+    out = tmp_path / "g.npy"
+    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "2", "--batch-size", "2",
+                  "--out", out) == 130
+    parts = GalleryPaths.from_out(out).parts
+    assert (parts / ".hyperface-run").read_text() == "embed\n" and str(parts.resolve()) not in common_io._HELD_OUTPUTS
+    take = [sys.executable, "-c", "import sys; from hyperface.common.io import lock_output; lock_output(sys.argv[1])", str(parts)]
+    assert subprocess.run(take, capture_output=True, text=True).returncode == 0
+    monkeypatch.setattr(Recognizer, "embed_valid", real)
+    assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "2", "--batch-size", "2",
+                  "--out", out, "--resume") == 0
+    assert not parts.exists() and str(parts.resolve()) not in common_io._HELD_OUTPUTS

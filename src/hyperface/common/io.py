@@ -291,7 +291,7 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     if exclusive and (out / RUN_MARKER).is_file():
-        _lock_output(out)  # before anything is cleared or resumed
+        lock_output(out)  # before anything is cleared or resumed
     non_empty = out.is_dir() and any(out.iterdir())
     owner = output_stage(out)
     if non_empty and stage and owner and owner != stage and (resume or not _holds_no_work(out, setup_files)):
@@ -322,27 +322,30 @@ def prepare_output_dir(
             if stage and probe.stat().st_size == 0:
                 handle.write(stage + "\n")
         if exclusive:
-            _lock_output(out)
+            lock_output(out)
     except OSError as exc:
         raise HyperfaceError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
     return out
 
 
-#: Output folders this process holds the lock of (``prepare_output_dir(exclusive=True)``), by path.
+#: Output folders this process holds the lock of (:func:`lock_output`), by path.
 _HELD_OUTPUTS: dict[str, IO[Any]] = {}
 
 
-def _lock_output(out: Path) -> None:
+def lock_output(out: str | os.PathLike, *, stage: str = "", label: str | os.PathLike | None = None) -> None:
     """Hold an exclusive OS lock (flock) on ``out``'s run marker until :func:`releases_output_locks`
     lets it go or the process ends (a kill included: the kernel drops it), so a second process on the
     same folder (the command started twice, a requeued job while the first still runs) is refused
-    instead of interleaving checkpoints. No lock where ``fcntl`` is missing or the file system has none."""
+    instead of interleaving checkpoints. A missing marker is created (naming ``stage``, if given);
+    ``label`` is what the refusal names (default: ``out``). Calling it again for a folder this process
+    holds is a no-op. No lock where ``fcntl`` is missing or the file system has none."""
     try:
         import fcntl
     except ImportError:
         return
     import errno as errno_codes
 
+    out = Path(out)
     marker, key = out / RUN_MARKER, str(out.resolve())
     held = _HELD_OUTPUTS.get(key)
     if held is not None:
@@ -359,11 +362,14 @@ def _lock_output(out: Path) -> None:
         handle.close()
         if exc.errno in (errno_codes.EWOULDBLOCK, errno_codes.EAGAIN, errno_codes.EACCES):
             raise HyperfaceError(
-                f"another process is writing into {out} now (the same command started twice, or a requeued job "
+                f"another process is writing into {label or out} now (the same command started twice, or a requeued job "
                 "while the first still runs): wait for it or stop it, then rerun; or choose another --out"
             ) from None
         log.warning("cannot lock %s (%s): a second process on this folder would not be refused", marker, exc.strerror or exc)
         return
+    if stage and os.fstat(handle.fileno()).st_size == 0:
+        handle.write(stage + "\n")
+        handle.flush()
     _HELD_OUTPUTS[key] = handle
 
 
@@ -628,6 +634,7 @@ __all__ = [
     "file_sha256",
     "files_hold_no_work",
     "load_embeddings",
+    "lock_output",
     "prepare_output_dir",
     "read_json",
     "read_lines",

@@ -108,6 +108,16 @@ def progress(
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=bool(disable), dynamic_ncols=True, **kwargs)
 
 
+def show_progress_now(bar: Any) -> None:
+    """Show ``bar``'s line now and count the next line's interval from here: for a loop whose steps
+    are slow. Without a terminal a bar logs its first line only once a step ends after
+    $HYPERFACE_PROGRESS_SECONDS (a 49 s step: at 98 s, or never in a shorter run)."""
+    if getattr(bar, "disable", True):
+        return
+    bar.refresh()
+    bar.last_print_n, bar.last_print_t = bar.n, bar._time()
+
+
 def _progress_seconds() -> float:
     """$HYPERFACE_PROGRESS_SECONDS, at least 0.05 (a bad value: 60, with a warning)."""
     raw = os.environ.get("HYPERFACE_PROGRESS_SECONDS", "60")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hyperface.common.runtime import get_logger
-from hyperface.packing.solver import PackConfig, advance, anneal_schedule, budget_progress, sphere_adam_step
+from hyperface.packing.solver import PackConfig, advance, anneal_schedule, budget_progress, report_first_step, sphere_adam_step
 
 log = get_logger("hyperface.packing")
 
@@ -208,17 +208,20 @@ def pack_cyclic(
     log_every: int | None = None,
     callback: Callable[[dict[str, float]], None] | None = None,
     stop: Any = None,
+    warn_slow: bool = True,
 ) -> dict[str, Any]:
     """Optimise a cyclic orbit code for ``cfg`` (resolved); returns representatives, points, history
     and counts.
 
     Adam runs ``cfg.steps`` steps, or ``ADAM_SHARE`` of ``time_budget`` (one restart's share), with
     the unconstrained solver's schedule; then, unless ``cfg.polish_steps == 0``, L-BFGS stages
-    (float64) run until they converge or the budget is spent. ``save(state)`` is called every
+    (float64) run until they converge or the budget is spent (a stage the budget cuts short is in
+    the history too, marked ``partial``). ``save(state)`` is called every
     ``checkpoint_every`` seconds, after each polish stage and on Ctrl-C; passing that ``state``
     back continues the run (bit-identically with ``steps``). Deterministic for a seed and device
     with ``steps``. Once ``stop.requested`` (SIGTERM, Ctrl-C), saves and raises KeyboardInterrupt
-    at the end of the Adam step or L-BFGS evaluation.
+    at the end of the Adam step or L-BFGS evaluation. ``warn_slow``: warn when the first Adam step
+    takes much of the budget (:func:`~hyperface.packing.solver.report_first_step`).
     """
     num_points, dim, steps, polish = cfg.num_identities, int(cfg.dim), cfg.steps, cfg.polish_steps != 0  # type: ignore[arg-type]
     num_reps = num_representatives(num_points, dim)
@@ -260,6 +263,7 @@ def pack_cyclic(
     # In seconds the bar spans the whole budget, the L-BFGS finish included.
     bar = budget_progress(steps, time_budget, step if steps else elapsed, desc="pack (cyclic)")
     last_save = time.perf_counter()
+    first_step = True
     try:
         while polish_v is None and fraction() < 1.0:
             t0 = time.perf_counter()
@@ -276,6 +280,9 @@ def pack_cyclic(
                 record("adam", cos, temperature, lr=lr)
                 bar.set_postfix(angle=f"{math.degrees(math.acos(min(1.0, cos))):.3f}", refresh=False)
             advance(bar, 1 if steps else dt)
+            if first_step:
+                first_step = False
+                report_first_step(bar, dt, cfg, adam_budget=adam_budget if warn_slow else None, device=device)
             if save is not None and time.perf_counter() - last_save >= checkpoint_every:
                 save(snapshot())
                 last_save = time.perf_counter()
@@ -319,6 +326,9 @@ def pack_cyclic(
             if out_of_time:
                 if cos < best_cos:
                     best_cos, best = cos, candidate.float()
+                # on the curve too, to the end of the budget: the angle the run keeps (a stage cut short
+                # can stop on a line-search trial point, worse than its start)
+                record("polish", best_cos, polish_temperature, stage=stages + 1, partial=True)
                 break
             # All state first, then report: an interrupt inside the callback saves a consistent state.
             stages += 1

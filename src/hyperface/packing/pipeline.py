@@ -18,7 +18,7 @@ from hyperface.common.manifest import Manifest
 from hyperface.common.runtime import get_logger, resolve_device, seed_everything
 from hyperface.packing.metrics import packing_report
 from hyperface.packing.solver import (
-    CHECKPOINT_NAME, PackConfig, check_checkpoint_every, config_key, pack, resume_mismatch, same_settings,
+    CHECKPOINT_NAME, PackConfig, check_checkpoint_every, config_key, pack, resolved_settings, resume_mismatch, settings_changes,
 )
 
 log = get_logger("hyperface.packing")
@@ -48,7 +48,8 @@ def run_pack(
     - ``history.json``    the min angle during optimisation
     - ``representatives.npy``  with ``symmetry="cyclic"``: the (ceil(N/d), d) orbit representatives
     - ``pack.png``        convergence and nearest-neighbour angle histogram
-    - ``manifest.json``   parameters, versions, input checksums, timings (written last)
+    - ``manifest.json``   parameters, versions, input checksums, timings (written last); ``resolved``:
+      what the settings left to the run came to (see :func:`~hyperface.packing.solver.resolved_settings`)
 
     ``gallery_path`` is a .npy file or the folder ``hyperface embed`` wrote (its gallery.npy).
     A killed run leaves ``checkpoint.pt``; ``resume=True`` continues it. Returns the metrics.
@@ -72,10 +73,11 @@ def run_pack(
         previous = read_json(manifest_path)
         if previous.get("status") == "complete" and previous.get("stage") == "pack":  # other stages: refused below
             # A finished run with other settings is not the run asked for: say so, don't return it.
-            params, now = previous.get("params") or {}, config_key(cfg)
-            before = {k: params[k] for k in now if k in params}  # keys an older version did not record: unknown
-            if not same_settings(before, now):
-                raise resume_mismatch(out, before, {k: now[k] for k in before})
+            # keys an older version did not record are unknown; --compute-dtype is compared as what it picked
+            before, after = settings_changes(previous.get("params") or {}, config_key(cfg), previous.get("resolved"),
+                                             resolved_settings(cfg, device))
+            if before:
+                raise resume_mismatch(out, before, after)
             saved_gallery = (previous.get("inputs") or {}).get("gallery") or {}
             now_gallery = file_sha256(gallery_path) if gallery_path is not None else None
             if saved_gallery.get("sha256") != now_gallery:
@@ -128,6 +130,8 @@ def run_pack(
 
         plot_packing(out / PLOT_FILE, result.history, nn_angles, metrics, gallery_sims)
     manifest.extra["device"] = str(device)  # "auto" resolved
+    # params keep --compute-dtype, --polish-steps and --device as given ("auto", null): what they came to
+    manifest.extra["resolved"] = resolved_settings(cfg, device)
     manifest.extra["outputs"] = [IDENTITIES_FILE, METRICS_FILE, HISTORY_FILE] + ([PLOT_FILE] if plot else []) + (
         [REPRESENTATIVES_FILE] if result.representatives is not None else [])
     manifest.write(out)

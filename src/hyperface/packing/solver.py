@@ -46,7 +46,7 @@ import torch
 from hyperface.common.errors import HyperfaceError, check_option, exception_summary
 from hyperface.common.io import array_sha256, atomic_write
 from hyperface.common.manifest import describe_changes
-from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device
+from hyperface.common.runtime import StopRequest, get_logger, progress, resolve_device, show_progress_now
 from hyperface.packing.geometry import TILE_ELEMENTS, tiled_topk
 from hyperface.packing.init import check_init, initial_points
 
@@ -63,8 +63,12 @@ GALLERY_REG_WEIGHT = 0.3
 #: d = 512: 87.03 vs 86.89 deg in 60 s); at N/d <= 9 the unconstrained solver is as good or better.
 CYCLIC_MIN_POINTS_PER_DIM = 12
 CHECKPOINT_NAME = "checkpoint.pt"
-#: Up to this many identities the run ends with an exact polish (see :func:`_polish`).
+#: Up to this many identities the run ends with an exact polish (see :func:`_polish`) ...
 POLISH_AUTO_MAX = 2048
+#: ... of this many steps, unless --polish-steps says otherwise.
+POLISH_AUTO_STEPS = 300
+#: The cyclic solver's precision, whatever --compute-dtype says (it is the unconstrained solver's option).
+CYCLIC_PRECISION = "float32 (Adam), float64 (L-BFGS polish)"
 #: Below this temperature (in units of 1/sqrt(d)) GEMMs run in float32 whatever compute_dtype says.
 BF16_MIN_TEMPERATURE = 0.01
 #: ... and while the max cosine is this close to 0 (N up to a few d: simplex, cross-polytope), where
@@ -75,6 +79,13 @@ BF16_MIN_ABS_COSINE = 0.01
 POLISH_SHARE = 0.25
 #: Largest --seed: restarts add 1,000,003 per restart, and torch seeds must fit in 64 bits.
 MAX_SEED = 2**62
+#: A first step that takes this share of Adam's part of a --time-budget or more (fewer than 10 steps
+#: fit; N = 50,000, d = 512, --symmetry none on a CPU: one step took 49 s of a 5 s budget) is warned
+#: about: the budget is read between steps, so the run overruns it by up to a step.
+SLOW_STEP_SHARE = 0.1
+#: A first step this slow (seconds) logs a progress line at once where there is no terminal, instead
+#: of after $HYPERFACE_PROGRESS_SECONDS (and a step that ends after them).
+EARLY_PROGRESS_SECONDS = 1.0
 
 
 def check_checkpoint_every(seconds: float) -> None:
@@ -492,9 +503,63 @@ def budget_progress(steps: int | None, seconds: float | None, done: float, desc:
                     bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}{postfix}]")
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 100 else f"{value:.0f} s"
+
+
+def report_first_step(bar: Any, seconds: float, cfg: PackConfig, *, adam_budget: float | None, device: torch.device,
+                      cyclic_hint: bool = False) -> None:
+    """Call once, after the first optimisation step of a run (``seconds`` long): a slow step shows
+    the progress line at once (see :data:`EARLY_PROGRESS_SECONDS`), and one that takes a large share
+    of the --time-budget (:data:`SLOW_STEP_SHARE` of ``adam_budget``, Adam's part of one restart's
+    budget; None: no warning) is one warning: how long a step takes, how long the optimisation will really take (the
+    budget is read between steps), and what would help (``cyclic_hint``: --symmetry auto would pick a
+    cyclic orbit code for these settings)."""
+    if seconds >= EARLY_PROGRESS_SECONDS:
+        show_progress_now(bar)
+    if cfg.time_budget is None or adam_budget is None or seconds < SLOW_STEP_SHARE * adam_budget:
+        return
+    budget = cfg.time_budget / cfg.restarts
+    steps = max(1, math.ceil(adam_budget / seconds))  # Adam steps while its share is not spent
+    expected = max(budget, steps * seconds)
+    share = adam_budget / budget  # Adam's part: the rest is the polish's
+    restarts = f" (each of the {cfg.restarts} restarts)" if cfg.restarts > 1 else ""
+    fits = f"{steps} step fits" if steps == 1 else f"about {steps} steps fit"
+    overrun = (f", and the optimisation will take about {_seconds(expected)}{restarts}, not {_seconds(budget)}: "
+               "the budget is checked between steps" if expected > 1.05 * budget else "")
+    hints = (["--symmetry auto (a cyclic orbit code for these settings: steps about d times cheaper)"] if cyclic_hint else []) + (
+        ["a GPU (--device cuda)"] if device.type == "cpu" else []) + [
+        f"a larger --time-budget (about {_seconds(100 * seconds / share * cfg.restarts)} for 100 steps)"]
+    log.warning(
+        "the first optimisation step took %s (N = %d, d = %d, on %s), %.0f%% of the %s --time-budget%s: %s%s; "
+        "for a better packing use %s", _seconds(seconds), cfg.num_identities, cfg.dim, device, 100 * seconds / budget,
+        _seconds(budget), restarts, fits, overrun, ", or ".join(hints),
+    )
+
+
 def advance(bar: Any, amount: float) -> None:
     """Advance ``bar`` without passing its total (a budget's last step ends a little past it)."""
     bar.update(min(amount, max(0.0, bar.total - bar.n)))
+
+
+def _polish_steps(cfg: PackConfig) -> int:
+    """The unconstrained solver's exact polish steps for a resolved ``cfg``: --polish-steps, by default
+    POLISH_AUTO_STEPS up to POLISH_AUTO_MAX identities; none for --mode stochastic or --steps 0 (the
+    start, untouched)."""
+    steps = cfg.polish_steps if cfg.polish_steps is not None else (POLISH_AUTO_STEPS if cfg.num_identities <= POLISH_AUTO_MAX else 0)
+    return steps if cfg.mode != "stochastic" and cfg.steps != 0 else 0
+
+
+def resolved_settings(cfg: PackConfig, device: torch.device) -> dict[str, Any]:
+    """What the settings a resolved ``cfg`` still leaves to the run come to on ``device``: the device,
+    the matrix products' precision (``compute_dtype``: the GEMM dtype --compute-dtype picks; the cyclic
+    solver's own precision whatever the option) and the polish (``polish_steps``, or for a cyclic code
+    ``lbfgs_polish``). The manifest records them beside the given values, and ``--resume`` compares
+    ``compute_dtype`` through them."""
+    if cfg.symmetry == "cyclic":
+        return {"device": str(device), "compute_dtype": CYCLIC_PRECISION, "lbfgs_polish": cfg.polish_steps != 0}
+    dtype = str(choose_compute_dtype(cfg.compute_dtype, device)).replace("torch.", "")
+    return {"device": str(device), "compute_dtype": dtype, "polish_steps": _polish_steps(cfg)}
 
 
 def config_key(cfg: PackConfig) -> dict[str, Any]:
@@ -506,10 +571,45 @@ def config_key(cfg: PackConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def same_settings(stored: dict[str, Any], now: dict[str, Any]) -> bool:
-    """``stored`` (a checkpoint's or manifest's :func:`config_key`) matches ``now``; a key an older
-    version did not store is not held against the run."""
-    return all(stored[k] == v for k, v in now.items() if k in stored)
+class _Shown(str):
+    """A value a resume error shows as written (:func:`describe_changes` shows values by repr)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def settings_changes(
+    stored: dict[str, Any], now: dict[str, Any], stored_resolved: dict[str, Any] | None = None,
+    now_resolved: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(before, after): the settings of ``now`` (a :func:`config_key`) that differ from ``stored`` (a
+    checkpoint's or finished run's); both empty when the run may continue. A key an older version
+    did not store is not held against the run. ``compute_dtype`` is compared as resolved on each
+    run's device (``*_resolved``: :func:`resolved_settings`) where both sides have it: ``auto`` that
+    picks float32 is ``float32``, and ``auto`` on a device where it picks another dtype is a change,
+    shown as ``auto (float32 on cpu) -> auto (bfloat16 on cuda)``."""
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    resolved = (stored_resolved or {}).get("compute_dtype") and (now_resolved or {}).get("compute_dtype") and (
+        stored.get("symmetry") == now.get("symmetry"))  # another solver: the symmetry is the change to name
+    for key, value in now.items():
+        if key not in stored:
+            continue
+        old = stored[key]
+        if key == "compute_dtype" and resolved:
+            if stored_resolved["compute_dtype"] == now_resolved["compute_dtype"]:  # type: ignore[index]
+                continue
+            old, value = _dtype_shown(old, stored_resolved), _dtype_shown(value, now_resolved)  # type: ignore[arg-type]
+        elif old == value:
+            continue
+        before[key], after[key] = old, value
+    return before, after
+
+
+def _dtype_shown(given: Any, resolved: dict[str, Any]) -> _Shown:
+    if given != "auto":
+        return _Shown(given)
+    return _Shown(f"auto ({resolved['compute_dtype']} on {resolved.get('device', 'an unknown device')})")
 
 
 def pack(
@@ -537,6 +637,7 @@ def pack(
     check_checkpoint_every(checkpoint_every)
     device = resolve_device(cfg.device)
     dtype = choose_compute_dtype(cfg.compute_dtype, device)
+    resolved = resolved_settings(cfg, device)
     gallery_t = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(device) if gallery is not None else None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
@@ -562,9 +663,9 @@ def pack(
                 f"{ckpt_path} cannot be continued as a --symmetry {cfg.symmetry} run (it lacks {', '.join(missing)}: "
                 "another solver or another version of hyperface wrote it); pack again with --overwrite"
             )
-        if not same_settings(state["config_key"], config_key(cfg)):
-            now = config_key(cfg)
-            raise resume_mismatch(ckpt_path.parent, state["config_key"], {k: now[k] for k in state["config_key"] if k in now})
+        before, after = settings_changes(state["config_key"], config_key(cfg), state.get("resolved"), resolved)
+        if before:
+            raise resume_mismatch(ckpt_path.parent, before, after)
         log.info("resuming restart %d at step %d", state["restart"], (state["run"] or {}).get("step", 0))
 
     stop = StopRequest(log)
@@ -595,6 +696,7 @@ def _pack_restarts(
     best_score = math.inf
     first = 0
     gallery_sha = array_sha256(gallery) if gallery is not None else None
+    resolved = resolved_settings(cfg, device)  # --compute-dtype auto is compared on --resume as what it picked
     if state is not None:
         # the checkpoint was regularised towards one gallery: continuing towards another is another run
         if state.get("gallery_sha256", gallery_sha) != gallery_sha:  # checkpoints before this field: unknown
@@ -614,6 +716,7 @@ def _pack_restarts(
                 return
             payload = {
                 "config_key": config_key(cfg),
+                "resolved": resolved,
                 "gallery_sha256": gallery_sha,
                 "restart": restart,
                 "run": run_state,
@@ -628,7 +731,7 @@ def _pack_restarts(
 
         run_state = state["run"] if state is not None and restart == first else None
         result, score = _pack_once(cfg, gallery, gallery_t, device, dtype, restart, run_state, save,
-                                   checkpoint_every, log_every, callback, stop)
+                                   checkpoint_every, log_every, callback, stop, warn_slow=restart == first)
         if score < best_score:
             best, best_score = result, score
         if cfg.restarts > 1:
@@ -653,6 +756,7 @@ def _pack_cyclic_restarts(
     from hyperface.packing.cyclic import expand_orbits, pack_cyclic
 
     num = cfg.num_identities
+    resolved = resolved_settings(cfg, device)
     best_reps, best_cos, best_info = None, math.inf, {}
     first = 0
     if state is not None:
@@ -663,7 +767,7 @@ def _pack_cyclic_restarts(
         def save(run_state: dict[str, Any] | None, restart: int = restart) -> None:
             if ckpt_path is None:
                 return
-            payload = {"config_key": config_key(cfg), "restart": restart, "run": run_state,
+            payload = {"config_key": config_key(cfg), "resolved": resolved, "restart": restart, "run": run_state,
                        "best_reps": best_reps, "best_cos": best_cos, "best_info": best_info}
             with atomic_write(ckpt_path, "wb") as handle:
                 torch.save(payload, handle)
@@ -673,6 +777,7 @@ def _pack_cyclic_restarts(
             seed=cfg.seed + 1_000_003 * restart, device=device,
             state=state["run"] if state is not None and restart == first else None,
             save=save, checkpoint_every=checkpoint_every, log_every=log_every, callback=callback, stop=stop,
+            warn_slow=restart == first,
         )
         if run["max_cosine"] < best_cos:
             best_reps, best_cos = run["representatives"], run["max_cosine"]
@@ -686,7 +791,7 @@ def _pack_cyclic_restarts(
     return PackResult(
         points=expand_orbits(best_reps, num), config=cfg, history=best_info["history"], steps_done=best_info["steps"],
         seconds=best_info["seconds"], best_step=best_info["steps"], restart=best_info["restart"],
-        compute_dtype="float32 (Adam), float64 (L-BFGS polish)", representatives=best_reps.numpy(),
+        compute_dtype=CYCLIC_PRECISION, representatives=best_reps.numpy(),
     )
 
 
@@ -703,8 +808,10 @@ def _pack_once(
     log_every: int | None,
     callback: Callable[[dict[str, float]], None] | None,
     stop: Any = None,
+    warn_slow: bool = True,
 ) -> tuple[PackResult, float]:
-    """One optimisation from one start; returns (best iterate, its exact score)."""
+    """One optimisation from one start; returns (best iterate, its exact score). ``warn_slow``: warn
+    when a step takes much of the budget (see :func:`report_first_step`; once a run, not per restart)."""
     num, dim = cfg.num_identities, int(cfg.dim)  # type: ignore[arg-type]
     seed = cfg.seed + 1_000_003 * restart
     generator = torch.Generator().manual_seed(seed)
@@ -736,8 +843,8 @@ def _pack_once(
         }
 
     budget = cfg.time_budget / cfg.restarts if cfg.time_budget is not None else None
-    polish_steps = cfg.polish_steps if cfg.polish_steps is not None else (300 if num <= POLISH_AUTO_MAX else 0)
-    polishing = polish_steps > 0 and cfg.mode != "stochastic" and cfg.steps != 0  # --steps 0: the start, untouched
+    polish_steps = _polish_steps(cfg)
+    polishing = polish_steps > 0
     # The polish is part of the optimisation, so of the budget: Adam leaves it its share.
     adam_budget = budget * (1.0 - POLISH_SHARE) if budget is not None and polishing else budget
 
@@ -750,6 +857,10 @@ def _pack_once(
                           desc="pack" + (f" {restart + 1}/{cfg.restarts}" if cfg.restarts > 1 else ""))
     last_save, last_log = time.perf_counter(), elapsed
     polish_seconds = 0.0
+    first_step = True
+    # pure packing that --symmetry auto would have made a cyclic orbit code: --symmetry none was asked for
+    cyclic_hint = (gallery is None and cfg.symmetry == "none" and cfg.init == "random" and cfg.mode == "exact"
+                   and num >= CYCLIC_MIN_POINTS_PER_DIM * dim)
     try:
         while fraction() < 1.0:
             t0 = time.perf_counter()
@@ -783,6 +894,10 @@ def _pack_once(
                 if callback is not None:
                     callback(entry)
             advance(bar, 1 if cfg.steps else dt)
+            if first_step:
+                first_step = False
+                report_first_step(bar, dt, cfg, adam_budget=adam_budget if warn_slow else None, device=device,
+                                  cyclic_hint=cyclic_hint)
             if time.perf_counter() - last_save >= checkpoint_every:
                 save(run_state())
                 last_save = time.perf_counter()

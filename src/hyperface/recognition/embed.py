@@ -19,6 +19,14 @@ Work is done in chunks of ``chunk_size`` consecutive inputs. Each finished chunk
 under ``gallery.parts/``; a rerun with ``resume=True`` skips finished chunks and the final merge
 produces the same files as an uninterrupted run. Decoding and face preprocessing run in a thread
 pool (OpenCV and onnxruntime release the GIL) while the recognizer runs batches in the caller's thread.
+
+One process per gallery: while a run works, it holds an OS lock (flock,
+:func:`~hyperface.common.io.lock_output`) on ``gallery.parts/.hyperface-run``, so the same command
+started twice (or a requeued job while the first still runs) is refused, ``--resume`` and
+``--overwrite`` included, and deletes nothing. The lock lives in the parts folder, the run's own,
+which goes when the run completes: the folder that holds ``g.npy`` may be the user's and shared by
+several galleries, so nothing is added to it (a ``.hyperface-run`` there would also let another
+stage's ``--overwrite`` clear it).
 """
 
 from __future__ import annotations
@@ -37,7 +45,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError, exception_summary, without_object_reprs
-from hyperface.common.io import atomic_write, escape_line, files_hold_no_work, read_json, remove_stale_temporaries, save_json
+from hyperface.common.io import (
+    RUN_MARKER, atomic_write, escape_line, files_hold_no_work, lock_output, read_json, releases_output_locks,
+    remove_stale_temporaries, save_json,
+)
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, ordered_parallel_map, progress
 from hyperface.datasets.preview import spread_rows
@@ -182,16 +193,39 @@ def _fingerprint(source: ImageSource, settings: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+@releases_output_locks
 def check_output(paths: GalleryPaths, *, resume: bool) -> None:
     """Raise unless ``paths`` is free, holds only what a failed attempt left (cleared when the run
-    starts), or holds an embed run and ``resume`` is set."""
+    starts), or holds an embed run and ``resume`` is set; and while another process runs there (its
+    lock is tried, not kept)."""
     _prepare(paths, resume=resume, overwrite=False, clear=False)
+
+
+def _lock(paths: GalleryPaths) -> None:
+    """Hold the gallery's lock (its parts folder's run marker, see the module docstring) until the
+    entry point returns; refuses while another process holds it."""
+    lock_output(paths.parts, stage="embed", label=paths.embeddings)
+
+
+def _remove(paths: GalleryPaths, path: Path) -> None:
+    """Delete an output; the parts folder is emptied but keeps its run marker, whose lock this
+    process holds (deleting it would let a third process lock a new one meanwhile)."""
+    if path == paths.parts and not path.is_symlink() and (path / RUN_MARKER).is_file():
+        for child in path.iterdir():
+            if child.name != RUN_MARKER:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool, clear: bool = True) -> None:
     """Make ``paths`` ready for a run: free, kept for ``resume``, or cleared (``overwrite``, or what
     an attempt that embedded nothing left: the corrected command runs without a flag). ``clear``
     False only checks."""
+    if (paths.parts / RUN_MARKER).is_file():  # a run there (now, or killed): one process at a time
+        _lock(paths)  # before anything is cleared or resumed
     if paths.manifest.exists():
         try:
             stage = read_json(paths.manifest).get("stage")
@@ -209,7 +243,8 @@ def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool, clear: bool 
     if not existing:
         return
     # a finished embed run (its manifest), or one interrupted after planning (parts/plan.json) or before (empty parts/)
-    ours = paths.manifest.is_file() or (paths.parts / PLAN_FILE).is_file() or (paths.parts.is_dir() and not any(paths.parts.iterdir()))
+    ours = paths.manifest.is_file() or (paths.parts / PLAN_FILE).is_file() or (
+        paths.parts.is_dir() and all(p.name == RUN_MARKER for p in paths.parts.iterdir()))
     foreign = [p for p in existing if (p.is_dir() and p != paths.parts) or not ours]
     if foreign and (resume or overwrite):  # neither flag may replace what another program or stage wrote
         raise HyperfaceError(
@@ -222,7 +257,7 @@ def _prepare(paths: GalleryPaths, *, resume: bool, overwrite: bool, clear: bool 
             if reuse:
                 log.info("reusing %s: an earlier attempt there embedded no image", paths.embeddings)
             for p in existing:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                _remove(paths, p)
         return
     if resume:
         # this run's own names only: galleries can share a folder
@@ -242,10 +277,11 @@ def _holds_no_work(paths: GalleryPaths, existing: list[Path]) -> bool:
     manifest, no chunk; the plan, an empty index and the rejected list of a run that failed with
     every input rejected (its chunks are removed then) hold nothing to resume."""
     found = existing + (list(paths.parts.rglob("*")) if paths.parts.is_dir() and not paths.parts.is_symlink() else [])
-    setup = (f"{paths.parts.name}/{PLAN_FILE}", paths.rejected.name)
+    setup = (f"{paths.parts.name}/{PLAN_FILE}", f"{paths.parts.name}/{RUN_MARKER}", paths.rejected.name)
     return files_hold_no_work(paths.embeddings.parent, found, setup)
 
 
+@releases_output_locks
 def embed_images(
     source: ImageSource,
     recognizer: Recognizer,
@@ -263,7 +299,8 @@ def embed_images(
     """Embed every image of ``source`` and write the gallery files (see module docstring).
 
     Raises :class:`HyperfaceError` when no image at all could be embedded (the rejected list is
-    still written) or when ``resume`` meets a partial run made with other inputs or settings.
+    still written), when ``resume`` meets a partial run made with other inputs or settings, or while
+    another process embeds into the same gallery (its lock is let go when this returns).
     """
     started = time.time()
     paths = GalleryPaths.from_out(out)
@@ -286,6 +323,7 @@ def embed_images(
 
     fingerprint = _fingerprint(source, settings)
     paths.parts.mkdir(parents=True, exist_ok=True)
+    _lock(paths)  # already held when _prepare found the parts folder
     plan_path = paths.parts / PLAN_FILE
     if plan_path.exists():
         plan = read_json(plan_path)  # damaged: one error naming it (--overwrite starts again)
