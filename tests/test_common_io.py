@@ -388,7 +388,8 @@ def test_a_stage_lets_go_of_its_folder_when_it_returns(tmp_path):
     assert subprocess.run(check, capture_output=True, text=True).returncode != 0
     from hyperface.common import io as common_io
 
-    common_io._HELD_OUTPUTS.pop(str((tmp_path / "run").resolve())).close()
+    assert common_io.holds_lock(tmp_path / "run" / RUN_MARKER)
+    common_io.release_lock(tmp_path / "run" / RUN_MARKER)
     stage(False)
     assert subprocess.run(check, capture_output=True, text=True).returncode == 0
     with pytest.raises(HyperfaceError, match="bad input"):

@@ -792,6 +792,8 @@ def test_nan_pixels_stop_the_render_with_the_cause_named(monkeypatch):
 def test_shard_locks_survive_probes_file_systems_without_locks_and_refusals(tmp_path, monkeypatch):
     import fcntl
 
+    from hyperface.common import io as common_io
+    from hyperface.common.io import holds_lock
     from hyperface.generation.dataset import claim_shard, open_run, release_shard, running_shards
 
     identities = random_identities(2, seed=9)
@@ -806,7 +808,7 @@ def test_shard_locks_survive_probes_file_systems_without_locks_and_refusals(tmp_
 
     monkeypatch.setattr(fcntl, "flock", busy_three_times)
     claim_shard(tmp_path / "a", Shard(0, 1))
-    assert len(failures) == 3 and str((tmp_path / "a" / "parts" / "shard-00000-of-00001").resolve()) in dataset_module._HELD_LOCKS
+    assert len(failures) == 3 and holds_lock(tmp_path / "a" / "parts" / "shard-00000-of-00001" / "lock")
     release_shard(tmp_path / "a", Shard(0, 1))
 
     def no_locks_here(handle, operation):
@@ -822,7 +824,7 @@ def test_shard_locks_survive_probes_file_systems_without_locks_and_refusals(tmp_
     generate_dataset(PaintedGenerator(), identities, out, config, shard=Shard(0, 2), aligner=keep_as_is, show_progress=False)
     with pytest.raises(HyperfaceError, match="other settings"):
         open_run(out, identities, GenerationConfig(images_per_identity=1, seed=2), embedding_dim=512, shard=Shard(1, 2))
-    assert not any(key.startswith(str(out.resolve())) for key in dataset_module._HELD_LOCKS)
+    assert not any(key.startswith(str(out.resolve())) for key in common_io._HELD_LOCKS)
 
 
 def test_a_run_from_before_a_fingerprinted_file_resumes(tmp_path):

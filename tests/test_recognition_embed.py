@@ -734,10 +734,10 @@ def test_embed_lets_go_of_its_gallery_when_it_returns(tmp_path, models, monkeypa
     assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "2", "--batch-size", "2",
                   "--out", out) == 130
     parts = GalleryPaths.from_out(out).parts
-    assert (parts / ".hyperface-run").read_text() == "embed\n" and str(parts.resolve()) not in common_io._HELD_OUTPUTS
+    assert (parts / ".hyperface-run").read_text() == "embed\n" and not common_io.holds_lock(parts / ".hyperface-run")
     take = [sys.executable, "-c", "import sys; from hyperface.common.io import lock_output; lock_output(sys.argv[1])", str(parts)]
     assert subprocess.run(take, capture_output=True, text=True).returncode == 0
     monkeypatch.setattr(Recognizer, "embed_valid", real)
     assert _embed(tmp_path / "src", "--model", models["pth"], "--aligned", "--chunk-size", "2", "--batch-size", "2",
                   "--out", out, "--resume") == 0
-    assert not parts.exists() and str(parts.resolve()) not in common_io._HELD_OUTPUTS
+    assert not parts.exists() and not common_io.holds_lock(parts / ".hyperface-run")

@@ -8,6 +8,7 @@ one, never a truncated one that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -328,49 +329,78 @@ def prepare_output_dir(
     return out
 
 
-#: Output folders this process holds the lock of (:func:`lock_output`), by path.
-_HELD_OUTPUTS: dict[str, IO[Any]] = {}
+#: OS locks this process holds (:func:`hold_lock`), by the lock file's resolved path.
+_HELD_LOCKS: dict[str, IO[Any]] = {}
+#: flock's errors that mean "another process holds it" (anything else: the file system has no locks).
+LOCK_HELD_ERRNOS = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
-def lock_output(out: str | os.PathLike, *, stage: str = "", label: str | os.PathLike | None = None) -> None:
-    """Hold an exclusive OS lock (flock) on ``out``'s run marker until :func:`releases_output_locks`
-    lets it go or the process ends (a kill included: the kernel drops it), so a second process on the
-    same folder (the command started twice, a requeued job while the first still runs) is refused
-    instead of interleaving checkpoints. A missing marker is created (naming ``stage``, if given);
-    ``label`` is what the refusal names (default: ``out``). Calling it again for a folder this process
-    holds is a no-op. No lock where ``fcntl`` is missing or the file system has none."""
+def hold_lock(path: str | os.PathLike, *, busy: str, attempts: int = 1, content: str = "", unchecked: str = "") -> None:
+    """Hold an exclusive OS lock (flock) on the file ``path`` (created if missing; ``content`` written
+    into it while it is empty) until :func:`release_lock`, :func:`releases_output_locks`, or the end
+    of the process: the kernel drops it then, a kill included, so no stale lock is ever left. Held by
+    another process: ``HyperfaceError(busy)``, after ``attempts`` tries 50 ms apart. Called again for
+    a file this process holds: nothing to do (a file replaced on disk meanwhile is locked anew). No
+    lock where ``fcntl`` is missing; on a file system without locks, a warning naming what goes
+    ``unchecked``."""
     try:
         import fcntl
     except ImportError:
         return
-    import errno as errno_codes
+    import time
 
-    out = Path(out)
-    marker, key = out / RUN_MARKER, str(out.resolve())
-    held = _HELD_OUTPUTS.get(key)
+    path = Path(path)
+    key = str(path.resolve())
+    held = _HELD_LOCKS.get(key)
     if held is not None:
-        try:  # still the marker on disk (an --overwrite made a new one: lock that)
-            if os.fstat(held.fileno()).st_ino == os.stat(marker).st_ino:
+        try:
+            if os.fstat(held.fileno()).st_ino == os.stat(path).st_ino:
                 return
         except OSError:
             pass
-        _HELD_OUTPUTS.pop(key).close()
-    handle = open(marker, "a", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.close()
-        if exc.errno in (errno_codes.EWOULDBLOCK, errno_codes.EAGAIN, errno_codes.EACCES):
-            raise HyperfaceError(
-                f"another process is writing into {label or out} now (the same command started twice, or a requeued job "
-                "while the first still runs): wait for it or stop it, then rerun; or choose another --out"
-            ) from None
-        log.warning("cannot lock %s (%s): a second process on this folder would not be refused", marker, exc.strerror or exc)
-        return
-    if stage and os.fstat(handle.fileno()).st_size == 0:
-        handle.write(stage + "\n")
+        _HELD_LOCKS.pop(key).close()
+    handle = open(path, "a", encoding="utf-8")
+    for attempt in range(max(1, attempts)):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in LOCK_HELD_ERRNOS:  # no locks on this file system (NFS without lockd, some FUSE)
+                handle.close()
+                log.warning("cannot lock %s (%s): %s", path, exc.strerror or exc, unchecked or "a second process would not be refused")
+                return
+            if attempt >= attempts - 1:
+                handle.close()
+                raise HyperfaceError(busy) from None
+            time.sleep(0.05)
+    if content and os.fstat(handle.fileno()).st_size == 0:
+        handle.write(content)
         handle.flush()
-    _HELD_OUTPUTS[key] = handle
+    _HELD_LOCKS[key] = handle
+
+
+def release_lock(path: str | os.PathLike) -> None:
+    """Let go of a lock :func:`hold_lock` took (nothing to do if this process does not hold it)."""
+    handle = _HELD_LOCKS.pop(str(Path(path).resolve()), None)
+    if handle is not None:
+        handle.close()
+
+
+def holds_lock(path: str | os.PathLike) -> bool:
+    """Whether this process holds the lock on ``path`` (:func:`hold_lock`)."""
+    return str(Path(path).resolve()) in _HELD_LOCKS
+
+
+def lock_output(out: str | os.PathLike, *, stage: str = "", label: str | os.PathLike | None = None) -> None:
+    """Hold the lock on ``out``'s run marker (:func:`hold_lock`; a missing marker is created, naming
+    ``stage``), so a second process on the same folder (the command started twice, a requeued job
+    while the first still runs) is refused instead of interleaving checkpoints. ``label`` is what the
+    refusal names (default: ``out``)."""
+    hold_lock(
+        Path(out) / RUN_MARKER, content=f"{stage}\n" if stage else "", unchecked="a second process on this folder would not be refused",
+        busy=f"another process is writing into {label or out} now (the same command started twice, or a requeued job "
+             "while the first still runs): wait for it or stop it, then rerun; or choose another --out",
+    )
 
 
 def releases_output_locks(function):
@@ -380,12 +410,12 @@ def releases_output_locks(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        before = set(_HELD_OUTPUTS)
+        before = set(_HELD_LOCKS)
         try:
             return function(*args, **kwargs)
         finally:
-            for key in set(_HELD_OUTPUTS) - before:
-                _HELD_OUTPUTS.pop(key).close()
+            for key in set(_HELD_LOCKS) - before:
+                _HELD_LOCKS.pop(key).close()
 
     return wrapper
 
@@ -393,11 +423,10 @@ def releases_output_locks(function):
 def _remove_tree(folder: Path) -> None:
     """``shutil.rmtree``, where another process clearing the same folder at the same moment is no
     error: files it removed first, or the folder it already made again (its own, left alone)."""
-    import errno as errno_codes
 
     def gone_already(function, path, exc_info) -> None:
         exc = exc_info[1]
-        if isinstance(exc, FileNotFoundError) or (function is os.rmdir and getattr(exc, "errno", None) == errno_codes.ENOTEMPTY):
+        if isinstance(exc, FileNotFoundError) or (function is os.rmdir and getattr(exc, "errno", None) == errno.ENOTEMPTY):
             return
         raise exc
 
@@ -624,6 +653,10 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = [
+    "LOCK_HELD_ERRNOS",
+    "hold_lock",
+    "holds_lock",
+    "release_lock",
     "releases_output_locks",
     "load_safetensors",
     "RUN_MARKER",

@@ -39,7 +39,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from hyperface.common.errors import HyperfaceError
-from hyperface.common.io import array_sha256, read_json, remove_stale_temporaries, save_json, save_json_if_absent
+from hyperface.common.io import (
+    LOCK_HELD_ERRNOS, array_sha256, hold_lock, holds_lock, read_json, release_lock, remove_stale_temporaries, save_json,
+    save_json_if_absent,
+)
 from hyperface.common.manifest import Manifest, describe_changes
 from hyperface.common.runtime import get_logger, progress
 from hyperface.generation.base import IdentityGenerator
@@ -436,10 +439,6 @@ def render_shard(
 #: A shard's lock (``parts/<shard>/lock``) and its record of the settings it renders with.
 LOCK_FILE, SHARD_SETTINGS_FILE = "lock", "settings.json"
 MERGE_LOCK_FILE, RUN_LOCK_FILE = ".merge.lock", ".run.lock"  # one merge at a time; one run.json decision at a time
-#: Locks this process holds, by part folder (a second flock of the same file would block on itself).
-_HELD_LOCKS: dict[str, Any] = {}
-#: flock's errors that mean "another process holds it" (anything else: the file system has no locks).
-_LOCK_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 def comparable_settings(facts: dict[str, Any], saved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -494,54 +493,27 @@ def describe_run_changes(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 
 def claim_shard(out_dir: Path, shard: Shard) -> None:
-    """Hold ``parts/<shard>/lock``: an OS lock the kernel drops when the process ends (a kill
-    included), so a second process on the same shard (a requeued job while the first still runs) is
-    refused instead of interleaving its journal. A no-op where ``fcntl`` is missing (Windows)."""
+    """Hold ``parts/<shard>/lock`` (:func:`~hyperface.common.io.hold_lock`: an OS lock the kernel drops
+    when the process ends, a kill included), so a second process on the same shard (a requeued job
+    while the first still runs) is refused instead of interleaving its journal."""
     folder = out_dir / PARTS_DIR / shard.name
-    key = str(folder.resolve())
-    if key in _HELD_LOCKS:
-        try:  # still the file on disk (a cleared folder took it away: lock a new one)
-            if os.fstat(_HELD_LOCKS[key].fileno()).st_ino == os.stat(folder / LOCK_FILE).st_ino:
-                return
-        except OSError:
-            pass
-        _HELD_LOCKS.pop(key).close()
-    try:
-        import fcntl
-    except ImportError:
-        return
     for attempt in range(3):  # another process clearing a failed attempt's folder may remove it meanwhile
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            handle = open(folder / LOCK_FILE, "a+b")
-            break
+            hold_lock(
+                folder / LOCK_FILE, attempts=20,  # another process's running_shards() probe holds it for microseconds
+                busy=f"another process is rendering shard {shard.index}/{shard.count} into {out_dir}: wait for it, or "
+                     "stop it and rerun with --resume",
+                unchecked="two processes on one shard will not be told apart",
+            )
+            return
         except FileNotFoundError:
             if attempt == 2:
                 raise
-    for attempt in range(20):  # another process's running_shards() probe holds it for microseconds
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError as exc:
-            if exc.errno not in _LOCK_HELD:  # no locks on this file system (NFS without lockd, some FUSE)
-                log.warning("cannot lock %s (%s): two processes on one shard will not be told apart", folder / LOCK_FILE,
-                            exc.strerror or exc)
-                handle.close()
-                return
-            if attempt == 19:
-                handle.close()
-                raise HyperfaceError(
-                    f"another process is rendering shard {shard.index}/{shard.count} into {out_dir}: wait for it, or "
-                    "stop it and rerun with --resume"
-                ) from None
-            time.sleep(0.05)
-    _HELD_LOCKS[key] = handle
 
 
 def release_shard(out_dir: Path, shard: Shard) -> None:
-    handle = _HELD_LOCKS.pop(str((out_dir / PARTS_DIR / shard.name).resolve()), None)
-    if handle is not None:
-        handle.close()
+    release_lock(out_dir / PARTS_DIR / shard.name / LOCK_FILE)
 
 
 def running_shards(out_dir: Path) -> list[str]:
@@ -552,7 +524,7 @@ def running_shards(out_dir: Path) -> list[str]:
         return []
     running = []
     for lock in sorted((out_dir / PARTS_DIR).glob(f"*/{LOCK_FILE}")):
-        if str(lock.parent.resolve()) in _HELD_LOCKS:
+        if holds_lock(lock):
             continue
         try:
             handle = open(lock, "rb")
@@ -562,7 +534,7 @@ def running_shards(out_dir: Path) -> list[str]:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as exc:
-                if exc.errno in _LOCK_HELD:
+                if exc.errno in LOCK_HELD_ERRNOS:
                     running.append(lock.parent.name)
                 else:  # no locks on this file system: nothing can be told
                     return []
@@ -734,7 +706,7 @@ def _folder_lock(out_dir: Path, name: str, *, busy: str | None = None):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except OSError as exc:
-            if exc.errno in _LOCK_HELD and busy:
+            if exc.errno in LOCK_HELD_ERRNOS and busy:
                 raise HyperfaceError(busy) from None
         yield
 
