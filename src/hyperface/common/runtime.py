@@ -219,7 +219,7 @@ class StopRequest:
             host = torch.empty(1, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(flag.device))  # the copy's stream, whatever the current device
         else:
             host, done = flag, None
         self._pending.append((host, done))
