@@ -292,7 +292,10 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise HyperfaceError(f"--out {out} is a file; give a folder path")
     if exclusive and (out / RUN_MARKER).is_file():
-        lock_output(out)  # before anything is cleared or resumed
+        try:
+            lock_output(out)  # before anything is cleared or resumed
+        except OSError as exc:  # opening the marker to lock it (an unwritable folder): as below
+            raise HyperfaceError(f"cannot write to output folder {out}: {exc.strerror or exc}") from exc
     non_empty = out.is_dir() and any(out.iterdir())
     owner = output_stage(out)
     if non_empty and stage and owner and owner != stage and (resume or not _holds_no_work(out, setup_files)):
