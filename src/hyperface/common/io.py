@@ -376,9 +376,13 @@ def hold_lock(path: str | os.PathLike, *, busy: str, attempts: int = 1, content:
                 handle.close()
                 raise HyperfaceError(busy) from None
             time.sleep(0.05)
-    if content and os.fstat(handle.fileno()).st_size == 0:
-        handle.write(content)
-        handle.flush()
+    try:
+        if content and os.fstat(handle.fileno()).st_size == 0:
+            handle.write(content)
+            handle.flush()
+    except BaseException:  # a full disk: the lock goes with the handle, not left held by nobody's record
+        handle.close()
+        raise
     _HELD_LOCKS[key] = handle
 
 
