@@ -240,6 +240,7 @@ class Detector:
         last in detection order wins, as there.
         """
         faces = self.detect(image_rgb)
+        # not Face.area (clamped, a Python float): the float32 product decides ties as Arc2Face's does
         return sorted(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))[-1] if faces else None
 
     def describe(self) -> dict[str, Any]:
