@@ -1109,3 +1109,24 @@ def test_a_stop_after_the_last_checkpoint_resumes_to_the_same_bits(tmp_path, cap
     assert "(--temperature-end 0.02 -> 0.5)" in capsys.readouterr().err  # a setting that shapes the result
     assert run_cli(*base, "--out", str(tmp_path / "b"), "--resume") == 0
     assert (tmp_path / "a" / "identities.npy").read_bytes() == (tmp_path / "b" / "identities.npy").read_bytes()
+
+
+@pytest.mark.parametrize("symmetry", ["none", "cyclic"])
+def test_resume_compares_polish_steps_as_the_polish_it_came_to(tmp_path, symmetry):
+    """--polish-steps given as what its default came to (300 exact steps here; for a cyclic code, any
+    non-zero value: its L-BFGS polish on) is the same run on --resume; a polish that differs is refused."""
+    from hyperface.packing.solver import POLISH_AUTO_STEPS
+
+    config = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry)
+    reference = pack(config)
+
+    def stop_at_step_30(entry):
+        if entry["step"] >= 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1e9, log_every=1, callback=stop_at_step_30)
+    with pytest.raises(HyperfaceError, match=re.escape("--polish-steps None -> 0")):
+        pack(PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, polish_steps=0), checkpoint_dir=tmp_path / "ckpt", resume=True)
+    same = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, polish_steps=POLISH_AUTO_STEPS)
+    assert np.array_equal(pack(same, checkpoint_dir=tmp_path / "ckpt", resume=True).points, reference.points)

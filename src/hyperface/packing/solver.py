@@ -587,7 +587,8 @@ def settings_changes(
     did not store is not held against the run. ``compute_dtype`` is compared as resolved on each
     run's device (``*_resolved``: :func:`resolved_settings`) where both sides have it: ``auto`` that
     picks float32 is ``float32``, and ``auto`` on a device where it picks another dtype is a change,
-    shown as ``auto (float32 on cpu) -> auto (bfloat16 on cuda)``."""
+    shown as ``auto (float32 on cpu) -> auto (bfloat16 on cuda)``; ``polish_steps`` likewise, as the
+    polish it came to (:func:`_same_polish`)."""
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
     resolved = (stored_resolved or {}).get("compute_dtype") and (now_resolved or {}).get("compute_dtype") and (
@@ -600,10 +601,19 @@ def settings_changes(
             if stored_resolved["compute_dtype"] == now_resolved["compute_dtype"]:  # type: ignore[index]
                 continue
             old, value = _dtype_shown(old, stored_resolved), _dtype_shown(value, now_resolved)  # type: ignore[arg-type]
-        elif old == value:
+        elif old == value or (key == "polish_steps" and _same_polish(stored_resolved, now_resolved)):
             continue
         before[key], after[key] = old, value
     return before, after
+
+
+def _same_polish(stored: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+    """Whether two runs' polish came out the same (the steps it ran, or a cyclic code's L-BFGS on or
+    off), where both recorded it: --polish-steps given as what its default comes to is no change."""
+    for name in ("polish_steps", "lbfgs_polish"):
+        if stored and now and name in stored and name in now:
+            return stored[name] == now[name]
+    return False
 
 
 def _dtype_shown(given: Any, resolved: dict[str, Any]) -> _Shown:
