@@ -1130,3 +1130,15 @@ def test_resume_compares_polish_steps_as_the_polish_it_came_to(tmp_path, symmetr
         pack(PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, polish_steps=0), checkpoint_dir=tmp_path / "ckpt", resume=True)
     same = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, polish_steps=POLISH_AUTO_STEPS)
     assert np.array_equal(pack(same, checkpoint_dir=tmp_path / "ckpt", resume=True).points, reference.points)
+
+
+def test_the_unconstrained_polish_is_the_last_point_of_the_history(tmp_path):
+    """The exact polish (N <= 2048) ends the convergence curve at the angle the run keeps; a run
+    without a polish ends at its last Adam step."""
+    polished = pack(PackConfig(120, 16, steps=40, seed=5, symmetry="none"))
+    last = polished.history[-1]
+    assert last["phase"] == "polish" and last["step"] == 40
+    assert last["min_angle_deg"] >= max(e["min_angle_deg"] for e in polished.history[:-1]) - 1e-6
+    assert last["min_angle_deg"] == pytest.approx(min_angle(polished.points), abs=1e-4)
+    unpolished = pack(PackConfig(120, 16, steps=40, seed=5, symmetry="none", polish_steps=0))
+    assert all("phase" not in entry for entry in unpolished.history)

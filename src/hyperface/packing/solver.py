@@ -941,24 +941,30 @@ def _pack_once(
     # (--steps 0, --mode stochastic, a resumed finished run): one all-pairs pass, not two (at
     # N = 200,000, d = 512 on a CPU each is minutes).
     if torch.equal(best_points.float(), final.float()):
-        best_points, best_exact, best_step = final, _exact_score(objective, final), step
+        final_exact, final_max_cos = _exact_score(objective, final)
+        best_points, best_exact, best_step = final, final_exact, step
     else:
-        best_exact = _exact_score(objective, best_points)
-        final_exact = _exact_score(objective, final)
+        best_exact, _ = _exact_score(objective, best_points)
+        final_exact, final_max_cos = _exact_score(objective, final)
         if final_exact <= best_exact:
             best_points, best_exact, best_step = final, final_exact, step
+    if polish_seconds > 0:  # the polish's result, so the convergence curve reaches the end of the run
+        history.append({"step": step, "seconds": round(elapsed + polish_seconds, 3), "phase": "polish",
+                        "min_angle_deg": math.degrees(math.acos(min(1.0, max(-1.0, final_max_cos))))})
     save(run_state(done=True))
     result = PackResult(points=best_points.float().cpu().numpy(), config=cfg, history=history,
                         steps_done=step, seconds=elapsed + polish_seconds, best_step=best_step, restart=restart)
     return result, best_exact
 
 
-def _exact_score(objective: _Objective, x: torch.Tensor) -> float:
+def _exact_score(objective: _Objective, x: torch.Tensor) -> tuple[float, float]:
+    """(the objective over all pairs, exactly; the max cosine alone)."""
     from hyperface.packing.geometry import pair_stats
 
     x = x.float()
-    score = float(pair_stats(x, ()).nn_cos.max())
+    max_cos = float(pair_stats(x, ()).nn_cos.max())
+    score = max_cos
     if objective.cfg.reg_weight > 0:
         objective.refresh(x)
         score += objective.cfg.reg_weight * objective.gallery_penalty(x)
-    return score
+    return score, max_cos
