@@ -615,6 +615,17 @@ def test_cli_resume_of_a_finished_run_with_other_settings_names_the_change(tmp_p
     assert run_cli(*base, "--overwrite") == 0 and (out / "identities.npy").is_file()
 
 
+def _interrupt_at_step_30(config: PackConfig, checkpoint_dir) -> None:
+    """A run of ``config`` checkpointed at step 30 by an interrupt (Ctrl-C), for resume tests."""
+
+    def stop_at_step_30(entry):
+        if entry["step"] >= 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(config, checkpoint_dir=checkpoint_dir, checkpoint_every=1e9, log_every=1, callback=stop_at_step_30)
+
+
 @pytest.mark.parametrize("symmetry", ["none", "cyclic"])
 def test_resume_compares_compute_dtype_as_resolved_on_the_device(tmp_path, capsys, monkeypatch, symmetry):
     """--compute-dtype auto that picks float32 is float32: resuming with either is the same run. auto
@@ -625,13 +636,7 @@ def test_resume_compares_compute_dtype_as_resolved_on_the_device(tmp_path, capsy
     monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: False)  # auto: float32 on this CPU
     config = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry)
     reference = pack(config)
-
-    def stop_at_step_30(entry):
-        if entry["step"] >= 30:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        pack(config, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1e9, log_every=1, callback=stop_at_step_30)
+    _interrupt_at_step_30(config, tmp_path / "ckpt")
     monkeypatch.setattr(solver, "cpu_has_fast_bf16", lambda: True)  # as on a machine where auto picks bfloat16
     explicit = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, compute_dtype="bfloat16")
     if symmetry == "none":
@@ -1119,13 +1124,7 @@ def test_resume_compares_polish_steps_as_the_polish_it_came_to(tmp_path, symmetr
 
     config = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry)
     reference = pack(config)
-
-    def stop_at_step_30(entry):
-        if entry["step"] >= 30:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        pack(config, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1e9, log_every=1, callback=stop_at_step_30)
+    _interrupt_at_step_30(config, tmp_path / "ckpt")
     with pytest.raises(HyperfaceError, match=re.escape("--polish-steps None -> 0")):
         pack(PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, polish_steps=0), checkpoint_dir=tmp_path / "ckpt", resume=True)
     same = PackConfig(150, 24, steps=60, seed=3, symmetry=symmetry, polish_steps=POLISH_AUTO_STEPS)
