@@ -681,9 +681,10 @@ def pack(
     stop = StopRequest(log)
     try:
         if cfg.symmetry == "cyclic":
-            return _pack_cyclic_restarts(cfg, device, ckpt_path, state, checkpoint_every, log_every, callback, stop)
+            return _pack_cyclic_restarts(cfg, device, ckpt_path, state, checkpoint_every, log_every, callback, stop,
+                                         resolved=resolved)
         return _pack_restarts(cfg, gallery, gallery_t, device, dtype, ckpt_path, state, checkpoint_every, log_every,
-                              callback, stop)
+                              callback, stop, resolved=resolved)
     finally:
         stop.restore()
 
@@ -700,13 +701,15 @@ def _pack_restarts(
     log_every: int | None,
     callback: Callable[[dict[str, float]], None] | None,
     stop: Any,
+    *,
+    resolved: dict[str, Any],
 ) -> PackResult:
-    """``symmetry="none"``: each restart optimises all N points; the lowest exact score wins."""
+    """``symmetry="none"``: each restart optimises all N points; the lowest exact score wins.
+    ``resolved``: :func:`resolved_settings`, kept in each checkpoint (``--resume`` compares it)."""
     best: PackResult | None = None
     best_score = math.inf
     first = 0
     gallery_sha = array_sha256(gallery) if gallery is not None else None
-    resolved = resolved_settings(cfg, device)  # --compute-dtype auto is compared on --resume as what it picked
     if state is not None:
         # the checkpoint was regularised towards one gallery: continuing towards another is another run
         if state.get("gallery_sha256", gallery_sha) != gallery_sha:  # checkpoints before this field: unknown
@@ -761,12 +764,14 @@ def _pack_cyclic_restarts(
     log_every: int | None,
     callback: Callable[[dict[str, float]], None] | None,
     stop: Any = None,
+    *,
+    resolved: dict[str, Any],
 ) -> PackResult:
-    """``symmetry="cyclic"``: each restart optimises a cyclic orbit code; the lowest max cosine wins."""
+    """``symmetry="cyclic"``: each restart optimises a cyclic orbit code; the lowest max cosine wins.
+    ``resolved``: :func:`resolved_settings`, kept in each checkpoint (``--resume`` compares it)."""
     from hyperface.packing.cyclic import expand_orbits, pack_cyclic
 
     num = cfg.num_identities
-    resolved = resolved_settings(cfg, device)
     best_reps, best_cos, best_info = None, math.inf, {}
     first = 0
     if state is not None:
